@@ -1,0 +1,103 @@
+"""python3 -m device_runtime {run,facts,verify}: prints one JSON object on stdout.
+
+Progress goes to stderr; an expected failure is a Result with `error` and `stage` and exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .errors import RuntimeFailure
+from .result import Result
+
+
+def run_job(args) -> Result:
+    from . import facts
+    from .measure import peak_rss_mb, time_runs
+    from .session import Session
+
+    result = Result(device=facts.collect(with_providers=False))
+    stage = "verify"
+    try:
+        overrides = json.loads(args.config) if args.config else {}
+        if args.threads is not None:
+            overrides["threads"] = args.threads
+        if args.profile_ops:
+            overrides["profile_ops"] = True
+        t0 = time.perf_counter()
+        session = Session.open(args.bundle, **overrides)
+        result.stages_ms["verify+load"] = (time.perf_counter() - t0) * 1e3
+        manifest = session.manifest
+        result.bundle_sha256, result.backend, result.meta = (session.bundle_id, manifest.backend,
+                                                             manifest.meta)
+        result.config, result.load_ms = session.config, session.load_ms
+        result.versions = session.versions
+        if manifest.eval and not args.no_eval:
+            stage = "eval"
+            from .evaluate import load_eval, metrics, predict
+            t0 = time.perf_counter()
+            data = load_eval(session.root / manifest.eval, session.inputs)
+            result.accuracy = metrics(predict(session, data, manifest.eval_batch), data)
+            result.stages_ms["eval"] = (time.perf_counter() - t0) * 1e3
+        stage = "measure"
+        feed = session.check_feed(session.example_feed())
+        run = session.backend.run  # the backend directly: no per-call checks in the timed loop
+        print(f"measuring: {args.warmup} warm-up, {args.runs} runs", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        result.latency_ms = time_runs(lambda: run(feed), args.warmup, args.runs, args.min_time,
+                                      args.max_time)
+        result.stages_ms["measure"] = (time.perf_counter() - t0) * 1e3
+        if args.profile_ops:
+            result.op_profile_ms = session.backend.op_profile()
+        result.peak_rss_mb = peak_rss_mb()
+    except RuntimeFailure as exc:
+        result.error, result.stage = exc.message, exc.stage
+    except (ValueError, TypeError) as exc:  # bad job arguments or data the checks missed
+        result.error, result.stage = f"{type(exc).__name__}: {exc}", stage
+    except MemoryError:
+        result.error, result.stage = "out of memory on the device", stage
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m device_runtime",
+                                     description="Verify, run and measure an edgesmith bundle.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="verify, evaluate and time a bundle; print a Result")
+    run.add_argument("bundle")
+    run.add_argument("--json", action="store_true", help="print the Result as JSON (default)")
+    run.add_argument("--runs", type=int, default=100)
+    run.add_argument("--warmup", type=int, default=10)
+    run.add_argument("--min-time", type=float, default=0.0, help="seconds of timed runs at least")
+    run.add_argument("--max-time", type=float, default=120.0, help="stop timing after this")
+    run.add_argument("--threads", type=int, default=None)
+    run.add_argument("--config", default=None, help="JSON object overriding the runtime config")
+    run.add_argument("--no-eval", action="store_true")
+    run.add_argument("--profile-ops", action="store_true", help="time per op type")
+    sub.add_parser("facts", help="print this device's fingerprint")
+    verify = sub.add_parser("verify", help="check a bundle's hashes and paths")
+    verify.add_argument("bundle")
+    args = parser.parse_args(argv)
+
+    if args.command == "facts":
+        from . import facts
+        print(json.dumps(facts.collect()))
+        return 0
+    if args.command == "verify":
+        from .bundle import verify as verify_bundle
+        try:
+            _, bundle_id = verify_bundle(args.bundle)
+        except RuntimeFailure as exc:
+            print(json.dumps({"ok": False, "error": exc.message, "stage": exc.stage}))
+            return 1
+        print(json.dumps({"ok": True, "bundle_sha256": bundle_id}))
+        return 0
+    result = run_job(args)
+    print(json.dumps(result.to_dict()))
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

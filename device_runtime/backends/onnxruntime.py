@@ -1,0 +1,88 @@
+"""ONNX Runtime backend: every session knob comes from the bundle's runtime config."""
+from __future__ import annotations
+
+from ..errors import RuntimeFailure
+
+OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+              "extended": "ORT_ENABLE_EXTENDED", "layout": "ORT_ENABLE_LAYOUT",
+              "all": "ORT_ENABLE_ALL"}
+DEFAULT_CONFIG = {"providers": ["CPUExecutionProvider"], "intra_op_threads": 0,
+                  "inter_op_threads": 0, "graph_optimization_level": "all",
+                  "execution_mode": "sequential", "session_config": {}, "profile_ops": False}
+
+
+def _import():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise RuntimeFailure("load", f"onnxruntime is not importable on this device ({exc}); "
+                             "run `edgesmith device setup` or `pip install onnxruntime`") from None
+    return onnxruntime
+
+
+def versions() -> dict:
+    ort = _import()
+    return {"onnxruntime": ort.__version__, "providers": ort.get_available_providers()}
+
+
+class Backend:
+    name = "onnxruntime"
+    threads_key = "intra_op_threads"
+
+    def __init__(self, model_path: str, config: dict):
+        ort = _import()
+        self.config = {**DEFAULT_CONFIG, **config}
+        cfg = self.config
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(cfg["intra_op_threads"])
+        opts.inter_op_num_threads = int(cfg["inter_op_threads"])
+        level = OPT_LEVELS.get(cfg["graph_optimization_level"])
+        if level is None or not hasattr(ort.GraphOptimizationLevel, level):
+            raise RuntimeFailure("load", f"graph_optimization_level "
+                                 f"{cfg['graph_optimization_level']!r} is not supported by "
+                                 f"onnxruntime {ort.__version__}; use one of {list(OPT_LEVELS)}")
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        opts.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if cfg["execution_mode"] == "parallel"
+                               else ort.ExecutionMode.ORT_SEQUENTIAL)
+        for key, value in cfg["session_config"].items():
+            opts.add_session_config_entry(str(key), str(value))
+        if cfg["profile_ops"]:
+            opts.enable_profiling = True
+        available = ort.get_available_providers()
+        providers = [p if isinstance(p, str) else tuple(p) for p in cfg["providers"]]
+        for p in providers:
+            name = p if isinstance(p, str) else p[0]
+            if name not in available:
+                raise RuntimeFailure("load", f"execution provider {name} is not available in "
+                                     f"onnxruntime {ort.__version__} here (has {available})")
+        try:
+            self.session = ort.InferenceSession(model_path, opts, providers=providers)
+        except Exception as exc:  # ORT raises its own pybind classes; translate to one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeFailure("load", f"onnxruntime {ort.__version__} cannot load the model: "
+                                 f"{first}") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feed: dict) -> list:
+        return self.session.run(self.output_names, feed)
+
+    def op_profile(self) -> dict[str, float]:
+        """Milliseconds per op type summed over the profiled runs (needs profile_ops)."""
+        import json
+        import os
+
+        if not self.config["profile_ops"]:
+            return {}
+        path = self.session.end_profiling()
+        try:
+            with open(path) as fh:
+                events = json.load(fh)
+        finally:
+            os.remove(path)
+        per_op: dict[str, float] = {}
+        for ev in events:
+            op = ev.get("args", {}).get("op_name")
+            if ev.get("cat") == "Node" and op and ev.get("name", "").endswith("_kernel_time"):
+                per_op[op] = per_op.get(op, 0.0) + ev.get("dur", 0) / 1000.0
+        return per_op

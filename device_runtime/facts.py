@@ -1,0 +1,107 @@
+"""Device fingerprint: what the host needs to pick a target profile and prune variants."""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+# CPU feature flags that decide which kernels can run (x86 "flags", ARM "Features")
+INTERESTING_FLAGS = {"neon", "asimd", "asimddp", "asimdhp", "fphp", "i8mm", "bf16", "sve",
+                     "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw",
+                     "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8"}
+
+
+def _cpuinfo() -> tuple[str, list[str]]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return platform.processor() or "unknown", []
+    model, flags = "", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "cpu model") and not model:
+            model = value.strip()
+        elif key in ("flags", "features"):
+            flags.update(value.split())
+    if not model:  # ARM boards often only name the core by part number
+        part = re.search(r"CPU part\s*:\s*(0x[0-9a-f]+)", text)
+        model = {"0xd08": "Cortex-A72", "0xd0b": "Cortex-A76", "0xd03": "Cortex-A53",
+                 "0xd05": "Cortex-A55", "0xd42": "Cortex-A78AE", "0xd07": "Cortex-A57"}.get(
+            part.group(1) if part else "", "unknown")
+    return model, sorted(flags & INTERESTING_FLAGS)
+
+
+def _memory_mb() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None
+
+
+def _gpu() -> dict | None:
+    tegra = Path("/etc/nv_tegra_release")
+    if tegra.is_file():
+        return {"kind": "jetson", "tegra_release": tegra.read_text(errors="replace").splitlines()[0]}
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                                  "--format=csv,noheader"], capture_output=True, text=True,
+                                 timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if out:
+            name, mem, driver = (x.strip() for x in out.splitlines()[0].split(","))
+            return {"kind": "nvidia", "name": name, "memory": mem, "driver": driver}
+    return None
+
+
+def _emulated() -> bool:
+    """qemu-user runs foreign binaries; latency measured there is not the device's."""
+    try:
+        return "qemu" in Path("/proc/self/exe").resolve().name or any(
+            "qemu" in line for line in Path("/proc/self/maps").read_text().splitlines()[:50])
+    except OSError:
+        return False
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def backend_versions() -> dict:
+    """Versions of what could run a bundle here, without importing the heavy packages."""
+    found = {name: _dist_version(name) for name in
+             ("numpy", "onnxruntime", "onnxruntime-gpu", "ai-edge-litert", "tflite-runtime")}
+    return {k: v for k, v in found.items() if v}
+
+
+def collect(with_providers: bool = True) -> dict:
+    model, flags = _cpuinfo()
+    facts = {
+        "arch": platform.machine(), "cpu": model, "cpu_flags": flags, "cores": os.cpu_count(),
+        "memory_mb": _memory_mb(), "gpu": _gpu(), "os": f"{platform.system()} {platform.release()}",
+        "hostname": platform.node(), "python": platform.python_version(),
+        "packages": backend_versions(), "emulated": _emulated(),
+    }
+    if with_providers and ("onnxruntime" in facts["packages"]
+                           or "onnxruntime-gpu" in facts["packages"]):
+        try:
+            import onnxruntime
+            facts["ort_providers"] = onnxruntime.get_available_providers()
+        except Exception as exc:  # a broken install is a fact worth reporting, not a crash
+            facts["ort_providers"] = []
+            facts["ort_import_error"] = str(exc).splitlines()[0] if str(exc) else repr(exc)
+    facts["runtime"] = sys.modules[__package__].__version__
+    return facts

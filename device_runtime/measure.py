@@ -1,0 +1,57 @@
+"""Latency (warm-up, then N runs and/or a minimum duration), and memory of this process."""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+
+def percentile(sorted_samples: list[float], q: float) -> float:
+    """Linear-interpolated percentile of pre-sorted samples (numpy's default method)."""
+    if not sorted_samples:
+        return float("nan")
+    pos = (len(sorted_samples) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_samples) - 1)
+    return sorted_samples[lo] + (sorted_samples[hi] - sorted_samples[lo]) * (pos - lo)
+
+
+def summarize(samples_ms: list[float], warmup: int = 0) -> dict:
+    """The statistics users compare: p50/p90/p99, mean, min, max, plus the raw samples."""
+    s = sorted(samples_ms)
+    return {"runs": len(s), "warmup": warmup,
+            "p50": percentile(s, 50), "p90": percentile(s, 90), "p99": percentile(s, 99),
+            "mean": sum(s) / len(s) if s else float("nan"),
+            "min": s[0] if s else float("nan"), "max": s[-1] if s else float("nan"),
+            "samples": list(samples_ms)}
+
+
+def time_runs(run_once, warmup: int = 10, runs: int = 100, min_time_s: float = 0.0,
+              max_time_s: float = 60.0) -> dict:
+    """Warm up, then time at least `runs` calls and at least `min_time_s` seconds.
+
+    Stops at `max_time_s` whatever the counts (bounded on a slow device); the result says how
+    many runs it really made.
+    """
+    clock = time.perf_counter_ns
+    deadline = time.monotonic() + max_time_s
+    for _ in range(warmup):
+        run_once()
+        if time.monotonic() > deadline:
+            break
+    samples: list[float] = []
+    append = samples.append
+    start = time.monotonic()
+    while len(samples) < runs or time.monotonic() - start < min_time_s:
+        t0 = clock()
+        run_once()
+        append((clock() - t0) / 1e6)
+        if time.monotonic() > deadline:
+            break
+    return summarize(samples, warmup)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024

@@ -1,0 +1,41 @@
+"""The Result contract: one JSON object per run, shared by the device and the host."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from . import RESULT_SCHEMA
+
+
+@dataclass
+class Result:
+    bundle_sha256: str | None = None
+    device: dict = field(default_factory=dict)
+    backend: str | None = None
+    versions: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    load_ms: float | None = None
+    latency_ms: dict | None = None          # runs, warmup, p50, p90, p99, mean, min, max, samples
+    peak_rss_mb: float | None = None
+    accuracy: dict | None = None            # n, top1?, agreement?, sqnr_db?, max_abs_err?
+    op_profile_ms: dict | None = None       # op type -> ms summed over profiled runs
+    stages_ms: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    error: str | None = None
+    stage: str | None = None                # where it failed: connect, upload, verify, load, ...
+    schema: int = RESULT_SCHEMA
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Result":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def failure(cls, stage: str, error: str, **extra) -> "Result":
+        return cls(error=error, stage=stage, **extra)

@@ -1,0 +1,126 @@
+"""edgesmith: optimise a model for an edge device, measured on that device."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .errors import EdgesmithError
+
+
+class Group(click.Group):
+    """Expected failures print one line on stderr and exit 1; usage errors exit 2 (click)."""
+
+    def invoke(self, ctx):
+        from device_runtime.errors import RuntimeFailure
+
+        try:
+            return super().invoke(ctx)
+        except (EdgesmithError, RuntimeFailure) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def _status(message: str, quiet: bool = False):
+    """A spinner on stderr when it is a terminal; nothing otherwise (logs stay clean)."""
+    import contextlib
+
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if quiet or not console.is_terminal:
+        return contextlib.nullcontext()
+    return console.status(message)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgesmith")
+def main():
+    """edgesmith: optimise a model for an edge device, measured on that device."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--device", "-d", default="local", show_default=True,
+              help="`local`, user@host[:port], or a Host alias from ~/.ssh/config")
+@click.option("--eval", "eval_path", type=click.Path(), help=".npz eval set: inputs by name + labels")
+@click.option("--runs", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(0))
+@click.option("--min-time", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="keep timing for at least this many seconds")
+@click.option("--threads", type=click.IntRange(0), help="backend threads (0 = backend default)")
+@click.option("--input-shape", help="fix dynamic inputs: NAME=1x3x224x224[,NAME2=...]")
+@click.option("--profile-ops", is_flag=True, help="also time each op type")
+@click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(1),
+              help="seconds the device may take for the whole run")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the Result here")
+def profile(model, device, eval_path, runs, warmup, min_time, threads, input_shape, profile_ops,
+            timeout, json_out):
+    """Measure MODEL as it is on a device: latency percentiles, memory, accuracy."""
+    from .devices import Job
+    from .model import parse_input_shapes
+    from .profiling import profile as run_profile
+    from .report import print_table, results_table, write_json
+
+    job = Job(runs=runs, warmup=warmup, min_time_s=min_time, threads=threads,
+              profile_ops=profile_ops, timeout_s=timeout)
+    with _status(f"profiling {model} on {device}"):
+        result = run_profile(model, device=device, eval_path=eval_path, job=job,
+                             input_shapes=parse_input_shapes(input_shape))
+    if json_out:
+        write_json(json_out, result)
+    print_table(results_table([(device, result)]))
+    if result.op_profile_ms:
+        total = sum(result.op_profile_ms.values()) or 1.0
+        for op, ms in sorted(result.op_profile_ms.items(), key=lambda kv: -kv[1]):
+            click.echo(f"  {op:<24} {ms:9.3f} ms  {100 * ms / total:5.1f}%")
+    if not result.ok:
+        click.echo(f"error: {result.stage}: {result.error}", err=True)
+        sys.exit(1)
+
+
+@main.group(cls=Group, invoke_without_command=True)
+@click.pass_context
+def targets(ctx):
+    """List the target profiles (targets/*.toml)."""
+    if ctx.invoked_subcommand is None:
+        from rich.table import Table
+
+        from .report import print_table
+        from .targets import all_profiles
+
+        table = Table(title="edgesmith targets")
+        for col in ("name", "arch", "CPU features", "backends", "precisions", "description"):
+            table.add_column(col)
+        for p in all_profiles().values():
+            table.add_row(p.name, p.arch, " ".join(p.cpu_features), " ".join(p.backends),
+                          " ".join(p.precisions), p.description)
+        print_table(table)
+
+
+@main.group(cls=Group)
+def device():
+    """Inspect and prepare devices."""
+
+
+@device.command()
+@click.argument("destination", default="local")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the facts here")
+def facts(destination, json_out):
+    """Print a device's fingerprint: arch, CPU flags, cores, memory, GPU, backends."""
+    import json
+
+    from .devices import get_device
+    from .report import write_json
+
+    data = get_device(destination).facts()
+    if json_out:
+        write_json(json_out, data)
+    click.echo(json.dumps(data, indent=1))
+
+
+if __name__ == "__main__":
+    main()

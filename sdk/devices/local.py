@@ -1,0 +1,49 @@
+"""The local machine as a device: the same runtime CLI and JSON as over SSH, minus SSH."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import device_runtime
+from device_runtime.result import Result
+
+from ..bundle import Bundle
+from ..errors import EdgesmithError
+from . import Job, parse_result
+
+RUNTIME_PARENT = str(Path(device_runtime.__file__).resolve().parent.parent)
+
+
+class LocalDevice:
+    name = "local"
+
+    def _cmd(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "device_runtime", *args]
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [RUNTIME_PARENT, env.get("PYTHONPATH")]))
+        return env
+
+    def facts(self) -> dict:
+        try:
+            out = subprocess.run(self._cmd("facts"), capture_output=True, text=True, timeout=60,
+                                 env=self._env())
+            return json.loads(out.stdout)
+        except (subprocess.TimeoutExpired, ValueError) as exc:
+            raise EdgesmithError(f"local device runtime did not report its facts: {exc}") from None
+
+    def push(self, bundle: Bundle) -> str:
+        return str(bundle.path)   # bundles are built on this machine already
+
+    def run(self, remote_path: str, job: Job) -> Result:
+        try:
+            proc = subprocess.run(self._cmd("run", remote_path, *job.argv()), capture_output=True,
+                                  text=True, timeout=job.timeout_s, env=self._env())
+        except subprocess.TimeoutExpired:
+            return Result.failure("run", f"the device runtime took longer than "
+                                  f"{job.timeout_s:.0f}s; raise the timeout (--timeout)")
+        return parse_result(proc.stdout, proc.stderr, proc.returncode)

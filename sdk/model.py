@@ -1,0 +1,262 @@
+"""Load and validate models with errors that name the fix; model facts (params, MACs, size)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EdgesmithError
+
+TFLITE_MAGIC = b"TFL3"
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class InputSpec:
+    name: str
+    dims: list            # as declared; None where dynamic
+    shape: list[int]      # concrete shape used to measure
+    dtype: str
+
+    def as_manifest(self) -> dict:
+        return {"name": self.name, "dims": self.dims, "shape": self.shape, "dtype": self.dtype}
+
+
+@dataclass
+class ModelFacts:
+    format: str
+    size_bytes: int
+    params: int
+    macs: int
+    macs_by_op: dict[str, int]
+    opset: int | None = None
+    producer: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Model:
+    """A validated model: the ONNX proto (or TFLite bytes) with concrete input specs."""
+
+    path: Path | None
+    format: str
+    inputs: list[InputSpec]
+    outputs: list[str]
+    facts: ModelFacts
+    proto: object = None          # onnx.ModelProto for ONNX
+    data: bytes = b""             # the file's bytes for TFLite
+
+    def serialized(self) -> bytes:
+        return self.proto.SerializeToString() if self.format == "onnx" else self.data
+
+    @property
+    def input_shapes(self) -> dict[str, list[int]]:
+        return {spec.name: spec.shape for spec in self.inputs}
+
+
+def parse_input_shapes(text: str | None) -> dict[str, list[int]]:
+    """`name=1x3x224x224,other=1x10` -> {name: [1, 3, 224, 224], ...}."""
+    shapes: dict[str, list[int]] = {}
+    for item in filter(None, (text or "").split(",")):
+        name, sep, dims = item.rpartition("=")
+        try:
+            shape = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            shape = []
+        if not sep or not name or not shape or min(shape) < 1:
+            raise EdgesmithError(f"bad --input-shape {item!r}; write NAME=1x3x224x224")
+        shapes[name] = shape
+    return shapes
+
+
+def save(proto, path: str | os.PathLike) -> Path:
+    """Write an ONNX model atomically (temp file, then rename): never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, proto.SerializeToString())
+    return path
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = None) -> Model:
+    """Load an ONNX or TFLite model, check it, fix input shapes, and compute its facts."""
+    path = Path(path)
+    if not path.exists():
+        raise EdgesmithError(f"model file {path} does not exist")
+    if path.is_dir():
+        raise EdgesmithError(f"{path} is a directory; give the .onnx or .tflite file")
+    data = path.read_bytes()
+    if not data:
+        raise EdgesmithError(f"{path} is empty (0 bytes); re-export the model")
+    if data[4:8] == TFLITE_MAGIC:
+        from .tflite_model import load_tflite
+        return load_tflite(path, data, input_shapes or {})
+    return _load_onnx(path, data, input_shapes or {})
+
+
+def _load_onnx(path: Path, data: bytes, input_shapes: dict[str, list[int]]) -> Model:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise EdgesmithError(f"{path} is not an ONNX model (protobuf parse failed: "
+                             f"{str(exc).splitlines()[0] if str(exc) else 'truncated'}); "
+                             "re-export it or check the file was fully copied") from None
+    if proto.ir_version == 0 or not proto.HasField("graph") or not proto.graph.node:
+        raise EdgesmithError(f"{path} is not an ONNX model (no graph or IR version); "
+                             "re-export it or check the file was fully copied")
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        onnx.load_external_data_for_model(proto, str(path.parent))
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise EdgesmithError(f"{path} fails the ONNX checker: {first}") from None
+    _check_opset(path, proto)
+    inputs = _input_specs(path, proto, input_shapes)
+    outputs = [o.name for o in proto.graph.output]
+    _check_runs_in_ort(path, data)
+    return Model(path, "onnx", inputs, outputs, onnx_facts(proto, inputs, len(data)), proto=proto)
+
+
+def _check_opset(path: Path, proto) -> None:
+    import onnx
+    import onnxruntime
+
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and opset < 7:
+        raise EdgesmithError(f"{path} uses opset {opset}; onnxruntime {onnxruntime.__version__} "
+                             "needs opset 7 or later: upgrade it with onnx.version_converter")
+    if opset is not None and opset > newest:
+        raise EdgesmithError(f"{path} uses opset {opset}, newer than this onnx ({newest}) and "
+                             f"onnxruntime {onnxruntime.__version__} know; re-export with "
+                             f"opset <= {newest} or upgrade onnx/onnxruntime")
+
+
+def _check_runs_in_ort(path: Path, data: bytes) -> None:
+    """ORT is the judge of what it can load (ops, opset, IR version): ask it, explain the no."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(data if len(data) < (1 << 30) else str(path), opts,
+                             providers=["CPUExecutionProvider"])
+    except Exception as exc:  # pybind exception classes; one line is what the user needs
+        first = str(exc).strip().splitlines()[0]
+        raise EdgesmithError(f"onnxruntime {ort.__version__} cannot load {path.name}: "
+                             f"{first}") from None
+
+
+def _elem_dtype(elem_type: int) -> str:
+    import onnx
+
+    return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def _input_specs(path: Path, proto, given: dict[str, list[int]]) -> list[InputSpec]:
+    initializers = {t.name for t in proto.graph.initializer}
+    graph_inputs = [i for i in proto.graph.input if i.name not in initializers]
+    names = [i.name for i in graph_inputs]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise EdgesmithError(f"--input-shape names {unknown}, but the model's inputs are {names}")
+    specs = []
+    for vi in graph_inputs:
+        ttype = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
+        if vi.name in given:
+            shape = given[vi.name]
+            if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
+                want = "x".join("?" if d is None else str(d) for d in dims)
+                raise EdgesmithError(f"--input-shape {vi.name}={'x'.join(map(str, shape))} "
+                                     f"does not fit the model's {want}")
+        elif any(d is None for d in dims[1:]):
+            want = "x".join("?" if d is None else str(d) for d in dims)
+            raise EdgesmithError(f"input {vi.name!r} has dynamic dimensions ({want}); give them "
+                                 f"with --input-shape {vi.name}={'x'.join(str(d or 1) for d in dims)}")
+        else:  # only the batch may be dynamic: measure batch 1, like Polygraphy's default
+            shape = [d if d is not None else 1 for d in dims]
+        specs.append(InputSpec(vi.name, dims, list(shape), _elem_dtype(ttype.elem_type)))
+    return specs
+
+
+def _shapes_with_inputs(proto, inputs: list[InputSpec]) -> dict[str, list[int]]:
+    """Static shapes of every value once the inputs take their concrete shapes."""
+    import onnx
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(proto)
+    concrete = {s.name: s.shape for s in inputs}
+    for vi in fixed.graph.input:
+        if vi.name in concrete:
+            for dim, value in zip(vi.type.tensor_type.shape.dim, concrete[vi.name]):
+                dim.Clear()
+                dim.dim_value = value
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed)
+    except Exception:  # facts are best effort; a model that runs in ORT must still load
+        return {}
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + \
+            list(inferred.graph.output):
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in
+                vi.type.tensor_type.shape.dim]
+        if dims and all(d is not None for d in dims):
+            shapes[vi.name] = dims
+    for t in proto.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    return shapes
+
+
+def node_macs(node, shapes: dict[str, list[int]]) -> int:
+    """Multiply-accumulates of one Conv/ConvTranspose/Gemm/MatMul node (0 if shapes unknown)."""
+    ins = [shapes.get(name) for name in node.input[:2]]
+    out = shapes.get(node.output[0])
+    if None in ins or out is None:
+        return 0
+    if node.op_type == "Conv":
+        w = ins[1]   # [Cout, Cin/groups, k...]: every output element does Cin/groups*k MACs
+        return int(np.prod(out) * np.prod(w[1:]))
+    if node.op_type == "ConvTranspose":
+        w = ins[1]   # [Cin, Cout/groups, k...]: every input element scatters to Cout/groups*k
+        return int(np.prod(ins[0]) * np.prod(w[1:]))
+    if node.op_type == "Gemm":
+        trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
+        k = ins[0][0] if trans_a else ins[0][-1]
+        return int(np.prod(out) * k)
+    if node.op_type == "MatMul":
+        return int(np.prod(out) * ins[0][-1])
+    return 0
+
+
+def onnx_facts(proto, inputs: list[InputSpec], size_bytes: int) -> ModelFacts:
+    params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer
+                 if np.dtype(_elem_dtype(t.data_type)).kind == "f")
+    shapes = _shapes_with_inputs(proto, inputs)
+    macs_by_op: dict[str, int] = {}
+    for node in proto.graph.node:
+        if node.op_type in MAC_OPS:
+            macs_by_op[node.op_type] = macs_by_op.get(node.op_type, 0) + node_macs(node, shapes)
+    notes = [f"input {s.name!r}: dynamic batch measured as {s.shape[0]} (set --input-shape)"
+             for s in inputs if s.dims and s.dims[0] is None]
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    return ModelFacts("onnx", size_bytes, params, sum(macs_by_op.values()), macs_by_op, opset,
+                      f"{proto.producer_name} {proto.producer_version}".strip(), notes)

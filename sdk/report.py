@@ -1,0 +1,71 @@
+"""What users read: a terminal table with the configuration beside the figures, like trtexec."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from device_runtime.result import Result
+
+from .model import atomic_write
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def config_summary(result: Result) -> str:
+    cfg = result.config or {}
+    if result.backend == "onnxruntime":
+        providers = ",".join(p if isinstance(p, str) else p[0] for p in cfg.get("providers", []))
+        threads = cfg.get("intra_op_threads", 0) or "auto"
+        return (f"{providers.replace('ExecutionProvider', '')} threads={threads} "
+                f"opt={cfg.get('graph_optimization_level')} {cfg.get('execution_mode')}")
+    if result.backend == "tflite":
+        return f"threads={cfg.get('threads') or 'auto'} xnnpack={cfg.get('xnnpack')}"
+    return json.dumps(cfg, sort_keys=True)
+
+
+def results_table(rows: list[tuple[str, Result]], title: str = "edgesmith profile") -> Table:
+    table = Table(title=title)
+    for col in ("device", "backend / config", "load ms", "p50 ms", "p90 ms", "p99 ms", "mean ms",
+                "runs", "peak RSS MB", "top-1", "agreement", "SQNR dB"):
+        table.add_column(col, justify="left" if col in ("device", "backend / config") else "right")
+    for name, r in rows:
+        if not r.ok:
+            table.add_row(name, f"[red]error at {r.stage}: {r.error}[/red]", *[""] * 10)
+            continue
+        lat, acc = r.latency_ms or {}, r.accuracy or {}
+        device = f"{name} ({r.device.get('arch')}, {r.device.get('cores')} cores)"
+        if r.device.get("emulated"):
+            device += " [yellow]emulated: latency not meaningful[/yellow]"
+        versions = " ".join(f"{k} {v}" for k, v in r.versions.items() if isinstance(v, str))
+        table.add_row(device, f"{versions}\n{config_summary(r)}", _fmt(r.load_ms, 1),
+                      _fmt(lat.get("p50")), _fmt(lat.get("p90")), _fmt(lat.get("p99")),
+                      _fmt(lat.get("mean")), str(lat.get("runs", "-")), _fmt(r.peak_rss_mb, 1),
+                      _fmt(acc.get("top1"), 4), _fmt(acc.get("agreement"), 4),
+                      _fmt(acc.get("sqnr_db"), 1))
+    return table
+
+
+def print_table(table: Table) -> None:
+    Console(file=sys.stdout, width=max(Console().width, 140)).print(table)
+
+
+def to_jsonable(obj):
+    if is_dataclass(obj):
+        return asdict(obj)
+    if isinstance(obj, Result):
+        return obj.to_dict()
+    return obj
+
+
+def write_json(path: str | Path, obj) -> None:
+    """`--json OUT`: machine-readable output, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, (json.dumps(to_jsonable(obj), indent=1, default=str) + "\n").encode())

@@ -1,0 +1,133 @@
+"""The CLI end to end in a subprocess, as a user runs it; bad inputs give one clear line."""
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import ROOT, load_json, run_cli
+
+SCHEMA = json.loads((ROOT / "tests" / "schemas" / "result.json").read_text())
+
+
+def test_profile_end_to_end_with_json(models, tmp_path):
+    out = tmp_path / "result.json"
+    proc = run_cli("profile", models / "digits_cnn.onnx", "--eval", models / "digits_cnn_eval.npz",
+                   "--runs", "30", "--threads", "1", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    result = load_json(out)
+    jsonschema.validate(result, SCHEMA)
+    assert result["latency_ms"]["runs"] >= 30 and len(result["latency_ms"]["samples"]) >= 30
+    assert result["accuracy"]["n"] == 359
+    assert result["accuracy"]["top1"] > 0.95            # a trained model, real digits
+    assert result["accuracy"]["agreement"] == 1.0       # unchanged model vs host reference
+    assert result["config"]["intra_op_threads"] == 1
+    assert "p50 ms" in proc.stdout and "onnxruntime" in proc.stdout
+
+
+def test_profile_tflite_model(models, tmp_path):
+    out = tmp_path / "result.json"
+    proc = run_cli("profile", models / "digits_mlp.tflite", "--eval",
+                   models / "digits_mlp_eval.npz", "--runs", "20", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    result = load_json(out)
+    jsonschema.validate(result, SCHEMA)
+    assert result["backend"] == "tflite" and result["accuracy"]["top1"] > 0.95
+
+
+def test_profile_ops_reports_time_per_op_type(models, tmp_path):
+    out = tmp_path / "result.json"
+    proc = run_cli("profile", models / "digits_cnn.onnx", "--runs", "10", "--profile-ops",
+                   "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    ops = load_json(out)["op_profile_ms"]
+    assert "Conv" in ops and all(ms >= 0 for ms in ops.values())
+
+
+def test_device_facts_and_targets():
+    proc = run_cli("device", "facts")
+    assert proc.returncode == 0, proc.stderr
+    facts = json.loads(proc.stdout)
+    assert facts["arch"] and facts["cores"] >= 1 and "numpy" in facts["packages"]
+    proc = run_cli("targets")
+    assert proc.returncode == 0 and "x86-avx2" in proc.stdout
+
+
+def _npz(tmp_path, name, **arrays):
+    path = tmp_path / f"{name}.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def _bad_inputs(tmp_path, models):
+    """(case, argv, expected words in the one-line error)."""
+    cnn, ev = models / "digits_cnn.onnx", np.load(models / "digits_cnn_eval.npz")
+    x, y = ev["input"], ev["labels"]
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    rand = tmp_path / "random.onnx"
+    rand.write_bytes(np.random.default_rng(0).bytes(4096))
+    trunc = tmp_path / "truncated.onnx"
+    trunc.write_bytes(cnn.read_bytes()[:20000])
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model\n")
+    nan = x.copy()
+    nan[3, 0, 2, 2] = np.nan
+    dyn = tmp_path / "dynamic.onnx"
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "h"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "h"])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), dyn)
+    future = tmp_path / "future.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 99)]), future)
+    unchecked = tmp_path / "unchecked.onnx"
+    bad_graph = helper.make_graph([helper.make_node("Relu", ["nowhere"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    unchecked.write_bytes(helper.make_model(bad_graph).SerializeToString())
+    return [
+        ("empty file", [empty], "empty"),
+        ("random bytes", [rand], "not an ONNX model"),
+        ("truncated model", [trunc], "not an ONNX model"),
+        ("text file", [text], "not an ONNX model"),
+        ("missing model", [tmp_path / "nope.onnx"], "does not exist"),
+        ("fails checker", [unchecked], "fails the ONNX checker"),
+        ("opset too new", [future], "opset 99"),
+        ("dynamic dims", [dyn], "--input-shape x=1x1"),
+        ("bad --input-shape", [cnn, "--input-shape", "image=1x1x8x8"], "model's inputs are"),
+        ("wrong input name", [cnn, "--eval", _npz(tmp_path, "name", image=x, labels=y)],
+         "not model inputs"),
+        ("wrong shape", [cnn, "--eval", _npz(tmp_path, "shape", input=x[:, :, :4], labels=y)],
+         "expected Nx1x8x8"),
+        ("wrong dtype", [cnn, "--eval", _npz(tmp_path, "dtype", input=x.astype(np.float64))],
+         "float64"),
+        ("NaN inputs", [cnn, "--eval", _npz(tmp_path, "nan", input=nan)], "NaN"),
+        ("pickled npz", [cnn, "--eval", _npz(tmp_path, "pickle",
+                                              input=np.array([{"a": 1}], dtype=object))],
+         "pickled objects"),
+        ("labels of wrong length", [cnn, "--eval", _npz(tmp_path, "labels", input=x,
+                                                         labels=y[:7])], "'labels' must be"),
+        ("missing eval file", [cnn, "--eval", tmp_path / "none.npz"], "does not exist"),
+        ("unknown device", [cnn, "--device", "no-such-host.invalid"], "no-such-host.invalid"),
+    ]
+
+
+def test_bad_inputs_give_one_line_and_nonzero_exit(models, tmp_path):
+    cases = _bad_inputs(tmp_path, models)
+    assert len(cases) >= 12
+    for case, argv, words in cases:
+        proc = run_cli("profile", *argv, "--runs", "5")
+        assert proc.returncode == 1, (case, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr, (case, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (case, proc.stderr)
+        assert words in lines[0], (case, lines[0])
+
+
+def test_usage_errors_exit_2(models):
+    proc = run_cli("profile", models / "digits_cnn.onnx", "--runs", "0")
+    assert proc.returncode == 2

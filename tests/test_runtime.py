@@ -1,0 +1,190 @@
+"""device_runtime on real ORT and TFLite sessions: bundles, verification, measure, evaluate."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import device_runtime
+from device_runtime.bundle import MANIFEST, onnx_external_locations, verify
+from device_runtime.errors import RuntimeFailure
+from device_runtime.measure import summarize
+from sdk import bundle as bundles
+from sdk.model import load
+from sdk.profiling import prepare
+
+
+@pytest.fixture
+def cnn_bundle(models):
+    return prepare(load(models / "digits_cnn.onnx"), models / "digits_cnn_eval.npz")
+
+
+def copy_bundle(bundle, tmp_path):
+    """A writable copy under a non-hash name (the id check is about hash-named dirs)."""
+    dest = tmp_path / "copy"
+    shutil.copytree(bundle.path, dest)
+    return dest
+
+
+def test_embedding_api_matches_bare_onnxruntime(cnn_bundle, models):
+    session = device_runtime.load(cnn_bundle.path, threads=1)
+    x = np.load(models / "digits_cnn_eval.npz")["input"][:5]
+    ours = session.run({"input": x})["logits"]
+    bare = ort.InferenceSession(str(models / "digits_cnn.onnx")).run(None, {"input": x})[0]
+    np.testing.assert_allclose(ours, bare, rtol=1e-5, atol=1e-5)
+    assert session.config["intra_op_threads"] == 1
+
+
+def test_bundle_is_content_addressed_and_reused(cnn_bundle, models):
+    again = prepare(load(models / "digits_cnn.onnx"), models / "digits_cnn_eval.npz")
+    assert again.id == cnn_bundle.id and again.path == cnn_bundle.path
+    assert cnn_bundle.path.name == cnn_bundle.id
+    manifest, bundle_id = verify(cnn_bundle.path)
+    assert bundle_id == cnn_bundle.id and set(manifest.files) == {"model.onnx", "eval.npz"}
+
+
+def test_changed_byte_is_refused(cnn_bundle, tmp_path):
+    dest = copy_bundle(cnn_bundle, tmp_path)
+    data = bytearray((dest / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (dest / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(RuntimeFailure, match="does not match its sha256"):
+        device_runtime.load(dest)
+
+
+def test_damaged_cached_bundle_is_rebuilt(cnn_bundle, models):
+    (cnn_bundle.path / "eval.npz").write_bytes(b"garbage")
+    rebuilt = prepare(load(models / "digits_cnn.onnx"), models / "digits_cnn_eval.npz")
+    verify(rebuilt.path)
+
+
+def test_missing_file_is_refused(cnn_bundle, tmp_path):
+    dest = copy_bundle(cnn_bundle, tmp_path)
+    (dest / "eval.npz").unlink()
+    with pytest.raises(RuntimeFailure, match="missing"):
+        device_runtime.load(dest)
+
+
+def test_renamed_hash_dir_is_refused(cnn_bundle, tmp_path):
+    dest = tmp_path / ("0" * 64)
+    shutil.copytree(cnn_bundle.path, dest)
+    with pytest.raises(RuntimeFailure, match="does not match the bundle name"):
+        verify(dest)
+
+
+@pytest.mark.parametrize("bad", ["../outside.bin", "/etc/passwd", "a/../../b", "./x", ""])
+def test_paths_leaving_the_bundle_are_refused(cnn_bundle, tmp_path, bad):
+    dest = copy_bundle(cnn_bundle, tmp_path)
+    manifest = json.loads((dest / MANIFEST).read_text())
+    manifest["files"][bad] = {"sha256": "0" * 64, "size": 1}
+    (dest / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeFailure, match="leaves the bundle"):
+        verify(dest)
+
+
+def test_symlink_out_of_the_bundle_is_refused(cnn_bundle, tmp_path):
+    dest = copy_bundle(cnn_bundle, tmp_path)
+    outside = tmp_path / "secret.npz"
+    shutil.copy(dest / "eval.npz", outside)
+    (dest / "eval.npz").unlink()
+    (dest / "eval.npz").symlink_to(outside)
+    with pytest.raises(RuntimeFailure, match="links outside"):
+        verify(dest)
+
+
+def _external_data_model(tmp_path, location: str):
+    weight = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+                              [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, location="w.bin",
+              size_threshold=0)
+    model = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = location
+    return model
+
+
+def test_external_data_pointing_outside_is_refused(cnn_bundle, tmp_path):
+    dest = copy_bundle(cnn_bundle, tmp_path)
+    model = _external_data_model(tmp_path, "../../w.bin")
+    assert onnx_external_locations_of(model, tmp_path) == {"../../w.bin"}
+    data = model.SerializeToString()
+    (dest / "model.onnx").write_bytes(data)
+    manifest = json.loads((dest / MANIFEST).read_text())
+    import hashlib
+    manifest["files"]["model.onnx"] = {"sha256": hashlib.sha256(data).hexdigest(),
+                                       "size": len(data)}
+    (dest / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeFailure, match="external data '../../w.bin'"):
+        verify(dest)
+
+
+def onnx_external_locations_of(model, tmp_path):
+    path = tmp_path / "scan.onnx"
+    path.write_bytes(model.SerializeToString())
+    return onnx_external_locations(path)
+
+
+def test_external_data_scan_finds_subgraph_tensors(tmp_path):
+    """Locations inside an If branch (a subgraph attribute) are found too."""
+    inner = numpy_helper.from_array(np.ones(2, np.float32), "c")
+    inner.data_location = TensorProto.EXTERNAL
+    inner.ClearField("raw_data")
+    entry = inner.external_data.add()
+    entry.key, entry.value = "location", "deep/../../x.bin"
+    branch = helper.make_graph([helper.make_node("Constant", [], ["o"], value=inner)], "b", [],
+                               [helper.make_tensor_value_info("o", TensorProto.FLOAT, [2])])
+    node = helper.make_node("If", ["cond"], ["o"], then_branch=branch, else_branch=branch)
+    graph = helper.make_graph([node], "g",
+                              [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("o", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph)
+    assert onnx_external_locations_of(model, tmp_path) == {"deep/../../x.bin"}
+
+
+def test_tflite_backend_runs_the_real_model(models):
+    from sdk.model import load as load_model
+    tfl = prepare(load_model(models / "digits_mlp.tflite"), models / "digits_mlp_eval.npz")
+    onx = prepare(load_model(models / "digits_mlp.onnx"), models / "digits_mlp_eval.npz")
+    x = np.load(models / "digits_mlp_eval.npz")["input"][:1]
+    a = device_runtime.load(tfl.path, threads=1).run({"input": x})["logits"]
+    b = device_runtime.load(onx.path).run({"input": x})["logits"]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    xnn_off = device_runtime.load(tfl.path, xnnpack=False).run({"input": x})["logits"]
+    np.testing.assert_allclose(a, xnn_off, rtol=1e-4, atol=1e-4)
+
+
+def test_session_rejects_bad_feeds(cnn_bundle):
+    session = device_runtime.load(cnn_bundle.path)
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    with pytest.raises(RuntimeFailure, match="missing \\['input'\\], unknown \\['x'\\]"):
+        session.run({"x": x})
+    with pytest.raises(RuntimeFailure, match="dtype float64"):
+        session.run({"input": x.astype(np.float64)})
+    with pytest.raises(RuntimeFailure, match="shape \\[1, 1, 8, 7\\]"):
+        session.run({"input": x[..., :7]})
+    assert session.run({"input": np.zeros((3, 1, 8, 8), np.float32)})["logits"].shape == (3, 10)
+
+
+def test_unavailable_provider_is_a_clear_load_error(cnn_bundle):
+    with pytest.raises(RuntimeFailure, match="CUDAExecutionProvider is not available"):
+        device_runtime.load(cnn_bundle.path, providers=["CUDAExecutionProvider"])
+
+
+def test_summarize_matches_numpy_percentiles():
+    samples = list(np.random.default_rng(0).exponential(2.0, 997))
+    stats = summarize(samples, warmup=3)
+    for q in (50, 90, 99):
+        assert stats[f"p{q}"] == pytest.approx(np.percentile(samples, q))
+    assert stats["mean"] == pytest.approx(np.mean(samples))
+    assert stats["runs"] == 997 and stats["min"] == min(samples)
