@@ -13,6 +13,29 @@ from .errors import RuntimeFailure
 from .result import Result
 
 
+def device_lock(path: str, timeout_s: float):
+    """Hold an exclusive flock so two benchmarks never share the device; waits up to timeout."""
+    import fcntl
+
+    handle = open(path, "a+")
+    deadline = time.monotonic() + timeout_s
+    told = False
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if not told:
+                print(f"waiting for another benchmark on this device (lock {path})",
+                      file=sys.stderr, flush=True)
+                told = True
+            if time.monotonic() > deadline:
+                handle.close()
+                raise RuntimeFailure("lock", f"another benchmark held the device for more than "
+                                     f"{timeout_s:.0f}s; raise --lock-timeout or retry later")
+            time.sleep(0.05)
+
+
 def run_job(args) -> Result:
     from . import facts
     from .measure import peak_rss_mb, time_runs
@@ -20,7 +43,13 @@ def run_job(args) -> Result:
 
     result = Result(device=facts.collect(with_providers=False))
     stage = "verify"
+    lock = None
     try:
+        if args.lock:
+            t0 = time.perf_counter()
+            lock = device_lock(args.lock, args.lock_timeout)
+            result.stages_ms["lock_wait"] = (time.perf_counter() - t0) * 1e3
+            result.window_s = [time.time(), None]
         overrides = json.loads(args.config) if args.config else {}
         if args.threads is not None:
             overrides["threads"] = args.threads
@@ -58,6 +87,10 @@ def run_job(args) -> Result:
         result.error, result.stage = f"{type(exc).__name__}: {exc}", stage
     except MemoryError:
         result.error, result.stage = "out of memory on the device", stage
+    finally:
+        if lock is not None:
+            result.window_s[1] = time.time()
+            lock.close()
     return result
 
 
@@ -76,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", default=None, help="JSON object overriding the runtime config")
     run.add_argument("--no-eval", action="store_true")
     run.add_argument("--profile-ops", action="store_true", help="time per op type")
+    run.add_argument("--lock", help="flock this file while measuring (one benchmark at a time)")
+    run.add_argument("--lock-timeout", type=float, default=600.0)
     sub.add_parser("facts", help="print this device's fingerprint")
     verify = sub.add_parser("verify", help="check a bundle's hashes and paths")
     verify.add_argument("bundle")

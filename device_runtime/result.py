@@ -19,6 +19,7 @@ class Result:
     accuracy: dict | None = None            # n, top1?, agreement?, sqnr_db?, max_abs_err?
     op_profile_ms: dict | None = None       # op type -> ms summed over profiled runs
     stages_ms: dict = field(default_factory=dict)
+    window_s: list | None = None            # [start, end] epoch seconds holding the device lock
     meta: dict = field(default_factory=dict)
     error: str | None = None
     stage: str | None = None                # where it failed: connect, upload, verify, load, ...

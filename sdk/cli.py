@@ -42,10 +42,42 @@ def main():
     """edgesmith: optimise a model for an edge device, measured on that device."""
 
 
+def ssh_options(fn):
+    """Options every command that reaches a device takes."""
+    for opt in reversed([
+        click.option("--identity", "-i", type=click.Path(dir_okay=False),
+                     help="SSH private key (else ~/.ssh/config, ssh-agent, ~/.ssh/id_*)"),
+        click.option("--accept-new-host-key", is_flag=True,
+                     help="record an unknown device's host key (like accept-new); a changed "
+                          "key is always refused"),
+        click.option("--python", "remote_python", help="python3 to use on the device"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def devices_from(values: tuple[str, ...], identity, accept_new_host_key, remote_python) -> list:
+    """--device values: `local`, SSH destinations, or devices.toml inventories."""
+    from .devices import get_device, load_inventory
+
+    devices = []
+    for value in values or ("local",):
+        if value.endswith(".toml"):
+            devices += load_inventory(value)
+        elif value == "local":
+            devices.append(get_device("local"))
+        else:
+            devices.append(get_device(value, identity=identity, python=remote_python,
+                                      accept_new_host_key=accept_new_host_key))
+    return devices
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--device", "-d", default="local", show_default=True,
-              help="`local`, user@host[:port], or a Host alias from ~/.ssh/config")
+@click.option("--device", "-d", "device_values", multiple=True,
+              help="`local` (default), user@host[:port], a Host alias from ~/.ssh/config, or a "
+                   "devices.toml inventory; repeat to profile a fleet in parallel")
+@ssh_options
 @click.option("--eval", "eval_path", type=click.Path(), help=".npz eval set: inputs by name + labels")
 @click.option("--runs", default=100, show_default=True, type=click.IntRange(1))
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0))
@@ -57,28 +89,34 @@ def main():
 @click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(1),
               help="seconds the device may take for the whole run")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the Result here")
-def profile(model, device, eval_path, runs, warmup, min_time, threads, input_shape, profile_ops,
-            timeout, json_out):
-    """Measure MODEL as it is on a device: latency percentiles, memory, accuracy."""
+def profile(model, device_values, identity, accept_new_host_key, remote_python, eval_path, runs,
+            warmup, min_time, threads, input_shape, profile_ops, timeout, json_out):
+    """Measure MODEL as it is on one or more devices: latency percentiles, memory, accuracy."""
     from .devices import Job
     from .model import parse_input_shapes
-    from .profiling import profile as run_profile
+    from .profiling import profile_many
     from .report import print_table, results_table, write_json
 
     job = Job(runs=runs, warmup=warmup, min_time_s=min_time, threads=threads,
               profile_ops=profile_ops, timeout_s=timeout)
-    with _status(f"profiling {model} on {device}"):
-        result = run_profile(model, device=device, eval_path=eval_path, job=job,
-                             input_shapes=parse_input_shapes(input_shape))
+    devices = devices_from(device_values, identity, accept_new_host_key, remote_python)
+    with _status(f"profiling {model} on {len(devices)} device(s)"):
+        rows = profile_many(model, devices, eval_path=eval_path, job=job,
+                            input_shapes=parse_input_shapes(input_shape))
     if json_out:
-        write_json(json_out, result)
-    print_table(results_table([(device, result)]))
-    if result.op_profile_ms:
-        total = sum(result.op_profile_ms.values()) or 1.0
-        for op, ms in sorted(result.op_profile_ms.items(), key=lambda kv: -kv[1]):
-            click.echo(f"  {op:<24} {ms:9.3f} ms  {100 * ms / total:5.1f}%")
-    if not result.ok:
-        click.echo(f"error: {result.stage}: {result.error}", err=True)
+        write_json(json_out, rows[0][1] if len(rows) == 1 else
+                   [{"name": name, **r.to_dict()} for name, r in rows])
+    print_table(results_table(rows))
+    for name, result in rows:
+        if result.op_profile_ms:
+            total = sum(result.op_profile_ms.values()) or 1.0
+            click.echo(f"time per op type on {name}:")
+            for op, ms in sorted(result.op_profile_ms.items(), key=lambda kv: -kv[1]):
+                click.echo(f"  {op:<24} {ms:9.3f} ms  {100 * ms / total:5.1f}%")
+    failed = [(name, r) for name, r in rows if not r.ok]
+    for name, result in failed:
+        click.echo(f"error: {name}: {result.stage}: {result.error}", err=True)
+    if failed:
         sys.exit(1)
 
 
@@ -108,15 +146,16 @@ def device():
 
 @device.command()
 @click.argument("destination", default="local")
+@ssh_options
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the facts here")
-def facts(destination, json_out):
+def facts(destination, identity, accept_new_host_key, remote_python, json_out):
     """Print a device's fingerprint: arch, CPU flags, cores, memory, GPU, backends."""
     import json
 
-    from .devices import get_device
     from .report import write_json
 
-    data = get_device(destination).facts()
+    [dev] = devices_from((destination,), identity, accept_new_host_key, remote_python)
+    data = dev.facts()
     if json_out:
         write_json(json_out, data)
     click.echo(json.dumps(data, indent=1))

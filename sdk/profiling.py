@@ -1,13 +1,16 @@
-"""`profile`: bundle the unchanged model, run it on a device, return what the device measured."""
+"""`profile`: bundle the unchanged model, run it on one or more devices, return what they measured."""
 from __future__ import annotations
 
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 from device_runtime.result import Result
 
 from . import bundle as bundles
 from .data import eval_batch, load_eval_set, reference_outputs
 from .devices import Job, get_device
+from .errors import StageError
 from .model import Model, load
 
 
@@ -22,13 +25,47 @@ def prepare(model: Model, eval_path: str | os.PathLike | None, config: dict | No
     return bundles.build(model, config=config, eval_data=data, eval_batch=batch, meta=meta)
 
 
-def profile(model: str | os.PathLike | Model, device: str | None = "local",
+def measure(bundle: bundles.Bundle, device, job: Job) -> Result:
+    """push -> run on one device; a failed stage is a Result with `error`, never an exception."""
+    t0 = time.perf_counter()
+    try:
+        remote = device.push(bundle)
+        pushed_ms = (time.perf_counter() - t0) * 1e3
+        result = device.run(remote, job)
+        if result.stage == "verify" and hasattr(device, "forget"):
+            device.forget(remote)      # damaged on the device: upload afresh, once
+            result = device.run(device.push(bundle), job)
+    except StageError as exc:
+        return Result.failure(exc.stage, exc.message)
+    result.stages_ms["push"] = pushed_ms
+    return result
+
+
+def profile(model: str | os.PathLike | Model, device="local",
             eval_path: str | os.PathLike | None = None, job: Job | None = None,
             input_shapes: dict | None = None, config: dict | None = None) -> Result:
-    """Measure `model` as it is on `device` (latency, memory, accuracy on `eval_path`)."""
+    """Measure `model` as it is on `device` (a name or a Device): latency, memory, accuracy."""
+    return profile_many(model, [device], eval_path, job, input_shapes, config)[0][1]
+
+
+def profile_many(model: str | os.PathLike | Model, devices: list,
+                 eval_path: str | os.PathLike | None = None, job: Job | None = None,
+                 input_shapes: dict | None = None, config: dict | None = None
+                 ) -> list[tuple[str, Result]]:
+    """The same bundle on every device, in parallel; an unreachable device is an error row."""
     if not isinstance(model, Model):
         model = load(model, input_shapes)
-    target = get_device(device)
     bundle = prepare(model, eval_path, config, meta={"source": str(model.path)})
-    remote = target.push(bundle)
-    return target.run(remote, job or Job())
+    targets = [get_device(d) if isinstance(d, str) or d is None else d for d in devices]
+    job = job or Job()
+
+    def one(device) -> Result:
+        try:
+            return measure(bundle, device, job)
+        finally:
+            if hasattr(device, "close"):
+                device.close()
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(targets)))) as pool:
+        results = list(pool.map(one, targets))
+    return [(t.name, r) for t, r in zip(targets, results)]

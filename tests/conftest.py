@@ -34,3 +34,35 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def load_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def sshd_server(tmp_path_factory):
+    """A real sshd for the session; CI=true turns a missing sshd into a failure, not a skip."""
+    import sshd as sshd_mod
+
+    if not sshd_mod.available():
+        message = "/usr/sbin/sshd or ssh-keygen missing (apt-get install -y openssh-server)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    server = sshd_mod.Sshd(tmp_path_factory.mktemp("sshd"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ssh_home(tmp_path, monkeypatch, sshd_server):
+    """A user HOME whose ~/.ssh knows the test device (alias `testdev`), and a remote dir."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "known_hosts").write_text(sshd_server.known_hosts_line() + "\n")
+    (home / ".ssh" / "config").write_text(
+        f"Host testdev\n  HostName 127.0.0.1\n  Port {sshd_server.port}\n"
+        f"  User {sshd_server.user}\n  IdentityFile {sshd_server.client_key}\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    remote = tmp_path / "remote"
+    monkeypatch.setenv("EDGESMITH_REMOTE_DIR", str(remote))
+    return home

@@ -26,6 +26,7 @@ class Job:
     evaluate: bool = True
     profile_ops: bool = False
     timeout_s: float = 600.0                     # hard limit for the whole run on the device
+    lock_timeout_s: float = 600.0                # wait this long for another benchmark to end
 
     def __post_init__(self):
         if self.runs < 1:
@@ -77,10 +78,44 @@ def parse_result(stdout: str, stderr: str, returncode: int) -> Result:
     return Result.failure("run", f"device runtime crashed (exit {returncode}): {tail}")
 
 
-def get_device(destination: str | None):
-    """`local` (or nothing) is this machine; anything else is an SSH destination."""
+def get_device(destination: str | None, **ssh_options):
+    """`local` (or nothing) is this machine; anything else is an SSH destination.
+
+    `ssh_options`: identity, accept_new_host_key, python, remote_dir, name.
+    """
     if destination in (None, "", "local"):
         from .local import LocalDevice
         return LocalDevice()
     from .ssh import SSHDevice
-    return SSHDevice.from_destination(destination)
+    return SSHDevice.from_destination(destination, **ssh_options)
+
+
+def load_inventory(path) -> list:
+    """devices.toml: [[device]] name, destination, target, identity, python, remote_dir."""
+    from pathlib import Path
+
+    from ..errors import EdgesmithError
+    from ..targets import tomllib
+
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise EdgesmithError(f"device inventory {path}: cannot read it ({exc})") from None
+    devices = []
+    for i, entry in enumerate(data.get("device", [])):
+        if not isinstance(entry, dict) or "destination" not in entry:
+            raise EdgesmithError(f"device inventory {path}: device #{i + 1} needs a "
+                                 "'destination' (local or user@host[:port])")
+        unknown = set(entry) - {"name", "destination", "target", "identity", "python",
+                                "remote_dir", "accept_new_host_key"}
+        if unknown:
+            raise EdgesmithError(f"device inventory {path}: device #{i + 1} has unknown "
+                                 f"field(s) {sorted(unknown)}")
+        opts = {k: entry[k] for k in ("identity", "python", "remote_dir", "accept_new_host_key")
+                if k in entry}
+        device = get_device(entry["destination"], name=entry.get("name"), **opts) \
+            if entry["destination"] != "local" else get_device("local")
+        devices.append(device)
+    if not devices:
+        raise EdgesmithError(f"device inventory {path} lists no [[device]] entries")
+    return devices
