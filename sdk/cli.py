@@ -161,5 +161,31 @@ def facts(destination, identity, accept_new_host_key, remote_python, json_out):
     click.echo(json.dumps(data, indent=1))
 
 
+@device.command()
+@click.argument("destination")
+@ssh_options
+@click.option("--wheels", type=click.Path(file_okay=False, exists=True),
+              help="push these wheels and install from them only (devices without internet)")
+@click.option("--tflite", is_flag=True, help="also install ai-edge-litert")
+@click.option("--package", "extra", multiple=True, help="another package to install")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the report here")
+def setup(destination, identity, accept_new_host_key, remote_python, wheels, tflite, extra,
+          json_out):
+    """Install numpy and a backend on a device, in a venv under ~/.edgesmith/."""
+    from .devices.setup import DEFAULT_PACKAGES, setup as run_setup
+    from .report import write_json
+
+    [dev] = devices_from((destination,), identity, accept_new_host_key, remote_python)
+    if dev.name == "local":
+        raise EdgesmithError("`device setup` is for SSH devices; install locally with pip")
+    packages = DEFAULT_PACKAGES + (("ai-edge-litert",) if tflite else ()) + tuple(extra)
+    with _status(f"installing {', '.join(packages)} on {destination}"):
+        report = run_setup(dev, packages, wheels)
+    if json_out:
+        write_json(json_out, report)
+    click.echo(f"{destination}: {report.python} has " + ", ".join(
+        f"{k} {v}" for k, v in sorted(report.installed.items())))
+
+
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from device_runtime.result import Result
 
@@ -28,6 +29,7 @@ def prepare(model: Model, eval_path: str | os.PathLike | None, config: dict | No
 def measure(bundle: bundles.Bundle, device, job: Job) -> Result:
     """push -> run on one device; a failed stage is a Result with `error`, never an exception."""
     t0 = time.perf_counter()
+    job = replace(job, backend=bundle.manifest.backend)
     try:
         remote = device.push(bundle)
         pushed_ms = (time.perf_counter() - t0) * 1e3

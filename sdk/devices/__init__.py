@@ -27,6 +27,7 @@ class Job:
     profile_ops: bool = False
     timeout_s: float = 600.0                     # hard limit for the whole run on the device
     lock_timeout_s: float = 600.0                # wait this long for another benchmark to end
+    backend: str = "onnxruntime"                 # what the bundle needs (checked before running)
 
     def __post_init__(self):
         if self.runs < 1:

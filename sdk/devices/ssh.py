@@ -40,7 +40,7 @@ VERIFY_SNIPPET = (
     "import hashlib,json,sys\n"
     "bad=[p for p,h in json.loads(sys.argv[1]).items()"
     " if hashlib.sha256(open(p,'rb').read()).hexdigest()!=h]\n"
-    "print(json.dumps(bad))")
+    "print(json.dumps(bad)); sys.exit(1 if bad else 0)")
 
 
 @dataclass
@@ -101,6 +101,16 @@ class _RecordNewHostKey(paramiko.MissingHostKeyPolicy):
               f"{key.fingerprint}) in {self.known_hosts}", file=sys.stderr)
 
 
+def _fast_cipher_first(*args, **kwargs) -> paramiko.Transport:
+    """AES-GCM moves ~25% more bytes per second than paramiko's default AES-CTR+HMAC; prefer
+    it, keeping every other cipher so old servers (dropbear) still connect."""
+    transport = paramiko.Transport(*args, **kwargs)
+    options = transport.get_security_options()
+    gcm = tuple(c for c in options.ciphers if c.endswith("-gcm@openssh.com"))
+    options.ciphers = gcm + tuple(c for c in options.ciphers if c not in gcm)
+    return transport
+
+
 def _runtime_files() -> dict[str, bytes]:
     return {str(p.relative_to(RUNTIME_SRC.parent)): p.read_bytes()
             for p in sorted(RUNTIME_SRC.rglob("*.py"))}
@@ -143,6 +153,7 @@ class SSHDevice:
 
     @classmethod
     def from_destination(cls, destination: str, identity: str | None = None, **options):
+        options.setdefault("name", destination)
         return cls(resolve(destination, identity), **options)
 
     # --- connect ------------------------------------------------------------------------------
@@ -163,7 +174,8 @@ class SSHDevice:
             client.connect(t.hostname, port=t.port, username=t.user,
                            key_filename=t.identity_files or None, timeout=self.connect_timeout_s,
                            banner_timeout=self.connect_timeout_s,
-                           auth_timeout=self.connect_timeout_s, sock=sock)
+                           auth_timeout=self.connect_timeout_s, sock=sock,
+                           transport_factory=_fast_cipher_first)
         except paramiko.BadHostKeyException as exc:
             raise StageError("connect", f"host key of {t.label} does not match known_hosts "
                              f"(got {exc.key.get_name()} {exc.key.fingerprint}): possible "
@@ -196,7 +208,7 @@ class SSHDevice:
             self._client.close()
         self._client = None
 
-    def _exec(self, command: str, stage: str, timeout_s: float, stdin: bytes | None = None,
+    def execute(self, command: str, stage: str, timeout_s: float, stdin: bytes | None = None,
               on_stderr=None) -> tuple[int, str, str]:
         """Run one remote command under a deadline; returns (exit status, stdout, stderr)."""
         try:
@@ -206,9 +218,11 @@ class SSHDevice:
             if stdin is not None:
                 self._send(chan, stdin, stage, timeout_s)
             out, err = bytearray(), bytearray()
-            deadline = time.monotonic() + timeout_s
+            started = time.monotonic()
+            deadline = started + timeout_s
             while True:
-                select.select([chan], [], [], 0.1)
+                if not chan.exit_status_ready():   # exit status does not wake select: poll
+                    select.select([chan], [], [], 0.005 if time.monotonic() - started < 1 else 0.05)
                 while chan.recv_ready():
                     out += chan.recv(1 << 16)
                 while chan.recv_stderr_ready():
@@ -245,7 +259,7 @@ class SSHDevice:
     # --- ensure runtime -----------------------------------------------------------------------
     def root(self) -> str:
         if self._root is None:
-            _, home, _ = self._exec('printf %s "$HOME"', "connect", 30)
+            _, home, _ = self.execute('printf %s "$HOME"', "connect", 30)
             base = self.remote_dir
             self._root = home + base[1:] if base.startswith("~") else base
         return self._root
@@ -264,15 +278,15 @@ class SSHDevice:
                  'if command -v "$p" >/dev/null 2>&1; then echo "python=$p"; break; fi; done; '
                  f"test -f {q(rt)}/.complete && echo runtime=ok; "
                  "command -v timeout >/dev/null 2>&1 && echo timeout=ok; true")
-        _, out, _ = self._exec(probe, "ensure-runtime", 60)
+        _, out, _ = self.execute(probe, "ensure-runtime", 60)
         found = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
         if "python" not in found:
             raise StageError("ensure-runtime", f"no python3 on {self.target.label} (looked for "
                              f"{pythons}); install python3 there or pass --python PATH")
         python = found["python"]
         if found.get("runtime") != "ok":
-            self._upload(files, rt, python, "ensure-runtime")
-        status, out, err = self._exec(f"PYTHONPATH={q(rt)} {q(python)} -m device_runtime facts",
+            self.upload_files(files, rt, python, "ensure-runtime")
+        status, out, err = self.execute(f"PYTHONPATH={q(rt)} {q(python)} -m device_runtime facts",
                                       "ensure-runtime", 120)
         try:
             facts = json.loads(out)
@@ -292,45 +306,42 @@ class SSHDevice:
         return missing
 
     # --- upload -------------------------------------------------------------------------------
-    def _upload(self, files: dict[str, bytes], dest: str, python: str, stage: str) -> None:
+    def upload_files(self, files: dict[str, bytes], dest: str, python: str, stage: str) -> None:
         """tar over one channel into a temp dir, verify every sha256 there, then rename."""
         tmp = f"{os.path.dirname(dest)}/.tmp-{os.path.basename(dest)}-{os.urandom(4).hex()}"
         hashes = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+        # one round trip: unpack, check every sha256 on the device, mark complete, rename
+        command = (f"mkdir -p {q(tmp)} && tar -xf - -C {q(tmp)} && cd {q(tmp)} && "
+                   f"{q(python)} -c {q(VERIFY_SNIPPET)} {q(json.dumps(hashes))} && "
+                   f"touch .complete && cd .. && (mv -T {q(tmp)} {q(dest)} 2>/dev/null || "
+                   f"test -f {q(dest)}/.complete)")
         try:
-            status, _, err = self._exec(f"mkdir -p {q(tmp)} && tar -xf - -C {q(tmp)}", stage,
-                                        self.upload_timeout_s, stdin=_tar(files))
-            if status != 0:
-                raise StageError(stage, f"unpacking on {self.target.label} failed: "
-                                 f"{err.strip().splitlines()[-1] if err.strip() else status}")
-            status, out, err = self._exec(
-                f"cd {q(tmp)} && {q(python)} -c {q(VERIFY_SNIPPET)} {q(json.dumps(hashes))}",
-                stage, 120)
+            status, out, err = self.execute(command, stage, self.upload_timeout_s,
+                                            stdin=_tar(files))
             if status != 0 or out.strip() != "[]":
-                raise StageError(stage, f"uploaded files failed their sha256 check on the device "
-                                 f"({out.strip() or err.strip()[-200:]}); retry the push")
-            status, _, err = self._exec(
-                f"touch {q(tmp)}/.complete && (mv -T {q(tmp)} {q(dest)} 2>/dev/null || "
-                f"test -f {q(dest)}/.complete)", stage, 60)
-            if status != 0:
-                raise StageError(stage, f"could not move the upload into place: {err.strip()}")
-        finally:
-            if self._client is not None:
+                detail = out.strip() if out.strip() not in ("", "[]") else \
+                    (err.strip().splitlines() or [f"exit {status}"])[-1]
+                raise StageError(stage, f"upload to {self.target.label} failed its check on the "
+                                 f"device ({detail}); nothing partial is used — retry the push")
+        except StageError:
+            if self._client is not None:   # best effort; stale temp dirs are never read anyway
                 try:
-                    self._exec(f"rm -rf {q(tmp)}", "cleanup", 60)
+                    self.execute(f"rm -rf {q(tmp)}", "cleanup", 60)
                 except StageError:
                     pass
+            raise
 
     def push(self, bundle: Bundle) -> str:
         """Upload a bundle unless the device holds it already; returns its remote path."""
         runtime = self.ensure_runtime()
         dest = f"{self.root()}/bundles/{bundle.id}"
-        status, _, _ = self._exec(f"test -f {q(dest)}/.complete", "upload", 60)
+        status, _, _ = self.execute(f"test -f {q(dest)}/.complete", "upload", 60)
         if status == 0:
             return dest
         files = {p.name: p.read_bytes() for p in sorted(bundle.path.iterdir()) if p.is_file()}
         for attempt in (1, 2):   # a dropped link is retried once on a fresh connection
             try:
-                self._upload(files, dest, runtime.python, "upload")
+                self.upload_files(files, dest, runtime.python, "upload")
                 return dest
             except StageError as exc:
                 if attempt == 2 or "connection" not in exc.message:
@@ -340,14 +351,13 @@ class SSHDevice:
 
     def forget(self, remote_path: str) -> None:
         """Drop a remote bundle that failed verification, so the next push uploads it anew."""
-        self._exec(f"rm -rf {q(remote_path)}", "cleanup", 60)
+        self.execute(f"rm -rf {q(remote_path)}", "cleanup", 60)
 
     # --- run ----------------------------------------------------------------------------------
     def run(self, remote_path: str, job: Job) -> Result:
         try:
             runtime = self.ensure_runtime()
-            manifest = json.loads(self._exec(f"cat {q(remote_path)}/manifest.json", "run", 60)[1])
-            missing = self.missing_packages(manifest.get("backend", "onnxruntime"))
+            missing = self.missing_packages(job.backend)
             if missing:
                 return Result.failure("ensure-runtime", f"{runtime.python} on {self.target.label} "
                                       f"lacks {', '.join(missing)}; run `edgesmith device setup "
@@ -358,14 +368,11 @@ class SSHDevice:
                                            "--lock-timeout", str(job.lock_timeout_s)])
             limit = job.timeout_s + job.lock_timeout_s
             guard = f"timeout -k 5 {int(limit)} " if runtime.has_timeout else ""
-            status, out, err = self._exec(f"cd {q(self.root())} && PYTHONPATH={q(runtime.path)} "
+            status, out, err = self.execute(f"cd {q(self.root())} && PYTHONPATH={q(runtime.path)} "
                                           f"{guard}{q(runtime.python)} {argv}", "run", limit + 10,
                                           on_stderr=_show_waiting)
         except StageError as exc:
             return Result.failure(exc.stage, exc.message)
-        except ValueError:
-            return Result.failure("run", f"bundle {remote_path} on the device has no readable "
-                                  "manifest; push it again")
         if runtime.has_timeout and status == 124:
             return Result.failure("run", f"the device runtime took longer than {limit:.0f}s; "
                                   "raise the timeout (--timeout)", device=runtime.facts)
