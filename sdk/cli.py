@@ -139,6 +139,74 @@ def targets(ctx):
         print_table(table)
 
 
+@targets.command("match")
+@click.argument("destination", default="local")
+@ssh_options
+def targets_match(destination, identity, accept_new_host_key, remote_python):
+    """Show which target profile a device's facts match, and why."""
+    from .targets import match
+
+    [dev] = devices_from((destination,), identity, accept_new_host_key, remote_python)
+    m = match(dev.facts())
+    kind = "generic profile (no shipped profile fits)" if m.generic else "profile"
+    click.echo(f"{destination}: {kind} {m.profile.name}")
+    for reason in m.reasons:
+        click.echo(f"  + {reason}")
+    for name, why in sorted(m.rejected.items()):
+        click.echo(f"  - not {name}: {why}")
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `10m`, `1h` -> seconds."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text or "")
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a duration; write e.g. 120s, 10m or 1h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--device", "-d", default="local", show_default=True,
+              help="`local`, user@host[:port] or a Host alias from ~/.ssh/config")
+@ssh_options
+@click.option("--target", "-t", help="target profile (default: matched from the device's facts)")
+@click.option("--budget", default="120s", show_default=True, help="device time to spend, e.g. 10m")
+@click.option("--max-trials", default=40, show_default=True, type=click.IntRange(1))
+@click.option("--fresh", is_flag=True, help="measure again instead of answering from the cache")
+@click.option("--input-shape", help="fix dynamic inputs: NAME=1x3x224x224[,NAME2=...]")
+@click.option("-o", "--out", type=click.Path(file_okay=False),
+              help="write the tuned bundle (best config in its manifest) to this directory")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the report here")
+def tune(model, device, identity, accept_new_host_key, remote_python, target, budget, max_trials,
+         fresh, input_shape, out, json_out):
+    """Autotune MODEL's runtime config on a device; the result is never slower than the default."""
+    from .model import load, parse_input_shapes
+    from .report import copy_dir_atomic, print_table, tune_table, write_json
+    from .tune import tune as run_tune
+
+    [dev] = devices_from((device,), identity, accept_new_host_key, remote_python)
+    quiet = bool(json_out)
+    progress = (lambda t: click.echo(f"  {'cached ' if t.cached else ''}{t.label}: "
+                                     f"{'error: ' + t.error if t.error else f'{t.p50_ms:.3f} ms'}",
+                                     err=True)) if not quiet else None
+    try:
+        report = run_tune(load(model, parse_input_shapes(input_shape)), dev, target=target,
+                          budget_s=parse_duration(budget), max_trials=max_trials, fresh=fresh,
+                          on_trial=progress)
+    except KeyboardInterrupt:
+        click.echo("interrupted: measured trials are cached; run the same command to resume",
+                   err=True)
+        sys.exit(130)
+    if out:
+        copy_dir_atomic(report.bundle, out)
+    if json_out:
+        write_json(json_out, report)
+    print_table(tune_table(report))
+    click.echo(f"best: {report.best.label} (bundle {out or report.bundle})")
+
+
 @main.group(cls=Group)
 def device():
     """Inspect and prepare devices."""

@@ -69,3 +69,53 @@ def write_json(path: str | Path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, (json.dumps(to_jsonable(obj), indent=1, default=str) + "\n").encode())
+
+
+def tune_table(report) -> Table:
+    """Ranked variants with the config beside each figure, plus what was pruned and why."""
+    title = (f"edgesmith tune: {Path(report.model).name} on {report.device} "
+             f"(target {report.target}; {report.measured} measured, {report.from_cache} cached"
+             f"{', stopped: ' + report.stopped if report.stopped else ''})")
+    table = Table(title=title)
+    for col in ("#", "variant", "p50 ms", "p90 ms", "mean ms", "runs", "vs default", "note"):
+        table.add_column(col, justify="left" if col in ("variant", "note") else "right")
+    base = report.default.p50_ms
+    for i, t in enumerate(report.trials, 1):
+        if not t.ok:
+            table.add_row(str(i), t.label, "", "", "", "", "", f"[red]{t.stage}: {t.error}[/red]")
+            continue
+        note = "chosen" if t.key == report.best.key else ("default" if t.key == report.default.key
+                                                          else "")
+        table.add_row(str(i), t.label, _fmt(t.p50_ms), _fmt(t.p90_ms), _fmt(t.mean_ms),
+                      str(t.runs), f"{base / t.p50_ms:.2f}x" if base else "-",
+                      note + (" (cached)" if t.cached else ""))
+    for p in report.pruned:
+        table.add_row("", f"{p['knob']}={p['value']}", "", "", "", "", "",
+                      f"[yellow]pruned: {p['reason']}[/yellow]")
+    if report.confirm:
+        c = report.confirm
+        table.caption = (f"re-measured interleaved x{c['rounds']}: default {c['default_p50_ms']:.3f}"
+                         f" ms, best {c['best_p50_ms']:.3f} ms -> kept {c['kept']}")
+    return table
+
+
+def copy_dir_atomic(src: str | Path, dest: str | Path) -> None:
+    """Copy a directory to `dest` via a temp sibling and a rename: never half written."""
+    import shutil
+    import tempfile
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -13,6 +13,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 ARCHES = ("x86_64", "aarch64", "armv7l")
+MEASURE_KEYS = {"warmup", "runs", "min_time_s", "timeout_s"}
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class TargetProfile:
     providers: list[str]
     precisions: list[str]
     excludes_features: list[str] = field(default_factory=list)
-    gpu: str | None = None
+    cpu_models: list[str] = field(default_factory=list)
+    gpu: str | None = None          # "jetson" or "nvidia": needs that GPU in the device facts
     measure: dict = field(default_factory=dict)
     search: dict = field(default_factory=dict)
     path: str = ""
@@ -41,6 +43,27 @@ class TargetProfile:
         unknown = set(self.precisions) - {"fp32", "fp16", "int8", "bf16"}
         if unknown:
             raise EdgesmithError(f"{where}: field 'precisions' has unknown {sorted(unknown)}")
+        unknown = set(self.measure) - MEASURE_KEYS
+        if unknown:
+            raise EdgesmithError(f"{where}: field 'measure' has unknown {sorted(unknown)}; "
+                                 f"use {sorted(MEASURE_KEYS)}")
+        from .variants import KNOBS
+
+        for knob, values in self.search.items():
+            if knob not in KNOBS:
+                raise EdgesmithError(f"{where}: field 'search.{knob}' is not a known knob "
+                                     f"({sorted(KNOBS)})")
+            if not isinstance(values, list) or not values:
+                raise EdgesmithError(f"{where}: field 'search.{knob}' must be a non-empty list")
+            bad = [v for v in values if not KNOBS[knob].accepts(v)]
+            if bad:
+                raise EdgesmithError(f"{where}: field 'search.{knob}' has invalid value(s) {bad}")
+
+    def measure_job_args(self) -> dict:
+        """Job(...) keyword arguments for this profile's measurement settings."""
+        names = {"warmup": "warmup", "runs": "runs", "min_time_s": "min_time_s",
+                 "timeout_s": "timeout_s"}
+        return {names[k]: v for k, v in self.measure.items()}
 
 
 def profiles_dir() -> Path:
@@ -66,9 +89,15 @@ def load_profile(path: Path) -> TargetProfile:
     missing = sorted(required - set(data) - {"path"})
     if missing:
         raise EdgesmithError(f"target profile {path}: missing field(s) {missing}")
-    for name in ("cpu_features", "backends", "providers", "precisions"):
+    for name in ("cpu_features", "backends", "providers", "precisions", "excludes_features",
+                 "cpu_models"):
+        if name not in data:
+            continue
         if not isinstance(data[name], list):
             raise EdgesmithError(f"target profile {path}: field {name!r} must be a list")
+    for name in ("cores", "memory_mb"):
+        if not isinstance(data[name], int):
+            raise EdgesmithError(f"target profile {path}: field {name!r} must be an integer")
     return TargetProfile(**data, path=str(path))
 
 
@@ -88,3 +117,79 @@ def get_profile(name: str) -> TargetProfile:
         raise EdgesmithError(f"unknown target {name!r}; `edgesmith targets` lists "
                              f"{sorted(profiles)}")
     return profiles[name]
+
+
+@dataclass
+class Match:
+    profile: TargetProfile
+    reasons: list[str]            # why it matched (or, for a generic profile, why none did)
+    generic: bool = False
+    rejected: dict[str, str] = field(default_factory=dict)   # profile name -> first failed check
+
+
+def _check(profile: TargetProfile, facts: dict) -> tuple[list[str], str | None, int]:
+    """(reasons it fits, first reason it does not, specificity score)."""
+    flags = set(facts.get("cpu_flags", []))
+    reasons = []
+    if facts.get("arch") != profile.arch:
+        return reasons, f"arch is {facts.get('arch')}, profile wants {profile.arch}", 0
+    reasons.append(f"arch {profile.arch}")
+    missing = [f for f in profile.cpu_features if f not in flags]
+    if missing:
+        return reasons, f"CPU lacks {missing}", 0
+    reasons.append(f"CPU has {profile.cpu_features}")
+    present = [f for f in profile.excludes_features if f in flags]
+    if present:
+        return reasons, f"CPU has {present}, which this profile excludes", 0
+    if profile.excludes_features:
+        reasons.append(f"CPU lacks {profile.excludes_features}")
+    gpu = (facts.get("gpu") or {}).get("kind")
+    if profile.gpu and gpu != profile.gpu:
+        return reasons, f"needs a {profile.gpu} GPU, the device has {gpu or 'none'}", 0
+    score = len(profile.cpu_features) + len(profile.excludes_features) + (5 if profile.gpu else 0)
+    if profile.gpu:
+        reasons.append(f"{gpu} GPU present")
+    cpu = facts.get("cpu", "")
+    if profile.cpu_models:
+        if any(m.lower() in cpu.lower() for m in profile.cpu_models):
+            reasons.append(f"CPU model {cpu}")
+            score += 3
+        else:
+            reasons.append(f"CPU model {cpu!r} is not {profile.cpu_models} (features fit)")
+    return reasons, None, score
+
+
+def generic_profile(facts: dict) -> TargetProfile:
+    """A profile built from the device's own facts when no shipped profile fits."""
+    packages = facts.get("packages", {})
+    backends = [b for b, dists in (("onnxruntime", ("onnxruntime", "onnxruntime-gpu")),
+                                   ("tflite", ("ai-edge-litert", "tflite-runtime")))
+                if any(d in packages for d in dists)] or ["onnxruntime"]
+    arch = facts.get("arch") if facts.get("arch") in ARCHES else "x86_64"
+    cores = max(1, int(facts.get("cores") or 1))
+    threads = sorted({1, min(2, cores), cores})
+    return TargetProfile(
+        name=f"generic-{arch}", description=f"built from the device's facts ({facts.get('cpu')})",
+        arch=arch, cpu_features=list(facts.get("cpu_flags", [])), cores=cores,
+        memory_mb=max(1, int(facts.get("memory_mb") or 1024)), backends=backends,
+        providers=list(facts.get("ort_providers") or ["CPUExecutionProvider"]),
+        precisions=["fp32", "int8"], measure={"warmup": 10, "runs": 50, "min_time_s": 1.0},
+        search={"threads": threads, "allow_spinning": [True, False],
+                "graph_optimization_level": ["all", "extended"]})
+
+
+def match(facts: dict, profiles: dict[str, TargetProfile] | None = None) -> Match:
+    """The most specific shipped profile the device's facts satisfy, else a generic one."""
+    profiles = all_profiles() if profiles is None else profiles
+    best, rejected = None, {}
+    for profile in profiles.values():
+        reasons, failure, score = _check(profile, facts)
+        if failure:
+            rejected[profile.name] = failure
+        elif best is None or score > best[0]:
+            best = (score, profile, reasons)
+    if best is None:
+        return Match(generic_profile(facts), ["no shipped profile fits this device; using a "
+                                              "generic profile built from its facts"], True,
+                     rejected)
+    return Match(best[1], best[2], False, rejected)

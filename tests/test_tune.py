@@ -1,0 +1,140 @@
+"""Target profiles, matching, and the autotuner through the real local device runtime."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import device_runtime
+from conftest import run_cli
+from sdk.errors import EdgesmithError
+from sdk.targets import all_profiles, generic_profile, load_profile, match
+from sdk.tune import TuningCache, tune
+from sdk.variants import Space, space
+
+FAST = {"runs": 30, "warmup": 3, "min_time_s": 0.0}
+PI4 = {"arch": "aarch64", "cpu": "Cortex-A72", "cpu_flags": ["asimd"], "cores": 4}
+PI5 = {"arch": "aarch64", "cpu": "Cortex-A76", "cpu_flags": ["asimd", "asimddp", "asimdhp"],
+       "cores": 4}
+ORIN = {"arch": "aarch64", "cpu": "Cortex-A78AE", "cpu_flags": ["asimd", "asimddp", "asimdhp"],
+        "cores": 6, "gpu": {"kind": "jetson"}}
+
+
+def test_all_shipped_profiles_load():
+    names = set(all_profiles())
+    assert {"rpi4", "rpi5", "jetson-orin-nano", "jetson-nano", "x86-avx2",
+            "x86-avx512-vnni"} <= names
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda t: t.replace('arch = "x86_64"', 'arch = "sparc"'), "field 'arch'"),
+    (lambda t: t.replace("threads = [1, 2, 4]", "warp_speed = [9]"), "search.warp_speed"),
+    (lambda t: t.replace("threads = [1, 2, 4]", "threads = [0]"), "search.threads"),
+    (lambda t: t.replace('cores = 4\n', ''), "missing field(s) ['cores']"),
+    (lambda t: t.replace('precisions = ["fp32", "int8"]', 'precisions = "fp32"'), "'precisions'"),
+    (lambda t: "bogus = 1\n" + t, "unknown field(s) ['bogus']"),
+    (lambda t: t.replace("[measure]", "[measure\n"), "cannot read it"),
+])
+def test_broken_profile_names_file_and_field(tmp_path, edit, words):
+    from sdk.targets import profiles_dir
+    path = tmp_path / "broken.toml"
+    path.write_text(edit((profiles_dir() / "x86-avx2.toml").read_text()))
+    with pytest.raises(EdgesmithError) as err:
+        load_profile(path)
+    assert str(path) in str(err.value) and words in str(err.value)
+
+
+def test_this_machine_matches_x86_avx2():
+    from device_runtime import facts
+    f = facts.collect()
+    if "avx2" not in f["cpu_flags"] or "avx512f" in f["cpu_flags"]:
+        pytest.skip("this machine is not an AVX2-without-AVX-512 x86")
+    m = match(f)
+    assert m.profile.name == "x86-avx2" and not m.generic
+    assert "arch is x86_64" in m.rejected["rpi4"]
+
+
+@pytest.mark.parametrize("facts, name", [(PI4, "rpi4"), (PI5, "rpi5"), (ORIN, "jetson-orin-nano")])
+def test_boards_match_their_profiles(facts, name):
+    assert match(facts).profile.name == name
+
+
+def test_unknown_device_gets_a_generic_profile_and_says_so():
+    m = match({"arch": "riscv64", "cpu": "U74", "cpu_flags": [], "cores": 4, "memory_mb": 8000,
+               "packages": {"onnxruntime": "1.20"}})
+    assert m.generic and "generic" in m.reasons[0]
+    assert m.profile.search["threads"] == [1, 2, 4]
+
+
+def test_impossible_variants_are_pruned_with_reasons():
+    from device_runtime import facts
+    f = facts.collect()
+    profile = all_profiles()["jetson-orin-nano"]
+    sp = space(profile.search, f, "onnxruntime")
+    reasons = {(k, str(v)): r for k, v, r in sp.pruned}
+    assert "no GPU" in reasons[("cudnn_conv_algo_search", "EXHAUSTIVE")]
+    assert "no GPU" in reasons[("trt_fp16", "True")]
+    assert "cudnn_conv_algo_search" not in sp.values and "trt_fp16" not in sp.values
+    assert any(k == "threads" and "cores" in r for k, v, r in sp.pruned) or f["cores"] >= 4
+
+
+def test_tuner_ranks_caches_and_writes_the_winner_into_the_bundle(models):
+    cache = TuningCache()
+    first = tune(models / "digits_cnn.onnx", "local", measure=FAST, cache=cache)
+    assert first.default.ok and first.measured >= 3 and first.from_cache == 0
+    p50s = [t.p50_ms for t in first.trials if t.ok]
+    assert p50s == sorted(p50s)
+    if first.best.key != first.default.key:       # kept only because it held up interleaved
+        assert first.confirm["best_p50_ms"] < first.confirm["default_p50_ms"]
+    session = device_runtime.load(first.bundle)
+    for key, value in first.best.config.items():
+        assert session.config[key] == value
+    again = tune(models / "digits_cnn.onnx", "local", measure=FAST, cache=cache,
+                 confirm_rounds=0)
+    assert again.measured == 0 and again.from_cache == len(first.trials)
+    fresh = tune(models / "digits_cnn.onnx", "local", measure=FAST, cache=cache, fresh=True,
+                 confirm_rounds=0, max_trials=2)
+    assert fresh.measured == 2 and fresh.stopped == "max_trials"
+
+
+def test_a_failing_variant_is_an_error_row(models):
+    # XNNPACK is not in this onnxruntime build: forced into the space (bypassing pruning), the
+    # real runtime refuses it at load time.
+    forced = Space("onnxruntime", {"xnnpack": [True], "threads": [1]})
+    report = tune(models / "digits_cnn.onnx", "local", measure=FAST, search_space=forced,
+                  confirm_rounds=0)
+    bad = [t for t in report.trials if not t.ok]
+    assert len(bad) == 1 and bad[0].stage == "load" and "Xnnpack" in bad[0].error
+    assert report.best.ok and report.trials[-1] is bad[0]
+
+
+def test_interrupted_tune_resumes_from_the_cache(models):
+    cache = TuningCache()
+    seen = []
+
+    def interrupt_after_two(trial):
+        seen.append(trial)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tune(models / "digits_cnn.onnx", "local", measure=FAST, cache=cache,
+             on_trial=interrupt_after_two)
+    resumed = tune(models / "digits_cnn.onnx", "local", measure=FAST, cache=TuningCache(),
+                   confirm_rounds=0)
+    assert resumed.from_cache == 2 and resumed.measured == len(resumed.trials) - 2
+
+
+def test_cli_tune_and_targets_match(models, tmp_path):
+    out, js = tmp_path / "tuned", tmp_path / "tune.json"
+    proc = run_cli("tune", models / "digits_cnn.onnx", "--budget", "30s", "--max-trials", "3",
+                   "-o", out, "--json", js)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(js.read_text())
+    assert report["target"] and report["trials"] and (out / "manifest.json").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"] == report["best"]["config"]
+    proc = run_cli("targets", "match")
+    assert proc.returncode == 0 and "profile" in proc.stdout
+    proc = run_cli("tune", models / "digits_cnn.onnx", "--budget", "soon")
+    assert proc.returncode == 2 and "not a duration" in proc.stderr
