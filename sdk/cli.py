@@ -207,6 +207,71 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
     click.echo(f"best: {report.best.label} (bundle {out or report.bundle})")
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--ort-fusions", is_flag=True,
+              help="also fuse Conv+activation into com.microsoft.FusedConv (onnxruntime only)")
+@click.option("--input-shape", help="fix dynamic inputs: NAME=1x3x224x224[,NAME2=...]")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the report here")
+def fuse(model, out, ort_fusions, input_shape, json_out):
+    """Fold constants and BatchNorms, fuse MatMul+Add, drop no-ops; outputs stay the same."""
+    from .model import load, parse_input_shapes, save
+    from .passes.fuse import PORTABLE_PIPELINE, fuse as run_fuse
+    from .report import write_json
+
+    m = load(model, parse_input_shapes(input_shape))
+    passes = PORTABLE_PIPELINE + (["fuse_activations"] if ort_fusions else [])
+    fused, reports = run_fuse(m.proto, passes)
+    save(fused, out)
+    if json_out:
+        write_json(json_out, {"model": model, "out": out, "passes": reports})
+    for r in reports:
+        click.echo(f"{r.name:<22} {r.changed:4d} change(s)")
+        for line in r.details[:20]:
+            click.echo(f"    {line}")
+    click.echo(f"wrote {out} ({len(m.proto.graph.node)} -> {len(fused.graph.node)} nodes)")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--calib", required=True, type=click.Path(exists=True),
+              help="calibration data: .npz (inputs by name) or an image folder")
+@click.option("--eval", "eval_path", type=click.Path(), help=".npz eval set to judge accuracy")
+@click.option("--max-accuracy-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--device", "-d", default="local", show_default=True,
+              help="where recipes are measured: `local` or an SSH destination")
+@ssh_options
+@click.option("--recipe", help="skip the search and use this recipe (see the report's names)")
+@click.option("--input-shape", help="fix dynamic inputs: NAME=1x3x224x224[,NAME2=...]")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the report here")
+def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accept_new_host_key,
+             remote_python, recipe, input_shape, out, json_out):
+    """Quantize MODEL to int8 with the recipe that is fastest on the device within the budget."""
+    from .model import load, parse_input_shapes, save
+    from .recipes import choose_recipe, quantize_with
+    from .report import print_table, quantize_table, write_json
+
+    m = load(model, parse_input_shapes(input_shape))
+    if recipe:
+        proto, reports = quantize_with(m, recipe, calib)
+        save(proto, out)
+        if json_out:
+            write_json(json_out, {"recipe": recipe, "passes": reports})
+        click.echo(f"wrote {out} ({recipe})")
+        return
+    [dev] = devices_from((device,), identity, accept_new_host_key, remote_python)
+    say = None if json_out else (lambda text: click.echo(f"  {text}", err=True))
+    chosen, report = choose_recipe(m, dev, calib, eval_path, max_accuracy_drop, on_step=say)
+    save(chosen.proto, out)
+    if json_out:
+        write_json(json_out, report)
+    print_table(quantize_table(report))
+    click.echo(report.summary)
+    click.echo(f"wrote {out}")
+
+
 @main.group(cls=Group)
 def device():
     """Inspect and prepare devices."""

@@ -68,3 +68,54 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
             with zf.open(info, "w", force_zip64=True) as fh:
                 np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm"}
+
+
+def calibration_batches(source: str | os.PathLike, model: Model, batch: int = 16,
+                        limit: int | None = None):
+    """Yield `{input name: array}` batches from an `.npz` or an image folder, a batch at a time.
+
+    Image folders (Pillow) feed single-input NCHW models: resized to the input's H x W, gray or
+    RGB by its channel count, scaled to [0, 1] (the examples' and many models' convention).
+    """
+    source = Path(source)
+    fixed = model.inputs[0].dims[0] if model.inputs and model.inputs[0].dims else None
+    batch = fixed or batch
+    if source.is_dir():
+        yield from _image_batches(source, model, batch, limit)
+        return
+    data = load_eval_set(source, model)
+    n = data.n if limit is None else min(limit, data.n)
+    for start in range(0, n - (n % batch if fixed else 0), batch):
+        yield {name: arr[start:min(start + batch, n)] for name, arr in data.inputs.items()}
+
+
+def _image_batches(folder: Path, model: Model, batch: int, limit: int | None):
+    from PIL import Image
+
+    if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
+        raise EdgesmithError("image folders feed models with one NCHW input; give an .npz")
+    spec = model.inputs[0]
+    _, channels, height, width = spec.shape
+    if channels not in (1, 3):
+        raise EdgesmithError(f"input {spec.name!r} has {channels} channels; images give 1 or 3")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise EdgesmithError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    files = files[:limit] if limit else files
+    for start in range(0, len(files), batch):
+        arrays = []
+        for path in files[start:start + batch]:
+            try:
+                with Image.open(path) as img:
+                    img = img.convert("L" if channels == 1 else "RGB").resize((width, height))
+                    arr = np.asarray(img, dtype=np.float32) / 255.0
+            except OSError as exc:
+                raise EdgesmithError(f"cannot read image {path}: {exc}") from None
+            arrays.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+        stacked = np.stack(arrays).astype(spec.dtype)
+        if spec.dims[0] is not None and len(stacked) < spec.dims[0]:
+            continue   # a fixed batch cannot take a short last batch
+        yield {spec.name: stacked}

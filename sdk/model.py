@@ -260,3 +260,10 @@ def onnx_facts(proto, inputs: list[InputSpec], size_bytes: int) -> ModelFacts:
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     return ModelFacts("onnx", size_bytes, params, sum(macs_by_op.values()), macs_by_op, opset,
                       f"{proto.producer_name} {proto.producer_version}".strip(), notes)
+
+
+def from_proto(proto, like: Model, path: Path | None = None) -> Model:
+    """Wrap a rewritten ONNX model (same inputs/outputs as `like`) with fresh facts."""
+    data = proto.SerializeToString()
+    return Model(path, "onnx", like.inputs, [o.name for o in proto.graph.output],
+                 onnx_facts(proto, like.inputs, len(data)), proto=proto)

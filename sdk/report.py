@@ -119,3 +119,29 @@ def copy_dir_atomic(src: str | Path, dest: str | Path) -> None:
             tmp.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def quantize_table(report) -> Table:
+    """Every measured recipe: latency vs fp32, accuracy and its drop, what was pruned and why."""
+    table = Table(title=f"edgesmith quantize on {report.device} "
+                        f"(max accuracy drop {report.max_accuracy_drop})")
+    for col in ("recipe", "p50 ms", "vs fp32", "top-1", "agreement", "SQNR dB", "drop", "size KB",
+                "note"):
+        table.add_column(col, justify="left" if col in ("recipe", "note") else "right")
+    base = report.baseline
+    for c in [base] + report.candidates:
+        if c.error:
+            table.add_row(c.recipe, *[""] * 7, f"[red]{c.error}[/red]")
+            continue
+        acc = c.accuracy or {}
+        note = ("chosen; " if c is report.chosen or c.recipe == report.chosen.recipe else "") + \
+            c.note
+        table.add_row(c.recipe, _fmt(c.p50_ms), f"{base.p50_ms / c.p50_ms:.2f}x",
+                      _fmt(acc.get("top1"), 4), _fmt(acc.get("agreement"), 4),
+                      _fmt(acc.get("sqnr_db"), 1), _fmt(c.accuracy_drop, 4),
+                      f"{c.size_bytes / 1024:.0f}", note)
+    for p in report.pruned:
+        table.add_row(p["recipe"], *[""] * 7, f"[yellow]pruned: {p['reason']}[/yellow]")
+    if report.kept_float:
+        table.caption = f"kept in float: {', '.join(report.kept_float)}"
+    return table

@@ -21,7 +21,7 @@ def isolated_cache(tmp_path, monkeypatch):
     return cache
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def models() -> Path:
     return MODELS
 

@@ -1,0 +1,281 @@
+"""Graph fusion and clean-up passes; outputs stay equal to the original within float rounding.
+
+`fuse(model)` runs the portable pipeline (constant folding, BatchNorm folding, MatMul+Add ->
+Gemm, Identity/Dropout removal, no-op Reshape and Transpose-pair removal). `fuse_activations`
+writes onnxruntime's com.microsoft.FusedConv, so it is opt-in: the result only runs in ORT
+(ORT makes the same fusion itself at load time with ORT_ENABLE_EXTENDED).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from . import PassReport, register
+from .graph import Graph, attr, drop_unused_initializers, remove_nodes, rename_input, static_shapes
+
+FOLD_LIMIT_BYTES = 64 << 20        # never materialise a constant bigger than this
+NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                    "Multinomial", "Bernoulli"}
+PORTABLE_PIPELINE = ["constant_folding", "fold_batchnorm", "matmul_add_to_gemm",
+                     "remove_identity", "remove_noop_reshape", "cancel_transposes"]
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+@register("constant_folding")
+def constant_folding(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto, PassReport]:
+    """Constant nodes become initializers; nodes whose inputs are all constant are evaluated."""
+    from onnx.reference import ReferenceEvaluator
+
+    model = _copy(model)
+    g = model.graph
+    report = PassReport("constant_folding")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    graph = Graph(g)
+    folded = []
+    for node in list(g.node):
+        if node.domain not in ("", "ai.onnx") or node.op_type in NONDETERMINISTIC \
+                or any(a.HasField("g") or a.graphs for a in node.attribute):
+            continue
+        inputs = [i for i in node.input if i]
+        if not all(i in graph.inits for i in inputs) or not node.output:
+            continue
+        try:
+            sub = helper.make_model(
+                helper.make_graph([node], "fold", [], [helper.make_tensor_value_info(
+                    o, onnx.TensorProto.UNDEFINED, None) for o in node.output],
+                    [graph.inits[i] for i in set(inputs)]),
+                opset_imports=[helper.make_opsetid("", opset)])
+            values = ReferenceEvaluator(sub).run(None, {})
+        except Exception as exc:  # an op the reference evaluator lacks: leave it to the runtime
+            report.details.append(f"kept {node.op_type} {node.name or node.output[0]}: {exc}")
+            continue
+        if sum(np.asarray(v).nbytes for v in values) > FOLD_LIMIT_BYTES:
+            report.details.append(f"kept {node.op_type} {node.output[0]}: result too large")
+            continue
+        for name, value in zip(node.output, values):
+            graph.set_array(name, np.asarray(value))
+        folded.append(node)
+        report.add(f"folded {node.op_type} -> {', '.join(node.output)}")
+    remove_nodes(g, folded)
+    drop_unused_initializers(g)
+    return model, report
+
+
+@register("fold_batchnorm")
+def fold_batchnorm(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto, PassReport]:
+    """Conv -> BatchNormalization becomes one Conv with scaled weights and a new bias."""
+    model = _copy(model)
+    g = model.graph
+    report = PassReport("fold_batchnorm")
+    graph = Graph(g)
+    dead = []
+    for conv in list(g.node):
+        if conv.op_type != "Conv":
+            continue
+        bn = graph.only_consumer(conv.output[0])
+        if bn is None or bn.op_type != "BatchNormalization" or len(bn.output) > 1 and \
+                any(bn.output[1:]):
+            continue
+        w = graph.array(conv.input[1])
+        params = [graph.array(n) for n in bn.input[1:5]]
+        if w is None or any(p is None for p in params) or len(graph.consumers[conv.input[1]]) > 1:
+            continue
+        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+        scale = gamma / np.sqrt(var + attr(bn, "epsilon", 1e-5))
+        bias = graph.array(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else \
+            np.zeros(w.shape[0])
+        graph.set_array(conv.input[1], (w * scale.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype))
+        new_bias = ((bias - mean) * scale + beta).astype(w.dtype)
+        bias_name = graph.unique_name(f"{conv.name or conv.output[0]}_bias")
+        graph.set_array(bias_name, new_bias)
+        del conv.input[2:]
+        conv.input.append(bias_name)
+        conv.output[0] = bn.output[0]
+        dead.append(bn)
+        report.add(f"folded {bn.name or bn.output[0]} into {conv.name or conv.input[1]}")
+    remove_nodes(g, dead)
+    drop_unused_initializers(g)
+    return model, report
+
+
+@register("matmul_add_to_gemm")
+def matmul_add_to_gemm(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto, PassReport]:
+    """MatMul(2-D activation, constant weight) -> Add(constant bias) becomes one Gemm."""
+    model = _copy(model)
+    g = model.graph
+    report = PassReport("matmul_add_to_gemm")
+    graph, shapes = Graph(g), static_shapes(model)
+    dead = []
+    for mm in list(g.node):
+        if mm.op_type != "MatMul" or len(shapes.get(mm.input[0], [])) != 2:
+            continue
+        w = graph.array(mm.input[1])
+        add = graph.only_consumer(mm.output[0])
+        if w is None or w.ndim != 2 or add is None or add.op_type != "Add":
+            continue
+        other = add.input[1] if add.input[0] == mm.output[0] else add.input[0]
+        bias = graph.array(other)
+        if bias is None or bias.size != w.shape[1] or bias.ndim > 2:
+            continue
+        bias_name = graph.unique_name(f"{other}_gemm")
+        graph.set_array(bias_name, bias.reshape(-1))
+        g.node.insert(list(g.node).index(mm), helper.make_node(
+            "Gemm", [mm.input[0], mm.input[1], bias_name], [add.output[0]],
+            name=(mm.name or mm.output[0]) + "_gemm"))
+        dead += [mm, add]
+        report.add(f"MatMul {mm.name or mm.output[0]} + Add -> Gemm")
+    remove_nodes(g, dead)
+    drop_unused_initializers(g)
+    return model, report
+
+
+def _bypass(g: onnx.GraphProto, graph: Graph, node, keep_input: str) -> bool:
+    """Remove `node`, its consumers reading `keep_input`; refuse when it feeds a graph output."""
+    if node.output[0] in graph.outputs:
+        return False
+    rename_input(g, node.output[0], keep_input)
+    return True
+
+
+@register("remove_identity")
+def remove_identity(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto, PassReport]:
+    """Identity, and Dropout at inference (its mask unused), are removed."""
+    model = _copy(model)
+    g = model.graph
+    report = PassReport("remove_identity")
+    graph = Graph(g)
+    dead = []
+    for node in list(g.node):
+        is_dropout = node.op_type == "Dropout" and (len(node.output) < 2 or not node.output[1]
+                                                    or not graph.consumers.get(node.output[1]))
+        if (node.op_type == "Identity" or is_dropout) and _bypass(g, graph, node, node.input[0]):
+            dead.append(node)
+            report.add(f"removed {node.op_type} {node.name or node.output[0]}")
+    remove_nodes(g, dead)
+    return model, report
+
+
+@register("remove_noop_reshape")
+def remove_noop_reshape(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto, PassReport]:
+    """Reshape/Flatten/Squeeze/Unsqueeze whose output shape equals its input shape are removed."""
+    model = _copy(model)
+    g = model.graph
+    report = PassReport("remove_noop_reshape")
+    graph, shapes = Graph(g), static_shapes(model)
+    dead = []
+    for node in list(g.node):
+        if node.op_type not in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
+            continue
+        src, dst = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if src is not None and src == dst and _bypass(g, graph, node, node.input[0]):
+            dead.append(node)
+            report.add(f"removed no-op {node.op_type} {node.name or node.output[0]} {src}")
+    remove_nodes(g, dead)
+    drop_unused_initializers(g)
+    return model, report
+
+
+@register("cancel_transposes")
+def cancel_transposes(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto, PassReport]:
+    """Transpose -> Transpose becomes one Transpose, or nothing when the two cancel."""
+    model = _copy(model)
+    g = model.graph
+    report = PassReport("cancel_transposes")
+    graph = Graph(g)
+    dead = []
+    for first in list(g.node):
+        second = graph.only_consumer(first.output[0]) if first.op_type == "Transpose" else None
+        if second is None or second.op_type != "Transpose" or first in dead:
+            continue
+        p1, p2 = attr(first, "perm"), attr(second, "perm")
+        if p1 is None or p2 is None:
+            continue
+        combined = [p1[i] for i in p2]
+        if combined == sorted(combined):
+            if _bypass(g, graph, second, first.input[0]):
+                dead += [first, second]
+                report.add(f"cancelled Transpose pair {p1} then {p2}")
+        else:
+            second.input[0] = first.input[0]
+            for a in second.attribute:
+                if a.name == "perm":
+                    a.CopyFrom(helper.make_attribute("perm", combined))
+            dead.append(first)
+            report.add(f"merged Transpose pair into perm {combined}")
+    remove_nodes(g, dead)
+    return model, report
+
+
+@register("upgrade_opset")
+def upgrade_opset(model: onnx.ModelProto, cfg: int | None = 17) -> tuple[onnx.ModelProto,
+                                                                        PassReport]:
+    """Raise the default-domain opset to `cfg` (per-channel QDQ needs 13+)."""
+    from onnx import version_converter
+
+    report = PassReport("upgrade_opset")
+    target = int(cfg or 17)
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if current is None or current >= target:
+        return _copy(model), report
+    converted = version_converter.convert_version(model, target)
+    report.add(f"opset {current} -> {target}")
+    return converted, report
+
+
+FUSED_ACTIVATIONS = {"Relu": {}, "Sigmoid": {}, "Tanh": {}, "LeakyRelu": {"alpha": 0.01},
+                     "HardSigmoid": {"alpha": 0.2, "beta": 0.5}, "Clip": {}}
+
+
+@register("fuse_activations")
+def fuse_activations(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto, PassReport]:
+    """Conv -> Relu/Clip/... becomes com.microsoft.FusedConv (onnxruntime only, opt-in)."""
+    model = _copy(model)
+    g = model.graph
+    report = PassReport("fuse_activations")
+    graph = Graph(g)
+    dead = []
+    for conv in list(g.node):
+        act = graph.only_consumer(conv.output[0]) if conv.op_type == "Conv" else None
+        if act is None or act.op_type not in FUSED_ACTIVATIONS:
+            continue
+        if act.op_type == "Clip":   # bounds are inputs since opset 11, attributes before
+            names = (list(act.input[1:3]) + ["", ""])[:2]
+            bounds = [graph.array(n) if n else None for n in names]
+            lo = bounds[0] if names[0] else attr(act, "min", float(np.finfo(np.float32).min))
+            hi = bounds[1] if names[1] else attr(act, "max", float(np.finfo(np.float32).max))
+            if lo is None or hi is None:
+                continue
+            params = [float(lo), float(hi)]
+        else:
+            params = [float(attr(act, a, d)) for a, d in FUSED_ACTIVATIONS[act.op_type].items()]
+        fused = helper.make_node("FusedConv", list(conv.input), [act.output[0]],
+                                 name=(conv.name or conv.output[0]) + "_fused",
+                                 domain="com.microsoft", activation=act.op_type,
+                                 **({"activation_params": params} if params else {}))
+        fused.attribute.extend(a for a in conv.attribute)
+        g.node.insert(list(g.node).index(conv), fused)
+        dead += [conv, act]
+        report.add(f"Conv {conv.name or conv.output[0]} + {act.op_type} -> FusedConv")
+    remove_nodes(g, dead)
+    if report.changed and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model, report
+
+
+def fuse(model: onnx.ModelProto, passes: list[str] | None = None
+         ) -> tuple[onnx.ModelProto, list[PassReport]]:
+    """Run the portable pipeline (or `passes`), in order; one report per pass."""
+    from . import PASSES
+
+    reports = []
+    for name in passes or PORTABLE_PIPELINE:
+        model, report = PASSES[name](model, None)
+        reports.append(report)
+    onnx.checker.check_model(model)
+    return model, reports

@@ -1,0 +1,101 @@
+"""Small helpers for rewriting ONNX graphs in place: who produces and who consumes a value."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+class Graph:
+    """Indexes over a GraphProto; rebuild (`Graph(g)`) after structural edits."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.g = graph
+        self.inits = {t.name: t for t in graph.initializer}
+        self.producer = {out: n for n in graph.node for out in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in graph.node:
+            for name in n.input:
+                self.consumers.setdefault(name, []).append(n)
+        self.outputs = {o.name for o in graph.output}
+
+    def array(self, name: str) -> np.ndarray | None:
+        t = self.inits.get(name)
+        return None if t is None else numpy_helper.to_array(t)
+
+    def set_array(self, name: str, value: np.ndarray) -> None:
+        """Replace (or add) an initializer's data, keeping its name."""
+        new = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        if name in self.inits:
+            self.inits[name].CopyFrom(new)
+        else:
+            self.g.initializer.append(new)
+            self.inits[name] = self.g.initializer[-1]
+
+    def only_consumer(self, name: str):
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 and name not in self.outputs else None
+
+    def unique_name(self, base: str) -> str:
+        taken = set(self.inits) | set(self.producer) | {i.name for i in self.g.input}
+        name, i = base, 0
+        while name in taken:
+            i += 1
+            name = f"{base}_{i}"
+        return name
+
+
+def attr(node, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def remove_nodes(graph: onnx.GraphProto, dead: list) -> None:
+    ids = {id(n) for n in dead}
+    keep = [n for n in graph.node if id(n) not in ids]
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Every consumer of `old` reads `new` instead (graph outputs are left alone)."""
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            if name == old:
+                n.input[i] = new
+
+
+def drop_unused_initializers(graph: onnx.GraphProto) -> int:
+    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    for n in graph.node:   # values read inside subgraphs (If/Loop bodies) count as used
+        for a in n.attribute:
+            for g in [a.g] if a.HasField("g") else list(a.graphs):
+                used |= {name for sub in g.node for name in sub.input}
+    dead = {t.name for t in graph.initializer if t.name not in used}
+    keep = [t for t in graph.initializer if t.name not in dead]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    inputs = [i for i in graph.input if i.name not in dead]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    return len(dead)
+
+
+def static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Fully known shapes of every value (from onnx shape inference on the model as is)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return {}
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + \
+            list(inferred.graph.output):
+        dims = [d.dim_value if d.HasField("dim_value") else None
+                for d in vi.type.tensor_type.shape.dim]
+        if vi.type.tensor_type.HasField("shape") and all(d is not None for d in dims):
+            shapes[vi.name] = dims
+    for t in model.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    return shapes

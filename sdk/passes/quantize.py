@@ -1,0 +1,228 @@
+"""Post-training quantization on top of `onnxruntime.quantization`.
+
+We use ORT's pieces where they are the right tool: `quant_pre_process` (symbolic shape inference
+and basic optimisation), its calibrators (MinMax / percentile / entropy, with periodic merging so
+memory stays bounded: `CalibMaxIntermediateOutputs`) and its QDQ / QOperator quantizers. Calibration
+runs once per (model, method) and is cached (`calibration_cache_path`), so trying many recipes or
+layer exclusions costs one calibration. Memory stays bounded: ORT's strided calibration
+(`CalibStridedMinMax`, stride 1) collects and merges one batch at a time, for MinMax ranges and
+for the percentile/entropy histograms alike (ORT's own default keeps every batch's activations,
+and `CalibMaxIntermediateOutputs` in onnxruntime 1.32 drops data instead of merging it). What we add: fixing dynamic input dimensions first (ORT's
+symbolic shape inference gives up on them and users then get a slow model), typed recipes,
+dynamic quantization only for MatMul/Gemm, and fp16 for GPU targets.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable
+
+import onnx
+
+from ..errors import EdgesmithError
+from . import PassReport, register
+
+CALIB_METHODS = ("minmax", "percentile", "entropy")
+QUANT_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """One way to quantize; `name` is what reports and CLI use."""
+
+    name: str
+    format: str = "QDQ"                  # "QDQ" | "QOperator"
+    activations: str = "U8"              # "U8" | "S8"
+    weights: str = "S8"
+    per_channel: bool = True
+    reduce_range: bool = False           # 7-bit weights: no int16 overflow in AVX2 u8s8 kernels
+    symmetric_activations: bool = False
+    calibration: str = "minmax"
+    percentile: float = 99.999
+    exclude: tuple[str, ...] = ()        # node names kept in float (mixed precision)
+    dynamic: bool = False                # weights-only int8 for MatMul/Gemm; activations at run time
+    fp16: bool = False
+    equalize: bool = False               # cross-layer equalization before calibration
+    bias_correction: bool = False
+
+    def __post_init__(self):
+        checks = {"format": (self.format, ("QDQ", "QOperator")),
+                  "activations": (self.activations, ("U8", "S8")),
+                  "weights": (self.weights, ("U8", "S8")),
+                  "calibration": (self.calibration, CALIB_METHODS)}
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"QuantRecipe.{name} is {value!r}; use one of {allowed}")
+        if not 90.0 <= self.percentile <= 100.0:
+            raise ValueError(f"QuantRecipe.percentile must be in [90, 100], got {self.percentile}")
+        if self.dynamic and self.fp16:
+            raise ValueError("QuantRecipe: dynamic and fp16 exclude each other")
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else "int8"
+
+    def with_exclusions(self, nodes: Iterable[str]) -> "QuantRecipe":
+        return replace(self, exclude=tuple(sorted(set(self.exclude) | set(nodes))))
+
+
+def fix_input_dims(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """Concrete non-batch input dims; an unnamed dynamic batch gets the symbol `batch`."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for vi in out.graph.input:
+        if vi.name not in shapes:
+            continue
+        for i, (dim, value) in enumerate(zip(vi.type.tensor_type.shape.dim, shapes[vi.name])):
+            if i == 0 and not dim.HasField("dim_value"):
+                if not dim.dim_param:
+                    dim.dim_param = "batch"
+                continue
+            dim.Clear()
+            dim.dim_value = value
+    return out
+
+
+def preprocess(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """ORT's quantization pre-processing, after fixing dims (and opset >= 13 for per-channel)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .fuse import upgrade_opset
+
+    model, _ = upgrade_opset(fix_input_dims(model, shapes), 13)
+    with tempfile.TemporaryDirectory() as tmp:
+        out, src = Path(tmp) / "pre.onnx", Path(tmp) / "float.onnx"
+        src.write_bytes(model.SerializeToString())
+        try:
+            quant_pre_process(str(src), str(out), skip_optimization=False)
+        except Exception as exc:   # pragma: no cover - ORT's symbolic inference has many exits
+            raise EdgesmithError(f"quantization pre-processing failed: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                                 "; give the input shapes with --input-shape") from None
+        return onnx.load(str(out))
+
+
+class _Reader:
+    """ORT's CalibrationDataReader over input batches, with the `set_range` that ORT's strided
+    calibration uses to collect (and merge) one batch at a time."""
+
+    def __init__(self, batches: Iterable[dict]):
+        self.batches = list(batches)      # inputs only; the activations are what must not pile up
+        self.count = 0
+        self._pos, self._end = 0, len(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._pos, self._end = start_index, min(end_index, len(self.batches))
+
+    def get_next(self):
+        if self._pos >= self._end:
+            return None
+        self._pos += 1
+        self.count += 1
+        return self.batches[self._pos - 1]
+
+
+def calibration_key(model: onnx.ModelProto, recipe: QuantRecipe) -> str:
+    digest = hashlib.sha256(model.SerializeToString()).hexdigest()[:16]
+    return f"{digest}-{recipe.calibration}-{recipe.percentile}-{recipe.symmetric_activations}"
+
+
+def _extra_options(recipe: QuantRecipe) -> dict:
+    options = {"ActivationSymmetric": recipe.symmetric_activations, "WeightSymmetric": True,
+               "CalibStridedMinMax": 1}
+    if recipe.calibration == "percentile":
+        options["CalibPercentile"] = recipe.percentile
+    return options
+
+
+def quantize_static(model: onnx.ModelProto, recipe: QuantRecipe, calib_cache: Path,
+                    batches: Iterable[dict] | None = None) -> tuple[onnx.ModelProto, PassReport]:
+    """Static int8 with cached calibration: `batches` are read only if `calib_cache` is new."""
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static as ort_quantize_static)
+
+    qtypes = {"U8": QuantType.QUInt8, "S8": QuantType.QInt8}
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    report = PassReport(f"quantize:{recipe.name}")
+    reader = None
+    if not Path(calib_cache).is_file():
+        if batches is None:
+            raise EdgesmithError("calibration data is needed (--calib .npz or image folder)")
+        reader = _Reader(batches)
+        if not len(reader):
+            raise EdgesmithError("calibration data is empty")
+    logging.getLogger("root").setLevel(logging.ERROR)   # ORT's quantizer logs per node
+    with tempfile.TemporaryDirectory() as tmp:
+        out, src = Path(tmp) / "q.onnx", Path(tmp) / "float.onnx"
+        src.write_bytes(model.SerializeToString())   # a path: ORT mutates ModelProtos it is given
+        try:
+            ort_quantize_static(
+                str(src), str(out), reader,
+                quant_format=QuantFormat.QDQ if recipe.format == "QDQ" else QuantFormat.QOperator,
+                per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+                activation_type=qtypes[recipe.activations], weight_type=qtypes[recipe.weights],
+                nodes_to_exclude=list(recipe.exclude), calibrate_method=methods[recipe.calibration],
+                extra_options=_extra_options(recipe), calibration_cache_path=str(calib_cache))
+        except StopIteration:
+            raise EdgesmithError("calibration data is empty") from None
+        quantized = onnx.load(str(out))
+    if reader is not None and reader.count == 0:
+        raise EdgesmithError("calibration data is empty")
+    kinds = [n.op_type for n in quantized.graph.node]
+    report.metrics.update(
+        quantize_linear=kinds.count("QuantizeLinear"), dequantize_linear=kinds.count(
+            "DequantizeLinear"), qlinear_ops=sum(k.startswith("QLinear") for k in kinds),
+        excluded=list(recipe.exclude), calibration_batches=reader.count if reader else "cached")
+    report.add(f"{recipe.name}: {recipe.format} act {recipe.activations} weights {recipe.weights}"
+               f"{' per-channel' if recipe.per_channel else ''}"
+               f"{' reduce_range' if recipe.reduce_range else ''}, {recipe.calibration}"
+               f" calibration, {len(recipe.exclude)} node(s) kept in float")
+    return quantized, report
+
+
+@register("quantize_dynamic")
+def quantize_dynamic(model: onnx.ModelProto, recipe: QuantRecipe | None = None
+                     ) -> tuple[onnx.ModelProto, PassReport]:
+    """Weights-only int8 for MatMul/Gemm (transformers, RNN heads). Convs stay float on purpose:
+    ConvInteger is several times slower than float convs in onnxruntime on x86."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic as ort_quantize_dynamic
+
+    recipe = recipe or QuantRecipe("dynamic", dynamic=True)
+    report = PassReport("quantize_dynamic")
+    with tempfile.TemporaryDirectory() as tmp:
+        out, src = Path(tmp) / "q.onnx", Path(tmp) / "float.onnx"
+        src.write_bytes(model.SerializeToString())
+        ort_quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul", "Gemm"],
+                             per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+                             weight_type=QuantType.QInt8 if recipe.weights == "S8"
+                             else QuantType.QUInt8, nodes_to_exclude=list(recipe.exclude))
+        quantized = onnx.load(str(out))
+    convs = sum(n.op_type == "Conv" for n in model.graph.node)
+    report.add(f"MatMul/Gemm weights int8; {convs} Conv node(s) kept in float (ConvInteger is "
+               "slower than float on x86)")
+    return quantized, report
+
+
+@register("to_fp16")
+def to_fp16(model: onnx.ModelProto, recipe=None) -> tuple[onnx.ModelProto, PassReport]:
+    """Weights and activations in fp16 with fp32 inputs/outputs: for GPU targets (Jetson)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    report = PassReport("to_fp16")
+    converted = convert_float_to_float16(model, keep_io_types=True)
+    report.add("weights and activations converted to fp16 (inputs/outputs stay fp32)")
+    return converted, report
+
+
+@dataclass
+class QuantizedModel:
+    recipe: QuantRecipe
+    proto: onnx.ModelProto
+    reports: list[PassReport] = field(default_factory=list)

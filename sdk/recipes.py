@@ -1,0 +1,321 @@
+"""Pick the quantization recipe per device, by measuring candidates on that device.
+
+Candidates are the recipes the device's kernels can make fast (pruned with a reason otherwise);
+each is bundled with the eval set and the original model's reference outputs, then run through
+the device runtime, so accuracy is judged on the fused int8 kernels the device really runs. If the
+fastest recipe misses the accuracy budget it is repaired, cheapest first: other calibration, then
+cross-layer equalization + bias correction, then mixed precision (the most sensitive layers kept
+in float, found by comparing activations layer by layer against fp32).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from device_runtime.evaluate import EvalData
+from device_runtime.result import Result
+
+from . import bundle as bundles
+from .data import calibration_batches, eval_batch, load_eval_set, reference_outputs
+from .devices import Job
+from .errors import EdgesmithError, StageError
+from .model import Model, from_proto
+from .passes.quantize import QuantRecipe, preprocess, quantize_dynamic, quantize_static, to_fp16
+
+MAX_FLOAT_LAYERS = 16        # mixed precision stops here: more float layers than this is no int8
+
+
+@dataclass
+class Candidate:
+    recipe: str
+    p50_ms: float | None = None
+    accuracy: dict | None = None
+    accuracy_drop: float | None = None
+    size_bytes: int = 0
+    error: str | None = None
+    note: str = ""
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.p50_ms is not None
+
+
+@dataclass
+class QuantizeReport:
+    device: str
+    max_accuracy_drop: float
+    baseline: Candidate
+    candidates: list[Candidate]
+    chosen: Candidate
+    pruned: list[dict]
+    sensitivity: list[dict] = field(default_factory=list)   # worst layers first
+    kept_float: list[str] = field(default_factory=list)
+    quantized: bool = True               # False: fp32 kept (no recipe was faster within budget)
+    summary: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def x86_vnni(flags: set) -> bool:
+    return bool(flags & {"avx512_vnni", "avx_vnni"})
+
+
+def candidate_recipes(facts: dict, model: Model) -> tuple[list[QuantRecipe], list[dict]]:
+    """Recipes worth measuring on this device, and the ones pruned with the reason."""
+    flags, arch = set(facts.get("cpu_flags", [])), facts.get("arch")
+    recipes, pruned = [], []
+
+    def keep(recipe: QuantRecipe, why_not: str | None = None):
+        if why_not:
+            pruned.append({"recipe": recipe.name, "reason": why_not})
+        else:
+            recipes.append(recipe)
+
+    x86 = arch == "x86_64"
+    keep(QuantRecipe("qdq-u8s8-rr", reduce_range=True),
+         None if x86 and not x86_vnni(flags) else
+         "reduce_range only helps x86 without VNNI (it costs a bit of weight precision)")
+    keep(QuantRecipe("qoperator-u8s8-rr", format="QOperator", reduce_range=True),
+         None if x86 and not x86_vnni(flags) else
+         "reduce_range only helps x86 without VNNI")
+    keep(QuantRecipe("qdq-u8s8"),
+         "8-bit weights saturate the int16 accumulation of AVX2 u8s8 kernels without VNNI "
+         "(accuracy loss); reduce_range is used instead" if x86 and not x86_vnni(flags) else None)
+    keep(QuantRecipe("qdq-s8s8", activations="S8"),
+         "onnxruntime has no fast s8s8 conv kernels on AVX2 without VNNI"
+         if x86 and not x86_vnni(flags) else None)
+    macs = model.facts.macs_by_op
+    dense = macs.get("MatMul", 0) + macs.get("Gemm", 0)
+    keep(QuantRecipe("dynamic-int8", dynamic=True),
+         None if model.facts.macs and dense >= 0.5 * model.facts.macs else
+         f"dynamic quantization only covers MatMul/Gemm ({100 * dense / max(1, model.facts.macs):.0f}% "
+         "of this model's MACs); convs would need ConvInteger, which is slower than float on x86")
+    gpu = facts.get("gpu")
+    keep(QuantRecipe("fp16", fp16=True),
+         None if gpu else "fp16 pays off on GPUs (Jetson); this device has none")
+    return recipes, pruned
+
+
+class RecipeSearch:
+    """State shared by the candidates: the prepared float model, calibration cache, eval set."""
+
+    def __init__(self, model: Model, device, calib: str | os.PathLike,
+                 eval_path: str | os.PathLike | None, job: Job, workdir: Path,
+                 calib_limit: int = 512):
+        self.model, self.device, self.job, self.workdir = model, device, job, workdir
+        self.calib = calib
+        self.calib_limit = calib_limit
+        self.prepared = preprocess(model.proto, model.input_shapes)
+        self.eval: EvalData | None = None
+        self.batch = eval_batch(model)
+        if eval_path is not None:
+            self.eval = load_eval_set(eval_path, model)
+            self.eval.refs = reference_outputs(model, self.eval, self.batch)
+        self.remote_cache: dict[str, Candidate] = {}
+
+    def batches(self, model: Model | None = None):
+        return list(calibration_batches(self.calib, model or self.model, 16, self.calib_limit))
+
+    def build(self, recipe: QuantRecipe) -> tuple[onnx.ModelProto, list]:
+        """The quantized (or fp16) model for `recipe`, from the prepared float model."""
+        if recipe.fp16:
+            proto, report = to_fp16(self.prepared)
+            return proto, [report]
+        if recipe.dynamic:
+            proto, report = quantize_dynamic(self.prepared, recipe)
+            return proto, [report]
+        from .passes.equalize import bias_correct, equalize
+
+        float_model, reports = self.prepared, []
+        if recipe.equalize:
+            float_model, rep = equalize(float_model)
+            reports.append(rep)
+        key = f"{recipe.calibration}-{recipe.percentile}-{recipe.symmetric_activations}-" \
+              f"{'cle' if recipe.equalize else 'plain'}"
+        cache = self.workdir / f"calib-{key}.json"
+        batches = None if cache.is_file() else self.batches()
+        if recipe.bias_correction:
+            float_model, rep = bias_correct(float_model, recipe, batches or self.batches())
+            reports.append(rep)
+        proto, rep = quantize_static(float_model, recipe, cache, batches)
+        return proto, reports + [rep]
+
+    def measure(self, label: str, proto: onnx.ModelProto, settings: dict | None = None
+                ) -> Candidate:
+        model = from_proto(proto, self.model)
+        bundle = bundles.build(model, eval_data=self.eval, eval_batch=self.batch,
+                               meta={"recipe": label})
+        try:
+            result = self.device.run(self.device.push(bundle), self.job)
+        except StageError as exc:
+            result = Result.failure(exc.stage, exc.message)
+        lat = result.latency_ms or {}
+        return Candidate(label, lat.get("p50"), result.accuracy, None, model.facts.size_bytes,
+                         None if result.ok else f"{result.stage}: {result.error}",
+                         settings=settings or {})
+
+
+def accuracy_drop(base: dict | None, cand: dict | None) -> float | None:
+    """Top-1 drop vs labels when there are labels, else 1 - top-1 agreement with fp32."""
+    if not base or not cand:
+        return None
+    if "top1" in base and "top1" in cand:
+        return base["top1"] - cand["top1"]
+    if "agreement" in cand:
+        return 1.0 - cand["agreement"]
+    return None
+
+
+def layer_sensitivity(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto,
+                      batches: list[dict]) -> list[dict]:
+    """How much each Conv/Gemm/MatMul degrades the signal: SQNR of its input minus SQNR of its
+    output, float vs quantized (activations compared layer by layer, like ORT's qdq_loss_debug).
+    """
+    import onnxruntime as ort
+
+    nodes = [n for n in float_proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
+             and n.name]
+    tensors = sorted({t for n in nodes for t in (n.input[0], n.output[0])})
+
+    def with_outputs(proto):
+        m = onnx.ModelProto()
+        m.CopyFrom(proto)
+        have = {o.name for o in m.graph.output}
+        known = {t for n in m.graph.node for t in n.output} | {i.name for i in m.graph.input}
+        for t in tensors:
+            if t not in have and t in known:
+                m.graph.output.append(onnx.helper.make_tensor_value_info(
+                    t, onnx.TensorProto.FLOAT, None))
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    fs, qs = with_outputs(float_proto), with_outputs(quant_proto)
+    names = [o.name for o in fs.get_outputs()]
+    qnames = {o.name for o in qs.get_outputs()}
+    signal: dict[str, float] = {}
+    noise: dict[str, float] = {}
+    for feed in batches[:4]:
+        f_out = dict(zip(names, fs.run(names, feed)))
+        q_out = dict(zip([n for n in names if n in qnames],
+                         qs.run([n for n in names if n in qnames], feed)))
+        for t in tensors:
+            if t in f_out and t in q_out:
+                a, b = f_out[t].astype(np.float64), q_out[t].astype(np.float64)
+                signal[t] = signal.get(t, 0.0) + float(np.sum(a * a))
+                noise[t] = noise.get(t, 0.0) + float(np.sum((a - b) ** 2))
+
+    def sqnr(t: str) -> float:
+        if t not in signal:
+            return 200.0     # graph inputs: exact
+        return min(200.0, 10 * np.log10(max(signal[t], 1e-30) / max(noise[t], 1e-30)))
+
+    rows = [{"node": n.name, "op": n.op_type, "input_sqnr_db": sqnr(n.input[0]),
+             "output_sqnr_db": sqnr(n.output[0])} for n in nodes]
+    for r in rows:
+        r["drop_db"] = r["input_sqnr_db"] - r["output_sqnr_db"]
+    return sorted(rows, key=lambda r: -r["drop_db"])
+
+
+def choose_recipe(model: Model, device, calib, eval_path=None, max_accuracy_drop: float = 0.01,
+                  job: Job | None = None, on_step=None) -> tuple[Model, QuantizeReport]:
+    """Measure the device's candidate recipes; return the fastest model within the budget."""
+    facts = device.facts()
+    recipes, pruned = candidate_recipes(facts, model)
+    job = replace(job or Job(runs=50, warmup=5, min_time_s=0.5), evaluate=True)
+    say = on_step or (lambda text: None)
+    with tempfile.TemporaryDirectory(prefix="edgesmith-quant-") as tmp:
+        search = RecipeSearch(model, device, calib, eval_path, job, Path(tmp))
+        say("measuring fp32 baseline")
+        baseline = search.measure("fp32", search.prepared)
+        if not baseline.ok:
+            raise EdgesmithError(f"the float model does not run on {device.name}: "
+                                 f"{baseline.error}")
+        baseline.accuracy_drop = 0.0
+        built: dict[str, onnx.ModelProto] = {}
+        candidates: list[Candidate] = []
+
+        def trial(recipe: QuantRecipe, note: str = "") -> Candidate:
+            say(f"measuring {recipe.name}")
+            try:
+                proto, _ = search.build(recipe)
+            except EdgesmithError as exc:
+                cand = Candidate(recipe.name, error=f"quantize: {exc}", note=note)
+            else:
+                built[recipe.name] = proto
+                cand = search.measure(recipe.name, proto, asdict(recipe))
+                cand.note = note
+                cand.accuracy_drop = accuracy_drop(baseline.accuracy, cand.accuracy)
+            candidates.append(cand)
+            return cand
+
+        def within(c: Candidate) -> bool:
+            return c.ok and (c.accuracy_drop is None or c.accuracy_drop <= max_accuracy_drop)
+
+        by_name = {r.name: r for r in recipes}
+        for recipe in recipes:
+            trial(recipe)
+        sensitivity: list[dict] = []
+        fast = sorted((c for c in candidates if c.ok and c.p50_ms < baseline.p50_ms),
+                      key=lambda c: c.p50_ms)
+        if fast and not any(within(c) for c in fast) and fast[0].recipe in by_name:
+            base_recipe = by_name[fast[0].recipe]
+            repairs = [replace(base_recipe, name=f"{base_recipe.name}-percentile",
+                               calibration="percentile"),
+                       replace(base_recipe, name=f"{base_recipe.name}-cle-bc", equalize=True,
+                               bias_correction=True)]
+            for repair in repairs:
+                if within(trial(repair, "accuracy repair")):
+                    break
+            else:
+                worst = layer_sensitivity(search.prepared, built[base_recipe.name],
+                                          search.batches())
+                sensitivity = worst
+                k = 1
+                while k <= min(MAX_FLOAT_LAYERS, len(worst)):
+                    names = [r["node"] for r in worst[:k]]
+                    cand = trial(replace(base_recipe.with_exclusions(names),
+                                         name=f"{base_recipe.name}-float{k}"),
+                                 f"{k} layer(s) kept in float")
+                    if within(cand):
+                        break
+                    k *= 2
+        ok = [c for c in candidates if within(c) and c.p50_ms < baseline.p50_ms]
+        chosen = min(ok, key=lambda c: c.p50_ms) if ok else baseline
+        proto = built.get(chosen.recipe, search.prepared)
+        if chosen is baseline:
+            reason = ("no int8 recipe was faster than fp32 within the accuracy budget "
+                      f"({max_accuracy_drop:.3f}) on {device.name}; keeping fp32")
+        else:
+            drop = "n/a" if chosen.accuracy_drop is None else f"{chosen.accuracy_drop:.4f}"
+            reason = (f"{chosen.recipe}: {baseline.p50_ms / chosen.p50_ms:.2f}x faster than "
+                      f"fp32, accuracy drop {drop}")
+        report = QuantizeReport(device.name, max_accuracy_drop, baseline, candidates, chosen,
+                                pruned, sensitivity[:20], list(chosen.settings.get("exclude", ())),
+                                chosen is not baseline, reason)
+        return from_proto(proto, model), report
+
+
+RECIPES = {r.name: r for r in [
+    QuantRecipe("qdq-u8s8-rr", reduce_range=True),
+    QuantRecipe("qoperator-u8s8-rr", format="QOperator", reduce_range=True),
+    QuantRecipe("qdq-u8s8"), QuantRecipe("qdq-s8s8", activations="S8"),
+    QuantRecipe("ort-default", activations="S8", per_channel=False),
+    QuantRecipe("qdq-u8s8-rr-cle-bc", reduce_range=True, equalize=True, bias_correction=True),
+    QuantRecipe("qdq-u8s8-cle-bc", equalize=True, bias_correction=True),
+    QuantRecipe("qdq-s8s8-cle-bc", activations="S8", equalize=True, bias_correction=True),
+    QuantRecipe("dynamic-int8", dynamic=True), QuantRecipe("fp16", fp16=True)]}
+
+
+def quantize_with(model: Model, name: str, calib) -> tuple[onnx.ModelProto, list]:
+    """One named recipe, no search: for scripts that already know what they want."""
+    if name not in RECIPES:
+        raise EdgesmithError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
+    with tempfile.TemporaryDirectory(prefix="edgesmith-quant-") as tmp:
+        search = RecipeSearch(model, None, calib, None, Job(), Path(tmp))
+        return search.build(RECIPES[name])

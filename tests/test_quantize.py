@@ -1,0 +1,242 @@
+"""Quantization on real ORT sessions and the trained digits models; CLE and bias correction
+checked numerically; the per-device recipe search through the real local device runtime."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import run_cli
+from sdk.data import calibration_batches
+from sdk.devices import Job, get_device
+from sdk.model import load
+from sdk.passes.equalize import bias_correct, equalize
+from sdk.passes.quantize import QuantRecipe, preprocess, quantize_dynamic, quantize_static
+from sdk.recipes import candidate_recipes, choose_recipe, layer_sensitivity
+
+RNG = np.random.default_rng(0)
+
+
+def session(proto, opt=True):
+    o = ort.SessionOptions()
+    if not opt:
+        o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(proto.SerializeToString(), o, providers=["CPUExecutionProvider"])
+
+
+def top1(proto, models, name="digits_cnn"):
+    ev = np.load(models / f"{name}_eval.npz")
+    out = session(proto).run(None, {"input": ev["input"]})[0]
+    return float(np.mean(out.argmax(1) == ev["labels"]))
+
+
+@pytest.fixture(scope="module")
+def cnn(models):
+    m = load(models / "digits_cnn.onnx")
+    return m, preprocess(m.proto, m.input_shapes)
+
+
+@pytest.mark.parametrize("recipe, op", [
+    (QuantRecipe("qdq", reduce_range=True), "QuantizeLinear"),
+    (QuantRecipe("qop", format="QOperator", reduce_range=True), "QLinearConv"),
+    (QuantRecipe("s8-percentile", activations="S8", calibration="percentile"), "QuantizeLinear"),
+    (QuantRecipe("entropy", reduce_range=True, calibration="entropy"), "QuantizeLinear"),
+])
+def test_static_int8_keeps_digits_accuracy(cnn, models, tmp_path, recipe, op):
+    m, pre = cnn
+    q, report = quantize_static(pre, recipe, tmp_path / "calib.json",
+                                calibration_batches(models / "digits_cnn_eval.npz", m, 32))
+    assert op in {n.op_type for n in q.graph.node}
+    assert report.metrics["calibration_batches"] == 12       # 359 samples in batches of 32
+    assert top1(pre, models) - top1(q, models) <= 0.01
+    assert len(q.SerializeToString()) < 0.5 * len(pre.SerializeToString())
+
+
+def test_calibration_is_cached_and_reused(cnn, models, tmp_path):
+    m, pre = cnn
+    cache = tmp_path / "calib.json"
+    quantize_static(pre, QuantRecipe("a", reduce_range=True), cache,
+                    calibration_batches(models / "digits_cnn_eval.npz", m, 32))
+    assert cache.is_file()
+    q, report = quantize_static(pre, QuantRecipe("b", format="QOperator"), cache, None)
+    assert report.metrics["calibration_batches"] == "cached"
+    assert "QLinearConv" in {n.op_type for n in q.graph.node}
+
+
+def test_dynamic_quantization_touches_only_matmul_gemm(cnn, models):
+    m, pre = cnn
+    q, report = quantize_dynamic(pre)
+    ops = [n.op_type for n in q.graph.node]
+    assert ops.count("Conv") == [n.op_type for n in pre.graph.node].count("Conv")
+    assert "ConvInteger" not in ops and ("MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops)
+    assert "kept in float" in report.details[0]
+    assert top1(pre, models) - top1(q, models) <= 0.02
+
+
+def test_dynamic_spatial_dims_are_fixed_before_quantizing(models, tmp_path):
+    proto = onnx.load(models / "digits_cnn.onnx")
+    for i, d in enumerate(proto.graph.input[0].type.tensor_type.shape.dim):
+        if i >= 2:
+            d.Clear()
+            d.dim_param = "hw"[i - 2]
+    path = tmp_path / "dyn.onnx"
+    onnx.save(proto, path)
+    m = load(path, {"input": [1, 1, 8, 8]})
+    pre = preprocess(m.proto, m.input_shapes)
+    dims = pre.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims][1:] == [1, 8, 8] and dims[0].dim_param == "batch"
+    q, _ = quantize_static(pre, QuantRecipe("rr", reduce_range=True), tmp_path / "c.json",
+                           calibration_batches(models / "digits_cnn_eval.npz", m, 32))
+    assert top1(q, models) > 0.95
+
+
+def conv_chain(clip: bool) -> onnx.ModelProto:
+    """conv -> act -> depthwise conv -> act -> conv, with wildly different channel ranges."""
+    f32 = np.float32
+    w1 = RNG.standard_normal((6, 3, 3, 3)).astype(f32) * np.array([0.01, 10, 1, 0.1, 5, 0.5],
+                                                                  f32)[:, None, None, None]
+    w2 = RNG.standard_normal((6, 1, 3, 3)).astype(f32)
+    w3 = RNG.standard_normal((4, 6, 1, 1)).astype(f32)
+    act = (lambda i, o: helper.make_node("Clip", [i, "lo", "hi"], [o])) if clip else \
+        (lambda i, o: helper.make_node("Relu", [i], [o]))
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4), act("c1", "a1"),
+             helper.make_node("Conv", ["a1", "w2", "b2"], ["c2"], pads=[1] * 4, group=6),
+             act("c2", "a2"), helper.make_node("Conv", ["a2", "w3"], ["y"])]
+    inits = [numpy_helper.from_array(a, n) for n, a in [
+        ("w1", w1), ("b1", RNG.standard_normal(6).astype(f32)), ("w2", w2),
+        ("b2", RNG.standard_normal(6).astype(f32)), ("w3", w3),
+        ("lo", np.array(0, f32)), ("hi", np.array(6, f32))]]
+    return helper.make_model(helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits),
+        opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_cle_is_exact_through_relu_and_equalizes_ranges():
+    model = conv_chain(clip=False)
+    eq, report = equalize(model)
+    x = RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(session(eq, False).run(None, {"x": x})[0],
+                               session(model, False).run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)
+    assert report.metrics["pairs"] == 2 and report.metrics["relu6_to_relu"] == 0
+    w = {t.name: numpy_helper.to_array(t) for t in eq.graph.initializer}
+    r1 = np.abs(w["w1"]).reshape(6, -1).max(1)
+    r2 = np.abs(w["w2"]).reshape(6, -1).max(1)
+    spread_before = np.ptp(np.log(np.abs(numpy_helper.to_array(
+        next(t for t in model.graph.initializer if t.name == "w1"))).reshape(6, -1).max(1)))
+    assert np.ptp(np.log(r1)) < 0.5 * spread_before          # ranges pulled together
+    assert np.allclose(r1, r2, rtol=0.2) or report.metrics["sweeps"] > 1
+
+
+def test_cle_reports_relu6_it_replaces():
+    _, report = equalize(conv_chain(clip=True))
+    assert report.metrics["relu6_to_relu"] == 2
+
+
+@pytest.mark.parametrize("op", ["Conv", "Gemm"])
+def test_bias_correction_removes_the_mean_shift_of_weight_rounding(tmp_path, op):
+    """Positive inputs with a large mean make weight rounding shift outputs; correction undoes it."""
+    f32 = np.float32
+    if op == "Conv":
+        w = RNG.standard_normal((16, 8, 3, 3)).astype(f32)
+        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1] * 4)
+        shape, axes = ["N", 8, 32, 32], (0, 2, 3)
+    else:
+        w = RNG.standard_normal((16, 64)).astype(f32)
+        node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)
+        shape, axes = ["N", 64], (0,)
+    model = helper.make_model(helper.make_graph(
+        [node], "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(16, f32), "b")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    batches = [{"x": (RNG.random([8] + shape[1:]) * 4 + 3).astype(f32)} for _ in range(4)]
+    recipe = QuantRecipe("rr", reduce_range=True)
+    corrected, report = bias_correct(model, recipe, batches)
+    assert report.metrics["corrected"] == 1
+
+    def mean_error(float_model, tag):
+        q, _ = quantize_static(float_model, recipe, tmp_path / f"{tag}.json", batches)
+        x = batches[0]["x"]
+        ref = session(model).run(None, {"x": x})[0]
+        return np.abs((session(q).run(None, {"x": x})[0] - ref).mean(axis=axes)).mean()
+
+    assert mean_error(corrected, "bc") < 0.3 * mean_error(model, "plain")
+
+
+def test_layer_sensitivity_ranks_every_quantized_layer(cnn, models, tmp_path):
+    m, pre = cnn
+    batches = list(calibration_batches(models / "digits_cnn_eval.npz", m, 32))
+    q, _ = quantize_static(pre, QuantRecipe("rr", reduce_range=True), tmp_path / "c.json", batches)
+    rows = layer_sensitivity(pre, q, batches)
+    named = [n.name for n in pre.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert {r["node"] for r in rows} == set(named)
+    assert [r["drop_db"] for r in rows] == sorted((r["drop_db"] for r in rows), reverse=True)
+
+
+def test_recipes_are_pruned_by_the_device_facts(cnn):
+    m, _ = cnn
+    avx2 = {"arch": "x86_64", "cpu_flags": ["avx2", "fma"]}
+    names, pruned = candidate_recipes(avx2, m)
+    reasons = {p["recipe"]: p["reason"] for p in pruned}
+    assert "VNNI" in reasons["qdq-s8s8"] and "ConvInteger" in reasons["dynamic-int8"]
+    assert "GPU" in reasons["fp16"] and "qdq-u8s8-rr" in {r.name for r in names}
+    arm, _ = candidate_recipes({"arch": "aarch64", "cpu_flags": ["asimd", "asimddp"]}, m)
+    assert {"qdq-u8s8", "qdq-s8s8"} <= {r.name for r in arm}
+    jetson, _ = candidate_recipes({"arch": "aarch64", "cpu_flags": ["asimd"],
+                                   "gpu": {"kind": "jetson"}}, m)
+    assert "fp16" in {r.name for r in jetson}
+
+
+def test_recipe_search_on_the_local_device(models):
+    m = load(models / "digits_cnn.onnx")
+    chosen, report = choose_recipe(m, get_device("local"), models / "digits_cnn_eval.npz",
+                                   models / "digits_cnn_eval.npz", 0.01,
+                                   job=Job(runs=30, warmup=3))
+    assert report.baseline.ok and report.candidates
+    measured = [c for c in report.candidates if c.ok]
+    assert measured and all(c.accuracy and c.accuracy["n"] == 359 for c in measured)
+    if report.quantized:
+        assert report.chosen.accuracy_drop <= 0.01
+        assert report.chosen.p50_ms < report.baseline.p50_ms
+    else:
+        assert "keeping fp32" in report.summary
+    assert top1(chosen.proto, models) >= report.baseline.accuracy["top1"] - 0.01
+
+
+def test_an_impossible_budget_walks_the_repairs_and_keeps_fp32(models):
+    """Budget -1: nothing can meet it, so every repair (percentile, CLE+bias correction,
+    mixed precision) runs and fp32 is kept, with the reason."""
+    m = load(models / "digits_cnn.onnx")
+    _, report = choose_recipe(m, get_device("local"), models / "digits_cnn_eval.npz",
+                              models / "digits_cnn_eval.npz", -1.0, job=Job(runs=20, warmup=2))
+    notes = [c.note for c in report.candidates]
+    if not any(c.ok and c.p50_ms < report.baseline.p50_ms for c in report.candidates[:2]):
+        pytest.skip("no int8 recipe was faster than fp32 in this run: repairs are not tried")
+    assert "accuracy repair" in notes and any("kept in float" in n for n in notes)
+    assert report.sensitivity and not report.quantized
+
+
+def test_cli_fuse_and_quantize(models, tmp_path):
+    out = tmp_path / "fused.onnx"
+    proc = run_cli("fuse", models / "digits_mnv2.onnx", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    onnx.checker.check_model(onnx.load(out))
+    q, js = tmp_path / "q.onnx", tmp_path / "q.json"
+    proc = run_cli("quantize", models / "digits_cnn.onnx", "--calib",
+                   models / "digits_cnn_eval.npz", "--eval", models / "digits_cnn_eval.npz",
+                   "-o", q, "--json", js)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(js.read_text())
+    assert report["baseline"]["recipe"] == "fp32" and report["pruned"] is not None
+    assert top1(onnx.load(q), models) > 0.97
+    proc = run_cli("quantize", models / "digits_cnn.onnx", "--calib",
+                   models / "digits_cnn_eval.npz", "--recipe", "qdq-u8s8-rr", "-o", q)
+    assert proc.returncode == 0 and "QuantizeLinear" in {n.op_type for n in onnx.load(q).graph.node}
+    proc = run_cli("quantize", models / "digits_cnn.onnx", "--calib",
+                   models / "digits_cnn_eval.npz", "--recipe", "magic", "-o", q)
+    assert proc.returncode == 1 and "unknown recipe" in proc.stderr
