@@ -175,7 +175,8 @@ def test_layer_sensitivity_ranks_every_quantized_layer(cnn, models, tmp_path):
     rows = layer_sensitivity(pre, q, batches)
     named = [n.name for n in pre.graph.node if n.op_type in ("Conv", "Gemm")]
     assert {r["node"] for r in rows} == set(named)
-    assert [r["drop_db"] for r in rows] == sorted((r["drop_db"] for r in rows), reverse=True)
+    assert [r["added_nsr"] for r in rows] == sorted((r["added_nsr"] for r in rows), reverse=True)
+    assert all(r["output_sqnr_db"] < 200 for r in rows)        # every layer was compared
 
 
 def test_recipes_are_pruned_by_the_device_facts(cnn):
