@@ -272,6 +272,121 @@ def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accep
     click.echo(f"wrote {out}")
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--ratio", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="fraction of channels (structured) or weights (unstructured) removed")
+@click.option("--structured/--unstructured", default=True, show_default=True)
+@click.option("--importance", default="l1", show_default=True,
+              type=click.Choice(["l1", "l2", "bn_gamma", "activation"]))
+@click.option("--calib", type=click.Path(exists=True),
+              help="data for --importance activation (.npz or image folder)")
+@click.option("--global-ranking", is_flag=True, help="rank channels across layers, not per layer")
+@click.option("--layer-ratio", multiple=True, help="NODE=RATIO for one layer (repeatable)")
+@click.option("--n-m", help="unstructured N:M sparsity, e.g. 2:4")
+@click.option("--input-shape", help="fix dynamic inputs: NAME=1x3x224x224[,NAME2=...]")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the report here")
+def prune(model, ratio, structured, importance, calib, global_ranking, layer_ratio, n_m,
+          input_shape, out, json_out):
+    """Remove channels from MODEL's graph (structured) or zero small weights (unstructured)."""
+    from .model import from_proto, load, parse_input_shapes, save
+    from .passes.prune import PruneConfig, prune_channels, prune_unstructured
+    from .report import write_json
+
+    m = load(model, parse_input_shapes(input_shape))
+    if structured:
+        ratios = {}
+        for item in layer_ratio:
+            node, _, value = item.rpartition("=")
+            try:
+                ratios[node] = float(value)
+            except ValueError:
+                raise click.BadParameter(f"{item!r}; write NODE=0.3", param_hint="--layer-ratio")
+        means = None
+        if importance == "activation":
+            if not calib:
+                raise EdgesmithError("--importance activation needs --calib data")
+            from .data import calibration_batches
+            from .passes.equalize import channel_stats
+            tensors = [n.output[0] for n in m.proto.graph.node if n.op_type in ("Conv", "Gemm")]
+            means = channel_stats(m.proto, tensors, list(calibration_batches(calib, m, 16, 256)))[
+                "mean"]
+        try:
+            cfg = PruneConfig(ratio=ratio, layer_ratios=ratios, importance=importance,
+                              global_ranking=global_ranking)
+        except ValueError as exc:
+            raise EdgesmithError(str(exc)) from None
+        pruned, report = prune_channels(m.proto, cfg, means)
+    else:
+        nm = None
+        if n_m:
+            try:
+                nm = tuple(int(v) for v in n_m.split(":"))
+                assert len(nm) == 2 and 0 < nm[0] < nm[1]
+            except (ValueError, AssertionError):
+                raise click.BadParameter(f"{n_m!r}; write N:M such as 2:4", param_hint="--n-m")
+        pruned, report = prune_unstructured(m.proto, ratio, n_m=nm)
+    after = from_proto(pruned, m)
+    save(pruned, out)
+    summary = {"params": [m.facts.params, after.facts.params],
+               "macs": [m.facts.macs, after.facts.macs],
+               "size_bytes": [m.facts.size_bytes, after.facts.size_bytes]}
+    if json_out:
+        write_json(json_out, {"model": model, "out": out, "summary": summary, "report": report})
+    for key, (a, b) in summary.items():
+        click.echo(f"{key:<11} {a:>14,} -> {b:>14,}  ({b / max(a, 1):.2f}x)")
+    for line in report.details:
+        click.echo(f"  {line}")
+    for node, why in report.metrics.get("skipped", {}).items():
+        click.echo(f"  skipped {node}: {why}")
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.option("--teacher", required=True, type=click.Path(dir_okay=False))
+@click.option("--student", required=True, type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True),
+              help="training data: .npz (inputs by name + optional labels) or image folder")
+@click.option("--eval", "eval_path", type=click.Path(), help=".npz to report top-1 before/after")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=3e-3, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--temperature", default=4.0, show_default=True,
+              type=click.FloatRange(0, min_open=True))
+@click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="weight of cross-entropy on labels")
+@click.option("--shift", default=0, show_default=True, type=click.IntRange(0),
+              help="random translations (pixels) as augmentation")
+@click.option("--seed", default=0, show_default=True)
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the report here")
+def distill(teacher, student, data, eval_path, epochs, batch_size, lr, temperature, alpha, shift,
+            seed, out, json_out):
+    """Train STUDENT to match TEACHER's soft targets (and labels); needs the `train` extra."""
+    from .data import load_eval_set, load_training_set
+    from .model import load, save
+    from .passes.distill import DistillConfig, distill as run_distill
+    from .report import write_json
+
+    t, s = load(teacher), load(student)
+    train = load_training_set(data, s)
+    ev = load_eval_set(eval_path, s) if eval_path else None
+    progress = None if json_out else (
+        lambda e, n, loss: click.echo(f"  epoch {e}/{n} loss {loss:.4f}", err=True))
+    try:
+        cfg = DistillConfig(epochs, batch_size, lr, temperature=temperature, alpha=alpha,
+                            seed=seed, shift=shift)
+    except ValueError as exc:
+        raise EdgesmithError(str(exc)) from None
+    trained, report = run_distill(t.proto, s.proto, train, cfg, ev, progress)
+    save(trained, out)
+    if json_out:
+        write_json(json_out, report)
+    click.echo(report.details[-1])
+    click.echo(f"wrote {out}")
+
+
 @main.group(cls=Group)
 def device():
     """Inspect and prepare devices."""

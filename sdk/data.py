@@ -119,3 +119,14 @@ def _image_batches(folder: Path, model: Model, batch: int, limit: int | None):
         if spec.dims[0] is not None and len(stacked) < spec.dims[0]:
             continue   # a fixed batch cannot take a short last batch
         yield {spec.name: stacked}
+
+
+def load_training_set(source: str | os.PathLike, model: Model) -> EvalData:
+    """Training data for distillation: an `.npz` (inputs by name, optional labels) or an image
+    folder (no labels: the teacher's soft targets alone supervise)."""
+    source = Path(source)
+    if source.is_dir():
+        chunks = [b[model.inputs[0].name] for b in _image_batches(source, model, 64, None)]
+        x = np.concatenate(chunks)
+        return EvalData({model.inputs[0].name: x}, None, {}, len(x))
+    return load_eval_set(source, model)

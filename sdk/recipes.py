@@ -113,11 +113,12 @@ class RecipeSearch:
         self.calib = calib
         self.calib_limit = calib_limit
         self.prepared = preprocess(model.proto, model.input_shapes)
-        self.eval: EvalData | None = None
         self.batch = eval_batch(model)
         if eval_path is not None:
             self.eval = load_eval_set(eval_path, model)
-            self.eval.refs = reference_outputs(model, self.eval, self.batch)
+        else:   # no eval set: fidelity to the original model on calibration samples, never none
+            self.eval = _fidelity_set(calibration_batches(calib, model, 16, 256))
+        self.eval.refs = reference_outputs(model, self.eval, self.batch)
         self.remote_cache: dict[str, Candidate] = {}
 
     def batches(self, model: Model | None = None):
@@ -160,6 +161,17 @@ class RecipeSearch:
         return Candidate(label, lat.get("p50"), result.accuracy, None, model.facts.size_bytes,
                          None if result.ok else f"{result.stage}: {result.error}",
                          settings=settings or {})
+
+
+def _fidelity_set(batches) -> EvalData:
+    chunks: dict[str, list] = {}
+    for feed in batches:
+        for name, arr in feed.items():
+            chunks.setdefault(name, []).append(arr)
+    if not chunks:
+        raise EdgesmithError("calibration data is empty")
+    inputs = {name: np.concatenate(arrs) for name, arrs in chunks.items()}
+    return EvalData(inputs, None, {}, len(next(iter(inputs.values()))))
 
 
 def accuracy_drop(base: dict | None, cand: dict | None) -> float | None:
