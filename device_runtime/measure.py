@@ -52,6 +52,14 @@ def time_runs(run_once, warmup: int = 10, runs: int = 100, min_time_s: float = 0
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process image. Linux: VmHWM, which starts afresh at exec;
+    ru_maxrss does not, so a runtime started by a big host process would report the host's."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024

@@ -387,6 +387,70 @@ def distill(teacher, student, data, eval_path, epochs, batch_size, lr, temperatu
     click.echo(f"wrote {out}")
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="output directory (re-running with the same one resumes)")
+@click.option("--device", "-d", default="local", show_default=True,
+              help="`local`, user@host[:port] or a Host alias from ~/.ssh/config")
+@ssh_options
+@click.option("--target", "-t", help="target profile (default: matched from the device's facts)")
+@click.option("--calib", type=click.Path(exists=True), help="calibration data (.npz or images)")
+@click.option("--eval", "eval_path", type=click.Path(exists=True),
+              help=".npz eval set (inputs by name + labels)")
+@click.option("--train", type=click.Path(exists=True),
+              help="training data for pruning + distillation (needs the `train` extra)")
+@click.option("--max-accuracy-drop", default=0.01, show_default=True,
+              type=click.FloatRange(0, 1))
+@click.option("--latency-budget-ms", type=click.FloatRange(0, min_open=True))
+@click.option("--budget", default="10m", show_default=True,
+              help="wall-clock budget for the search, e.g. 90s, 10m")
+@click.option("--prune-ratios", default="0.3,0.5", show_default=True)
+@click.option("--distill-epochs", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--tune-budget", default="60s", show_default=True,
+              help="device time for tuning the winner's runtime config (0 to skip)")
+@click.option("--input-shape", help="fix dynamic inputs: NAME=1x3x224x224[,NAME2=...]")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False),
+              help="also write the report here; quiet progress")
+def optimize(model, out_dir, device, identity, accept_new_host_key, remote_python, target, calib,
+             eval_path, train, max_accuracy_drop, latency_budget_ms, budget, prune_ratios,
+             distill_epochs, tune_budget, input_shape, json_out):
+    """The main job: the fastest variant of MODEL within the accuracy budget, on the device.
+
+    Exit 0 when a candidate met the budget; 1 when none did (the trade-offs are still saved).
+    """
+    from .model import parse_input_shapes
+    from .pipeline import optimize as run_optimize
+    from .report import optimize_table, print_table, write_json
+
+    try:
+        ratios = tuple(float(r) for r in prune_ratios.split(",") if r.strip())
+        assert all(0 < r < 1 for r in ratios)
+    except (ValueError, AssertionError):
+        raise click.BadParameter(f"{prune_ratios!r}; write e.g. 0.3,0.5",
+                                 param_hint="--prune-ratios")
+    [dev] = devices_from((device,), identity, accept_new_host_key, remote_python)
+    say = None if json_out else (lambda text: click.echo(f"  {text}", err=True))
+    try:
+        report = run_optimize(model, out_dir, dev, target, calib, eval_path, train,
+                              max_accuracy_drop, latency_budget_ms, parse_duration(budget),
+                              ratios, distill_epochs, parse_duration(tune_budget),
+                              parse_input_shapes(input_shape), say)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: measured candidates are kept in {out_dir}; run the same "
+                   "command to resume", err=True)
+        sys.exit(130)
+    if json_out:
+        write_json(json_out, report)
+    print_table(optimize_table(report))
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"{report.outcome}: {report.summary}")
+    click.echo(f"wrote {out_dir}/model.onnx, bundle/, report.json, report.html")
+    if report.chosen is None:   # the budget was not met: outputs are saved, the exit says so
+        sys.exit(1)
+
+
 @main.group(cls=Group)
 def device():
     """Inspect and prepare devices."""

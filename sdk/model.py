@@ -11,7 +11,11 @@ import numpy as np
 from .errors import EdgesmithError
 
 TFLITE_MAGIC = b"TFL3"
-MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "QLinearConv", "QLinearMatMul",
+           "ConvInteger", "MatMulInteger")
+WEIGHT_INPUT = {"QLinearConv": 3, "QLinearMatMul": 3}   # (x, x_scale, x_zero_point, w, ...)
+AS_FLOAT_OP = {"QLinearConv": "Conv", "ConvInteger": "Conv", "QLinearMatMul": "MatMul",
+               "MatMulInteger": "MatMul"}
 
 
 @dataclass
@@ -227,22 +231,25 @@ def _shapes_with_inputs(proto, inputs: list[InputSpec]) -> dict[str, list[int]]:
 
 
 def node_macs(node, shapes: dict[str, list[int]]) -> int:
-    """Multiply-accumulates of one Conv/ConvTranspose/Gemm/MatMul node (0 if shapes unknown)."""
-    ins = [shapes.get(name) for name in node.input[:2]]
+    """Multiply-accumulates of one Conv/Gemm/MatMul node, float or int8 (0 if shapes unknown)."""
+    w_index = WEIGHT_INPUT.get(node.op_type, 1)
+    ins = [shapes.get(node.input[0]), shapes.get(node.input[w_index])
+           if len(node.input) > w_index else None]
     out = shapes.get(node.output[0])
     if None in ins or out is None:
         return 0
-    if node.op_type == "Conv":
+    op = AS_FLOAT_OP.get(node.op_type, node.op_type)
+    if op == "Conv":
         w = ins[1]   # [Cout, Cin/groups, k...]: every output element does Cin/groups*k MACs
         return int(np.prod(out) * np.prod(w[1:]))
-    if node.op_type == "ConvTranspose":
+    if op == "ConvTranspose":
         w = ins[1]   # [Cin, Cout/groups, k...]: every input element scatters to Cout/groups*k
         return int(np.prod(ins[0]) * np.prod(w[1:]))
-    if node.op_type == "Gemm":
+    if op == "Gemm":
         trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
         k = ins[0][0] if trans_a else ins[0][-1]
         return int(np.prod(out) * k)
-    if node.op_type == "MatMul":
+    if op == "MatMul":
         return int(np.prod(out) * ins[0][-1])
     return 0
 
@@ -254,7 +261,8 @@ def onnx_facts(proto, inputs: list[InputSpec], size_bytes: int) -> ModelFacts:
     macs_by_op: dict[str, int] = {}
     for node in proto.graph.node:
         if node.op_type in MAC_OPS:
-            macs_by_op[node.op_type] = macs_by_op.get(node.op_type, 0) + node_macs(node, shapes)
+            op = AS_FLOAT_OP.get(node.op_type, node.op_type)
+            macs_by_op[op] = macs_by_op.get(op, 0) + node_macs(node, shapes)
     notes = [f"input {s.name!r}: dynamic batch measured as {s.shape[0]} (set --input-shape)"
              for s in inputs if s.dims and s.dims[0] is None]
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)

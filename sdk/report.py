@@ -145,3 +145,24 @@ def quantize_table(report) -> Table:
     if report.kept_float:
         table.caption = f"kept in float: {', '.join(report.kept_float)}"
     return table
+
+
+def optimize_table(report) -> Table:
+    """The same ranking as report.html: every candidate, fastest first, errors last."""
+    table = Table(title=f"edgesmith optimize: {Path(report.model).name} on {report.device} "
+                        f"(target {report.target})")
+    for col in ("candidate", "p50 ms", "vs fp32", "top-1", "agreement", "drop", "size KB",
+                "MACs", "in budget", "note"):
+        table.add_column(col, justify="left" if col in ("candidate", "note") else "right")
+    base = next((c.p50_ms for c in report.candidates if c.id == "fp32"), None)
+    for c in sorted(report.candidates, key=lambda c: (not c.ok, c.p50_ms or 0)):
+        if not c.ok:
+            table.add_row(c.id, *[""] * 8, f"[red]{c.error}[/red]")
+            continue
+        acc = c.accuracy or {}
+        mark = "[bold green]chosen[/bold green] " if c.id == report.chosen else ""
+        table.add_row(c.id, _fmt(c.p50_ms), f"{base / c.p50_ms:.2f}x" if base else "-",
+                      _fmt(acc.get("top1"), 4), _fmt(acc.get("agreement"), 4),
+                      _fmt(c.accuracy_drop, 4), f"{c.size_bytes / 1024:.0f}", f"{c.macs:,}",
+                      "yes" if c.within_budget else "no", mark + ("Pareto" if c.pareto else ""))
+    return table
