@@ -351,7 +351,7 @@ def prune(model, ratio, structured, importance, calib, global_ranking, layer_rat
 @click.option("--eval", "eval_path", type=click.Path(), help=".npz to report top-1 before/after")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=3e-3, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True))
 @click.option("--temperature", default=4.0, show_default=True,
               type=click.FloatRange(0, min_open=True))
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1),
