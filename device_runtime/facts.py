@@ -37,6 +37,28 @@ def _cpuinfo() -> tuple[str, list[str]]:
     return model, sorted(flags & INTERESTING_FLAGS)
 
 
+# AT_HWCAP bits (arch/arm64/include/uapi/asm/hwcap.h); auxv is right even under qemu-user,
+# where /proc/cpuinfo shows the host's CPU
+ARM64_HWCAP = {1: "asimd", 9: "fphp", 10: "asimdhp", 20: "asimddp", 22: "sve"}
+ARM64_HWCAP2 = {14: "i8mm", 15: "bf16"}
+
+
+def _arm64_hwcaps() -> list[str]:
+    import struct
+
+    try:
+        raw = Path("/proc/self/auxv").read_bytes()
+    except OSError:
+        return []
+    words = struct.unpack(f"{len(raw) // 8}Q", raw[:len(raw) // 8 * 8])
+    aux = dict(zip(words[::2], words[1::2]))
+    found = {name for bit, name in ARM64_HWCAP.items() if aux.get(16, 0) >> bit & 1}
+    found |= {name for bit, name in ARM64_HWCAP2.items() if aux.get(26, 0) >> bit & 1}
+    if "asimd" in found:
+        found.add("neon")
+    return sorted(found)
+
+
 def _memory_mb() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -64,13 +86,11 @@ def _gpu() -> dict | None:
     return None
 
 
-def _emulated() -> bool:
-    """qemu-user runs foreign binaries; latency measured there is not the device's."""
-    try:
-        return "qemu" in Path("/proc/self/exe").resolve().name or any(
-            "qemu" in line for line in Path("/proc/self/maps").read_text().splitlines()[:50])
-    except OSError:
-        return False
+def _emulated(cpuinfo_flags: list[str]) -> bool:
+    """qemu-user runs foreign binaries (latency measured there is not the device's): an ARM
+    process that sees x86 CPU flags in /proc/cpuinfo is one."""
+    x86_flags = {"sse4_2", "avx", "avx2"} & set(cpuinfo_flags)
+    return platform.machine() in ("aarch64", "armv7l") and bool(x86_flags)
 
 
 def _dist_version(name: str) -> str | None:
@@ -89,11 +109,15 @@ def backend_versions() -> dict:
 
 def collect(with_providers: bool = True) -> dict:
     model, flags = _cpuinfo()
+    emulated = _emulated(flags)
+    if platform.machine() == "aarch64" and (emulated or not flags):
+        flags = _arm64_hwcaps()
+        model = "emulated aarch64 (qemu)" if emulated else model
     facts = {
         "arch": platform.machine(), "cpu": model, "cpu_flags": flags, "cores": os.cpu_count(),
         "memory_mb": _memory_mb(), "gpu": _gpu(), "os": f"{platform.system()} {platform.release()}",
         "hostname": platform.node(), "python": platform.python_version(),
-        "packages": backend_versions(), "emulated": _emulated(),
+        "packages": backend_versions(), "emulated": emulated,
     }
     if with_providers and ("onnxruntime" in facts["packages"]
                            or "onnxruntime-gpu" in facts["packages"]):

@@ -66,3 +66,32 @@ def ssh_home(tmp_path, monkeypatch, sshd_server):
     remote = tmp_path / "remote"
     monkeypatch.setenv("EDGESMITH_REMOTE_DIR", str(remote))
     return home
+
+
+@pytest.fixture(scope="session")
+def netns_host(tmp_path_factory, sshd_server):
+    """sshd in a network namespace created here (10.200.x.x over a veth); CI=true: never skip."""
+    import netns
+
+    if not netns.available():
+        message = "cannot create network namespaces here (needs root and iproute2)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    host = netns.NetnsHost(tmp_path_factory.mktemp("netns"), 7)
+    try:
+        host.start()
+        yield host
+    finally:
+        host.stop()
+
+
+@pytest.fixture
+def netns_home(tmp_path, monkeypatch, netns_host):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "known_hosts").write_text(netns_host.known_hosts_line() + "\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    monkeypatch.setenv("EDGESMITH_REMOTE_DIR", str(tmp_path / "remote"))
+    return home

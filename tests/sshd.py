@@ -45,11 +45,16 @@ class Sshd:
         self.proc: subprocess.Popen | None = None
         self.user = os.environ.get("USER") or "root"
 
-    def start(self) -> None:
+    def launch(self, prefix: list[str] = ()) -> None:
+        """Start sshd (optionally under a prefix such as `ip netns exec NS`) without waiting."""
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.config)],
-                                     stdout=subprocess.DEVNULL, stderr=open(self.dir / "log", "a"),
-                                     start_new_session=True)
+        with open(self.dir / "log", "a") as log:
+            self.proc = subprocess.Popen([*prefix, SSHD, "-D", "-e", "-f", str(self.config)],
+                                         stdout=subprocess.DEVNULL, stderr=log,
+                                         start_new_session=True)
+
+    def start(self) -> None:
+        self.launch()
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:

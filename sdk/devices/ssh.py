@@ -140,11 +140,12 @@ class SSHDevice:
     def __init__(self, target: SSHTarget, accept_new_host_key: bool = False,
                  python: str | None = None, remote_dir: str | None = None,
                  connect_timeout_s: float = 15.0, upload_timeout_s: float = 600.0,
-                 name: str | None = None):
+                 stall_timeout_s: float = 30.0, name: str | None = None):
         self.target, self.accept_new = target, accept_new_host_key
         self.python = python
         self.remote_dir = remote_dir or os.environ.get("EDGESMITH_REMOTE_DIR", DEFAULT_REMOTE_DIR)
         self.connect_timeout_s, self.upload_timeout_s = connect_timeout_s, upload_timeout_s
+        self.stall_timeout_s = stall_timeout_s     # no progress this long: the link is gone
         self.name = name or target.alias
         self.on_upload_progress = None   # callable(sent_bytes, total_bytes), e.g. a progress bar
         self._client: paramiko.SSHClient | None = None
@@ -234,27 +235,60 @@ class SSHDevice:
                         and not chan.recv_stderr_ready():
                     break
                 if time.monotonic() > deadline:
-                    chan.close()
+                    self.close()   # not chan.close(): on a dead link that write would hang
                     raise StageError(stage, f"took longer than {timeout_s:.0f}s on "
                                      f"{self.target.label}; raise the timeout (--timeout)")
             status = chan.recv_exit_status()
             chan.close()
             return status, out.decode(errors="replace"), err.decode(errors="replace")
-        except (paramiko.SSHException, EOFError, OSError) as exc:
+        except (paramiko.SSHException, EOFError, OSError) as exc:   # incl. socket.timeout
             self.close()
             raise StageError(stage, f"connection to {self.target.label} lost: "
                              f"{exc or type(exc).__name__}") from None
 
     def _send(self, chan, data: bytes, stage: str, timeout_s: float) -> None:
-        chan.settimeout(timeout_s)
-        view, sent, chunk = memoryview(data), 0, 1 << 20
-        while sent < len(data):
-            chan.sendall(view[sent:sent + chunk])
-            sent = min(sent + chunk, len(data))
-            if self.on_upload_progress:
-                self.on_upload_progress(sent, len(data))
-        chan.shutdown_write()
-        chan.settimeout(None)
+        """Stream `data` under an overall deadline. A watchdog closes the transport when no chunk
+        gets through for `stall_timeout_s`: on a dead link paramiko retries a full TCP send
+        buffer forever, and closing the transport is what ends that loop."""
+        import threading
+
+        view, sent, chunk = memoryview(data), 0, 1 << 18
+        state = {"last": time.monotonic(), "done": False, "stalled": False}
+
+        def watchdog():
+            while not state["done"]:
+                if time.monotonic() - state["last"] > self.stall_timeout_s:
+                    state["stalled"] = True
+                    chan.get_transport().close()
+                    return
+                time.sleep(0.2)
+
+        threading.Thread(target=watchdog, daemon=True, name="edgesmith-upload-watchdog").start()
+        deadline = time.monotonic() + timeout_s
+        try:
+            while sent < len(data):
+                chan.sendall(view[sent:sent + chunk])
+                sent = min(sent + chunk, len(data))
+                state["last"] = time.monotonic()
+                if self.on_upload_progress:
+                    self.on_upload_progress(sent, len(data))
+                if sent < len(data) and time.monotonic() > deadline:
+                    self.close()
+                    raise StageError(stage, f"upload to {self.target.label} did not finish in "
+                                     f"{timeout_s:.0f}s ({sent / 1e6:.1f} of "
+                                     f"{len(data) / 1e6:.1f} MB sent; slow link?); raise the "
+                                     "upload timeout")
+            chan.shutdown_write()
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            self.close()
+            if state["stalled"]:
+                raise StageError(stage, f"connection to {self.target.label} lost: no progress "
+                                 f"for {self.stall_timeout_s:.0f}s after {sent / 1e6:.1f} of "
+                                 f"{len(data) / 1e6:.1f} MB") from None
+            raise StageError(stage, f"connection to {self.target.label} lost: "
+                             f"{exc or type(exc).__name__}") from None
+        finally:
+            state["done"] = True
 
     # --- ensure runtime -----------------------------------------------------------------------
     def root(self) -> str:
@@ -323,9 +357,9 @@ class SSHDevice:
                     (err.strip().splitlines() or [f"exit {status}"])[-1]
                 raise StageError(stage, f"upload to {self.target.label} failed its check on the "
                                  f"device ({detail}); nothing partial is used — retry the push")
-        except StageError:
-            if self._client is not None:   # best effort; stale temp dirs are never read anyway
-                try:
+        except StageError as exc:
+            if self._client is not None and "lost" not in exc.message:
+                try:   # best effort; never on a dead link, and stale temp dirs are never read
                     self.execute(f"rm -rf {q(tmp)}", "cleanup", 60)
                 except StageError:
                     pass
@@ -335,7 +369,10 @@ class SSHDevice:
         """Upload a bundle unless the device holds it already; returns its remote path."""
         runtime = self.ensure_runtime()
         dest = f"{self.root()}/bundles/{bundle.id}"
-        status, _, _ = self.execute(f"test -f {q(dest)}/.complete", "upload", 60)
+        bundles = f"{self.root()}/bundles"   # also sweep temp dirs that dropped links left behind
+        status, _, _ = self.execute(
+            f"test -f {q(dest)}/.complete; found=$?; find {q(bundles)} -maxdepth 1 -name "
+            f"'.tmp-*' -mmin +60 -exec rm -rf {{}} + 2>/dev/null; exit $found", "upload", 60)
         if status == 0:
             return dest
         files = {p.name: p.read_bytes() for p in sorted(bundle.path.iterdir()) if p.is_file()}

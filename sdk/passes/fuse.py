@@ -27,6 +27,18 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _begin(model: onnx.ModelProto, name: str):
+    """Every rewrite works on a copy: (model copy, its graph, report, index)."""
+    model = _copy(model)
+    return model, model.graph, PassReport(name), Graph(model.graph)
+
+
+def _end(model: onnx.ModelProto, dead: list, report: PassReport):
+    remove_nodes(model.graph, dead)
+    drop_unused_initializers(model.graph)
+    return model, report
+
+
 @register("constant_folding")
 def constant_folding(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto, PassReport]:
     """Constant nodes become initializers; nodes whose inputs are all constant are evaluated."""
@@ -62,18 +74,13 @@ def constant_folding(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto,
             graph.set_array(name, np.asarray(value))
         folded.append(node)
         report.add(f"folded {node.op_type} -> {', '.join(node.output)}")
-    remove_nodes(g, folded)
-    drop_unused_initializers(g)
-    return model, report
+    return _end(model, folded, report)
 
 
 @register("fold_batchnorm")
 def fold_batchnorm(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto, PassReport]:
     """Conv -> BatchNormalization becomes one Conv with scaled weights and a new bias."""
-    model = _copy(model)
-    g = model.graph
-    report = PassReport("fold_batchnorm")
-    graph = Graph(g)
+    model, g, report, graph = _begin(model, "fold_batchnorm")
     dead = []
     for conv in list(g.node):
         if conv.op_type != "Conv":
@@ -99,18 +106,14 @@ def fold_batchnorm(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto, P
         conv.output[0] = bn.output[0]
         dead.append(bn)
         report.add(f"folded {bn.name or bn.output[0]} into {conv.name or conv.input[1]}")
-    remove_nodes(g, dead)
-    drop_unused_initializers(g)
-    return model, report
+    return _end(model, dead, report)
 
 
 @register("matmul_add_to_gemm")
 def matmul_add_to_gemm(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto, PassReport]:
     """MatMul(2-D activation, constant weight) -> Add(constant bias) becomes one Gemm."""
-    model = _copy(model)
-    g = model.graph
-    report = PassReport("matmul_add_to_gemm")
-    graph, shapes = Graph(g), static_shapes(model)
+    model, g, report, graph = _begin(model, "matmul_add_to_gemm")
+    shapes = static_shapes(model)
     dead = []
     for mm in list(g.node):
         if mm.op_type != "MatMul" or len(shapes.get(mm.input[0], [])) != 2:
@@ -130,9 +133,7 @@ def matmul_add_to_gemm(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProt
             name=(mm.name or mm.output[0]) + "_gemm"))
         dead += [mm, add]
         report.add(f"MatMul {mm.name or mm.output[0]} + Add -> Gemm")
-    remove_nodes(g, dead)
-    drop_unused_initializers(g)
-    return model, report
+    return _end(model, dead, report)
 
 
 def _bypass(g: onnx.GraphProto, graph: Graph, node, keep_input: str) -> bool:
@@ -146,10 +147,7 @@ def _bypass(g: onnx.GraphProto, graph: Graph, node, keep_input: str) -> bool:
 @register("remove_identity")
 def remove_identity(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto, PassReport]:
     """Identity, and Dropout at inference (its mask unused), are removed."""
-    model = _copy(model)
-    g = model.graph
-    report = PassReport("remove_identity")
-    graph = Graph(g)
+    model, g, report, graph = _begin(model, "remove_identity")
     dead = []
     for node in list(g.node):
         is_dropout = node.op_type == "Dropout" and (len(node.output) < 2 or not node.output[1]
@@ -164,10 +162,8 @@ def remove_identity(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto, 
 @register("remove_noop_reshape")
 def remove_noop_reshape(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto, PassReport]:
     """Reshape/Flatten/Squeeze/Unsqueeze whose output shape equals its input shape are removed."""
-    model = _copy(model)
-    g = model.graph
-    report = PassReport("remove_noop_reshape")
-    graph, shapes = Graph(g), static_shapes(model)
+    model, g, report, graph = _begin(model, "remove_noop_reshape")
+    shapes = static_shapes(model)
     dead = []
     for node in list(g.node):
         if node.op_type not in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
@@ -176,18 +172,13 @@ def remove_noop_reshape(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelPro
         if src is not None and src == dst and _bypass(g, graph, node, node.input[0]):
             dead.append(node)
             report.add(f"removed no-op {node.op_type} {node.name or node.output[0]} {src}")
-    remove_nodes(g, dead)
-    drop_unused_initializers(g)
-    return model, report
+    return _end(model, dead, report)
 
 
 @register("cancel_transposes")
 def cancel_transposes(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto, PassReport]:
     """Transpose -> Transpose becomes one Transpose, or nothing when the two cancel."""
-    model = _copy(model)
-    g = model.graph
-    report = PassReport("cancel_transposes")
-    graph = Graph(g)
+    model, g, report, graph = _begin(model, "cancel_transposes")
     dead = []
     for first in list(g.node):
         second = graph.only_consumer(first.output[0]) if first.op_type == "Transpose" else None
@@ -235,10 +226,7 @@ FUSED_ACTIVATIONS = {"Relu": {}, "Sigmoid": {}, "Tanh": {}, "LeakyRelu": {"alpha
 @register("fuse_activations")
 def fuse_activations(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto, PassReport]:
     """Conv -> Relu/Clip/... becomes com.microsoft.FusedConv (onnxruntime only, opt-in)."""
-    model = _copy(model)
-    g = model.graph
-    report = PassReport("fuse_activations")
-    graph = Graph(g)
+    model, g, report, graph = _begin(model, "fuse_activations")
     dead = []
     for conv in list(g.node):
         act = graph.only_consumer(conv.output[0]) if conv.op_type == "Conv" else None
