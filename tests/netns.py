@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from sshd import Sshd, descendants
+from sshd import Sshd
 
 GUARD = ["10.200.0.0/16", "metric", "4000"]
 

@@ -6,7 +6,6 @@ import json
 import jsonschema
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper
 
 from conftest import ROOT, load_json, run_cli

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import ROOT, run_cli
 from sdk.model import from_proto, load
-from sdk.passes.prune import PruneConfig, gzip_size, prune_channels, prune_unstructured
+from sdk.passes.prune import PruneConfig, prune_channels, prune_unstructured
 
 RNG = np.random.default_rng(0)
 F32 = np.float32
@@ -169,3 +169,43 @@ def test_cli_prune_reports_and_unstructured(models, tmp_path):
     assert proc.returncode == 0 and "no speedup" in proc.stdout
     proc = run_cli("prune", models / "digits_cnn.onnx", "--ratio", "1.5", "-o", out)
     assert proc.returncode == 2
+
+
+def bn_model() -> onnx.ModelProto:
+    gamma = np.concatenate([np.full(8, 1e-3), np.ones(8)]).astype(F32)   # 8 channels idle
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c"], pads=[1] * 4),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["bn"]),
+             helper.make_node("Relu", ["bn"], ["r"]),
+             helper.make_node("Conv", ["r", "w1"], ["y"])]
+    inits = [init("w0", 16, 3, 3, 3), numpy_helper.from_array(gamma, "g"),
+             numpy_helper.from_array(np.zeros(16, F32), "b"),
+             numpy_helper.from_array(np.zeros(16, F32), "m"),
+             numpy_helper.from_array(np.ones(16, F32), "v"), init("w1", 4, 16, 1, 1)]
+    return helper.make_model(helper.make_graph(
+        nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 10, 10])], inits),
+        opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_bn_gamma_importance_removes_the_idle_channels():
+    model = bn_model()
+    pruned, _ = prune_channels(model, PruneConfig(ratio=0.5, importance="bn_gamma", round_to=1))
+    w = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    w0 = numpy_helper.to_array(model.graph.initializer[0])
+    np.testing.assert_array_equal(w["w0"], w0[8:])           # the 8 near-zero-gamma channels
+    assert w["g"].tolist() == [1.0] * 8 and w["w1"].shape == (4, 8, 1, 1)
+    x = RNG.standard_normal((1, 3, 10, 10)).astype(F32)
+    np.testing.assert_allclose(run(pruned, x), run(model, x), atol=0.1)   # idle: nearly exact
+
+
+def test_activation_importance_and_global_ranking(models, tmp_path):
+    out = tmp_path / "p.onnx"
+    proc = run_cli("prune", models / "digits_cnn.onnx", "--ratio", "0.4", "--importance",
+                   "activation", "--calib", models / "digits_cnn_eval.npz", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    m = load(models / "digits_cnn.onnx")
+    pruned, report = prune_channels(m.proto, PruneConfig(ratio=0.4, global_ranking=True))
+    after = from_proto(pruned, m)
+    per_layer = report.metrics["per_layer"]
+    assert after.facts.macs < m.facts.macs
+    assert len({v["after"] / v["before"] for v in per_layer.values()}) > 1   # not uniform

@@ -241,3 +241,31 @@ def test_cli_fuse_and_quantize(models, tmp_path):
     proc = run_cli("quantize", models / "digits_cnn.onnx", "--calib",
                    models / "digits_cnn_eval.npz", "--recipe", "magic", "-o", q)
     assert proc.returncode == 1 and "unknown recipe" in proc.stderr
+
+
+def test_fp16_conversion_keeps_accuracy(cnn, models):
+    from sdk.passes.quantize import to_fp16
+    m, pre = cnn
+    half, report = to_fp16(pre)
+    assert any(t.data_type == TensorProto.FLOAT16 for t in half.graph.initializer)
+    ev = np.load(models / "digits_cnn_eval.npz")
+    s = session(half)
+    out = np.concatenate([s.run(None, {"input": ev["input"][i:i + 64]})[0]
+                          for i in range(0, 359, 64)])
+    assert np.mean(out.argmax(1) == ev["labels"]) >= top1(pre, models) - 0.005
+
+
+def test_calibration_from_an_image_folder(cnn, models, tmp_path):
+    from PIL import Image
+    m, pre = cnn
+    ev = np.load(models / "digits_cnn_eval.npz")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, img in enumerate(ev["input"][:96]):
+        Image.fromarray(np.round(img[0] * 255).astype(np.uint8), "L").save(folder / f"{i}.png")
+    batches = list(calibration_batches(folder, m, 32))
+    assert [b["input"].shape for b in batches] == [(32, 1, 8, 8)] * 3
+    np.testing.assert_allclose(batches[0]["input"][0], ev["input"][0], atol=1 / 255)
+    q, _ = quantize_static(pre, QuantRecipe("rr", reduce_range=True), tmp_path / "c.json",
+                           batches)
+    assert top1(pre, models) - top1(q, models) <= 0.01

@@ -14,7 +14,6 @@ import device_runtime
 from device_runtime.bundle import MANIFEST, onnx_external_locations, verify
 from device_runtime.errors import RuntimeFailure
 from device_runtime.measure import summarize
-from sdk import bundle as bundles
 from sdk.model import load
 from sdk.profiling import prepare
 

@@ -8,7 +8,7 @@ import pytest
 import device_runtime
 from conftest import run_cli
 from sdk.errors import EdgesmithError
-from sdk.targets import all_profiles, generic_profile, load_profile, match
+from sdk.targets import all_profiles, load_profile, match
 from sdk.tune import TuningCache, tune
 from sdk.variants import Space, space
 

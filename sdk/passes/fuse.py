@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from . import PassReport, register
 from .graph import Graph, attr, drop_unused_initializers, remove_nodes, rename_input, static_shapes

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from . import PassReport, register
 from .graph import Graph, attr, static_shapes
