@@ -216,5 +216,7 @@ def setup(destination, identity, accept_new_host_key, remote_python, wheels, tfl
 
 from . import cli_transform  # noqa: E402,F401  (registers fuse/quantize/prune/... on main)
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":   # `python -m sdk.cli`: run the group cli_transform registered on
+    from sdk.cli import main as registered_main
+
+    registered_main()
