@@ -36,16 +36,33 @@ def load_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def require(ok: bool, message: str) -> None:
+    """Skip on a developer machine that lacks something; under CI=true, fail instead."""
+    if not ok:
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def client_home(tmp_path, monkeypatch, known_hosts_line: str, ssh_config: str = "") -> Path:
+    """A user HOME whose ~/.ssh knows the test device, and a remote dir of the test's own."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "known_hosts").write_text(known_hosts_line + "\n")
+    (home / ".ssh" / "config").write_text(ssh_config)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    monkeypatch.setenv("EDGESMITH_REMOTE_DIR", str(tmp_path / "remote"))
+    return home
+
+
 @pytest.fixture(scope="session")
 def sshd_server(tmp_path_factory):
     """A real sshd for the session; CI=true turns a missing sshd into a failure, not a skip."""
     import sshd as sshd_mod
 
-    if not sshd_mod.available():
-        message = "/usr/sbin/sshd or ssh-keygen missing (apt-get install -y openssh-server)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    require(sshd_mod.available(),
+            "/usr/sbin/sshd or ssh-keygen missing (apt-get install -y openssh-server)")
     server = sshd_mod.Sshd(tmp_path_factory.mktemp("sshd"))
     server.start()
     yield server
@@ -54,18 +71,10 @@ def sshd_server(tmp_path_factory):
 
 @pytest.fixture
 def ssh_home(tmp_path, monkeypatch, sshd_server):
-    """A user HOME whose ~/.ssh knows the test device (alias `testdev`), and a remote dir."""
-    home = tmp_path / "home"
-    (home / ".ssh").mkdir(parents=True)
-    (home / ".ssh" / "known_hosts").write_text(sshd_server.known_hosts_line() + "\n")
-    (home / ".ssh" / "config").write_text(
-        f"Host testdev\n  HostName 127.0.0.1\n  Port {sshd_server.port}\n"
-        f"  User {sshd_server.user}\n  IdentityFile {sshd_server.client_key}\n")
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-    remote = tmp_path / "remote"
-    monkeypatch.setenv("EDGESMITH_REMOTE_DIR", str(remote))
-    return home
+    """HOME for the loopback sshd, with a Host alias `testdev` in ~/.ssh/config."""
+    return client_home(tmp_path, monkeypatch, sshd_server.known_hosts_line(),
+                       f"Host testdev\n  HostName 127.0.0.1\n  Port {sshd_server.port}\n"
+                       f"  User {sshd_server.user}\n  IdentityFile {sshd_server.client_key}\n")
 
 
 @pytest.fixture(scope="session")
@@ -73,12 +82,8 @@ def netns_host(tmp_path_factory, sshd_server):
     """sshd in a network namespace created here (10.200.x.x over a veth); CI=true: never skip."""
     import netns
 
-    if not netns.available():
-        message = "cannot create network namespaces here (needs root and iproute2)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    host = netns.NetnsHost(tmp_path_factory.mktemp("netns"), 7)
+    require(netns.available(), "cannot create network namespaces here (needs root, iproute2)")
+    host = netns.NetnsHost(tmp_path_factory.mktemp("netns"), 10 + os.getpid() % 240)  # own subnet
     try:
         host.start()
         yield host
@@ -88,10 +93,4 @@ def netns_host(tmp_path_factory, sshd_server):
 
 @pytest.fixture
 def netns_home(tmp_path, monkeypatch, netns_host):
-    home = tmp_path / "home"
-    (home / ".ssh").mkdir(parents=True)
-    (home / ".ssh" / "known_hosts").write_text(netns_host.known_hosts_line() + "\n")
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-    monkeypatch.setenv("EDGESMITH_REMOTE_DIR", str(tmp_path / "remote"))
-    return home
+    return client_home(tmp_path, monkeypatch, netns_host.known_hosts_line())

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 import device_runtime
-from conftest import ROOT, run_cli
+from conftest import ROOT, require, run_cli
 from sdk.pipeline import optimize
 
 SCHEMA = json.loads((ROOT / "tests" / "schemas" / "report.json").read_text())
@@ -99,10 +98,7 @@ def chromium() -> str | None:
 
 def test_report_renders_in_a_headless_browser(models, tmp_path):
     browser = chromium()
-    if browser is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium missing: .ci/run installs it (apt-get install -y chromium)")
-        pytest.skip("chromium not installed")
+    require(browser is not None, "chromium missing: .ci/run installs it (apt-get install chromium)")
     out = tmp_path / "out"
     optimize(models / "digits_cnn.onnx", out, eval_path=models / "digits_cnn_eval.npz",
              tune_budget_s=0)
