@@ -92,7 +92,8 @@ def render_html(report) -> str:
         acc = c.accuracy or {}
         cls = ' class="chosen"' if c.id == report.chosen else ""
         rows.append(
-            f"<tr{cls}><td>{html.escape(c.id)}</td><td>{_fmt(c.p50_ms)}</td>"
+            f"<tr{cls}><td>{html.escape(c.id)}</td><td>{_fmt(c.p50_ms)}"
+            f"{f' (re-measured {c.confirm_p50_ms:.3f})' if c.confirm_p50_ms else ''}</td>"
             f"<td>{_fmt(c.p90_ms)}</td><td>{_fmt(acc.get('top1'), 4)}</td>"
             f"<td>{_fmt(acc.get('agreement'), 4)}</td><td>{_fmt(acc.get('sqnr_db'), 1)}</td>"
             f"<td>{_fmt(c.accuracy_drop, 4)}</td><td>{c.size_bytes / 1024:.0f}</td>"
