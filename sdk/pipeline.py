@@ -196,8 +196,8 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
 
     def write_outputs() -> None:
         """Best so far, after every candidate: never a run that ends with nothing saved."""
-        _choose(cands, max_accuracy_drop, latency_budget_ms)
-        best = next((c for c in cands if c.id == _best_id(cands)), None)
+        best_id = _choose(cands, max_accuracy_drop, latency_budget_ms) or _best_tradeoff(cands)
+        best = next((c for c in cands if c.id == best_id), None)
         if best is not None and best.ok:
             atomic_write(out / "model.onnx", state.model_path(best.model_sha256).read_bytes())
 
@@ -271,12 +271,8 @@ def _choose(cands: list[OptCandidate], max_drop: float, latency_ms: float | None
     return min(ok, key=lambda c: c.p50_ms).id if ok else None
 
 
-def _best_id(cands: list[OptCandidate]) -> str | None:
-    """What model.onnx holds: the chosen one, else the most accurate on the Pareto front."""
-    chosen = next((c.id for c in sorted(cands, key=lambda c: c.p50_ms or 1e18)
-                   if c.within_budget), None)
-    if chosen:
-        return chosen
+def _best_tradeoff(cands: list[OptCandidate]) -> str | None:
+    """When nothing meets the budget, model.onnx holds the most accurate Pareto candidate."""
     front = [c for c in cands if c.pareto]
     return min(front, key=lambda c: c.accuracy_drop).id if front else None
 
@@ -346,7 +342,7 @@ def _pruned_candidates(original, fused, train, eval_path, ratios, epochs, int8_r
 def _finish(report: OptimizeReport, state: _State, original: Model, fused: Model, dev,
             out: Path, data, batch: int, tune_budget_s: float, say) -> None:
     """Tune the winner, profile its ops, re-measure it against the original, write the bundle."""
-    pick = report.chosen or _best_id(report.candidates)
+    pick = report.chosen or _best_tradeoff(report.candidates)
     if pick is None:
         report.summary = "no candidate ran on the device"
         return

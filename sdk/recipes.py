@@ -119,10 +119,14 @@ class RecipeSearch:
         else:   # no eval set: fidelity to the original model on calibration samples, never none
             self.eval = _fidelity_set(calibration_batches(calib, model, 16, 256))
         self.eval.refs = reference_outputs(model, self.eval, self.batch)
-        self.remote_cache: dict[str, Candidate] = {}
+        self._batches: list[dict] | None = None
 
-    def batches(self, model: Model | None = None):
-        return list(calibration_batches(self.calib, model or self.model, 16, self.calib_limit))
+    def batches(self) -> list[dict]:
+        """Calibration batches, read once: CLE, bias correction and sensitivity all reuse them."""
+        if self._batches is None:
+            self._batches = list(calibration_batches(self.calib, self.model, 16,
+                                                     self.calib_limit))
+        return self._batches
 
     def build(self, recipe: QuantRecipe) -> tuple[onnx.ModelProto, list]:
         """The quantized (or fp16) model for `recipe`, from the prepared float model."""

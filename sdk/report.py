@@ -57,11 +57,7 @@ def print_table(table: Table) -> None:
 
 
 def to_jsonable(obj):
-    if is_dataclass(obj):
-        return asdict(obj)
-    if isinstance(obj, Result):
-        return obj.to_dict()
-    return obj
+    return asdict(obj) if is_dataclass(obj) else obj
 
 
 def write_json(path: str | Path, obj) -> None:

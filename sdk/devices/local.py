@@ -20,6 +20,9 @@ RUNTIME_PARENT = str(Path(device_runtime.__file__).resolve().parent.parent)
 class LocalDevice:
     name = "local"
 
+    def __init__(self):
+        self._facts: dict | None = None   # this machine does not change during a run
+
     def _cmd(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "device_runtime", *args]
 
@@ -29,12 +32,16 @@ class LocalDevice:
         return env
 
     def facts(self) -> dict:
-        try:
-            out = subprocess.run(self._cmd("facts"), capture_output=True, text=True, timeout=60,
-                                 env=self._env())
-            return json.loads(out.stdout)
-        except (subprocess.TimeoutExpired, ValueError) as exc:
-            raise EdgesmithError(f"local device runtime did not report its facts: {exc}") from None
+        """Read once per device object, like SSHDevice (the pipeline and tuner both ask)."""
+        if self._facts is None:
+            try:
+                out = subprocess.run(self._cmd("facts"), capture_output=True, text=True,
+                                     timeout=60, env=self._env())
+                self._facts = json.loads(out.stdout)
+            except (subprocess.TimeoutExpired, ValueError) as exc:
+                raise EdgesmithError(f"local device runtime did not report its facts: "
+                                     f"{exc}") from None
+        return self._facts
 
     def push(self, bundle: Bundle) -> str:
         return str(bundle.path)   # bundles are built on this machine already
