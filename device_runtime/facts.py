@@ -107,6 +107,18 @@ def backend_versions() -> dict:
     return {k: v for k, v in found.items() if v}
 
 
+def _newest_opset(ort) -> int | None:
+    """The newest ai.onnx opset this onnxruntime has kernels for: the newest it can load.
+
+    No public API says this; the kernel registry does (a semi-private call, so guarded).
+    """
+    try:
+        kernels = ort.capi._pybind_state.get_all_opkernel_def()
+        return max(k.version_range[0] for k in kernels if k.domain in ("", "ai.onnx"))
+    except Exception:
+        return None
+
+
 def collect(with_providers: bool = True) -> dict:
     model, flags = _cpuinfo()
     emulated = _emulated(flags)
@@ -124,6 +136,7 @@ def collect(with_providers: bool = True) -> dict:
         try:
             import onnxruntime
             facts["ort_providers"] = onnxruntime.get_available_providers()
+            facts["ort_opset"] = _newest_opset(onnxruntime)
         except Exception as exc:  # a broken install is a fact worth reporting, not a crash
             facts["ort_providers"] = []
             facts["ort_import_error"] = str(exc).splitlines()[0] if str(exc) else repr(exc)

@@ -131,7 +131,8 @@ def write_onnx(path: Path, w1, b1, w2, b2) -> None:
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 64])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
                               inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+    # IR 8 is what opset 17 needs; onnx's default (its newest IR) shuts out older onnxruntimes
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8,
                               producer_name="edgesmith-examples")
     onnx.checker.check_model(model)
     onnx.save(model, str(path))

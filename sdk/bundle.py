@@ -51,7 +51,8 @@ def build(model: Model, config: dict | None = None, eval_data: EvalData | None =
         files={name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
                for name, data in files.items()},
         config=dict(config or {}), eval="eval.npz" if eval_data is not None else None,
-        eval_batch=eval_batch, meta=dict(meta or {}))
+        eval_batch=eval_batch, meta={**({"opset": model.facts.opset} if model.facts.opset else {}),
+                                     **(meta or {})})
     raw = manifest.to_json()
     bundle_id = hashlib.sha256(raw).hexdigest()
     bundles = (root or cache_dir()) / "bundles"

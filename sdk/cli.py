@@ -56,6 +56,19 @@ def ssh_options(fn):
     return fn
 
 
+def one_device(value: str, identity, accept_new_host_key, remote_python):
+    """The device a search runs on; searches by latency on an emulated device are said to be so."""
+    [device] = devices_from((value,), identity, accept_new_host_key, remote_python)
+    try:
+        emulated = device.facts().get("emulated")
+    except Exception:   # unreachable and the like: the command itself reports the stage
+        emulated = False
+    if emulated:
+        click.echo(f"warning: {device.name} is emulated: latencies and the choices made by them "
+                   "are not meaningful there; accuracy and deployment are", err=True)
+    return device
+
+
 def devices_from(values: tuple[str, ...], identity, accept_new_host_key, remote_python) -> list:
     """--device values: `local`, SSH destinations, or devices.toml inventories."""
     from .devices import get_device, load_inventory
@@ -108,6 +121,9 @@ def profile(model, device_values, identity, accept_new_host_key, remote_python, 
                    [{"name": name, **r.to_dict()} for name, r in rows])
     print_table(results_table(rows))
     for name, result in rows:
+        if result.ok and result.device.get("emulated"):
+            click.echo(f"note: {name} is emulated ({result.device.get('cpu')}): its latency is "
+                       "not meaningful; its accuracy and memory are")
         if result.op_profile_ms:
             total = sum(result.op_profile_ms.values()) or 1.0
             click.echo(f"time per op type on {name}:")

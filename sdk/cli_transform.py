@@ -4,11 +4,12 @@ They register on `sdk.cli.main`; `sdk.cli` imports this module at its end.
 """
 from __future__ import annotations
 
+import re
 import sys
 
 import click
 
-from .cli import devices_from, main, parse_duration, ssh_options
+from .cli import main, one_device, parse_duration, ssh_options
 from .errors import EdgesmithError
 
 
@@ -32,7 +33,7 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
     from .report import copy_dir_atomic, print_table, tune_table, write_json
     from .tune import tune as run_tune
 
-    [dev] = devices_from((device,), identity, accept_new_host_key, remote_python)
+    dev = one_device(device, identity, accept_new_host_key, remote_python)
     quiet = bool(json_out)
     progress = (lambda t: click.echo(f"  {'cached ' if t.cached else ''}{t.label}: "
                                      f"{'error: ' + t.error if t.error else f'{t.p50_ms:.3f} ms'}",
@@ -58,17 +59,29 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
 @click.option("--ort-fusions", is_flag=True,
               help="also fuse Conv+activation into com.microsoft.FusedConv (onnxruntime only)")
+@click.option("--opset", type=int,
+              help="convert to this opset (also down, for a device with an older onnxruntime)")
 @click.option("--input-shape", help="fix dynamic inputs: NAME=1x3x224x224[,NAME2=...]")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the report here")
-def fuse(model, out, ort_fusions, input_shape, json_out):
+def fuse(model, out, ort_fusions, opset, input_shape, json_out):
     """Fold constants and BatchNorms, fuse MatMul+Add, drop no-ops; outputs stay the same."""
     from .model import load, parse_input_shapes, save
-    from .passes.fuse import PORTABLE_PIPELINE, fuse as run_fuse
+    from .passes.fuse import PORTABLE_PIPELINE, convert_opset, fuse as run_fuse
     from .report import write_json
 
     m = load(model, parse_input_shapes(input_shape))
     passes = PORTABLE_PIPELINE + (["fuse_activations"] if ort_fusions else [])
     fused, reports = run_fuse(m.proto, passes)
+    if opset is not None:
+        try:
+            fused, report = convert_opset(fused, opset)
+        except Exception as exc:   # onnx's converter raises bare RuntimeErrors per op
+            text = str(exc).strip().splitlines()[0]
+            if found := re.search(r"No Adapter From Version \$(\d+) for (\w+)", text):
+                text = (f"onnx has no down-converter for {found[2]} from opset {found[1]} (No "
+                        f"Adapter); choose opset {found[1]} or later")
+            raise EdgesmithError(f"cannot convert {model} to opset {opset}: {text}") from None
+        reports.append(report)
     save(fused, out)
     if json_out:
         write_json(json_out, {"model": model, "out": out, "passes": reports})
@@ -107,7 +120,7 @@ def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accep
             write_json(json_out, {"recipe": recipe, "passes": reports})
         click.echo(f"wrote {out} ({recipe})")
         return
-    [dev] = devices_from((device,), identity, accept_new_host_key, remote_python)
+    dev = one_device(device, identity, accept_new_host_key, remote_python)
     say = None if json_out else (lambda text: click.echo(f"  {text}", err=True))
     chosen, report = choose_recipe(m, dev, calib, eval_path, max_accuracy_drop, on_step=say)
     save(chosen.proto, out)
@@ -275,7 +288,7 @@ def optimize(model, out_dir, device, identity, accept_new_host_key, remote_pytho
     except (ValueError, AssertionError):
         raise click.BadParameter(f"{prune_ratios!r}; write e.g. 0.3,0.5",
                                  param_hint="--prune-ratios")
-    [dev] = devices_from((device,), identity, accept_new_host_key, remote_python)
+    dev = one_device(device, identity, accept_new_host_key, remote_python)
     say = None if json_out else (lambda text: click.echo(f"  {text}", err=True))
     try:
         report = run_optimize(model, out_dir, dev, target, calib, eval_path, train,

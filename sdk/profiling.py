@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -31,6 +32,15 @@ def measure(bundle: bundles.Bundle, device, job: Job) -> Result:
     t0 = time.perf_counter()
     job = replace(job, backend=bundle.manifest.backend)
     try:
+        facts = device.facts() if bundle.manifest.backend == "onnxruntime" else {}
+        limit, opset = facts.get("ort_opset"), bundle.manifest.meta.get("opset")
+        if limit and opset and opset > limit:   # known before uploading anything
+            ort = facts.get("packages", {}).get("onnxruntime", "")
+            return Result.failure("load", f"the model's ONNX opset {opset} is newer than "
+                                  f"onnxruntime {ort} on the device reads (up to {limit}): "
+                                  f"convert it with `edgesmith fuse MODEL --opset {limit} -o OUT` "
+                                  "or upgrade onnxruntime on the device (`edgesmith device setup`)",
+                                  device=facts)
         remote = device.push(bundle)
         pushed_ms = (time.perf_counter() - t0) * 1e3
         result = device.run(remote, job)
@@ -40,7 +50,24 @@ def measure(bundle: bundles.Bundle, device, job: Job) -> Result:
     except StageError as exc:
         return Result.failure(exc.stage, exc.message)
     result.stages_ms["push"] = pushed_ms
+    if result.stage == "load" and "--opset N" in (result.error or ""):
+        result.error = name_the_opset(result.error, limit, opset)
     return result
+
+
+def name_the_opset(message: str, device_opset: int | None, model_opset: int | None) -> str:
+    """The device says what IR version or opset it reads; the host's onnx knows which opset fits.
+
+    The model's own opset if that fits (the conversion then only re-stamps the IR version)."""
+    from .passes.fuse import newest_opset_for_ir
+
+    found = re.search(r"ONNX (IR version|opset) \d+ .*\(up to (\d+)\)", message)
+    if not found:
+        return message
+    limit = int(found[2])
+    opset = newest_opset_for_ir(limit) if found[1] == "IR version" else limit
+    fits = min(opset, device_opset or opset)
+    return message.replace("--opset N", f"--opset {min(model_opset or fits, fits)}")
 
 
 def profile(model: str | os.PathLike | Model, device="local",

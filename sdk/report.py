@@ -42,7 +42,7 @@ def results_table(rows: list[tuple[str, Result]], title: str = "edgesmith profil
         lat, acc = r.latency_ms or {}, r.accuracy or {}
         device = f"{name} ({r.device.get('arch')}, {r.device.get('cores')} cores)"
         if r.device.get("emulated"):
-            device += " [yellow]emulated: latency not meaningful[/yellow]"
+            device += " [yellow]emulated[/yellow]"   # the CLI says why under the table
         versions = " ".join(f"{k} {v}" for k, v in r.versions.items() if isinstance(v, str))
         table.add_row(device, f"{versions}\n{config_summary(r)}", _fmt(r.load_ms, 1),
                       _fmt(lat.get("p50")), _fmt(lat.get("p90")), _fmt(lat.get("p99")),

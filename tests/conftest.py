@@ -94,3 +94,22 @@ def netns_host(tmp_path_factory, sshd_server):
 @pytest.fixture
 def netns_home(tmp_path, monkeypatch, netns_host):
     return client_home(tmp_path, monkeypatch, netns_host.known_hosts_line())
+
+
+@pytest.fixture(scope="session")
+def emulated_pi(tmp_path_factory):
+    """An aarch64 Debian 'Raspberry Pi' under qemu in its own namespace (tests/emulated_pi.py).
+
+    The cold build takes ~10 min and is cached; off CI an uncached rootfs is a skip, not a build.
+    """
+    import emulated_pi as pi
+    import netns
+
+    require(netns.available(), "cannot create network namespaces here (needs root, iproute2)")
+    if os.environ.get("CI") != "true" and not (pi.cached_rootfs() / pi.COMPLETE).exists():
+        pytest.skip("no emulated-Pi rootfs cached: run `scripts/emulated-pi build` (~10 min)")
+    device = pi.EmulatedPi(tmp_path_factory.mktemp("pi"), 10 + (os.getpid() + 120) % 240)
+    try:
+        yield device.start()
+    finally:
+        device.stop()

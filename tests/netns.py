@@ -37,15 +37,15 @@ def available() -> bool:
 class NetnsHost:
     """sshd inside `ip netns` at 10.200.<k>.2; the host side of the veth is 10.200.<k>.1."""
 
-    def __init__(self, workdir: Path, index: int):
+    def __init__(self, workdir: Path, index: int, root: Path | None = None):
         self.k = index
         self.ns = f"es{os.getpid() % 10000}n{index}"
         self.host_if, self.ns_if = f"esh{os.getpid() % 10000}{index}", f"esd{os.getpid() % 10000}{index}"
         self.address = f"10.200.{index}.2"
-        self.sshd = Sshd(workdir)
+        self.sshd = Sshd(workdir, root)   # root: the sshd of a chrooted rootfs (emulated_pi)
         self.added_guard = False
 
-    def start(self) -> None:
+    def start(self, wait_s: float = 15) -> None:
         if "unreachable 10.200.0.0/16" not in sh("ip", "route", "show").stdout:
             sh("ip", "route", "add", "unreachable", *GUARD)
             self.added_guard = True
@@ -61,14 +61,15 @@ class NetnsHost:
                                                       f"ListenAddress {self.address}")
         self.sshd.config.write_text(config)
         self.sshd.launch(["ip", "netns", "exec", self.ns])
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and self.sshd.proc.poll() is None:
             try:
                 socket.create_connection((self.address, self.sshd.port), timeout=1).close()
                 return
             except OSError:
                 time.sleep(0.1)
-        raise RuntimeError(f"sshd in {self.ns} did not come up")
+        log = (self.sshd.dir / "log").read_text()[-300:]
+        raise RuntimeError(f"sshd in {self.ns} did not come up: {log}")
 
     def nft(self, *rule: str) -> None:
         sh("ip", "netns", "exec", self.ns, "nft", *rule)

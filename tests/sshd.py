@@ -27,8 +27,9 @@ def keygen(path: Path) -> str:
 class Sshd:
     """sshd -D -e -f <own config>; `stop()` kills it and every session it forked."""
 
-    def __init__(self, workdir: Path):
-        self.dir = workdir
+    def __init__(self, workdir: Path, root: Path | None = None):
+        """`root`: sshd runs chrooted there (workdir inside it), so its paths are root-relative."""
+        self.dir, self.root = workdir, root
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.host_key_pub = keygen(self.dir / "host_key")
@@ -36,20 +37,27 @@ class Sshd:
         (self.dir / "authorized_keys").write_text(keygen(self.client_key) + "\n")
         self.config = self.dir / "sshd_config"
         self.config.write_text("\n".join([
-            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {self.dir / 'host_key'}",
-            f"AuthorizedKeysFile {self.dir / 'authorized_keys'}", "PasswordAuthentication no",
+            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {self.seen('host_key')}",
+            f"AuthorizedKeysFile {self.seen('authorized_keys')}", "PasswordAuthentication no",
             "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
             "PermitRootLogin prohibit-password", "Subsystem sftp internal-sftp",
-            f"PidFile {self.dir / 'sshd.pid'}", "LogLevel ERROR", "MaxStartups 50",
+            f"PidFile {self.seen('sshd.pid')}", "LogLevel ERROR", "MaxStartups 50",
             "MaxSessions 50", ""]))
         self.proc: subprocess.Popen | None = None
         self.user = os.environ.get("USER") or "root"
 
+    def seen(self, name: str) -> str:
+        """A file of workdir as sshd sees it (inside its chroot, if any)."""
+        path = self.dir / name
+        return "/" + str(path.relative_to(self.root)) if self.root else str(path)
+
     def launch(self, prefix: list[str] = ()) -> None:
         """Start sshd (optionally under a prefix such as `ip netns exec NS`) without waiting."""
-        Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+        (Path(self.root or "/") / "run/sshd").mkdir(parents=True, exist_ok=True)
+        chroot = ["chroot", str(self.root)] if self.root else []
         with open(self.dir / "log", "a") as log:
-            self.proc = subprocess.Popen([*prefix, SSHD, "-D", "-e", "-f", str(self.config)],
+            self.proc = subprocess.Popen([*prefix, *chroot, SSHD, "-D", "-e", "-f",
+                                          self.seen("sshd_config")],
                                          stdout=subprocess.DEVNULL, stderr=log,
                                          start_new_session=True)
 

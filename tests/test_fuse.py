@@ -106,8 +106,32 @@ def test_opset_upgrade_keeps_outputs():
     model.opset_import[0].version = 13
     feed = {"x": RNG.standard_normal((1, 3, 6, 6)).astype(np.float32)}
     upgraded, report = get("upgrade_opset")(model, 17)
-    assert report.changed == 1 and upgraded.opset_import[0].version == 17
+    assert "opset 13 -> 17" in report.details and upgraded.opset_import[0].version == 17
     np.testing.assert_allclose(run(upgraded, feed)[0], run(model, feed)[0], rtol=1e-6)
+
+
+def test_opset_conversion_down_for_an_older_runtime_stamps_the_ir_it_needs(models):
+    """A model saved by the newest onnx (newest opset and IR) converted down for an older
+    onnxruntime: outputs unchanged, IR version the oldest the target opset allows."""
+    cnn = onnx.load(models / "digits_cnn.onnx")
+    newest, _ = get("convert_opset")(cnn, onnx.defs.onnx_opset_version())
+    assert newest.ir_version == onnx.IR_VERSION
+    down, report = get("convert_opset")(newest, 17)
+    assert down.opset_import[0].version == 17 and down.ir_version == 8   # IR 8 brought opset 17
+    assert f"IR version {onnx.IR_VERSION} -> 8" in report.details
+    feed = {"input": RNG.standard_normal((1, 1, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(run(down, feed)[0], run(cnn, feed)[0], rtol=1e-6)
+
+
+def test_fuse_cli_opset_out_of_range_is_one_line(models, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "x.onnx"
+    for opset, why in [("99", "outside what this onnx converts"), ("13", "No Adapter")]:
+        proc = run_cli("fuse", models / "digits_cnn.onnx", "--opset", opset, "-o", out)
+        assert proc.returncode == 1 and not out.exists()
+        assert f"opset {opset}" in proc.stderr and why in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_graph_output_is_never_bypassed():

@@ -1,6 +1,8 @@
 """ONNX Runtime backend: every session knob comes from the bundle's runtime config."""
 from __future__ import annotations
 
+import re
+
 from ..errors import RuntimeFailure
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
@@ -9,6 +11,9 @@ OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
 DEFAULT_CONFIG = {"providers": ["CPUExecutionProvider"], "intra_op_threads": 0,
                   "inter_op_threads": 0, "graph_optimization_level": "all",
                   "execution_mode": "sequential", "session_config": {}, "profile_ops": False}
+# a model saved by a newer onnx than this device's onnxruntime reads: the usual host/device skew
+TOO_NEW = ((r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", "IR version"),
+           (r"Opset (\d+) is under development.*is till opset (\d+)", "opset"))
 
 
 def _import():
@@ -58,6 +63,13 @@ class Backend:
         try:
             self.session = ort.InferenceSession(model_path, opts, providers=providers)
         except Exception as exc:  # ORT raises its own pybind classes; translate to one line
+            for pattern, what in TOO_NEW:
+                if found := re.search(pattern, str(exc), re.S):
+                    raise RuntimeFailure("load", f"the model's ONNX {what} {found[1]} is newer "
+                                         f"than onnxruntime {ort.__version__} on the device reads "
+                                         f"(up to {found[2]}): convert it with `edgesmith fuse "
+                                         "MODEL --opset N -o OUT` or upgrade onnxruntime on the "
+                                         "device (`edgesmith device setup`)") from None
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RuntimeFailure("load", f"onnxruntime {ort.__version__} cannot load the model: "
                                  f"{first}") from None

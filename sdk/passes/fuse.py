@@ -206,17 +206,46 @@ def cancel_transposes(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto
 @register("upgrade_opset")
 def upgrade_opset(model: onnx.ModelProto, cfg: int | None = 17) -> tuple[onnx.ModelProto,
                                                                         PassReport]:
-    """Raise the default-domain opset to `cfg` (per-channel QDQ needs 13+)."""
+    """Raise the default-domain opset to at least `cfg` (per-channel QDQ needs 13+)."""
+    current = default_opset(model)
+    if current is None or current >= int(cfg or 17):
+        return _copy(model), PassReport("upgrade_opset")
+    return convert_opset(model, int(cfg or 17))
+
+
+@register("convert_opset")
+def convert_opset(model: onnx.ModelProto, cfg: int) -> tuple[onnx.ModelProto, PassReport]:
+    """Convert to opset `cfg`, up or down, and stamp the IR version that opset needs (the oldest).
+
+    Down-conversion is how a model saved by a new onnx runs on a device whose onnxruntime is
+    older (the device reports the opset and IR version it reads).
+    """
     from onnx import version_converter
 
-    report = PassReport("upgrade_opset")
-    target = int(cfg or 17)
-    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if current is None or current >= target:
-        return _copy(model), report
-    converted = version_converter.convert_version(model, target)
-    report.add(f"opset {current} -> {target}")
+    report = PassReport("convert_opset")
+    target, current = int(cfg), default_opset(model)
+    newest = onnx.defs.onnx_opset_version()
+    if not 7 <= target <= newest:
+        raise ValueError(f"opset {target} is outside what this onnx converts (7..{newest})")
+    converted = _copy(model) if current == target else \
+        version_converter.convert_version(model, target)
+    if current != target:
+        report.add(f"opset {current} -> {target}")
+    ir = helper.find_min_ir_version_for(list(converted.opset_import))
+    if converted.ir_version != ir:
+        report.add(f"IR version {converted.ir_version} -> {ir}")
+        converted.ir_version = ir
     return converted, report
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def newest_opset_for_ir(ir_version: int) -> int:
+    """The newest opset whose models an onnxruntime reading IR <= `ir_version` can load."""
+    return max((opset for _, ir, opset, *_ in helper.VERSION_TABLE if ir <= ir_version),
+               default=7)
 
 
 FUSED_ACTIVATIONS = {"Relu": {}, "Sigmoid": {}, "Tanh": {}, "LeakyRelu": {"alpha": 0.01},

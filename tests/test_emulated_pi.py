@@ -1,0 +1,127 @@
+"""Deploy to an emulated Raspberry Pi: Debian arm64 under qemu-user, its own Python 3.11, numpy,
+onnxruntime 1.27 and ai-edge-litert, reached over a veth into a network namespace.
+
+Latency under emulation means nothing, so nothing here checks speed; what is checked is that the
+facts, the accuracy and the failures are right on a real aarch64 userland (tests/emulated_pi.py).
+"""
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from conftest import client_home, run_cli
+from sdk.devices import Job
+from sdk.devices.ssh import SSHDevice
+from sdk.data import calibration_batches
+from sdk.model import load, save
+from sdk.passes.quantize import QuantRecipe, preprocess, quantize_static
+from sdk.profiling import profile_many
+
+pytestmark = [pytest.mark.emulated_pi, pytest.mark.ssh, pytest.mark.netns, pytest.mark.slow]
+FEW = ("--runs", "3", "--warmup", "1")
+
+
+@pytest.fixture
+def pi_home(tmp_path, monkeypatch, emulated_pi):
+    """HOME whose ~/.ssh/config names the Pi `pi`; the remote dir is the one the rootfs's venv
+    lives in (`edgesmith device setup` puts it there on a real Pi)."""
+    host = emulated_pi.host
+    home = client_home(tmp_path, monkeypatch, emulated_pi.known_hosts_line(),
+                       f"Host pi\n  HostName {host.address}\n  Port {host.sshd.port}\n"
+                       f"  User {host.sshd.user}\n  IdentityFile {host.sshd.client_key}\n")
+    monkeypatch.setenv("EDGESMITH_REMOTE_DIR", "~/.edgesmith")
+    return home
+
+
+def pi_device() -> SSHDevice:
+    return SSHDevice.from_destination("pi")
+
+
+def test_facts_say_aarch64_with_neon_under_emulation_and_match_a_pi(pi_home, tmp_path):
+    out = tmp_path / "facts.json"
+    proc = run_cli("device", "facts", "pi", "--json", out, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    facts = json.loads(out.read_text())
+    assert facts["arch"] == "aarch64"
+    assert "asimd" in facts["cpu_flags"]          # NEON, read from the ARM HWCAPs in auxv
+    assert facts["emulated"] is True
+    assert facts["python"].startswith("3.11")
+    import onnxruntime
+
+    assert facts["packages"]["onnxruntime"] != onnxruntime.__version__   # the skew is real
+    assert facts["packages"]["ai-edge-litert"]
+    proc = run_cli("targets", "match", "pi", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "rpi" in proc.stdout.split("\n", 1)[0], proc.stdout
+
+
+def test_profile_digits_over_ssh_gives_the_x86_accuracy_labelled_emulated(pi_home, models,
+                                                                          tmp_path):
+    out = tmp_path / "pi.json"
+    proc = run_cli("profile", models / "digits_cnn.onnx", "--eval", models / "digits_cnn_eval.npz",
+                   "--device", "pi", "--device", "local", *FEW, "--json", out, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    rows = {row["name"]: row for row in json.loads(out.read_text())}
+    pi, local = rows["pi"], rows["local"]
+    assert pi["error"] is None, pi["error"]
+    assert pi["device"]["arch"] == "aarch64" and pi["device"]["emulated"] is True
+    assert pi["latency_ms"]["p50"] > 0
+    assert abs(pi["accuracy"]["top1"] - local["accuracy"]["top1"]) <= 1 / 300   # <= 1 digit
+    assert pi["accuracy"]["top1"] > 0.97
+    assert "emulated" in proc.stdout and "not meaningful" in proc.stdout
+
+
+def test_int8_and_tflite_models_keep_their_x86_accuracy_on_arm(pi_home, models, tmp_path):
+    cnn = load(models / "digits_cnn.onnx")
+    int8 = tmp_path / "cnn_int8.onnx"
+    q, _ = quantize_static(preprocess(cnn.proto, cnn.input_shapes), QuantRecipe("qdq-u8s8"),
+                           tmp_path / "calib.json",
+                           calibration_batches(models / "digits_cnn_train.npz", cnn, 32))
+    save(q, int8)
+    cases = [(int8, models / "digits_cnn_eval.npz"),
+             (models / "digits_mlp.tflite", models / "digits_mlp_eval.npz")]
+    for model, eval_set in cases:
+        rows = dict(profile_many(model, [pi_device(), "local"], eval_set, Job(runs=3, warmup=1)))
+        pi, local = rows["pi"], rows["local"]
+        assert pi.ok, pi.error
+        assert local.ok, local.error
+        assert pi.device["arch"] == "aarch64"
+        assert abs(pi.accuracy["top1"] - local.accuracy["top1"]) <= 0.01, \
+            (model.name, pi.accuracy, local.accuracy)
+        assert pi.accuracy["agreement"] >= 0.98, (model.name, pi.accuracy)   # vs host reference
+
+
+def test_a_model_too_new_for_the_device_is_explained_and_fuse_opset_fixes_it(pi_home, models,
+                                                                            tmp_path):
+    facts = pi_device().facts()
+    limit = facts["ort_opset"]
+    newest = onnx.defs.onnx_opset_version()
+    assert limit < newest, "the device's onnxruntime should be older than the host's onnx"
+    too_new = tmp_path / "too_new.onnx"
+    proc = run_cli("fuse", models / "digits_cnn.onnx", "--opset", newest, "-o", too_new)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("profile", too_new, "--device", "pi", *FEW, timeout=600)
+    assert proc.returncode == 1
+    assert f"opset {newest}" in proc.stderr and f"--opset {limit}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    # the opset fits but the IR version does not: only the device's onnxruntime can say so
+    stamped = onnx.load(models / "digits_cnn.onnx")
+    stamped.ir_version = onnx.IR_VERSION
+    ir_too_new = tmp_path / "ir_too_new.onnx"
+    onnx.save(stamped, ir_too_new)
+    proc = run_cli("profile", ir_too_new, "--device", "pi", *FEW, timeout=600)
+    assert proc.returncode == 1
+    assert f"IR version {onnx.IR_VERSION}" in proc.stderr, proc.stderr
+    assert "--opset 17" in proc.stderr, proc.stderr    # its own opset fits: only re-stamp IR
+
+    fixed = tmp_path / "fixed.onnx"
+    proc = run_cli("fuse", too_new, "--opset", limit, "-o", fixed)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "fixed.json"
+    proc = run_cli("profile", fixed, "--eval", models / "digits_cnn_eval.npz", "--device", "pi",
+                   *FEW, "--json", out, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["accuracy"]["top1"] > 0.97
