@@ -124,7 +124,12 @@ def build(log=print) -> Path:
             shutil.rmtree(wheels)
         (work / COMPLETE).write_text(recipe_key() + "\n")
         os.chmod(work, 0o755)
-        work.rename(final)
+        try:
+            work.rename(final)
+        except OSError:   # another run finished the same build first: use theirs
+            if not (final / COMPLETE).exists():
+                raise
+            remove_tree(work)
     except BaseException:
         remove_tree(work)
         raise

@@ -19,7 +19,9 @@ from sdk.model import load, save
 from sdk.passes.quantize import QuantRecipe, preprocess, quantize_static
 from sdk.profiling import profile_many
 
-pytestmark = [pytest.mark.emulated_pi, pytest.mark.ssh, pytest.mark.netns, pytest.mark.slow]
+# the first test also builds the rootfs when it is not cached (~7 min here, more on a busy CI)
+pytestmark = [pytest.mark.emulated_pi, pytest.mark.ssh, pytest.mark.netns, pytest.mark.slow,
+              pytest.mark.timeout(2400)]
 FEW = ("--runs", "3", "--warmup", "1")
 
 
