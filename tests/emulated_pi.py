@@ -3,7 +3,8 @@
 `build()` makes the rootfs once and caches it (under /var/cache/edgesmith/emulated-pi): debootstrap
 arm64 with python3, python3-venv and openssh-server, then the device's own venv at
 `/root/.edgesmith/venv` (where `edgesmith device setup` puts it), filled offline from aarch64 wheels
-the host downloads (`pip download --platform`), so pip in the chroot never needs the network.
+the host downloads (`pip download --platform`), so pip in the chroot never needs the network (nor
+the host's CA bundle). The wheels stay in the rootfs for tests of `device setup --wheels`.
 
 onnxruntime is pinned to 1.27 on the device: 1.28 and later segfault at import under bookworm's
 qemu 7.2. The host runs a newer one, which is exactly the version skew users meet.
@@ -15,6 +16,7 @@ binfmt_misc mount if they were made here.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -22,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,11 +40,12 @@ PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_17
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
 VENV = "/root/.edgesmith/venv"
 COMPLETE = ".edgesmith-complete"     # written last: a rootfs without it is not used
+WHEELS = "opt/device-wheels"         # kept in the rootfs: tests push them with `device setup`
 
 
 def recipe_key() -> str:
     """The cache key: anything that changes what is built changes the directory name."""
-    text = repr((SUITE, CHROOT_PACKAGES, DEVICE_WHEELS, PLATFORMS))
+    text = repr((SUITE, CHROOT_PACKAGES, DEVICE_WHEELS, PLATFORMS, WHEELS))
     return f"{SUITE}-arm64-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
@@ -76,25 +80,49 @@ def debian_mirror() -> str:
 
 
 class Binfmt:
-    """qemu-aarch64 registered with binfmt_misc, and undone on exit if registered here."""
+    """qemu-aarch64 registered with binfmt_misc while any emulated-Pi user runs.
+
+    binfmt_misc is machine-wide: every user holds a shared flock on LOCK; the last one out (its
+    exclusive lock succeeds) undoes what an edgesmith run added (recorded in ADDED), and nothing
+    else, so concurrent runs never pull the interpreter from under each other.
+    """
+
+    LOCK, ADDED = Path("/run/edgesmith-binfmt.lock"), Path("/run/edgesmith-binfmt.added")
 
     def __init__(self):
-        self.mounted = self.enabled = False
+        self.fd: int | None = None
 
-    def __enter__(self) -> "Binfmt":
+    def __enter__(self) -> Binfmt:
+        self.fd = os.open(self.LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)          # registering is not concurrent
+        added = []
         if not (BINFMT / "status").exists():
             sh("mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT))
-            self.mounted = True
+            added.append("mount")
         if not (BINFMT / "qemu-aarch64").exists():
             sh("update-binfmts", "--enable", "qemu-aarch64")
-            self.enabled = True
+            added.append("entry")
+        if added:
+            self.ADDED.write_text(" ".join(added))
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.enabled:
-            sh("update-binfmts", "--disable", "qemu-aarch64", check=False)
-        if self.mounted:
-            sh("umount", str(BINFMT), check=False)
+        if self.fd is None:
+            return
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # only if nobody else is in
+        except BlockingIOError:
+            pass
+        else:
+            added = self.ADDED.read_text().split() if self.ADDED.exists() else []
+            if "entry" in added:
+                sh("update-binfmts", "--disable", "qemu-aarch64", check=False)
+            if "mount" in added:
+                sh("umount", str(BINFMT), check=False)
+            self.ADDED.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
 
 
 def build(log=print) -> Path:
@@ -104,6 +132,9 @@ def build(log=print) -> Path:
         return final
     install_tools()
     CACHE.mkdir(parents=True, exist_ok=True)
+    for stale in CACHE.glob(f"{final.name}.*"):   # a build killed hard hours ago
+        if time.time() - stale.stat().st_mtime > 3 * 3600:
+            remove_tree(stale)
     work = Path(tempfile.mkdtemp(prefix=f"{final.name}.", dir=CACHE))   # renamed when complete
     try:
         with Binfmt():
@@ -111,7 +142,7 @@ def build(log=print) -> Path:
             subprocess.run(["debootstrap", "--arch=arm64", "--variant=minbase",
                             f"--include={','.join(CHROOT_PACKAGES)}", SUITE, str(work),
                             debian_mirror()], check=True, capture_output=True, timeout=3600)
-            wheels = work / "tmp" / "wheels"
+            wheels = work / WHEELS
             log("downloading aarch64 wheels for the device venv on the host")
             subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
                             *[f"--platform={p}" for p in PLATFORMS], "--python-version=3.11",
@@ -120,8 +151,7 @@ def build(log=print) -> Path:
             log(f"installing {', '.join(DEVICE_WHEELS)} into {VENV} under emulation")
             chroot(work, f"python3 -m venv --system-site-packages {VENV} && "
                          f"{VENV}/bin/python3 -m pip install -q --isolated --no-index "
-                         f"--find-links /tmp/wheels {' '.join(DEVICE_WHEELS)}", timeout=3600)
-            shutil.rmtree(wheels)
+                         f"--find-links /{WHEELS} {' '.join(DEVICE_WHEELS)}", timeout=3600)
         (work / COMPLETE).write_text(recipe_key() + "\n")
         os.chmod(work, 0o755)
         try:
@@ -198,6 +228,11 @@ class EmulatedPi:
     @property
     def destination(self) -> str:
         return self.host.destination
+
+    @property
+    def wheels(self) -> Path:
+        """The device's aarch64 wheels, as the host sees them."""
+        return cached_rootfs() / WHEELS
 
     def known_hosts_line(self) -> str:
         return self.host.known_hosts_line()

@@ -127,3 +127,18 @@ def test_a_model_too_new_for_the_device_is_explained_and_fuse_opset_fixes_it(pi_
                    *FEW, "--json", out, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["accuracy"]["top1"] > 0.97
+
+
+def test_device_setup_installs_from_pushed_aarch64_wheels_offline(pi_home, emulated_pi, models,
+                                                                  monkeypatch, tmp_path):
+    """What a user does for a Pi without internet: push the wheels, pip installs only those."""
+    monkeypatch.setenv("EDGESMITH_REMOTE_DIR", "/root/edgesmith-fresh")   # no venv there yet
+    proc = run_cli("device", "setup", "pi", "--wheels", emulated_pi.wheels, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    assert "/root/edgesmith-fresh/venv/bin/python3 has" in proc.stdout
+    assert "onnxruntime 1.27.0" in proc.stdout, proc.stdout
+    out = tmp_path / "r.json"
+    proc = run_cli("profile", models / "digits_cnn.onnx", "--eval", models / "digits_cnn_eval.npz",
+                   "--device", "pi", *FEW, "--json", out, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["accuracy"]["top1"] > 0.97
