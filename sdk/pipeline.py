@@ -144,6 +144,9 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
     notes: list[str] = list(original.facts.notes)
     if chosen_target.generic:
         notes.append(chosen_target.reasons[0])
+    if facts.get("emulated"):
+        notes.append(f"{dev.name} is emulated ({facts.get('cpu')}): latencies, and the choice "
+                     "made by them, are not meaningful; accuracy and deployment are")
     if calib is None and eval_path is not None:
         calib = eval_path
         notes.append("calibrated on the eval set (no --calib given): accuracy of int8 "

@@ -96,7 +96,8 @@ def candidate_recipes(facts: dict, model: Model) -> tuple[list[QuantRecipe], lis
     keep(QuantRecipe("dynamic-int8", dynamic=True),
          None if model.facts.macs and dense >= 0.5 * model.facts.macs else
          f"dynamic quantization only covers MatMul/Gemm ({100 * dense / max(1, model.facts.macs):.0f}% "
-         "of this model's MACs); convs would need ConvInteger, which is slower than float on x86")
+         "of this model's MACs); convs would need ConvInteger, which onnxruntime runs slower "
+         "than float convs")
     gpu = facts.get("gpu")
     keep(QuantRecipe("fp16", fp16=True),
          None if gpu else "fp16 pays off on GPUs (Jetson); this device has none")

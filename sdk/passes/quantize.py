@@ -205,8 +205,8 @@ def quantize_dynamic(model: onnx.ModelProto, recipe: QuantRecipe | None = None
                              else QuantType.QUInt8, nodes_to_exclude=list(recipe.exclude))
         quantized = onnx.load(str(out))
     convs = sum(n.op_type == "Conv" for n in model.graph.node)
-    report.add(f"MatMul/Gemm weights int8; {convs} Conv node(s) kept in float (ConvInteger is "
-               "slower than float on x86)")
+    report.add(f"MatMul/Gemm weights int8; {convs} Conv node(s) kept in float (onnxruntime's "
+               "ConvInteger is slower than float convs)")
     return quantized, report
 
 
