@@ -187,3 +187,24 @@ def test_summarize_matches_numpy_percentiles():
         assert stats[f"p{q}"] == pytest.approx(np.percentile(samples, q))
     assert stats["mean"] == pytest.approx(np.mean(samples))
     assert stats["runs"] == 997 and stats["min"] == min(samples)
+
+
+def test_a_model_newer_than_this_onnxruntime_names_the_versions_and_the_fix(models, tmp_path):
+    """Host/device skew, produced for real: an IR version one past what this onnxruntime reads.
+    (The emulated Pi tests cross a real older onnxruntime; this one runs everywhere.)"""
+    from device_runtime.backends.onnxruntime import Backend
+    from sdk.profiling import name_the_opset
+
+    model = onnx.load(models / "digits_cnn.onnx")
+    model.ir_version = onnx.IR_VERSION + 1
+    path = tmp_path / "future.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(RuntimeFailure) as info:
+        Backend(str(path), {})
+    message = info.value.message
+    assert info.value.stage == "load"
+    assert f"IR version {onnx.IR_VERSION + 1} is newer than onnxruntime {ort.__version__}" in message
+    assert f"(up to {onnx.IR_VERSION})" in message and "--opset N" in message
+    # the host fills in the opset: the model's own when it fits, else what the device reads
+    assert "--opset 17 " in name_the_opset(message, device_opset=26, model_opset=17)
+    assert "--opset 21 " in name_the_opset(message, device_opset=21, model_opset=24)
