@@ -92,6 +92,25 @@ def test_missing_numpy_and_backend_are_named(ssh_home, sshd_server, cnn):
     assert "lacks numpy, onnxruntime" in result.error and "edgesmith device setup" in result.error
 
 
+@pytest.mark.parametrize("version, works", [("3.7", False), ("3.8", True)])
+def test_device_python_too_old_is_named_and_the_oldest_supported_runs(ssh_home, sshd_server,
+                                                                      version, works):
+    """Real old interpreters (pyenv's) play an old Raspberry Pi OS: 3.7 is refused by name
+    before anything is uploaded, 3.8 runs the device runtime."""
+    python = Path("/root/.pyenv/versions").glob(f"{version}.*/bin/python{version}")
+    python = next(iter(sorted(python)), None)
+    if python is None:
+        pytest.skip(f"no Python {version} here to play an old device")
+    dev = device(sshd_server, python=str(python))
+    if works:
+        assert dev.facts()["python"].startswith(version)
+        return
+    with pytest.raises(StageError) as info:
+        dev.facts()
+    assert info.value.stage == "ensure-runtime"
+    assert f"is Python {version}; the device runtime needs 3.8 or later" in info.value.message
+
+
 def test_sshd_killed_mid_upload_then_next_push_succeeds(ssh_home, sshd_server, models, tmp_path):
     big = prepare(load(models / "digits_mnv2.onnx"), models / "digits_mnv2_eval.npz")
     dev = device(sshd_server)

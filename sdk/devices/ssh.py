@@ -33,6 +33,7 @@ from . import Job, parse_result
 q = shlex.quote
 RUNTIME_SRC = Path(device_runtime.__file__).resolve().parent
 DEFAULT_REMOTE_DIR = "~/.edgesmith"
+MIN_DEVICE_PYTHON = (3, 8)     # device_runtime's oldest (importlib.metadata); tested with 3.8
 BACKEND_PACKAGES = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
                     "tflite": ("ai-edge-litert", "tflite-runtime")}
 # run on the device to check uploaded files against their sha256 (argv[1]: {path: sha256})
@@ -309,7 +310,8 @@ class SSHDevice:
         rt = f"{root}/runtime/{digest[:16]}"
         pythons = [self.python] if self.python else [f"{root}/venv/bin/python3", "python3"]
         probe = (f"for p in {' '.join(q(p) for p in pythons)}; do "
-                 'if command -v "$p" >/dev/null 2>&1; then echo "python=$p"; break; fi; done; '
+                 'if command -v "$p" >/dev/null 2>&1; then echo "python=$p"; "$p" -c '
+                 """'import sys; print("pyver=%d.%d" % sys.version_info[:2])'; break; fi; done; """
                  f"test -f {q(rt)}/.complete && echo runtime=ok; "
                  "command -v timeout >/dev/null 2>&1 && echo timeout=ok; true")
         _, out, _ = self.execute(probe, "ensure-runtime", 60)
@@ -318,6 +320,12 @@ class SSHDevice:
             raise StageError("ensure-runtime", f"no python3 on {self.target.label} (looked for "
                              f"{pythons}); install python3 there or pass --python PATH")
         python = found["python"]
+        version = tuple(int(v) for v in found.get("pyver", "0.0").split("."))
+        if version < MIN_DEVICE_PYTHON:
+            raise StageError("ensure-runtime", f"{python} on {self.target.label} is Python "
+                             f"{found.get('pyver', '?')}; the device runtime needs "
+                             f"{'.'.join(map(str, MIN_DEVICE_PYTHON))} or later: install a newer "
+                             "python3 there and pass --python PATH")
         if found.get("runtime") != "ok":
             self.upload_files(files, rt, python, "ensure-runtime")
         status, out, err = self.execute(f"PYTHONPATH={q(rt)} {q(python)} -m device_runtime facts",
