@@ -126,7 +126,7 @@ class Binfmt:
 
 
 def build(log=print) -> Path:
-    """Build the cached rootfs if it is not there yet; return its path. Cold: ~10 min."""
+    """Build the cached rootfs if it is not there yet; return its path. Cold: 7-10 min."""
     final = cached_rootfs()
     if (final / COMPLETE).exists():
         return final
@@ -139,15 +139,15 @@ def build(log=print) -> Path:
     try:
         with Binfmt():
             log(f"debootstrap {SUITE} arm64 into {work} (a few minutes)")
-            subprocess.run(["debootstrap", "--arch=arm64", "--variant=minbase",
-                            f"--include={','.join(CHROOT_PACKAGES)}", SUITE, str(work),
-                            debian_mirror()], check=True, capture_output=True, timeout=3600)
+            step("debootstrap", ["debootstrap", "--arch=arm64", "--variant=minbase",
+                                 f"--include={','.join(CHROOT_PACKAGES)}", SUITE, str(work),
+                                 debian_mirror()], 3600, work / "debootstrap" / "debootstrap.log")
             wheels = work / WHEELS
             log("downloading aarch64 wheels for the device venv on the host")
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
-                            *[f"--platform={p}" for p in PLATFORMS], "--python-version=3.11",
-                            "--implementation=cp", "-d", str(wheels), *DEVICE_WHEELS],
-                           check=True, capture_output=True, timeout=1800)
+            step("pip download", [sys.executable, "-m", "pip", "download", "-q",
+                                  "--only-binary=:all:", *[f"--platform={p}" for p in PLATFORMS],
+                                  "--python-version=3.11", "--implementation=cp", "-d",
+                                  str(wheels), *DEVICE_WHEELS], 1800)
             log(f"installing {', '.join(DEVICE_WHEELS)} into {VENV} under emulation")
             chroot(work, f"python3 -m venv --system-site-packages {VENV} && "
                          f"{VENV}/bin/python3 -m pip install -q --isolated --no-index "
@@ -164,6 +164,15 @@ def build(log=print) -> Path:
         remove_tree(work)
         raise
     return final
+
+
+def step(what: str, argv: list[str], timeout: float, log: Path | None = None) -> None:
+    """A build step; its failure says what failed and the last lines it (or its log) printed."""
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        text = log.read_text(errors="replace") if log and log.is_file() else done.stderr
+        tail = " | ".join(text.strip().splitlines()[-5:])
+        raise RuntimeError(f"{what} failed (exit {done.returncode}): {tail}")
 
 
 def unmount_below(path: Path) -> None:
