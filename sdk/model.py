@@ -138,11 +138,16 @@ def _load_onnx(path: Path, data: bytes, input_shapes: dict[str, list[int]]) -> M
     return Model(path, "onnx", inputs, outputs, onnx_facts(proto, inputs, len(data)), proto=proto)
 
 
+def default_opset(proto) -> int | None:
+    """The model's ai.onnx opset (None when it imports no default domain)."""
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def _check_opset(path: Path, proto) -> None:
     import onnx
     import onnxruntime
 
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    opset = default_opset(proto)
     newest = onnx.defs.onnx_opset_version()
     if opset is not None and opset < 7:
         raise EdgesmithError(f"{path} uses opset {opset}; onnxruntime {onnxruntime.__version__} "
@@ -265,7 +270,7 @@ def onnx_facts(proto, inputs: list[InputSpec], size_bytes: int) -> ModelFacts:
             macs_by_op[op] = macs_by_op.get(op, 0) + node_macs(node, shapes)
     notes = [f"input {s.name!r}: dynamic batch measured as {s.shape[0]} (set --input-shape)"
              for s in inputs if s.dims and s.dims[0] is None]
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    opset = default_opset(proto)
     return ModelFacts("onnx", size_bytes, params, sum(macs_by_op.values()), macs_by_op, opset,
                       f"{proto.producer_name} {proto.producer_version}".strip(), notes)
 

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ..model import default_opset
 from . import PassReport, register
 from .graph import Graph, attr, drop_unused_initializers, remove_nodes, rename_input, static_shapes
 
@@ -47,7 +48,7 @@ def constant_folding(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto,
     model = _copy(model)
     g = model.graph
     report = PassReport("constant_folding")
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    opset = default_opset(model) or 17
     graph = Graph(g)
     folded = []
     for node in list(g.node):
@@ -207,10 +208,10 @@ def cancel_transposes(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto
 def upgrade_opset(model: onnx.ModelProto, cfg: int | None = 17) -> tuple[onnx.ModelProto,
                                                                         PassReport]:
     """Raise the default-domain opset to at least `cfg` (per-channel QDQ needs 13+)."""
-    current = default_opset(model)
-    if current is None or current >= int(cfg or 17):
+    current, target = default_opset(model), int(cfg or 17)
+    if current is None or current >= target:
         return _copy(model), PassReport("upgrade_opset")
-    return convert_opset(model, int(cfg or 17))
+    return convert_opset(model, target)
 
 
 @register("convert_opset")
@@ -236,10 +237,6 @@ def convert_opset(model: onnx.ModelProto, cfg: int) -> tuple[onnx.ModelProto, Pa
         report.add(f"IR version {converted.ir_version} -> {ir}")
         converted.ir_version = ir
     return converted, report
-
-
-def default_opset(model: onnx.ModelProto) -> int | None:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def newest_opset_for_ir(ir_version: int) -> int:
