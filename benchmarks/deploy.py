@@ -46,10 +46,11 @@ def main() -> None:
     try:
         (home / ".ssh" / "known_hosts").write_text(server.known_hosts_line() + "\n")
         os.environ["HOME"] = str(home)
-        from sdk.devices import Job
-        from sdk.devices.ssh import SSHDevice
-        from sdk.model import load
-        from sdk.profiling import measure, prepare
+        from edgesmith.devices import Job
+        from edgesmith.devices.ssh import SSHDevice
+        from edgesmith.model import load
+        from edgesmith.measure import measure
+from edgesmith.profiling import prepare
 
         model_path = work / "big.onnx"
         big_model(model_path)
@@ -90,15 +91,15 @@ def main() -> None:
 
         cnn = ROOT / "examples/models/digits_cnn.onnx"
         small = prepare(load(cnn), ROOT / "examples/models/digits_cnn_eval.npz")
-        from sdk.devices import get_device
+        from edgesmith.devices import get_device
         job = Job(runs=50, warmup=5, threads=1)
         d = dev(str(work / "remote-profile"))
-        measure(small, d, job)                     # runtime + bundle on the device already
+        measure(d, small, job)                     # runtime + bundle on the device already
         rows = {"ssh": [], "local": []}
         for _ in range(3):
             for name, device in (("ssh", d), ("local", get_device("local"))):
                 t0 = time.perf_counter()
-                r = measure(small, device, job)
+                r = measure(device, small, job)
                 rows[name].append((time.perf_counter() - t0, r.latency_ms["p50"]))
         for name, vals in rows.items():
             print(f"profile via {name:<5}: wall {statistics.median(v[0] for v in vals):.3f} s, "

@@ -35,7 +35,7 @@ def main() -> None:
     import onnxruntime as ort
 
     import device_runtime
-    from sdk.pipeline import optimize
+    from edgesmith.pipeline import optimize
 
     x_train, y_train, _, _ = digits.load(96)
     train = work / "train.npz"

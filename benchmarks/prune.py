@@ -51,10 +51,10 @@ def main() -> None:
     os.environ.setdefault("EDGESMITH_CACHE", tempfile.mkdtemp(prefix="edgesmith-prune-"))
     import digits
     from device_runtime.evaluate import EvalData
-    from sdk.data import load_eval_set
-    from sdk.model import from_proto, load
-    from sdk.passes.distill import DistillConfig, distill, evaluate
-    from sdk.passes.prune import PruneConfig, prune_channels
+    from edgesmith.data import load_eval_set
+    from edgesmith.model import from_proto, load
+    from edgesmith.passes.distill import DistillConfig, distill, evaluate
+    from edgesmith.passes.prune import PruneConfig, prune_channels
 
     x_train, y_train, _, _ = digits.load(96)
     train = EvalData({"input": x_train}, y_train, {}, len(y_train))
@@ -68,8 +68,8 @@ def main() -> None:
             mac_ratio = p.facts.macs / m.facts.macs
             lat = latency_ratio(m.proto, pruned, ev.inputs["input"])
             t0 = time.time()
-            distilled, report = distill(m.proto, pruned, train,
-                                        DistillConfig(epochs=args.epochs, shift=6), ev)
+            distilled, report = distill(pruned, DistillConfig(m.proto, train, ev,
+                                                              epochs=args.epochs, shift=6))
             print(f"{name} prune {ratio:.0%}: MACs ratio {mac_ratio:.3f}, latency ratio "
                   f"{lat:.3f} (|lat/MACs - 1| = {abs(lat / mac_ratio - 1):.2f}, goal <= 0.15); "
                   f"top-1 {base:.4f} -> pruned {evaluate(pruned, ev):.4f} -> distilled "

@@ -111,9 +111,9 @@ def anatomy(model, calib: Path, x: np.ndarray, ref: np.ndarray) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
-    from sdk.data import calibration_batches
-    from sdk.passes.equalize import equalize
-    from sdk.passes.quantize import _Reader, preprocess
+    from edgesmith.data import calibration_batches
+    from edgesmith.passes.equalize import equalize
+    from edgesmith.passes.quantize import _Reader, preprocess
 
     def sqnr(proto, level="ORT_ENABLE_ALL") -> str:
         o = ort.SessionOptions()
@@ -156,11 +156,11 @@ def main() -> None:
     os.environ.setdefault("EDGESMITH_CACHE", tempfile.mkdtemp(prefix="edgesmith-qbench-"))
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
-    from sdk.data import calibration_batches
-    from sdk.devices import Job, get_device
-    from sdk.model import load
-    from sdk.passes.quantize import _Reader, preprocess
-    from sdk.recipes import choose_recipe
+    from edgesmith.data import calibration_batches
+    from edgesmith.devices import Job, get_device
+    from edgesmith.model import load
+    from edgesmith.passes.quantize import _Reader, preprocess
+    from edgesmith.recipes import choose_recipe
 
     for name in args.models:
         onnx_path = MODELS / f"{name}.onnx"

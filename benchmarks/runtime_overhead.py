@@ -54,8 +54,8 @@ def main() -> None:
     import os
     os.environ.setdefault("EDGESMITH_CACHE", tempfile.mkdtemp())
     import device_runtime
-    from sdk.model import load
-    from sdk.profiling import prepare
+    from edgesmith.model import load
+    from edgesmith.profiling import prepare
 
     model = load(args.model)
     bundle = prepare(model, None)

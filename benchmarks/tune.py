@@ -40,9 +40,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("EDGESMITH_CACHE", tempfile.mkdtemp(prefix="edgesmith-tune-"))
     import device_runtime
-    from sdk.model import load
-    from sdk.profiling import prepare
-    from sdk.tune import tune
+    from edgesmith.model import load
+    from edgesmith.profiling import prepare
+    from edgesmith.tune import tune
 
     for name in MODELS:
         model = load(ROOT / "examples" / "models" / name)

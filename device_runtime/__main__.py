@@ -82,7 +82,7 @@ def run_job(args) -> Result:
             result.op_profile_ms = session.backend.op_profile()
         result.peak_rss_mb = peak_rss_mb()
     except RuntimeFailure as exc:
-        result.error, result.stage = exc.message, exc.stage
+        result.error, result.stage, result.skew = exc.message, exc.stage, exc.details
     except (ValueError, TypeError) as exc:  # bad job arguments or data the checks missed
         result.error, result.stage = f"{type(exc).__name__}: {exc}", stage
     except MemoryError:

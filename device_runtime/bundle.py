@@ -10,6 +10,7 @@ import hashlib
 import json
 import mmap
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -20,6 +21,7 @@ MANIFEST_SCHEMA = 1
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """Streamed in 1 MiB chunks: a model bigger than the device's free memory still verifies."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -52,8 +54,7 @@ class Manifest:
         if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
             raise ValueError(f"unsupported manifest schema {data.get('schema')!r} "
                              f"(this runtime reads schema {MANIFEST_SCHEMA}; update the runtime)")
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 def safe_relpath(rel: str) -> str:
@@ -88,19 +89,19 @@ def verify(bundle_dir: str | os.PathLike) -> tuple[Manifest, str]:
         if real_root not in path.resolve().parents:
             raise RuntimeFailure("verify", f"{rel!r} links outside the bundle; refusing it")
         if not path.is_file():
-            raise RuntimeFailure("verify", f"file {rel!r} listed in the manifest is missing; "
-                                 "push the bundle again")
+            raise RuntimeFailure("verify", f"listed file {rel!r} is missing; push the bundle again")
         if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
             raise RuntimeFailure("verify", f"file {rel!r} does not match its sha256 in the "
                                  "manifest (corrupt or tampered); push the bundle again")
     for rel in [manifest.model] + ([manifest.eval] if manifest.eval else []):
         if rel not in manifest.files:
             raise RuntimeFailure("verify", f"{rel!r} is used but not listed in the manifest")
-    if manifest.format == "onnx":
+    if manifest.format == "onnx":   # onnxruntime reads `location` next to the model file
         for location in onnx_external_locations(root / manifest.model):
-            if location not in manifest.files:
-                raise RuntimeFailure("verify", f"model external data {location!r} is not a "
-                                     "listed file of the bundle (it may point outside); refusing")
+            rel = posixpath.normpath(posixpath.join(posixpath.dirname(manifest.model), location))
+            if rel not in manifest.files:   # listed paths are plain, inside, and verified
+                raise RuntimeFailure("verify", f"model external data {location!r} (read as "
+                                     f"{rel!r}) is not a listed file of the bundle; refusing it")
     return manifest, bundle_id
 
 
@@ -110,28 +111,22 @@ def verify(bundle_dir: str | os.PathLike) -> tuple[Manifest, str]:
 # .indices=2; NodeProto.attribute=5; AttributeProto.t=5, .g=6, .tensors=10, .graphs=11,
 # .sparse_tensor=22, .sparse_tensors=23; TensorProto.external_data=13; entry key=1, value=2.
 _MODEL, _FUNCTION, _GRAPH, _SPARSE, _NODE, _ATTR, _TENSOR, _ENTRY = range(8)
-_CHILDREN = {
-    _MODEL: {7: _GRAPH, 25: _FUNCTION},
-    _FUNCTION: {7: _NODE},
-    _GRAPH: {1: _NODE, 5: _TENSOR, 15: _SPARSE},
-    _SPARSE: {1: _TENSOR, 2: _TENSOR},
-    _NODE: {5: _ATTR},
-    _ATTR: {5: _TENSOR, 6: _GRAPH, 10: _TENSOR, 11: _GRAPH, 22: _SPARSE, 23: _SPARSE},
-    _TENSOR: {13: _ENTRY},
-}
+_CHILDREN = {_MODEL: {7: _GRAPH, 25: _FUNCTION}, _FUNCTION: {7: _NODE}, _NODE: {5: _ATTR},
+             _GRAPH: {1: _NODE, 5: _TENSOR, 15: _SPARSE}, _SPARSE: {1: _TENSOR, 2: _TENSOR},
+             _ATTR: {5: _TENSOR, 6: _GRAPH, 10: _TENSOR, 11: _GRAPH, 22: _SPARSE, 23: _SPARSE},
+             _TENSOR: {13: _ENTRY}}
 
 
 def _varint(buf, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise RuntimeFailure("verify", "model file is not valid protobuf (truncated?)")
-        byte = buf[pos]
-        pos += 1
+    value = 0
+    for shift in range(0, 64, 7):   # a varint has at most 10 bytes
+        if pos >= len(buf):
+            break
+        byte, pos = buf[pos], pos + 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
             return value, pos
-        shift += 7
+    raise RuntimeFailure("verify", "model file is not valid protobuf (truncated?)")
 
 
 def _fields(buf, start: int, end: int):

@@ -17,12 +17,13 @@ class Result:
     latency_ms: dict | None = None          # runs, warmup, p50, p90, p99, mean, min, max, samples
     peak_rss_mb: float | None = None
     accuracy: dict | None = None            # n, top1?, agreement?, sqnr_db?, max_abs_err?
-    op_profile_ms: dict | None = None       # op type -> ms summed over profiled runs
+    op_profile_ms: dict | None = None       # op type -> ms per run (mean over profiled runs)
     stages_ms: dict = field(default_factory=dict)
     window_s: list | None = None            # [start, end] epoch seconds holding the device lock
     meta: dict = field(default_factory=dict)
     error: str | None = None
     stage: str | None = None                # where it failed: connect, upload, verify, load, ...
+    skew: dict | None = None                # model too new: kind, model, device_max, onnxruntime
     schema: int = RESULT_SCHEMA
 
     @property

@@ -85,10 +85,15 @@ def save(proto, path: str | os.PathLike) -> Path:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, then rename; the file gets the user's umask (mkstemp
+    alone would leave it 0600)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -106,9 +111,32 @@ def load(path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = No
     if not data:
         raise EdgesmithError(f"{path} is empty (0 bytes); re-export the model")
     if data[4:8] == TFLITE_MAGIC:
-        from .tflite_model import load_tflite
         return load_tflite(path, data, input_shapes or {})
     return _load_onnx(path, data, input_shapes or {})
+
+
+def load_tflite(path: Path, data: bytes, input_shapes: dict[str, list[int]]) -> Model:
+    """TFLite models on the host: input specs and size, read through the TFLite interpreter."""
+    from device_runtime.backends.tflite import Backend
+    from device_runtime.errors import RuntimeFailure
+
+    try:
+        backend = Backend(str(path), {"xnnpack": False})
+    except RuntimeFailure as exc:
+        raise EdgesmithError(f"cannot read {path.name}: {exc.message}") from None
+    details = backend.interp.get_input_details()
+    names = [d["name"] for d in details]
+    unknown = sorted(set(input_shapes) - set(names))
+    if unknown:
+        raise EdgesmithError(f"--input-shape names {unknown}, but the model's inputs are {names}")
+    inputs = []
+    for d in details:
+        dims = [None if s < 0 else int(s) for s in d.get("shape_signature", d["shape"])]
+        shape = input_shapes.get(d["name"], [int(s) for s in d["shape"]])
+        inputs.append(InputSpec(d["name"], dims, list(shape), str(d["dtype"].__name__)))
+    facts = ModelFacts("tflite", len(data), 0, 0, {},
+                       notes=["parameters and MACs are not computed for TFLite models"])
+    return Model(path, "tflite", inputs, backend.output_names, facts, data=data)
 
 
 def _load_onnx(path: Path, data: bytes, input_shapes: dict[str, list[int]]) -> Model:

@@ -1,16 +1,18 @@
 """`optimize`: model in, the fastest variant within the accuracy budget on the device out.
 
-Candidates are measured cheapest first (fp32 fused, int8 recipes, pruned+distilled, pruned+int8),
-each as a bundle run by the device runtime; a failing candidate is an error row. Measured
-candidates are appended to OUTDIR/.state (with their models), so a re-run resumes, and the best
-so far is written after every candidate: an interrupted or budget-stopped run still leaves a
-deployable answer. The winner gets its runtime config from the tuner and a per-op profile.
+A context is built once per run (device and its facts, matched target, fused model, judging set
+with reference outputs, calibration feeds); then the stages run in order: fp32 baseline, int8
+recipe search, pruned + distilled students (+ int8), interleaved confirmation of the fastest
+contenders, and the finish (tuning, per-op profile, bundle, reports). Every candidate is measured
+through `measure.measure` and appended to OUTDIR/.state with its model, under a run key: a re-run
+of the same job resumes, a different job starts afresh. The best so far is written after every
+candidate, so an interrupted or budget-stopped run still leaves a deployable answer.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,38 +22,46 @@ import onnx
 from . import __version__
 from . import bundle as bundles
 from .data import eval_batch, load_eval_set, reference_outputs
-from .devices import Job, get_device
+from .devices import Job, fingerprint, get_device
 from .errors import EdgesmithError, StageError
+from .measure import Candidate, Spread, interleave, measure
 from .model import Model, atomic_write, from_proto, load
+from .outputs import claim, copy_dir_atomic
 from .passes.fuse import fuse
+from .recipes import QuantData, accuracy_drop, choose_recipe, quant_data
 from .targets import Match, get_profile, match
 
-REPORT_SCHEMA = 1
+REPORT_SCHEMA = 2
 
 
-@dataclass
-class OptCandidate:
-    id: str
-    recipe: dict
-    model_sha256: str = ""
-    config: dict = field(default_factory=dict)
-    p50_ms: float | None = None
-    p90_ms: float | None = None
-    peak_rss_mb: float | None = None
-    accuracy: dict | None = None
-    accuracy_drop: float | None = None
-    size_bytes: int = 0
-    params: int = 0
-    macs: int = 0
-    error: str | None = None
-    within_budget: bool = False
-    pareto: bool = False
-    note: str = ""
-    confirm_p50_ms: float | None = None    # median of interleaved re-measurements, if a contender
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """What the user asked for: budgets and how much effort each stage may spend."""
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.p50_ms is not None
+    max_accuracy_drop: float = 0.01
+    latency_budget_ms: float | None = None
+    budget_s: float = 600.0                      # wall clock for the whole search
+    prune_ratios: tuple[float, ...] = (0.3, 0.5)
+    distill_epochs: int = 10
+    tune_budget_s: float = 60.0                  # device time for tuning the winner (0: skip)
+    target: str | None = None                    # a profile name; else matched from facts
+    contenders: int = 3                          # fastest in-budget candidates re-measured
+    confirm_rounds: int = 3
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_accuracy_drop <= 1.0:
+            raise ValueError(f"OptimizeConfig.max_accuracy_drop must be in [0, 1], got "
+                             f"{self.max_accuracy_drop}")
+        if self.latency_budget_ms is not None and self.latency_budget_ms <= 0:
+            raise ValueError("OptimizeConfig.latency_budget_ms must be > 0")
+        if any(not 0.0 < r < 1.0 for r in self.prune_ratios):
+            raise ValueError(f"OptimizeConfig.prune_ratios must be in (0, 1), got "
+                             f"{self.prune_ratios}")
+        for name in ("budget_s", "tune_budget_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"OptimizeConfig.{name} must be >= 0")
+        if self.distill_epochs < 1:
+            raise ValueError("OptimizeConfig.distill_epochs must be >= 1")
 
 
 @dataclass
@@ -63,36 +73,61 @@ class OptimizeReport:
     device_facts: dict
     target: str
     target_reasons: list[str]
-    max_accuracy_drop: float
-    latency_budget_ms: float | None
-    candidates: list[OptCandidate]
+    config: dict
+    candidates: list[Candidate]
+    skipped: list[dict]                # variants not tried, each with the reason
     chosen: str | None
     outcome: str                       # "met" | "no candidate met the budget"
     summary: str
     notes: list[str] = field(default_factory=list)
-    remeasure: dict = field(default_factory=dict)
+    remeasure: dict = field(default_factory=dict)   # original vs chosen, interleaved (Spreads)
     op_profile_ms: dict = field(default_factory=dict)
     tuned_config: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
     resumed: int = 0
 
 
-def _sha(proto: onnx.ModelProto) -> str:
-    return hashlib.sha256(proto.SerializeToString()).hexdigest()
+def _sha(data: bytes) -> str:
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+
+def _source_digest(path) -> str | None:
+    """What a data source holds: a file's sha256; for an image folder, its names and sizes."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        listing = sorted((str(f.relative_to(p)), f.stat().st_size) for f in p.rglob("*")
+                         if f.is_file())
+        return _sha(json.dumps(listing).encode())
+    return _sha(p.read_bytes())
 
 
 class _State:
-    """OUTDIR/.state: measured candidates (JSON lines) and their models, for resuming."""
+    """OUTDIR/.state: measured candidates (JSON lines) and their models, under a run key."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, run_key: dict):
         self.dir = out_dir / ".state"
-        (self.dir / "models").mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "candidates.jsonl"
-        self.done: dict[str, OptCandidate] = {}
+        self.done: dict[str, Candidate] = {}
+        self.discarded = False
+        key_path = self.dir / "run.json"
+        run_key = json.loads(json.dumps(run_key, sort_keys=True))     # tuples as JSON has them
+        if self.dir.is_dir():
+            try:
+                same = json.loads(key_path.read_text()) == run_key
+            except (OSError, ValueError):
+                same = False
+            if not same:        # another model, data, device, budget or version: start afresh
+                shutil.rmtree(self.dir)
+                self.discarded = True
+        (self.dir / "models").mkdir(parents=True, exist_ok=True)
+        atomic_write(key_path, json.dumps(run_key, sort_keys=True).encode())
         if self.path.is_file():
             for line in self.path.read_text().splitlines():
                 try:
-                    c = OptCandidate(**json.loads(line))
+                    c = Candidate(**json.loads(line))
                 except (ValueError, TypeError):
                     continue   # a torn line from an interrupted run
                 if not c.model_sha256 or self.model_path(c.model_sha256).is_file() or c.error:
@@ -101,36 +136,110 @@ class _State:
     def model_path(self, sha: str) -> Path:
         return self.dir / "models" / f"{sha}.onnx"
 
-    def save(self, cand: OptCandidate, proto: onnx.ModelProto | None) -> None:
+    def save(self, cand: Candidate, proto: onnx.ModelProto | None) -> None:
         if proto is not None and not self.model_path(cand.model_sha256).is_file():
             atomic_write(self.model_path(cand.model_sha256), proto.SerializeToString())
         with open(self.path, "a") as fh:
             fh.write(json.dumps(asdict(cand)) + "\n")
         self.done[cand.id] = cand
 
-    def load_model(self, cand: OptCandidate) -> onnx.ModelProto:
+    def load_model(self, cand: Candidate) -> onnx.ModelProto:
         return onnx.load(str(self.model_path(cand.model_sha256)))
 
 
-def pareto_front(cands: list[OptCandidate]) -> list[OptCandidate]:
-    """Candidates no other candidate beats on both latency and accuracy drop."""
-    ok = [c for c in cands if c.ok and c.accuracy_drop is not None]
-    return [c for c in ok if not any(
-        o is not c and o.p50_ms <= c.p50_ms and o.accuracy_drop <= c.accuracy_drop
-        and (o.p50_ms < c.p50_ms or o.accuracy_drop < c.accuracy_drop) for o in ok)]
+@dataclass
+class Context:
+    """Everything the stages share, built once per run."""
+
+    cfg: OptimizeConfig
+    out: Path
+    original: Model
+    fused: Model
+    device: object
+    facts: dict
+    target: Match
+    job: Job
+    judge: object                  # EvalData with reference outputs, or None (nothing to judge)
+    batch: int
+    quant: QuantData | None
+    train: str | None
+    state: _State
+    say: object
+    started: float
+    notes: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    cands: list[Candidate] = field(default_factory=list)
+
+    def over_budget(self) -> bool:
+        return time.monotonic() - self.started > self.cfg.budget_s
+
+    def baseline(self) -> Candidate | None:
+        return next((c for c in self.cands if c.id == "fp32"), None)
+
+    def record(self, cand: Candidate, proto: onnx.ModelProto | None) -> Candidate:
+        """Keep a measured candidate (resumable), judge its drop, write the best so far."""
+        base = self.baseline()
+        if cand.ok and cand.accuracy_drop is None:
+            cand.accuracy_drop = 0.0 if base is None else accuracy_drop(base.accuracy,
+                                                                        cand.accuracy)
+        self.state.save(cand, proto if cand.ok else None)
+        self.cands.append(cand)
+        best = _choose(self.cands, self.cfg) or _best_tradeoff(self.cands)
+        if best is not None:
+            atomic_write(self.out / "model.onnx",
+                         self.state.model_path(best.model_sha256).read_bytes())
+        return cand
+
+    def measure(self, cid: str, recipe: dict, model: Model, note: str = "") -> Candidate:
+        if cid in self.state.done:
+            cand = self.state.done[cid]
+            self.cands.append(cand)
+            return cand
+        self.say(f"measuring {cid} on {self.device.name}")
+        bundle = bundles.build(model, eval_data=self.judge, eval_batch=self.batch,
+                               meta={"candidate": cid})
+        result = measure(self.device, bundle, self.job)
+        cand = Candidate.from_result(cid, result, model, recipe=recipe, note=note,
+                                     model_sha256=_sha(model.proto.SerializeToString()))
+        return self.record(cand, model.proto)
 
 
 def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="local",
-             target: str | None = None, calib=None, eval_path=None, train=None,
-             max_accuracy_drop: float = 0.01, latency_budget_ms: float | None = None,
-             budget_s: float = 600.0, prune_ratios: tuple[float, ...] = (0.3, 0.5),
-             distill_epochs: int = 10, tune_budget_s: float = 60.0, input_shapes=None,
-             say=None) -> OptimizeReport:
+             calib=None, eval_path=None, train=None, cfg: OptimizeConfig | None = None,
+             input_shapes: dict | None = None, force: bool = False, say=None) -> OptimizeReport:
     """The main job; see the module docstring. `say(text)` receives progress lines."""
+    ctx = build_context(model_path, out_dir, device, calib, eval_path, train,
+                        cfg or OptimizeConfig(), input_shapes, force, say)
+    resumed = len(ctx.state.done)
+    if resumed:
+        ctx.say(f"resuming: {resumed} candidate(s) already measured in {ctx.out}")
+    base = ctx.measure("fp32", {"fuse": True}, ctx.fused)
+    if not base.ok:
+        raise EdgesmithError(f"the model does not run on {ctx.device.name}: {base.error}")
+    int8 = int8_stage(ctx)
+    pruned_stage(ctx, int8)
+    if ctx.over_budget():
+        ctx.notes.append(f"stopped by --budget ({ctx.cfg.budget_s:.0f}s) after "
+                         f"{len(ctx.cands)} candidate(s)")
+    chosen = _choose(ctx.cands, ctx.cfg)
+    chosen = confirm_stage(ctx, chosen)
+    report = OptimizeReport(REPORT_SCHEMA, __version__, str(model_path), ctx.device.name,
+                            ctx.facts, ctx.target.profile.name, ctx.target.reasons,
+                            asdict(ctx.cfg), ctx.cands, ctx.skipped,
+                            chosen.id if chosen else None,
+                            "met" if chosen else "no candidate met the budget", "", ctx.notes,
+                            resumed=resumed)
+    finish_stage(ctx, report)
+    report.elapsed_s = time.monotonic() - ctx.started
+    from .report_html import write_reports
+    write_reports(report, ctx.out)
+    return report
+
+
+def build_context(model_path, out_dir, device, calib, eval_path, train, cfg: OptimizeConfig,
+                  input_shapes, force: bool, say) -> Context:
+    """Load and fuse the model, reach the device, match its target, read the data once."""
     started = time.monotonic()
-    say = say or (lambda text: None)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     original = load(model_path, input_shapes)
     if original.format != "onnx":
         raise EdgesmithError("optimize takes ONNX models; profile TFLite models with "
@@ -140,10 +249,11 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
         facts = dev.facts()
     except StageError as exc:
         raise EdgesmithError(str(exc)) from None
-    chosen_target = Match(get_profile(target), ["chosen with --target"]) if target else match(facts)
-    notes: list[str] = list(original.facts.notes)
-    if chosen_target.generic:
-        notes.append(chosen_target.reasons[0])
+    target = Match(get_profile(cfg.target), ["chosen with --target"]) if cfg.target \
+        else match(facts)
+    notes = list(original.facts.notes)
+    if target.generic:
+        notes.append(target.reasons[0])
     if facts.get("emulated"):
         notes.append(f"{dev.name} is emulated ({facts.get('cpu')}): latencies, and the choice "
                      "made by them, are not meaningful; accuracy and deployment are")
@@ -151,259 +261,234 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
         calib = eval_path
         notes.append("calibrated on the eval set (no --calib given): accuracy of int8 "
                      "candidates is slightly optimistic; pass --calib for an unbiased figure")
-    state = _State(out)
-    resumed = len(state.done)
-    if resumed:
-        say(f"resuming: {resumed} candidate(s) already measured in {out}")
+    out = claim(out_dir, force)
+    run_key = {"model": _sha(original.serialized()), "inputs": [asdict(s) for s in
+                                                                original.inputs],
+               "calib": _source_digest(calib), "eval": _source_digest(eval_path),
+               "train": _source_digest(train), "device": fingerprint(facts),
+               "config": asdict(cfg), "edgesmith": __version__}
+    state = _State(out, run_key)
+    if state.discarded:
+        notes.append(f"{out} held results of a different run (model, data, device, settings or "
+                     "edgesmith version changed): started afresh")
     fused_proto, _ = fuse(original.proto)
     fused = from_proto(fused_proto, original, original.path)
     batch = eval_batch(original)
-    data = None
-    if eval_path is not None:
-        data = load_eval_set(eval_path, original)
-        data.refs = reference_outputs(original, data, batch)
-    profile = chosen_target.profile
-    job = replace(Job(**profile.measure_job_args()), evaluate=data is not None)
-    cands: list[OptCandidate] = []
-    baseline: list[OptCandidate] = []
-
-    def over_budget() -> bool:
-        return time.monotonic() - started > budget_s
-
-    def measure(cid: str, recipe: dict, model: Model, note: str = "") -> OptCandidate:
-        if cid in state.done:
-            cand = state.done[cid]
-            cands.append(cand)
-            return cand
-        say(f"measuring {cid} on {dev.name}")
-        sha = _sha(model.proto)
-        bundle = bundles.build(model, eval_data=data, eval_batch=batch, meta={"candidate": cid})
-        try:
-            result = dev.run(dev.push(bundle), job)
-        except StageError as exc:
-            from device_runtime.result import Result
-            result = Result.failure(exc.stage, exc.message)
-        lat = result.latency_ms or {}
-        cand = OptCandidate(cid, recipe, sha, {}, lat.get("p50"), lat.get("p90"),
-                            result.peak_rss_mb, result.accuracy, None, model.facts.size_bytes,
-                            model.facts.params, model.facts.macs,
-                            None if result.ok else f"{result.stage}: {result.error}", note=note)
-        if baseline and cand.ok:
-            cand.accuracy_drop = _drop(baseline[0].accuracy, cand.accuracy)
-        elif not baseline:
-            cand.accuracy_drop = 0.0 if cand.ok else None
-        state.save(cand, model.proto if cand.ok else None)
-        cands.append(cand)
-        write_outputs()
-        return cand
-
-    def write_outputs() -> None:
-        """Best so far, after every candidate: never a run that ends with nothing saved."""
-        best_id = _choose(cands, max_accuracy_drop, latency_budget_ms) or _best_tradeoff(cands)
-        best = next((c for c in cands if c.id == best_id), None)
-        if best is not None and best.ok:
-            atomic_write(out / "model.onnx", state.model_path(best.model_sha256).read_bytes())
-
-    base = measure("fp32", {"fuse": True}, fused)
-    if not base.ok:
-        raise EdgesmithError(f"the model does not run on {dev.name}: {base.error}")
-    baseline.append(base)
-    int8_recipe = None
-    if calib is None:
-        notes.append("no calibration data (--calib or --eval): int8 candidates skipped")
-    elif not over_budget():
-        from .recipes import choose_recipe
-        try:
-            q_model, q_report = choose_recipe(fused, dev, calib, eval_path, max_accuracy_drop,
-                                              job=replace(job, evaluate=True), on_step=say)
-        except EdgesmithError as exc:
-            notes.append(f"int8 recipe search failed: {exc}")
-        else:
-            for p in q_report.pruned:
-                notes.append(f"int8 recipe {p['recipe']} not tried: {p['reason']}")
-            if q_report.quantized:   # measured by the recipe search already: record it
-                int8_recipe = q_report.chosen.recipe
-                qc = q_report.chosen
-                cid = f"int8:{int8_recipe}"
-                if cid not in state.done:
-                    cand = OptCandidate(cid, {"quantize": qc.settings}, _sha(q_model.proto), {},
-                                        qc.p50_ms, None, None, qc.accuracy,
-                                        _drop(base.accuracy, qc.accuracy),
-                                        q_model.facts.size_bytes, q_model.facts.params,
-                                        q_model.facts.macs)
-                    state.save(cand, q_model.proto)
-                cands.append(state.done[cid])
-                write_outputs()
-            else:
-                notes.append(q_report.summary)
-    if train is None:
-        notes.append("no training data (--train): pruning + distillation candidates skipped")
+    quant, judge = None, None
+    if calib is not None:
+        quant = quant_data(original, calib, eval_path)
+        notes += quant.notes
+        judge = quant.eval
+    elif eval_path is not None:
+        judge = load_eval_set(eval_path, original)
+        judge.refs = reference_outputs(original, judge, batch)
     else:
-        _pruned_candidates(original, fused, train, eval_path, prune_ratios, distill_epochs,
-                           int8_recipe, calib, measure, over_budget, notes, say)
-    if over_budget():
-        notes.append(f"stopped by --budget ({budget_s:.0f}s) after {len(cands)} candidate(s)")
-    chosen_id = _choose(cands, max_accuracy_drop, latency_budget_ms)
-    chosen_id = _confirm_fastest(cands, chosen_id, state, original, dev, batch, say) or chosen_id
-    report = OptimizeReport(REPORT_SCHEMA, __version__, str(model_path), dev.name, facts,
-                            profile.name, chosen_target.reasons, max_accuracy_drop,
-                            latency_budget_ms, cands, chosen_id,
-                            "met" if chosen_id else "no candidate met the budget", "", notes,
-                            resumed=resumed)
-    _finish(report, state, original, fused, dev, out, data, batch, tune_budget_s, say)
-    report.elapsed_s = time.monotonic() - started
-    from .report_html import write_reports
-    write_reports(report, out)
-    return report
+        notes.append("no --eval or --calib: no candidate's accuracy can be judged, so only fp32 "
+                     "can meet the accuracy budget")
+    job = replace(Job(**target.profile.measure_job_args()), evaluate=judge is not None)
+    return Context(cfg, out, original, fused, dev, facts, target, job, judge, batch, quant,
+                   train, state, say or (lambda text: None), started, notes)
 
 
-def _drop(base: dict | None, cand: dict | None) -> float | None:
-    from .recipes import accuracy_drop
-    return accuracy_drop(base, cand)
+def int8_stage(ctx: Context) -> dict | None:
+    """The device's int8 recipes, measured against the fp32 baseline; every measured recipe
+    becomes a candidate as it is measured. Returns the chosen recipe's settings (for the pruned
+    students), or None when fp32 stayed best. A finished search is not re-run on resume."""
+    marker = ctx.state.dir / "int8.json"
+    if ctx.quant is None:
+        ctx.notes.append("no calibration data (--calib or --eval): int8 candidates skipped")
+        return None
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        ctx.cands += [c for c in ctx.state.done.values() if c.id.startswith("int8:")]
+        ctx.skipped += done["skipped"]
+        ctx.notes += done["notes"]
+        return done["recipe"]
+    if ctx.over_budget():
+        return None
+
+    def keep(cand: Candidate, proto: onnx.ModelProto | None) -> None:
+        cand = replace(cand, id=f"int8:{cand.id}", recipe={"quantize": cand.recipe})
+        if proto is not None and cand.ok:
+            cand.model_sha256 = _sha(proto.SerializeToString())
+        ctx.cands[:] = [c for c in ctx.cands if c.id != cand.id]
+        ctx.record(cand, proto)
+
+    try:
+        _, q_report = choose_recipe(ctx.fused, ctx.device, ctx.quant, ctx.cfg.max_accuracy_drop,
+                                    ctx.job, baseline=replace(ctx.baseline()), on_step=ctx.say,
+                                    on_candidate=keep)
+    except EdgesmithError as exc:
+        ctx.notes.append(f"int8 recipe search failed: {exc}")
+        return None
+    skipped = [{"id": f"int8:{p['recipe']}", "reason": p["reason"]} for p in q_report.pruned]
+    notes = [n for n in q_report.notes if n not in ctx.notes]
+    if not q_report.quantized:
+        notes.append(q_report.summary)
+    recipe = q_report.chosen.recipe if q_report.quantized else None
+    atomic_write(marker, json.dumps({"recipe": recipe, "skipped": skipped,
+                                     "notes": notes}).encode())
+    ctx.skipped += skipped
+    ctx.notes += notes
+    return recipe
 
 
-def _choose(cands: list[OptCandidate], max_drop: float, latency_ms: float | None) -> str | None:
+def pruned_stage(ctx: Context, int8_recipe: dict | None) -> None:
+    """Structured pruning at each ratio, distilled from the original (+ the chosen int8)."""
+    if ctx.train is None:
+        ctx.notes.append("no training data (--train): pruning + distillation candidates skipped")
+        return
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        ctx.notes.append("pruning + distillation skipped: needs the `train` extra "
+                         "(pip install torch==2.13.0 'edgesmith[train]')")
+        return
+    from .data import load_training_set
+    from .passes.distill import DistillConfig, distill, soft_targets
+    from .passes.prune import PruneConfig, prune_channels
+    from .passes.quantize import QuantRecipe
+    from .recipes import quantize_with
+
+    data = load_training_set(ctx.train, ctx.original)
+    targets = soft_targets(ctx.original.proto, data)     # one teacher: computed once
+    epochs = ctx.cfg.distill_epochs
+    for ratio in ctx.cfg.prune_ratios:
+        if ctx.over_budget():
+            return
+        cid = f"prune{int(ratio * 100)}+distill"
+        ctx.say(f"pruning {ratio:.0%} of channels and distilling ({epochs} epochs)")
+        pruned, _ = prune_channels(ctx.fused.proto, PruneConfig(ratio=ratio))
+        student, rep = distill(pruned, DistillConfig(ctx.original.proto, data, ctx.judge,
+                                                     targets, epochs=epochs))
+        model = from_proto(student, ctx.original)
+        ctx.measure(cid, {"prune": ratio, "distill": {"epochs": epochs}}, model,
+                    rep.details[-1])
+        if int8_recipe and ctx.quant is not None and not ctx.over_budget():
+            recipe = QuantRecipe(**{**int8_recipe, "exclude": ()})   # node names changed
+            try:
+                proto, _ = quantize_with(model, recipe, ctx.quant.batches)
+            except EdgesmithError as exc:
+                ctx.notes.append(f"{cid}+int8 failed: {exc}")
+                continue
+            ctx.measure(f"{cid}+int8:{recipe.name}", {"prune": ratio, "distill":
+                                                      {"epochs": epochs}, "quantize": recipe.name},
+                        from_proto(proto, ctx.original))
+
+
+def _choose(cands: list[Candidate], cfg: OptimizeConfig) -> Candidate | None:
     """Mark budget and Pareto flags; the fastest candidate within the budgets, or None."""
     front = {c.id for c in pareto_front(cands)}
     for c in cands:
         c.pareto = c.id in front
-        c.within_budget = bool(c.ok and c.accuracy_drop is not None and
-                               c.accuracy_drop <= max_drop and
-                               (latency_ms is None or c.p50_ms <= latency_ms))
+        c.within_budget = bool(c.ok and c.model_sha256 and c.accuracy_drop is not None and
+                               c.accuracy_drop <= cfg.max_accuracy_drop and
+                               (cfg.latency_budget_ms is None or
+                                c.latency_ms <= cfg.latency_budget_ms))
     ok = [c for c in cands if c.within_budget]
-    return min(ok, key=lambda c: c.p50_ms).id if ok else None
+    return min(ok, key=lambda c: c.latency_ms) if ok else None
 
 
-def _best_tradeoff(cands: list[OptCandidate]) -> str | None:
+def pareto_front(cands: list[Candidate]) -> list[Candidate]:
+    """Candidates no other candidate beats on both latency and accuracy drop."""
+    ok = [c for c in cands if c.ok and c.accuracy_drop is not None]
+    return [c for c in ok if not any(
+        o is not c and o.latency_ms <= c.latency_ms and o.accuracy_drop <= c.accuracy_drop
+        and (o.latency_ms < c.latency_ms or o.accuracy_drop < c.accuracy_drop) for o in ok)]
+
+
+def _best_tradeoff(cands: list[Candidate]) -> Candidate | None:
     """When nothing meets the budget, model.onnx holds the most accurate Pareto candidate."""
-    front = [c for c in cands if c.pareto]
-    return min(front, key=lambda c: c.accuracy_drop).id if front else None
+    front = [c for c in cands if c.pareto and c.model_sha256]
+    return min(front, key=lambda c: c.accuracy_drop) if front else None
 
 
-def _confirm_fastest(cands: list[OptCandidate], chosen_id: str | None, state: _State,
-                     original: Model, dev, batch: int, say, contenders: int = 3,
-                     rounds: int = 3) -> str | None:
-    """One measurement per candidate is noise-prone on a busy device: re-measure the fastest
-    in-budget candidates interleaved (rotating order) and choose by the median."""
-    top = sorted((c for c in cands if c.within_budget), key=lambda c: c.p50_ms)[:contenders]
-    if len(top) < 2 or chosen_id is None:
-        return chosen_id
-    say(f"re-measuring the {len(top)} fastest candidates interleaved")
-    remote = {}
-    for c in top:
-        model = from_proto(state.load_model(c), original)
-        remote[c.id] = dev.push(bundles.build(model, eval_data=None, eval_batch=batch))
-    samples: dict[str, list[float]] = {c.id: [] for c in top}
-    for i in range(rounds):
-        for c in top[i % len(top):] + top[:i % len(top)]:
-            r = dev.run(remote[c.id], Job(runs=50, warmup=5, min_time_s=0.5, evaluate=False))
-            if r.ok:
-                samples[c.id].append(r.latency_ms["p50"])
-    for c in top:
-        if samples[c.id]:
-            c.confirm_p50_ms = sorted(samples[c.id])[len(samples[c.id]) // 2]
-    confirmed = [c for c in top if c.confirm_p50_ms is not None]
-    return min(confirmed, key=lambda c: c.confirm_p50_ms).id if confirmed else chosen_id
+def _timing_job() -> Job:
+    return Job(runs=50, warmup=5, min_time_s=0.5, evaluate=False)
 
 
-def _pruned_candidates(original, fused, train, eval_path, ratios, epochs, int8_recipe, calib,
-                       measure, over_budget, notes, say) -> None:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        notes.append("pruning + distillation skipped: needs the `train` extra (torch)")
-        return
-    from .data import load_eval_set, load_training_set
-    from .passes.distill import DistillConfig, distill
-    from .passes.prune import PruneConfig, prune_channels
-
-    train_data = load_training_set(train, original)
-    ev = load_eval_set(eval_path, original) if eval_path else None
-    for ratio in ratios:
-        if over_budget():
-            return
-        cid = f"prune{int(ratio * 100)}+distill"
-        say(f"pruning {ratio:.0%} of channels and distilling ({epochs} epochs)")
-        pruned, _ = prune_channels(fused.proto, PruneConfig(ratio=ratio))
-        student, rep = distill(original.proto, pruned, train_data, DistillConfig(epochs=epochs),
-                               ev)
-        model = from_proto(student, original)
-        measure(cid, {"prune": ratio, "distill": {"epochs": epochs}}, model,
-                f"{rep.details[-1]}")
-        if int8_recipe and not over_budget():
-            from .recipes import quantize_with
-            try:
-                proto, _ = quantize_with(model, int8_recipe, calib)
-            except EdgesmithError as exc:
-                notes.append(f"{cid}+int8 failed: {exc}")
-                continue
-            measure(f"{cid}+int8:{int8_recipe}", {"prune": ratio, "distill": {"epochs": epochs},
-                                                  "quantize": int8_recipe},
-                    from_proto(proto, original))
+def confirm_stage(ctx: Context, chosen: Candidate | None) -> Candidate | None:
+    """Single measurements flip on a busy device: re-measure the fastest in-budget candidates
+    interleaved and choose by the median; each keeps its spread."""
+    top = sorted((c for c in ctx.cands if c.within_budget), key=lambda c: c.p50_ms)
+    top = top[:ctx.cfg.contenders]
+    if len(top) < 2 or chosen is None:
+        return chosen
+    ctx.say(f"re-measuring the {len(top)} fastest candidates interleaved")
+    trials = {c.id: (bundles.build(from_proto(ctx.state.load_model(c), ctx.original),
+                                   eval_batch=ctx.batch), _timing_job()) for c in top}
+    for cid, spread in interleave(ctx.device, trials, ctx.cfg.confirm_rounds).items():
+        next(c for c in top if c.id == cid).confirm = asdict(spread)
+    return _choose(ctx.cands, ctx.cfg) or chosen
 
 
-def _finish(report: OptimizeReport, state: _State, original: Model, fused: Model, dev,
-            out: Path, data, batch: int, tune_budget_s: float, say) -> None:
-    """Tune the winner, profile its ops, re-measure it against the original, write the bundle."""
-    pick = report.chosen or _best_tradeoff(report.candidates)
+def finish_stage(ctx: Context, report: OptimizeReport) -> None:
+    """Tune the winner, write its bundle, profile its ops, re-measure it against the original."""
+    pick = next((c for c in ctx.cands if c.id == report.chosen), None) or \
+        _best_tradeoff(ctx.cands)
     if pick is None:
         report.summary = "no candidate ran on the device"
         return
-    cand = next(c for c in report.candidates if c.id == pick)
-    model = from_proto(state.load_model(cand), original)
-    config: dict = {}
-    if tune_budget_s > 0:
-        from .tune import tune
-        say(f"tuning the runtime config of {pick}")
-        try:
-            tuned = tune(model, dev, target=report.target, budget_s=tune_budget_s,
-                         max_trials=12, confirm_rounds=2)
-            config = tuned.best.config
-        except EdgesmithError as exc:
-            report.notes.append(f"tuning skipped: {exc}")
-    report.tuned_config = config
-    cand.config = config
-    final = bundles.build(model, config=config, eval_data=data, eval_batch=batch,
-                          meta={"candidate": pick, "edgesmith": __version__})
-    from .report import copy_dir_atomic
-    copy_dir_atomic(final.path, out / "bundle")
-    atomic_write(out / "model.onnx", model.proto.SerializeToString())
-    say("profiling ops and re-measuring against the original")
-    orig_bundle = bundles.build(original, eval_data=None, eval_batch=batch)
-    try:
-        remote_final, remote_orig = dev.push(final), dev.push(orig_bundle)
-        prof = dev.run(remote_final, Job(runs=20, warmup=3, evaluate=False, profile_ops=True))
-        report.op_profile_ms = prof.op_profile_ms or {}
-        rounds: dict[str, list[float]] = {"original": [], "chosen": []}
-        order = [("original", remote_orig), ("chosen", remote_final)]
-        for i in range(2):   # ABBA: neither side always runs first
-            for name, remote in (order if i % 2 == 0 else order[::-1]):
-                r = dev.run(remote, Job(runs=50, warmup=5, min_time_s=0.5, evaluate=False))
-                if r.ok:
-                    rounds[name].append(r.latency_ms["p50"])
-        if rounds["original"] and rounds["chosen"]:
-            o, c = min(rounds["original"]), min(rounds["chosen"])
-            report.remeasure = {"original_p50_ms": o, "chosen_p50_ms": c, "speedup": o / c}
-    except StageError as exc:
-        report.notes.append(f"re-measurement failed: {exc}")
-    speed = report.remeasure.get("speedup")
-    if report.chosen:
-        report.summary = (f"chose {pick}: {cand.p50_ms:.3f} ms p50, accuracy drop "
-                          f"{cand.accuracy_drop:.4f}" + (f", {speed:.2f}x faster than the "
-                                                         f"original on re-measurement"
-                                                         if speed else ""))
-        if speed is not None and speed < 1.0:
-            report.notes.append("the chosen model was not faster than the original on "
-                                "re-measurement: the device is noisy or nothing beat fp32")
+    model = from_proto(ctx.state.load_model(pick), ctx.original)
+    report.tuned_config = pick.config = _tuned_config(ctx, model, pick.id)
+    final = bundles.build(model, config=pick.config, eval_data=ctx.judge, eval_batch=ctx.batch,
+                          meta={"candidate": pick.id, "edgesmith": __version__})
+    copy_dir_atomic(final.path, ctx.out / "bundle")
+    atomic_write(ctx.out / "model.onnx", model.proto.SerializeToString())
+    ctx.say("profiling ops and re-measuring against the original")
+    prof = measure(ctx.device, final, Job(runs=20, warmup=3, evaluate=False, profile_ops=True))
+    report.op_profile_ms = prof.op_profile_ms or {}
+    trials = {"original": (bundles.build(ctx.original, eval_batch=ctx.batch), _timing_job()),
+              "chosen": (final, _timing_job())}
+    spreads = interleave(ctx.device, trials, ctx.cfg.confirm_rounds)
+    if len(spreads) == 2:
+        report.remeasure = {k: asdict(v) for k, v in spreads.items()}
+        report.remeasure["speedup"] = spreads["original"].median_ms / spreads["chosen"].median_ms
+        report.remeasure["within_noise"] = spreads["original"].overlaps(spreads["chosen"])
     else:
-        report.summary = (f"no candidate met the budget (accuracy drop <= "
-                          f"{report.max_accuracy_drop}"
-                          + (f", p50 <= {report.latency_budget_ms} ms"
-                             if report.latency_budget_ms else "") +
-                          f"); saved the most accurate trade-off ({pick}) and the Pareto front")
-        trade = out / "tradeoffs"
-        trade.mkdir(exist_ok=True)
-        for c in report.candidates:
-            if c.pareto and c.model_sha256:
-                atomic_write(trade / f"{c.id.replace(':', '_').replace('+', '_')}.onnx",
-                             state.model_path(c.model_sha256).read_bytes())
+        report.notes.append("re-measurement against the original failed on the device")
+    report.summary = _summary(report, pick, spreads)
+    if not report.chosen:
+        _save_tradeoffs(ctx)
+
+
+def _tuned_config(ctx: Context, model: Model, pick: str) -> dict:
+    if ctx.cfg.tune_budget_s <= 0:
+        return {}
+    from .tune import tune
+    ctx.say(f"tuning the runtime config of {pick}")
+    try:
+        tuned = tune(model, ctx.device, target=ctx.target, budget_s=ctx.cfg.tune_budget_s,
+                     max_trials=12, confirm_rounds=2)
+    except EdgesmithError as exc:
+        ctx.notes.append(f"tuning skipped: {exc}")
+        return {}
+    return tuned.best.config
+
+
+def _summary(report: OptimizeReport, pick: Candidate, spreads: dict[str, Spread]) -> str:
+    if not report.chosen:
+        return (f"no candidate met the budget (accuracy drop <= "
+                f"{report.config['max_accuracy_drop']}"
+                + (f", p50 <= {report.config['latency_budget_ms']} ms"
+                   if report.config["latency_budget_ms"] else "") +
+                f"); saved the most accurate trade-off ({pick.id}) and the Pareto front")
+    text = f"chose {pick.id}: accuracy drop {pick.accuracy_drop:.4f}"
+    if "speedup" in report.remeasure:
+        o, c = spreads["original"], spreads["chosen"]
+        text += (f", {c.median_ms:.3f} ms vs the original's {o.median_ms:.3f} ms "
+                 f"(median of {c.rounds} interleaved rounds; chosen {c.low_ms:.3f}-"
+                 f"{c.high_ms:.3f}, original {o.low_ms:.3f}-{o.high_ms:.3f}): ")
+        text += ("within noise, not a measurable speedup" if report.remeasure["within_noise"]
+                 else f"{report.remeasure['speedup']:.2f}x "
+                      + ("faster" if report.remeasure["speedup"] > 1 else "slower"))
+    return text
+
+
+def _save_tradeoffs(ctx: Context) -> None:
+    trade = ctx.out / "tradeoffs"
+    trade.mkdir(exist_ok=True)
+    for c in ctx.cands:
+        if c.pareto and c.model_sha256:
+            atomic_write(trade / f"{c.id.replace(':', '_').replace('+', '_')}.onnx",
+                         ctx.state.model_path(c.model_sha256).read_bytes())

@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import os
-import re
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 from device_runtime.result import Result
 
 from . import bundle as bundles
 from .data import eval_batch, load_eval_set, reference_outputs
 from .devices import Job, get_device
-from .errors import StageError
+from .measure import measure
 from .model import Model, load
 
 
@@ -25,49 +22,6 @@ def prepare(model: Model, eval_path: str | os.PathLike | None, config: dict | No
         data = load_eval_set(eval_path, model)
         data.refs = reference_outputs(model, data, batch)
     return bundles.build(model, config=config, eval_data=data, eval_batch=batch, meta=meta)
-
-
-def measure(bundle: bundles.Bundle, device, job: Job) -> Result:
-    """push -> run on one device; a failed stage is a Result with `error`, never an exception."""
-    t0 = time.perf_counter()
-    job = replace(job, backend=bundle.manifest.backend)
-    try:
-        facts = device.facts() if bundle.manifest.backend == "onnxruntime" else {}
-        limit, opset = facts.get("ort_opset"), bundle.manifest.meta.get("opset")
-        if limit and opset and opset > limit:   # known before uploading anything
-            ort = facts.get("packages", {}).get("onnxruntime", "")
-            return Result.failure("load", f"the model's ONNX opset {opset} is newer than "
-                                  f"onnxruntime {ort} on the device reads (up to {limit}): "
-                                  f"convert it with `edgesmith fuse MODEL --opset {limit} -o OUT` "
-                                  "or upgrade onnxruntime on the device (`edgesmith device setup`)",
-                                  device=facts)
-        remote = device.push(bundle)
-        pushed_ms = (time.perf_counter() - t0) * 1e3
-        result = device.run(remote, job)
-        if result.stage == "verify" and hasattr(device, "forget"):
-            device.forget(remote)      # damaged on the device: upload afresh, once
-            result = device.run(device.push(bundle), job)
-    except StageError as exc:
-        return Result.failure(exc.stage, exc.message)
-    result.stages_ms["push"] = pushed_ms
-    if result.stage == "load" and "--opset N" in (result.error or ""):
-        result.error = name_the_opset(result.error, limit, opset)
-    return result
-
-
-def name_the_opset(message: str, device_opset: int | None, model_opset: int | None) -> str:
-    """The device says what IR version or opset it reads; the host's onnx knows which opset fits.
-
-    The model's own opset if that fits (the conversion then only re-stamps the IR version)."""
-    from .passes.fuse import newest_opset_for_ir
-
-    found = re.search(r"ONNX (IR version|opset) \d+ .*\(up to (\d+)\)", message)
-    if not found:
-        return message
-    limit = int(found[2])
-    opset = newest_opset_for_ir(limit) if found[1] == "IR version" else limit
-    fits = min(opset, device_opset or opset)
-    return message.replace("--opset N", f"--opset {min(model_opset or fits, fits)}")
 
 
 def profile(model: str | os.PathLike | Model, device="local",
@@ -90,7 +44,7 @@ def profile_many(model: str | os.PathLike | Model, devices: list,
 
     def one(device) -> Result:
         try:
-            return measure(bundle, device, job)
+            return measure(device, bundle, job)
         finally:
             if hasattr(device, "close"):
                 device.close()

@@ -9,7 +9,6 @@ in float, found by comparing activations layer by layer against fp32).
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -18,32 +17,18 @@ import numpy as np
 import onnx
 
 from device_runtime.evaluate import EvalData
-from device_runtime.result import Result
 
 from . import bundle as bundles
 from .data import calibration_batches, eval_batch, load_eval_set, reference_outputs
 from .devices import Job
-from .errors import EdgesmithError, StageError
+from .errors import EdgesmithError
+from .measure import Candidate, measure
 from .model import Model, from_proto
-from .passes.quantize import QuantRecipe, preprocess, quantize_dynamic, quantize_static, to_fp16
+from .passes.equalize import BiasCorrectConfig, EqualizeConfig, bias_correct, equalize
+from .passes.quantize import (QuantizeConfig, QuantRecipe, preprocess, quantize_dynamic,
+                              quantize_static, to_fp16)
 
 MAX_FLOAT_LAYERS = 16        # mixed precision stops here: more float layers than this is no int8
-
-
-@dataclass
-class Candidate:
-    recipe: str
-    p50_ms: float | None = None
-    accuracy: dict | None = None
-    accuracy_drop: float | None = None
-    size_bytes: int = 0
-    error: str | None = None
-    note: str = ""
-    settings: dict = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.p50_ms is not None
 
 
 @dataclass
@@ -58,125 +43,186 @@ class QuantizeReport:
     kept_float: list[str] = field(default_factory=list)
     quantized: bool = True               # False: fp32 kept (no recipe was faster within budget)
     summary: str = ""
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+BASE_RECIPES = {r.name: r for r in [
+    QuantRecipe("qdq-u8s8-rr", reduce_range=True),
+    QuantRecipe("qoperator-u8s8-rr", format="QOperator", reduce_range=True),
+    QuantRecipe("qdq-u8s8"), QuantRecipe("qdq-s8s8", activations="S8"),
+    QuantRecipe("dynamic-int8", dynamic=True), QuantRecipe("fp16", fp16=True),
+    QuantRecipe("ort-default", activations="S8", per_channel=False)]}
+REPAIRS = {"percentile": {"calibration": "percentile"},
+           "cle-bc": {"equalize": True, "bias_correction": True}}
 
 
 def x86_vnni(flags: set) -> bool:
     return bool(flags & {"avx512_vnni", "avx_vnni"})
 
 
+def why_not(recipe: QuantRecipe, facts: dict, model: Model) -> str | None:
+    """Why a recipe cannot be fast (or right) on this device; None when it is worth measuring."""
+    flags, x86 = set(facts.get("cpu_flags", [])), facts.get("arch") == "x86_64"
+    old_x86 = x86 and not x86_vnni(flags)
+    if recipe.name == "ort-default":
+        return "per-tensor weights (onnxruntime's defaults): as fast as per-channel, less accurate"
+    if recipe.fp16:
+        gpu_eps = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+        if not gpu_eps & set(facts.get("ort_providers") or []):
+            return ("fp16 pays off only on a GPU execution provider (CUDA/TensorRT); this "
+                    "device's onnxruntime has " + ", ".join(facts.get("ort_providers") or ["none"]))
+        return None
+    if recipe.dynamic:
+        macs = model.facts.macs_by_op
+        dense = macs.get("MatMul", 0) + macs.get("Gemm", 0)
+        if model.facts.macs and dense >= 0.5 * model.facts.macs:
+            return None
+        return (f"dynamic quantization only covers MatMul/Gemm ({100 * dense / max(1, model.facts.macs):.0f}% "
+                "of this model's MACs); convs would need ConvInteger, which onnxruntime runs "
+                "slower than float convs")
+    if recipe.reduce_range and not old_x86:
+        return "reduce_range only helps x86 without VNNI (it costs a bit of weight precision)"
+    if not recipe.reduce_range and old_x86:
+        return ("onnxruntime has no fast s8s8 conv kernels on AVX2 without VNNI"
+                if recipe.activations == "S8" else
+                "8-bit weights saturate the int16 accumulation of AVX2 u8s8 kernels without VNNI "
+                "(accuracy loss); reduce_range is used instead")
+    return None
+
+
 def candidate_recipes(facts: dict, model: Model) -> tuple[list[QuantRecipe], list[dict]]:
     """Recipes worth measuring on this device, and the ones pruned with the reason."""
-    flags, arch = set(facts.get("cpu_flags", [])), facts.get("arch")
     recipes, pruned = [], []
-
-    def keep(recipe: QuantRecipe, why_not: str | None = None):
-        if why_not:
-            pruned.append({"recipe": recipe.name, "reason": why_not})
+    for recipe in BASE_RECIPES.values():
+        reason = why_not(recipe, facts, model)
+        if reason:
+            pruned.append({"recipe": recipe.name, "reason": reason})
         else:
             recipes.append(recipe)
-
-    x86 = arch == "x86_64"
-    keep(QuantRecipe("qdq-u8s8-rr", reduce_range=True),
-         None if x86 and not x86_vnni(flags) else
-         "reduce_range only helps x86 without VNNI (it costs a bit of weight precision)")
-    keep(QuantRecipe("qoperator-u8s8-rr", format="QOperator", reduce_range=True),
-         None if x86 and not x86_vnni(flags) else
-         "reduce_range only helps x86 without VNNI")
-    keep(QuantRecipe("qdq-u8s8"),
-         "8-bit weights saturate the int16 accumulation of AVX2 u8s8 kernels without VNNI "
-         "(accuracy loss); reduce_range is used instead" if x86 and not x86_vnni(flags) else None)
-    keep(QuantRecipe("qdq-s8s8", activations="S8"),
-         "onnxruntime has no fast s8s8 conv kernels on AVX2 without VNNI"
-         if x86 and not x86_vnni(flags) else None)
-    macs = model.facts.macs_by_op
-    dense = macs.get("MatMul", 0) + macs.get("Gemm", 0)
-    keep(QuantRecipe("dynamic-int8", dynamic=True),
-         None if model.facts.macs and dense >= 0.5 * model.facts.macs else
-         f"dynamic quantization only covers MatMul/Gemm ({100 * dense / max(1, model.facts.macs):.0f}% "
-         "of this model's MACs); convs would need ConvInteger, which onnxruntime runs slower "
-         "than float convs")
-    gpu = facts.get("gpu")
-    keep(QuantRecipe("fp16", fp16=True),
-         None if gpu else "fp16 pays off on GPUs (Jetson); this device has none")
     return recipes, pruned
 
 
+def recipe_by_name(name: str) -> QuantRecipe:
+    """A base recipe, optionally with repairs appended: `qdq-u8s8-percentile`, `...-cle-bc`."""
+    for base_name, base in BASE_RECIPES.items():
+        if name == base_name or name.startswith(base_name + "-"):
+            rest, changes = name[len(base_name):], {}
+            for suffix, fields in REPAIRS.items():
+                if f"-{suffix}" in rest:
+                    rest = rest.replace(f"-{suffix}", "")
+                    changes.update(fields)
+            if not rest:
+                return replace(base, name=name, **changes)
+    known = sorted(BASE_RECIPES) + [f"{b}-{r}" for b in ("qdq-u8s8", "qdq-u8s8-rr")
+                                    for r in REPAIRS]
+    raise EdgesmithError(f"unknown recipe {name!r}; known: {known}")
+
+
+@dataclass
+class QuantData:
+    """What a recipe search reads, built once per run: calibration feeds and a judging set that
+    shares no sample with them (with the float model's reference outputs)."""
+
+    batches: list[dict]
+    eval: EvalData
+    batch: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _split(batches: list[dict], holdout: float, seed: int = 0) -> tuple[dict, dict]:
+    inputs = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    n = len(next(iter(inputs.values())))
+    order = np.random.default_rng(seed).permutation(n)
+    cut = n - max(1, int(round(n * holdout)))
+    return ({k: v[order[:cut]] for k, v in inputs.items()},
+            {k: v[order[cut:]] for k, v in inputs.items()})
+
+
+def _batched(inputs: dict, batch: int, fixed: bool) -> list[dict]:
+    n = len(next(iter(inputs.values())))
+    stop = n - (n % batch if fixed else 0)
+    return [{k: v[i:i + batch] for k, v in inputs.items()} for i in range(0, stop, batch)]
+
+
+def quant_data(model: Model, calib, eval_path=None, holdout: float = 0.25,
+               limit: int = 512) -> QuantData:
+    """Calibration feeds and a judging set. With `eval_path` the eval set judges; with only
+    `calib`, a random `holdout` share of it is set aside to judge fidelity to the float model
+    (calibrating and judging on the same samples flatters every recipe)."""
+    batch = eval_batch(model, 16)
+    fixed = bool(model.inputs and model.inputs[0].dims and model.inputs[0].dims[0])
+    feeds = list(calibration_batches(calib, model, batch, limit + int(limit * holdout)))
+    if not feeds:
+        raise EdgesmithError(f"calibration data {calib} is empty (or shorter than the model's "
+                             "fixed batch)")
+    notes = []
+    if eval_path is not None:
+        judge = load_eval_set(eval_path, model)
+    else:
+        calib_inputs, held = _split(feeds, holdout)
+        n_held = len(next(iter(held.values())))
+        if len(_batched(calib_inputs, batch, fixed)) and n_held >= (batch if fixed else 1):
+            feeds = _batched(calib_inputs, batch, fixed)
+            judge = EvalData(held, None, {}, n_held)
+            notes.append(f"no --eval: fidelity judged on {n_held} calibration samples held out "
+                         "from calibration")
+        else:
+            judge = EvalData({k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]},
+                             None, {}, sum(len(next(iter(f.values()))) for f in feeds))
+            notes.append("too few calibration samples to hold any out: fidelity is judged on "
+                         "the calibration samples themselves (optimistic); pass --eval")
+    judge.refs = reference_outputs(model, judge, batch)
+    return QuantData(feeds[:max(1, -(-limit // batch))], judge, batch, notes)
+
+
+def build_recipe(prepared: onnx.ModelProto, recipe: QuantRecipe, batches: list[dict],
+                 calibration_cache: Path | None = None) -> tuple[onnx.ModelProto, list]:
+    """The quantized (or fp16) model for `recipe` from a pre-processed float model; the passes
+    run in order (CLE, bias correction, quantization), each reporting what it did."""
+    if recipe.fp16:
+        proto, report = to_fp16(prepared, recipe)
+        return proto, [report]
+    if recipe.dynamic:
+        proto, report = quantize_dynamic(prepared, recipe)
+        return proto, [report]
+    float_model, reports = prepared, []
+    if recipe.equalize:
+        float_model, rep = equalize(float_model, EqualizeConfig(batches))
+        reports.append(rep)
+    if recipe.bias_correction:
+        float_model, rep = bias_correct(float_model, BiasCorrectConfig(recipe, batches))
+        reports.append(rep)
+    proto, rep = quantize_static(float_model, QuantizeConfig(recipe, batches, calibration_cache))
+    return proto, reports + [rep]
+
+
 class RecipeSearch:
-    """State shared by the candidates: the prepared float model, calibration cache, eval set."""
+    """State shared by the candidates: the prepared float model, its calibration caches (one per
+    calibration method and float graph), the judging set and the device."""
 
-    def __init__(self, model: Model, device, calib: str | os.PathLike,
-                 eval_path: str | os.PathLike | None, job: Job, workdir: Path,
-                 calib_limit: int = 512):
-        self.model, self.device, self.job, self.workdir = model, device, job, workdir
-        self.calib = calib
-        self.calib_limit = calib_limit
-        self.prepared = preprocess(model.proto, model.input_shapes)
-        self.batch = eval_batch(model)
-        if eval_path is not None:
-            self.eval = load_eval_set(eval_path, model)
-        else:   # no eval set: fidelity to the original model on calibration samples, never none
-            self.eval = _fidelity_set(calibration_batches(calib, model, 16, 256))
-        self.eval.refs = reference_outputs(model, self.eval, self.batch)
-        self._batches: list[dict] | None = None
-
-    def batches(self) -> list[dict]:
-        """Calibration batches, read once: CLE, bias correction and sensitivity all reuse them."""
-        if self._batches is None:
-            self._batches = list(calibration_batches(self.calib, self.model, 16,
-                                                     self.calib_limit))
-        return self._batches
+    def __init__(self, model: Model, device, data: QuantData, job: Job, workdir: Path):
+        self.model, self.device, self.data, self.job, self.workdir = (model, device, data, job,
+                                                                      workdir)
+        self.prepared, self.prep_report = preprocess(model.proto, model.input_shapes)
 
     def build(self, recipe: QuantRecipe) -> tuple[onnx.ModelProto, list]:
-        """The quantized (or fp16) model for `recipe`, from the prepared float model."""
-        if recipe.fp16:
-            proto, report = to_fp16(self.prepared)
-            return proto, [report]
-        if recipe.dynamic:
-            proto, report = quantize_dynamic(self.prepared, recipe)
-            return proto, [report]
-        from .passes.equalize import bias_correct, equalize
-
-        float_model, reports = self.prepared, []
-        if recipe.equalize:
-            float_model, rep = equalize(float_model, self.batches())
-            reports.append(rep)
         key = f"{recipe.calibration}-{recipe.percentile}-{recipe.symmetric_activations}-" \
-              f"{'cle' if recipe.equalize else 'plain'}"
-        cache = self.workdir / f"calib-{key}.json"
-        batches = None if cache.is_file() else self.batches()
-        if recipe.bias_correction:
-            float_model, rep = bias_correct(float_model, recipe, batches or self.batches())
-            reports.append(rep)
-        proto, rep = quantize_static(float_model, recipe, cache, batches)
-        return proto, reports + [rep]
+              f"{'cle' if recipe.equalize else 'plain'}-{'bc' if recipe.bias_correction else ''}"
+        return build_recipe(self.prepared, recipe, self.data.batches,
+                            self.workdir / f"calib-{key}.json")
 
     def measure(self, label: str, proto: onnx.ModelProto, settings: dict | None = None
                 ) -> Candidate:
         model = from_proto(proto, self.model)
-        bundle = bundles.build(model, eval_data=self.eval, eval_batch=self.batch,
+        bundle = bundles.build(model, eval_data=self.data.eval, eval_batch=self.data.batch,
                                meta={"recipe": label})
-        try:
-            result = self.device.run(self.device.push(bundle), self.job)
-        except StageError as exc:
-            result = Result.failure(exc.stage, exc.message)
-        lat = result.latency_ms or {}
-        return Candidate(label, lat.get("p50"), result.accuracy, None, model.facts.size_bytes,
-                         None if result.ok else f"{result.stage}: {result.error}",
-                         settings=settings or {})
-
-
-def _fidelity_set(batches) -> EvalData:
-    chunks: dict[str, list] = {}
-    for feed in batches:
-        for name, arr in feed.items():
-            chunks.setdefault(name, []).append(arr)
-    if not chunks:
-        raise EdgesmithError("calibration data is empty")
-    inputs = {name: np.concatenate(arrs) for name, arrs in chunks.items()}
-    return EvalData(inputs, None, {}, len(next(iter(inputs.values()))))
+        result = measure(self.device, bundle, self.job)
+        return Candidate.from_result(label, result, model, recipe=settings or {},
+                                     model_sha256=bundle.manifest.files[bundle.manifest.model]
+                                     ["sha256"])
 
 
 def accuracy_drop(base: dict | None, cand: dict | None) -> float | None:
@@ -283,17 +329,22 @@ def layer_sensitivity(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto
     return sorted(rows, key=lambda r: -r["added_nsr"])
 
 
-def choose_recipe(model: Model, device, calib, eval_path=None, max_accuracy_drop: float = 0.01,
-                  job: Job | None = None, on_step=None) -> tuple[Model, QuantizeReport]:
-    """Measure the device's candidate recipes; return the fastest model within the budget."""
-    facts = device.facts()
-    recipes, pruned = candidate_recipes(facts, model)
+def choose_recipe(model: Model, device, data: QuantData, max_accuracy_drop: float = 0.01,
+                  job: Job | None = None, baseline: Candidate | None = None,
+                  on_step=None, on_candidate=None) -> tuple[Model, QuantizeReport]:
+    """Measure the device's candidate recipes; return the fastest model within the budget.
+
+    `baseline`: the float model already measured on this device with the same judging set
+    (optimize passes its fp32 candidate); measured here otherwise. `on_candidate(cand, proto)`
+    sees every measured recipe as it is measured (optimize records each one)."""
+    recipes, pruned = candidate_recipes(device.facts(), model)
     job = replace(job or Job(runs=50, warmup=5, min_time_s=0.5), evaluate=True)
     say = on_step or (lambda text: None)
     with tempfile.TemporaryDirectory(prefix="edgesmith-quant-") as tmp:
-        search = RecipeSearch(model, device, calib, eval_path, job, Path(tmp))
-        say("measuring fp32 baseline")
-        baseline = search.measure("fp32", search.prepared)
+        search = RecipeSearch(model, device, data, job, Path(tmp))
+        if baseline is None:
+            say("measuring fp32 baseline")
+            baseline = search.measure("fp32", search.prepared)
         if not baseline.ok:
             raise EdgesmithError(f"the float model does not run on {device.name}: "
                                  f"{baseline.error}")
@@ -306,77 +357,74 @@ def choose_recipe(model: Model, device, calib, eval_path=None, max_accuracy_drop
             try:
                 proto, _ = search.build(recipe)
             except EdgesmithError as exc:
-                cand = Candidate(recipe.name, error=f"quantize: {exc}", note=note)
+                cand = Candidate(recipe.name, asdict(recipe), error=f"quantize: {exc}",
+                                 stage="quantize", note=note)
             else:
                 built[recipe.name] = proto
                 cand = search.measure(recipe.name, proto, asdict(recipe))
                 cand.note = note
                 cand.accuracy_drop = accuracy_drop(baseline.accuracy, cand.accuracy)
             candidates.append(cand)
+            if on_candidate is not None:
+                on_candidate(cand, built.get(recipe.name))
             return cand
 
-        def within(c: Candidate) -> bool:
-            return c.ok and (c.accuracy_drop is None or c.accuracy_drop <= max_accuracy_drop)
-
-        by_name = {r.name: r for r in recipes}
         for recipe in recipes:
             trial(recipe)
-        sensitivity: list[dict] = []
-        fast = sorted((c for c in candidates if c.ok and c.p50_ms < baseline.p50_ms),
-                      key=lambda c: c.p50_ms)
-        if fast and not any(within(c) for c in fast) and fast[0].recipe in by_name:
-            base_recipe = by_name[fast[0].recipe]
-            repairs = [replace(base_recipe, name=f"{base_recipe.name}-percentile",
-                               calibration="percentile"),
-                       replace(base_recipe, name=f"{base_recipe.name}-cle-bc", equalize=True,
-                               bias_correction=True)]
-            for repair in repairs:
-                if within(trial(repair, "accuracy repair")):
-                    break
-            else:
-                worst = layer_sensitivity(search.prepared, built[base_recipe.name],
-                                          search.batches())
-                sensitivity = worst
-                k = 1
-                while k <= min(MAX_FLOAT_LAYERS, len(worst)):
-                    names = [r["node"] for r in worst[:k]]
-                    cand = trial(replace(base_recipe.with_exclusions(names),
-                                         name=f"{base_recipe.name}-float{k}"),
-                                 f"{k} layer(s) kept in float")
-                    if within(cand):
-                        break
-                    k *= 2
-        ok = [c for c in candidates if within(c) and c.p50_ms < baseline.p50_ms]
+        sensitivity = _repair(search, trial, candidates, baseline, built, max_accuracy_drop)
+        ok = [c for c in candidates if _within(c, max_accuracy_drop) and
+              c.p50_ms < baseline.p50_ms]
         chosen = min(ok, key=lambda c: c.p50_ms) if ok else baseline
-        proto = built.get(chosen.recipe, search.prepared)
+        proto = built.get(chosen.id, search.prepared)
         if chosen is baseline:
             reason = ("no int8 recipe was faster than fp32 within the accuracy budget "
                       f"({max_accuracy_drop:.3f}) on {device.name}; keeping fp32")
         else:
             drop = "n/a" if chosen.accuracy_drop is None else f"{chosen.accuracy_drop:.4f}"
-            reason = (f"{chosen.recipe}: {baseline.p50_ms / chosen.p50_ms:.2f}x faster than "
+            reason = (f"{chosen.id}: {baseline.p50_ms / chosen.p50_ms:.2f}x faster than "
                       f"fp32, accuracy drop {drop}")
+        notes = list(data.notes) + search.prep_report.details
         report = QuantizeReport(device.name, max_accuracy_drop, baseline, candidates, chosen,
-                                pruned, sensitivity[:20], list(chosen.settings.get("exclude", ())),
-                                chosen is not baseline, reason)
+                                pruned, sensitivity[:20], list(chosen.recipe.get("exclude", ())),
+                                chosen is not baseline, reason, notes)
         return from_proto(proto, model), report
 
 
-RECIPES = {r.name: r for r in [
-    QuantRecipe("qdq-u8s8-rr", reduce_range=True),
-    QuantRecipe("qoperator-u8s8-rr", format="QOperator", reduce_range=True),
-    QuantRecipe("qdq-u8s8"), QuantRecipe("qdq-s8s8", activations="S8"),
-    QuantRecipe("ort-default", activations="S8", per_channel=False),
-    QuantRecipe("qdq-u8s8-rr-cle-bc", reduce_range=True, equalize=True, bias_correction=True),
-    QuantRecipe("qdq-u8s8-cle-bc", equalize=True, bias_correction=True),
-    QuantRecipe("qdq-s8s8-cle-bc", activations="S8", equalize=True, bias_correction=True),
-    QuantRecipe("dynamic-int8", dynamic=True), QuantRecipe("fp16", fp16=True)]}
+def _within(c: Candidate, max_drop: float) -> bool:
+    return c.ok and (c.accuracy_drop is None or c.accuracy_drop <= max_drop)
 
 
-def quantize_with(model: Model, name: str, calib) -> tuple[onnx.ModelProto, list]:
-    """One named recipe, no search: for scripts that already know what they want."""
-    if name not in RECIPES:
-        raise EdgesmithError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
-    with tempfile.TemporaryDirectory(prefix="edgesmith-quant-") as tmp:
-        search = RecipeSearch(model, None, calib, None, Job(), Path(tmp))
-        return search.build(RECIPES[name])
+def _repair(search: RecipeSearch, trial, candidates: list[Candidate], baseline: Candidate,
+            built: dict, max_drop: float) -> list[dict]:
+    """The fastest recipe missed the budget: other calibration, then CLE + bias correction,
+    then mixed precision from per-layer sensitivity (doubling the float layers). Returns the
+    sensitivity table when it was computed."""
+    fast = sorted((c for c in candidates if c.ok and c.p50_ms < baseline.p50_ms),
+                  key=lambda c: c.p50_ms)
+    if not fast or any(_within(c, max_drop) for c in fast) or fast[0].id not in BASE_RECIPES:
+        return []
+    base = BASE_RECIPES[fast[0].id]
+    for suffix, fields in REPAIRS.items():
+        if _within(trial(replace(base, name=f"{base.name}-{suffix}", **fields),
+                         "accuracy repair"), max_drop):
+            return []
+    worst = layer_sensitivity(search.prepared, built[base.name], search.data.batches)
+    k = 1
+    while k <= min(MAX_FLOAT_LAYERS, len(worst)):
+        names = [r["node"] for r in worst[:k]]
+        cand = trial(replace(base.with_exclusions(names), name=f"{base.name}-float{k}"),
+                     f"{k} layer(s) kept in float")
+        if _within(cand, max_drop):
+            break
+        k *= 2
+    return worst
+
+
+def quantize_with(model: Model, recipe: QuantRecipe | str, batches: list[dict]
+                  ) -> tuple[onnx.ModelProto, list]:
+    """One recipe (or its name), no search: for scripts (and optimize's pruned students) that
+    already know which recipe the device chose."""
+    prepared, prep = preprocess(model.proto, model.input_shapes)
+    recipe = recipe_by_name(recipe) if isinstance(recipe, str) else recipe
+    proto, reports = build_recipe(prepared, recipe, batches)
+    return proto, [prep] + reports

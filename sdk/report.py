@@ -78,43 +78,23 @@ def tune_table(report) -> Table:
     base = report.default.p50_ms
     for i, t in enumerate(report.trials, 1):
         if not t.ok:
-            table.add_row(str(i), t.label, "", "", "", "", "", f"[red]{t.stage}: {t.error}[/red]")
+            table.add_row(str(i), t.id, "", "", "", "", "", f"[red]{t.stage}: {t.error}[/red]")
             continue
-        note = "chosen" if t.key == report.best.key else ("default" if t.key == report.default.key
-                                                          else "")
-        table.add_row(str(i), t.label, _fmt(t.p50_ms), _fmt(t.p90_ms), _fmt(t.mean_ms),
+        note = "kept" if t.key == report.best.key else ("default" if t.key == report.default.key
+                                                        else "")
+        table.add_row(str(i), t.id, _fmt(t.p50_ms), _fmt(t.p90_ms), _fmt(t.mean_ms),
                       str(t.runs), f"{base / t.p50_ms:.2f}x" if base else "-",
                       note + (" (cached)" if t.cached else ""))
     for p in report.pruned:
         table.add_row("", f"{p['knob']}={p['value']}", "", "", "", "", "",
                       f"[yellow]pruned: {p['reason']}[/yellow]")
     if report.confirm:
-        c = report.confirm
-        table.caption = (f"re-measured interleaved x{c['rounds']}: default {c['default_p50_ms']:.3f}"
-                         f" ms, best {c['best_p50_ms']:.3f} ms -> kept {c['kept']}")
+        d, b = report.confirm["default"], report.confirm["best"]
+        table.caption = (f"re-measured interleaved x{report.confirm['rounds']}: default "
+                         f"{d['median_ms']:.3f} ms ({d['low_ms']:.3f}-{d['high_ms']:.3f}), "
+                         f"rank 1 {b['median_ms']:.3f} ms ({b['low_ms']:.3f}-{b['high_ms']:.3f})"
+                         f" -> kept {report.confirm['kept']}")
     return table
-
-
-def copy_dir_atomic(src: str | Path, dest: str | Path) -> None:
-    """Copy a directory to `dest` via a temp sibling and a rename: never half written."""
-    import shutil
-    import tempfile
-
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def quantize_table(report) -> Table:
@@ -126,13 +106,12 @@ def quantize_table(report) -> Table:
         table.add_column(col, justify="left" if col in ("recipe", "note") else "right")
     base = report.baseline
     for c in [base] + report.candidates:
-        if c.error:
-            table.add_row(c.recipe, *[""] * 7, f"[red]{c.error}[/red]")
+        if not c.ok:
+            table.add_row(c.id, *[""] * 7, f"[red]{c.error}[/red]")
             continue
         acc = c.accuracy or {}
-        note = ("chosen; " if c is report.chosen or c.recipe == report.chosen.recipe else "") + \
-            c.note
-        table.add_row(c.recipe, _fmt(c.p50_ms), f"{base.p50_ms / c.p50_ms:.2f}x",
+        note = ("chosen; " if c.id == report.chosen.id else "") + c.note
+        table.add_row(c.id, _fmt(c.p50_ms), f"{base.p50_ms / c.p50_ms:.2f}x",
                       _fmt(acc.get("top1"), 4), _fmt(acc.get("agreement"), 4),
                       _fmt(acc.get("sqnr_db"), 1), _fmt(c.accuracy_drop, 4),
                       f"{c.size_bytes / 1024:.0f}", note)
@@ -143,22 +122,47 @@ def quantize_table(report) -> Table:
     return table
 
 
+def speedups(report) -> dict[str, float]:
+    """Speedup over the original for every measured candidate, on one basis: the original's
+    interleaved median; each candidate's interleaved median where it has one (the chosen one's
+    is the same figure as the summary's), else its p50."""
+    rem = report.remeasure
+    if "original" in rem:
+        original = rem["original"]["median_ms"]
+    else:
+        fp32 = next((c for c in report.candidates if c.id == "fp32" and c.ok), None)
+        original = fp32.p50_ms if fp32 else None
+    out = {}
+    for c in report.candidates:
+        if c.ok and original:
+            mine = rem["chosen"]["median_ms"] if c.id == report.chosen and "chosen" in rem \
+                else c.latency_ms
+            out[c.id] = original / mine
+    return out
+
+
 def optimize_table(report) -> Table:
-    """The same ranking as report.html: every candidate, fastest first, errors last."""
+    """The same rows as report.html: every candidate, fastest first, then errors and skips."""
     table = Table(title=f"edgesmith optimize: {Path(report.model).name} on {report.device} "
                         f"(target {report.target})")
-    for col in ("candidate", "p50 ms", "vs fp32", "top-1", "agreement", "drop", "size KB",
+    for col in ("candidate", "p50 ms", "vs original", "top-1", "agreement", "drop", "size KB",
                 "MACs", "in budget", "note"):
         table.add_column(col, justify="left" if col in ("candidate", "note") else "right")
-    base = next((c.p50_ms for c in report.candidates if c.id == "fp32"), None)
-    for c in sorted(report.candidates, key=lambda c: (not c.ok, c.p50_ms or 0)):
+    speed = speedups(report)
+    noise = report.remeasure.get("within_noise")
+    for c in sorted(report.candidates, key=lambda c: (not c.ok, c.latency_ms or 0)):
         if not c.ok:
-            table.add_row(c.id, *[""] * 8, f"[red]{c.error}[/red]")
+            table.add_row(c.id, *[""] * 8, f"[red]{c.stage}: {c.error}[/red]")
             continue
         acc = c.accuracy or {}
         mark = "[bold green]chosen[/bold green] " if c.id == report.chosen else ""
-        table.add_row(c.id, _fmt(c.p50_ms), f"{base / c.p50_ms:.2f}x" if base else "-",
+        if c.id == report.chosen and noise:
+            mark += "(within noise) "
+        table.add_row(c.id, _fmt(c.latency_ms), f"{speed[c.id]:.2f}x" if c.id in speed else "-",
                       _fmt(acc.get("top1"), 4), _fmt(acc.get("agreement"), 4),
                       _fmt(c.accuracy_drop, 4), f"{c.size_bytes / 1024:.0f}", f"{c.macs:,}",
-                      "yes" if c.within_budget else "no", mark + ("Pareto" if c.pareto else ""))
+                      "yes" if c.within_budget else "no",
+                      mark + ("Pareto " if c.pareto else "") + c.note)
+    for s in report.skipped:
+        table.add_row(s["id"], *[""] * 8, f"[yellow]not tried: {s['reason']}[/yellow]")
     return table

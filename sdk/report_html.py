@@ -21,7 +21,7 @@ def _metric(c) -> tuple[str, float | None]:
 
 
 def scatter_svg(report) -> str:
-    pts = [(c, c.p50_ms, _metric(c)[1]) for c in report.candidates if c.ok]
+    pts = [(c, c.latency_ms, _metric(c)[1]) for c in report.candidates if c.ok]
     pts = [p for p in pts if p[2] is not None]
     label = _metric(pts[0][0])[0] if pts else "accuracy"
     if not pts:
@@ -48,12 +48,13 @@ def scatter_svg(report) -> str:
              f'latency p50 on {html.escape(report.device)} (ms)</text>',
              f'<text x="15" y="{H / 2}" text-anchor="middle" font-size="13" '
              f'transform="rotate(-90 15 {H / 2})">{html.escape(label)}</text>']
+    xdigits, ydigits = _digits(xmax / 5), _digits((yhi - ylo) / 5)
     for i in range(6):
         xv, yv = xmax * i / 5, ylo + (yhi - ylo) * i / 5
         parts.append(f'<text x="{sx(xv):.1f}" y="{H - PAD + 16}" font-size="11" '
-                     f'text-anchor="middle">{xv:.2f}</text>')
+                     f'text-anchor="middle">{xv:.{xdigits}f}</text>')
         parts.append(f'<text x="{PAD - 6}" y="{sy(yv) + 4:.1f}" font-size="11" '
-                     f'text-anchor="end">{yv:.3f}</text>')
+                     f'text-anchor="end">{yv:.{ydigits}f}</text>')
     front = sorted((p for p in pts if p[0].pareto), key=lambda p: p[1])
     if len(front) > 1:
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for _, x, y in front)
@@ -82,24 +83,51 @@ def scatter_svg(report) -> str:
     return "\n".join(parts)
 
 
+def _digits(step: float) -> int:
+    """Decimals that make ticks `step` apart read as different numbers."""
+    import math
+
+    return max(1, min(6, 1 - math.floor(math.log10(step)))) if step > 0 else 3
+
+
+def legend(report) -> str:
+    pts = [c for c in report.candidates if c.ok and _metric(c)[1] is not None]
+    front = [c for c in pts if c.pareto]
+    parts = [f"{len(pts)} candidate(s) with latency and accuracy."]
+    if len(front) > 1:
+        parts.append("Green dashed: the Pareto front (nothing is both faster and more accurate).")
+    if report.chosen:
+        parts.append("Red: chosen.")
+    return " ".join(parts)
+
+
 def _fmt(v, d=3):
     return "-" if v is None else f"{v:.{d}f}"
 
 
 def render_html(report) -> str:
+    from .report import speedups
+
+    speed = speedups(report)
     rows = []
-    for c in sorted(report.candidates, key=lambda c: (not c.ok, c.p50_ms or 0)):
+    for c in sorted(report.candidates, key=lambda c: (not c.ok, c.latency_ms or 0)):
         acc = c.accuracy or {}
         cls = ' class="chosen"' if c.id == report.chosen else ""
+        conf = c.confirm
+        confirmed = (f"{conf['median_ms']:.3f} ({conf['low_ms']:.3f}-{conf['high_ms']:.3f})"
+                     if conf else "")
         rows.append(
-            f"<tr{cls}><td>{html.escape(c.id)}</td><td>{_fmt(c.p50_ms)}"
-            f"{f' (re-measured {c.confirm_p50_ms:.3f})' if c.confirm_p50_ms else ''}</td>"
-            f"<td>{_fmt(c.p90_ms)}</td><td>{_fmt(acc.get('top1'), 4)}</td>"
+            f"<tr{cls}><td>{html.escape(c.id)}</td><td>{_fmt(c.p50_ms)}</td>"
+            f"<td>{confirmed}</td>"
+            f"<td>{f'{speed[c.id]:.2f}x' if c.id in speed else '-'}</td>"
+            f"<td>{_fmt(acc.get('top1'), 4)}</td>"
             f"<td>{_fmt(acc.get('agreement'), 4)}</td><td>{_fmt(acc.get('sqnr_db'), 1)}</td>"
             f"<td>{_fmt(c.accuracy_drop, 4)}</td><td>{c.size_bytes / 1024:.0f}</td>"
             f"<td>{c.params:,}</td><td>{c.macs:,}</td><td>{_fmt(c.peak_rss_mb, 1)}</td>"
             f"<td>{'yes' if c.within_budget else 'no'}</td><td>{'yes' if c.pareto else ''}</td>"
             f"<td>{html.escape(c.error or c.note)}</td></tr>")
+    rows += [f"<tr><td>{html.escape(sk['id'])}</td>" + "<td></td>" * 14 +
+             f"<td>not tried: {html.escape(sk['reason'])}</td></tr>" for sk in report.skipped]
     ops = sorted(report.op_profile_ms.items(), key=lambda kv: -kv[1])
     total = sum(v for _, v in ops) or 1.0
     op_rows = "".join(
@@ -109,8 +137,13 @@ def render_html(report) -> str:
     facts = report.device_facts
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.notes)
     rem = report.remeasure
-    remeasure = (f"<p>Re-measured interleaved: original {rem['original_p50_ms']:.3f} ms, chosen "
-                 f"{rem['chosen_p50_ms']:.3f} ms ({rem['speedup']:.2f}x).</p>" if rem else "")
+    remeasure = (f"<p>Re-measured interleaved ({rem['chosen']['rounds']} rounds, median and "
+                 f"range): original {rem['original']['median_ms']:.3f} ms "
+                 f"({rem['original']['low_ms']:.3f}-{rem['original']['high_ms']:.3f}), chosen "
+                 f"{rem['chosen']['median_ms']:.3f} ms ({rem['chosen']['low_ms']:.3f}-"
+                 f"{rem['chosen']['high_ms']:.3f}): "
+                 + ("within noise." if rem["within_noise"] else f"{rem['speedup']:.2f}x.")
+                 + "</p>" if "chosen" in rem else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>edgesmith report: {html.escape(
         Path(report.model).name)}</title>
@@ -124,19 +157,20 @@ td:first-child,td:last-child{{text-align:left}}tr.chosen{{background:#fde2e2;fon
 {html.escape(str(facts.get('cpu')))}, {facts.get('cores')} cores,
 {html.escape(' '.join(facts.get('cpu_flags', [])))}{' (emulated)' if facts.get('emulated') else ''}
 &middot; target profile {html.escape(report.target)} &middot; budget: accuracy drop &le;
-{report.max_accuracy_drop}{f', p50 &le; {report.latency_budget_ms} ms'
-                           if report.latency_budget_ms else ''}</p>
+{report.config['max_accuracy_drop']}{f", p50 &le; {report.config['latency_budget_ms']} ms"
+                                     if report.config['latency_budget_ms'] else ''}</p>
 <h2>Latency vs accuracy</h2>
 {scatter_svg(report)}
-<p>Green dashed: Pareto front. Red: chosen.</p>
+<p>{legend(report)}</p>
 {remeasure}
 <h2>Candidates</h2>
-<table><tr><th>candidate</th><th>p50 ms</th><th>p90 ms</th><th>top-1</th><th>agreement</th>
+<table><tr><th>candidate</th><th>p50 ms</th><th>re-measured ms (range)</th><th>vs original</th>
+<th>top-1</th><th>agreement</th>
 <th>SQNR dB</th><th>drop</th><th>size KB</th><th>params</th><th>MACs</th><th>peak RSS MB</th>
 <th>in budget</th><th>Pareto</th><th>note</th></tr>
 {''.join(rows)}</table>
 <h2>Where time goes on the device (chosen model, per op type)</h2>
-<table><tr><th>op</th><th>ms (summed over profiled runs)</th><th>share</th></tr>{op_rows}</table>
+<table><tr><th>op</th><th>ms per run</th><th>share</th></tr>{op_rows}</table>
 <h2>Runtime config of the bundle</h2><pre>{html.escape(json.dumps(report.tuned_config,
                                                                indent=1))}</pre>
 <h2>Notes</h2><ul>{notes}</ul>

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import MISSING, dataclass, field, fields
-from pathlib import Path
 
 from .errors import EdgesmithError
 
@@ -66,16 +65,16 @@ class TargetProfile:
         return {names[k]: v for k, v in self.measure.items()}
 
 
-def profiles_dir() -> Path:
-    """`targets/` next to the packages in a checkout; the installed copy otherwise."""
-    here = Path(__file__).resolve().parent.parent / "targets"
-    if here.is_dir():
-        return here
+def profile_files() -> list:
+    """The shipped profiles: `targets/*.toml`, installed as the package `edgesmith_targets`
+    (read through importlib.resources, so a wheel, a zip or an editable checkout all work)."""
     from importlib.resources import files
-    return Path(str(files("edgesmith_targets")))
+
+    return sorted((f for f in files("edgesmith_targets").iterdir()
+                   if f.name.endswith(".toml")), key=lambda f: f.name)
 
 
-def load_profile(path: Path) -> TargetProfile:
+def load_profile(path) -> TargetProfile:
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -103,7 +102,7 @@ def load_profile(path: Path) -> TargetProfile:
 
 def all_profiles() -> dict[str, TargetProfile]:
     profiles = {}
-    for path in sorted(profiles_dir().glob("*.toml")):
+    for path in profile_files():
         profile = load_profile(path)
         if profile.name in profiles:
             raise EdgesmithError(f"target profile {path}: name {profile.name!r} is used twice")

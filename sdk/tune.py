@@ -2,10 +2,11 @@
 
 Search: the default config first (so the answer is never worse than it), then coordinate
 descent over the profile's knobs (each knob's values with the others at their best so far).
-Every trial is the bundle run by the device runtime with a config override; a failing variant is
-an error row. Trials go to a JSON-lines cache keyed by model hash + device fingerprint + config,
-so a repeated or interrupted tune answers from it. The winner is re-measured against the default,
-interleaved, and kept only if it holds up.
+Every trial is the bundle run through `measure.measure` with a config override; a failing
+variant is an error row. Trials go to a JSON-lines cache keyed by everything that decides a
+timing: model bytes, input specs, measurement settings, the device's fingerprint (hardware and
+runtime versions) and the variant. The winner is re-measured against the default, interleaved,
+and kept only when it is faster beyond the rounds' spread.
 """
 from __future__ import annotations
 
@@ -13,55 +14,19 @@ import fcntl
 import hashlib
 import json
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from device_runtime.result import Result
-
 from .bundle import DEFAULT_BACKEND, cache_dir
-from .devices import Job, get_device
+from .data import eval_batch
+from .devices import Job, fingerprint, get_device
 from .errors import EdgesmithError, StageError
+from .measure import Candidate, interleave, measure
 from .model import Model, load
-from .profiling import prepare
 from .targets import Match, get_profile, match
 from .variants import Space, Variant, space
-
-FINGERPRINT_FACTS = ("arch", "cpu", "cpu_flags", "cores", "memory_mb", "gpu", "packages",
-                     "ort_providers")
-
-
-def device_fingerprint(facts: dict) -> str:
-    """Same hardware and software -> same key; the hostname does not matter (a fleet shares)."""
-    keep = {k: facts.get(k) for k in FINGERPRINT_FACTS}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass
-class Trial:
-    label: str
-    key: str
-    config: dict
-    p50_ms: float | None = None
-    p90_ms: float | None = None
-    mean_ms: float | None = None
-    runs: int = 0
-    error: str | None = None
-    stage: str | None = None
-    device_s: float = 0.0
-    cached: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.p50_ms is not None
-
-    @classmethod
-    def from_result(cls, variant: Variant, result: Result, seconds: float) -> "Trial":
-        lat = result.latency_ms or {}
-        return cls(variant.label(), variant.key(), variant.config(), lat.get("p50"),
-                   lat.get("p90"), lat.get("mean"), lat.get("runs", 0), result.error,
-                   result.stage, seconds)
+from . import bundle as bundles
 
 
 class TuningCache:
@@ -78,18 +43,18 @@ class TuningCache:
                 for line in self.path.read_text().splitlines():
                     try:
                         rec = json.loads(line)
-                        self._entries[(rec["model"], rec["device"], rec["key"])] = rec["trial"]
+                        self._entries[(rec["context"], rec["device"], rec["key"])] = rec["trial"]
                     except (ValueError, KeyError, TypeError):
-                        continue   # a torn last line from a killed run is skipped, not fatal
+                        continue   # a torn last line (or an older format) is skipped, not fatal
         return self._entries
 
-    def get(self, model: str, device: str, key: str) -> dict | None:
-        return self._load().get((model, device, key))
+    def get(self, context: str, device: str, key: str) -> dict | None:
+        return self._load().get((context, device, key))
 
-    def put(self, model: str, device: str, key: str, trial: dict) -> None:
-        self._load()[(model, device, key)] = trial
+    def put(self, context: str, device: str, key: str, trial: dict) -> None:
+        self._load()[(context, device, key)] = trial
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"model": model, "device": device, "key": key, "trial": trial,
+        line = json.dumps({"context": context, "device": device, "key": key, "trial": trial,
                            "time": time.time()}) + "\n"
         with open(self.path, "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
@@ -104,11 +69,12 @@ class TuneReport:
     device_fingerprint: str
     target: str
     target_reasons: list[str]
-    trials: list[Trial]                      # ranked: fastest first, errors last
+    trials: list[Candidate]                  # ranked: fastest first, errors last
     pruned: list[dict]
-    default: Trial
-    best: Trial
+    default: Candidate
+    best: Candidate
     confirm: dict = field(default_factory=dict)
+    verdict: str = ""                        # why the kept variant was kept, in one line
     stopped: str | None = None               # "budget" | "max_trials" when the search was cut
     measured: int = 0
     from_cache: int = 0
@@ -123,66 +89,116 @@ class _Stop(Exception):
     pass
 
 
-def _pick_target(facts: dict, target: str | None) -> Match:
-    if target:
-        return Match(get_profile(target), [f"chosen with --target {target}"])
-    return match(facts)
+def context_key(model: Model, job: Job) -> str:
+    """What besides the device and variant decides a timing: model bytes, inputs, settings."""
+    settings = {k: v for k, v in asdict(job).items() if k not in ("config", "evaluate")}
+    blob = json.dumps({"model": hashlib.sha256(model.serialized()).hexdigest(),
+                       "inputs": [s.as_manifest() for s in model.inputs],
+                       "job": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def tune(model: str | os.PathLike | Model, device="local", target: str | None = None,
+def tune(model: str | os.PathLike | Model, device="local", target: str | Match | None = None,
          budget_s: float = 120.0, max_trials: int = 40, fresh: bool = False,
          search_space: Space | None = None, cache: TuningCache | None = None,
-         confirm_rounds: int = 3, measure: dict | None = None, on_trial=None) -> TuneReport:
-    """Find the fastest runtime config for `model` on `device`; never slower than the default."""
+         confirm_rounds: int = 3, measure_settings: dict | None = None, on_trial=None,
+         eval_data=None, max_accuracy_drop: float = 0.01) -> TuneReport:
+    """Find the fastest runtime config for `model` on `device`; never slower than the default.
+
+    Knobs that change numerics (TensorRT fp16, bf16 fast-math) are tried only with `eval_data`
+    (reference outputs of the model), and kept only within `max_accuracy_drop`."""
     if not isinstance(model, Model):
         model = load(model)
     dev = get_device(device) if isinstance(device, str) or device is None else device
     cache = cache or TuningCache()
     try:
         facts = dev.facts()
-        chosen = _pick_target(facts, target)
-        profile = chosen.profile
-        backend = DEFAULT_BACKEND[model.format]
-        if backend not in profile.backends:
-            raise EdgesmithError(f"target {profile.name} does not list backend {backend}")
-        sp = search_space or space(profile.search, facts, backend)
-        bundle = prepare(model, None, meta={"source": str(model.path)})
-        settings = {**profile.measure_job_args(), **(measure or {})}
-        job = replace(Job(**settings), evaluate=False, backend=backend)
-        remote = dev.push(bundle)
     except StageError as exc:
         raise EdgesmithError(str(exc)) from None
-    model_sha = hashlib.sha256(model.serialized()).hexdigest()
-    fingerprint = device_fingerprint(facts)
-    done: dict[str, Trial] = {}
+    chosen = target if isinstance(target, Match) else \
+        Match(get_profile(target), [f"chosen with --target {target}"]) if target else match(facts)
+    profile, backend = chosen.profile, DEFAULT_BACKEND[model.format]
+    if backend not in profile.backends:
+        raise EdgesmithError(f"target {profile.name} does not list backend {backend}")
+    sp = search_space or space(profile.search, facts, backend)
+    if eval_data is None:
+        sp = sp.without_numeric("changes numerics; tuned only with an eval set to check them")
+    batch = eval_batch(model)
+    plain = bundles.build(model, eval_batch=batch, meta={"source": str(model.path)})
+    judged = bundles.build(model, eval_data=eval_data, eval_batch=batch) if eval_data else None
+    job = replace(Job(**{**profile.measure_job_args(), **(measure_settings or {})}),
+                  evaluate=False, backend=backend)
+    ctx_key, device_key = context_key(model, job), fingerprint(facts)
+    done: dict[str, Candidate] = {}
     spent = {"device_s": 0.0, "measured": 0, "cached": 0}
 
-    def trial(variant: Variant) -> Trial:
+    def trial(variant: Variant) -> Candidate:
         key = variant.key()
         if key in done:
             return done[key]
-        record = None if fresh else cache.get(model_sha, fingerprint, key)
+        record = None if fresh else cache.get(ctx_key, device_key, key)
         if record is not None:
-            result = Trial(**{**record, "label": variant.label(), "cached": True})
+            result = Candidate(**{**record, "id": variant.label(), "cached": True})
             spent["cached"] += 1
         else:
-            if spent["measured"] >= max_trials:
-                raise _Stop("max_trials")
-            if spent["device_s"] >= budget_s:
-                raise _Stop("budget")
-            t0 = time.monotonic()
-            run = dev.run(remote, replace(job, config=variant.config()))
-            result = Trial.from_result(variant, run, time.monotonic() - t0)
-            spent["device_s"] += result.device_s
-            spent["measured"] += 1
-            cache.put(model_sha, fingerprint, key, {**asdict(result), "cached": False})
+            result = _measure_variant(dev, variant, plain, judged, job, spent, budget_s,
+                                      max_trials)
+            if variant.numeric:
+                _judge_numerics(result, done, max_accuracy_drop)
+            cache.put(ctx_key, device_key, key, {**asdict(result), "cached": False})
         done[key] = result
         if on_trial:
             on_trial(result)
         return result
 
     default = trial(Variant.of(sp.backend, {}))
-    stopped = None
+    stopped = _coordinate_descent(sp, trial)
+    ranked = sorted(done.values(), key=lambda t: (not t.ok, t.p50_ms or float("inf")))
+    best = ranked[0] if ranked[0].ok else default
+    confirm, verdict = {}, "the runtime defaults were fastest"
+    if best.ok and default.ok and best.key != default.key and confirm_rounds > 0:
+        best, confirm, verdict = _confirm(dev, plain, job, default, best, confirm_rounds)
+    tuned = bundles.build(model, config=best.config, eval_batch=batch,
+                          meta={"source": str(model.path),
+                                "tuned": {"target": profile.name, "variant": best.id}})
+    return TuneReport(str(model.path), hashlib.sha256(model.serialized()).hexdigest(), dev.name,
+                      device_key, profile.name, chosen.reasons, ranked,
+                      [{"knob": k, "value": v, "reason": r} for k, v, r in sp.pruned],
+                      default, best, confirm, verdict, stopped, spent["measured"],
+                      spent["cached"], spent["device_s"], str(tuned.path))
+
+
+def _measure_variant(dev, variant: Variant, plain, judged, job: Job, spent: dict,
+                     budget_s: float, max_trials: int) -> Candidate:
+    if spent["measured"] >= max_trials:
+        raise _Stop("max_trials")
+    if spent["device_s"] >= budget_s:
+        raise _Stop("budget")
+    numeric = variant.numeric or variant.knobs == ()
+    bundle, evaluate = (judged, True) if judged is not None and numeric else (plain, False)
+    t0 = time.monotonic()
+    result = measure(dev, bundle, replace(job, config=variant.config(), evaluate=evaluate))
+    seconds = time.monotonic() - t0
+    spent["device_s"] += seconds
+    spent["measured"] += 1
+    return Candidate.from_result(variant.label(), result, key=variant.key(),
+                                 config=variant.config(), device_s=seconds)
+
+
+def _judge_numerics(result: Candidate, done: dict, max_drop: float) -> None:
+    """A numerics-changing variant is an error row when it costs more than the budget."""
+    from .recipes import accuracy_drop
+
+    default = next((t for t in done.values() if t.id == "runtime defaults"), None)
+    drop = accuracy_drop(default.accuracy if default else None, result.accuracy)
+    result.accuracy_drop = drop
+    if result.ok and (drop is None or drop > max_drop):
+        result.error = (f"changes the outputs: accuracy drop {drop if drop is None else round(drop, 4)}"
+                        f" > {max_drop}")
+        result.stage = "accuracy"
+
+
+def _coordinate_descent(sp: Space, trial) -> str | None:
     current: dict = {}
     try:
         for name, values in sp.values.items():
@@ -195,33 +211,27 @@ def tune(model: str | os.PathLike | Model, device="local", target: str | None = 
                 if value is not None:
                     current[name] = value
     except _Stop as stop:
-        stopped = str(stop)
-    ranked = sorted(done.values(), key=lambda t: (not t.ok, t.p50_ms or float("inf")))
-    best = ranked[0] if ranked[0].ok else default
-    confirm = {}
-    if best.ok and default.ok and best.key != default.key and confirm_rounds > 0:
-        best, confirm = _confirm(dev, remote, job, default, best, confirm_rounds)
-    tuned = prepare(model, None, config=best.config,
-                    meta={"source": str(model.path), "tuned": {"target": profile.name,
-                                                                 "variant": best.label}})
-    return TuneReport(str(model.path), model_sha, getattr(dev, "name", str(device)), fingerprint,
-                      profile.name, chosen.reasons, ranked,
-                      [{"knob": k, "value": v, "reason": r} for k, v, r in sp.pruned],
-                      default, best, confirm, stopped, spent["measured"], spent["cached"],
-                      spent["device_s"], str(tuned.path))
+        return str(stop)
+    return None
 
 
-def _confirm(dev, remote: str, job: Job, default: Trial, best: Trial, rounds: int):
-    """Re-measure winner and default interleaved (ABBA); keep the winner only if it holds."""
-    samples: dict[str, list[float]] = {default.key: [], best.key: []}
-    order = [default, best]
-    for i in range(rounds):
-        for t in (order if i % 2 == 0 else order[::-1]):
-            r = dev.run(remote, replace(job, config=t.config))
-            if r.ok:
-                samples[t.key].append(r.latency_ms["p50"])
-    d, b = (statistics.median(samples[k]) if samples[k] else float("inf")
-            for k in (default.key, best.key))
-    confirm = {"default_p50_ms": d, "best_p50_ms": b, "speedup": d / b if b else None,
-               "rounds": rounds, "kept": "best" if b < d else "default"}
-    return (best if b < d else default), confirm
+def _confirm(dev, bundle, job: Job, default: Candidate, best: Candidate, rounds: int):
+    """Re-measure winner and default interleaved; keep the winner only when its rounds are
+    faster than all of the default's (a margin inside the spread is noise)."""
+    spreads = interleave(dev, {"default": (bundle, replace(job, config=default.config)),
+                               "best": (bundle, replace(job, config=best.config))}, rounds)
+    if len(spreads) < 2:
+        return default, {}, "re-measurement failed; keeping the runtime defaults"
+    d, b = spreads["default"], spreads["best"]
+    default.confirm, best.confirm = asdict(d), asdict(b)
+    confirm = {"default": asdict(d), "best": asdict(b), "speedup": d.median_ms / b.median_ms,
+               "rounds": rounds, "within_noise": d.overlaps(b)}
+    if b.median_ms < d.median_ms and not d.overlaps(b):
+        confirm["kept"] = "best"
+        return best, confirm, (f"{best.id}: {confirm['speedup']:.2f}x faster than the defaults "
+                               f"on interleaved re-measurement")
+    confirm["kept"] = "default"
+    why = ("within the noise of" if d.overlaps(b) else "slower than")
+    return default, confirm, (f"kept the runtime defaults: {best.id} (rank 1 by single "
+                              f"measurement) was {why} the defaults on interleaved "
+                              f"re-measurement ({b.median_ms:.3f} vs {d.median_ms:.3f} ms)")

@@ -175,11 +175,11 @@ class Space:
     values: dict[str, list]                       # knob -> possible values, in search order
     pruned: list[tuple[str, object, str]] = field(default_factory=list)   # (knob, value, why)
 
-    def size(self) -> int:
-        n = 1
-        for vals in self.values.values():
-            n *= len(vals) + 1
-        return n
+    def without_numeric(self, why: str) -> "Space":
+        """The same space minus knobs that change results (they need accuracy checks)."""
+        numeric = [k for k in self.values if KNOBS[k].numeric]
+        return Space(self.backend, {k: v for k, v in self.values.items() if k not in numeric},
+                     self.pruned + [(k, v, why) for k in numeric for v in self.values[k]])
 
 
 def space(search: dict, facts: dict, backend: str) -> Space:
@@ -190,6 +190,8 @@ def space(search: dict, facts: dict, backend: str) -> Space:
         k = KNOBS[name]
         if backend not in k.backends:
             continue
+        if name == "threads" and facts.get("cores"):   # the device's own core count, always
+            options = sorted(set(options) | {int(facts["cores"])})
         kept = []
         for value in options:
             why = k.impossible(value, facts, backend)

@@ -28,7 +28,7 @@ def models() -> Path:
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `edgesmith ARGS` as a user would: a separate process, real exit code and streams."""
-    return subprocess.run([sys.executable, "-m", "sdk.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "edgesmith", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT, env=dict(os.environ))
 
 

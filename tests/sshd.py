@@ -1,6 +1,7 @@
 """A real OpenSSH sshd on 127.0.0.1 with its own host key and a test-generated client key."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -87,6 +88,26 @@ class Sshd:
         self.proc.wait(timeout=10)
         self.proc = None
 
+    @contextlib.contextmanager
+    def new_sessions(self):
+        """Yields a callable listing the pids (sshd session processes and the commands they run)
+        that appeared inside the block; on exit each is SIGCONTed (a test may have frozen it) and
+        SIGKILLed, so a fault test leaves nothing behind and the listener keeps serving."""
+        before = set(descendants(self.proc.pid))
+
+        def new() -> list[int]:
+            return [pid for pid in descendants(self.proc.pid) if pid not in before]
+
+        try:
+            yield new
+        finally:
+            for pid in new():
+                for sig in (signal.SIGCONT, signal.SIGKILL):
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+
     @property
     def destination(self) -> str:
         return f"{self.user}@127.0.0.1:{self.port}"
@@ -109,6 +130,14 @@ def descendants(root: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def is_sshd(pid: int) -> bool:
+    """A per-connection sshd process (not the command it runs for the client)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == "sshd"
+    except OSError:
+        return False
 
 
 def available() -> bool:

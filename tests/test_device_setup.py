@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from sdk.devices import Job
-from sdk.devices.setup import setup
-from sdk.devices.ssh import SSHDevice
-from sdk.errors import StageError
-from sdk.model import load
-from sdk.profiling import measure, prepare
+from edgesmith.devices import Job
+from edgesmith.devices.setup import setup
+from edgesmith.devices.ssh import SSHDevice
+from edgesmith.errors import StageError
+from edgesmith.model import load
+from edgesmith.measure import measure
+from edgesmith.profiling import prepare
 
 pytestmark = pytest.mark.ssh
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -70,10 +71,10 @@ def test_setup_from_pushed_wheels_makes_a_bare_device_usable(ssh_home, sshd_serv
     assert proc.returncode == 0, proc.stderr[-1000:]
     cnn = prepare(load(models / "digits_cnn.onnx"), models / "digits_cnn_eval.npz")
     bare = device(sshd_server, python=str(SYSTEM_PYTHON))
-    before = measure(cnn, bare, Job(runs=5))
+    before = measure(bare, cnn, Job(runs=5))
     assert before.stage == "ensure-runtime" and "lacks numpy" in before.error
     report = setup(device(sshd_server, python=str(SYSTEM_PYTHON)), wheels=wheels)
     assert {"numpy", "onnxruntime"} <= set(report.installed) and report.wheels_pushed >= 2
-    after = measure(cnn, device(sshd_server), Job(runs=5))   # default python is now the venv
+    after = measure(device(sshd_server), cnn, Job(runs=5))   # default python is now the venv
     assert after.ok, after.error
     assert after.accuracy["agreement"] == 1.0

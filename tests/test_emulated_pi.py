@@ -12,12 +12,12 @@ import onnx
 import pytest
 
 from conftest import client_home, run_cli
-from sdk.devices import Job
-from sdk.devices.ssh import SSHDevice
-from sdk.data import calibration_batches
-from sdk.model import load, save
-from sdk.passes.quantize import QuantRecipe, preprocess, quantize_static
-from sdk.profiling import profile_many
+from edgesmith.devices import Job
+from edgesmith.devices.ssh import SSHDevice
+from edgesmith.data import calibration_batches
+from edgesmith.model import load, save
+from edgesmith.passes.quantize import QuantRecipe, preprocess, quantize_static
+from edgesmith.profiling import profile_many
 
 # the first test also builds the rootfs when it is not cached (~7 min here, more on a busy CI)
 pytestmark = [pytest.mark.emulated_pi, pytest.mark.ssh, pytest.mark.netns, pytest.mark.slow,

@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sdk.passes import get
-from sdk.passes.fuse import fuse
+from edgesmith.passes import get
+from edgesmith.passes.fuse import fuse
 
 RNG = np.random.default_rng(0)
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from sdk.errors import EdgesmithError
-from sdk.model import load, parse_input_shapes
+from edgesmith.errors import EdgesmithError
+from edgesmith.model import load, parse_input_shapes
 
 
 def test_cnn_facts_match_the_architecture(models):

@@ -8,11 +8,12 @@ import time
 import pytest
 
 from device_runtime.bundle import verify
-from sdk.devices import Job
-from sdk.devices.ssh import SSHDevice
-from sdk.errors import StageError
-from sdk.model import load
-from sdk.profiling import measure, prepare
+from edgesmith.devices import Job
+from edgesmith.devices.ssh import SSHDevice
+from edgesmith.errors import StageError
+from edgesmith.model import load
+from edgesmith.measure import measure
+from edgesmith.profiling import prepare
 
 pytestmark = [pytest.mark.ssh, pytest.mark.netns]
 
@@ -31,7 +32,7 @@ def big(models):
 
 def test_profile_across_the_namespace_link(netns_home, netns_host, models):
     cnn = prepare(load(models / "digits_cnn.onnx"), models / "digits_cnn_eval.npz")
-    result = measure(cnn, device(netns_host), Job(runs=10))
+    result = measure(device(netns_host), cnn, Job(runs=10))
     assert result.ok, result.error
     assert result.accuracy["agreement"] == 1.0
 
@@ -51,7 +52,7 @@ def test_link_dropped_mid_upload_then_recovers(netns_home, netns_host, big, tmp_
     assert "lost" in err.value.message or "timed out" in err.value.message
     remote = tmp_path / "remote" / "bundles"
     assert not (remote / big.id).exists()            # nothing half-written under the real name
-    result = measure(big, device(netns_host), Job(runs=5))
+    result = measure(device(netns_host), big, Job(runs=5))
     assert result.ok, result.error
     verify(remote / big.id)
 
@@ -60,7 +61,7 @@ def test_unreachable_device_names_the_connect_stage(netns_home, netns_host, mode
     cnn = prepare(load(models / "digits_cnn.onnx"), None)
     gone = SSHDevice.from_destination(f"root@10.200.{netns_host.k}.77:22", connect_timeout_s=3)
     t0 = time.monotonic()
-    result = measure(cnn, gone, Job(runs=5))
+    result = measure(gone, cnn, Job(runs=5))
     assert result.stage == "connect" and time.monotonic() - t0 < 20
     assert "cannot reach" in result.error or "timed out" in result.error
 
@@ -74,7 +75,7 @@ def test_slow_link_over_the_upload_timeout_fails_clearly_then_fast_link_works(
         with pytest.raises(StageError, match="did not finish in 3s.*raise the upload timeout"):
             dev.push(big)
         small = prepare(load(models / "digits_cnn.onnx"), None)     # 0.4 MB: slow but fine
-        assert measure(small, device(netns_host, upload_timeout_s=60), Job(runs=5)).ok
+        assert measure(device(netns_host, upload_timeout_s=60), small, Job(runs=5)).ok
     finally:
         netns_host.fast_link()
-    assert measure(big, device(netns_host), Job(runs=5)).ok
+    assert measure(device(netns_host), big, Job(runs=5)).ok

@@ -35,8 +35,8 @@ def test_device_runtime_stays_under_budget():
 
 def test_import_device_runtime_pulls_in_no_host_packages(models, tmp_path):
     """Loading and running a bundle imports neither sdk, onnx, click, rich nor torch."""
-    from sdk.model import load
-    from sdk.profiling import prepare
+    from edgesmith.model import load
+    from edgesmith.profiling import prepare
 
     bundle = prepare(load(models / "digits_cnn.onnx"), models / "digits_cnn_eval.npz")
     code = (

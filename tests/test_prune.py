@@ -12,8 +12,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import ROOT, run_cli
-from sdk.model import from_proto, load
-from sdk.passes.prune import PruneConfig, prune_channels, prune_unstructured
+from edgesmith.model import from_proto, load
+from edgesmith.passes.prune import (PruneConfig, UnstructuredConfig, prune_channels,
+                                    prune_unstructured)
 
 RNG = np.random.default_rng(0)
 F32 = np.float32
@@ -105,7 +106,7 @@ def test_structured_surgery_keeps_every_coupling_consistent(ratio):
 
 
 def _like(model):
-    from sdk.model import InputSpec, Model, ModelFacts
+    from edgesmith.model import InputSpec, Model, ModelFacts
     return Model(None, "onnx", [InputSpec("x", [None, 3, 10, 10], [1, 3, 10, 10], "float32")],
                  ["y"], ModelFacts("onnx", 0, 0, 0, {}), proto=model)
 
@@ -125,13 +126,13 @@ def test_examples_prune_and_run(models, example):
 
 def test_unstructured_global_and_n_m():
     model = zoo_model()
-    sparse, report = prune_unstructured(model, 0.5)
+    sparse, report = prune_unstructured(model, UnstructuredConfig(0.5))
     w = np.concatenate([numpy_helper.to_array(t).ravel() for t in sparse.graph.initializer
                         if t.name in ("w0", "w1", "w2", "wa", "wb", "g1", "g2", "wd")])
     assert abs(np.mean(w == 0) - 0.5) < 0.02
     assert report.metrics["gzip_bytes_after"] < report.metrics["gzip_bytes_before"]
     assert "no speedup" in report.details[-1]
-    nm, _ = prune_unstructured(model, 0.0, n_m=(2, 4))
+    nm, _ = prune_unstructured(model, UnstructuredConfig(0.0, n_m=(2, 4)))
     g1 = numpy_helper.to_array(next(t for t in nm.graph.initializer if t.name == "g1"))
     assert np.all((g1.reshape(32, 8, 4) != 0).sum(-1) == 2)      # 2 of every 4 inputs kept
 

@@ -11,12 +11,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import run_cli
-from sdk.data import calibration_batches
-from sdk.devices import Job, get_device
-from sdk.model import load
-from sdk.passes.equalize import bias_correct, equalize
-from sdk.passes.quantize import QuantRecipe, preprocess, quantize_dynamic, quantize_static
-from sdk.recipes import candidate_recipes, choose_recipe, layer_sensitivity
+from edgesmith.data import calibration_batches
+from edgesmith.devices import Job, get_device
+from edgesmith.model import load
+from edgesmith.passes.equalize import BiasCorrectConfig, bias_correct, equalize
+from edgesmith.passes.quantize import (QuantizeConfig, QuantRecipe, preprocess, quantize_dynamic,
+                                       quantize_static)
+from edgesmith.recipes import candidate_recipes, choose_recipe, layer_sensitivity, quant_data
 
 RNG = np.random.default_rng(0)
 
@@ -37,7 +38,7 @@ def top1(proto, models, name="digits_cnn"):
 @pytest.fixture(scope="module")
 def cnn(models):
     m = load(models / "digits_cnn.onnx")
-    return m, preprocess(m.proto, m.input_shapes)
+    return m, preprocess(m.proto, m.input_shapes)[0]
 
 
 @pytest.mark.parametrize("recipe, op", [
@@ -48,8 +49,8 @@ def cnn(models):
 ])
 def test_static_int8_keeps_digits_accuracy(cnn, models, tmp_path, recipe, op):
     m, pre = cnn
-    q, report = quantize_static(pre, recipe, tmp_path / "calib.json",
-                                calibration_batches(models / "digits_cnn_eval.npz", m, 32))
+    q, report = quantize_static(pre, QuantizeConfig(recipe, list(calibration_batches(
+        models / "digits_cnn_eval.npz", m, 32)), tmp_path / "calib.json"))
     assert op in {n.op_type for n in q.graph.node}
     assert report.metrics["calibration_batches"] == 12       # 359 samples in batches of 32
     assert top1(pre, models) - top1(q, models) <= 0.01
@@ -59,10 +60,11 @@ def test_static_int8_keeps_digits_accuracy(cnn, models, tmp_path, recipe, op):
 def test_calibration_is_cached_and_reused(cnn, models, tmp_path):
     m, pre = cnn
     cache = tmp_path / "calib.json"
-    quantize_static(pre, QuantRecipe("a", reduce_range=True), cache,
-                    calibration_batches(models / "digits_cnn_eval.npz", m, 32))
+    quantize_static(pre, QuantizeConfig(QuantRecipe("a", reduce_range=True), list(
+        calibration_batches(models / "digits_cnn_eval.npz", m, 32)), cache))
     assert cache.is_file()
-    q, report = quantize_static(pre, QuantRecipe("b", format="QOperator"), cache, None)
+    q, report = quantize_static(pre, QuantizeConfig(QuantRecipe("b", format="QOperator"), None,
+                                                    cache))
     assert report.metrics["calibration_batches"] == "cached"
     assert "QLinearConv" in {n.op_type for n in q.graph.node}
 
@@ -86,11 +88,11 @@ def test_dynamic_spatial_dims_are_fixed_before_quantizing(models, tmp_path):
     path = tmp_path / "dyn.onnx"
     onnx.save(proto, path)
     m = load(path, {"input": [1, 1, 8, 8]})
-    pre = preprocess(m.proto, m.input_shapes)
+    pre, _ = preprocess(m.proto, m.input_shapes)
     dims = pre.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims][1:] == [1, 8, 8] and dims[0].dim_param == "batch"
-    q, _ = quantize_static(pre, QuantRecipe("rr", reduce_range=True), tmp_path / "c.json",
-                           calibration_batches(models / "digits_cnn_eval.npz", m, 32))
+    q, _ = quantize_static(pre, QuantizeConfig(QuantRecipe("rr", reduce_range=True), list(
+        calibration_batches(models / "digits_cnn_eval.npz", m, 32)), tmp_path / "c.json"))
     assert top1(q, models) > 0.95
 
 
@@ -156,11 +158,12 @@ def test_bias_correction_removes_the_mean_shift_of_weight_rounding(tmp_path, op)
         opset_imports=[helper.make_opsetid("", 17)])
     batches = [{"x": (RNG.random([8] + shape[1:]) * 4 + 3).astype(f32)} for _ in range(4)]
     recipe = QuantRecipe("rr", reduce_range=True)
-    corrected, report = bias_correct(model, recipe, batches)
+    corrected, report = bias_correct(model, BiasCorrectConfig(recipe, batches))
     assert report.metrics["corrected"] == 1
 
     def mean_error(float_model, tag):
-        q, _ = quantize_static(float_model, recipe, tmp_path / f"{tag}.json", batches)
+        q, _ = quantize_static(float_model, QuantizeConfig(recipe, batches,
+                                                           tmp_path / f"{tag}.json"))
         x = batches[0]["x"]
         ref = session(model).run(None, {"x": x})[0]
         return np.abs((session(q).run(None, {"x": x})[0] - ref).mean(axis=axes)).mean()
@@ -171,7 +174,7 @@ def test_bias_correction_removes_the_mean_shift_of_weight_rounding(tmp_path, op)
 def test_layer_sensitivity_ranks_every_quantized_layer(cnn, models, tmp_path):
     m, pre = cnn
     batches = list(calibration_batches(models / "digits_cnn_eval.npz", m, 32))
-    q, _ = quantize_static(pre, QuantRecipe("rr", reduce_range=True), tmp_path / "c.json", batches)
+    q, _ = quantize_static(pre, QuantizeConfig(QuantRecipe("rr", reduce_range=True), batches))
     rows = layer_sensitivity(pre, q, batches)
     named = [n.name for n in pre.graph.node if n.op_type in ("Conv", "Gemm")]
     assert {r["node"] for r in rows} == set(named)
@@ -185,19 +188,25 @@ def test_recipes_are_pruned_by_the_device_facts(cnn):
     names, pruned = candidate_recipes(avx2, m)
     reasons = {p["recipe"]: p["reason"] for p in pruned}
     assert "VNNI" in reasons["qdq-s8s8"] and "ConvInteger" in reasons["dynamic-int8"]
-    assert "GPU" in reasons["fp16"] and "qdq-u8s8-rr" in {r.name for r in names}
+    assert "GPU execution provider" in reasons["fp16"] and "qdq-u8s8-rr" in {r.name for r in names}
     arm, _ = candidate_recipes({"arch": "aarch64", "cpu_flags": ["asimd", "asimddp"]}, m)
     assert {"qdq-u8s8", "qdq-s8s8"} <= {r.name for r in arm}
     jetson, _ = candidate_recipes({"arch": "aarch64", "cpu_flags": ["asimd"],
-                                   "gpu": {"kind": "jetson"}}, m)
+                                   "gpu": {"kind": "jetson"},
+                                   "ort_providers": ["CUDAExecutionProvider"]}, m)
     assert "fp16" in {r.name for r in jetson}
+    # a GPU whose onnxruntime has only the CPU provider: fp16 would run on the CPU, slower
+    cpu_only, pruned = candidate_recipes({"arch": "x86_64", "cpu_flags": ["avx512_vnni"],
+                                          "gpu": {"kind": "nvidia"},
+                                          "ort_providers": ["CPUExecutionProvider"]}, m)
+    assert "fp16" not in {r.name for r in cpu_only}
+    assert "CPUExecutionProvider" in {p["recipe"]: p["reason"] for p in pruned}["fp16"]
 
 
 def test_recipe_search_on_the_local_device(models):
     m = load(models / "digits_cnn.onnx")
-    chosen, report = choose_recipe(m, get_device("local"), models / "digits_cnn_eval.npz",
-                                   models / "digits_cnn_eval.npz", 0.01,
-                                   job=Job(runs=30, warmup=3))
+    data = quant_data(m, models / "digits_cnn_eval.npz", models / "digits_cnn_eval.npz")
+    chosen, report = choose_recipe(m, get_device("local"), data, 0.01, job=Job(runs=30, warmup=3))
     assert report.baseline.ok and report.candidates
     measured = [c for c in report.candidates if c.ok]
     assert measured and all(c.accuracy and c.accuracy["n"] == 359 for c in measured)
@@ -213,8 +222,8 @@ def test_an_impossible_budget_walks_the_repairs_and_keeps_fp32(models):
     """Budget -1: nothing can meet it, so every repair (percentile, CLE+bias correction,
     mixed precision) runs and fp32 is kept, with the reason."""
     m = load(models / "digits_cnn.onnx")
-    _, report = choose_recipe(m, get_device("local"), models / "digits_cnn_eval.npz",
-                              models / "digits_cnn_eval.npz", -1.0, job=Job(runs=20, warmup=2))
+    data = quant_data(m, models / "digits_cnn_eval.npz", models / "digits_cnn_eval.npz")
+    _, report = choose_recipe(m, get_device("local"), data, -1.0, job=Job(runs=20, warmup=2))
     notes = [c.note for c in report.candidates]
     if not any(c.ok and c.p50_ms < report.baseline.p50_ms for c in report.candidates[:2]):
         pytest.skip("no int8 recipe was faster than fp32 in this run: repairs are not tried")
@@ -233,7 +242,7 @@ def test_cli_fuse_and_quantize(models, tmp_path):
                    "-o", q, "--json", js)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(js.read_text())
-    assert report["baseline"]["recipe"] == "fp32" and report["pruned"] is not None
+    assert report["baseline"]["id"] == "fp32" and report["pruned"] is not None
     assert top1(onnx.load(q), models) > 0.97
     proc = run_cli("quantize", models / "digits_cnn.onnx", "--calib",
                    models / "digits_cnn_eval.npz", "--recipe", "qdq-u8s8-rr", "-o", q)
@@ -244,7 +253,7 @@ def test_cli_fuse_and_quantize(models, tmp_path):
 
 
 def test_fp16_conversion_keeps_accuracy(cnn, models):
-    from sdk.passes.quantize import to_fp16
+    from edgesmith.passes.quantize import to_fp16
     m, pre = cnn
     half, report = to_fp16(pre)
     assert any(t.data_type == TensorProto.FLOAT16 for t in half.graph.initializer)
@@ -266,6 +275,5 @@ def test_calibration_from_an_image_folder(cnn, models, tmp_path):
     batches = list(calibration_batches(folder, m, 32))
     assert [b["input"].shape for b in batches] == [(32, 1, 8, 8)] * 3
     np.testing.assert_allclose(batches[0]["input"][0], ev["input"][0], atol=1 / 255)
-    q, _ = quantize_static(pre, QuantRecipe("rr", reduce_range=True), tmp_path / "c.json",
-                           batches)
+    q, _ = quantize_static(pre, QuantizeConfig(QuantRecipe("rr", reduce_range=True), batches))
     assert top1(pre, models) - top1(q, models) <= 0.01

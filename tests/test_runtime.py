@@ -14,8 +14,8 @@ import device_runtime
 from device_runtime.bundle import MANIFEST, onnx_external_locations, verify
 from device_runtime.errors import RuntimeFailure
 from device_runtime.measure import summarize
-from sdk.model import load
-from sdk.profiling import prepare
+from edgesmith.model import load
+from edgesmith.profiling import prepare
 
 
 @pytest.fixture
@@ -152,7 +152,7 @@ def test_external_data_scan_finds_subgraph_tensors(tmp_path):
 
 
 def test_tflite_backend_runs_the_real_model(models):
-    from sdk.model import load as load_model
+    from edgesmith.model import load as load_model
     tfl = prepare(load_model(models / "digits_mlp.tflite"), models / "digits_mlp_eval.npz")
     onx = prepare(load_model(models / "digits_mlp.onnx"), models / "digits_mlp_eval.npz")
     x = np.load(models / "digits_mlp_eval.npz")["input"][:1]
@@ -193,7 +193,7 @@ def test_a_model_newer_than_this_onnxruntime_names_the_versions_and_the_fix(mode
     """Host/device skew, produced for real: an IR version one past what this onnxruntime reads.
     (The emulated Pi tests cross a real older onnxruntime; this one runs everywhere.)"""
     from device_runtime.backends.onnxruntime import Backend
-    from sdk.profiling import name_the_opset
+    from edgesmith.measure import explain_skew
 
     model = onnx.load(models / "digits_cnn.onnx")
     model.ir_version = onnx.IR_VERSION + 1
@@ -201,10 +201,15 @@ def test_a_model_newer_than_this_onnxruntime_names_the_versions_and_the_fix(mode
     path.write_bytes(model.SerializeToString())
     with pytest.raises(RuntimeFailure) as info:
         Backend(str(path), {})
-    message = info.value.message
     assert info.value.stage == "load"
-    assert f"IR version {onnx.IR_VERSION + 1} is newer than onnxruntime {ort.__version__}" in message
-    assert f"(up to {onnx.IR_VERSION})" in message and "--opset N" in message
+    assert f"IR version {onnx.IR_VERSION + 1} is newer than onnxruntime {ort.__version__}" \
+        in info.value.message
+    skew = info.value.details        # structured: the host explains it from the fields
+    assert skew == {"kind": "ir_version", "model": onnx.IR_VERSION + 1,
+                    "device_max": onnx.IR_VERSION, "onnxruntime": ort.__version__}
     # the host fills in the opset: the model's own when it fits, else what the device reads
-    assert "--opset 17 " in name_the_opset(message, device_opset=26, model_opset=17)
-    assert "--opset 21 " in name_the_opset(message, device_opset=21, model_opset=24)
+    assert "--opset 17 " in explain_skew(skew, device_opset=26, model_opset=17)
+    assert "--opset 21 " in explain_skew(skew, device_opset=21, model_opset=24)
+    opset_skew = {"kind": "opset", "model": 28, "device_max": 26, "onnxruntime": "1.27.0"}
+    text = explain_skew(opset_skew, device_opset=26, model_opset=28)
+    assert "opset 28 is newer than onnxruntime 1.27.0" in text and "--opset 26 " in text

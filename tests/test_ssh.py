@@ -10,11 +10,12 @@ import pytest
 
 from conftest import run_cli
 from device_runtime.bundle import verify
-from sdk.devices import Job
-from sdk.devices.ssh import SSHDevice
-from sdk.errors import StageError
-from sdk.model import load
-from sdk.profiling import measure, prepare, profile, profile_many
+from edgesmith.devices import Job
+from edgesmith.devices.ssh import SSHDevice
+from edgesmith.errors import StageError
+from edgesmith.model import load
+from edgesmith.measure import measure
+from edgesmith.profiling import prepare, profile, profile_many
 
 pytestmark = pytest.mark.ssh
 FAST = Job(runs=20, warmup=3)
@@ -87,7 +88,7 @@ def test_missing_numpy_and_backend_are_named(ssh_home, sshd_server, cnn):
     """The system python3 of this machine has neither numpy nor onnxruntime: a real bare device."""
     if not Path("/usr/bin/python3").exists():
         pytest.skip("no system python3 to play a bare device")
-    result = measure(cnn, device(sshd_server, python="/usr/bin/python3"), FAST)
+    result = measure(device(sshd_server, python="/usr/bin/python3"), cnn, FAST)
     assert result.stage == "ensure-runtime"
     assert "lacks numpy, onnxruntime" in result.error and "edgesmith device setup" in result.error
 
@@ -129,7 +130,7 @@ def test_sshd_killed_mid_upload_then_next_push_succeeds(ssh_home, sshd_server, m
     remote_bundles = tmp_path / "remote" / "bundles"
     assert not (remote_bundles / big.id).exists(), "a partial bundle was left under its real name"
     fresh = device(sshd_server)
-    result = measure(big, fresh, FAST)
+    result = measure(fresh, big, FAST)
     assert result.ok, result.error
     assert result.accuracy["agreement"] == 1.0
     assert not [p for p in remote_bundles.iterdir() if p.name.startswith(".tmp-")]
@@ -152,16 +153,16 @@ def test_runtime_crash_is_an_error_row_and_others_go_on(ssh_home, sshd_server, m
 
 def test_runtime_over_its_timeout_is_an_error_and_host_keeps_going(ssh_home, sshd_server, cnn):
     dev = device(sshd_server)
-    slow = measure(cnn, dev, Job(runs=1, warmup=0, min_time_s=60, max_time_s=120, timeout_s=3,
+    slow = measure(dev, cnn, Job(runs=1, warmup=0, min_time_s=60, max_time_s=120, timeout_s=3,
                                  lock_timeout_s=1))
     assert not slow.ok and "longer than" in slow.error and "--timeout" in slow.error
-    assert measure(cnn, dev, FAST).ok
+    assert measure(dev, cnn, FAST).ok
 
 
 def test_remote_dir_with_spaces_and_semicolon(ssh_home, sshd_server, cnn, tmp_path, monkeypatch):
     evil = tmp_path / "dir with space; touch PWNED; $(touch PWNED2)"
     monkeypatch.chdir(tmp_path)
-    result = measure(cnn, device(sshd_server, remote_dir=str(evil)), FAST)
+    result = measure(device(sshd_server, remote_dir=str(evil)), cnn, FAST)
     assert result.ok, result.error
     assert (evil / "bundles" / cnn.id / "manifest.json").is_file()
     assert not list(Path("/").glob("PWNED*")) and not list(tmp_path.glob("PWNED*"))
@@ -173,7 +174,7 @@ def test_two_concurrent_profiles_are_serialized_by_the_device_lock(ssh_home, ssh
     results = [None, None]
 
     def go(i):
-        results[i] = measure(cnn, device(sshd_server), job)
+        results[i] = measure(device(sshd_server), cnn, job)
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
     for t in threads:

@@ -7,10 +7,10 @@ import pytest
 
 import device_runtime
 from conftest import run_cli
-from sdk.errors import EdgesmithError
-from sdk.targets import all_profiles, load_profile, match
-from sdk.tune import TuningCache, tune
-from sdk.variants import Space, space
+from edgesmith.errors import EdgesmithError
+from edgesmith.targets import all_profiles, load_profile, match
+from edgesmith.tune import TuningCache, tune
+from edgesmith.variants import Space, space
 
 FAST = {"runs": 30, "warmup": 3, "min_time_s": 0.0}
 PI4 = {"arch": "aarch64", "cpu": "Cortex-A72", "cpu_flags": ["asimd"], "cores": 4}
@@ -36,22 +36,50 @@ def test_all_shipped_profiles_load():
     (lambda t: t.replace("[measure]", "[measure\n"), "cannot read it"),
 ])
 def test_broken_profile_names_file_and_field(tmp_path, edit, words):
-    from sdk.targets import profiles_dir
+    from importlib.resources import files
     path = tmp_path / "broken.toml"
-    path.write_text(edit((profiles_dir() / "x86-avx2.toml").read_text()))
+    path.write_text(edit((files("edgesmith_targets") / "x86-avx2.toml").read_text()))
     with pytest.raises(EdgesmithError) as err:
         load_profile(path)
     assert str(path) in str(err.value) and words in str(err.value)
 
 
-def test_this_machine_matches_x86_avx2():
+def test_this_machine_matches_a_shipped_profile_by_its_flags():
+    """Whatever x86 CPU runs the tests: AVX-512 VNNI picks that profile, AVX2 alone the other."""
     from device_runtime import facts
     f = facts.collect()
-    if "avx2" not in f["cpu_flags"] or "avx512f" in f["cpu_flags"]:
-        pytest.skip("this machine is not an AVX2-without-AVX-512 x86")
+    if f["arch"] != "x86_64" or "avx2" not in f["cpu_flags"]:
+        pytest.skip("not an x86-64 CPU with AVX2")
     m = match(f)
-    assert m.profile.name == "x86-avx2" and not m.generic
+    want = "x86-avx512-vnni" if {"avx512f", "avx512_vnni"} <= set(f["cpu_flags"]) else "x86-avx2"
+    assert m.profile.name == want and not m.generic
     assert "arch is x86_64" in m.rejected["rpi4"]
+
+
+def test_tuning_cache_keys_on_input_shapes(models, tmp_path):
+    """The same model at another batch is another measurement, never a cache answer."""
+    from edgesmith.model import load
+    cache = TuningCache(tmp_path / "tuning.jsonl")
+    one = load(models / "digits_cnn.onnx", {"input": [1, 1, 8, 8]})
+    many = load(models / "digits_cnn.onnx", {"input": [64, 1, 8, 8]})
+    first = tune(one, "local", measure_settings=FAST, cache=cache, confirm_rounds=0,
+                 max_trials=2)
+    second = tune(many, "local", measure_settings=FAST, cache=cache, confirm_rounds=0,
+                  max_trials=2)
+    assert first.measured == 2 and second.from_cache == 0 and second.measured == 2
+    assert second.default.p50_ms > first.default.p50_ms      # 64 samples take longer than 1
+
+
+def test_numeric_knobs_need_an_eval_set(models):
+    """TensorRT fp16 changes outputs: without an eval set it is pruned with that reason."""
+    forced = Space("onnxruntime", {"trt_fp16": [True]})
+    report = tune(models / "digits_cnn.onnx", "local", measure_settings=FAST,
+                  search_space=forced.without_numeric("changes numerics; tuned only with an "
+                                                      "eval set to check them"),
+                  confirm_rounds=0)
+    assert {"knob": "trt_fp16", "value": True,
+            "reason": "changes numerics; tuned only with an eval set to check them"} \
+        in report.pruned
 
 
 @pytest.mark.parametrize("facts, name", [(PI4, "rpi4"), (PI5, "rpi5"), (ORIN, "jetson-orin-nano")])
@@ -80,19 +108,21 @@ def test_impossible_variants_are_pruned_with_reasons():
 
 def test_tuner_ranks_caches_and_writes_the_winner_into_the_bundle(models):
     cache = TuningCache()
-    first = tune(models / "digits_cnn.onnx", "local", measure=FAST, cache=cache)
+    first = tune(models / "digits_cnn.onnx", "local", measure_settings=FAST, cache=cache)
     assert first.default.ok and first.measured >= 3 and first.from_cache == 0
     p50s = [t.p50_ms for t in first.trials if t.ok]
     assert p50s == sorted(p50s)
     if first.best.key != first.default.key:       # kept only because it held up interleaved
-        assert first.confirm["best_p50_ms"] < first.confirm["default_p50_ms"]
+        best, default = first.confirm["best"], first.confirm["default"]
+        assert best["high_ms"] < default["low_ms"] and not first.confirm["within_noise"]
+    assert first.verdict
     session = device_runtime.load(first.bundle)
     for key, value in first.best.config.items():
         assert session.config[key] == value
-    again = tune(models / "digits_cnn.onnx", "local", measure=FAST, cache=cache,
+    again = tune(models / "digits_cnn.onnx", "local", measure_settings=FAST, cache=cache,
                  confirm_rounds=0)
     assert again.measured == 0 and again.from_cache == len(first.trials)
-    fresh = tune(models / "digits_cnn.onnx", "local", measure=FAST, cache=cache, fresh=True,
+    fresh = tune(models / "digits_cnn.onnx", "local", measure_settings=FAST, cache=cache, fresh=True,
                  confirm_rounds=0, max_trials=2)
     assert fresh.measured == 2 and fresh.stopped == "max_trials"
 
@@ -101,7 +131,7 @@ def test_a_failing_variant_is_an_error_row(models):
     # XNNPACK is not in this onnxruntime build: forced into the space (bypassing pruning), the
     # real runtime refuses it at load time.
     forced = Space("onnxruntime", {"xnnpack": [True], "threads": [1]})
-    report = tune(models / "digits_cnn.onnx", "local", measure=FAST, search_space=forced,
+    report = tune(models / "digits_cnn.onnx", "local", measure_settings=FAST, search_space=forced,
                   confirm_rounds=0)
     bad = [t for t in report.trials if not t.ok]
     assert len(bad) == 1 and bad[0].stage == "load" and "Xnnpack" in bad[0].error
@@ -118,9 +148,9 @@ def test_interrupted_tune_resumes_from_the_cache(models):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        tune(models / "digits_cnn.onnx", "local", measure=FAST, cache=cache,
+        tune(models / "digits_cnn.onnx", "local", measure_settings=FAST, cache=cache,
              on_trial=interrupt_after_two)
-    resumed = tune(models / "digits_cnn.onnx", "local", measure=FAST, cache=TuningCache(),
+    resumed = tune(models / "digits_cnn.onnx", "local", measure_settings=FAST, cache=TuningCache(),
                    confirm_rounds=0)
     assert resumed.from_cache == 2 and resumed.measured == len(resumed.trials) - 2
 
@@ -138,3 +168,19 @@ def test_cli_tune_and_targets_match(models, tmp_path):
     assert proc.returncode == 0 and "profile" in proc.stdout
     proc = run_cli("tune", models / "digits_cnn.onnx", "--budget", "soon")
     assert proc.returncode == 2 and "not a duration" in proc.stderr
+
+
+def test_tune_never_deletes_a_directory_it_did_not_write(models, tmp_path):
+    """Before: `tune -o myproject` replaced the whole directory with the bundle."""
+    project = tmp_path / "myproject"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "IMPORTANT.txt").write_text("mine")
+    proc = run_cli("tune", models / "digits_cnn.onnx", "--max-trials", "1", "-o", project)
+    assert proc.returncode == 1 and "did not write" in proc.stderr and "--force" in proc.stderr
+    assert (project / "src" / "IMPORTANT.txt").read_text() == "mine"
+    proc = run_cli("tune", models / "digits_cnn.onnx", "--max-trials", "1", "-o", project,
+                   "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert (project / "src" / "IMPORTANT.txt").read_text() == "mine"
+    assert (project / "manifest.json").is_file()
+    device_runtime.load(project)

@@ -12,7 +12,7 @@ DEFAULT_CONFIG = {"providers": ["CPUExecutionProvider"], "intra_op_threads": 0,
                   "inter_op_threads": 0, "graph_optimization_level": "all",
                   "execution_mode": "sequential", "session_config": {}, "profile_ops": False}
 # a model saved by a newer onnx than this device's onnxruntime reads: the usual host/device skew
-TOO_NEW = ((r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", "IR version"),
+TOO_NEW = ((r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", "ir_version"),
            (r"Opset (\d+) is under development.*is till opset (\d+)", "opset"))
 
 
@@ -63,13 +63,14 @@ class Backend:
         try:
             self.session = ort.InferenceSession(model_path, opts, providers=providers)
         except Exception as exc:  # ORT raises its own pybind classes; translate to one line
-            for pattern, what in TOO_NEW:
+            for pattern, kind in TOO_NEW:
                 if found := re.search(pattern, str(exc), re.S):
+                    skew = {"kind": kind, "model": int(found[1]), "device_max": int(found[2]),
+                            "onnxruntime": ort.__version__}
+                    what = kind.replace("_", " ").replace("ir", "IR")
                     raise RuntimeFailure("load", f"the model's ONNX {what} {found[1]} is newer "
-                                         f"than onnxruntime {ort.__version__} on the device reads "
-                                         f"(up to {found[2]}): convert it with `edgesmith fuse "
-                                         "MODEL --opset N -o OUT` or upgrade onnxruntime on the "
-                                         "device (`edgesmith device setup`)") from None
+                                         f"than onnxruntime {ort.__version__} reads (up to "
+                                         f"{found[2]})", skew) from None
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RuntimeFailure("load", f"onnxruntime {ort.__version__} cannot load the model: "
                                  f"{first}") from None
@@ -80,7 +81,7 @@ class Backend:
         return self.session.run(self.output_names, feed)
 
     def op_profile(self) -> dict[str, float]:
-        """Milliseconds per op type summed over the profiled runs (needs profile_ops)."""
+        """Milliseconds per op type per run (the profile's sum over its runs / their number)."""
         import json
         import os
 
@@ -93,8 +94,9 @@ class Backend:
         finally:
             os.remove(path)
         per_op: dict[str, float] = {}
+        runs = sum(ev.get("name") == "model_run" for ev in events) or 1
         for ev in events:
             op = ev.get("args", {}).get("op_name")
             if ev.get("cat") == "Node" and op and ev.get("name", "").endswith("_kernel_time"):
-                per_op[op] = per_op.get(op, 0.0) + ev.get("dur", 0) / 1000.0
+                per_op[op] = per_op.get(op, 0.0) + ev.get("dur", 0) / 1000.0 / runs
         return per_op

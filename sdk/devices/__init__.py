@@ -54,6 +54,19 @@ class Job:
         return args
 
 
+FINGERPRINT_FACTS = ("arch", "cpu", "cpu_flags", "cores", "memory_mb", "gpu", "packages",
+                     "ort_providers")
+
+
+def fingerprint(facts: dict) -> str:
+    """Same hardware and software -> same key; the hostname does not matter (a fleet shares)."""
+    import hashlib
+    import json
+
+    keep = {k: facts.get(k) for k in FINGERPRINT_FACTS}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class Device(Protocol):
     name: str
 
@@ -91,8 +104,41 @@ def get_device(destination: str | None, **ssh_options):
     return SSHDevice.from_destination(destination, **ssh_options)
 
 
+INVENTORY_FIELDS = {"name": str, "destination": str, "target": str, "identity": str,
+                    "python": str, "remote_dir": str, "accept_new_host_key": bool}
+
+
+def _inventory_entry(path, i: int, entry) -> dict:
+    """One [[device]] table, every field type-checked: TOML's `"false"` is a non-empty string,
+    which Python reads as true, so a quoted boolean would silently record unknown host keys."""
+    from ..errors import EdgesmithError
+
+    where = f"device inventory {path}: device #{i + 1}"
+    if not isinstance(entry, dict):
+        raise EdgesmithError(f"{where} is not a table; write it as [[device]] with key = value "
+                             "lines")
+    if isinstance(entry.get("name"), str):
+        where += f" ({entry['name']!r})"
+    if "destination" not in entry:
+        raise EdgesmithError(f"{where} needs a 'destination' (local or user@host[:port])")
+    unknown = set(entry) - set(INVENTORY_FIELDS)
+    if unknown:
+        raise EdgesmithError(f"{where} has unknown field(s) {sorted(unknown)}; known: "
+                             f"{sorted(INVENTORY_FIELDS)}")
+    for key, value in entry.items():
+        want = INVENTORY_FIELDS[key]
+        if want is bool and type(value) is not bool:
+            raise EdgesmithError(f"{where}: {key} must be true or false without quotes, got "
+                                 f"{value!r}")
+        if want is str and (type(value) is not str or not value.strip()):
+            raise EdgesmithError(f"{where}: {key} must be a non-empty quoted string, got "
+                                 f"{value!r}")
+    return entry
+
+
 def load_inventory(path) -> list:
-    """devices.toml: [[device]] name, destination, target, identity, python, remote_dir."""
+    """devices.toml: [[device]] name, destination, target, identity, python, remote_dir,
+    accept_new_host_key; a wrong type is a one-line error naming the device and the field."""
     from pathlib import Path
 
     from ..errors import EdgesmithError
@@ -100,18 +146,14 @@ def load_inventory(path) -> list:
 
     try:
         data = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise EdgesmithError(f"device inventory {path}: cannot read it ({exc})") from None
+    tables = data.get("device", [])
+    if not isinstance(tables, list):
+        raise EdgesmithError(f"device inventory {path}: 'device' must be [[device]] tables")
     devices = []
-    for i, entry in enumerate(data.get("device", [])):
-        if not isinstance(entry, dict) or "destination" not in entry:
-            raise EdgesmithError(f"device inventory {path}: device #{i + 1} needs a "
-                                 "'destination' (local or user@host[:port])")
-        unknown = set(entry) - {"name", "destination", "target", "identity", "python",
-                                "remote_dir", "accept_new_host_key"}
-        if unknown:
-            raise EdgesmithError(f"device inventory {path}: device #{i + 1} has unknown "
-                                 f"field(s) {sorted(unknown)}")
+    for i, raw in enumerate(tables):
+        entry = _inventory_entry(path, i, raw)
         opts = {k: entry[k] for k in ("identity", "python", "remote_dir", "accept_new_host_key")
                 if k in entry}
         device = get_device(entry["destination"], name=entry.get("name"), **opts) \

@@ -1,7 +1,9 @@
-"""Passes: each is `apply(model: onnx.ModelProto, cfg) -> (ModelProto, PassReport)`.
+"""Passes: each is `apply(model: onnx.ModelProto, config) -> (ModelProto, PassReport)`.
 
-No disk I/O inside a pass; every pass is checked numerically against the original in its tests.
-The registry is a plain dict filled by a decorator that refuses duplicate names.
+One contract: a pass is pure (no disk, no global logging, no caches of its own); data a pass needs
+(calibration feeds, training data, a teacher) arrives in its config, and caches belong to the
+caller. Every pass is checked numerically against the original in its tests. The registry is a
+plain dict filled by a decorator that refuses duplicate names; `get()` loads every pass module.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 PASSES: dict[str, Callable] = {}
+MODULES = ("fuse", "quantize", "equalize", "prune", "distill")   # torch is imported lazily
 
 
 @dataclass
@@ -32,14 +35,19 @@ def register(name: str):
     return wrap
 
 
+def load_all() -> dict[str, Callable]:
+    """Import every pass module (each registers on import); the full registry."""
+    import importlib
+
+    for module in MODULES:
+        importlib.import_module(f"{__name__}.{module}")
+    return PASSES
+
+
 def get(name: str) -> Callable:
     from ..errors import EdgesmithError
 
-    _load_all()
+    load_all()
     if name not in PASSES:
         raise EdgesmithError(f"unknown pass {name!r}; known: {sorted(PASSES)}")
     return PASSES[name]
-
-
-def _load_all() -> None:
-    from . import fuse  # noqa: F401  (registers on import)

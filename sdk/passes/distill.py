@@ -1,13 +1,13 @@
 """Knowledge distillation: a teacher ONNX model (run by onnxruntime) trains a student ONNX model.
 
-Soft targets are computed once and cached (keyed by teacher and data hashes). The student runs
-as a torch module built from its own graph (`sdk.onnx_torch`), trains with
+Soft targets are the teacher's logits, computed once per config (a caller distilling several
+students from one teacher passes them in `soft_targets`). The student runs
+as a torch module built from its own graph (`onnx_torch`, beside this file), trains with
 KL(softmax(s/T) || softmax(t/T)) * T^2 + alpha * CE(s, labels), and its weights go back into the
 same graph, which is then checked against onnxruntime. Needs the `train` extra (torch).
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 
@@ -20,8 +20,13 @@ from ..errors import EdgesmithError
 from . import PassReport, register
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DistillConfig:
+    teacher: onnx.ModelProto = None   # the model whose soft targets supervise
+    data: EvalData = None             # training inputs (+ optional labels)
+    eval_data: EvalData | None = None   # held-out set: top-1 before/after in the report
+    soft_targets: np.ndarray | None = None   # teacher logits on `data`, if computed already
+    on_epoch: object = None           # callback(epoch, epochs, loss) for progress
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3                 # 3e-3 diverges on deep students without BatchNorm
@@ -33,6 +38,8 @@ class DistillConfig:
     shift: int = 0                   # random translations of up to this many pixels (images)
 
     def __post_init__(self):
+        if self.teacher is None or self.data is None:
+            raise ValueError("DistillConfig needs a teacher model and training data")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DistillConfig.{name} must be >= 1")
@@ -52,17 +59,9 @@ def _torch():
 
 
 def soft_targets(teacher: onnx.ModelProto, data: EvalData, batch: int = 256) -> np.ndarray:
-    """Teacher logits for every sample, computed once and cached on disk (no pickle)."""
+    """Teacher logits for every sample (onnxruntime on the host, in memory)."""
     import onnxruntime as ort
 
-    from ..bundle import cache_dir
-
-    digest = hashlib.sha256(teacher.SerializeToString())
-    for name in sorted(data.inputs):
-        digest.update(name.encode() + np.ascontiguousarray(data.inputs[name]).tobytes())
-    path = cache_dir() / "soft_targets" / f"{digest.hexdigest()[:24]}.npy"
-    if path.is_file():
-        return np.load(path, allow_pickle=False)
     session = ort.InferenceSession(teacher.SerializeToString(), providers=["CPUExecutionProvider"])
     fixed = session.get_inputs()[0].shape[0]
     step = fixed if isinstance(fixed, int) else batch
@@ -70,12 +69,7 @@ def soft_targets(teacher: onnx.ModelProto, data: EvalData, batch: int = 256) -> 
     for start in range(0, data.n, step):
         feed = {k: v[start:start + step] for k, v in data.inputs.items()}
         outs.append(session.run(None, feed)[0])
-    logits = np.concatenate(outs).astype(np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, logits, allow_pickle=False)
-    tmp.replace(path)
-    return logits
+    return np.concatenate(outs).astype(np.float32)
 
 
 def evaluate(model: onnx.ModelProto, data: EvalData) -> float | None:
@@ -91,17 +85,16 @@ def evaluate(model: onnx.ModelProto, data: EvalData) -> float | None:
 
 
 @register("distill")
-def distill(teacher: onnx.ModelProto, student: onnx.ModelProto, data: EvalData,
-            cfg: DistillConfig | None = None, eval_data: EvalData | None = None,
-            progress=None) -> tuple[onnx.ModelProto, PassReport]:
-    """Train `student` on `data` to match `teacher`; returns the student with trained weights."""
-    cfg = cfg or DistillConfig()
+def distill(student: onnx.ModelProto, cfg: DistillConfig) -> tuple[onnx.ModelProto, PassReport]:
+    """Train `student` to match the config's teacher; returns the student with trained weights."""
     torch = _torch()
-    from ..onnx_torch import to_torch, write_back
+    from .onnx_torch import to_torch, write_back
 
+    teacher, data, eval_data, progress = cfg.teacher, cfg.data, cfg.eval_data, cfg.on_epoch
     report = PassReport("distill")
     t0 = time.time()
-    targets = torch.from_numpy(soft_targets(teacher, data))
+    logits = cfg.soft_targets if cfg.soft_targets is not None else soft_targets(teacher, data)
+    targets = torch.from_numpy(logits)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     module = to_torch(student)

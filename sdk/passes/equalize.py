@@ -16,6 +16,8 @@ weight quantization mirrored from onnxruntime's (symmetric, per channel, optiona
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import onnx
 
@@ -59,11 +61,27 @@ def _clip_max(graph: Graph, act) -> float | None:
     return None if hi is None else float(hi)
 
 
+@dataclass(frozen=True, eq=False)
+class EqualizeConfig:
+    batches: list = field(default_factory=list)   # calibration feeds: exact through ReLU6
+
+
+@dataclass(frozen=True, eq=False)
+class BiasCorrectConfig:
+    recipe: object                                # QuantRecipe: how weights will be rounded
+    batches: list = field(default_factory=list)   # calibration feeds for E[x]
+
+    def __post_init__(self):
+        if not self.batches:
+            raise ValueError("BiasCorrectConfig.batches must hold calibration data")
+
+
 @register("equalize")
-def equalize(model: onnx.ModelProto, batches: list[dict] | None = None
+def equalize(model: onnx.ModelProto, cfg: EqualizeConfig | None = None
              ) -> tuple[onnx.ModelProto, PassReport]:
     """Cross-layer equalization over every Conv -> (ReLU | ReLU6) -> Conv pair; exact through
-    ReLU6 when calibration `batches` are given (else ReLU6 becomes ReLU, like AIMET)."""
+    ReLU6 when calibration batches are given (else ReLU6 becomes ReLU, like AIMET)."""
+    batches = (cfg or EqualizeConfig()).batches or None
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = Graph(out.graph)
@@ -165,9 +183,10 @@ def channel_stats(model: onnx.ModelProto, tensors: list[str], batches: list[dict
 
 
 @register("bias_correct")
-def bias_correct(model: onnx.ModelProto, recipe, batches: list[dict]
+def bias_correct(model: onnx.ModelProto, cfg: BiasCorrectConfig
                  ) -> tuple[onnx.ModelProto, PassReport]:
     """Subtract (W_q - W) E[x] from the bias of every Conv and Gemm with constant weights."""
+    recipe, batches = cfg.recipe, cfg.batches
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = Graph(out.graph)

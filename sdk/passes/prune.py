@@ -34,12 +34,16 @@ class PruneConfig:
     global_ranking: bool = False    # one ranking over all groups (normalized), not per group
     round_to: int = 8               # keep channel counts multiples of this (SIMD-friendly)
     min_channels: int = 1
+    activation_means: dict | None = field(default=None, compare=False)   # importance=activation
 
     def __post_init__(self):
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"PruneConfig.ratio must be in [0, 1), got {self.ratio}")
         if self.importance not in IMPORTANCE:
             raise ValueError(f"PruneConfig.importance must be one of {IMPORTANCE}")
+        if self.importance == "activation" and not self.activation_means:
+            raise ValueError("PruneConfig.importance 'activation' needs activation_means "
+                             "(per-channel means from calibration data)")
         for name, r in self.layer_ratios.items():
             if not 0.0 <= r < 1.0:
                 raise ValueError(f"PruneConfig.layer_ratios[{name!r}] must be in [0, 1)")
@@ -281,10 +285,11 @@ def _surgery(model: onnx.ModelProto, graph: Graph, removed: dict[str, list[int]]
 
 
 @register("prune_channels")
-def prune_channels(model: onnx.ModelProto, cfg: PruneConfig | None = None,
-                   activation_means: dict | None = None) -> tuple[onnx.ModelProto, PassReport]:
+def prune_channels(model: onnx.ModelProto, cfg: PruneConfig | None = None
+                   ) -> tuple[onnx.ModelProto, PassReport]:
     """Remove the least important channels of every prunable group; shapes stay consistent."""
     cfg = cfg or PruneConfig()
+    activation_means = cfg.activation_means
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = Graph(out.graph)
@@ -361,16 +366,31 @@ def gzip_size(model: onnx.ModelProto) -> int:
     return len(gzip.compress(model.SerializeToString(), compresslevel=6))
 
 
+@dataclass(frozen=True)
+class UnstructuredConfig:
+    sparsity: float = 0.5                   # fraction of weights zeroed
+    scope: str = "global"                   # "global" threshold or "layer" by layer
+    n_m: tuple[int, int] | None = None      # N:M sparsity (e.g. (2, 4)) along the inputs
+
+    def __post_init__(self):
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"UnstructuredConfig.sparsity must be in [0, 1), got {self.sparsity}")
+        if self.scope not in ("global", "layer"):
+            raise ValueError(f"UnstructuredConfig.scope is {self.scope!r}; use global or layer")
+        if self.n_m is not None and not (len(self.n_m) == 2 and 0 < self.n_m[0] < self.n_m[1]):
+            raise ValueError(f"UnstructuredConfig.n_m is {self.n_m}; write (N, M) with 0 < N < M")
+
+
 @register("prune_unstructured")
-def prune_unstructured(model: onnx.ModelProto, sparsity: float = 0.5, scope: str = "global",
-                       n_m: tuple[int, int] | None = None) -> tuple[onnx.ModelProto, PassReport]:
+def prune_unstructured(model: onnx.ModelProto, cfg: UnstructuredConfig | None = None
+                       ) -> tuple[onnx.ModelProto, PassReport]:
     """Zero the smallest weights: global or per-layer magnitude, or N:M (e.g. 2:4) along inputs.
 
     Dense runtimes (onnxruntime on CPU) run zeros as fast as any other number: this shrinks
     the compressed download, not the latency. Structured pruning is what makes models faster.
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    cfg = cfg or UnstructuredConfig()
+    sparsity, scope, n_m = cfg.sparsity, cfg.scope, cfg.n_m
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = Graph(out.graph)
@@ -413,3 +433,12 @@ def prune_unstructured(model: onnx.ModelProto, sparsity: float = 0.5, scope: str
                           f"{before / 1e6:.2f} -> {after / 1e6:.2f} MB. Note: dense runtimes "
                           "(onnxruntime CPU) get no speedup from unstructured sparsity")
     return out, report
+
+
+def activation_means(model: onnx.ModelProto, batches: list[dict]) -> dict:
+    """Per-channel mean output of every Conv/Gemm over calibration feeds: the input that
+    `PruneConfig(importance="activation")` ranks channels by."""
+    from .equalize import channel_stats
+
+    tensors = [n.output[0] for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    return channel_stats(model, tensors, batches)["mean"]

@@ -13,10 +13,8 @@ dynamic quantization only for MatMul/Gemm, and fp16 for GPU targets.
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -86,23 +84,37 @@ def fix_input_dims(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx
     return out
 
 
-def preprocess(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
-    """ORT's quantization pre-processing, after fixing dims (and opset >= 13 for per-channel)."""
+@register("preprocess")
+def preprocess(model: onnx.ModelProto, shapes: dict[str, list[int]]
+               ) -> tuple[onnx.ModelProto, PassReport]:
+    """ORT's quantization pre-processing, after fixing dims (and opset >= 13 for per-channel).
+
+    ORT's symbolic shape inference gives up on some real models (detectors with dynamic H/W);
+    then the pre-processing runs again on ONNX's own shape inference over the fixed shapes, and
+    the report says so. ORT's API reads and writes files: a private temp dir, nothing kept."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from .fuse import upgrade_opset
 
+    report = PassReport("preprocess")
     model, _ = upgrade_opset(fix_input_dims(model, shapes), 13)
     with tempfile.TemporaryDirectory() as tmp:
         out, src = Path(tmp) / "pre.onnx", Path(tmp) / "float.onnx"
         src.write_bytes(model.SerializeToString())
         try:
             quant_pre_process(str(src), str(out), skip_optimization=False)
-        except Exception as exc:   # pragma: no cover - ORT's symbolic inference has many exits
-            raise EdgesmithError(f"quantization pre-processing failed: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                                 "; give the input shapes with --input-shape") from None
-        return onnx.load(str(out))
+        except Exception as exc:   # ORT's symbolic inference has many exits
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            try:
+                quant_pre_process(str(src), str(out), skip_optimization=False,
+                                  skip_symbolic_shape=True)
+            except Exception as exc2:
+                why2 = str(exc2).splitlines()[0] if str(exc2) else type(exc2).__name__
+                raise EdgesmithError(f"quantization pre-processing failed: {why}; without "
+                                     f"symbolic shapes: {why2}") from None
+            report.add(f"onnxruntime's symbolic shape inference failed ({why}); used ONNX "
+                       "shape inference on the fixed input shapes instead")
+        return onnx.load(str(out)), report
 
 
 class _Reader:
@@ -128,11 +140,6 @@ class _Reader:
         return self.batches[self._pos - 1]
 
 
-def calibration_key(model: onnx.ModelProto, recipe: QuantRecipe) -> str:
-    digest = hashlib.sha256(model.SerializeToString()).hexdigest()[:16]
-    return f"{digest}-{recipe.calibration}-{recipe.percentile}-{recipe.symmetric_activations}"
-
-
 def _extra_options(recipe: QuantRecipe) -> dict:
     options = {"ActivationSymmetric": recipe.symmetric_activations, "WeightSymmetric": True,
                "CalibStridedMinMax": 1}
@@ -141,25 +148,38 @@ def _extra_options(recipe: QuantRecipe) -> dict:
     return options
 
 
-def quantize_static(model: onnx.ModelProto, recipe: QuantRecipe, calib_cache: Path,
-                    batches: Iterable[dict] | None = None) -> tuple[onnx.ModelProto, PassReport]:
-    """Static int8 with cached calibration: `batches` are read only if `calib_cache` is new."""
+@dataclass(frozen=True, eq=False)
+class QuantizeConfig:
+    """Static quantization: the recipe, calibration feeds, and where the caller keeps ORT's
+    calibration ranges (trying many recipes on one model then calibrates once)."""
+
+    recipe: QuantRecipe
+    batches: list | None = None            # [{input: array}]; only read when the cache is new
+    calibration_cache: Path | None = None  # caller-owned; None: calibrate every time
+
+
+@register("quantize")
+def quantize_static(model: onnx.ModelProto, cfg: QuantizeConfig
+                    ) -> tuple[onnx.ModelProto, PassReport]:
+    """Static int8 through onnxruntime's quantizer (it reads and writes files: a private temp
+    dir holds them; the calibration cache is the caller's)."""
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static as ort_quantize_static)
 
+    recipe = cfg.recipe
     qtypes = {"U8": QuantType.QUInt8, "S8": QuantType.QInt8}
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
     report = PassReport(f"quantize:{recipe.name}")
-    reader = None
-    if not Path(calib_cache).is_file():
-        if batches is None:
-            raise EdgesmithError("calibration data is needed (--calib .npz or image folder)")
-        reader = _Reader(batches)
-        if not len(reader):
-            raise EdgesmithError("calibration data is empty")
-    logging.getLogger("root").setLevel(logging.ERROR)   # ORT's quantizer logs per node
     with tempfile.TemporaryDirectory() as tmp:
+        calib_cache = cfg.calibration_cache or Path(tmp) / "calibration.json"
+        reader = None
+        if not Path(calib_cache).is_file():
+            if cfg.batches is None:
+                raise EdgesmithError("calibration data is needed (--calib .npz or image folder)")
+            reader = _Reader(cfg.batches)
+            if not len(reader):
+                raise EdgesmithError("calibration data is empty")
         out, src = Path(tmp) / "q.onnx", Path(tmp) / "float.onnx"
         src.write_bytes(model.SerializeToString())   # a path: ORT mutates ModelProtos it is given
         try:
@@ -219,10 +239,3 @@ def to_fp16(model: onnx.ModelProto, recipe=None) -> tuple[onnx.ModelProto, PassR
     converted = convert_float_to_float16(model, keep_io_types=True)
     report.add("weights and activations converted to fp16 (inputs/outputs stay fp32)")
     return converted, report
-
-
-@dataclass
-class QuantizedModel:
-    recipe: QuantRecipe
-    proto: onnx.ModelProto
-    reports: list[PassReport] = field(default_factory=list)

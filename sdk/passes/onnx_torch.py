@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import EdgesmithError
-from .passes.graph import attr
+from ..errors import EdgesmithError
+from .graph import attr
 
 SUPPORTED = {"Conv", "Gemm", "MatMul", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh",
              "BatchNormalization", "Add", "Sub", "Mul", "Div", "Flatten", "Reshape",

@@ -1,0 +1,102 @@
+"""What every command shares: the error-to-exit-code group, device options, small parsers."""
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+
+import click
+
+from ..errors import EdgesmithError
+
+
+class Group(click.Group):
+    """Expected failures print one line on stderr and exit 1; usage errors exit 2 (click)."""
+
+    def invoke(self, ctx):
+        from device_runtime.errors import RuntimeFailure
+
+        try:
+            return super().invoke(ctx)
+        except (EdgesmithError, RuntimeFailure) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def status(message: str, quiet: bool = False):
+    """A spinner on stderr when it is a terminal; nothing otherwise (logs stay clean)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if quiet or not console.is_terminal:
+        return contextlib.nullcontext()
+    return console.status(message)
+
+
+def ssh_options(fn):
+    """Options every command that reaches a device takes."""
+    for opt in reversed([
+        click.option("--identity", "-i", type=click.Path(dir_okay=False),
+                     help="SSH private key (else ~/.ssh/config, ssh-agent, ~/.ssh/id_*)"),
+        click.option("--accept-new-host-key", is_flag=True,
+                     help="record an unknown device's host key (like accept-new); a changed "
+                          "key is always refused"),
+        click.option("--python", "remote_python", help="python3 to use on the device"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def input_shape_option(fn):
+    return click.option("--input-shape",
+                        help="fix dynamic inputs: NAME=1x3x224x224[,NAME2=...]")(fn)
+
+
+def json_option(what: str = "the report"):
+    return click.option("--json", "json_out", type=click.Path(dir_okay=False),
+                        help=f"write {what} here as JSON")
+
+
+def devices_from(values: tuple[str, ...], identity, accept_new_host_key, remote_python) -> list:
+    """--device values: `local`, SSH destinations, or devices.toml inventories."""
+    from ..devices import get_device, load_inventory
+
+    devices = []
+    for value in values or ("local",):
+        if value.endswith(".toml"):
+            devices += load_inventory(value)
+        elif value == "local":
+            devices.append(get_device("local"))
+        else:
+            devices.append(get_device(value, identity=identity, python=remote_python,
+                                      accept_new_host_key=accept_new_host_key))
+    return devices
+
+
+def one_device(value: str, identity, accept_new_host_key, remote_python):
+    """The device a search runs on; searches by latency on an emulated device are said to be so."""
+    [device] = devices_from((value,), identity, accept_new_host_key, remote_python)
+    try:
+        emulated = device.facts().get("emulated")
+    except Exception:   # unreachable and the like: the command itself reports the stage
+        emulated = False
+    if emulated:
+        click.echo(f"warning: {device.name} is emulated: latencies and the choices made by them "
+                   "are not meaningful there; accuracy and deployment are", err=True)
+    return device
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `10m`, `1h` -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text or "")
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a duration; write e.g. 120s, 10m or 1h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def config_error(exc: ValueError) -> EdgesmithError:
+    """A config dataclass refused a value: its message names the field."""
+    return EdgesmithError(str(exc))

@@ -1,0 +1,120 @@
+"""The searches measured on the device: `tune` (runtime config) and `optimize` (the main job)."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .common import (config_error, input_shape_option, json_option, one_device,
+                     parse_duration, ssh_options)
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--device", "-d", default="local", show_default=True,
+              help="`local`, user@host[:port] or a Host alias from ~/.ssh/config")
+@ssh_options
+@click.option("--target", "-t", help="target profile (default: matched from the device's facts)")
+@click.option("--budget", default="120s", show_default=True, help="device time to spend, e.g. 10m")
+@click.option("--max-trials", default=40, show_default=True, type=click.IntRange(1))
+@click.option("--fresh", is_flag=True, help="measure again instead of answering from the cache")
+@input_shape_option
+@click.option("-o", "--out", type=click.Path(file_okay=False),
+              help="write the tuned bundle (best config in its manifest) to this directory")
+@click.option("--force", is_flag=True, help="write into an -o directory edgesmith did not create")
+@json_option()
+def tune(model, device, identity, accept_new_host_key, remote_python, target, budget, max_trials,
+         fresh, input_shape, out, force, json_out):
+    """Autotune MODEL's runtime config on a device; the result is never slower than the default."""
+    from ..model import load, parse_input_shapes
+    from ..outputs import claim, copy_dir_atomic
+    from ..report import print_table, tune_table, write_json
+    from ..tune import tune as run_tune
+
+    if out:
+        claim(out, force, "tune output directory")     # refused before any device time
+    dev = one_device(device, identity, accept_new_host_key, remote_python)
+    progress = None if json_out else (
+        lambda t: click.echo(f"  {'cached ' if t.cached else ''}{t.id}: "
+                             f"{'error: ' + t.error if t.error else f'{t.p50_ms:.3f} ms'}",
+                             err=True))
+    try:
+        report = run_tune(load(model, parse_input_shapes(input_shape)), dev, target=target,
+                          budget_s=parse_duration(budget), max_trials=max_trials, fresh=fresh,
+                          on_trial=progress)
+    except KeyboardInterrupt:
+        click.echo("interrupted: measured trials are cached; run the same command to resume",
+                   err=True)
+        sys.exit(130)
+    if out:
+        copy_dir_atomic(report.bundle, out, force)
+    if json_out:
+        write_json(json_out, report)
+    print_table(tune_table(report))
+    click.echo(report.verdict)
+    click.echo(f"best: {report.best.id} (bundle {out or report.bundle})")
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="output directory (re-running the same job with it resumes)")
+@click.option("--force", is_flag=True, help="write into an -o directory edgesmith did not create")
+@click.option("--device", "-d", default="local", show_default=True,
+              help="`local`, user@host[:port] or a Host alias from ~/.ssh/config")
+@ssh_options
+@click.option("--target", "-t", help="target profile (default: matched from the device's facts)")
+@click.option("--calib", type=click.Path(exists=True), help="calibration data (.npz or images)")
+@click.option("--eval", "eval_path", type=click.Path(exists=True, dir_okay=False),
+              help=".npz eval set (inputs by name + labels)")
+@click.option("--train", type=click.Path(exists=True),
+              help="training data for pruning + distillation (needs the `train` extra)")
+@click.option("--max-accuracy-drop", default=0.01, show_default=True,
+              type=click.FloatRange(0, 1))
+@click.option("--latency-budget-ms", type=click.FloatRange(0, min_open=True))
+@click.option("--budget", default="10m", show_default=True,
+              help="wall-clock budget for the search, e.g. 90s, 10m")
+@click.option("--prune-ratios", default="0.3,0.5", show_default=True)
+@click.option("--distill-epochs", default=10, show_default=True, type=click.IntRange(1),
+              help="more recover more accuracy after heavy pruning: 30 brought the 50%-pruned "
+                   "ResNet-style digits model back to its teacher's top-1 (10 left it 2% short)")
+@click.option("--tune-budget", default="60s", show_default=True,
+              help="device time for tuning the winner's runtime config (0 to skip)")
+@input_shape_option
+@click.option("--json", "json_out", type=click.Path(dir_okay=False),
+              help="also write the report here; quiet progress")
+def optimize(model, out_dir, force, device, identity, accept_new_host_key, remote_python,
+             target, calib, eval_path, train, max_accuracy_drop, latency_budget_ms, budget,
+             prune_ratios, distill_epochs, tune_budget, input_shape, json_out):
+    """The main job: the fastest variant of MODEL within the accuracy budget, on the device.
+
+    Exit 0 when a candidate met the budget; 1 when none did (the trade-offs are still saved).
+    """
+    from ..model import parse_input_shapes
+    from ..pipeline import OptimizeConfig, optimize as run_optimize
+    from ..report import optimize_table, print_table, write_json
+
+    try:
+        ratios = tuple(float(r) for r in prune_ratios.split(",") if r.strip())
+        cfg = OptimizeConfig(max_accuracy_drop, latency_budget_ms, parse_duration(budget),
+                             ratios, distill_epochs, parse_duration(tune_budget), target)
+    except ValueError as exc:
+        raise config_error(exc) from None
+    dev = one_device(device, identity, accept_new_host_key, remote_python)
+    say = None if json_out else (lambda text: click.echo(f"  {text}", err=True))
+    try:
+        report = run_optimize(model, out_dir, dev, calib, eval_path, train, cfg,
+                              parse_input_shapes(input_shape), force, say)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: measured candidates are kept in {out_dir}; run the same "
+                   "command to resume", err=True)
+        sys.exit(130)
+    if json_out:
+        write_json(json_out, report)
+    print_table(optimize_table(report))
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"{report.outcome}: {report.summary}")
+    click.echo(f"wrote {out_dir}/model.onnx, bundle/, report.json, report.html")
+    if report.chosen is None:   # the budget was not met: outputs are saved, the exit says so
+        sys.exit(1)

@@ -1,0 +1,242 @@
+"""The single-pass commands: fuse, quantize, prune, distill."""
+from __future__ import annotations
+
+import re
+import sys
+
+import click
+
+from ..errors import EdgesmithError
+from .common import config_error, input_shape_option, json_option, one_device, ssh_options
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--ort-fusions", is_flag=True,
+              help="also fuse Conv+activation into com.microsoft.FusedConv (onnxruntime only)")
+@click.option("--opset", type=int,
+              help="convert to this opset (also down, for a device with an older onnxruntime)")
+@input_shape_option
+@json_option()
+def fuse(model, out, ort_fusions, opset, input_shape, json_out):
+    """Fold constants and BatchNorms, fuse MatMul+Add, drop no-ops; outputs stay the same."""
+    from ..model import load, parse_input_shapes, save
+    from ..passes.fuse import PORTABLE_PIPELINE, convert_opset, fuse as run_fuse
+    from ..report import write_json
+
+    m = load(model, parse_input_shapes(input_shape))
+    passes = PORTABLE_PIPELINE + (["fuse_activations"] if ort_fusions else [])
+    fused, reports = run_fuse(m.proto, passes)
+    if opset is not None:
+        try:
+            fused, report = convert_opset(fused, opset)
+        except Exception as exc:   # onnx's converter raises bare RuntimeErrors per op
+            text = str(exc).strip().splitlines()[0]
+            if found := re.search(r"No Adapter From Version \$(\d+) for (\w+)", text):
+                text = (f"onnx has no down-converter for {found[2]} from opset {found[1]} (No "
+                        f"Adapter); choose opset {found[1]} or later")
+            raise EdgesmithError(f"cannot convert {model} to opset {opset}: {text}") from None
+        reports.append(report)
+    save(fused, out)
+    if json_out:
+        write_json(json_out, {"model": model, "out": out, "passes": reports})
+    for r in reports:
+        click.echo(f"{r.name:<22} {r.changed:4d} change(s)")
+        for line in r.details[:20]:
+            click.echo(f"    {line}")
+    click.echo(f"wrote {out} ({len(m.proto.graph.node)} -> {len(fused.graph.node)} nodes)")
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--calib", required=True, type=click.Path(exists=True),
+              help="calibration data: .npz (inputs by name) or an image folder")
+@click.option("--eval", "eval_path", type=click.Path(dir_okay=False),
+              help=".npz eval set to judge accuracy (else a held-out part of --calib)")
+@click.option("--max-accuracy-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--device", "-d", default="local", show_default=True,
+              help="where recipes are measured: `local` or an SSH destination")
+@ssh_options
+@click.option("--recipe", help="skip the search and use this recipe (see the report's names)")
+@input_shape_option
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
+@json_option()
+def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accept_new_host_key,
+             remote_python, recipe, input_shape, out, json_out):
+    """Quantize MODEL to int8 with the recipe that is fastest on the device within the budget."""
+    from ..data import calibration_batches
+    from ..model import load, parse_input_shapes, save
+    from ..recipes import choose_recipe, quant_data, quantize_with
+    from ..report import print_table, quantize_table, write_json
+
+    m = load(model, parse_input_shapes(input_shape))
+    if recipe:
+        proto, reports = quantize_with(m, recipe, list(calibration_batches(calib, m, 16, 512)))
+        save(proto, out)
+        if json_out:
+            write_json(json_out, {"recipe": recipe, "passes": reports})
+        click.echo(f"wrote {out} ({recipe})")
+        return
+    dev = one_device(device, identity, accept_new_host_key, remote_python)
+    say = None if json_out else (lambda text: click.echo(f"  {text}", err=True))
+    chosen, report = choose_recipe(m, dev, quant_data(m, calib, eval_path), max_accuracy_drop,
+                                   on_step=say)
+    save(chosen.proto, out)
+    if json_out:
+        write_json(json_out, report)
+    print_table(quantize_table(report))
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    click.echo(report.summary)
+    click.echo(f"wrote {out}")
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--ratio", default=0.5, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="fraction of channels (structured) or weights (unstructured) removed")
+@click.option("--structured/--unstructured", default=True, show_default=True)
+@click.option("--importance", default="l1", show_default=True,
+              type=click.Choice(["l1", "l2", "bn_gamma", "activation"]))
+@click.option("--calib", type=click.Path(exists=True),
+              help="data for --importance activation (.npz or image folder)")
+@click.option("--eval", "eval_path", type=click.Path(dir_okay=False),
+              help=".npz with labels: report the top-1 the pruned model keeps")
+@click.option("--global-ranking", is_flag=True, help="rank channels across layers, not per layer")
+@click.option("--layer-ratio", multiple=True, help="NODE=RATIO for one layer (repeatable)")
+@click.option("--n-m", help="unstructured N:M sparsity, e.g. 2:4")
+@click.option("--allow-noop", is_flag=True,
+              help="exit 0 even when structured pruning removes < 5%% of MACs")
+@input_shape_option
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
+@json_option()
+def prune(model, ratio, structured, importance, calib, eval_path, global_ranking, layer_ratio,
+          n_m, allow_noop, input_shape, out, json_out):
+    """Remove channels from MODEL's graph (structured) or zero small weights (unstructured)."""
+    from ..model import from_proto, load, parse_input_shapes, save
+    from ..passes.prune import (PruneConfig, UnstructuredConfig, activation_means,
+                                prune_channels, prune_unstructured)
+    from ..report import write_json
+
+    m = load(model, parse_input_shapes(input_shape))
+    try:
+        if structured:
+            means = None
+            if importance == "activation":
+                if not calib:
+                    raise EdgesmithError("--importance activation needs --calib data")
+                from ..data import calibration_batches
+                means = activation_means(m.proto, list(calibration_batches(calib, m, 16, 256)))
+            cfg = PruneConfig(ratio=ratio, layer_ratios=_layer_ratios(layer_ratio),
+                              importance=importance, global_ranking=global_ranking,
+                              activation_means=means)
+            pruned, report = prune_channels(m.proto, cfg)
+        else:
+            pruned, report = prune_unstructured(m.proto, UnstructuredConfig(ratio, n_m=_n_m(n_m)))
+    except ValueError as exc:
+        raise config_error(exc) from None
+    after = from_proto(pruned, m)
+    summary = {"params": [m.facts.params, after.facts.params],
+               "macs": [m.facts.macs, after.facts.macs],
+               "size_bytes": [m.facts.size_bytes, after.facts.size_bytes]}
+    if eval_path:
+        summary["top1"] = _top1_before_after(m, pruned, eval_path)
+    noop = structured and m.facts.macs and after.facts.macs > 0.95 * m.facts.macs
+    if not noop or allow_noop:
+        save(pruned, out)
+    if json_out:
+        write_json(json_out, {"model": model, "out": out, "summary": summary, "report": report})
+    for key, (a, b) in summary.items():
+        if key == "top1":
+            click.echo(f"{'top-1':<11} {a:>14.4f} -> {b:>14.4f}  (before fine-tuning; "
+                       "`edgesmith distill` recovers accuracy)")
+            continue
+        click.echo(f"{key:<11} {a:>14,} -> {b:>14,}  ({b / max(a, 1):.2f}x)")
+    for line in report.details:
+        click.echo(f"  {line}")
+    for node, why in report.metrics.get("skipped", {}).items():
+        click.echo(f"  frozen {node}: {why}")
+    if noop and not allow_noop:
+        click.echo(f"error: structured pruning removed {1 - after.facts.macs / m.facts.macs:.1%} "
+                   "of MACs (< 5%): the groups above are frozen; nothing written (pass "
+                   "--allow-noop to write it anyway)", err=True)
+        sys.exit(1)
+    click.echo(f"wrote {out}")
+
+
+def _layer_ratios(items) -> dict:
+    ratios = {}
+    for item in items:
+        node, _, value = item.rpartition("=")
+        try:
+            ratios[node] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r}; write NODE=0.3", param_hint="--layer-ratio")
+    return ratios
+
+
+def _n_m(text):
+    if not text:
+        return None
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}; write N:M such as 2:4", param_hint="--n-m")
+    return (n, m)
+
+
+def _top1_before_after(model, pruned, eval_path) -> list[float]:
+    from ..data import load_eval_set
+    from ..passes.distill import evaluate
+
+    data = load_eval_set(eval_path, model)
+    if data.labels is None:
+        raise EdgesmithError(f"{eval_path} has no 'labels' array: prune --eval reports top-1")
+    return [evaluate(model.proto, data), evaluate(pruned, data)]
+
+
+@click.command()
+@click.option("--teacher", required=True, type=click.Path(dir_okay=False))
+@click.option("--student", required=True, type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True),
+              help="training data: .npz (inputs by name + optional labels) or image folder")
+@click.option("--eval", "eval_path", type=click.Path(dir_okay=False),
+              help=".npz to report top-1 before/after")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--temperature", default=4.0, show_default=True,
+              type=click.FloatRange(0, min_open=True))
+@click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="weight of cross-entropy on labels")
+@click.option("--shift", default=0, show_default=True, type=click.IntRange(0),
+              help="random translations (pixels) as augmentation")
+@click.option("--seed", default=0, show_default=True)
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
+@json_option()
+def distill(teacher, student, data, eval_path, epochs, batch_size, lr, temperature, alpha, shift,
+            seed, out, json_out):
+    """Train STUDENT to match TEACHER's soft targets (and labels); needs the `train` extra."""
+    from ..data import load_eval_set, load_training_set
+    from ..model import load, save
+    from ..passes.distill import DistillConfig, distill as run_distill
+    from ..report import write_json
+
+    t, s = load(teacher), load(student)
+    train = load_training_set(data, s)
+    ev = load_eval_set(eval_path, s) if eval_path else None
+    progress = None if json_out else (
+        lambda e, n, loss: click.echo(f"  epoch {e}/{n} loss {loss:.4f}", err=True))
+    try:
+        cfg = DistillConfig(t.proto, train, ev, None, progress, epochs, batch_size, lr,
+                            temperature=temperature, alpha=alpha, seed=seed, shift=shift)
+    except ValueError as exc:
+        raise config_error(exc) from None
+    trained, report = run_distill(s.proto, cfg)
+    save(trained, out)
+    if json_out:
+        write_json(json_out, report)
+    click.echo(report.details[-1])
+    click.echo(f"wrote {out}")

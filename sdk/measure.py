@@ -1,0 +1,165 @@
+"""THE measurement path: every command that runs a model on a device goes through here.
+
+`measure(device, bundle, job)` pushes (once per device and bundle), runs, retries a bundle the
+device found damaged, and turns every failure into a Result carrying `error` and `stage` (it never
+raises into a search). `interleave(device, trials)` re-measures contenders in rotating order and
+reports each one's median over rounds with its spread: a single measurement on a busy device
+flips rankings, and a difference inside the spread is noise, not a win. `Candidate` is the one
+record of a measured model variant that quantize, tune and optimize all report.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+
+from device_runtime.result import Result
+
+from .bundle import Bundle
+from .devices import Job
+from .errors import StageError
+
+
+@dataclass
+class Candidate:
+    """One measured variant: how it was made, how it ran, what it measured."""
+
+    id: str
+    recipe: dict = field(default_factory=dict)     # passes and settings that made the model
+    config: dict = field(default_factory=dict)     # runtime config it ran with
+    key: str = ""                                  # identity for caches (tune: the variant)
+    model_sha256: str = ""
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    mean_ms: float | None = None
+    runs: int = 0
+    peak_rss_mb: float | None = None
+    accuracy: dict | None = None
+    accuracy_drop: float | None = None
+    size_bytes: int = 0
+    params: int = 0
+    macs: int = 0
+    error: str | None = None
+    stage: str | None = None
+    note: str = ""
+    confirm: dict = field(default_factory=dict)    # Spread of an interleaved re-measurement
+    within_budget: bool = False
+    pareto: bool = False
+    cached: bool = False
+    device_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.p50_ms is not None
+
+    @property
+    def latency_ms(self) -> float | None:
+        """The figure rankings use: the interleaved median when there is one."""
+        return self.confirm.get("median_ms", self.p50_ms) if self.confirm else self.p50_ms
+
+    @classmethod
+    def from_result(cls, cid: str, result: Result, model=None, **fields) -> "Candidate":
+        lat = result.latency_ms or {}
+        sizes = {} if model is None else {"size_bytes": model.facts.size_bytes,
+                                          "params": model.facts.params, "macs": model.facts.macs}
+        return cls(cid, p50_ms=lat.get("p50"), p90_ms=lat.get("p90"), mean_ms=lat.get("mean"),
+                   runs=lat.get("runs", 0), peak_rss_mb=result.peak_rss_mb,
+                   accuracy=result.accuracy, error=None if result.ok else result.error,
+                   stage=result.stage, **sizes, **fields)
+
+
+@dataclass
+class Spread:
+    """Medians of interleaved rounds: the figure and how far the rounds disagreed."""
+
+    median_ms: float
+    low_ms: float
+    high_ms: float
+    rounds: int
+
+    def overlaps(self, other: "Spread") -> bool:
+        """Inside each other's noise: neither can be called faster."""
+        return self.low_ms <= other.high_ms and other.low_ms <= self.high_ms
+
+
+def push_once(device, bundle: Bundle) -> str:
+    """Upload a bundle to a device at most once per device object (uploads are content-addressed
+    on the device too; this saves the round trip that asks)."""
+    pushed = device.__dict__.setdefault("_edgesmith_pushed", {})
+    if bundle.id not in pushed:
+        pushed[bundle.id] = device.push(bundle)
+    return pushed[bundle.id]
+
+
+def opset_skew(device, bundle: Bundle) -> dict | None:
+    """The model's opset against the newest the device's onnxruntime reads, known before upload."""
+    if bundle.manifest.backend != "onnxruntime":
+        return None
+    facts = device.facts()
+    limit, opset = facts.get("ort_opset"), bundle.manifest.meta.get("opset")
+    if limit and opset and opset > limit:
+        return {"kind": "opset", "model": opset, "device_max": limit,
+                "onnxruntime": facts.get("packages", {}).get("onnxruntime", "")}
+    return None
+
+
+def explain_skew(skew: dict, device_opset: int | None, model_opset: int | None) -> str:
+    """One line from the structured skew fields: what is too new, and the opset that fits.
+
+    For an IR version the host's onnx knows the newest opset that IR version carries; the model's
+    own opset is kept when it fits, so the conversion only re-stamps the IR version."""
+    from .passes.fuse import newest_opset_for_ir
+
+    what = "IR version" if skew["kind"] == "ir_version" else "opset"
+    limit = skew["device_max"]
+    fits = newest_opset_for_ir(limit) if skew["kind"] == "ir_version" else limit
+    fits = min(fits, device_opset or fits)
+    opset = min(model_opset or fits, fits)
+    return (f"the model's ONNX {what} {skew['model']} is newer than onnxruntime "
+            f"{skew.get('onnxruntime', '')} on the device reads (up to {limit}): convert it with "
+            f"`edgesmith fuse MODEL --opset {opset} -o OUT` or upgrade onnxruntime on the device "
+            "(`edgesmith device setup`)")
+
+
+def measure(device, bundle: Bundle, job: Job) -> Result:
+    """push -> run on one device; a failed stage is a Result with `error`, never an exception."""
+    t0 = time.perf_counter()
+    job = replace(job, backend=bundle.manifest.backend)
+    model_opset = bundle.manifest.meta.get("opset")
+    try:
+        skew = opset_skew(device, bundle)
+        if skew:
+            return Result.failure("load", explain_skew(skew, skew["device_max"], model_opset),
+                                  device=device.facts(), skew=skew)
+        remote = push_once(device, bundle)
+        pushed_ms = (time.perf_counter() - t0) * 1e3
+        result = device.run(remote, job)
+        if result.stage == "verify" and hasattr(device, "forget"):
+            device.forget(remote)      # damaged on the device: upload afresh, once
+            device.__dict__.get("_edgesmith_pushed", {}).pop(bundle.id, None)
+            result = device.run(push_once(device, bundle), job)
+    except StageError as exc:
+        return Result.failure(exc.stage, exc.message)
+    result.stages_ms["push"] = pushed_ms
+    if result.skew:
+        result.error = explain_skew(result.skew, (result.device or {}).get("ort_opset"),
+                                    model_opset)
+    return result
+
+
+def interleave(device, trials: dict[str, tuple[Bundle, Job]], rounds: int = 3
+               ) -> dict[str, Spread]:
+    """Each trial's p50 per round, in rotating order (no trial always runs first or last);
+    the median over rounds with its low/high. Failed rounds are left out; a trial that never
+    ran is missing from the answer."""
+    names = list(trials)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(rounds):
+        shift = i % max(1, len(names))
+        for name in names[shift:] + names[:shift]:
+            bundle, job = trials[name]
+            result = measure(device, bundle, job)
+            if result.ok and result.latency_ms:
+                samples[name].append(result.latency_ms["p50"])
+    return {n: Spread(statistics.median(s), min(s), max(s), len(s))
+            for n, s in samples.items() if s}
