@@ -50,7 +50,7 @@ def main() -> None:
         from edgesmith.devices.ssh import SSHDevice
         from edgesmith.model import load
         from edgesmith.measure import measure
-from edgesmith.profiling import prepare
+        from edgesmith.profiling import prepare
 
         model_path = work / "big.onnx"
         big_model(model_path)

@@ -35,7 +35,7 @@ def main() -> None:
     import onnxruntime as ort
 
     import device_runtime
-    from edgesmith.pipeline import optimize
+    from edgesmith.pipeline import OptimizeConfig, optimize
 
     x_train, y_train, _, _ = digits.load(96)
     train = work / "train.npz"
@@ -47,7 +47,8 @@ def main() -> None:
         eval_path = ROOT / "examples/models" / f"{name}_eval.npz"
         t0 = time.time()
         report = optimize(onnx_path, work / name, "local", calib=calib, eval_path=eval_path,
-                          train=train, distill_epochs=args.epochs, budget_s=args.budget,
+                          train=train, cfg=OptimizeConfig(distill_epochs=args.epochs,
+                                                          budget_s=args.budget),
                           say=lambda text: print(f"  {text}", file=sys.stderr, flush=True))
         took = time.time() - t0
         chosen = next((c for c in report.candidates if c.id == report.chosen), None)
@@ -71,9 +72,9 @@ def main() -> None:
               f"(accuracy drop {chosen.accuracy_drop if chosen else float('nan'):.4f}); "
               f"speedup vs original under ORT defaults {statistics.median(ratios):.2f}x "
               f"(goal >= 3x at <= 1% drop); optimize took {took:.0f}s")
-        for c in sorted(report.candidates, key=lambda c: c.p50_ms or 1e9):
+        for c in sorted(report.candidates, key=lambda c: c.latency_ms or 1e9):
             acc = (c.accuracy or {}).get("top1")
-            print(f"    {c.id:<42} p50 {c.p50_ms or float('nan'):.3f} ms  top-1 "
+            print(f"    {c.id:<42} p50 {c.latency_ms or float('nan'):.3f} ms  top-1 "
                   f"{acc if acc is not None else float('nan'):.4f}  drop "
                   f"{c.accuracy_drop if c.accuracy_drop is not None else float('nan'):.4f}")
 

@@ -112,7 +112,7 @@ def anatomy(model, calib: Path, x: np.ndarray, ref: np.ndarray) -> None:
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
     from edgesmith.data import calibration_batches
-    from edgesmith.passes.equalize import equalize
+    from edgesmith.passes.equalize import EqualizeConfig, equalize
     from edgesmith.passes.quantize import _Reader, preprocess
 
     def sqnr(proto, level="ORT_ENABLE_ALL") -> str:
@@ -124,8 +124,8 @@ def anatomy(model, calib: Path, x: np.ndarray, ref: np.ndarray) -> None:
         db = 10 * np.log10((ref ** 2).sum() / max(((ref - out) ** 2).sum(), 1e-30))
         return f"agreement {np.mean(out.argmax(1) == ref.argmax(1)):.3f} SQNR {db:5.2f} dB"
 
-    pre = preprocess(model.proto, model.input_shapes)
-    cle, _ = equalize(pre, list(calibration_batches(calib, model, 16)))
+    pre, _ = preprocess(model.proto, model.input_shapes)
+    cle, _ = equalize(pre, EqualizeConfig(list(calibration_batches(calib, model, 16))))
     print("  anatomy of the error (after cross-layer equalization):")
     print(f"    weights only, 8-bit per-channel:          {sqnr(fake_quant_weights(cle, 8))}")
     print(f"    weights only, 7-bit (reduce_range):       {sqnr(fake_quant_weights(cle, 7))}")
@@ -160,7 +160,7 @@ def main() -> None:
     from edgesmith.devices import Job, get_device
     from edgesmith.model import load
     from edgesmith.passes.quantize import _Reader, preprocess
-    from edgesmith.recipes import choose_recipe
+    from edgesmith.recipes import choose_recipe, quant_data
 
     for name in args.models:
         onnx_path = MODELS / f"{name}.onnx"
@@ -173,7 +173,7 @@ def main() -> None:
         data = np.load(evalset)
         x, y = data["input"], (None if imagenet else data["labels"])
         model = load(onnx_path)
-        pre = preprocess(model.proto, model.input_shapes)
+        pre, _ = preprocess(model.proto, model.input_shapes)
         ref = np.concatenate([session(pre).run(None, {"input": x[i:i + 16]})[0]
                               for i in range(0, len(x), 16)])
         with tempfile.TemporaryDirectory() as tmp:   # ORT's defaults: QDQ, S8S8, per-tensor
@@ -187,7 +187,8 @@ def main() -> None:
             ort_default = onnx.load(str(dst))
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t0 = time.time()
-        chosen, report = choose_recipe(model, get_device("local"), calib, evalset,
+        chosen, report = choose_recipe(model, get_device("local"),
+                                       quant_data(model, calib, evalset),
                                        0.05 if imagenet else 0.01,
                                        job=Job(runs=30, warmup=5, threads=1, min_time_s=0.5))
         our_time = time.time() - t0
@@ -198,7 +199,7 @@ def main() -> None:
         fp = quality(pre, x, y, ref)
         size = {k: len(p.SerializeToString()) / 1e6 for k, p in
                 (("fp32", pre), ("ort", ort_default), ("ours", chosen.proto))}
-        print(f"\n{name}: chosen {report.chosen.recipe} ({report.summary})")
+        print(f"\n{name}: chosen {report.chosen.id} ({report.summary})")
         print(f"  latency p50 ms: fp32 {lat['fp32']:.3f}  ort-default {lat['ort']:.3f}  "
               f"ours {lat['ours']:.3f}")
         print(f"  ours/fp32 {lat['ours'] / lat['fp32']:.2f}x (goal <= 0.65)  "

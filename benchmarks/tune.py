@@ -61,7 +61,7 @@ def main() -> None:
             order = sides if i % 2 == 0 else sides[::-1]
             med = {label: block(run, args.block) for label, run in order}
             ratios.append(med["default"] / med["tuned"])
-        print(f"{name}: tuned [{report.best.label}] in {took:.0f} s "
+        print(f"{name}: tuned [{report.best.id}] in {took:.0f} s "
               f"({report.measured} trials); speedup vs default config "
               f"{statistics.median(ratios):.3f}x (median of {len(ratios)} rounds; "
               f"min {min(ratios):.2f}, max {max(ratios):.2f})")

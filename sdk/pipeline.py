@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,6 +28,8 @@ from .model import Model, atomic_write, from_proto, load
 from .outputs import claim, copy_dir_atomic
 from .passes.fuse import fuse
 from .recipes import QuantData, accuracy_drop, choose_recipe, quant_data
+from .resume import State, sha256 as _sha, source_digest
+from .selection import best_tradeoff, choose
 from .targets import Match, get_profile, match
 
 REPORT_SCHEMA = 2
@@ -87,66 +88,6 @@ class OptimizeReport:
     resumed: int = 0
 
 
-def _sha(data: bytes) -> str:
-    import hashlib
-    return hashlib.sha256(data).hexdigest()
-
-
-def _source_digest(path) -> str | None:
-    """What a data source holds: a file's sha256; for an image folder, its names and sizes."""
-    if path is None:
-        return None
-    p = Path(path)
-    if p.is_dir():
-        listing = sorted((str(f.relative_to(p)), f.stat().st_size) for f in p.rglob("*")
-                         if f.is_file())
-        return _sha(json.dumps(listing).encode())
-    return _sha(p.read_bytes())
-
-
-class _State:
-    """OUTDIR/.state: measured candidates (JSON lines) and their models, under a run key."""
-
-    def __init__(self, out_dir: Path, run_key: dict):
-        self.dir = out_dir / ".state"
-        self.path = self.dir / "candidates.jsonl"
-        self.done: dict[str, Candidate] = {}
-        self.discarded = False
-        key_path = self.dir / "run.json"
-        run_key = json.loads(json.dumps(run_key, sort_keys=True))     # tuples as JSON has them
-        if self.dir.is_dir():
-            try:
-                same = json.loads(key_path.read_text()) == run_key
-            except (OSError, ValueError):
-                same = False
-            if not same:        # another model, data, device, budget or version: start afresh
-                shutil.rmtree(self.dir)
-                self.discarded = True
-        (self.dir / "models").mkdir(parents=True, exist_ok=True)
-        atomic_write(key_path, json.dumps(run_key, sort_keys=True).encode())
-        if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    c = Candidate(**json.loads(line))
-                except (ValueError, TypeError):
-                    continue   # a torn line from an interrupted run
-                if not c.model_sha256 or self.model_path(c.model_sha256).is_file() or c.error:
-                    self.done[c.id] = c
-
-    def model_path(self, sha: str) -> Path:
-        return self.dir / "models" / f"{sha}.onnx"
-
-    def save(self, cand: Candidate, proto: onnx.ModelProto | None) -> None:
-        if proto is not None and not self.model_path(cand.model_sha256).is_file():
-            atomic_write(self.model_path(cand.model_sha256), proto.SerializeToString())
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(asdict(cand)) + "\n")
-        self.done[cand.id] = cand
-
-    def load_model(self, cand: Candidate) -> onnx.ModelProto:
-        return onnx.load(str(self.model_path(cand.model_sha256)))
-
-
 @dataclass
 class Context:
     """Everything the stages share, built once per run."""
@@ -163,7 +104,7 @@ class Context:
     batch: int
     quant: QuantData | None
     train: str | None
-    state: _State
+    state: State
     say: object
     started: float
     notes: list[str] = field(default_factory=list)
@@ -184,7 +125,7 @@ class Context:
                                                                         cand.accuracy)
         self.state.save(cand, proto if cand.ok else None)
         self.cands.append(cand)
-        best = _choose(self.cands, self.cfg) or _best_tradeoff(self.cands)
+        best = choose(self.cands, self.cfg) or best_tradeoff(self.cands)
         if best is not None:
             atomic_write(self.out / "model.onnx",
                          self.state.model_path(best.model_sha256).read_bytes())
@@ -221,7 +162,7 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
     if ctx.over_budget():
         ctx.notes.append(f"stopped by --budget ({ctx.cfg.budget_s:.0f}s) after "
                          f"{len(ctx.cands)} candidate(s)")
-    chosen = _choose(ctx.cands, ctx.cfg)
+    chosen = choose(ctx.cands, ctx.cfg)
     chosen = confirm_stage(ctx, chosen)
     report = OptimizeReport(REPORT_SCHEMA, __version__, str(model_path), ctx.device.name,
                             ctx.facts, ctx.target.profile.name, ctx.target.reasons,
@@ -264,10 +205,10 @@ def build_context(model_path, out_dir, device, calib, eval_path, train, cfg: Opt
     out = claim(out_dir, force)
     run_key = {"model": _sha(original.serialized()), "inputs": [asdict(s) for s in
                                                                 original.inputs],
-               "calib": _source_digest(calib), "eval": _source_digest(eval_path),
-               "train": _source_digest(train), "device": fingerprint(facts),
+               "calib": source_digest(calib), "eval": source_digest(eval_path),
+               "train": source_digest(train), "device": fingerprint(facts),
                "config": asdict(cfg), "edgesmith": __version__}
-    state = _State(out, run_key)
+    state = State(out, run_key)
     if state.discarded:
         notes.append(f"{out} held results of a different run (model, data, device, settings or "
                      "edgesmith version changed): started afresh")
@@ -376,33 +317,6 @@ def pruned_stage(ctx: Context, int8_recipe: dict | None) -> None:
                         from_proto(proto, ctx.original))
 
 
-def _choose(cands: list[Candidate], cfg: OptimizeConfig) -> Candidate | None:
-    """Mark budget and Pareto flags; the fastest candidate within the budgets, or None."""
-    front = {c.id for c in pareto_front(cands)}
-    for c in cands:
-        c.pareto = c.id in front
-        c.within_budget = bool(c.ok and c.model_sha256 and c.accuracy_drop is not None and
-                               c.accuracy_drop <= cfg.max_accuracy_drop and
-                               (cfg.latency_budget_ms is None or
-                                c.latency_ms <= cfg.latency_budget_ms))
-    ok = [c for c in cands if c.within_budget]
-    return min(ok, key=lambda c: c.latency_ms) if ok else None
-
-
-def pareto_front(cands: list[Candidate]) -> list[Candidate]:
-    """Candidates no other candidate beats on both latency and accuracy drop."""
-    ok = [c for c in cands if c.ok and c.accuracy_drop is not None]
-    return [c for c in ok if not any(
-        o is not c and o.latency_ms <= c.latency_ms and o.accuracy_drop <= c.accuracy_drop
-        and (o.latency_ms < c.latency_ms or o.accuracy_drop < c.accuracy_drop) for o in ok)]
-
-
-def _best_tradeoff(cands: list[Candidate]) -> Candidate | None:
-    """When nothing meets the budget, model.onnx holds the most accurate Pareto candidate."""
-    front = [c for c in cands if c.pareto and c.model_sha256]
-    return min(front, key=lambda c: c.accuracy_drop) if front else None
-
-
 def _timing_job() -> Job:
     return Job(runs=50, warmup=5, min_time_s=0.5, evaluate=False)
 
@@ -419,13 +333,13 @@ def confirm_stage(ctx: Context, chosen: Candidate | None) -> Candidate | None:
                                    eval_batch=ctx.batch), _timing_job()) for c in top}
     for cid, spread in interleave(ctx.device, trials, ctx.cfg.confirm_rounds).items():
         next(c for c in top if c.id == cid).confirm = asdict(spread)
-    return _choose(ctx.cands, ctx.cfg) or chosen
+    return choose(ctx.cands, ctx.cfg) or chosen
 
 
 def finish_stage(ctx: Context, report: OptimizeReport) -> None:
     """Tune the winner, write its bundle, profile its ops, re-measure it against the original."""
     pick = next((c for c in ctx.cands if c.id == report.chosen), None) or \
-        _best_tradeoff(ctx.cands)
+        best_tradeoff(ctx.cands)
     if pick is None:
         report.summary = "no candidate ran on the device"
         return

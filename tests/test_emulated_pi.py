@@ -16,7 +16,7 @@ from edgesmith.devices import Job
 from edgesmith.devices.ssh import SSHDevice
 from edgesmith.data import calibration_batches
 from edgesmith.model import load, save
-from edgesmith.passes.quantize import QuantRecipe, preprocess, quantize_static
+from edgesmith.passes.quantize import QuantizeConfig, QuantRecipe, preprocess, quantize_static
 from edgesmith.profiling import profile_many
 
 # the first test also builds the rootfs when it is not cached (~7 min here, more on a busy CI)
@@ -78,9 +78,9 @@ def test_profile_digits_over_ssh_gives_the_x86_accuracy_labelled_emulated(pi_hom
 def test_int8_and_tflite_models_keep_their_x86_accuracy_on_arm(pi_home, models, tmp_path):
     cnn = load(models / "digits_cnn.onnx")
     int8 = tmp_path / "cnn_int8.onnx"
-    q, _ = quantize_static(preprocess(cnn.proto, cnn.input_shapes), QuantRecipe("qdq-u8s8"),
-                           tmp_path / "calib.json",
-                           calibration_batches(models / "digits_cnn_train.npz", cnn, 32))
+    pre, _ = preprocess(cnn.proto, cnn.input_shapes)
+    q, _ = quantize_static(pre, QuantizeConfig(QuantRecipe("qdq-u8s8"), list(
+        calibration_batches(models / "digits_cnn_train.npz", cnn, 32))))
     save(q, int8)
     cases = [(int8, models / "digits_cnn_eval.npz"),
              (models / "digits_mlp.tflite", models / "digits_mlp_eval.npz")]

@@ -143,3 +143,42 @@ def test_graph_output_is_never_bypassed():
     fused, reports = fuse(model)
     assert [o.name for o in fused.graph.output] == ["y"]
     assert run(fused, {"x": np.array([-1, 2], np.float32)})[0].tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("style", ["inputs", "one_element", "attributes", "no_max"])
+def test_clip_bounds_however_the_exporter_wrote_them(style):
+    """ReLU6 arrives as Clip with scalar inputs, 1-element tensors (torch's TorchScript
+    exporter), attributes (opset < 11) or a missing max: fusion and CLE read all of them."""
+    from edgesmith.passes.equalize import EqualizeConfig, equalize
+    from edgesmith.passes.fuse import fuse_activations
+
+    rng = np.random.default_rng(1)
+    f32 = np.float32
+    shape = [] if style == "inputs" else [1]
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(f32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(f32), "w2"),
+             numpy_helper.from_array(np.zeros(shape, f32), "lo"),
+             numpy_helper.from_array(np.full(shape, 6, f32), "hi")]
+    if style == "attributes":
+        clip, opset = helper.make_node("Clip", ["c"], ["a"], min=0.0, max=6.0), 10
+    else:
+        clip = helper.make_node("Clip", ["c", "lo", "hi" if style != "no_max" else ""], ["a"])
+        opset = 13
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1] * 4), clip,
+         helper.make_node("Conv", ["a", "w2"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    x = rng.standard_normal((1, 3, 8, 8)).astype(f32)
+    ref = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    fused, report = fuse_activations(model)
+    assert report.changed == 1
+    np.testing.assert_allclose(ort.InferenceSession(fused.SerializeToString()).run(
+        None, {"x": x})[0], ref, rtol=1e-4, atol=1e-4)
+    batches = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(f32)} for _ in range(4)]
+    eq, report = equalize(model, EqualizeConfig(batches))
+    assert report.metrics["pairs"] == 1
+    np.testing.assert_allclose(ort.InferenceSession(eq.SerializeToString()).run(
+        None, {"x": x})[0], ref, rtol=1e-3, atol=1e-3)

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import subprocess
 import sys
 import tokenize
+
+import pytest
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -65,15 +70,63 @@ def test_bare_import_is_light():
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
-def test_targets_ship_with_a_plain_install(tmp_path):
-    """`pip install .` (not -e) must find the profiles: build the wheel and look inside."""
+def build_wheel(dest: Path) -> Path:
+    """The wheel a user gets from `pip install .`; offline when the build backend is here."""
+    base = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dest), str(ROOT)]
+    proc = subprocess.run(base + ["--no-build-isolation"], capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0:     # no setuptools/wheel here: let pip fetch the build backend
+        proc = subprocess.run(base, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return next(dest.glob("edgesmith-*.whl"))
+
+
+@pytest.mark.slow
+def test_the_wheel_installed_in_a_fresh_venv_runs_the_main_commands(tmp_path):
+    """A user's install: the built wheel, non-editable, in a new venv, run from a directory
+    outside the checkout. Dependencies come from the test environment (system site-packages);
+    edgesmith itself must come from the venv."""
+    import shutil
     import zipfile
 
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True,
-                          timeout=300)
+    wheel = build_wheel(tmp_path / "dist")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for src in (ROOT / "sdk").rglob("*.py"):       # every module, found without a list
+        assert "edgesmith/" + str(src.relative_to(ROOT / "sdk")) in names, src
+    assert {"edgesmith_targets/x86-avx2.toml", "device_runtime/backends/onnxruntime.py",
+            "edgesmith/__main__.py"} <= names
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+                   check=True, timeout=120)
+    py = venv / "bin" / "python"
+    proc = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    wheel = next(tmp_path.glob("edgesmith-*.whl"))
-    names = zipfile.ZipFile(wheel).namelist()
-    assert "edgesmith_targets/x86-avx2.toml" in names
-    assert "device_runtime/backends/onnxruntime.py" in names and "sdk/cli.py" in names
+    user = tmp_path / "user"
+    user.mkdir()
+    for name in ("digits_cnn.onnx", "digits_cnn_eval.npz"):
+        shutil.copy(ROOT / "examples" / "models" / name, user / name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["EDGESMITH_CACHE"] = str(tmp_path / "cache")
+
+    def run(*args, timeout=300):
+        return subprocess.run([str(venv / "bin" / "edgesmith"), *args], capture_output=True,
+                              text=True, timeout=timeout, cwd=user, env=env)
+
+    where = subprocess.run([str(py), "-c", "import edgesmith; print(edgesmith.__file__)"],
+                           capture_output=True, text=True, cwd=user, env=env, timeout=60)
+    assert where.stdout.startswith(str(venv)), where.stdout + where.stderr
+    match = run("targets", "match", "local")
+    assert match.returncode == 0 and "generic" not in match.stdout, match.stdout + match.stderr
+    assert run("fuse", "digits_cnn.onnx", "-o", "fused.onnx").returncode == 0
+    q = run("quantize", "digits_cnn.onnx", "--calib", "digits_cnn_eval.npz", "-o", "q.onnx")
+    assert q.returncode == 0 and "Traceback" not in q.stderr, q.stderr[-2000:]
+    opt = run("optimize", "digits_cnn.onnx", "--eval", "digits_cnn_eval.npz", "-o", "out",
+              "--tune-budget", "0", timeout=600)
+    assert opt.returncode == 0, opt.stdout[-2000:] + opt.stderr[-2000:]
+    report = json.loads((user / "out" / "report.json").read_text())
+    assert any(c["id"].startswith("int8:") and c["error"] is None for c in report["candidates"])
+    assert not report["target"].startswith("generic")
+    version = subprocess.run([str(py), "-m", "edgesmith", "--version"], capture_output=True,
+                             text=True, cwd=user, env=env, timeout=60)
+    assert version.returncode == 0 and "edgesmith" in version.stdout

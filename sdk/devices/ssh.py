@@ -47,7 +47,8 @@ KEEPALIVE_S = 5.0          # ask the device for a reply this often (OpenSSH's Se
 LINK_LOST_S = 20.0         # no reply and no data this long: the device or the link is gone
 UPLOAD_CHUNK = 1 << 16     # progress (and liveness) is seen per chunk, even on a slow link
 STALE_TMP_MIN = 60         # temp dirs older than this were left by dropped links: swept
-NO_SPACE = "No space left on device"
+# a full disk (or quota) as the device's tools report it; GNU tar only says "Wrote only N of M"
+NO_SPACE = ("No space left on device", "Disk quota exceeded", "Wrote only")
 # user@host[:port] | user@[v6]:port | alias: host-name characters only, checked before any
 # ~/.ssh/config lookup (its `Match exec` runs a shell with the host filled in)
 DESTINATION = re.compile(r"(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9._-]*)@)?"
@@ -566,9 +567,10 @@ class SSHDevice:
                                         stdin=tar_stream(files))
         if status == 0 and out.strip() == "[]":
             return
-        if NO_SPACE in out + err:
-            raise StageError(stage, f"no space left on {self.target.label} under {parent}; free "
-                             "some (old bundles can go) or set a remote dir on a bigger disk")
+        if any(text in out + err for text in NO_SPACE):
+            raise StageError(stage, f"no space left on {self.target.label} under {parent} (disk "
+                             "or quota full); free some (old bundles can go) or set a remote dir "
+                             "on a bigger disk")
         detail = out.strip() if out.strip() not in ("", "[]") else \
             (err.strip().splitlines() or [f"exit {status}"])[-1]
         raise StageError(stage, f"upload to {self.target.label} failed its check on the "

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from . import PassReport, register
-from .graph import Graph, attr
+from .graph import UNBOUNDED, Graph, attr, clip_bounds
 
 SWEEPS = 8
 
@@ -37,8 +37,8 @@ def _pairs(graph: Graph) -> list[tuple]:
         nxt = act
         if act is not None and act.op_type in ("Relu", "Clip"):
             if act.op_type == "Clip":
-                lo = graph.array(act.input[1]) if len(act.input) > 1 and act.input[1] else None
-                if lo is None or float(lo) != 0.0:
+                bounds = clip_bounds(graph, act)
+                if bounds is None or bounds[0] != 0.0:
                     continue
             nxt = graph.only_consumer(act.output[0])
         else:
@@ -57,8 +57,8 @@ def _pairs(graph: Graph) -> list[tuple]:
 def _clip_max(graph: Graph, act) -> float | None:
     if act is None or act.op_type != "Clip":
         return None
-    hi = graph.array(act.input[2]) if len(act.input) > 2 and act.input[2] else None
-    return None if hi is None else float(hi)
+    bounds = clip_bounds(graph, act)
+    return None if bounds is None or bounds[1] >= UNBOUNDED[1] else bounds[1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,6 +101,7 @@ def equalize(model: onnx.ModelProto, cfg: EqualizeConfig | None = None
         for _, act in clipped:
             act.op_type = "Relu"
             del act.input[1:]
+            del act.attribute[:]          # opset < 11 writes the bounds as attributes
             relu6 += 1
     spreads = []
     for sweep in range(SWEEPS):

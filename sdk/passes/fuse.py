@@ -13,7 +13,8 @@ from onnx import helper
 
 from ..model import default_opset
 from . import PassReport, register
-from .graph import Graph, attr, drop_unused_initializers, remove_nodes, rename_input, static_shapes
+from .graph import (Graph, attr, clip_bounds, drop_unused_initializers, remove_nodes,
+                    rename_input, static_shapes)
 
 FOLD_LIMIT_BYTES = 64 << 20        # never materialise a constant bigger than this
 NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
@@ -258,14 +259,11 @@ def fuse_activations(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto,
         act = graph.only_consumer(conv.output[0]) if conv.op_type == "Conv" else None
         if act is None or act.op_type not in FUSED_ACTIVATIONS:
             continue
-        if act.op_type == "Clip":   # bounds are inputs since opset 11, attributes before
-            names = (list(act.input[1:3]) + ["", ""])[:2]
-            bounds = [graph.array(n) if n else None for n in names]
-            lo = bounds[0] if names[0] else attr(act, "min", float(np.finfo(np.float32).min))
-            hi = bounds[1] if names[1] else attr(act, "max", float(np.finfo(np.float32).max))
-            if lo is None or hi is None:
+        if act.op_type == "Clip":
+            bounds = clip_bounds(graph, act)
+            if bounds is None:
                 continue
-            params = [float(lo), float(hi)]
+            params = list(bounds)
         else:
             params = [float(attr(act, a, d)) for a, d in FUSED_ACTIVATIONS[act.op_type].items()]
         fused = helper.make_node("FusedConv", list(conv.input), [act.output[0]],

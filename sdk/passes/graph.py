@@ -99,3 +99,25 @@ def static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     for t in model.graph.initializer:
         shapes[t.name] = list(t.dims)
     return shapes
+
+
+UNBOUNDED = (float(np.finfo(np.float32).min), float(np.finfo(np.float32).max))
+
+
+def clip_bounds(graph: Graph, node) -> tuple[float, float] | None:
+    """A Clip's (min, max), however the exporter wrote them: attributes before opset 11, inputs
+    after (scalars or 1-element tensors, or omitted = unbounded). None when a bound is computed
+    at run time, so no rewrite can rely on it."""
+    if len(node.input) <= 1 and any(a.name in ("min", "max") for a in node.attribute):
+        return (float(attr(node, "min", UNBOUNDED[0])), float(attr(node, "max", UNBOUNDED[1])))
+    bounds = []
+    for i, default in ((1, UNBOUNDED[0]), (2, UNBOUNDED[1])):
+        name = node.input[i] if len(node.input) > i else ""
+        if not name:
+            bounds.append(default)
+            continue
+        value = graph.array(name)
+        if value is None or np.asarray(value).size != 1:
+            return None
+        bounds.append(float(np.asarray(value).reshape(-1)[0]))
+    return bounds[0], bounds[1]

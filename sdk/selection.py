@@ -1,0 +1,31 @@
+"""Choosing among measured candidates: budgets, the Pareto front, the best trade-off."""
+from __future__ import annotations
+
+from .measure import Candidate
+
+
+def choose(cands: list[Candidate], cfg) -> Candidate | None:
+    """Mark budget and Pareto flags; the fastest candidate within the budgets, or None."""
+    front = {c.id for c in pareto_front(cands)}
+    for c in cands:
+        c.pareto = c.id in front
+        c.within_budget = bool(c.ok and c.model_sha256 and c.accuracy_drop is not None and
+                               c.accuracy_drop <= cfg.max_accuracy_drop and
+                               (cfg.latency_budget_ms is None or
+                                c.latency_ms <= cfg.latency_budget_ms))
+    ok = [c for c in cands if c.within_budget]
+    return min(ok, key=lambda c: c.latency_ms) if ok else None
+
+
+def pareto_front(cands: list[Candidate]) -> list[Candidate]:
+    """Candidates no other candidate beats on both latency and accuracy drop."""
+    ok = [c for c in cands if c.ok and c.accuracy_drop is not None]
+    return [c for c in ok if not any(
+        o is not c and o.latency_ms <= c.latency_ms and o.accuracy_drop <= c.accuracy_drop
+        and (o.latency_ms < c.latency_ms or o.accuracy_drop < c.accuracy_drop) for o in ok)]
+
+
+def best_tradeoff(cands: list[Candidate]) -> Candidate | None:
+    """When nothing meets the budget, model.onnx holds the most accurate Pareto candidate."""
+    front = [c for c in cands if c.pareto and c.model_sha256]
+    return min(front, key=lambda c: c.accuracy_drop) if front else None
