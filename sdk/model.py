@@ -153,7 +153,12 @@ def _load_onnx(path: Path, data: bytes, input_shapes: dict[str, list[int]]) -> M
         raise EdgesmithError(f"{path} is not an ONNX model (no graph or IR version); "
                              "re-export it or check the file was fully copied")
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
-        onnx.load_external_data_for_model(proto, str(path.parent))
+        try:
+            onnx.load_external_data_for_model(proto, str(path.parent))
+        except (onnx.checker.ValidationError, OSError) as exc:   # e.g. ../../etc/passwd
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EdgesmithError(f"{path}: its external data cannot be read ({first}); keep "
+                                 "the data files next to the model, inside its folder") from None
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:

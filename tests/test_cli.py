@@ -6,7 +6,7 @@ import json
 import jsonschema
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from conftest import ROOT, load_json, run_cli
 
@@ -130,3 +130,19 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(models, tmp_path):
 def test_usage_errors_exit_2(models):
     proc = run_cli("profile", models / "digits_cnn.onnx", "--runs", "0")
     assert proc.returncode == 2
+
+
+def test_external_data_outside_the_model_folder_is_one_line(tmp_path):
+    """Before: an onnx ValidationError traceback for a location like ../../etc/passwd."""
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    w.data_location = TensorProto.EXTERNAL
+    w.external_data.add(key="location", value="../../etc/passwd")
+    w.ClearField("raw_data")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (tmp_path / "evil.onnx").write_bytes(model.SerializeToString())
+    proc = run_cli("profile", tmp_path / "evil.onnx")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "points outside" in proc.stderr

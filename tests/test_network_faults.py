@@ -3,6 +3,7 @@ faults made with nftables (dropped packets) and tc (a slow link)."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 import pytest
@@ -79,3 +80,25 @@ def test_slow_link_over_the_upload_timeout_fails_clearly_then_fast_link_works(
     finally:
         netns_host.fast_link()
     assert measure(device(netns_host), big, Job(runs=5)).ok
+
+
+def test_link_dark_mid_run_is_lost_within_the_stall_bound(netns_home, netns_host, models):
+    """Packets dropped 2 s into a long run: reported as a lost connection within the stall
+    bound, not after the run's whole timeout with "raise the timeout"."""
+    cnn = prepare(load(models / "digits_cnn.onnx"), None)
+    with netns_host.sshd.new_sessions():         # the orphaned run is killed on the way out
+        dev = device(netns_host, stall_timeout_s=3)
+        path = dev.push(cnn)
+        timer = threading.Timer(2, netns_host.drop_ssh)
+        t0 = time.monotonic()
+        timer.start()
+        try:
+            result = dev.run(path, Job(runs=1, warmup=0, min_time_s=60, max_time_s=120,
+                                       timeout_s=20, lock_timeout_s=1, evaluate=False))
+        finally:
+            timer.cancel()
+            timer.join()
+            netns_host.restore()
+    assert "lost" in result.error and "raise the timeout" not in result.error, result.error
+    assert time.monotonic() - t0 < 12
+    assert measure(device(netns_host), cnn, Job(runs=5)).ok

@@ -93,6 +93,7 @@ def test_inventory_field_of_the_wrong_type_is_one_line(tmp_path, line, field):
     assert f"{field} must be" in message and "'bench'" in message and "\n" not in message
 
 
+@pytest.mark.ssh
 def test_quoted_false_never_records_a_host_key(ssh_home, sshd_server, tmp_path):
     known_hosts = ssh_home / ".ssh" / "known_hosts"
     known_hosts.write_text("")
@@ -121,6 +122,7 @@ def test_quoted_false_never_records_a_host_key(ssh_home, sshd_server, tmp_path):
 
 
 # --- 7: a frozen device is reported as lost within a bound, not after the whole timeout --------
+@pytest.mark.ssh
 def test_frozen_sshd_mid_run_is_lost_within_the_stall_bound(ssh_home, sshd_server, cnn):
     """SIGSTOP of the sshd processes serving the connection (a real freeze), 2 s into a run."""
     from sshd import is_sshd
@@ -218,30 +220,34 @@ def test_external_data_leaving_the_bundle_is_refused(tmp_path, location):
 
 
 # --- 9: big files are streamed on the host and hashed in chunks on the device -----------------
-def test_big_bundle_is_streamed_and_checked_in_chunks(ssh_home, sshd_server, tmp_path):
-    """A 128 MB file; the device's upload check runs under `ulimit -v` 80 MB (a device with
-    little memory, enforced by the kernel) and the host's peak RSS may not grow by the file."""
+BIG = 128 << 20
+
+
+@pytest.fixture
+def big_bundle(tmp_path) -> Path:
+    """A bundle directory holding a 128 MB file (sparse: cheap to make, real to read)."""
     from device_runtime.bundle import MANIFEST, Manifest, sha256_file
 
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     with open(bundle / "big.bin", "wb") as fh:
-        fh.truncate(128 << 20)
+        fh.truncate(BIG)
     manifest = Manifest(model="big.bin", format="onnx", backend="onnxruntime", inputs=[],
                         outputs=[], files={"big.bin": {"sha256": sha256_file(bundle / "big.bin"),
-                                                       "size": 128 << 20}})
+                                                       "size": BIG}})
     (bundle / MANIFEST).write_bytes(manifest.to_json())
-    small_python = tmp_path / "small-memory-python"
-    small_python.write_text(f'#!/bin/sh\ncase "$1" in -c) ulimit -v 80000;; esac\n'
-                            f'exec {sys.executable} "$@"\n')
-    small_python.chmod(0o755)
+    return bundle
+
+
+def push_measuring_host_memory(sshd_server, bundle: Path, python: str) -> tuple[str, int]:
+    """Push `bundle` from a fresh interpreter; (remote path, MB its peak RSS grew by)."""
     script = f"""
 import hashlib, resource
 from pathlib import Path
 from edgesmith.bundle import Bundle
 from edgesmith.devices.ssh import SSHDevice
-dev = SSHDevice.from_destination({sshd_server.destination!r}, identity={str(sshd_server.client_key)!r},
-                                 python={str(small_python)!r})
+dev = SSHDevice.from_destination({sshd_server.destination!r}, python={python!r},
+                                 identity={str(sshd_server.client_key)!r})
 dev.ensure_runtime()
 raw = Path({str(bundle)!r}, "manifest.json").read_bytes()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -252,11 +258,50 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
                           timeout=180)
     assert proc.returncode == 0, proc.stderr[-1500:]
     remote, grown_mb = proc.stdout.split()
-    assert (Path(remote) / "big.bin").stat().st_size == 128 << 20
-    assert int(grown_mb) < 40, f"host peak RSS grew by {grown_mb} MB for a 128 MB file"
+    assert (Path(remote) / "big.bin").stat().st_size == BIG
+    return remote, int(grown_mb)
+
+
+def test_streamed_tar_is_what_tarfile_writes(tmp_path):
+    """The hand-streamed tar (headers, padding, end blocks) equals tarfile's own, byte for byte."""
+    import io
+    import tarfile
+
+    from edgesmith.devices.ssh import tar_stream
+
+    contents = {"manifest.json": b"{}", "model.onnx": os.urandom(70_001), "empty": b"",
+                "a" * 120: b"long name"}
+    for name, data in contents.items():
+        (tmp_path / name).write_bytes(data)
+    expected = io.BytesIO()
+    with tarfile.open(fileobj=expected, mode="w") as tar:
+        for name, data in contents.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
+    size, chunks = tar_stream({name: tmp_path / name for name in contents})
+    streamed = b"".join(chunks)
+    assert size == len(streamed) and streamed == expected.getvalue()
+
+
+@pytest.mark.ssh
+def test_host_streams_a_big_bundle_from_disk(ssh_home, sshd_server, big_bundle):
+    _, grown_mb = push_measuring_host_memory(sshd_server, big_bundle, sys.executable)
+    assert grown_mb < 40, f"host peak RSS grew by {grown_mb} MB to push a 128 MB file"
+
+
+@pytest.mark.ssh
+def test_device_checks_a_big_file_in_chunks(ssh_home, sshd_server, big_bundle, tmp_path):
+    """The device's upload check runs under `ulimit -v` 80 MB: a small device, kernel-enforced."""
+    small = tmp_path / "small-memory-python"
+    small.write_text(f'#!/bin/sh\ncase "$1" in -c) ulimit -v 80000;; esac\n'
+                     f'exec {sys.executable} "$@"\n')
+    small.chmod(0o755)
+    push_measuring_host_memory(sshd_server, big_bundle, str(small))
 
 
 # --- 10: temp dirs never pile up; a full disk and a relative remote dir ------------------------
+@pytest.mark.ssh
 def test_losing_an_upload_race_leaves_no_temp_dir(ssh_home, sshd_server, tmp_path):
     runtime = tmp_path / "remote" / "runtime"
     devices = [device(sshd_server) for _ in range(4)]
@@ -283,6 +328,7 @@ def test_losing_an_upload_race_leaves_no_temp_dir(ssh_home, sshd_server, tmp_pat
     assert temp_dirs(tmp_path / "remote" / "wheels") == []
 
 
+@pytest.mark.ssh
 def test_stale_temp_dirs_are_swept_from_runtime_and_wheels(ssh_home, sshd_server, tmp_path):
     remote = tmp_path / "remote"
     old = time.time() - 2 * 3600
@@ -297,6 +343,7 @@ def test_stale_temp_dirs_are_swept_from_runtime_and_wheels(ssh_home, sshd_server
     assert temp_dirs(remote / "wheels") == [".tmp-in-flight"]
 
 
+@pytest.mark.ssh
 def test_full_device_disk_says_no_space_left(ssh_home, sshd_server, cnn, tmp_path):
     disk = tmp_path / "small-disk"
     disk.mkdir()
@@ -314,6 +361,7 @@ def test_full_device_disk_says_no_space_left(ssh_home, sshd_server, cnn, tmp_pat
         subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
 
 
+@pytest.mark.ssh
 def test_relative_remote_dir_resolves_against_the_device_home(ssh_home, sshd_server, cnn):
     home = Path(pwd.getpwnam(sshd_server.user).pw_dir)    # the device user's real home
     relative = f".edgesmith-test-{os.getpid()}-{time.monotonic_ns()}"
@@ -331,6 +379,7 @@ def test_relative_remote_dir_resolves_against_the_device_home(ssh_home, sshd_ser
 
 
 # --- 11: a missing key file is named --------------------------------------------------------
+@pytest.mark.ssh
 @pytest.mark.parametrize("where", ["ssh_config", "flag"])
 def test_missing_identity_file_is_named(tmp_path, monkeypatch, sshd_server, where):
     missing = tmp_path / "no-such-key"
@@ -365,15 +414,16 @@ def agent_with(sshd_server, monkeypatch):
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
+@pytest.mark.ssh
 @pytest.mark.parametrize("offered_by", ["agent", "default_key_file"])
 def test_identities_only_offers_only_the_configured_key(tmp_path, monkeypatch, sshd_server,
-                                                        agent_with, offered_by):
+                                                        request, offered_by):
     from sshd import keygen
 
     keygen(tmp_path / "stranger")      # a key the device does not accept
     home = client_home(tmp_path, monkeypatch, sshd_server.known_hosts_line())
     if offered_by == "agent":
-        monkeypatch.setenv("SSH_AUTH_SOCK", str(agent_with))
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(request.getfixturevalue("agent_with")))
     else:
         shutil.copy(sshd_server.client_key, home / ".ssh" / "id_ed25519")
     config = home / ".ssh" / "config"
@@ -385,6 +435,7 @@ def test_identities_only_offers_only_the_configured_key(tmp_path, monkeypatch, s
         SSHDevice.from_destination("testdev").connect()
 
 
+@pytest.mark.ssh
 def test_revoked_host_key_is_refused_even_when_another_line_accepts_it(ssh_home, sshd_server):
     known_hosts = ssh_home / ".ssh" / "known_hosts"
     key_type, key = sshd_server.host_key_pub.split()[:2]
@@ -400,6 +451,7 @@ def test_revoked_host_key_is_refused_even_when_another_line_accepts_it(ssh_home,
     assert known_hosts.read_text() == revoked
 
 
+@pytest.mark.ssh
 def test_cert_authority_lines_do_not_break_known_hosts(ssh_home, sshd_server):
     from sshd import keygen
 

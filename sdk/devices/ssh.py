@@ -109,12 +109,12 @@ def parse_destination(destination: str) -> tuple[str | None, str, int | None]:
 def resolve(destination: str, identity: str | None = None) -> SSHTarget:
     """`user@host[:port]`, `user@[v6addr]:port` or a Host alias from ~/.ssh/config."""
     user, host, port = parse_destination(destination)
-    try:
+    try:   # a bad Match line, `invoke` missing for Match exec, Port not a number
         cfg = _ssh_config().lookup(host)
-    except (paramiko.SSHException, ImportError) as exc:   # a bad Match line, invoke missing
+        port = port or int(cfg.get("port") or 22)
+    except (paramiko.SSHException, ImportError, ValueError) as exc:
         raise EdgesmithError(f"~/.ssh/config cannot be applied to {host!r}: {exc}; fix it") from None
     user = user or cfg.get("user") or os.environ.get("USER") or "root"
-    port = port or int(cfg.get("port") or 22)
     identities = [os.path.expanduser(identity)] if identity else \
         [os.path.expanduser(p) for p in cfg.get("identityfile", [])]
     proxy = cfg.get("proxycommand")
@@ -211,7 +211,10 @@ class _LinkWatch:
 
     def _probe(self) -> None:
         while self.transport.is_active():
-            self.transport.global_request("keepalive@openssh.com", wait=True)  # any reply will do
+            try:   # any reply will do: OpenSSH and dropbear answer "failure"
+                self.transport.global_request("keepalive@openssh.com", wait=True)
+            except (EOFError, OSError, paramiko.SSHException):
+                return   # closed under the probe: whoever closed it reports why
             if self.transport.is_active():
                 self.alive()
             until = time.monotonic() + self.interval_s
@@ -454,8 +457,9 @@ class SSHDevice:
             for piece in chunks:
                 view = memoryview(piece)
                 for start in range(0, len(view), UPLOAD_CHUNK):
-                    chan.sendall(view[start:start + UPLOAD_CHUNK])
-                    sent += len(view[start:start + UPLOAD_CHUNK])
+                    block = view[start:start + UPLOAD_CHUNK]
+                    chan.sendall(block)
+                    sent += len(block)
                     state["last"] = time.monotonic()
                     self._watch.alive()
                     if self.on_upload_progress:
