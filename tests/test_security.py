@@ -45,7 +45,7 @@ def cnn(models):
 
 def host_block(sshd_server, *lines: str) -> str:
     """~/.ssh/config `Host testdev` for the loopback sshd, plus `lines`."""
-    return "\n  ".join([f"Host testdev\n  HostName 127.0.0.1", f"Port {sshd_server.port}",
+    return "\n  ".join(["Host testdev\n  HostName 127.0.0.1", f"Port {sshd_server.port}",
                         f"User {sshd_server.user}", *lines]) + "\n"
 
 
@@ -63,7 +63,7 @@ def test_destination_with_shell_syntax_never_runs_match_exec(tmp_path, monkeypat
         load_inventory(inventory)
     assert not pwned.exists(), "the destination ran a command on the host"
     assert "only letters, digits" in str(err.value) and "\n" not in str(err.value)
-    for evil in (f"pi@x;touch {pwned}", f"pi@x`touch {pwned}`", f"pi@'x'", "pi@x y",
+    for evil in (f"pi@x;touch {pwned}", f"pi@x`touch {pwned}`", "pi@'x'", "pi@x y",
                  "-oProxyCommand=touch", f"pi@[::1$(touch {pwned})]", "pi@x:99999"):
         with pytest.raises(EdgesmithError):
             SSHDevice.from_destination(evil)
