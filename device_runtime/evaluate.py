@@ -34,10 +34,11 @@ def load_eval(path: str | Path, input_specs: dict, stage: str = "eval") -> EvalD
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
     except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise RuntimeFailure(stage, f"{path.name} holds pickled objects, which edgesmith never "
-                                 "loads; save plain numeric arrays with numpy.savez") from None
-        raise RuntimeFailure(stage, f"{path.name} is not a readable .npz file: {exc}") from None
+        if not zipfile.is_zipfile(path):   # e.g. a model passed as --eval: not pickled data
+            raise RuntimeFailure(stage, f"{path.name} is not an .npz file (numpy.savez writes "
+                                 "one array per model input, plus optional labels)") from None
+        raise RuntimeFailure(stage, f"{path.name} holds pickled objects, which edgesmith never "
+                             f"loads; save plain numeric arrays with numpy.savez ({exc})") from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise RuntimeFailure(stage, f"{path.name} is not a readable .npz file: {exc}") from None
     labels = arrays.pop("labels", None)

@@ -37,7 +37,7 @@ def results_table(rows: list[tuple[str, Result]], title: str = "edgesmith profil
         table.add_column(col, justify="left" if col in ("device", "backend / config") else "right")
     for name, r in rows:
         if not r.ok:
-            table.add_row(name, f"[red]error at {r.stage}: {r.error}[/red]", *[""] * 10)
+            table.add_row(name, f"[red]failed at {r.stage} (error below)[/red]", *[""] * 10)
             continue
         lat, acc = r.latency_ms or {}, r.accuracy or {}
         device = f"{name} ({r.device.get('arch')}, {r.device.get('cores')} cores)"

@@ -8,6 +8,7 @@ every process started in the namespace.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,14 @@ GUARD = ["10.200.0.0/16", "metric", "4000"]
 def sh(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), capture_output=True, text=True, check=check,
                           timeout=timeout)
+
+
+def need(tool: str, package: str) -> None:
+    """A fault made with a system tool: skip with the reason where it is missing (a developer
+    machine), fail under CI=true (.ci/run installs it)."""
+    from conftest import require
+    require(shutil.which(tool) is not None,
+            f"{tool} missing: .ci/run installs it (apt-get install {package})")
 
 
 def available() -> bool:
@@ -72,6 +81,7 @@ class NetnsHost:
         raise RuntimeError(f"sshd in {self.ns} did not come up: {log}")
 
     def nft(self, *rule: str) -> None:
+        need("nft", "nftables")
         sh("ip", "netns", "exec", self.ns, "nft", *rule)
 
     def drop_ssh(self) -> None:
@@ -87,6 +97,7 @@ class NetnsHost:
            check=False)
 
     def slow_link(self, rate: str = "2mbit") -> None:
+        need("tc", "iproute2")
         sh("tc", "qdisc", "add", "dev", self.host_if, "root", "tbf", "rate", rate, "burst",
            "32kbit", "latency", "400ms")
 

@@ -43,7 +43,8 @@ def profile(model, device_values, identity, accept_new_host_key, remote_python, 
     if json_out:
         write_json(json_out, rows[0][1] if len(rows) == 1 else
                    [{"name": name, **r.to_dict()} for name, r in rows])
-    print_table(results_table(rows))
+    if any(r.ok for _, r in rows):     # a lone failure is said once, below, not in a table too
+        print_table(results_table(rows))
     for name, result in rows:
         if result.ok and result.device.get("emulated"):
             click.echo(f"note: {name} is emulated ({result.device.get('cpu')}): its latency is "
