@@ -110,7 +110,8 @@ def metrics(outputs: dict, data: EvalData) -> dict:
         noise = float(np.sum((ref - out) ** 2))
         signal = float(np.sum(ref ** 2))
         sqnr = SQNR_CAP_DB if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
-        result["agreement"] = float(np.mean(out.argmax(axis=1) == ref.argmax(axis=1)))
+        if outputs[name].ndim == 2:   # [N, classes]: top-1 agreement means something
+            result["agreement"] = float(np.mean(out.argmax(axis=1) == ref.argmax(axis=1)))
         result["sqnr_db"] = min(sqnr, SQNR_CAP_DB)
         result["max_abs_err"] = float(np.max(np.abs(ref - out)))
     return result

@@ -100,19 +100,24 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def load(path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = None) -> Model:
-    """Load an ONNX or TFLite model, check it, fix input shapes, and compute its facts."""
+def load(path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = None,
+         data: str | os.PathLike | None = None, static: bool = True) -> Model:
+    """Load an ONNX or TFLite model, check it, fix input shapes, and compute its facts.
+
+    Dynamic dimensions take --input-shape values, else the shapes of `data` (the eval or
+    calibration set, said in the model's notes); `static=False` loads without concrete shapes
+    (graph rewrites that need none, like fuse)."""
     path = Path(path)
     if not path.exists():
         raise EdgesmithError(f"model file {path} does not exist")
     if path.is_dir():
         raise EdgesmithError(f"{path} is a directory; give the .onnx or .tflite file")
-    data = path.read_bytes()
-    if not data:
+    raw = path.read_bytes()
+    if not raw:
         raise EdgesmithError(f"{path} is empty (0 bytes); re-export the model")
-    if data[4:8] == TFLITE_MAGIC:
-        return load_tflite(path, data, input_shapes or {})
-    return _load_onnx(path, data, input_shapes or {})
+    if raw[4:8] == TFLITE_MAGIC:
+        return load_tflite(path, raw, input_shapes or {})
+    return _load_onnx(path, raw, input_shapes or {}, data, static)
 
 
 def load_tflite(path: Path, data: bytes, input_shapes: dict[str, list[int]]) -> Model:
@@ -139,7 +144,8 @@ def load_tflite(path: Path, data: bytes, input_shapes: dict[str, list[int]]) -> 
     return Model(path, "tflite", inputs, backend.output_names, facts, data=data)
 
 
-def _load_onnx(path: Path, data: bytes, input_shapes: dict[str, list[int]]) -> Model:
+def _load_onnx(path: Path, data: bytes, input_shapes: dict[str, list[int]], source=None,
+               static: bool = True) -> Model:
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -165,7 +171,7 @@ def _load_onnx(path: Path, data: bytes, input_shapes: dict[str, list[int]]) -> M
         first = str(exc).strip().splitlines()[0]
         raise EdgesmithError(f"{path} fails the ONNX checker: {first}") from None
     _check_opset(path, proto)
-    inputs = _input_specs(path, proto, input_shapes)
+    inputs = _input_specs(path, proto, input_shapes, source, static)
     outputs = [o.name for o in proto.graph.output]
     _check_runs_in_ort(path, data)
     return Model(path, "onnx", inputs, outputs, onnx_facts(proto, inputs, len(data)), proto=proto)
@@ -213,31 +219,76 @@ def _elem_dtype(elem_type: int) -> str:
     return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
 
 
-def _input_specs(path: Path, proto, given: dict[str, list[int]]) -> list[InputSpec]:
+def _input_specs(path: Path, proto, given: dict[str, list[int]], data=None,
+                 static: bool = True) -> list[InputSpec]:
+    """Concrete input shapes: --input-shape first, then the shapes of the user's data (batch 1),
+    a dynamic batch alone measured at 1. `static=False` (fuse) needs no concrete shape."""
     initializers = {t.name for t in proto.graph.initializer}
     graph_inputs = [i for i in proto.graph.input if i.name not in initializers]
     names = [i.name for i in graph_inputs]
     unknown = sorted(set(given) - set(names))
     if unknown:
         raise EdgesmithError(f"--input-shape names {unknown}, but the model's inputs are {names}")
+    from_data = data_shapes(data) if data is not None else {}
+    if "*" in from_data and len(graph_inputs) == 1:
+        from_data = {graph_inputs[0].name: from_data["*"]}
     specs = []
     for vi in graph_inputs:
         ttype = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                for d in ttype.shape.dim]          # -1 and 0 are how some exporters say dynamic
+        want = "x".join("?" if d is None else str(d) for d in dims)
         if vi.name in given:
             shape = given[vi.name]
             if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
-                want = "x".join("?" if d is None else str(d) for d in dims)
                 raise EdgesmithError(f"--input-shape {vi.name}={'x'.join(map(str, shape))} "
                                      f"does not fit the model's {want}")
-        elif any(d is None for d in dims[1:]):
-            want = "x".join("?" if d is None else str(d) for d in dims)
-            raise EdgesmithError(f"input {vi.name!r} has dynamic dimensions ({want}); give them "
-                                 f"with --input-shape {vi.name}={'x'.join(str(d or 1) for d in dims)}")
+        elif any(d is None for d in dims[1:]) and vi.name in from_data:
+            sample = list(from_data[vi.name][1:])
+            shape = [dims[0] or 1] + sample
+            if len(shape) != len(dims) or any(d is not None and d != s
+                                               for d, s in zip(dims[1:], sample)):
+                raise EdgesmithError(f"{Path(data).name}: input {vi.name!r} samples are "
+                                     f"{'x'.join(map(str, sample))}, the model's input is {want}")
+        elif any(d is None for d in dims[1:]) and static:
+            hint = "x".join(str(d) if d else ("1" if i == 0 else f"<{dim.dim_param or 'size'}>")
+                            for i, (d, dim) in enumerate(zip(dims, ttype.shape.dim)))
+            raise EdgesmithError(f"input {vi.name!r} has dynamic dimensions ({want}); give the "
+                                 f"size you deploy at with --input-shape {vi.name}={hint}, or "
+                                 "pass --eval/--calib data and it is read from the samples")
         else:  # only the batch may be dynamic: measure batch 1, like Polygraphy's default
             shape = [d if d is not None else 1 for d in dims]
         specs.append(InputSpec(vi.name, dims, list(shape), _elem_dtype(ttype.elem_type)))
     return specs
+
+
+def data_shapes(source) -> dict[str, tuple]:
+    """Array shapes in an .npz (headers only) or, for an image folder, its first image as
+    1x{C}xHxW under the name `*`: what fills a model's dynamic dimensions when none are given."""
+    import zipfile
+
+    source = Path(source)
+    if source.is_dir():
+        from PIL import Image
+
+        first = next((p for p in sorted(source.rglob("*")) if p.suffix.lower() in
+                      {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm"}), None)
+        if first is None:
+            return {}
+        with Image.open(first) as img:
+            return {"*": (1, len(img.getbands()), img.height, img.width)}
+    shapes = {}
+    try:
+        with zipfile.ZipFile(source) as zf:
+            for name in zf.namelist():
+                with zf.open(name) as fh:
+                    major, _ = np.lib.format.read_magic(fh)
+                    read = (np.lib.format.read_array_header_1_0 if major == 1 else
+                            np.lib.format.read_array_header_2_0)
+                    shapes[name.removesuffix(".npy")] = read(fh)[0]
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return {}      # the data loader says what is wrong with the file, in its own words
+    return shapes
 
 
 def _shapes_with_inputs(proto, inputs: list[InputSpec]) -> dict[str, list[int]]:
@@ -303,6 +354,10 @@ def onnx_facts(proto, inputs: list[InputSpec], size_bytes: int) -> ModelFacts:
             macs_by_op[op] = macs_by_op.get(op, 0) + node_macs(node, shapes)
     notes = [f"input {s.name!r}: dynamic batch measured as {s.shape[0]} (set --input-shape)"
              for s in inputs if s.dims and s.dims[0] is None]
+    notes += [f"input {s.name!r}: dynamic dimensions "
+              f"{'x'.join('?' if d is None else str(d) for d in s.dims)} measured at "
+              f"{'x'.join(map(str, s.shape))} (--input-shape, else the data's sample shape)"
+              for s in inputs if any(d is None for d in s.dims[1:])]
     opset = default_opset(proto)
     return ModelFacts("onnx", size_bytes, params, sum(macs_by_op.values()), macs_by_op, opset,
                       f"{proto.producer_name} {proto.producer_version}".strip(), notes)

@@ -181,7 +181,7 @@ def build_context(model_path, out_dir, device, calib, eval_path, train, cfg: Opt
                   input_shapes, force: bool, say) -> Context:
     """Load and fuse the model, reach the device, match its target, read the data once."""
     started = time.monotonic()
-    original = load(model_path, input_shapes)
+    original = load(model_path, input_shapes, data=eval_path or calib or train)
     if original.format != "onnx":
         raise EdgesmithError("optimize takes ONNX models; profile TFLite models with "
                              "`edgesmith profile`")

@@ -37,7 +37,7 @@ def profile_many(model: str | os.PathLike | Model, devices: list,
                  ) -> list[tuple[str, Result]]:
     """The same bundle on every device, in parallel; an unreachable device is an error row."""
     if not isinstance(model, Model):
-        model = load(model, input_shapes)
+        model = load(model, input_shapes, data=eval_path)
     bundle = prepare(model, eval_path, config, meta={"source": str(model.path)})
     targets = [get_device(d) if isinstance(d, str) or d is None else d for d in devices]
     job = job or Job()

@@ -226,14 +226,21 @@ class RecipeSearch:
                                      ["sha256"])
 
 
+FIDELITY_SQNR_DB = 25.0    # outputs that are not class scores (boxes, maps, sequences)
+
+
 def accuracy_drop(base: dict | None, cand: dict | None) -> float | None:
-    """Top-1 drop vs labels when there are labels, else 1 - top-1 agreement with fp32."""
+    """Top-1 drop vs labels when there are labels, else 1 - top-1 agreement with fp32 for
+    class scores. Other outputs (a detector's boxes, an OCR map) have no top-1: they pass
+    (drop 0) when their SQNR against fp32 reaches FIDELITY_SQNR_DB, and fail (drop 1) below."""
     if not base or not cand:
         return None
     if "top1" in base and "top1" in cand:
         return base["top1"] - cand["top1"]
     if "agreement" in cand:
         return 1.0 - cand["agreement"]
+    if "sqnr_db" in cand:
+        return 0.0 if cand["sqnr_db"] >= FIDELITY_SQNR_DB else 1.0
     return None
 
 
@@ -264,9 +271,11 @@ def choose_recipe(model: Model, device, data: QuantData, max_accuracy_drop: floa
             say(f"measuring {recipe.name}")
             try:
                 proto, _ = search.build(recipe)
-            except EdgesmithError as exc:
-                cand = Candidate(recipe.name, asdict(recipe), error=f"quantize: {exc}",
-                                 stage="quantize", note=note)
+            except Exception as exc:   # noqa: BLE001 - a failed trial is a row, not a crash
+                text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                cand = Candidate(recipe.name, asdict(recipe), stage="quantize", note=note,
+                                 error=text if isinstance(exc, EdgesmithError) else
+                                 f"onnxruntime's quantizer failed: {type(exc).__name__}: {text}")
             else:
                 built[recipe.name] = proto
                 cand = search.measure(recipe.name, proto, asdict(recipe))

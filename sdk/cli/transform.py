@@ -25,7 +25,7 @@ def fuse(model, out, ort_fusions, opset, input_shape, json_out):
     from ..passes.fuse import PORTABLE_PIPELINE, convert_opset, fuse as run_fuse
     from ..report import write_json
 
-    m = load(model, parse_input_shapes(input_shape))
+    m = load(model, parse_input_shapes(input_shape), static=False)
     passes = PORTABLE_PIPELINE + (["fuse_activations"] if ort_fusions else [])
     fused, reports = run_fuse(m.proto, passes)
     if opset is not None:
@@ -70,7 +70,7 @@ def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accep
     from ..recipes import choose_recipe, quant_data, quantize_with
     from ..report import print_table, quantize_table, write_json
 
-    m = load(model, parse_input_shapes(input_shape))
+    m = load(model, parse_input_shapes(input_shape), data=eval_path or calib)
     if recipe:
         proto, reports = quantize_with(m, recipe, list(calibration_batches(calib, m, 16, 512)))
         save(proto, out)
@@ -120,7 +120,7 @@ def prune(model, ratio, structured, importance, calib, eval_path, global_ranking
                                 prune_channels, prune_unstructured)
     from ..report import write_json
 
-    m = load(model, parse_input_shapes(input_shape))
+    m = load(model, parse_input_shapes(input_shape), data=eval_path or calib)
     try:
         if structured:
             means = None

@@ -19,7 +19,7 @@ from .graph import (Graph, attr, clip_bounds, drop_unused_initializers, remove_n
 FOLD_LIMIT_BYTES = 64 << 20        # never materialise a constant bigger than this
 NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                     "Multinomial", "Bernoulli"}
-PORTABLE_PIPELINE = ["constant_folding", "fold_batchnorm", "matmul_add_to_gemm",
+PORTABLE_PIPELINE = ["initializers_as_constants", "constant_folding", "fold_batchnorm", "matmul_add_to_gemm",
                      "remove_identity", "remove_noop_reshape", "cancel_transposes"]
 
 
@@ -38,6 +38,26 @@ def _begin(model: onnx.ModelProto, name: str):
 def _end(model: onnx.ModelProto, dead: list, report: PassReport):
     remove_nodes(model.graph, dead)
     drop_unused_initializers(model.graph)
+    return model, report
+
+
+@register("initializers_as_constants")
+def initializers_as_constants(model: onnx.ModelProto, cfg=None
+                              ) -> tuple[onnx.ModelProto, PassReport]:
+    """Old exporters (IR 3, the model zoo's era) list every initializer as a graph input too,
+    which makes weights overridable inputs: nothing may fold them, and any rewrite that adds
+    or drops a weight breaks IR 3's rule that all initializers are inputs. Users never feed
+    weights, so they become constants and the IR version 4 that allows it (what
+    onnxruntime's own remove_initializer_from_input tool does)."""
+    model, g, report, _ = _begin(model, "initializers_as_constants")
+    weights = {t.name for t in g.initializer}
+    kept = [i for i in g.input if i.name not in weights]
+    if len(kept) != len(g.input):
+        report.add(f"{len(g.input) - len(kept)} initializer(s) were also graph inputs "
+                   f"(IR {model.ir_version}); now constants")
+        del g.input[:]
+        g.input.extend(kept)
+        model.ir_version = max(model.ir_version, 4)
     return model, report
 
 

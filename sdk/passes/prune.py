@@ -288,10 +288,13 @@ def _surgery(model: onnx.ModelProto, graph: Graph, removed: dict[str, list[int]]
 def prune_channels(model: onnx.ModelProto, cfg: PruneConfig | None = None
                    ) -> tuple[onnx.ModelProto, PassReport]:
     """Remove the least important channels of every prunable group; shapes stay consistent."""
+    from .fuse import constant_folding, initializers_as_constants
+
     cfg = cfg or PruneConfig()
     activation_means = cfg.activation_means
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    # weights must be initializers to be sliced: exporters also write them as Constant nodes
+    # (folded here) or, in IR 3 files, as graph inputs with declared shapes (made constants)
+    out, _ = constant_folding(initializers_as_constants(model)[0])
     graph = Graph(out.graph)
     shapes = static_shapes(_batch_one(out))
     uf, producers, consumers, counts = _analyse(out, graph, shapes)

@@ -13,6 +13,8 @@ dynamic quantization only for MatMul/Gemm, and fp16 for GPU targets.
 """
 from __future__ import annotations
 
+import contextlib
+import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -183,13 +185,14 @@ def quantize_static(model: onnx.ModelProto, cfg: QuantizeConfig
         out, src = Path(tmp) / "q.onnx", Path(tmp) / "float.onnx"
         src.write_bytes(model.SerializeToString())   # a path: ORT mutates ModelProtos it is given
         try:
-            ort_quantize_static(
-                str(src), str(out), reader,
-                quant_format=QuantFormat.QDQ if recipe.format == "QDQ" else QuantFormat.QOperator,
-                per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
-                activation_type=qtypes[recipe.activations], weight_type=qtypes[recipe.weights],
-                nodes_to_exclude=list(recipe.exclude), calibrate_method=methods[recipe.calibration],
-                extra_options=_extra_options(recipe), calibration_cache_path=str(calib_cache))
+            with contextlib.redirect_stdout(sys.stderr):   # ORT prints progress on stdout
+                ort_quantize_static(
+                    str(src), str(out), reader,
+                    quant_format=QuantFormat.QDQ if recipe.format == "QDQ" else QuantFormat.QOperator,
+                    per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+                    activation_type=qtypes[recipe.activations], weight_type=qtypes[recipe.weights],
+                    nodes_to_exclude=list(recipe.exclude), calibrate_method=methods[recipe.calibration],
+                    extra_options=_extra_options(recipe), calibration_cache_path=str(calib_cache))
         except StopIteration:
             raise EdgesmithError("calibration data is empty") from None
         quantized = onnx.load(str(out))
