@@ -262,7 +262,12 @@ def cache_root() -> Path:
 
     key = hashlib.sha256(HERE.read_bytes() + torch.__version__.encode() +
                          onnx.__version__.encode()).hexdigest()[:16]
-    base = Path(os.environ.get("EDGESMITH_CORPUS", "/var/cache/edgesmith/corpus"))
+    if os.environ.get("EDGESMITH_CORPUS"):
+        base = Path(os.environ["EDGESMITH_CORPUS"])
+    elif os.access("/var/cache", os.W_OK):          # root, CI: shared between runs
+        base = Path("/var/cache/edgesmith/corpus")
+    else:
+        base = Path.home() / ".cache" / "edgesmith" / "corpus"
     return base / key
 
 

@@ -182,3 +182,27 @@ def test_clip_bounds_however_the_exporter_wrote_them(style):
     assert report.metrics["pairs"] == 1
     np.testing.assert_allclose(ort.InferenceSession(eq.SerializeToString()).run(
         None, {"x": x})[0], ref, rtol=1e-3, atol=1e-3)
+
+
+def test_folding_keeps_scalars_scalar():
+    """A 0-d Constant (a Gather index in a shape computation) must stay 0-d when it becomes an
+    initializer: made 1-d, Gather returns a vector and a later Concat fails to load."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Constant", [], ["i"], value=numpy_helper.from_array(
+                 np.array(0, np.int64))),
+             helper.make_node("Gather", ["s", "i"], ["n"], axis=0),
+             helper.make_node("Constant", [], ["ax"], value=numpy_helper.from_array(
+                 np.array([0], np.int64))),
+             helper.make_node("Unsqueeze", ["n", "ax"], ["n1"]),
+             helper.make_node("Constant", [], ["minus1"], value=numpy_helper.from_array(
+                 np.array([-1], np.int64))),
+             helper.make_node("Concat", ["n1", "minus1"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["y"])]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]),
+        opset_imports=[helper.make_opsetid("", 13)])
+    folded, _ = get("constant_folding")(model, None)
+    x = np.ones((2, 3, 4), np.float32)
+    y = ort.InferenceSession(folded.SerializeToString()).run(None, {"x": x})[0]
+    assert y.shape == (2, 12)

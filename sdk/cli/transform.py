@@ -131,7 +131,7 @@ def prune(model, ratio, structured, importance, calib, eval_path, global_ranking
                 means = activation_means(m.proto, list(calibration_batches(calib, m, 16, 256)))
             cfg = PruneConfig(ratio=ratio, layer_ratios=_layer_ratios(layer_ratio),
                               importance=importance, global_ranking=global_ranking,
-                              activation_means=means)
+                              activation_means=means, input_shapes=m.input_shapes)
             pruned, report = prune_channels(m.proto, cfg)
         else:
             pruned, report = prune_unstructured(m.proto, UnstructuredConfig(ratio, n_m=_n_m(n_m)))
@@ -159,6 +159,8 @@ def prune(model, ratio, structured, importance, calib, eval_path, global_ranking
     for node, why in report.metrics.get("skipped", {}).items():
         click.echo(f"  frozen {node}: {why}")
     if noop and not allow_noop:
+        for reason, n in list(report.metrics.get("frozen_reasons", {}).items())[:8]:
+            click.echo(f"  frozen ({n} channel group(s)): {reason}")
         click.echo(f"error: structured pruning removed {1 - after.facts.macs / m.facts.macs:.1%} "
                    "of MACs (< 5%): the groups above are frozen; nothing written (pass "
                    "--allow-noop to write it anyway)", err=True)

@@ -25,7 +25,8 @@ class Graph:
 
     def set_array(self, name: str, value: np.ndarray) -> None:
         """Replace (or add) an initializer's data, keeping its name."""
-        new = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        # not np.ascontiguousarray: it makes a 0-d scalar 1-d (a Gather index then changes rank)
+        new = numpy_helper.from_array(np.asarray(value, order="C"), name)
         if name in self.inits:
             self.inits[name].CopyFrom(new)
         else:
@@ -86,7 +87,7 @@ def drop_unused_initializers(graph: onnx.GraphProto) -> int:
 def static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Fully known shapes of every value (from onnx shape inference on the model as is)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)   # through Shape ops
     except Exception:
         return {}
     shapes = {}

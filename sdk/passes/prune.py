@@ -35,6 +35,8 @@ class PruneConfig:
     round_to: int = 8               # keep channel counts multiples of this (SIMD-friendly)
     min_channels: int = 1
     activation_means: dict | None = field(default=None, compare=False)   # importance=activation
+    input_shapes: dict | None = field(default=None, compare=False)   # concrete sizes for dynamic
+    # dims (the analysis needs channel counts); the pruned model keeps its dynamic dims
 
     def __post_init__(self):
         if not 0.0 <= self.ratio < 1.0:
@@ -162,15 +164,30 @@ def _analyse(model: onnx.ModelProto, graph: Graph, shapes: dict):
     return uf, producers, consumers, counts
 
 
-def _batch_one(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose dynamic batch is 1, so shape inference yields concrete channel counts."""
+def _reason_counts(uf: _Channels) -> dict[str, int]:
+    """Why channel groups could not be pruned, most common first (said when nothing was)."""
+    counts: dict[str, int] = {}
+    for root, reason in uf.frozen.items():
+        if uf.find(root) == root:
+            counts[reason] = counts.get(reason, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _concrete(model: onnx.ModelProto, input_shapes: dict | None) -> onnx.ModelProto:
+    """A copy whose dynamic dims take `input_shapes` (a dynamic batch alone takes 1), so shape
+    inference yields concrete channel counts; only the analysis sees it."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     for vi in fixed.graph.input:
         dims = vi.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
-            dims[0].Clear()
-            dims[0].dim_value = 1
+        given = (input_shapes or {}).get(vi.name)
+        for i, dim in enumerate(dims):
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                continue
+            value = given[i] if given and i < len(given) else (1 if i == 0 else None)
+            if value is not None:
+                dim.Clear()
+                dim.dim_value = value
     return fixed
 
 
@@ -296,7 +313,7 @@ def prune_channels(model: onnx.ModelProto, cfg: PruneConfig | None = None
     # (folded here) or, in IR 3 files, as graph inputs with declared shapes (made constants)
     out, _ = constant_folding(initializers_as_constants(model)[0])
     graph = Graph(out.graph)
-    shapes = static_shapes(_batch_one(out))
+    shapes = static_shapes(_concrete(out, cfg.input_shapes))
     uf, producers, consumers, counts = _analyse(out, graph, shapes)
     report = PassReport("prune_channels")
     members: dict = {}
@@ -354,6 +371,7 @@ def prune_channels(model: onnx.ModelProto, cfg: PruneConfig | None = None
     report.metrics.update(
         removed_channels=len(removed_roots), groups=len(groups),
         skipped={k: v for k, v in sorted(skipped.items())},
+        frozen_reasons=_reason_counts(uf),
         per_layer={producer_of[t]: {"before": counts[t], "after": counts[t] - len(removed.get(t, []))}
                    for t in sorted(produced) if counts.get(t)})
     return out, report

@@ -1,0 +1,89 @@
+"""Every command on every model kind of the real-model corpus (tests/corpus.py): each works,
+or refuses with one line naming why. Outputs are checked: fused models compute what the
+original computes; pruned and quantized models load and run."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import run_cli
+
+torch = pytest.importorskip("torch", reason="the corpus is built from torch definitions")
+import corpus  # noqa: E402
+
+VARIANTS = corpus.variants()
+ONE_PER_KIND = [(k.name, "ts17") for k in corpus.KINDS]
+
+
+@pytest.fixture(scope="module")
+def built():
+    return corpus.build()
+
+
+def model_and_data(built, kind, export):
+    if (kind, export) not in built:
+        failed = json.loads((corpus.cache_root() / "failed.json").read_text())
+        reason = failed.get(f"{kind}-{export}", "not built")
+        if export == "dynamo" and kind == "crnn":      # torch.export cannot decompose its GRU
+            pytest.skip(f"the dynamo exporter cannot export this model: {reason[:120]}")
+        pytest.fail(f"{kind}-{export} was not built: {reason}")
+    return built[(kind, export)], corpus.data_path(kind)
+
+
+def outputs(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})
+
+
+def refusal_is_one_line(proc) -> bool:
+    lines = proc.stderr.strip().splitlines()
+    return proc.returncode == 1 and "Traceback" not in proc.stderr and \
+        lines[-1].startswith("error: ")
+
+
+@pytest.mark.parametrize("kind, export", VARIANTS)
+def test_fuse_profile_prune(built, kind, export, tmp_path):
+    model, data = model_and_data(built, kind, export)
+    x = np.load(data)["input"][:1]
+    fused = tmp_path / "fused.onnx"
+    proc = run_cli("fuse", model, "-o", fused)          # dynamic shapes: no --input-shape
+    assert proc.returncode == 0, proc.stderr
+    for a, b in zip(outputs(model, x), outputs(fused, x)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(a).max()))
+    proc = run_cli("profile", model, "--eval", data, "--runs", "5", "--warmup", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    pruned = tmp_path / "pruned.onnx"
+    proc = run_cli("prune", model, "--ratio", "0.3", "--calib", data, "-o", pruned)
+    if proc.returncode == 0:
+        assert [o.shape for o in outputs(pruned, x)] == [o.shape for o in outputs(model, x)]
+    else:
+        assert refusal_is_one_line(proc), proc.stderr
+        assert "frozen" in proc.stdout and not pruned.exists()
+
+
+@pytest.mark.parametrize("kind, export", ONE_PER_KIND)
+def test_quantize_tune_optimize(built, kind, export, tmp_path):
+    model, data = model_and_data(built, kind, export)
+    x = np.load(data)["input"]
+    q = tmp_path / "q.onnx"
+    proc = run_cli("quantize", model, "--calib", data, "-o", q, "--json", tmp_path / "q.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "q.json").read_text())
+    assert report["baseline"]["error"] is None
+    assert all(c["error"] is None or c["error"].strip() for c in report["candidates"])
+    assert [o.shape for o in outputs(q, x[:1])] == [o.shape for o in outputs(model, x[:1])]
+    shape = "x".join(map(str, (1, *x.shape[1:])))
+    proc = run_cli("tune", model, "--max-trials", "2", "--input-shape", f"input={shape}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    proc = run_cli("optimize", model, "--calib", data, "-o", out, "--tune-budget", "0",
+                   "--budget", "60s")
+    assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["candidates"] and (out / "model.onnx").is_file()
+    if proc.returncode == 1:
+        assert report["chosen"] is None and "no candidate met the budget" in proc.stdout
