@@ -33,6 +33,7 @@ from .selection import best_tradeoff, choose
 from .targets import Match, get_profile, match
 
 REPORT_SCHEMA = 2
+ORIGINAL = "original (as given)"     # the user's model, unfused: what every speedup is against
 
 
 @dataclass(frozen=True)
@@ -162,14 +163,14 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
     if ctx.over_budget():
         ctx.notes.append(f"stopped by --budget ({ctx.cfg.budget_s:.0f}s) after "
                          f"{len(ctx.cands)} candidate(s)")
-    chosen = choose(ctx.cands, ctx.cfg)
-    chosen = confirm_stage(ctx, chosen)
+    remeasure: dict = {}
+    chosen = confirm_stage(ctx, choose(ctx.cands, ctx.cfg), remeasure)
     report = OptimizeReport(REPORT_SCHEMA, __version__, str(model_path), ctx.device.name,
                             ctx.facts, ctx.target.profile.name, ctx.target.reasons,
                             asdict(ctx.cfg), ctx.cands, ctx.skipped,
                             chosen.id if chosen else None,
                             "met" if chosen else "no candidate met the budget", "", ctx.notes,
-                            resumed=resumed)
+                            remeasure, resumed=resumed)
     finish_stage(ctx, report)
     report.elapsed_s = time.monotonic() - ctx.started
     from .report_html import write_reports
@@ -202,16 +203,6 @@ def build_context(model_path, out_dir, device, calib, eval_path, train, cfg: Opt
         calib = eval_path
         notes.append("calibrated on the eval set (no --calib given): accuracy of int8 "
                      "candidates is slightly optimistic; pass --calib for an unbiased figure")
-    out = claim(out_dir, force)
-    run_key = {"model": _sha(original.serialized()), "inputs": [asdict(s) for s in
-                                                                original.inputs],
-               "calib": source_digest(calib), "eval": source_digest(eval_path),
-               "train": source_digest(train), "device": fingerprint(facts),
-               "config": asdict(cfg), "edgesmith": __version__}
-    state = State(out, run_key)
-    if state.discarded:
-        notes.append(f"{out} held results of a different run (model, data, device, settings or "
-                     "edgesmith version changed): started afresh")
     fused_proto, _ = fuse(original.proto)
     fused = from_proto(fused_proto, original, original.path)
     batch = eval_batch(original)
@@ -226,6 +217,16 @@ def build_context(model_path, out_dir, device, calib, eval_path, train, cfg: Opt
     else:
         notes.append("no --eval or --calib: no candidate's accuracy can be judged, so only fp32 "
                      "can meet the accuracy budget")
+    out = claim(out_dir, force)
+    run_key = {"model": _sha(original.serialized()), "inputs": [asdict(s) for s in
+                                                                original.inputs],
+               "calib": source_digest(calib), "eval": source_digest(eval_path),
+               "train": source_digest(train), "device": fingerprint(facts),
+               "config": asdict(cfg), "edgesmith": __version__}
+    state = State(out, run_key)
+    if state.discarded:
+        notes.append(f"{out} held results of a different run (model, data, device, settings or "
+                     "edgesmith version changed): started afresh")
     job = replace(Job(**target.profile.measure_job_args()), evaluate=judge is not None)
     return Context(cfg, out, original, fused, dev, facts, target, job, judge, batch, quant,
                    train, state, say or (lambda text: None), started, notes)
@@ -258,7 +259,7 @@ def int8_stage(ctx: Context) -> dict | None:
     try:
         _, q_report = choose_recipe(ctx.fused, ctx.device, ctx.quant, ctx.cfg.max_accuracy_drop,
                                     ctx.job, baseline=replace(ctx.baseline()), on_step=ctx.say,
-                                    on_candidate=keep)
+                                    on_candidate=keep, confirm_rounds=0)
     except EdgesmithError as exc:
         ctx.notes.append(f"int8 recipe search failed: {exc}")
         return None
@@ -322,23 +323,31 @@ def _timing_job() -> Job:
     return Job(runs=50, warmup=5, min_time_s=0.5, evaluate=False)
 
 
-def confirm_stage(ctx: Context, chosen: Candidate | None) -> Candidate | None:
-    """Single measurements flip on a busy device: re-measure the fastest in-budget candidates
-    interleaved and choose by the median; each keeps its spread."""
+def confirm_stage(ctx: Context, chosen: Candidate | None, report_remeasure: dict
+                  ) -> Candidate | None:
+    """Single measurements flip on a busy device: re-measure the original and the fastest
+    in-budget candidates interleaved, in the same rounds, and choose by the median. Every
+    speedup the reports print comes from these rounds (one basis, with its spread)."""
     top = sorted((c for c in ctx.cands if c.within_budget), key=lambda c: c.p50_ms)
     top = top[:ctx.cfg.contenders]
-    if len(top) < 2 or chosen is None:
+    if not top or chosen is None:
         return chosen
-    ctx.say(f"re-measuring the {len(top)} fastest candidates interleaved")
+    ctx.say(f"re-measuring the original and the {len(top)} fastest candidate(s) interleaved")
     trials = {c.id: (bundles.build(from_proto(ctx.state.load_model(c), ctx.original),
                                    eval_batch=ctx.batch), _timing_job()) for c in top}
-    for cid, spread in interleave(ctx.device, trials, ctx.cfg.confirm_rounds).items():
-        next(c for c in top if c.id == cid).confirm = asdict(spread)
+    trials[ORIGINAL] = (bundles.build(ctx.original, eval_batch=ctx.batch), _timing_job())
+    spreads = interleave(ctx.device, trials, ctx.cfg.confirm_rounds)
+    for c in top:
+        if c.id in spreads:
+            c.confirm = asdict(spreads[c.id])
+    if ORIGINAL in spreads:
+        report_remeasure["original"] = asdict(spreads[ORIGINAL])
     return choose(ctx.cands, ctx.cfg) or chosen
 
 
 def finish_stage(ctx: Context, report: OptimizeReport) -> None:
-    """Tune the winner, write its bundle, profile its ops, re-measure it against the original."""
+    """Tune the winner, write its bundle, profile its ops; a tuned config is re-measured
+    against the original (interleaved) so the summary speaks of what ships."""
     pick = next((c for c in ctx.cands if c.id == report.chosen), None) or \
         best_tradeoff(ctx.cands)
     if pick is None:
@@ -350,19 +359,24 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
                           meta={"candidate": pick.id, "edgesmith": __version__})
     copy_dir_atomic(final.path, ctx.out / "bundle")
     atomic_write(ctx.out / "model.onnx", model.proto.SerializeToString())
-    ctx.say("profiling ops and re-measuring against the original")
+    ctx.say("profiling the chosen model's ops")
     prof = measure(ctx.device, final, Job(runs=20, warmup=3, evaluate=False, profile_ops=True))
     report.op_profile_ms = prof.op_profile_ms or {}
-    trials = {"original": (bundles.build(ctx.original, eval_batch=ctx.batch), _timing_job()),
-              "chosen": (final, _timing_job())}
-    spreads = interleave(ctx.device, trials, ctx.cfg.confirm_rounds)
-    if len(spreads) == 2:
-        report.remeasure = {k: asdict(v) for k, v in spreads.items()}
-        report.remeasure["speedup"] = spreads["original"].median_ms / spreads["chosen"].median_ms
-        report.remeasure["within_noise"] = spreads["original"].overlaps(spreads["chosen"])
-    else:
+    if report.chosen and (pick.config or not pick.confirm or "original" not in report.remeasure):
+        ctx.say("re-measuring the shipped bundle against the original")
+        spreads = interleave(ctx.device, {
+            ORIGINAL: (bundles.build(ctx.original, eval_batch=ctx.batch), _timing_job()),
+            pick.id: (final, _timing_job())}, ctx.cfg.confirm_rounds)
+        if len(spreads) == 2:
+            report.remeasure["original"] = asdict(spreads[ORIGINAL])
+            pick.confirm = asdict(spreads[pick.id])
+    if report.chosen and pick.confirm and "original" in report.remeasure:
+        o, c = Spread(**report.remeasure["original"]), Spread(**pick.confirm)
+        report.remeasure.update(chosen=pick.confirm, speedup=o.median_ms / c.median_ms,
+                                within_noise=o.overlaps(c))
+    elif report.chosen:
         report.notes.append("re-measurement against the original failed on the device")
-    report.summary = _summary(report, pick, spreads)
+    report.summary = _summary(report, pick)
     if not report.chosen:
         _save_tradeoffs(ctx)
 
@@ -381,7 +395,7 @@ def _tuned_config(ctx: Context, model: Model, pick: str) -> dict:
     return tuned.best.config
 
 
-def _summary(report: OptimizeReport, pick: Candidate, spreads: dict[str, Spread]) -> str:
+def _summary(report: OptimizeReport, pick: Candidate) -> str:
     if not report.chosen:
         return (f"no candidate met the budget (accuracy drop <= "
                 f"{report.config['max_accuracy_drop']}"
@@ -389,14 +403,14 @@ def _summary(report: OptimizeReport, pick: Candidate, spreads: dict[str, Spread]
                    if report.config["latency_budget_ms"] else "") +
                 f"); saved the most accurate trade-off ({pick.id}) and the Pareto front")
     text = f"chose {pick.id}: accuracy drop {pick.accuracy_drop:.4f}"
-    if "speedup" in report.remeasure:
-        o, c = spreads["original"], spreads["chosen"]
+    rem = report.remeasure
+    if "speedup" in rem:
+        o, c = Spread(**rem["original"]), Spread(**rem["chosen"])
         text += (f", {c.median_ms:.3f} ms vs the original's {o.median_ms:.3f} ms "
                  f"(median of {c.rounds} interleaved rounds; chosen {c.low_ms:.3f}-"
                  f"{c.high_ms:.3f}, original {o.low_ms:.3f}-{o.high_ms:.3f}): ")
-        text += ("within noise, not a measurable speedup" if report.remeasure["within_noise"]
-                 else f"{report.remeasure['speedup']:.2f}x "
-                      + ("faster" if report.remeasure["speedup"] > 1 else "slower"))
+        text += ("within noise, not a measurable speedup" if rem["within_noise"]
+                 else f"{rem['speedup']:.2f}x " + ("faster" if rem["speedup"] > 1 else "slower"))
     return text
 
 

@@ -22,7 +22,7 @@ from . import bundle as bundles
 from .data import calibration_batches, eval_batch, load_eval_set, reference_outputs
 from .devices import Job
 from .errors import EdgesmithError
-from .measure import Candidate, measure
+from .measure import Candidate, interleave, measure
 from .model import Model, from_proto
 from .passes.equalize import BiasCorrectConfig, EqualizeConfig, bias_correct, equalize
 from .sensitivity import layer_sensitivity
@@ -133,13 +133,16 @@ class QuantData:
     notes: list[str] = field(default_factory=list)
 
 
-def _split(batches: list[dict], holdout: float, seed: int = 0) -> tuple[dict, dict]:
+def _split(batches: list[dict], holdout: float, labels: np.ndarray | None = None,
+           seed: int = 0) -> tuple[dict, dict, np.ndarray | None]:
+    """A random `holdout` share of the samples (and their labels, when the data has them)."""
     inputs = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     n = len(next(iter(inputs.values())))
     order = np.random.default_rng(seed).permutation(n)
     cut = n - max(1, int(round(n * holdout)))
+    held_labels = labels[:n][order[cut:]] if labels is not None and len(labels) >= n else None
     return ({k: v[order[:cut]] for k, v in inputs.items()},
-            {k: v[order[cut:]] for k, v in inputs.items()})
+            {k: v[order[cut:]] for k, v in inputs.items()}, held_labels)
 
 
 def _batched(inputs: dict, batch: int, fixed: bool) -> list[dict]:
@@ -163,11 +166,14 @@ def quant_data(model: Model, calib, eval_path=None, holdout: float = 0.25,
     if eval_path is not None:
         judge = load_eval_set(eval_path, model)
     else:
-        calib_inputs, held = _split(feeds, holdout)
+        labels = None
+        if not Path(calib).is_dir():          # an .npz may carry labels: judge top-1 with them
+            labels = load_eval_set(calib, model).labels
+        calib_inputs, held, held_labels = _split(feeds, holdout, labels)
         n_held = len(next(iter(held.values())))
         if len(_batched(calib_inputs, batch, fixed)) and n_held >= (batch if fixed else 1):
             feeds = _batched(calib_inputs, batch, fixed)
-            judge = EvalData(held, None, {}, n_held)
+            judge = EvalData(held, held_labels, {}, n_held)
             notes.append(f"no --eval: fidelity judged on {n_held} calibration samples held out "
                          "from calibration")
         else:
@@ -246,12 +252,16 @@ def accuracy_drop(base: dict | None, cand: dict | None) -> float | None:
 
 def choose_recipe(model: Model, device, data: QuantData, max_accuracy_drop: float = 0.01,
                   job: Job | None = None, baseline: Candidate | None = None,
-                  on_step=None, on_candidate=None) -> tuple[Model, QuantizeReport]:
+                  on_step=None, on_candidate=None, confirm_rounds: int = 3
+                  ) -> tuple[Model, QuantizeReport]:
     """Measure the device's candidate recipes; return the fastest model within the budget.
 
     `baseline`: the float model already measured on this device with the same judging set
     (optimize passes its fp32 candidate); measured here otherwise. `on_candidate(cand, proto)`
-    sees every measured recipe as it is measured (optimize records each one)."""
+    sees every measured recipe as it is measured (optimize records each one). The fastest
+    in-budget recipes are re-measured against fp32 interleaved (`confirm_rounds`; optimize
+    confirms across all its candidates instead): a recipe is chosen only when it is faster
+    than fp32 beyond the rounds' spread."""
     recipes, pruned = candidate_recipes(device.facts(), model)
     job = replace(job or Job(runs=50, warmup=5, min_time_s=0.5), evaluate=True)
     say = on_step or (lambda text: None)
@@ -291,20 +301,46 @@ def choose_recipe(model: Model, device, data: QuantData, max_accuracy_drop: floa
         sensitivity = _repair(search, trial, candidates, baseline, built, max_accuracy_drop)
         ok = [c for c in candidates if _within(c, max_accuracy_drop) and
               c.p50_ms < baseline.p50_ms]
-        chosen = min(ok, key=lambda c: c.p50_ms) if ok else baseline
+        if ok and confirm_rounds > 0:
+            say("re-measuring fp32 and the fastest recipes interleaved")
+            ok = _confirm(search, baseline, sorted(ok, key=lambda c: c.p50_ms)[:3], built,
+                          confirm_rounds)
+        chosen = min(ok, key=lambda c: c.latency_ms) if ok else baseline
         proto = built.get(chosen.id, search.prepared)
         if chosen is baseline:
-            reason = ("no int8 recipe was faster than fp32 within the accuracy budget "
-                      f"({max_accuracy_drop:.3f}) on {device.name}; keeping fp32")
+            reason = ("no int8 recipe was faster than fp32 (beyond the measured noise) within "
+                      f"the accuracy budget ({max_accuracy_drop:.3f}) on {device.name}; "
+                      "keeping fp32")
         else:
             drop = "n/a" if chosen.accuracy_drop is None else f"{chosen.accuracy_drop:.4f}"
-            reason = (f"{chosen.id}: {baseline.p50_ms / chosen.p50_ms:.2f}x faster than "
-                      f"fp32, accuracy drop {drop}")
+            reason = (f"{chosen.id}: {baseline.latency_ms / chosen.latency_ms:.2f}x faster "
+                      f"than fp32, accuracy drop {drop}")
         notes = list(data.notes) + search.prep_report.details
         report = QuantizeReport(device.name, max_accuracy_drop, baseline, candidates, chosen,
                                 pruned, sensitivity[:20], list(chosen.recipe.get("exclude", ())),
                                 chosen is not baseline, reason, notes)
         return from_proto(proto, model), report
+
+
+def _confirm(search: RecipeSearch, baseline: Candidate, top: list[Candidate], built: dict,
+             rounds: int) -> list[Candidate]:
+    """fp32 and the contenders in the same interleaved rounds; those faster than fp32 beyond
+    the spread (their `confirm` and fp32's hold the medians and ranges)."""
+    job = replace(search.job, evaluate=False)
+    trials = {c.id: (bundles.build(from_proto(built[c.id], search.model),
+                                   eval_batch=search.data.batch), job) for c in top}
+    trials[baseline.id] = (bundles.build(from_proto(search.prepared, search.model),
+                                         eval_batch=search.data.batch), job)
+    spreads = interleave(search.device, trials, rounds)
+    if baseline.id not in spreads:
+        return []
+    base = spreads[baseline.id]
+    baseline.confirm = asdict(base)
+    for c in top:
+        if c.id in spreads:
+            c.confirm = asdict(spreads[c.id])
+    return [c for c in top if c.id in spreads and spreads[c.id].median_ms < base.median_ms
+            and not spreads[c.id].overlaps(base)]
 
 
 def _within(c: Candidate, max_drop: float) -> bool:

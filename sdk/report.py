@@ -110,7 +110,7 @@ def quantize_table(report) -> Table:
             table.add_row(c.id, *[""] * 7, f"[red]{c.error}[/red]")
             continue
         acc = c.accuracy or {}
-        note = ("chosen; " if c.id == report.chosen.id else "") + c.note
+        note = "; ".join(filter(None, ["chosen" if c.id == report.chosen.id else "", c.note]))
         table.add_row(c.id, _fmt(c.p50_ms), f"{base.p50_ms / c.p50_ms:.2f}x",
                       _fmt(acc.get("top1"), 4), _fmt(acc.get("agreement"), 4),
                       _fmt(acc.get("sqnr_db"), 1), _fmt(c.accuracy_drop, 4),
@@ -123,29 +123,23 @@ def quantize_table(report) -> Table:
 
 
 def speedups(report) -> dict[str, float]:
-    """Speedup over the original for every measured candidate, on one basis: the original's
-    interleaved median; each candidate's interleaved median where it has one (the chosen one's
-    is the same figure as the summary's), else its p50."""
+    """Speedup over the original for every measured candidate: the original's interleaved
+    median over each candidate's interleaved median where it was re-measured in those rounds
+    (the chosen one's is the summary's figure), else over its single p50."""
     rem = report.remeasure
     if "original" in rem:
         original = rem["original"]["median_ms"]
     else:
         fp32 = next((c for c in report.candidates if c.id == "fp32" and c.ok), None)
         original = fp32.p50_ms if fp32 else None
-    out = {}
-    for c in report.candidates:
-        if c.ok and original:
-            mine = rem["chosen"]["median_ms"] if c.id == report.chosen and "chosen" in rem \
-                else c.latency_ms
-            out[c.id] = original / mine
-    return out
+    return {c.id: original / c.latency_ms for c in report.candidates if c.ok and original}
 
 
 def optimize_table(report) -> Table:
     """The same rows as report.html: every candidate, fastest first, then errors and skips."""
     table = Table(title=f"edgesmith optimize: {Path(report.model).name} on {report.device} "
                         f"(target {report.target})")
-    for col in ("candidate", "p50 ms", "vs original", "top-1", "agreement", "drop", "size KB",
+    for col in ("candidate", "ms", "vs original", "top-1", "agreement", "drop", "size KB",
                 "MACs", "in budget", "note"):
         table.add_column(col, justify="left" if col in ("candidate", "note") else "right")
     speed = speedups(report)
@@ -165,4 +159,6 @@ def optimize_table(report) -> Table:
                       mark + ("Pareto " if c.pareto else "") + c.note)
     for s in report.skipped:
         table.add_row(s["id"], *[""] * 8, f"[yellow]not tried: {s['reason']}[/yellow]")
+    table.caption = ("ms: median of interleaved rounds with the original where re-measured "
+                     "(the fastest in-budget candidates), else a single p50")
     return table

@@ -45,7 +45,8 @@ def scatter_svg(report) -> str:
              f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="black"/>',
              f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="black"/>',
              f'<text x="{W / 2}" y="{H - 15}" text-anchor="middle" font-size="13">'
-             f'latency p50 on {html.escape(report.device)} (ms)</text>',
+             f'latency on {html.escape(report.device)} (ms; interleaved median where '
+             f're-measured, else p50)</text>',
              f'<text x="15" y="{H / 2}" text-anchor="middle" font-size="13" '
              f'transform="rotate(-90 15 {H / 2})">{html.escape(label)}</text>']
     xdigits, ydigits = _digits(xmax / 5), _digits((yhi - ylo) / 5)
@@ -126,7 +127,7 @@ def render_html(report) -> str:
             f"<td>{c.params:,}</td><td>{c.macs:,}</td><td>{_fmt(c.peak_rss_mb, 1)}</td>"
             f"<td>{'yes' if c.within_budget else 'no'}</td><td>{'yes' if c.pareto else ''}</td>"
             f"<td>{html.escape(c.error or c.note)}</td></tr>")
-    rows += [f"<tr><td>{html.escape(sk['id'])}</td>" + "<td></td>" * 14 +
+    rows += [f"<tr><td>{html.escape(sk['id'])}</td>" + "<td></td>" * 13 +
              f"<td>not tried: {html.escape(sk['reason'])}</td></tr>" for sk in report.skipped]
     ops = sorted(report.op_profile_ms.items(), key=lambda kv: -kv[1])
     total = sum(v for _, v in ops) or 1.0

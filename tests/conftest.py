@@ -26,10 +26,10 @@ def models() -> Path:
     return MODELS
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 300, cwd=ROOT) -> subprocess.CompletedProcess:
     """Run `edgesmith ARGS` as a user would: a separate process, real exit code and streams."""
     return subprocess.run([sys.executable, "-m", "edgesmith", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, env=dict(os.environ))
+                          text=True, timeout=timeout, cwd=cwd, env=dict(os.environ))
 
 
 def load_json(path: Path) -> dict:

@@ -251,9 +251,14 @@ EXPORTS = {"ts13": ("torchscript", 13, False), "ts17": ("torchscript", 17, False
 ZOO_KINDS = ("resnet", "mobilenetv2", "mobilenetv3")      # old zoo graphs were convnets
 
 
+# what an exporter cannot do (`python tests/corpus.py` still tries; failed.json records why)
+UNEXPORTABLE = {("crnn", "dynamo"): "torch.export cannot decompose nn.GRU for ONNX"}
+
+
 def variants() -> list[tuple[str, str]]:
     """(kind, export) pairs in the corpus."""
-    return [(k.name, e) for k in KINDS for e in EXPORTS if e != "zoo9" or k.name in ZOO_KINDS]
+    return [(k.name, e) for k in KINDS for e in EXPORTS
+            if (e != "zoo9" or k.name in ZOO_KINDS) and (k.name, e) not in UNEXPORTABLE]
 
 
 def cache_root() -> Path:
@@ -345,5 +350,5 @@ def data_path(name: str) -> Path:
 
 
 if __name__ == "__main__":       # python tests/corpus.py: build and list
-    for key, p in build().items():
+    for key, p in build(variants() + list(UNEXPORTABLE)).items():
         print(*key, p)

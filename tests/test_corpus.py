@@ -25,11 +25,9 @@ def built():
 
 def model_and_data(built, kind, export):
     if (kind, export) not in built:
-        failed = json.loads((corpus.cache_root() / "failed.json").read_text())
-        reason = failed.get(f"{kind}-{export}", "not built")
-        if export == "dynamo" and kind == "crnn":      # torch.export cannot decompose its GRU
-            pytest.skip(f"the dynamo exporter cannot export this model: {reason[:120]}")
-        pytest.fail(f"{kind}-{export} was not built: {reason}")
+        failed_path = corpus.cache_root() / "failed.json"
+        failed = json.loads(failed_path.read_text()) if failed_path.is_file() else {}
+        pytest.fail(f"{kind}-{export} was not built: {failed.get(f'{kind}-{export}')}")
     return built[(kind, export)], corpus.data_path(kind)
 
 
@@ -69,8 +67,11 @@ def test_fuse_profile_prune(built, kind, export, tmp_path):
 def test_quantize_tune_optimize(built, kind, export, tmp_path):
     model, data = model_and_data(built, kind, export)
     x = np.load(data)["input"]
-    q = tmp_path / "q.onnx"
-    proc = run_cli("quantize", model, "--calib", data, "-o", q, "--json", tmp_path / "q.json")
+    q, user_dir = tmp_path / "q.onnx", tmp_path / "cwd"
+    user_dir.mkdir()
+    proc = run_cli("quantize", model, "--calib", data, "-o", q, "--json", tmp_path / "q.json",
+                   cwd=user_dir)
+    assert not list(user_dir.iterdir()), "quantize left files in the working directory"
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "q.json").read_text())
     assert report["baseline"]["error"] is None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -112,3 +113,5 @@ def doctor(destination, identity, accept_new_host_key, remote_python, json_out):
         click.echo(f"{mark}{row['where']:<7} {row['what']:<22} {row['detail']}")
         if not row["ok"]:
             click.echo(f"{'':11}{row['enables']}: {row['fix']}")
+    if any(r["what"] == "reachable" and not r["ok"] for r in rows):
+        sys.exit(1)        # the device asked about cannot be used at all

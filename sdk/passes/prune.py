@@ -151,6 +151,14 @@ def _analyse(model: onnx.ModelProto, graph: Graph, shapes: dict):
                 for c in chans(i):
                     uf.union((i, c), (outs[0], offset + c))
                 offset += counts.get(i) or 0
+        elif op == "Split" and shapes.get(node.input[0]) and \
+                attr(node, "axis", 0) % len(shapes[node.input[0]]) == 1 and \
+                _split_sizes(node, graph) is not None:
+            offset = 0          # the inverse of Concat: output k holds a slice of the input
+            for o in outs:
+                for c in chans(o):
+                    uf.union((node.input[0], offset + c), (o, c))
+                offset += counts.get(o) or 0
         elif op in ("Flatten", "Reshape", "Squeeze", "Unsqueeze") and _is_channel_flatten(
                 shapes.get(node.input[0]), shapes.get(outs[0]), node, graph):
             block = int(np.prod(shapes[node.input[0]][2:])) if len(shapes[node.input[0]]) > 2 \
@@ -162,6 +170,16 @@ def _analyse(model: onnx.ModelProto, graph: Graph, shapes: dict):
             for t in data_ins + outs:
                 freeze_all(t, f"unsupported op {op}")
     return uf, producers, consumers, counts
+
+
+def _split_sizes(node, graph: Graph) -> list[int] | None:
+    """Explicit split sizes (input since opset 13, attribute before); None for an even split
+    by count, which pruning could not keep even."""
+    if len(node.input) > 1 and node.input[1]:
+        sizes = graph.array(node.input[1])
+        return None if sizes is None else [int(v) for v in sizes]
+    sizes = attr(node, "split")
+    return [int(v) for v in sizes] if sizes else None
 
 
 def _reason_counts(uf: _Channels) -> dict[str, int]:
@@ -293,6 +311,17 @@ def _surgery(model: onnx.ModelProto, graph: Graph, removed: dict[str, list[int]]
                 if 0 <= axis < const.ndim and const.shape[axis] == full[1]:
                     own = _own_initializer(graph, node, i)
                     graph.set_array(own, _delete(const, r_out, axis))
+        elif op == "Split":
+            sizes = _split_sizes(node, graph)
+            new = [s - len(removed.get(o, [])) for s, o in zip(sizes, node.output)]
+            if new != sizes:
+                if len(node.input) > 1 and node.input[1]:
+                    graph.set_array(_own_initializer(graph, node, 1), np.array(new, np.int64))
+                else:
+                    for a in node.attribute:
+                        if a.name == "split":
+                            a.ClearField("ints")
+                            a.ints.extend(new)
         elif op == "Reshape" and r_in:
             target = graph.array(node.input[1])
             if target is not None and target.size == 2 and target[1] > 0:

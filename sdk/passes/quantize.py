@@ -14,6 +14,7 @@ dynamic quantization only for MatMul/Gemm, and fp16 for GPU targets.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import tempfile
 from dataclasses import dataclass, replace
@@ -86,6 +87,18 @@ def fix_input_dims(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx
     return out
 
 
+@contextlib.contextmanager
+def _working_dir(path: str):
+    """ORT's symbolic shape inference saves `sym_shape_infer_temp.onnx` (and external data
+    files) into the current directory when it gives up: keep that out of the user's."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 @register("preprocess")
 def preprocess(model: onnx.ModelProto, shapes: dict[str, list[int]]
                ) -> tuple[onnx.ModelProto, PassReport]:
@@ -100,7 +113,7 @@ def preprocess(model: onnx.ModelProto, shapes: dict[str, list[int]]
 
     report = PassReport("preprocess")
     model, _ = upgrade_opset(fix_input_dims(model, shapes), 13)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _working_dir(tmp):
         out, src = Path(tmp) / "pre.onnx", Path(tmp) / "float.onnx"
         src.write_bytes(model.SerializeToString())
         try:

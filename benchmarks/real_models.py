@@ -1,0 +1,116 @@
+"""Real model kinds: int8 and 30 % structured pruning on the YOLOv8-style detector at 320x320.
+
+Ratios measured in one run, 1 thread, interleaved (rotating order, median of rounds):
+int8 latency vs fp32 and its output SQNR on held-out inputs (goal <= 0.70x at >= 25 dB); 30 %
+structured pruning: MACs ratio (goal <= 0.75x) and latency ratio (goal within 1.25x of the MACs
+ratio). The detector comes from tests/corpus.py (seeded random weights: fidelity is judged
+against its own fp32 outputs). Needs the `train` extra (torch) to build the corpus.
+
+    python benchmarks/real_models.py [--size 320] [--rounds 7]
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests")]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def session(proto):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(proto.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def interleaved(sessions: dict, x: np.ndarray, rounds: int, runs: int = 20) -> dict:
+    feed = {"input": x}
+    for s in sessions.values():
+        s.run(None, feed)
+    per: dict[str, list[float]] = {k: [] for k in sessions}
+    names = list(sessions)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                sessions[name].run(None, feed)
+                times.append(time.perf_counter() - t0)
+            per[name].append(statistics.median(times) * 1e3)
+    return {k: statistics.median(v) for k, v in per.items()}
+
+
+def sqnr(ref: np.ndarray, out: np.ndarray) -> float:
+    noise = float(((ref - out) ** 2).sum())
+    return 200.0 if noise == 0 else 10 * np.log10(float((ref ** 2).sum()) / noise)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=320)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    import corpus
+    from edgesmith.devices import get_device
+    from edgesmith.model import from_proto, load
+    from edgesmith.passes.fuse import fuse
+    from edgesmith.passes.prune import PruneConfig, prune_channels
+    from edgesmith.data import reference_outputs
+    from edgesmith.recipes import QuantData, choose_recipe
+
+    print(f"CPU: {cpu_name()}; 1 thread; YOLOv8-style detector at {args.size}x{args.size}")
+    path = corpus.build([("yolo", "ts17")])[("yolo", "ts17")]
+    shape = [1, 3, args.size, args.size]
+    model = load(path, {"input": shape})
+    fused = from_proto(fuse(model.proto)[0], model)
+    rng = np.random.default_rng(0)
+    calib = [{"input": rng.standard_normal(shape).astype(np.float32)} for _ in range(16)]
+    held = rng.standard_normal((8, *shape[1:])).astype(np.float32)
+    from device_runtime.evaluate import EvalData
+    judge = EvalData({"input": held}, None, {}, len(held))
+    judge.refs = reference_outputs(model, judge, 1)
+    t0 = time.time()
+    q_model, report = choose_recipe(fused, get_device("local"), QuantData(calib, judge, 1),
+                                    max_accuracy_drop=0.0)
+    print(f"int8 search: {report.summary} ({time.time() - t0:.0f} s)")
+    pruned_proto, prep = prune_channels(fused.proto, PruneConfig(ratio=0.3,
+                                                                input_shapes=model.input_shapes))
+    pruned = from_proto(pruned_proto, model)
+    sessions = {"fp32": session(fused.proto), "int8": session(q_model.proto),
+                "pruned30": session(pruned.proto)}
+    lat = interleaved(sessions, held[:1], args.rounds)
+    ref = np.concatenate([sessions["fp32"].run(None, {"input": held[i:i + 1]})[0]
+                          for i in range(len(held))])
+    out = np.concatenate([sessions["int8"].run(None, {"input": held[i:i + 1]})[0]
+                          for i in range(len(held))])
+    macs = pruned.facts.macs / fused.facts.macs
+    print(f"latency p50 ms: fp32 {lat['fp32']:.2f}  int8 {lat['int8']:.2f}  "
+          f"pruned30 {lat['pruned30']:.2f}")
+    print(f"int8: {lat['int8'] / lat['fp32']:.2f}x fp32 latency (goal <= 0.70) at "
+          f"{sqnr(ref, out):.1f} dB output SQNR on held-out inputs (goal >= 25)")
+    print(f"prune 30%: MACs {macs:.2f}x (goal <= 0.75), latency {lat['pruned30'] / lat['fp32']:.2f}x"
+          f" = {lat['pruned30'] / lat['fp32'] / macs:.2f} x the MACs ratio (goal <= 1.25); "
+          f"{len(prep.metrics.get('skipped', {}))} producer(s) frozen")
+
+
+if __name__ == "__main__":
+    main()
