@@ -46,6 +46,13 @@ def refusal_is_one_line(proc) -> bool:
 def test_fuse_profile_prune(built, kind, export, tmp_path):
     model, data = model_and_data(built, kind, export)
     x = np.load(data)["input"][:1]
+    try:
+        outputs(model, x)
+    except Exception as exc:   # noqa: BLE001 - the exporter wrote a model no runtime loads
+        for argv in (["fuse", model, "-o", tmp_path / "f.onnx"], ["profile", model]):
+            proc = run_cli(*argv)
+            assert refusal_is_one_line(proc), (exc, proc.stderr)
+        return
     fused = tmp_path / "fused.onnx"
     proc = run_cli("fuse", model, "-o", fused)          # dynamic shapes: no --input-shape
     assert proc.returncode == 0, proc.stderr
