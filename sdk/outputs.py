@@ -43,35 +43,39 @@ def claim(path: str | os.PathLike, force: bool = False, what: str = "output dire
 
 
 def copy_dir_atomic(src: str | Path, dest: str | Path, force: bool = False) -> None:
-    """Copy a directory to `dest` via a temp sibling and a rename: never half written. An
-    existing `dest` is replaced only when edgesmith wrote it; with `force` files are written
-    into a foreign one without removing anything else."""
+    """Put a bundle's files into `dest` without ever removing or renaming a directory: a new
+    `dest` is built aside and renamed into place; an existing one (ours, or any with `force`)
+    gets each file replaced atomically by name, the manifest last, so a reader sees the old
+    bundle or the new one. Nothing else in `dest` is touched; modes follow the user's umask."""
     src, dest = Path(src), Path(dest)
-    if dest.is_dir() and any(dest.iterdir()) and not is_ours(dest):
-        if not force:
-            claim(dest)      # raises: not ours
-        for item in src.iterdir():
-            if item.is_file():
-                tmp = dest / f".{item.name}.tmp"
-                shutil.copy2(item, tmp)
-                os.replace(tmp, dest / item.name)
+    if dest.exists() and not dest.is_dir():
+        raise EdgesmithError(f"{dest} is a file; edgesmith writes a bundle directory there")
+    if dest.is_dir() and any(dest.iterdir()) and not is_ours(dest) and not force:
+        raise EdgesmithError(f"{dest} already holds files edgesmith did not write; choose "
+                             "another -o, or pass --force to write into it")
+    files = sorted((p for p in src.iterdir() if p.is_file()), key=lambda p: p.name == MANIFEST_NAME)
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+        try:
+            for item in files:
+                _copy_file(item, tmp / item.name)
+            (tmp / MARKER).touch()
+            os.chmod(tmp, 0o777 & ~_umask())    # mkdtemp makes 0700
+            tmp.rename(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-        (tmp / MARKER).touch()
-        os.chmod(tmp, 0o777 & ~_umask())    # mkdtemp makes 0700; the user's umask decides
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for item in files:
+        _copy_file(item, dest / item.name)
+
+
+MANIFEST_NAME = "manifest.json"
+
+
+def _copy_file(src: Path, dest: Path) -> None:
+    from .model import atomic_write
+    atomic_write(dest, src.read_bytes())
 
 
 def _umask() -> int:

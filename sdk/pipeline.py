@@ -4,7 +4,7 @@ A context is built once per run (device and its facts, matched target, fused mod
 with reference outputs, calibration feeds); then the stages run in order: fp32 baseline, int8
 recipe search, pruned + distilled students (+ int8), interleaved confirmation of the fastest
 contenders, and the finish (tuning, per-op profile, bundle, reports). Every candidate is measured
-through `measure.measure` and appended to OUTDIR/.state with its model, under a run key: a re-run
+through `measure.measure` and appended to OUT/.edgesmith-state with its model, under a run key: a re-run
 of the same job resumes, a different job starts afresh. The best so far is written after every
 candidate, so an interrupted or budget-stopped run still leaves a deployable answer.
 """
@@ -25,7 +25,7 @@ from .devices import Job, fingerprint, get_device
 from .errors import EdgesmithError, StageError
 from .measure import Candidate, Spread, interleave, measure
 from .model import Model, atomic_write, from_proto, load
-from .outputs import claim, copy_dir_atomic
+from .outputs import claim, copy_dir_atomic, is_ours
 from .passes.fuse import fuse
 from .recipes import QuantData, accuracy_drop, choose_recipe, quant_data
 from .resume import State, sha256 as _sha, source_digest
@@ -218,6 +218,10 @@ def build_context(model_path, out_dir, device, calib, eval_path, train, cfg: Opt
         notes.append("no --eval or --calib: no candidate's accuracy can be judged, so only fp32 "
                      "can meet the accuracy budget")
     out = claim(out_dir, force)
+    bundle_dir = out / "bundle"
+    if bundle_dir.exists() and not force and not (bundle_dir.is_dir() and is_ours(bundle_dir)):
+        raise EdgesmithError(f"{bundle_dir} exists and edgesmith did not write it; move it, "
+                             "choose another -o, or pass --force (files are replaced by name)")
     run_key = {"model": _sha(original.serialized()), "inputs": [asdict(s) for s in
                                                                 original.inputs],
                "calib": source_digest(calib), "eval": source_digest(eval_path),
@@ -240,8 +244,12 @@ def int8_stage(ctx: Context) -> dict | None:
     if ctx.quant is None:
         ctx.notes.append("no calibration data (--calib or --eval): int8 candidates skipped")
         return None
-    if marker.is_file():
-        done = json.loads(marker.read_text())
+    try:
+        done = json.loads(marker.read_text()) if marker.is_file() else None
+        assert done is None or {"recipe", "skipped", "notes"} <= set(done)
+    except (OSError, ValueError, AssertionError):
+        done = None        # unreadable: the search runs again
+    if done is not None:
         ctx.cands += [c for c in ctx.state.done.values() if c.id.startswith("int8:")]
         ctx.skipped += done["skipped"]
         ctx.notes += done["notes"]
@@ -357,7 +365,7 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
     report.tuned_config = pick.config = _tuned_config(ctx, model, pick.id)
     final = bundles.build(model, config=pick.config, eval_data=ctx.judge, eval_batch=ctx.batch,
                           meta={"candidate": pick.id, "edgesmith": __version__})
-    copy_dir_atomic(final.path, ctx.out / "bundle")
+    copy_dir_atomic(final.path, ctx.out / "bundle", force=True)   # ownership checked at start
     atomic_write(ctx.out / "model.onnx", model.proto.SerializeToString())
     ctx.say("profiling the chosen model's ops")
     prof = measure(ctx.device, final, Job(runs=20, warmup=3, evaluate=False, profile_ops=True))

@@ -175,3 +175,47 @@ def test_optimize_over_ssh(ssh_home, sshd_server, models, tmp_path):
     assert report.outcome == "met" and report.device == sshd_server.destination
     assert all(c.ok for c in report.candidates)
     check_outputs(tmp_path / "out", json.loads((tmp_path / "out" / "report.json").read_text()))
+
+
+def test_force_writes_only_edgesmith_names_into_a_users_directory(models, tmp_path):
+    """Before: --force deleted the user's own .state/ and failed at the very end on their
+    bundle/ folder, after the whole search."""
+    mine = tmp_path / "mine"
+    (mine / ".state").mkdir(parents=True)
+    (mine / "bundle").mkdir()
+    (mine / ".state" / "important.txt").write_text("keep")
+    (mine / "bundle" / "mine.txt").write_text("keep")
+    proc = run_cli("optimize", models / "digits_cnn.onnx", "--eval",
+                   models / "digits_cnn_eval.npz", "-o", mine, "--tune-budget", "0", "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert (mine / ".state" / "important.txt").read_text() == "keep"
+    assert (mine / "bundle" / "mine.txt").read_text() == "keep"
+    device_runtime.load(mine / "bundle")          # the bundle's files were replaced by name
+
+
+def test_state_that_is_not_ours_is_never_trusted_or_crashes(tmp_path):
+    from edgesmith.errors import EdgesmithError
+    from edgesmith.resume import STATE_DIR, State, source_digest
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / STATE_DIR).write_text("a file")
+    with pytest.raises(EdgesmithError, match="is a file"):
+        State(out, {"model": "a"})
+    (out / STATE_DIR).unlink()
+    state = State(out, {"model": "a"})
+    state.path.write_text('{"id": ["x"]}\n{"id": "torn", "p50')      # foreign + torn lines
+    (state.dir / "keep.txt").write_text("user file")
+    again = State(out, {"model": "a"})
+    assert again.done == {}
+    from edgesmith.measure import Candidate
+    again.save(Candidate("fp32", p50_ms=1.0), None)     # appended after the torn line
+    assert "fp32" in State(out, {"model": "a"}).done
+    State(out, {"model": "b"})                              # another job: ours reset only
+    assert (state.dir / "keep.txt").read_text() == "user file"
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"\x89PNG" + bytes(100))
+    before = source_digest(images)
+    (images / "a.png").write_bytes(b"\x89PNG" + bytes([1]) * 100)   # same size, new pixels
+    assert source_digest(images) != before

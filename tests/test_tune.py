@@ -184,3 +184,10 @@ def test_tune_never_deletes_a_directory_it_did_not_write(models, tmp_path):
     assert (project / "src" / "IMPORTANT.txt").read_text() == "mine"
     assert (project / "manifest.json").is_file()
     device_runtime.load(project)
+    ours = tmp_path / "ours"            # a directory tune wrote: re-used, the user's file kept
+    assert run_cli("tune", models / "digits_cnn.onnx", "--max-trials", "1", "-o", ours
+                   ).returncode == 0
+    (ours / "notes.txt").write_text("mine")
+    assert run_cli("tune", models / "digits_cnn.onnx", "--max-trials", "1", "-o", ours
+                   ).returncode == 0
+    assert (ours / "notes.txt").read_text() == "mine"
