@@ -32,6 +32,25 @@ def run_cli(*args: str, timeout: float = 300, cwd=ROOT) -> subprocess.CompletedP
                           text=True, timeout=timeout, cwd=cwd, env=dict(os.environ))
 
 
+def ssh_device(server, key=None, **options):
+    """An SSHDevice for a test sshd (the loopback one, or a netns host's), running the test's
+    own interpreter unless the test says otherwise."""
+    from edgesmith.devices.ssh import SSHDevice
+
+    options.setdefault("python", sys.executable)
+    return SSHDevice.from_destination(server.destination, identity=str(
+        key or server.client_key), **options)
+
+
+@pytest.fixture
+def cnn(models):
+    """The digits CNN bundled with its eval set: what most device tests push and run."""
+    from edgesmith.model import load
+    from edgesmith.profiling import prepare
+
+    return prepare(load(models / "digits_cnn.onnx"), models / "digits_cnn_eval.npz")
+
+
 def load_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -21,26 +21,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import client_home, require
+from conftest import client_home, require, ssh_device
 from device_runtime.errors import RuntimeFailure
 from edgesmith.devices import Job, load_inventory
 from edgesmith.devices.ssh import SSHDevice
 from edgesmith.errors import EdgesmithError, StageError
-from edgesmith.model import load
-from edgesmith.profiling import prepare
 
 FAST = Job(runs=5, warmup=1)
 
 
-def device(sshd_server, **options) -> SSHDevice:
-    options.setdefault("python", sys.executable)
-    return SSHDevice.from_destination(sshd_server.destination,
-                                      identity=str(sshd_server.client_key), **options)
-
-
-@pytest.fixture
-def cnn(models):
-    return prepare(load(models / "digits_cnn.onnx"), models / "digits_cnn_eval.npz")
+device = ssh_device
 
 
 def host_block(sshd_server, *lines: str) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, ssh_device
 from device_runtime.bundle import verify
 from edgesmith.devices import Job
 from edgesmith.devices.ssh import SSHDevice
@@ -21,15 +21,7 @@ pytestmark = pytest.mark.ssh
 FAST = Job(runs=20, warmup=3)
 
 
-def device(sshd_server, **options) -> SSHDevice:
-    options.setdefault("python", sys.executable)
-    return SSHDevice.from_destination(sshd_server.destination,
-                                      identity=str(sshd_server.client_key), **options)
-
-
-@pytest.fixture
-def cnn(models):
-    return prepare(load(models / "digits_cnn.onnx"), models / "digits_cnn_eval.npz")
+device = ssh_device
 
 
 def test_profile_over_ssh_equals_local(ssh_home, sshd_server, models):
