@@ -51,6 +51,25 @@ def cnn(models):
     return prepare(load(models / "digits_cnn.onnx"), models / "digits_cnn_eval.npz")
 
 
+def run_with_fault(dev, path: str, fault, after_s: float = 2.0):
+    """A long run on `dev` with `fault()` injected `after_s` into it: (Result, seconds taken)."""
+    import threading
+    import time
+
+    from edgesmith.devices import Job
+
+    timer = threading.Timer(after_s, fault)
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        result = dev.run(path, Job(runs=1, warmup=0, min_time_s=60, max_time_s=120,
+                                   timeout_s=20, lock_timeout_s=1, evaluate=False))
+    finally:
+        timer.cancel()
+        timer.join()
+    return result, time.monotonic() - t0
+
+
 def load_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

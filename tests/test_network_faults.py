@@ -3,11 +3,11 @@ faults made with nftables (dropped packets) and tc (a slow link)."""
 from __future__ import annotations
 
 import sys
-import threading
 import time
 
 import pytest
 
+from conftest import run_with_fault
 from device_runtime.bundle import verify
 from edgesmith.devices import Job
 from edgesmith.devices.ssh import SSHDevice
@@ -88,17 +88,10 @@ def test_link_dark_mid_run_is_lost_within_the_stall_bound(netns_home, netns_host
     cnn = prepare(load(models / "digits_cnn.onnx"), None)
     with netns_host.sshd.new_sessions():         # the orphaned run is killed on the way out
         dev = device(netns_host, stall_timeout_s=3)
-        path = dev.push(cnn)
-        timer = threading.Timer(2, netns_host.drop_ssh)
-        t0 = time.monotonic()
-        timer.start()
         try:
-            result = dev.run(path, Job(runs=1, warmup=0, min_time_s=60, max_time_s=120,
-                                       timeout_s=20, lock_timeout_s=1, evaluate=False))
+            result, elapsed = run_with_fault(dev, dev.push(cnn), netns_host.drop_ssh)
         finally:
-            timer.cancel()
-            timer.join()
             netns_host.restore()
     assert "lost" in result.error and "raise the timeout" not in result.error, result.error
-    assert time.monotonic() - t0 < 12
+    assert elapsed < 12
     assert measure(device(netns_host), cnn, Job(runs=5)).ok

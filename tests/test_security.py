@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import client_home, require, ssh_device
+from conftest import client_home, require, run_with_fault, ssh_device
 from device_runtime.errors import RuntimeFailure
 from edgesmith.devices import Job, load_inventory
 from edgesmith.devices.ssh import SSHDevice
@@ -120,21 +120,11 @@ def test_frozen_sshd_mid_run_is_lost_within_the_stall_bound(ssh_home, sshd_serve
     assert device(sshd_server).stall_timeout_s <= 30   # the default bound, a constant
     with sshd_server.new_sessions() as new:
         dev = device(sshd_server, stall_timeout_s=3)
-        path = dev.push(cnn)
-
         def freeze():
             for pid in filter(is_sshd, new()):
                 os.kill(pid, signal.SIGSTOP)
 
-        timer = threading.Timer(2, freeze)
-        t0 = time.monotonic()
-        timer.start()
-        try:
-            result = dev.run(path, Job(runs=1, warmup=0, min_time_s=60, max_time_s=120,
-                                       timeout_s=20, lock_timeout_s=1, evaluate=False))
-        finally:
-            timer.cancel()
-        elapsed = time.monotonic() - t0
+        result, elapsed = run_with_fault(dev, dev.push(cnn), freeze)
     assert result.stage == "run" and "lost" in result.error, result.error
     assert "no answer" in result.error and "raise the timeout" not in result.error
     assert elapsed < 12, f"a frozen device took {elapsed:.0f}s to notice"
