@@ -161,10 +161,11 @@ def _torch_models():
         def __init__(self, chans, nc=4, reg=16):
             super().__init__()
             self.nc, self.reg = nc, reg
-            self.box = nn.ModuleList(nn.Sequential(conv(c, 32), nn.Conv2d(32, 4 * reg, 1))
-                                     for c in chans)
-            self.cls = nn.ModuleList(nn.Sequential(conv(c, 32), nn.Conv2d(32, nc, 1))
-                                     for c in chans)
+            c2, c3 = max(16, chans[0] // 4, 4 * reg), max(chans[0], nc)    # YOLOv8's widths
+            self.box = nn.ModuleList(nn.Sequential(conv(c, c2), conv(c2, c2),
+                                                   nn.Conv2d(c2, 4 * reg, 1)) for c in chans)
+            self.cls = nn.ModuleList(nn.Sequential(conv(c, c3), conv(c3, c3),
+                                                   nn.Conv2d(c3, nc, 1)) for c in chans)
             self.dfl = nn.Conv2d(reg, 1, 1, bias=False).requires_grad_(False)
             self.dfl.weight.data[:] = torch.arange(reg, dtype=torch.float).view(1, reg, 1, 1)
 
@@ -179,20 +180,29 @@ def _torch_models():
             return torch.cat(outs, 2)
 
     class Yolo(nn.Module):
+        """YOLOv8n's layout and widths: backbone to P5 with SPPF, a PAN neck, three levels."""
+
         def __init__(self):
             super().__init__()
             self.p2 = nn.Sequential(conv(3, 16, s=2), conv(16, 32, s=2), C2f(32, 32))
-            self.p3 = nn.Sequential(conv(32, 64, s=2), C2f(64, 64))
-            self.p4 = nn.Sequential(conv(64, 128, s=2), C2f(128, 128), SPPF(128))
+            self.p3 = nn.Sequential(conv(32, 64, s=2), C2f(64, 64, 2))
+            self.p4 = nn.Sequential(conv(64, 128, s=2), C2f(128, 128, 2))
+            self.p5 = nn.Sequential(conv(128, 256, s=2), C2f(256, 256), SPPF(256))
             self.up = nn.Upsample(scale_factor=2, mode="nearest")
-            self.n3 = C2f(192, 64)
-            self.head = Detect((64, 128))
+            self.n4, self.n3 = C2f(384, 128), C2f(192, 64)
+            self.d3, self.o4 = conv(64, 64, s=2), C2f(192, 128)
+            self.d4, self.o5 = conv(128, 128, s=2), C2f(384, 256)
+            self.head = Detect((64, 128, 256))
 
         def forward(self, x):
             p3 = self.p3(self.p2(x))
             p4 = self.p4(p3)
-            n3 = self.n3(torch.cat((self.up(p4), p3), 1))
-            return self.head([n3, p4])
+            p5 = self.p5(p4)
+            n4 = self.n4(torch.cat((self.up(p5), p4), 1))
+            n3 = self.n3(torch.cat((self.up(n4), p3), 1))
+            o4 = self.o4(torch.cat((self.d3(n3), n4), 1))
+            o5 = self.o5(torch.cat((self.d4(o4), p5), 1))
+            return self.head([n3, o4, o5])
 
     class DBNet(nn.Module):
         def __init__(self):
