@@ -370,18 +370,21 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
     ctx.say("profiling the chosen model's ops")
     prof = measure(ctx.device, final, Job(runs=20, warmup=3, evaluate=False, profile_ops=True))
     report.op_profile_ms = prof.op_profile_ms or {}
-    if report.chosen and (pick.config or not pick.confirm or "original" not in report.remeasure):
+    rem = report.remeasure
+    if report.chosen and (pick.config or not pick.confirm or "original" not in rem):
         ctx.say("re-measuring the shipped bundle against the original")
         spreads = interleave(ctx.device, {
             ORIGINAL: (bundles.build(ctx.original, eval_batch=ctx.batch), _timing_job()),
             pick.id: (final, _timing_job())}, ctx.cfg.confirm_rounds)
-        if len(spreads) == 2:
-            report.remeasure["original"] = asdict(spreads[ORIGINAL])
-            pick.confirm = asdict(spreads[pick.id])
-    if report.chosen and pick.confirm and "original" in report.remeasure:
-        o, c = Spread(**report.remeasure["original"]), Spread(**pick.confirm)
-        report.remeasure.update(chosen=pick.confirm, speedup=o.median_ms / c.median_ms,
-                                within_noise=o.overlaps(c))
+        if len(spreads) == 2:   # the selection rounds stay in pick.confirm; these are what ships
+            if "original" in rem:
+                rem["selection_original"] = rem["original"]
+            rem.update(original=asdict(spreads[ORIGINAL]), chosen=asdict(spreads[pick.id]))
+    elif report.chosen and pick.confirm:
+        rem["chosen"] = pick.confirm
+    if report.chosen and "chosen" in rem and "original" in rem:
+        o, c = Spread(**rem["original"]), Spread(**rem["chosen"])
+        rem.update(speedup=o.median_ms / c.median_ms, within_noise=o.overlaps(c))
     elif report.chosen:
         report.notes.append("re-measurement against the original failed on the device")
     report.summary = _summary(report, pick)

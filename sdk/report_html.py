@@ -114,7 +114,7 @@ def render_html(report) -> str:
     for c in sorted(report.candidates, key=lambda c: (not c.ok, c.latency_ms or 0)):
         acc = c.accuracy or {}
         cls = ' class="chosen"' if c.id == report.chosen else ""
-        conf = c.confirm
+        conf = (report.remeasure.get("chosen") if c.id == report.chosen else None) or c.confirm
         confirmed = (f"{conf['median_ms']:.3f} ({conf['low_ms']:.3f}-{conf['high_ms']:.3f})"
                      if conf else "")
         rows.append(

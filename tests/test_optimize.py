@@ -55,6 +55,9 @@ def test_optimize_digits_locally_meets_the_budget(models, tmp_path):
     if rem["within_noise"]:
         assert "within noise" in report["summary"] and "within noise" in proc.stdout
     assert f"{rem['chosen']['low_ms']:.3f}-{rem['chosen']['high_ms']:.3f}" in report["summary"]
+    chosen_row = next(line for line in proc.stdout.splitlines() if "chosen" in line
+                      and report["chosen"] in line)   # the table shows what ships
+    assert f"{rem['chosen']['median_ms']:.3f}" in chosen_row and speed in chosen_row
 
 
 def test_optimize_with_pruning_and_distillation(models, tmp_path):
