@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 
 def cpu_name() -> str:
@@ -31,32 +30,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def session(proto):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(proto.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
-
-
-def interleaved(sessions: dict, x: np.ndarray, rounds: int, runs: int = 20) -> dict:
-    feed = {"input": x}
-    for s in sessions.values():
-        s.run(None, feed)
-    per: dict[str, list[float]] = {k: [] for k in sessions}
-    names = list(sessions)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                sessions[name].run(None, feed)
-                times.append(time.perf_counter() - t0)
-            per[name].append(statistics.median(times) * 1e3)
-    return {k: statistics.median(v) for k, v in per.items()}
 
 
 def sqnr(ref: np.ndarray, out: np.ndarray) -> float:
@@ -70,6 +43,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     import corpus
+    from quantize import interleaved, session       # the same timing as the quantize benchmark
     from edgesmith.devices import get_device
     from edgesmith.model import from_proto, load
     from edgesmith.passes.fuse import fuse
@@ -97,7 +71,7 @@ def main() -> None:
     pruned = from_proto(pruned_proto, model)
     sessions = {"fp32": session(fused.proto), "int8": session(q_model.proto),
                 "pruned30": session(pruned.proto)}
-    lat = interleaved(sessions, held[:1], args.rounds)
+    lat = interleaved(sessions, held[:1], args.rounds, block=20)
     ref = np.concatenate([sessions["fp32"].run(None, {"input": held[i:i + 1]})[0]
                           for i in range(len(held))])
     out = np.concatenate([sessions["int8"].run(None, {"input": held[i:i + 1]})[0]

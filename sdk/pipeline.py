@@ -20,7 +20,7 @@ import onnx
 
 from . import __version__
 from . import bundle as bundles
-from .data import eval_batch, load_eval_set, reference_outputs
+from .data import eval_batch
 from .devices import Job, fingerprint, get_device
 from .errors import EdgesmithError, StageError
 from .measure import Candidate, Spread, interleave, measure
@@ -199,21 +199,18 @@ def build_context(model_path, out_dir, device, calib, eval_path, train, cfg: Opt
     if facts.get("emulated"):
         notes.append(f"{dev.name} is emulated ({facts.get('cpu')}): latencies, and the choice "
                      "made by them, are not meaningful; accuracy and deployment are")
-    if calib is None and eval_path is not None:
-        calib = eval_path
-        notes.append("calibrated on the eval set (no --calib given): accuracy of int8 "
-                     "candidates is slightly optimistic; pass --calib for an unbiased figure")
     fused_proto, _ = fuse(original.proto)
     fused = from_proto(fused_proto, original, original.path)
     batch = eval_batch(original)
     quant, judge = None, None
-    if calib is not None:
-        quant = quant_data(original, calib, eval_path)
+    if calib is None and train is not None:       # training samples are never judging samples
+        calib = train
+        notes.append("calibrated on the --train samples (no --calib given)")
+    if calib is not None or eval_path is not None:
+        # eval only: calibrate on part of it, judge on the rest (never on calibration samples)
+        quant = quant_data(original, calib or eval_path, eval_path if calib else None)
         notes += quant.notes
         judge = quant.eval
-    elif eval_path is not None:
-        judge = load_eval_set(eval_path, original)
-        judge.refs = reference_outputs(original, judge, batch)
     else:
         notes.append("no --eval or --calib: no candidate's accuracy can be judged, so only fp32 "
                      "can meet the accuracy budget")

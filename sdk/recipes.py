@@ -174,8 +174,8 @@ def quant_data(model: Model, calib, eval_path=None, holdout: float = 0.25,
         if len(_batched(calib_inputs, batch, fixed)) and n_held >= (batch if fixed else 1):
             feeds = _batched(calib_inputs, batch, fixed)
             judge = EvalData(held, held_labels, {}, n_held)
-            notes.append(f"no --eval: fidelity judged on {n_held} calibration samples held out "
-                         "from calibration")
+            notes.append(f"judged on {n_held} samples of {Path(calib).name} held out from "
+                         "calibration (no separate judging set was given)")
         else:
             judge = EvalData({k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]},
                              None, {}, sum(len(next(iter(f.values()))) for f in feeds))
