@@ -95,3 +95,45 @@ def test_quantize_tune_optimize(built, kind, export, tmp_path):
     assert report["candidates"] and (out / "model.onnx").is_file()
     if proc.returncode == 1:
         assert report["chosen"] is None and "no candidate met the budget" in proc.stdout
+
+
+@pytest.mark.parametrize("kind, export", VARIANTS)
+def test_training_interpreter_computes_what_onnxruntime_computes(built, kind, export):
+    """Distillation (and every trained variant) runs the graph as a torch module: it must
+    compute what onnxruntime computes on every export of every kind, or refuse by op name."""
+    from edgesmith.errors import EdgesmithError
+    from edgesmith.passes.onnx_torch import to_torch
+
+    model, data = model_and_data(built, kind, export)
+    x = np.load(data)["input"][:1]
+    try:
+        expected = outputs(model, x)
+    except Exception:   # noqa: BLE001 - an export no runtime loads (test_fuse_profile_prune)
+        return
+    try:
+        module = to_torch(__import__("onnx").load(model))
+    except EdgesmithError as exc:
+        pytest.fail(f"{kind}-{export}: {exc}")
+    with torch.no_grad():
+        got = module(torch.from_numpy(x))
+    for a, b in zip(expected, got if isinstance(got, tuple) else (got,)):
+        np.testing.assert_allclose(b.numpy(), a, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(a).max()))
+
+
+@pytest.mark.parametrize("kind, export", ONE_PER_KIND)
+def test_prune_then_distill(built, kind, export, tmp_path):
+    """The pruned student of every kind trains against its teacher on all its outputs, and the
+    written model is the trained module (checked inside distill against onnxruntime)."""
+    model, data = model_and_data(built, kind, export)
+    student = tmp_path / "pruned.onnx"
+    proc = run_cli("prune", model, "--ratio", "0.3", "--calib", data, "-o", student)
+    if proc.returncode != 0:          # nothing prunable (the transformer): distil the original
+        student = model
+    out, js = tmp_path / "student.onnx", tmp_path / "d.json"
+    proc = run_cli("distill", "--teacher", model, "--student", student, "--data", data,
+                   "--epochs", "2", "-o", out, "--json", js)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads(js.read_text())["metrics"]
+    assert m["sqnr_db_after"] >= m["sqnr_db_before"]
+    x = np.load(data)["input"][:1]
+    assert [o.shape for o in outputs(out, x)] == [o.shape for o in outputs(model, x)]

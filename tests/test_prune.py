@@ -158,6 +158,39 @@ def test_distillation_recovers_a_half_pruned_digits_cnn(models, tmp_path):
     onnx.checker.check_model(onnx.load(out))
 
 
+def test_distillation_trains_every_output_and_keeps_the_best_epoch(models):
+    """A student with a feature-map output beside its logits (as detector and OCR heads are not
+    class scores): both outputs are trained, fidelity is judged on held-out samples, and the
+    weights of the best epoch are kept."""
+    pytest.importorskip("torch")
+    from device_runtime.evaluate import EvalData
+    from edgesmith.passes.distill import DistillConfig, distill
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import digits
+    x_train, y_train, x_test, y_test = digits.load(8)
+    teacher = onnx.load(models / "digits_cnn.onnx")
+    feature = "/features/features.1/features.1.2/Clip_output_0"
+    teacher.graph.output.append(helper.make_tensor_value_info(
+        feature, TensorProto.FLOAT, ["batch", None, None, None]))
+    student, _ = prune_channels(teacher, PruneConfig(ratio=0.5, input_shapes={
+        "input": [1, 1, 8, 8]}))
+    train = EvalData({"input": x_train}, y_train.astype(np.int64), {}, len(x_train))
+    held_out = EvalData({"input": x_test}, y_test.astype(np.int64), {}, len(x_test))
+    trained, report = distill(student, DistillConfig(teacher, train, held_out, epochs=10))
+    m = report.metrics
+    assert m["sqnr_db_after"] > m["sqnr_db_before"] + 3 and m["best_epoch"] > 0
+    assert m["student_top1_after"] > m["student_top1_before"]
+    session = ort.InferenceSession(trained.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits, fmap = session.run(None, {"input": x_test[:4]})
+    assert logits.shape == (4, 10) and fmap.ndim == 4
+    # a student already equal to its teacher cannot be improved: it keeps its own weights
+    same, report = distill(teacher, DistillConfig(teacher, train, held_out, epochs=1))
+    assert report.metrics["best_epoch"] == 0 and "kept its own weights" in report.details[-1]
+    assert [t.raw_data for t in same.graph.initializer] == \
+        [t.raw_data for t in teacher.graph.initializer]
+
+
 def test_cli_prune_reports_and_unstructured(models, tmp_path):
     out = tmp_path / "p.onnx"
     proc = run_cli("prune", models / "digits_mnv2.onnx", "--ratio", "0.3", "-o", out,

@@ -226,7 +226,7 @@ def distill(teacher, student, data, eval_path, epochs, batch_size, lr, temperatu
     from ..passes.distill import DistillConfig, distill as run_distill
     from ..report import write_json
 
-    t, s = load(teacher), load(student)
+    t, s = load(teacher, data=data), load(student, data=data)
     train = load_training_set(data, s)
     ev = load_eval_set(eval_path, s) if eval_path else None
     progress = None if json_out else (

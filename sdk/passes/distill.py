@@ -1,10 +1,12 @@
 """Knowledge distillation: a teacher ONNX model (run by onnxruntime) trains a student ONNX model.
 
-Soft targets are the teacher's logits, computed once per config (a caller distilling several
-students from one teacher passes them in `soft_targets`). The student runs
-as a torch module built from its own graph (`onnx_torch`, beside this file), trains with
-KL(softmax(s/T) || softmax(t/T)) * T^2 + alpha * CE(s, labels), and its weights go back into the
-same graph, which is then checked against onnxruntime. Needs the `train` extra (torch).
+Soft targets are the teacher's outputs, computed once per config (a caller distilling several
+students from one teacher passes them in `soft_targets`). The student runs as a torch module
+built from its own graph (`onnx_torch`, beside this file) and trains on every output: a
+classifier's logits with KL(softmax(s/T) || softmax(t/T)) * T^2 + alpha * CE(s, labels), other
+outputs (detector heads, OCR sequences, maps) with MSE relative to the teacher's energy. Its
+weights go back into the same graph, which is then checked against onnxruntime. Exports with a
+fixed batch train by gradient accumulation. Needs the `train` extra (torch).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ class DistillConfig:
     teacher: onnx.ModelProto = None   # the model whose soft targets supervise
     data: EvalData = None             # training inputs (+ optional labels)
     eval_data: EvalData | None = None   # held-out set: top-1 before/after in the report
-    soft_targets: np.ndarray | None = None   # teacher logits on `data`, if computed already
+    soft_targets: object = None       # TeacherOutputs on `data`, if computed already
     on_epoch: object = None           # callback(epoch, epochs, loss) for progress
     epochs: int = 10
     batch_size: int = 64
@@ -58,104 +60,217 @@ def _torch():
     return torch
 
 
-def soft_targets(teacher: onnx.ModelProto, data: EvalData, batch: int = 256) -> np.ndarray:
-    """Teacher logits for every sample (onnxruntime on the host, in memory)."""
+@dataclass
+class TeacherOutputs:
+    """The teacher's outputs on the training set, batch axis first, so a student of any output
+    layout (a classifier's [N, C], a CRNN's [T, N, C], a detector's [N, 84, A]) trains on them."""
+    outputs: list[np.ndarray]
+    batch_axes: list[int]     # where the batch is in each model output
+    fixed_batch: int | None   # the model's batch size when the export fixed it
+
+
+def _session(model: onnx.ModelProto):
     import onnxruntime as ort
 
-    session = ort.InferenceSession(teacher.SerializeToString(), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _run(session, data: EvalData, start: int, stop: int) -> list[np.ndarray]:
+    return session.run(None, {k: v[start:stop] for k, v in data.inputs.items()})
+
+
+def soft_targets(teacher: onnx.ModelProto, data: EvalData, batch: int = 64) -> TeacherOutputs:
+    """Teacher outputs for every sample (onnxruntime on the host, in memory)."""
+    session = _session(teacher)
     fixed = session.get_inputs()[0].shape[0]
-    step = fixed if isinstance(fixed, int) else batch
-    outs = []
-    for start in range(0, data.n, step):
-        feed = {k: v[start:start + step] for k, v in data.inputs.items()}
-        outs.append(session.run(None, feed)[0])
-    return np.concatenate(outs).astype(np.float32)
+    fixed = fixed if isinstance(fixed, int) and fixed > 0 else None
+    if fixed is not None and fixed > 1 and data.n % fixed:
+        raise EdgesmithError(f"the model's batch is fixed at {fixed}, and {data.n} training "
+                             f"samples do not divide into it; give a multiple of {fixed}")
+    if fixed is None and data.n > 1:    # the batch axis is the one that grows with the batch
+        one, two = _run(session, data, 0, 1), _run(session, data, 0, 2)
+        axes = [next((i for i, (a, b) in enumerate(zip(o.shape, t.shape)) if a != b), 0)
+                for o, t in zip(one, two)]
+    else:
+        axes = [next((i for i, d in enumerate(o.shape) if d == (fixed or 1)), 0)
+                for o in _run(session, data, 0, fixed or 1)]
+    step = fixed or batch
+    chunks = [_run(session, data, i, i + step) for i in range(0, data.n, step)]
+    outputs = [np.concatenate([np.moveaxis(c[k], axes[k], 0) for c in chunks]).astype(np.float32)
+               for k in range(len(axes))]
+    return TeacherOutputs(outputs, axes, fixed)
+
+
+def _is_logits(t: np.ndarray) -> bool:
+    return t.ndim == 2 and t.shape[1] > 1
 
 
 def evaluate(model: onnx.ModelProto, data: EvalData) -> float | None:
-    """Top-1 of `model` on `data` with onnxruntime (None without labels)."""
-    import onnxruntime as ort
-
+    """Top-1 of a classifier `model` on `data` with onnxruntime (None without labels, or when
+    the first output is not [N, classes])."""
     if data.labels is None:
         return None
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    preds = [session.run(None, {k: v[i:i + 256] for k, v in data.inputs.items()})[0].argmax(1)
-             for i in range(0, data.n, 256)]
-    return float(np.mean(np.concatenate(preds) == data.labels))
+    session = _session(model)
+    fixed = session.get_inputs()[0].shape[0]
+    fixed = fixed if isinstance(fixed, int) and fixed > 0 else None
+    if fixed and data.n % fixed:
+        return None
+    step = fixed or 256
+    outs = [_run(session, data, i, i + step)[0] for i in range(0, data.n, step)]
+    if not _is_logits(outs[0]):
+        return None
+    return float(np.mean(np.concatenate(outs).argmax(1) == data.labels))
+
+
+def _loss(student_outs, teacher: TeacherOutputs, idx, labels, cfg: DistillConfig, torch):
+    """KL on temperature-softened logits (+ CE on labels) for a classifier's [N, C] output;
+    elsewhere (boxes, maps, sequences) mean squared error relative to the teacher's energy."""
+    F = torch.nn.functional
+    total = 0.0
+    for k, (s, axis) in enumerate(zip(student_outs, teacher.batch_axes)):
+        s = torch.movedim(s, axis, 0)
+        t = torch.from_numpy(teacher.outputs[k][idx])
+        if _is_logits(teacher.outputs[k]):
+            T = cfg.temperature
+            total = total + F.kl_div(torch.log_softmax(s / T, 1), torch.softmax(t / T, 1),
+                                     reduction="batchmean") * T * T
+            if k == 0 and labels is not None and cfg.alpha > 0:
+                total = total + cfg.alpha * F.cross_entropy(s, labels[idx])
+        else:
+            total = total + ((s - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-12)
+    return total
+
+
+@dataclass
+class _Trainer:
+    """One student's training state: the module, its data as tensors, and the step sizes."""
+    module: object
+    inputs: list
+    labels: object
+    teacher: TeacherOutputs
+    batch: int
+    micro: int      # a fixed-batch export trains by accumulating micro-batches
+
+
+def _epoch(t: _Trainer, opt, sched, rng, cfg: DistillConfig, torch) -> float:
+    order = torch.from_numpy(rng.permutation(len(t.inputs[0])))
+    loss_sum = 0.0
+    for start in range(0, len(order), t.batch):
+        opt.zero_grad()
+        chunk = order[start:start + t.batch]
+        loss_sum = 0.0
+        for m in range(0, len(chunk), t.micro):
+            idx = chunk[m:m + t.micro]
+            xs = [x[idx] for x in t.inputs]
+            if cfg.shift and xs[0].dim() == 4:
+                dy, dx = (int(v) for v in rng.integers(-cfg.shift, cfg.shift + 1, 2))
+                xs[0] = torch.roll(xs[0], (dy, dx), (2, 3))
+            outs = t.module(*xs)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            loss = _loss(outs, t.teacher, idx, t.labels, cfg, torch) * len(idx) / len(chunk)
+            loss.backward()
+            loss_sum += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(t.module.parameters(), cfg.clip_grad_norm)
+        opt.step()
+        sched.step()
+    return loss_sum
+
+
+def _score(module, data: EvalData, targets: TeacherOutputs, micro: int, torch) -> tuple:
+    """(top-1, output SQNR dB vs the teacher) of the torch module on `data`: higher is better,
+    compared after every epoch so the best epoch is kept, not merely the last."""
+    xs = [torch.from_numpy(np.ascontiguousarray(data.inputs[n])) for n in module.inputs]
+    step = micro if targets.fixed_batch else 256
+    chunks = []
+    with torch.no_grad():
+        for i in range(0, data.n, step):
+            outs = module(*[x[i:i + step] for x in xs])
+            chunks.append([torch.movedim(o, a, 0).numpy() for o, a in
+                           zip(outs if isinstance(outs, tuple) else (outs,), targets.batch_axes)])
+    got = [np.concatenate([c[k] for c in chunks]) for k in range(len(targets.outputs))]
+    top1 = float(np.mean(got[0].argmax(1) == data.labels)) \
+        if data.labels is not None and _is_logits(got[0]) else 0.0
+    signal = sum(float(np.sum(t.astype(np.float64) ** 2)) for t in targets.outputs)
+    noise = sum(float(np.sum((t.astype(np.float64) - g) ** 2))
+                for t, g in zip(targets.outputs, got))
+    return top1, (99.0 if noise == 0 else 10 * float(np.log10(max(signal, 1e-30) / noise)))
 
 
 @register("distill")
 def distill(student: onnx.ModelProto, cfg: DistillConfig) -> tuple[onnx.ModelProto, PassReport]:
-    """Train `student` to match the config's teacher; returns the student with trained weights."""
+    """Train `student` to match the config's teacher; returns the student with the weights of
+    its best epoch on the judging samples (held-out when `eval_data` is given), which may be
+    its own weights when training made it no better."""
     torch = _torch()
     from .onnx_torch import to_torch, write_back
 
-    teacher, data, eval_data, progress = cfg.teacher, cfg.data, cfg.eval_data, cfg.on_epoch
-    report = PassReport("distill")
-    t0 = time.time()
-    logits = cfg.soft_targets if cfg.soft_targets is not None else soft_targets(teacher, data)
-    targets = torch.from_numpy(logits)
+    data, eval_data = cfg.data, cfg.eval_data
+    report, t0 = PassReport("distill"), time.time()
+    teacher = cfg.soft_targets if cfg.soft_targets is not None else \
+        soft_targets(cfg.teacher, data)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     module = to_torch(student)
-    names = module.inputs
-    inputs = [torch.from_numpy(np.ascontiguousarray(data.inputs[n])) for n in names]
-    labels = torch.from_numpy(data.labels.astype(np.int64)) if data.labels is not None else None
+    batch = min(cfg.batch_size, data.n)
+    micro = teacher.fixed_batch or batch
+    t = _Trainer(module, [torch.from_numpy(np.ascontiguousarray(data.inputs[n]))
+                          for n in module.inputs],
+                 torch.from_numpy(data.labels.astype(np.int64)) if data.labels is not None
+                 else None, teacher, max(micro, batch // micro * micro), micro)
     opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * int(np.ceil(data.n / cfg.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
-    T = cfg.temperature
-    before = evaluate(student, eval_data) if eval_data is not None else None
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.epochs * int(np.ceil(data.n / t.batch)))
+    judge = eval_data if eval_data is not None else data
+    judge_targets = soft_targets(cfg.teacher, eval_data) if eval_data is not None else teacher
+    best_score = first = _score(module, judge, judge_targets, micro, torch)
+    best_epoch, best_state = 0, {k: v.detach().clone() for k, v in module.state_dict().items()}
     loss_value = float("nan")
-    module.train()
-    for epoch in range(cfg.epochs):
-        order = torch.from_numpy(rng.permutation(data.n))
-        for start in range(0, data.n, cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            batch = [x[idx] for x in inputs]
-            if cfg.shift and batch[0].dim() == 4:
-                dy, dx = (int(v) for v in rng.integers(-cfg.shift, cfg.shift + 1, 2))
-                batch[0] = torch.roll(batch[0], (dy, dx), (2, 3))
-            logits = module(*batch)
-            loss = torch.nn.functional.kl_div(
-                torch.log_softmax(logits / T, 1), torch.softmax(targets[idx] / T, 1),
-                reduction="batchmean") * T * T
-            if labels is not None and cfg.alpha > 0:
-                loss = loss + cfg.alpha * torch.nn.functional.cross_entropy(logits, labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.clip_grad_norm)
-            opt.step()
-            sched.step()
-            loss_value = float(loss.detach())
-        if progress:
-            progress(epoch + 1, cfg.epochs, loss_value)
-    module.eval()
+    for epoch in range(1, cfg.epochs + 1):
+        loss_value = _epoch(t, opt, sched, rng, cfg, torch)
+        score = _score(module, judge, judge_targets, micro, torch)
+        if score > best_score:
+            best_score, best_epoch = score, epoch
+            best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        if cfg.on_epoch:
+            cfg.on_epoch(epoch, cfg.epochs, loss_value)
+    module.load_state_dict(best_state)
     trained = write_back(student, module)
-    _verify(trained, module, inputs, names, torch)
-    after = evaluate(trained, eval_data) if eval_data is not None else None
-    teacher_acc = evaluate(teacher, eval_data) if eval_data is not None else None
-    report.changed = 1
-    report.metrics.update(epochs=cfg.epochs, samples=data.n, final_loss=loss_value,
-                          seconds=time.time() - t0, student_top1_before=before,
-                          student_top1_after=after, teacher_top1=teacher_acc)
-    report.details.append(f"{cfg.epochs} epoch(s) on {data.n} samples, T={T}, alpha={cfg.alpha}"
-                          + (f"; top-1 {before:.4f} -> {after:.4f} (teacher {teacher_acc:.4f})"
-                             if after is not None else ""))
+    _verify(trained, module, t.inputs, module.inputs, teacher.fixed_batch or 8, torch)
+    _describe(report, cfg, judge, first, best_score, best_epoch)
+    report.changed = int(best_epoch > 0)
+    report.metrics.update(final_loss=loss_value, seconds=time.time() - t0)
     return trained, report
 
 
-def _verify(trained: onnx.ModelProto, module, inputs, names, torch) -> None:
-    """The written-back ONNX model must compute what the trained torch module computes."""
-    import onnxruntime as ort
+def _describe(report: PassReport, cfg: DistillConfig, judge: EvalData, first: tuple,
+              best: tuple, best_epoch: int) -> None:
+    where = "held-out" if cfg.eval_data is not None else "training"
+    top1 = judge.labels is not None and cfg.teacher is not None and first[0] + best[0] > 0
+    teacher_acc = evaluate(cfg.teacher, judge) if top1 else None
+    report.metrics.update(epochs=cfg.epochs, samples=cfg.data.n, best_epoch=best_epoch,
+                          sqnr_db_before=first[1], sqnr_db_after=best[1],
+                          student_top1_before=first[0] if top1 else None,
+                          student_top1_after=best[0] if top1 else None, teacher_top1=teacher_acc)
+    kept = (f"kept epoch {best_epoch}" if best_epoch else
+            "training did not improve the student, kept its own weights")
+    report.details.append(
+        f"{cfg.epochs} epoch(s) on {cfg.data.n} samples, T={cfg.temperature}, alpha={cfg.alpha}; "
+        f"{kept} (best on the {judge.n} {where} samples): output SQNR vs the teacher "
+        f"{first[1]:.1f} -> {best[1]:.1f} dB"
+        + (f"; top-1 {first[0]:.4f} -> {best[0]:.4f} (teacher {teacher_acc:.4f})"
+           if teacher_acc is not None else ""))
 
+
+def _verify(trained: onnx.ModelProto, module, inputs, names, probe_n: int, torch) -> None:
+    """The written-back ONNX model must compute what the trained torch module computes."""
     onnx.checker.check_model(trained)
-    probe = [x[:8] for x in inputs]
+    probe = [x[:probe_n] for x in inputs]
     with torch.no_grad():
-        expected = module(*probe).numpy()
-    session = ort.InferenceSession(trained.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(None, {n: p.numpy() for n, p in zip(names, probe)})[0]
-    err = float(np.max(np.abs(got - expected)))
-    if err > 1e-3 * max(1.0, float(np.max(np.abs(expected)))):
-        raise EdgesmithError(f"distilled model does not match its training graph (max error "
-                             f"{err:.2e}); please report this with the student model")
+        expected = module(*probe)
+    expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
+    got = _session(trained).run(None, {n: p.numpy() for n, p in zip(names, probe)})
+    for e, g in zip(expected, got):
+        err = float(np.max(np.abs(g - e)))
+        if err > 1e-3 * max(1.0, float(np.max(np.abs(e)))):
+            raise EdgesmithError(f"distilled model does not match its training graph (max "
+                                 f"error {err:.2e}); please report this with the student model")

@@ -53,6 +53,16 @@ def attr(node, name: str, default=None):
     return default
 
 
+def operand(node, inputs, index: int, name: str, default=None):
+    """An op's parameter however the exporter wrote it: input `index` (newer opsets; a tensor,
+    scalar or 1-element tensor, None when omitted) or attribute `name` (older opsets).
+    `inputs` holds the node's input values (initializer arrays, or tensors while running)."""
+    if len(inputs) > index and inputs[index] is not None:
+        return inputs[index]
+    value = attr(node, name)
+    return default if value is None else value
+
+
 def remove_nodes(graph: onnx.GraphProto, dead: list) -> None:
     ids = {id(n) for n in dead}
     keep = [n for n in graph.node if id(n) not in ids]
@@ -109,16 +119,12 @@ def clip_bounds(graph: Graph, node) -> tuple[float, float] | None:
     """A Clip's (min, max), however the exporter wrote them: attributes before opset 11, inputs
     after (scalars or 1-element tensors, or omitted = unbounded). None when a bound is computed
     at run time, so no rewrite can rely on it."""
-    if len(node.input) <= 1 and any(a.name in ("min", "max") for a in node.attribute):
-        return (float(attr(node, "min", UNBOUNDED[0])), float(attr(node, "max", UNBOUNDED[1])))
-    bounds = []
-    for i, default in ((1, UNBOUNDED[0]), (2, UNBOUNDED[1])):
-        name = node.input[i] if len(node.input) > i else ""
-        if not name:
-            bounds.append(default)
-            continue
-        value = graph.array(name)
-        if value is None or np.asarray(value).size != 1:
-            return None
-        bounds.append(float(np.asarray(value).reshape(-1)[0]))
-    return bounds[0], bounds[1]
+    names = list(node.input[1:3])
+    values = [None] + [graph.array(n) if n else None for n in names]
+    if any(n and v is None for n, v in zip(names, values[1:])):
+        return None
+    bounds = [np.asarray(operand(node, values, i, key, default))
+              for i, key, default in ((1, "min", UNBOUNDED[0]), (2, "max", UNBOUNDED[1]))]
+    if any(b.size != 1 for b in bounds):
+        return None
+    return float(bounds[0].reshape(-1)[0]), float(bounds[1].reshape(-1)[0])

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from . import PassReport, register
-from .graph import Graph, attr, static_shapes
+from .graph import Graph, attr, operand, static_shapes
 
 PASSTHROUGH = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish",
                "Elu", "Selu", "Softplus", "Identity", "Dropout", "MaxPool", "AveragePool",
@@ -175,11 +175,9 @@ def _analyse(model: onnx.ModelProto, graph: Graph, shapes: dict):
 def _split_sizes(node, graph: Graph) -> list[int] | None:
     """Explicit split sizes (input since opset 13, attribute before); None for an even split
     by count, which pruning could not keep even."""
-    if len(node.input) > 1 and node.input[1]:
-        sizes = graph.array(node.input[1])
-        return None if sizes is None else [int(v) for v in sizes]
-    sizes = attr(node, "split")
-    return [int(v) for v in sizes] if sizes else None
+    values = [None] + [graph.array(n) if n else None for n in node.input[1:2]]
+    sizes = operand(node, values, 1, "split")
+    return None if sizes is None or not len(sizes) else [int(v) for v in sizes]
 
 
 def _reason_counts(uf: _Channels) -> dict[str, int]:
