@@ -3,7 +3,8 @@
 Ratios measured in one run, 1 thread, interleaved (rotating order, median of rounds):
 int8 latency vs fp32 and its output SQNR on held-out inputs (goal <= 0.70x at >= 25 dB); 30 %
 structured pruning: MACs ratio (goal <= 0.75x) and latency ratio (goal within 1.25x of the MACs
-ratio). The detector comes from tests/corpus.py (seeded random weights: fidelity is judged
+ratio), for kept channel counts in multiples of 8 and 16 (the matched target profile's
+`channel_multiple` is the one `prune` and `optimize` use; this measures that choice). The detector comes from tests/corpus.py (seeded random weights: fidelity is judged
 against its own fp32 outputs). Needs the `train` extra (torch) to build the corpus.
 
     python benchmarks/real_models.py [--size 320] [--rounds 7]
@@ -50,6 +51,7 @@ def main() -> None:
     from edgesmith.passes.prune import PruneConfig, prune_channels
     from edgesmith.data import reference_outputs
     from edgesmith.recipes import QuantData, choose_recipe
+    from edgesmith.targets import match
 
     print(f"CPU: {cpu_name()}; 1 thread; YOLOv8-style detector at {args.size}x{args.size}")
     path = corpus.build([("yolo", "ts17")])[("yolo", "ts17")]
@@ -66,24 +68,31 @@ def main() -> None:
     q_model, report = choose_recipe(fused, get_device("local"), QuantData(calib, judge, 1),
                                     max_accuracy_drop=0.0)
     print(f"int8 search: {report.summary} ({time.time() - t0:.0f} s)")
-    pruned_proto, prep = prune_channels(fused.proto, PruneConfig(ratio=0.3,
-                                                                input_shapes=model.input_shapes))
-    pruned = from_proto(pruned_proto, model)
+    device = get_device("local")
+    profile = match(device.facts()).profile
+    multiples = sorted({8, 16, profile.channel_multiple})
+    pruned, prep = {}, {}
+    for k in multiples:          # the target's channel multiple, measured against the others
+        proto, prep[k] = prune_channels(fused.proto, PruneConfig(
+            ratio=0.3, input_shapes=model.input_shapes, round_to=k))
+        pruned[k] = from_proto(proto, model)
     sessions = {"fp32": session(fused.proto), "int8": session(q_model.proto),
-                "pruned30": session(pruned.proto)}
+                **{f"pruned30/{k}": session(pruned[k].proto) for k in multiples}}
     lat = interleaved(sessions, held[:1], args.rounds, block=20)
     ref = np.concatenate([sessions["fp32"].run(None, {"input": held[i:i + 1]})[0]
                           for i in range(len(held))])
     out = np.concatenate([sessions["int8"].run(None, {"input": held[i:i + 1]})[0]
                           for i in range(len(held))])
-    macs = pruned.facts.macs / fused.facts.macs
-    print(f"latency p50 ms: fp32 {lat['fp32']:.2f}  int8 {lat['int8']:.2f}  "
-          f"pruned30 {lat['pruned30']:.2f}")
+    print("latency p50 ms: " + "  ".join(f"{k} {v:.2f}" for k, v in lat.items()))
     print(f"int8: {lat['int8'] / lat['fp32']:.2f}x fp32 latency (goal <= 0.70) at "
           f"{sqnr(ref, out):.1f} dB output SQNR on held-out inputs (goal >= 25)")
-    print(f"prune 30%: MACs {macs:.2f}x (goal <= 0.75), latency {lat['pruned30'] / lat['fp32']:.2f}x"
-          f" = {lat['pruned30'] / lat['fp32'] / macs:.2f} x the MACs ratio (goal <= 1.25); "
-          f"{len(prep.metrics.get('skipped', {}))} producer(s) frozen")
+    for k in multiples:
+        macs = pruned[k].facts.macs / fused.facts.macs
+        ratio = lat[f"pruned30/{k}"] / lat["fp32"]
+        mark = f" <- target {profile.name}'s multiple" if k == profile.channel_multiple else ""
+        print(f"prune 30%, channels in multiples of {k}: MACs {macs:.2f}x (goal <= 0.75), "
+              f"latency {ratio:.2f}x = {ratio / macs:.2f} x the MACs ratio (goal <= 1.25); "
+              f"{len(prep[k].metrics.get('skipped', {}))} producer(s) frozen{mark}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ class TargetProfile:
     excludes_features: list[str] = field(default_factory=list)
     cpu_models: list[str] = field(default_factory=list)
     gpu: str | None = None          # "jetson" or "nvidia": needs that GPU in the device facts
+    # pruned channel counts are kept multiples of this: onnxruntime's x86 conv kernels block
+    # channels by the vector width (NCHWc: 16 fp32 lanes with AVX-512, 8 with AVX2), and a
+    # count off the block costs reorders (benchmarks/real_models.py measures 8 against 16)
+    channel_multiple: int = 8
     measure: dict = field(default_factory=dict)
     search: dict = field(default_factory=dict)
     path: str = ""
@@ -94,9 +98,10 @@ def load_profile(path) -> TargetProfile:
             continue
         if not isinstance(data[name], list):
             raise EdgesmithError(f"target profile {path}: field {name!r} must be a list")
-    for name in ("cores", "memory_mb"):
-        if not isinstance(data[name], int):
-            raise EdgesmithError(f"target profile {path}: field {name!r} must be an integer")
+    for name in ("cores", "memory_mb", "channel_multiple"):
+        if name in data and (not isinstance(data[name], int) or data[name] < 1):
+            raise EdgesmithError(f"target profile {path}: field {name!r} must be a positive "
+                                 "integer")
     return TargetProfile(**data, path=str(path))
 
 
@@ -173,6 +178,7 @@ def generic_profile(facts: dict) -> TargetProfile:
         memory_mb=max(1, int(facts.get("memory_mb") or 1024)), backends=backends,
         providers=list(facts.get("ort_providers") or ["CPUExecutionProvider"]),
         precisions=["fp32", "int8"], measure={"warmup": 10, "runs": 50, "min_time_s": 1.0},
+        channel_multiple=16 if "avx512f" in facts.get("cpu_flags", []) else 8,
         search={"threads": threads, "allow_spinning": [True, False],
                 "graph_optimization_level": ["all", "extended"]})
 

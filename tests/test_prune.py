@@ -191,6 +191,30 @@ def test_distillation_trains_every_output_and_keeps_the_best_epoch(models):
         [t.raw_data for t in teacher.graph.initializer]
 
 
+def test_kept_channels_follow_the_targets_vector_width(tmp_path):
+    """AVX-512 blocks conv channels by 16, AVX2 by 8: a pruned count off the block costs
+    onnxruntime reorders (measured in benchmarks/real_models.py), so the target decides."""
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1] * 4),
+         helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Conv", ["r", "w2"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+        [init("w1", 64, 3, 3, 3), init("w2", 8, 64, 1, 1)]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    kept = {}
+    for target in ("x86-avx2", "x86-avx512-vnni"):     # 64 * 0.6 = 38 channels before rounding
+        out = tmp_path / f"{target}.onnx"
+        proc = run_cli("prune", path, "--ratio", "0.4", "--target", target, "-o", out)
+        assert proc.returncode == 0, proc.stderr
+        conv = onnx.load(out).graph.node[0]
+        kept[target] = next(numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer
+                            if t.name == conv.input[1]).shape[0]
+    assert kept == {"x86-avx2": 40, "x86-avx512-vnni": 32}
+
+
 def test_cli_prune_reports_and_unstructured(models, tmp_path):
     out = tmp_path / "p.onnx"
     proc = run_cli("prune", models / "digits_mnv2.onnx", "--ratio", "0.3", "-o", out,

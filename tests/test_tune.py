@@ -33,6 +33,7 @@ def test_all_shipped_profiles_load():
     (lambda t: t.replace('cores = 4\n', ''), "missing field(s) ['cores']"),
     (lambda t: t.replace('precisions = ["fp32", "int8"]', 'precisions = "fp32"'), "'precisions'"),
     (lambda t: "bogus = 1\n" + t, "unknown field(s) ['bogus']"),
+    (lambda t: "channel_multiple = 0\n" + t, "'channel_multiple' must be a positive integer"),
     (lambda t: t.replace("[measure]", "[measure\n"), "cannot read it"),
 ])
 def test_broken_profile_names_file_and_field(tmp_path, edit, words):

@@ -107,13 +107,15 @@ def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accep
 @click.option("--global-ranking", is_flag=True, help="rank channels across layers, not per layer")
 @click.option("--layer-ratio", multiple=True, help="NODE=RATIO for one layer (repeatable)")
 @click.option("--n-m", help="unstructured N:M sparsity, e.g. 2:4")
+@click.option("--target", help="target profile whose channel multiple the kept channel counts "
+              "follow (default: the profile matching this machine)")
 @click.option("--allow-noop", is_flag=True,
               help="exit 0 even when structured pruning removes < 5%% of MACs")
 @input_shape_option
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
 @json_option()
 def prune(model, ratio, structured, importance, calib, eval_path, global_ranking, layer_ratio,
-          n_m, allow_noop, input_shape, out, json_out):
+          n_m, target, allow_noop, input_shape, out, json_out):
     """Remove channels from MODEL's graph (structured) or zero small weights (unstructured)."""
     from ..model import from_proto, load, parse_input_shapes, save
     from ..passes.prune import (PruneConfig, UnstructuredConfig, activation_means,
@@ -129,9 +131,11 @@ def prune(model, ratio, structured, importance, calib, eval_path, global_ranking
                     raise EdgesmithError("--importance activation needs --calib data")
                 from ..data import calibration_batches
                 means = activation_means(m.proto, list(calibration_batches(calib, m, 16, 256)))
+            profile = _prune_target(target)
             cfg = PruneConfig(ratio=ratio, layer_ratios=_layer_ratios(layer_ratio),
                               importance=importance, global_ranking=global_ranking,
-                              activation_means=means, input_shapes=m.input_shapes)
+                              activation_means=means, input_shapes=m.input_shapes,
+                              round_to=profile.channel_multiple)
             pruned, report = prune_channels(m.proto, cfg)
         else:
             pruned, report = prune_unstructured(m.proto, UnstructuredConfig(ratio, n_m=_n_m(n_m)))
@@ -154,6 +158,10 @@ def prune(model, ratio, structured, importance, calib, eval_path, global_ranking
                        "`edgesmith distill` recovers accuracy)")
             continue
         click.echo(f"{key:<11} {a:>14,} -> {b:>14,}  ({b / max(a, 1):.2f}x)")
+    if structured:
+        k = profile.channel_multiple
+        click.echo(f"  kept channel counts are multiples of {k} in layers of {2 * k} channels "
+                   f"or more (target {profile.name})")
     for line in report.details:
         click.echo(f"  {line}")
     for node, why in report.metrics.get("skipped", {}).items():
@@ -166,6 +174,14 @@ def prune(model, ratio, structured, importance, calib, eval_path, global_ranking
                    "--allow-noop to write it anyway)", err=True)
         sys.exit(1)
     click.echo(f"wrote {out}")
+
+
+def _prune_target(name: str | None):
+    """The profile a pruned model is shaped for: the named one, else this machine's."""
+    from ..devices import get_device
+    from ..targets import get_profile, match
+
+    return get_profile(name) if name else match(get_device("local").facts()).profile
 
 
 def _layer_ratios(items) -> dict:
