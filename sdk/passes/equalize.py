@@ -33,6 +33,8 @@ def _pairs(graph: Graph) -> list[tuple]:
     for conv1 in graph.g.node:
         if conv1.op_type != "Conv" or graph.array(conv1.input[1]) is None:
             continue
+        if len(conv1.input) > 2 and conv1.input[2] and graph.array(conv1.input[2]) is None:
+            continue          # a bias computed at run time (a Constant node) cannot be rescaled
         act = graph.only_consumer(conv1.output[0])
         nxt = act
         if act is not None and act.op_type in ("Relu", "Clip"):
