@@ -25,9 +25,10 @@ from .errors import EdgesmithError
 from .measure import Candidate, interleave, measure
 from .model import Model, from_proto
 from .passes.equalize import BiasCorrectConfig, EqualizeConfig, bias_correct, equalize
-from .sensitivity import layer_sensitivity
 from .passes.quantize import (QuantizeConfig, QuantRecipe, preprocess, quantize_dynamic,
                               quantize_static, to_fp16)
+from .passes.reconstruct import ReconstructConfig, reconstruct
+from .sensitivity import layer_sensitivity
 
 MAX_FLOAT_LAYERS = 16        # mixed precision stops here: more float layers than this is no int8
 
@@ -57,7 +58,8 @@ BASE_RECIPES = {r.name: r for r in [
     QuantRecipe("dynamic-int8", dynamic=True), QuantRecipe("fp16", fp16=True),
     QuantRecipe("ort-default", activations="S8", per_channel=False)]}
 REPAIRS = {"percentile": {"calibration": "percentile"},
-           "cle-bc": {"equalize": True, "bias_correction": True}}
+           "cle-bc": {"equalize": True, "bias_correction": True},
+           "adaround": {"reconstruct": True}}
 
 
 def x86_vnni(flags: set) -> bool:
@@ -203,7 +205,12 @@ def build_recipe(prepared: onnx.ModelProto, recipe: QuantRecipe, batches: list[d
         float_model, rep = bias_correct(float_model, BiasCorrectConfig(recipe, batches))
         reports.append(rep)
     proto, rep = quantize_static(float_model, QuantizeConfig(recipe, batches, calibration_cache))
-    return proto, reports + [rep]
+    reports.append(rep)
+    if recipe.reconstruct:
+        proto, rep = reconstruct(proto, ReconstructConfig(float_model, batches,
+                                                          recipe.weight_range))
+        reports.append(rep)
+    return proto, reports
 
 
 class RecipeSearch:

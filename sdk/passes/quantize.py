@@ -48,6 +48,7 @@ class QuantRecipe:
     fp16: bool = False
     equalize: bool = False               # cross-layer equalization before calibration
     bias_correction: bool = False
+    reconstruct: bool = False            # learned weight rounding (AdaRound) after calibration
 
     def __post_init__(self):
         checks = {"format": (self.format, ("QDQ", "QOperator")),
@@ -61,6 +62,13 @@ class QuantRecipe:
             raise ValueError(f"QuantRecipe.percentile must be in [90, 100], got {self.percentile}")
         if self.dynamic and self.fp16:
             raise ValueError("QuantRecipe: dynamic and fp16 exclude each other")
+
+    @property
+    def weight_range(self) -> tuple[int, int]:
+        """The integer grid onnxruntime quantizes this recipe's weights to."""
+        if self.weights == "S8":
+            return (-64, 64) if self.reduce_range else (-127, 127)
+        return (0, 127) if self.reduce_range else (0, 255)
 
     @property
     def precision(self) -> str:
