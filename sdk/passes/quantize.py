@@ -48,6 +48,7 @@ class QuantRecipe:
     fp16: bool = False
     equalize: bool = False               # cross-layer equalization before calibration
     bias_correction: bool = False
+    refine_ranges: bool = False          # MSE-optimal activation ranges after calibration
     reconstruct: bool = False            # learned weight rounding (AdaRound) after calibration
 
     def __post_init__(self):

@@ -1,0 +1,106 @@
+"""The int8 accuracy repairs (MSE ranges, percentile, CLE + bias correction, AdaRound) against
+rounding to nearest and onnxruntime's defaults, in one run.
+
+    python benchmarks/reconstruct.py [--models imagenet_mnv2 digits_resnet digits_mnv2]
+
+Judged on held-out data only: the ImageNet MobileNetV2 (examples/imagenet_mobilenetv2.py: real
+torchvision weights, real photos) calibrates on crops of the first 7 photos and is judged on
+crops of the other 4; the digits models calibrate on 3/4 of their eval set and are judged on
+the rest. Per method: held-out output SQNR and top-1 agreement with fp32, latency vs fp32
+(interleaved, batch 1, 1 thread) and the time to quantize on the host. Goals (issue 18, for the
+ImageNet MobileNetV2): SQNR >= 18 dB and agreement >= 0.85 at <= 0.75x fp32 latency.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "examples" / "models"
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "examples")]
+
+METHODS = ["qdq-u8s8", "qdq-u8s8-mse", "qdq-u8s8-percentile", "qdq-u8s8-cle-bc",
+           "qdq-u8s8-adaround", "qdq-u8s8-percentile-adaround", "qdq-u8s8-mse-adaround"]
+
+
+def data(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration inputs, held-out inputs) that share no source."""
+    if name == "imagenet_mnv2":
+        import imagenet_mobilenetv2 as photos
+        per = 8
+        x = photos.photos(crops_per_photo=per)
+        return x[:7 * per], x[7 * per:]
+    x = np.load(MODELS / f"{name}_eval.npz")["input"]
+    cut = len(x) * 3 // 4
+    return x[:cut], x[cut:]
+
+
+def ort_defaults(path: Path, calib: np.ndarray):
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input": calib[i:i + 1]} for i in range(len(calib))])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "q.onnx"
+        quantize_static(str(path), str(out), Reader())
+        return onnx.load(str(out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["imagenet_mnv2", "digits_resnet"])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    args = parser.parse_args()
+    from quantize import interleaved, session
+    from real_models import cpu_name, sqnr
+    from edgesmith.model import load
+    from edgesmith.passes.quantize import preprocess
+    from edgesmith.recipes import build_recipe, recipe_by_name
+
+    print(f"CPU: {cpu_name()}; 1 thread; held-out judging")
+    for name in args.models:
+        path = MODELS / f"{name}.onnx"
+        if not path.is_file():
+            print(f"{name}: {path} missing (imagenet_mnv2: python examples/imagenet_mobilenetv2.py)")
+            continue
+        calib, held = data(name)
+        model = load(path, {"input": [1, *calib.shape[1:]]})
+        prepared, _ = preprocess(model.proto, model.input_shapes)
+        batches = [{"input": calib[i:i + 8]} for i in range(0, len(calib), 8)]
+        built, seconds = {"fp32": prepared}, {}
+        t0 = time.time()
+        built["ort-defaults"] = ort_defaults(path, calib)
+        seconds["ort-defaults"] = time.time() - t0
+        for method in args.methods:
+            t0 = time.time()
+            built[method], _ = build_recipe(prepared, recipe_by_name(method), batches)
+            seconds[method] = time.time() - t0
+        sessions = {k: session(v) for k, v in built.items()}
+        lat = interleaved(sessions, held[:1], args.rounds, block=10)
+        ref = np.concatenate([sessions["fp32"].run(None, {"input": held[i:i + 1]})[0]
+                              for i in range(len(held))])
+        print(f"\n{name}: calibrated on {len(calib)}, judged on {len(held)} held-out inputs")
+        print(f"{'method':30s} {'SQNR dB':>8s} {'agree':>6s} {'vs fp32':>8s} {'quantize s':>10s}")
+        for k, s in sessions.items():
+            out = np.concatenate([s.run(None, {"input": held[i:i + 1]})[0]
+                                  for i in range(len(held))])
+            agree = float(np.mean(out.argmax(1) == ref.argmax(1)))
+            print(f"{k:30s} {sqnr(ref, out):8.1f} {agree:6.3f} {lat[k] / lat['fp32']:7.2f}x "
+                  f"{seconds.get(k, 0):10.0f}")
+
+
+if __name__ == "__main__":
+    main()
