@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .passes.graph import probe_session
+
 
 def _upstream(graph_nodes: list, producer: dict, tensor: str, quantized: set) -> set[str]:
     """Outputs of the nearest Conv/Gemm/MatMul nodes feeding `tensor` (through any other op)."""
@@ -32,8 +34,6 @@ def layer_sensitivity(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto
     by layer like ORT's qdq_loss_debug: the noise-to-signal ratio of its output minus that of
     the nearest quantized layers upstream (worst first). Only compute-node outputs are compared: ORT's QDQ rewrite keeps
     their names, while activations in between are folded into quantization ranges."""
-    import onnxruntime as ort
-
     nodes = [n for n in float_proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
              and n.name]
     names = {n.name for n in nodes}
@@ -61,20 +61,10 @@ def layer_sensitivity(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto
     producer.update({layer_out[n.name]: n for n in nodes})
     tensors = sorted(set(layer_out.values()))
 
-    def session(proto, wanted):
-        m = onnx.ModelProto()
-        m.CopyFrom(proto)
-        have = {o.name for o in m.graph.output}
-        m.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
-                              for t in wanted if t not in have)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        return ort.InferenceSession(m.SerializeToString(), opts,
-                                    providers=["CPUExecutionProvider"])
-
     common = [t for t in tensors if in_quant(t)]
     qnames = [in_quant(t) for t in common]
-    fs, qs = session(float_proto, common), session(quant_proto, qnames)
+    fs, qs = (probe_session(float_proto, common, optimize=False),
+              probe_session(quant_proto, qnames, optimize=False))
     signal = dict.fromkeys(common, 0.0)
     noise = dict.fromkeys(common, 0.0)
     for feed in batches[:4]:

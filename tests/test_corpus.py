@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -34,6 +35,17 @@ def model_and_data(built, kind, export):
 def outputs(path, x):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x})
+
+
+def runnable(built, kind, export):
+    """(model, one input, onnxruntime's outputs), or outputs None for an export no runtime
+    loads (test_fuse_profile_prune checks that every command refuses it in one line)."""
+    model, data = model_and_data(built, kind, export)
+    x = np.load(data)["input"][:1]
+    try:
+        return model, x, outputs(model, x)
+    except Exception:   # noqa: BLE001 - the exporter wrote a model no runtime loads
+        return model, x, None
 
 
 def refusal_is_one_line(proc) -> bool:
@@ -104,14 +116,11 @@ def test_training_interpreter_computes_what_onnxruntime_computes(built, kind, ex
     from edgesmith.errors import EdgesmithError
     from edgesmith.passes.onnx_torch import to_torch
 
-    model, data = model_and_data(built, kind, export)
-    x = np.load(data)["input"][:1]
-    try:
-        expected = outputs(model, x)
-    except Exception:   # noqa: BLE001 - an export no runtime loads (test_fuse_profile_prune)
+    model, x, expected = runnable(built, kind, export)
+    if expected is None:
         return
     try:
-        module = to_torch(__import__("onnx").load(model))
+        module = to_torch(onnx.load(model))
     except EdgesmithError as exc:
         pytest.fail(f"{kind}-{export}: {exc}")
     with torch.no_grad():
@@ -151,17 +160,12 @@ def test_every_pass_alone_on_every_export(built, kind, export):
     exact passes keep the outputs, lossy ones produce a model that runs, or the pass refuses
     in one line. This is the crash class of the first wave (bounds as inputs, 1-element
     tensors, initializers listed as inputs) checked pass by pass."""
-    import onnx
-
     from edgesmith.errors import EdgesmithError
     from edgesmith.passes import load_all
     from edgesmith.passes.prune import PruneConfig, UnstructuredConfig
 
-    model, data = model_and_data(built, kind, export)
-    x = np.load(data)["input"][:1]
-    try:
-        expected = outputs(model, x)
-    except Exception:   # noqa: BLE001 - an export no runtime loads (test_fuse_profile_prune)
+    model, x, expected = runnable(built, kind, export)
+    if expected is None:
         return
     proto = onnx.load(model)
     configs = {"prune_unstructured": UnstructuredConfig(0.0),

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from . import PassReport, register
-from .graph import UNBOUNDED, Graph, attr, clip_bounds
+from .graph import UNBOUNDED, Graph, attr, clip_bounds, probe_session
 
 SWEEPS = 8
 
@@ -162,16 +162,7 @@ def _fake_quant_weights(w: np.ndarray, axis: int | None, reduce_range: bool) -> 
 def channel_stats(model: onnx.ModelProto, tensors: list[str], batches: list[dict]
                   ) -> dict[str, dict[str, np.ndarray]]:
     """Per-channel (axis 1) mean and max of `tensors` over the batches, one batch at a time."""
-    import onnxruntime as ort
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT,
-                                                                     None))
-    session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = probe_session(model, tensors)
     sums: dict[str, np.ndarray] = {}
     maxima: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}

@@ -63,6 +63,24 @@ def operand(node, inputs, index: int, name: str, default=None):
     return default if value is None else value
 
 
+def probe_session(model: onnx.ModelProto, tensors, optimize: bool = True):
+    """An onnxruntime session whose outputs are `tensors` (intermediate values included): the
+    one way passes read activations. `optimize=False` keeps QDQ pairs unfused, so a quantized
+    model's intermediate values are what its int8 kernels compute, in float."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                              for t in dict.fromkeys(tensors))
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(probe.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
 def remove_nodes(graph: onnx.GraphProto, dead: list) -> None:
     ids = {id(n) for n in dead}
     keep = [n for n in graph.node if id(n) not in ids]

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from . import PassReport, register
-from .graph import Graph
+from .graph import Graph, probe_session
 
 ALPHAS = np.linspace(0.3, 1.0, 36)
 SAMPLES_PER_TENSOR = 200_000
@@ -61,19 +60,11 @@ def _float_name(name: str, float_names: set[str]) -> str | None:
 
 def _samples(model: onnx.ModelProto, names: list[str], batches: list, seed: int) -> dict:
     """A bounded random sample of each tensor's values (plus its exact extremes)."""
-    import onnxruntime as ort
-
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for start in range(0, len(names), TENSORS_PER_RUN):
         chunk = names[start:start + TENSORS_PER_RUN]
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        del probe.graph.output[:]
-        probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                                  for n in chunk)
-        session = ort.InferenceSession(probe.SerializeToString(),
-                                       providers=["CPUExecutionProvider"])
+        session = probe_session(model, chunk)
         parts: dict[str, list] = {n: [] for n in chunk}
         for feed in batches:
             for n, value in zip(chunk, session.run(chunk, feed)):

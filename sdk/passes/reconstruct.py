@@ -20,11 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from ..errors import EdgesmithError
 from . import PassReport, register
-from .graph import Graph, attr
+from .graph import Graph, attr, probe_session
 
 ZETA, GAMMA = 1.1, -0.1
 LAYER_BYTES = 256 * 2 ** 20      # one layer's cached inputs and targets stay under this
@@ -100,17 +99,7 @@ def _layers(qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> tuple[list[_L
 def _outputs(model: onnx.ModelProto, names: list[str], feeds: list[dict]) -> list[np.ndarray]:
     """Intermediate tensors over the calibration feeds (QDQ left unfused: what the int8 kernels
     compute, in float)."""
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                              for n in names)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(probe.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = probe_session(model, names, optimize=False)
     runs = [session.run(names, feed) for feed in feeds]
     return [np.concatenate([r[i] for r in runs]) for i in range(len(names))]
 
