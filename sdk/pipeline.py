@@ -307,7 +307,7 @@ def pruned_stage(ctx: Context, int8_recipe: dict | None) -> None:
         ctx.say(f"pruning {ratio:.0%} of channels and distilling ({epochs} epochs)")
         pruned, _ = prune_channels(ctx.fused.proto, PruneConfig(
             ratio=ratio, input_shapes=ctx.original.input_shapes,
-            round_to=ctx.target.channel_multiple))
+            round_to=ctx.target.profile.channel_multiple))
         student, rep = distill(pruned, DistillConfig(ctx.original.proto, data, ctx.judge,
                                                      targets, epochs=epochs))
         model = from_proto(student, ctx.original)
