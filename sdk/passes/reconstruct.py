@@ -24,7 +24,6 @@ import onnx
 from ..errors import EdgesmithError
 from . import PassReport, register
 from .graph import Graph, attr, probe_session
-from .ranges import requantize_biases
 
 ZETA, GAMMA = 1.1, -0.1
 LAYER_BYTES = 256 * 2 ** 20      # one layer's cached inputs and targets stay under this
@@ -41,8 +40,6 @@ class ReconstructConfig:
     lr: float = 1e-2
     reg_weight: float = 0.01
     warmup: float = 0.2                   # share of steps without the rounding regulariser
-    activation_steps: bool = True         # also learn each layer's input step size (LSQ)
-    drop: float = 0.5                     # QDrop: share of inputs left unquantized in training
     seed: int = 0
 
     def __post_init__(self):
@@ -62,19 +59,6 @@ class _Layer:
     axis: int
     w_float: np.ndarray
     bias: np.ndarray | None
-    act: _Input | None = None
-
-
-@dataclass
-class _Input:
-    """A layer's own input quantizer (QuantizeLinear -> DequantizeLinear read by it alone):
-    its step size can be learned without changing any other layer's input."""
-    tensor: str            # the float value the QuantizeLinear reads
-    scale_names: tuple     # the scale initializers of the Q and its DQ
-    zp: int
-    qmin: int
-    qmax: int
-    scale: float
 
 
 def _layers(qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> tuple[list[_Layer], list]:
@@ -82,7 +66,6 @@ def _layers(qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> tuple[list[_L
     graph, fgraph = Graph(qdq.graph), Graph(float_model.graph)
     fnodes = {n.name: n for n in float_model.graph.node if n.name}
     layers, skipped = [], []
-    tied = _tied(graph)
     for node in qdq.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
@@ -109,43 +92,8 @@ def _layers(qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> tuple[list[_L
                              graph.array(dq.input[1]).astype(np.float32),
                              zp.astype(np.float32), attr(dq, "axis", 1) % max(q.ndim, 1),
                              fgraph.array(fnode.input[1]).astype(np.float32),
-                             None if bias is None else bias.astype(np.float32),
-                             _own_input(graph, node, tied)))
+                             None if bias is None else bias.astype(np.float32)))
     return layers, skipped
-
-
-def _own_input(graph: Graph, node, tied: set) -> _Input | None:
-    """The layer's input quantizer when only this layer reads it and onnxruntime does not tie
-    its parameters to another tensor's (those keep their calibrated ranges)."""
-    dq = graph.producer.get(node.input[0])
-    q = graph.producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" \
-        else None
-    if q is None or q.op_type != "QuantizeLinear" or len(q.input) < 3:
-        return None
-    dqs = graph.consumers.get(q.output[0], [])
-    readers = [r for d in dqs for r in graph.consumers.get(d.output[0], [])]
-    scale, zp = graph.array(q.input[1]), graph.array(q.input[2])
-    if readers != [node] or any(d.op_type != "DequantizeLinear" for d in dqs) or \
-            scale is None or zp is None or scale.size != 1 or \
-            (float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0])) in tied:
-        return None
-    info = np.iinfo(zp.dtype)
-    return _Input(q.input[0], tuple({q.input[1], *(d.input[1] for d in dqs)}),
-                  int(zp.reshape(-1)[0]), int(info.min), int(info.max),
-                  float(scale.reshape(-1)[0]))
-
-
-def _tied(graph: Graph) -> set:
-    """(scale, zero point) values that more than one QuantizeLinear uses: tied by onnxruntime."""
-    seen, tied = set(), set()
-    for node in graph.g.node:
-        if node.op_type == "QuantizeLinear" and len(node.input) >= 3:
-            scale, zp = graph.array(node.input[1]), graph.array(node.input[2])
-            if scale is None or zp is None or scale.size != 1:
-                continue
-            key = (float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0]))
-            (tied if key in seen else seen).add(key)
-    return tied
 
 
 def _outputs(model: onnx.ModelProto, names: list[str], feeds: list[dict]) -> list[np.ndarray]:
@@ -185,14 +133,8 @@ def _apply(layer: _Layer, x, w, torch):
 
 
 def _learn(layer: _Layer, x: np.ndarray, y: np.ndarray, cfg: ReconstructConfig, torch
-           ) -> tuple[np.ndarray | None, float | None, float, float]:
-    """(integer weights, input step size, output MSE as calibrated, as learned); None for the
-    weights when learning did not beat the calibrated model on these inputs.
-
-    `x` is the layer's quantized input, or with `layer.act` the float value its own input
-    quantizer reads: then the step size is learned too (LSQ), and in training a `cfg.drop`
-    share of the inputs stays unquantized (QDrop), which keeps the weights from fitting one
-    particular input noise."""
+           ) -> tuple[np.ndarray, float, float]:
+    """(learned integer weights, output MSE with nearest rounding, with learned rounding)."""
     qmin, qmax = cfg.weight_range
     shape = [1] * layer.w_float.ndim
     shape[layer.axis] = -1
@@ -202,11 +144,7 @@ def _learn(layer: _Layer, x: np.ndarray, y: np.ndarray, cfg: ReconstructConfig, 
     floor = torch.floor(w / s)
     rest = (w / s - floor).clamp(1e-4, 1 - 1e-4)
     v = torch.nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))   # h(v) = rest
-    act = layer.act if cfg.activation_steps else None
-    log_step = torch.nn.Parameter(torch.tensor(np.log(act.scale) if act else 0.0,
-                                               dtype=torch.float32))
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
-    gen = torch.Generator().manual_seed(cfg.seed)
 
     def weight(h):
         return s * (torch.clamp(floor + h + zp, qmin, qmax) - zp)
@@ -214,32 +152,19 @@ def _learn(layer: _Layer, x: np.ndarray, y: np.ndarray, cfg: ReconstructConfig, 
     def h_of(v):
         return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
-    def inputs(u, step, drop=0.0):
-        if act is None:
-            return u
-        scaled = u / step
-        rounded = scaled + (torch.round(scaled) - scaled).detach()     # straight-through
-        xq = (torch.clamp(rounded + act.zp, act.qmin, act.qmax) - act.zp) * step
-        if drop:
-            return torch.where(torch.rand(u.shape, generator=gen) < drop, u, xq)
-        return xq
-
-    def mse(h, step, idx=None, drop=0.0):
+    def mse(h, idx=None):
         with torch.no_grad() if idx is None else torch.enable_grad():
             xi, yi = (xs, ys) if idx is None else (xs[idx], ys[idx])
-            return ((_apply(layer, inputs(xi, step, drop), weight(h), torch) - yi) ** 2).mean()
+            return ((_apply(layer, xi, weight(h), torch) - yi) ** 2).mean()
 
-    start_step = log_step.detach().exp()
-    calibrated = float(mse(torch.round(rest), start_step))
-    groups = [{"params": [v], "lr": cfg.lr}]
-    if act is not None:
-        groups.append({"params": [log_step], "lr": cfg.lr * 0.1})
-    opt = torch.optim.Adam(groups)
+    nearest = float(mse(torch.round(rest)))
+    opt = torch.optim.Adam([v], lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
     warm = int(cfg.iters * cfg.warmup)
     for step in range(cfg.iters):
         idx = torch.randint(0, len(xs), (min(cfg.batch_size, len(xs)),), generator=gen)
         h = h_of(v)
-        loss = mse(h, log_step.exp(), idx, cfg.drop)
+        loss = mse(h, idx)
         if step >= warm:
             beta = 20 + (2 - 20) * (step - warm) / max(1, cfg.iters - warm)
             loss = loss + cfg.reg_weight * (1 - (2 * h - 1).abs() ** beta).sum() / h.numel()
@@ -247,12 +172,11 @@ def _learn(layer: _Layer, x: np.ndarray, y: np.ndarray, cfg: ReconstructConfig, 
         loss.backward()
         opt.step()
     hard = (h_of(v) >= 0.5).float()
-    learned_step = log_step.detach().exp()
-    learned = float(mse(hard, learned_step))
-    if learned >= calibrated:     # never worse than the calibrated model on these inputs
-        return None, None, calibrated, calibrated
+    learned = float(mse(hard))
     q = torch.clamp(floor + hard + zp, qmin, qmax)
-    return (q.detach().numpy(), float(learned_step) if act else None, calibrated, learned)
+    if learned >= nearest:        # never worse than rounding to nearest on these inputs
+        return None, nearest, nearest
+    return q.detach().numpy(), nearest, learned
 
 
 @register("reconstruct")
@@ -271,35 +195,31 @@ def reconstruct(qdq: onnx.ModelProto, cfg: ReconstructConfig
     report = PassReport("reconstruct")
     report.details.extend(f"{name}: skipped ({why})" for name, why in skipped)
     torch.manual_seed(cfg.seed)
-    improved, steps, gains = 0, 0, []
+    per_sample = None
+    improved, gains = 0, []
     for layer in layers:
-        source = layer.act.tensor if cfg.activation_steps and layer.act else layer.node.input[0]
-        x, = _outputs(out, [source], _feeds(cfg.batches, 1))
-        per_sample = max(1, int(LAYER_BYTES // max(x[:1].nbytes * 2, 1)))  # input and output
+        feeds = _feeds(cfg.batches, cfg.samples)
+        x, = _outputs(out, [layer.node.input[0]], feeds[:1])
+        y_bytes = x[:1].nbytes * 2          # rough: input plus output per sample
+        per_sample = max(1, int(LAYER_BYTES // max(y_bytes, 1)))
         feeds = _feeds(cfg.batches, min(cfg.samples, per_sample))
-        x, = _outputs(out, [source], feeds)
+        x, = _outputs(out, [layer.node.input[0]], feeds)
         y, = _outputs(cfg.float_model, [layer.float_output], feeds)
-        q, step, before, after = _learn(layer, x.astype(np.float32), y.astype(np.float32), cfg,
-                                        torch)
-        gains.append(10 * np.log10(max(before, 1e-30) / max(after, 1e-30)))
+        q, nearest, learned = _learn(layer, x.astype(np.float32), y.astype(np.float32), cfg,
+                                     torch)
+        gains.append(10 * np.log10(max(nearest, 1e-30) / max(learned, 1e-30)))
         if q is None:
             continue
         graph = Graph(out.graph)
-        graph.set_array(layer.weight_q, q.astype(graph.array(layer.weight_q).dtype))
-        if step is not None:
-            for name in layer.act.scale_names:
-                graph.set_array(name, np.array(step, np.float32).reshape(
-                    graph.array(name).shape))
-            steps += 1
-            requantize_biases(Graph(out.graph), {n: step for n in layer.act.scale_names})
+        dtype = graph.array(layer.weight_q).dtype
+        graph.set_array(layer.weight_q, q.astype(dtype))
         improved += 1
     report.changed = improved
     report.metrics.update(layers=len(layers), improved=improved, skipped=len(skipped),
-                          input_steps=steps,
                           seconds=time.time() - t0, iters=cfg.iters,
                           mean_layer_gain_db=float(np.mean(gains)) if gains else 0.0)
     report.details.append(
-        f"learned the rounding of {improved} of {len(layers)} layer(s) and {steps} input step "
-        f"size(s) ({cfg.iters} steps each): layer output error {np.mean(gains) if gains else 0:.1f}"
-        f" dB lower on average than as calibrated, in {time.time() - t0:.0f} s")
+        f"learned the rounding of {improved} of {len(layers)} layer(s) ({cfg.iters} steps "
+        f"each): layer output error {np.mean(gains) if gains else 0:.1f} dB lower on average "
+        f"than rounding to nearest, in {time.time() - t0:.0f} s")
     return out, report
