@@ -298,7 +298,11 @@ def pruned_stage(ctx: Context, int8_recipe: dict | None) -> None:
     from .recipes import quantize_with
 
     data = load_training_set(ctx.train, ctx.original)
-    targets = soft_targets(ctx.original.proto, data)     # one teacher: computed once
+    try:
+        targets = soft_targets(ctx.original.proto, data)     # one teacher: computed once
+    except EdgesmithError as exc:
+        ctx.notes.append(f"pruning + distillation skipped: {exc}")
+        return
     epochs = ctx.cfg.distill_epochs
     for ratio in ctx.cfg.prune_ratios:
         if ctx.over_budget():
@@ -308,8 +312,12 @@ def pruned_stage(ctx: Context, int8_recipe: dict | None) -> None:
         pruned, _ = prune_channels(ctx.fused.proto, PruneConfig(
             ratio=ratio, input_shapes=ctx.original.input_shapes,
             round_to=ctx.target.profile.channel_multiple))
-        student, rep = distill(pruned, DistillConfig(ctx.original.proto, data, ctx.judge,
-                                                     targets, epochs=epochs))
+        try:
+            student, rep = distill(pruned, DistillConfig(ctx.original.proto, data, ctx.judge,
+                                                         targets, epochs=epochs))
+        except EdgesmithError as exc:      # one failed student is a note, not a failed run
+            ctx.notes.append(f"{cid} skipped: {exc}")
+            continue
         model = from_proto(student, ctx.original)
         ctx.measure(cid, {"prune": ratio, "distill": {"epochs": epochs}}, model,
                     rep.details[-1])

@@ -126,9 +126,9 @@ def recipe_by_name(name: str) -> QuantRecipe:
                     changes.update(fields)
             if not rest:
                 return replace(base, name=name, **changes)
-    known = sorted(BASE_RECIPES) + [f"{b}-{r}" for b in ("qdq-u8s8", "qdq-u8s8-rr")
-                                    for r in REPAIR_CHAIN]
-    raise EdgesmithError(f"unknown recipe {name!r}; known: {known}")
+    raise EdgesmithError(f"unknown recipe {name!r}: name a base recipe {sorted(BASE_RECIPES)}, "
+                         f"optionally followed by any of {[f'-{r}' for r in REPAIRS]} "
+                         "(e.g. qdq-u8s8-percentile-adaround)")
 
 
 @dataclass

@@ -171,8 +171,11 @@ td:first-child,td:last-child{{text-align:left}}tr.chosen{{background:#fde2e2;fon
 <th>in budget</th><th>Pareto</th><th>note</th></tr>
 {''.join(rows)}</table>
 <h2>Where time goes on the device (chosen model, per op type)</h2>
+<p>From onnxruntime's profiler: each op's time includes the profiler's own overhead, so the
+sum exceeds the end-to-end latency on small models; read the shares, not the sum.</p>
 <table><tr><th>op</th><th>ms per run</th><th>share</th></tr>{op_rows}</table>
-<h2>Runtime config of the bundle</h2><pre>{html.escape(json.dumps(report.tuned_config,
+<h2>Runtime config of the bundle</h2><pre>{html.escape(json.dumps(report.tuned_config or
+                                                                  "runtime defaults kept",
                                                                indent=1))}</pre>
 <h2>Notes</h2><ul>{notes}</ul>
 <p>edgesmith {html.escape(report.edgesmith)}, {report.elapsed_s:.1f} s.</p>

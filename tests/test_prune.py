@@ -191,6 +191,42 @@ def test_distillation_trains_every_output_and_keeps_the_best_epoch(models):
         [t.raw_data for t in teacher.graph.initializer]
 
 
+@pytest.mark.parametrize("batch, n, batch_size, squeeze", [(1, 4, 64, False), ("N", 5, 4, False),
+                                                          (1, 4, 64, True), (2, 4, 64, False)])
+def test_distillation_of_fixed_batch_and_odd_sized_exports(batch, n, batch_size, squeeze):
+    """Batch-1 exports (trained by accumulation, one sample a step), a last batch of one, and
+    a batch-1 export that squeezed its logits to [classes]: a teacher different from its
+    student trains, and a held-out set that is not a whole number of batches still judges."""
+    pytest.importorskip("torch")
+    from device_runtime.evaluate import EvalData
+    from edgesmith.passes.distill import DistillConfig, distill
+
+    rng = np.random.default_rng(0)
+
+    def gemm(seed):
+        w = np.random.default_rng(seed).standard_normal((4, 3)).astype(F32)
+        nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["y" if not squeeze else "z"])]
+        if squeeze:
+            nodes.append(helper.make_node("Squeeze", ["z", "ax"], ["y"]))
+        return helper.make_model(helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                           [3] if squeeze else [batch, 3])],
+            [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(3, F32), "B"),
+             numpy_helper.from_array(np.array([0], np.int64), "ax")]),
+            opset_imports=[helper.make_opsetid("", 17)])
+
+    def data(k):
+        return EvalData({"x": rng.standard_normal((k, 4)).astype(F32)}, None, {}, k)
+
+    trained, report = distill(gemm(1), DistillConfig(gemm(0), data(n), data(3), epochs=3,
+                                                     batch_size=batch_size, lr=0.05))
+    judged = 2 if batch == 2 else 3
+    assert f"best on the {judged} held-out samples" in report.details[-1]
+    assert np.isfinite(report.metrics["final_loss"]) and report.metrics["final_loss"] > 0
+    onnx.checker.check_model(trained)
+
+
 def test_kept_channels_follow_the_targets_vector_width(tmp_path):
     """AVX-512 blocks conv channels by 16, AVX2 by 8: a pruned count off the block costs
     onnxruntime reorders (measured in benchmarks/real_models.py), so the target decides."""

@@ -250,11 +250,15 @@ def test_cli_fuse_and_quantize(models, tmp_path):
     assert report["baseline"]["id"] == "fp32" and report["pruned"] is not None
     assert top1(onnx.load(q), models) > 0.97
     proc = run_cli("quantize", models / "digits_cnn.onnx", "--calib",
-                   models / "digits_cnn_eval.npz", "--recipe", "qdq-u8s8-rr", "-o", q)
+                   models / "digits_cnn_eval.npz", "--recipe", "qdq-u8s8-rr-mse", "-o", q,
+                   "--json", js)
     assert proc.returncode == 0 and "QuantizeLinear" in {n.op_type for n in onnx.load(q).graph.node}
+    judged = json.loads(js.read_text())["accuracy"]     # a named recipe is judged too
+    assert judged["n"] == 90 and judged["top1"] > 0.97 and "held out" in proc.stdout
+    assert f"SQNR {judged['sqnr_db']:.1f} dB" in proc.stdout
     proc = run_cli("quantize", models / "digits_cnn.onnx", "--calib",
                    models / "digits_cnn_eval.npz", "--recipe", "magic", "-o", q)
-    assert proc.returncode == 1 and "unknown recipe" in proc.stderr
+    assert proc.returncode == 1 and "unknown recipe" in proc.stderr and "-adaround" in proc.stderr
 
 
 def test_adaround_wins_on_held_out_data_and_keeps_the_fast_placement(models):

@@ -65,18 +65,31 @@ def fuse(model, out, ort_fusions, opset, input_shape, json_out):
 def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accept_new_host_key,
              remote_python, recipe, input_shape, out, json_out):
     """Quantize MODEL to int8 with the recipe that is fastest on the device within the budget."""
-    from ..data import calibration_batches
     from ..model import load, parse_input_shapes, save
     from ..recipes import choose_recipe, quant_data, quantize_with
     from ..report import print_table, quantize_table, write_json
 
     m = load(model, parse_input_shapes(input_shape), data=eval_path or calib)
-    if recipe:
-        proto, reports = quantize_with(m, recipe, list(calibration_batches(calib, m, 16, 512)))
+    if recipe:        # no search, no device: judged on the host, on held-out samples
+        from device_runtime.evaluate import metrics
+
+        from ..data import reference_outputs
+        from ..model import from_proto
+
+        data = quant_data(m, calib, eval_path)
+        proto, reports = quantize_with(m, recipe, data.batches)
+        judged = metrics(reference_outputs(from_proto(proto, m), data.eval, data.batch),
+                         data.eval)
         save(proto, out)
         if json_out:
-            write_json(json_out, {"recipe": recipe, "passes": reports})
-        click.echo(f"wrote {out} ({recipe})")
+            write_json(json_out, {"recipe": recipe, "passes": reports, "accuracy": judged})
+        for note in data.notes:
+            click.echo(f"note: {note}")
+        click.echo(f"{recipe} on the host (onnxruntime CPU), {judged['n']} held-out samples: "
+                   + ", ".join(f"{k} {judged[k]:.4f}" for k in ("top1", "agreement")
+                               if k in judged)
+                   + (f", SQNR {judged['sqnr_db']:.1f} dB" if "sqnr_db" in judged else ""))
+        click.echo(f"wrote {out}")
         return
     dev = one_device(device, identity, accept_new_host_key, remote_python)
     say = None if json_out else (lambda text: click.echo(f"  {text}", err=True))
@@ -110,7 +123,7 @@ def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accep
 @click.option("--target", help="target profile whose channel multiple the kept channel counts "
               "follow (default: the profile matching this machine)")
 @click.option("--allow-noop", is_flag=True,
-              help="exit 0 even when structured pruning removes < 5%% of MACs")
+              help="exit 0 even when structured pruning removes < 5% of MACs")
 @input_shape_option
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
 @json_option()
@@ -159,9 +172,7 @@ def prune(model, ratio, structured, importance, calib, eval_path, global_ranking
             continue
         click.echo(f"{key:<11} {a:>14,} -> {b:>14,}  ({b / max(a, 1):.2f}x)")
     if structured:
-        k = profile.channel_multiple
-        click.echo(f"  kept channel counts are multiples of {k} in layers of {2 * k} channels "
-                   f"or more (target {profile.name})")
+        click.echo(f"  channel multiple {profile.channel_multiple} from target {profile.name}")
     for line in report.details:
         click.echo(f"  {line}")
     for node, why in report.metrics.get("skipped", {}).items():

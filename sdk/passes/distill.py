@@ -79,11 +79,24 @@ def _run(session, data: EvalData, start: int, stop: int) -> list[np.ndarray]:
     return session.run(None, {k: v[start:stop] for k, v in data.inputs.items()})
 
 
+def _fixed_batch(session) -> int | None:
+    fixed = session.get_inputs()[0].shape[0]
+    return fixed if isinstance(fixed, int) and fixed > 0 else None
+
+
+def _whole_batches(data: EvalData, fixed: int | None) -> EvalData:
+    """The judging set cut to whole batches of a fixed-batch export (its last samples unused)."""
+    if not fixed or data.n % fixed == 0:
+        return data
+    n = data.n - data.n % fixed
+    return EvalData({k: v[:n] for k, v in data.inputs.items()},
+                    None if data.labels is None else data.labels[:n], {}, n)
+
+
 def soft_targets(teacher: onnx.ModelProto, data: EvalData, batch: int = 64) -> TeacherOutputs:
     """Teacher outputs for every sample (onnxruntime on the host, in memory)."""
     session = _session(teacher)
-    fixed = session.get_inputs()[0].shape[0]
-    fixed = fixed if isinstance(fixed, int) and fixed > 0 else None
+    fixed = _fixed_batch(session)
     if fixed is not None and fixed > 1 and data.n % fixed:
         raise EdgesmithError(f"the model's batch is fixed at {fixed}, and {data.n} training "
                              f"samples do not divide into it; give a multiple of {fixed}")
@@ -92,13 +105,23 @@ def soft_targets(teacher: onnx.ModelProto, data: EvalData, batch: int = 64) -> T
         axes = [next((i for i, (a, b) in enumerate(zip(o.shape, t.shape)) if a != b), 0)
                 for o, t in zip(one, two)]
     else:
-        axes = [next((i for i, d in enumerate(o.shape) if d == (fixed or 1)), 0)
+        axes = [next((i for i, d in enumerate(o.shape) if d == (fixed or 1)), NO_BATCH_AXIS)
                 for o in _run(session, data, 0, fixed or 1)]
     step = fixed or batch
     chunks = [_run(session, data, i, i + step) for i in range(0, data.n, step)]
-    outputs = [np.concatenate([np.moveaxis(c[k], axes[k], 0) for c in chunks]).astype(np.float32)
-               for k in range(len(axes))]
+    outputs = [np.concatenate([batch_first(c[k], axes[k], np) for c in chunks]
+                              ).astype(np.float32) for k in range(len(axes))]
     return TeacherOutputs(outputs, axes, fixed)
+
+
+NO_BATCH_AXIS = -1    # an output a batch-1 export squeezed: one sample per run, no batch axis
+
+
+def batch_first(value, axis: int, lib):
+    """`value` with its batch axis first (numpy or torch: `lib` is the module)."""
+    if axis == NO_BATCH_AXIS:
+        return value[None]
+    return lib.moveaxis(value, axis, 0) if lib is np else lib.movedim(value, axis, 0)
 
 
 def _is_logits(t: np.ndarray) -> bool:
@@ -111,8 +134,7 @@ def evaluate(model: onnx.ModelProto, data: EvalData) -> float | None:
     if data.labels is None:
         return None
     session = _session(model)
-    fixed = session.get_inputs()[0].shape[0]
-    fixed = fixed if isinstance(fixed, int) and fixed > 0 else None
+    fixed = _fixed_batch(session)
     if fixed and data.n % fixed:
         return None
     step = fixed or 256
@@ -128,8 +150,8 @@ def _loss(student_outs, teacher: TeacherOutputs, idx, labels, cfg: DistillConfig
     F = torch.nn.functional
     total = 0.0
     for k, (s, axis) in enumerate(zip(student_outs, teacher.batch_axes)):
-        s = torch.movedim(s, axis, 0)
-        t = torch.from_numpy(teacher.outputs[k][idx])
+        s = batch_first(s, axis, torch)
+        t = torch.from_numpy(teacher.outputs[k][idx.numpy()])   # an array keeps the batch axis
         if _is_logits(teacher.outputs[k]):
             T = cfg.temperature
             total = total + F.kl_div(torch.log_softmax(s / T, 1), torch.softmax(t / T, 1),
@@ -154,11 +176,11 @@ class _Trainer:
 
 def _epoch(t: _Trainer, opt, sched, rng, cfg: DistillConfig, torch) -> float:
     order = torch.from_numpy(rng.permutation(len(t.inputs[0])))
-    loss_sum = 0.0
+    loss_sum, steps = 0.0, 0
     for start in range(0, len(order), t.batch):
         opt.zero_grad()
         chunk = order[start:start + t.batch]
-        loss_sum = 0.0
+        steps += 1
         for m in range(0, len(chunk), t.micro):
             idx = chunk[m:m + t.micro]
             xs = [x[idx] for x in t.inputs]
@@ -173,7 +195,7 @@ def _epoch(t: _Trainer, opt, sched, rng, cfg: DistillConfig, torch) -> float:
         torch.nn.utils.clip_grad_norm_(t.module.parameters(), cfg.clip_grad_norm)
         opt.step()
         sched.step()
-    return loss_sum
+    return loss_sum / max(1, steps)     # the epoch's mean loss
 
 
 def _score(module, data: EvalData, targets: TeacherOutputs, micro: int, torch) -> tuple:
@@ -185,7 +207,7 @@ def _score(module, data: EvalData, targets: TeacherOutputs, micro: int, torch) -
     with torch.no_grad():
         for i in range(0, data.n, step):
             outs = module(*[x[i:i + step] for x in xs])
-            chunks.append([torch.movedim(o, a, 0).numpy() for o, a in
+            chunks.append([batch_first(o, a, torch).numpy() for o, a in
                            zip(outs if isinstance(outs, tuple) else (outs,), targets.batch_axes)])
     got = [np.concatenate([c[k] for c in chunks]) for k in range(len(targets.outputs))]
     top1 = float(np.mean(got[0].argmax(1) == data.labels)) \
@@ -220,8 +242,10 @@ def distill(student: onnx.ModelProto, cfg: DistillConfig) -> tuple[onnx.ModelPro
     opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * int(np.ceil(data.n / t.batch)))
-    judge = eval_data if eval_data is not None else data
-    judge_targets = soft_targets(cfg.teacher, eval_data) if eval_data is not None else teacher
+    judge = data if eval_data is None else _whole_batches(eval_data, teacher.fixed_batch)
+    if judge.n == 0:
+        judge = data
+    judge_targets = teacher if judge is data else soft_targets(cfg.teacher, judge)
     best_score = first = _score(module, judge, judge_targets, micro, torch)
     best_epoch, best_state = 0, {k: v.detach().clone() for k, v in module.state_dict().items()}
     loss_value = float("nan")
@@ -244,7 +268,7 @@ def distill(student: onnx.ModelProto, cfg: DistillConfig) -> tuple[onnx.ModelPro
 
 def _describe(report: PassReport, cfg: DistillConfig, judge: EvalData, first: tuple,
               best: tuple, best_epoch: int) -> None:
-    where = "held-out" if cfg.eval_data is not None else "training"
+    where = "training" if judge is cfg.data else "held-out"
     top1 = judge.labels is not None and cfg.teacher is not None and first[0] + best[0] > 0
     teacher_acc = evaluate(cfg.teacher, judge) if top1 else None
     report.metrics.update(epochs=cfg.epochs, samples=cfg.data.n, best_epoch=best_epoch,

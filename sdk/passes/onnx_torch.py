@@ -8,8 +8,6 @@ is then checked against ORT.
 """
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -19,10 +17,6 @@ from .torch_ops import OPS, Env
 
 TRAINABLE = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,),
              "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "GRU": (1, 2, 3)}
-
-
-def _key(name: str) -> str:
-    return re.sub(r"\W", "_", name)
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -49,11 +43,12 @@ def to_torch(model: onnx.ModelProto):
     class OnnxModule(nn.Module):
         def __init__(self):
             super().__init__()
-            self.params = nn.ParameterDict({_key(k): nn.Parameter(torch.tensor(v.copy()))
+            # keys by position: `fc.w` and `fc_w` are two weights, not one
+            self.names = {k: f"p{i}" for i, k in enumerate(sorted(trainable))}
+            self.params = nn.ParameterDict({self.names[k]: nn.Parameter(torch.tensor(v.copy()))
                                             for k, v in inits.items() if k in trainable})
             self.consts = {k: torch.tensor(v.copy()) for k, v in inits.items()
                            if k not in trainable}
-            self.names = {k: _key(k) for k in trainable}
             self.inputs = [i.name for i in model.graph.input if i.name not in inits]
             self.outputs = [o.name for o in model.graph.output]
 

@@ -395,6 +395,11 @@ def prune_channels(model: onnx.ModelProto, cfg: PruneConfig | None = None
     out = onnx.shape_inference.infer_shapes(out)
     onnx.checker.check_model(out)
     report.changed = len(removed_roots)
+    prunable = sum(len(r) for r in groups.values())
+    report.details.insert(0, f"removed {len(removed_roots)} of {prunable} channels in prunable "
+                             f"groups ({len(removed_roots) / max(1, prunable):.0%}; asked "
+                             f"{cfg.ratio:.0%}: counts round to multiples of {cfg.round_to} "
+                             f"in layers of {2 * cfg.round_to} or more)")
     report.metrics.update(
         removed_channels=len(removed_roots), groups=len(groups),
         skipped={k: v for k, v in sorted(skipped.items())},

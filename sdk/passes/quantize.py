@@ -14,8 +14,8 @@ dynamic quantization only for MatMul/Gemm, and fp16 for GPU targets.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
-import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -207,7 +207,7 @@ def quantize_static(model: onnx.ModelProto, cfg: QuantizeConfig
         out, src = Path(tmp) / "q.onnx", Path(tmp) / "float.onnx"
         src.write_bytes(model.SerializeToString())   # a path: ORT mutates ModelProtos it is given
         try:
-            with contextlib.redirect_stdout(sys.stderr):   # ORT prints progress on stdout
+            with contextlib.redirect_stdout(io.StringIO()):  # ORT prints its progress to stdout
                 ort_quantize_static(
                     str(src), str(out), reader,
                     quant_format=QuantFormat.QDQ if recipe.format == "QDQ" else QuantFormat.QOperator,

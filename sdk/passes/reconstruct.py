@@ -64,17 +64,25 @@ class _Layer:
 def _layers(qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> tuple[list[_Layer], list]:
     """The reconstructable layers in graph order, and (name, reason) for those skipped."""
     graph, fgraph = Graph(qdq.graph), Graph(float_model.graph)
-    fnodes = {n.name: n for n in float_model.graph.node if n.name}
+    # twins by output tensor: QDQ keeps it, except that a graph output's producer is renamed
+    fnodes = {o: n for n in float_model.graph.node for o in n.output[:1]}
     layers, skipped = [], []
     for node in qdq.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         dq = graph.producer.get(node.input[1])
-        fnode = fnodes.get(node.name)
+        fnode = fnodes.get(node.output[0].removesuffix("_QuantizeLinear_Input"))
+        if fnode is not None and fnode.op_type != node.op_type:   # activation folded into Q
+            fnode = fnodes.get(fnode.input[0]) if fnode.input else None
+        if fnode is not None and (fnode.op_type != node.op_type or len(fnode.input) < 2):
+            fnode = None
         if dq is None or dq.op_type != "DequantizeLinear" or graph.array(dq.input[0]) is None:
             continue        # kept in float (mixed precision) or weights computed at run time
         if fnode is None or fgraph.array(fnode.input[1]) is None:
-            skipped.append((node.name, "no float twin with the same name"))
+            skipped.append((node.name, "no float twin with the same output"))
+            continue
+        if attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+            skipped.append((node.name, "auto_pad SAME"))
             continue
         if node.op_type == "Gemm" and (attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1
                                        or attr(node, "beta", 1.0) != 1):

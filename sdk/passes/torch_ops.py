@@ -100,8 +100,7 @@ _UNARY = {"Relu": lambda t, F, x: F.relu(x), "Sigmoid": lambda t, F, x: t.sigmoi
           "Ceil": lambda t, F, x: x.ceil(), "Softplus": lambda t, F, x: F.softplus(x),
           "Identity": lambda t, F, x: x, "Dropout": lambda t, F, x: x}
 _BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow",
-           "MatMul": "matmul", "Equal": "eq", "Less": "lt", "Greater": "gt",
-           "Max": "maximum", "Min": "minimum"}
+           "MatMul": "matmul", "Equal": "eq", "Less": "lt", "Greater": "gt"}
 
 
 @op(*_UNARY)
@@ -118,11 +117,12 @@ def _binary(n, x, e):
     return fn(a, b)
 
 
-@op("Sum")
-def _sum(n, x, e):
+@op("Sum", "Max", "Min")
+def _variadic(n, x, e):
+    fn = {"Sum": e.torch.add, "Max": e.torch.maximum, "Min": e.torch.minimum}[n.op_type]
     out = x[0]
     for t in x[1:]:
-        out = out + t
+        out = fn(out, t)
     return out
 
 
@@ -201,6 +201,9 @@ def _global_pool(n, x, e):
 @op("MaxPool", "AveragePool")
 def _pool(n, x, e):
     pad, explicit = _pads(n)
+    if explicit and n.op_type == "AveragePool" and not attr(n, "count_include_pad", 0):
+        raise EdgesmithError(f"AveragePool {n.name}: asymmetric pads without "
+                             "count_include_pad are not supported for training")
     inp = e.F.pad(x[0], explicit, value=-np.inf if n.op_type == "MaxPool" else 0.0) \
         if explicit else x[0]
     k = tuple(attr(n, "kernel_shape"))
@@ -228,7 +231,7 @@ def _reduce(n, x, e):
 
 @op("Concat")
 def _concat(n, x, e):
-    return e.torch.cat([t for t in x if t is not None and t.numel()] or [x[0]], attr(n, "axis"))
+    return e.torch.cat([t for t in x if t is not None], attr(n, "axis"))
 
 
 @op("Split")
@@ -236,9 +239,10 @@ def _split(n, x, e):
     axis = attr(n, "axis", 0)
     sizes = operand(n, x, 1, "split")
     if sizes is None or not len(_ints(sizes)):
-        count = attr(n, "num_outputs", len(n.output))
-        size = -(-x[0].shape[axis] // count)     # ceil, as onnx splits the last part shorter
-        return tuple(e.torch.split(x[0], size, axis))
+        count, dim = attr(n, "num_outputs", len(n.output)), x[0].shape[axis]
+        size = -(-dim // count)     # ceil: onnx makes the last part(s) shorter, even empty
+        sizes = [max(0, min(size, dim - i * size)) for i in range(count)]
+        return tuple(e.torch.split(x[0], sizes, axis))
     return tuple(e.torch.split(x[0], _ints(sizes), axis))
 
 
@@ -355,33 +359,41 @@ def _pad(n, x, e):
 def _resize(n, x, e):
     """nearest (asymmetric, floor) and (bi)linear (half-pixel or align-corners): what torch,
     Keras and the old zoo export; other modes are refused rather than approximated."""
-    mode = attr(n, "mode", b"nearest")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
-    ctm = attr(n, "coordinate_transformation_mode", b"half_pixel" if n.op_type == "Resize"
-               else b"asymmetric")
-    ctm = ctm.decode() if isinstance(ctm, bytes) else ctm
-    if n.op_type == "Upsample" or e.opset < 11:
+    def text(name, default):
+        value = attr(n, name, default)
+        return value.decode() if isinstance(value, bytes) else value
+
+    legacy = n.op_type == "Upsample" or e.opset < 11       # before 11: asymmetric, no modes
+    mode, ctm = text("mode", "nearest"), text("coordinate_transformation_mode",
+                                              "asymmetric" if legacy else "half_pixel")
+    if attr(n, "antialias", 0) or attr(n, "axes") is not None:
+        raise EdgesmithError(f"{n.op_type} {n.name}: antialias and axes are not supported "
+                             "for training")
+    if legacy:
         scales, sizes = operand(n, x, 1, "scales"), None
     else:
         scales, sizes = operand(n, x, 2, "scales"), (x[3] if len(x) > 3 else None)
     spatial = x[0].dim() - 2
-    kwargs = {}
+    kwargs, factors = {}, None
     if sizes is not None and sizes.numel():
         kwargs["size"] = _ints(sizes)[2:]
+        factors = [o / i for o, i in zip(kwargs["size"], x[0].shape[2:])]
     elif scales is not None:
         values = [float(v) for v in (scales.tolist() if hasattr(scales, "tolist") else scales)]
         if values[:2] != [1.0, 1.0]:
             raise EdgesmithError(f"{n.op_type} {n.name}: scaling batch or channels")
-        kwargs["scale_factor"] = tuple(values[2:])
-    if mode == "nearest" and ctm in ("asymmetric", "tf_half_pixel_for_nn") and \
-            attr(n, "nearest_mode", b"floor") in (b"floor", "floor"):
+        kwargs["scale_factor"] = factors = tuple(values[2:])
+    nearest = text("nearest_mode", "round_prefer_floor")
+    # asymmetric nearest is torch's floor; rounding modes agree with it at an exact 2x upscale
+    if mode == "nearest" and ctm == "asymmetric" and (
+            nearest == "floor" or legacy or (factors and all(f == 2.0 for f in factors))):
         return e.F.interpolate(x[0], mode="nearest", **kwargs)
     if mode == "linear" and ctm in ("half_pixel", "pytorch_half_pixel", "align_corners"):
         torch_mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[spatial]
         return e.F.interpolate(x[0], mode=torch_mode, align_corners=ctm == "align_corners",
                                **kwargs)
-    raise EdgesmithError(f"{n.op_type} {n.name}: mode {mode} with {ctm} coordinates is not "
-                         "supported for training")
+    raise EdgesmithError(f"{n.op_type} {n.name}: mode {mode} ({nearest}) with {ctm} "
+                         "coordinates is not supported for training")
 
 
 @op("GRU")
@@ -389,8 +401,9 @@ def _gru(n, x, e):
     """ONNX GRU (gates z, r, h; default activations) unrolled over the sequence."""
     torch = e.torch
     if attr(n, "activations") not in (None, [b"Sigmoid", b"Tanh"] * 2, [b"Sigmoid", b"Tanh"]) or \
-            attr(n, "layout", 0) or (len(x) > 4 and x[4] is not None):
-        raise EdgesmithError(f"GRU {n.name}: custom activations, batch-first layout or "
+            attr(n, "layout", 0) or (len(x) > 4 and x[4] is not None) or \
+            attr(n, "clip") is not None:
+        raise EdgesmithError(f"GRU {n.name}: custom activations, batch-first layout, clip or "
                              "sequence_lens are not supported")
     seq, w, r = x[0], x[1], x[2]
     dirs, hidden = w.shape[0], w.shape[1] // 3
