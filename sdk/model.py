@@ -343,9 +343,27 @@ def node_macs(node, shapes: dict[str, list[int]]) -> int:
     return 0
 
 
+# inputs that hold quantization parameters (scales, zero points), not weights
+_QUANT_PARAMS = {"QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2),
+                 "QLinearConv": (1, 2, 4, 5, 6, 7), "QLinearMatMul": (1, 2, 4, 5, 6, 7),
+                 "ConvInteger": (2, 3), "MatMulInteger": (2, 3)}
+
+
+def _param_count(proto) -> int:
+    """Weights and biases, float or quantized (int8/uint8 weights, int32 biases): an int8
+    model has as many parameters as its float original, not none."""
+    meta = {n.input[i] for n in proto.graph.node for i in _QUANT_PARAMS.get(n.op_type, ())
+            if i < len(n.input)}
+    count = 0
+    for t in proto.graph.initializer:
+        dtype = np.dtype(_elem_dtype(t.data_type))
+        if t.name not in meta and (dtype.kind == "f" or dtype in (np.int8, np.uint8, np.int32)):
+            count += int(np.prod(t.dims))
+    return count
+
+
 def onnx_facts(proto, inputs: list[InputSpec], size_bytes: int) -> ModelFacts:
-    params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer
-                 if np.dtype(_elem_dtype(t.data_type)).kind == "f")
+    params = _param_count(proto)
     shapes = _shapes_with_inputs(proto, inputs)
     macs_by_op: dict[str, int] = {}
     for node in proto.graph.node:

@@ -1,10 +1,12 @@
 """Model facts: parameters and MACs computed independently of the code under test."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from edgesmith.errors import EdgesmithError
-from edgesmith.model import load, parse_input_shapes
+from edgesmith.model import from_proto, load, parse_input_shapes
+from edgesmith.recipes import quantize_with
 
 
 def test_cnn_facts_match_the_architecture(models):
@@ -16,6 +18,9 @@ def test_cnn_facts_match_the_architecture(models):
     weights = 16 * 9 + 32 * 16 * 9 + 64 * 32 * 9 + 1024 * 64 + 64 * 10
     biases = 16 + 32 + 64 + 64 + 10       # BN folded into conv biases at export
     assert model.facts.params == weights + biases
+    x = np.load(models / "digits_cnn_eval.npz")["input"][:16]
+    int8, _ = quantize_with(model, "qdq-u8s8", [{"input": x}])
+    assert from_proto(int8, model).facts.params == weights + biases   # int8 weights count too
     assert model.inputs[0].shape == [1, 1, 8, 8] and model.inputs[0].dims[0] is None
     assert any("dynamic batch" in note for note in model.facts.notes)
 
