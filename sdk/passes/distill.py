@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from device_runtime.evaluate import EvalData
+from device_runtime.evaluate import SQNR_CAP_DB, EvalData
 
 from ..errors import EdgesmithError
 from . import PassReport, register
@@ -188,7 +188,6 @@ def _epoch(t: _Trainer, opt, sched, rng, cfg: DistillConfig, torch) -> float:
                 dy, dx = (int(v) for v in rng.integers(-cfg.shift, cfg.shift + 1, 2))
                 xs[0] = torch.roll(xs[0], (dy, dx), (2, 3))
             outs = t.module(*xs)
-            outs = outs if isinstance(outs, tuple) else (outs,)
             loss = _loss(outs, t.teacher, idx, t.labels, cfg, torch) * len(idx) / len(chunk)
             loss.backward()
             loss_sum += float(loss.detach())
@@ -207,15 +206,16 @@ def _score(module, data: EvalData, targets: TeacherOutputs, micro: int, torch) -
     with torch.no_grad():
         for i in range(0, data.n, step):
             outs = module(*[x[i:i + step] for x in xs])
-            chunks.append([batch_first(o, a, torch).numpy() for o, a in
-                           zip(outs if isinstance(outs, tuple) else (outs,), targets.batch_axes)])
+            chunks.append([batch_first(o, a, torch).numpy()
+                           for o, a in zip(outs, targets.batch_axes)])
     got = [np.concatenate([c[k] for c in chunks]) for k in range(len(targets.outputs))]
     top1 = float(np.mean(got[0].argmax(1) == data.labels)) \
         if data.labels is not None and _is_logits(got[0]) else 0.0
     signal = sum(float(np.sum(t.astype(np.float64) ** 2)) for t in targets.outputs)
     noise = sum(float(np.sum((t.astype(np.float64) - g) ** 2))
                 for t, g in zip(targets.outputs, got))
-    return top1, (99.0 if noise == 0 else 10 * float(np.log10(max(signal, 1e-30) / noise)))
+    return top1, (SQNR_CAP_DB if noise == 0 else
+                  min(SQNR_CAP_DB, 10 * float(np.log10(max(signal, 1e-30) / noise))))
 
 
 @register("distill")
@@ -290,8 +290,7 @@ def _verify(trained: onnx.ModelProto, module, inputs, names, probe_n: int, torch
     onnx.checker.check_model(trained)
     probe = [x[:probe_n] for x in inputs]
     with torch.no_grad():
-        expected = module(*probe)
-    expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
+        expected = [t.numpy() for t in module(*probe)]
     got = _session(trained).run(None, {n: p.numpy() for n, p in zip(names, probe)})
     for e, g in zip(expected, got):
         err = float(np.max(np.abs(g - e)))

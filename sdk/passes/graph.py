@@ -63,6 +63,17 @@ def operand(node, inputs, index: int, name: str, default=None):
     return default if value is None else value
 
 
+QDQ_RENAMED = "_QuantizeLinear_Input"   # onnxruntime's QDQ renames a graph output's producer
+
+
+def float_name(qdq_tensor: str, float_names) -> str | None:
+    """The float model's name of a QDQ model's tensor, or None when it has no twin."""
+    for name in (qdq_tensor, qdq_tensor.removesuffix(QDQ_RENAMED)):
+        if name in float_names:
+            return name
+    return None
+
+
 def probe_session(model: onnx.ModelProto, tensors, optimize: bool = True):
     """An onnxruntime session whose outputs are `tensors` (intermediate values included): the
     one way passes read activations. `optimize=False` keeps QDQ pairs unfused, so a quantized

@@ -24,7 +24,8 @@ def _opset(model: onnx.ModelProto) -> int:
 
 
 def to_torch(model: onnx.ModelProto):
-    """A torch.nn.Module computing the graph; weights of the ops in TRAINABLE are Parameters."""
+    """A torch.nn.Module computing the graph (a tuple of its outputs); weights of the ops in
+    TRAINABLE are Parameters."""
     import torch
     from torch import nn
     import torch.nn.functional as F
@@ -65,8 +66,7 @@ def to_torch(model: onnx.ModelProto):
                 for name, value in zip(n.output, y if isinstance(y, tuple) else (y,)):
                     if name:
                         env[name] = value
-            out = [env[o] for o in self.outputs]
-            return out[0] if len(out) == 1 else tuple(out)
+            return tuple(env[o] for o in self.outputs)   # one per graph output, always
 
     return OnnxModule()
 

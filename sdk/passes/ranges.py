@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from . import PassReport, register
-from .graph import Graph, probe_session
+from .graph import Graph, float_name, probe_session
 
 ALPHAS = np.linspace(0.3, 1.0, 36)
 SAMPLES_PER_TENSOR = 200_000
@@ -48,14 +48,6 @@ def _activation_params(graph: Graph) -> dict[tuple, list]:
         key = (float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0]), str(zp.dtype))
         groups.setdefault(key, []).append(node)
     return groups
-
-
-def _float_name(name: str, float_names: set[str]) -> str | None:
-    """The float model's name of a QDQ tensor (QDQ renames the producers of graph outputs)."""
-    if name in float_names:
-        return name
-    base = name.removesuffix("_QuantizeLinear_Input")
-    return base if base in float_names else None
 
 
 def _samples(model: onnx.ModelProto, names: list[str], batches: list, seed: int) -> dict:
@@ -132,12 +124,12 @@ def refine_ranges(qdq: onnx.ModelProto, cfg: RangeConfig) -> tuple[onnx.ModelPro
         {i.name for i in cfg.float_model.graph.input}
     groups = _activation_params(graph)
     wanted = sorted({f for nodes in groups.values() for n in nodes
-                     if (f := _float_name(n.input[0], float_names))})
+                     if (f := float_name(n.input[0], float_names))})
     values = _samples(cfg.float_model, wanted, cfg.batches, cfg.seed)
     new_scales: dict[str, float] = {}
     gains = []
     for (scale, zp, dtype), nodes in groups.items():
-        xs = [values[f] for n in nodes if (f := _float_name(n.input[0], float_names))]
+        xs = [values[f] for n in nodes if (f := float_name(n.input[0], float_names))]
         if not xs:
             continue
         info = np.iinfo(np.dtype(dtype))

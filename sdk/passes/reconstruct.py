@@ -23,7 +23,7 @@ import onnx
 
 from ..errors import EdgesmithError
 from . import PassReport, register
-from .graph import Graph, attr, probe_session
+from .graph import Graph, attr, float_name, probe_session
 
 ZETA, GAMMA = 1.1, -0.1
 LAYER_BYTES = 256 * 2 ** 20      # one layer's cached inputs and targets stay under this
@@ -64,14 +64,14 @@ class _Layer:
 def _layers(qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> tuple[list[_Layer], list]:
     """The reconstructable layers in graph order, and (name, reason) for those skipped."""
     graph, fgraph = Graph(qdq.graph), Graph(float_model.graph)
-    # twins by output tensor: QDQ keeps it, except that a graph output's producer is renamed
+    # twins by output tensor (QDQ keeps it, or renames it: graph.float_name)
     fnodes = {o: n for n in float_model.graph.node for o in n.output[:1]}
     layers, skipped = [], []
     for node in qdq.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         dq = graph.producer.get(node.input[1])
-        fnode = fnodes.get(node.output[0].removesuffix("_QuantizeLinear_Input"))
+        fnode = fnodes.get(float_name(node.output[0], fnodes))
         if fnode is not None and fnode.op_type != node.op_type:   # activation folded into Q
             fnode = fnodes.get(fnode.input[0]) if fnode.input else None
         if fnode is not None and (fnode.op_type != node.op_type or len(fnode.input) < 2):
@@ -112,14 +112,20 @@ def _outputs(model: onnx.ModelProto, names: list[str], feeds: list[dict]) -> lis
     return [np.concatenate([r[i] for r in runs]) for i in range(len(names))]
 
 
-def _feeds(batches: list[dict], samples: int) -> list[dict]:
-    out, n = [], 0
-    for b in batches:
-        if n >= samples:
+def _layer_inputs(model: onnx.ModelProto, name: str, batches: list[dict], samples: int
+                  ) -> tuple[np.ndarray, list[dict]]:
+    """A layer's input over the first feeds, up to `samples` and to half of LAYER_BYTES (its
+    output takes about as much): the values and the feeds they came from."""
+    session = probe_session(model, [name], optimize=False)
+    parts, used, n, size = [], [], 0, 0
+    for feed in batches:
+        if n >= samples or size >= LAYER_BYTES // 2:
             break
-        out.append(b)
-        n += len(next(iter(b.values())))
-    return out
+        value = session.run([name], feed)[0]
+        parts.append(value)
+        used.append(feed)
+        n, size = n + len(value), size + value.nbytes
+    return np.concatenate(parts), used
 
 
 def _apply(layer: _Layer, x, w, torch):
@@ -141,8 +147,9 @@ def _apply(layer: _Layer, x, w, torch):
 
 
 def _learn(layer: _Layer, x: np.ndarray, y: np.ndarray, cfg: ReconstructConfig, torch
-           ) -> tuple[np.ndarray, float, float]:
-    """(learned integer weights, output MSE with nearest rounding, with learned rounding)."""
+           ) -> tuple[np.ndarray | None, float, float]:
+    """(learned integer weights, output MSE with nearest rounding, with learned rounding);
+    None for the weights when learning did not beat rounding to nearest."""
     qmin, qmax = cfg.weight_range
     shape = [1] * layer.w_float.ndim
     shape[layer.axis] = -1
@@ -203,15 +210,9 @@ def reconstruct(qdq: onnx.ModelProto, cfg: ReconstructConfig
     report = PassReport("reconstruct")
     report.details.extend(f"{name}: skipped ({why})" for name, why in skipped)
     torch.manual_seed(cfg.seed)
-    per_sample = None
     improved, gains = 0, []
     for layer in layers:
-        feeds = _feeds(cfg.batches, cfg.samples)
-        x, = _outputs(out, [layer.node.input[0]], feeds[:1])
-        y_bytes = x[:1].nbytes * 2          # rough: input plus output per sample
-        per_sample = max(1, int(LAYER_BYTES // max(y_bytes, 1)))
-        feeds = _feeds(cfg.batches, min(cfg.samples, per_sample))
-        x, = _outputs(out, [layer.node.input[0]], feeds)
+        x, feeds = _layer_inputs(out, layer.node.input[0], cfg.batches, cfg.samples)
         y, = _outputs(cfg.float_model, [layer.float_output], feeds)
         q, nearest, learned = _learn(layer, x.astype(np.float32), y.astype(np.float32), cfg,
                                      torch)
