@@ -80,6 +80,8 @@ def run_job(args) -> Result:
         result.stages_ms["measure"] = (time.perf_counter() - t0) * 1e3
         if args.profile_ops:
             result.op_profile_ms = session.backend.op_profile()
+        # after runs: some LiteRT builds apply their default delegate at the first invoke
+        result.delegation = getattr(session.backend, "delegation", lambda: None)()
         result.peak_rss_mb = peak_rss_mb()
     except RuntimeFailure as exc:
         result.error, result.stage, result.skew = exc.message, exc.stage, exc.details

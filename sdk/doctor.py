@@ -19,6 +19,8 @@ HOST_PARTS = [
      "pip install torch==2.13.0 'edgesmith[train]'"),
     ("ai_edge_litert", "ai-edge-litert", "running .tflite models on this machine",
      "pip install 'edgesmith[tflite]'"),
+    ("litert_torch", "litert-torch", "converting to TFLite (convert, optimize's TFLite "
+     "candidates)", "pip install torch==2.13.0 'edgesmith[tflite-convert]'"),
 ]
 
 

@@ -26,6 +26,7 @@ class Candidate:
 
     id: str
     recipe: dict = field(default_factory=dict)     # passes and settings that made the model
+    backend: str = "onnxruntime"                   # the runtime that ran it on the device
     config: dict = field(default_factory=dict)     # runtime config it ran with
     key: str = ""                                  # identity for caches (tune: the variant)
     model_sha256: str = ""
@@ -62,6 +63,8 @@ class Candidate:
         lat = result.latency_ms or {}
         sizes = {} if model is None else {"size_bytes": model.facts.size_bytes,
                                           "params": model.facts.params, "macs": model.facts.macs}
+        if result.backend:
+            fields.setdefault("backend", result.backend)
         return cls(cid, p50_ms=lat.get("p50"), p90_ms=lat.get("p90"), mean_ms=lat.get("mean"),
                    runs=lat.get("runs", 0), peak_rss_mb=result.peak_rss_mb,
                    accuracy=result.accuracy, error=None if result.ok else result.error,

@@ -116,12 +116,15 @@ def load(path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = No
     if not raw:
         raise EdgesmithError(f"{path} is empty (0 bytes); re-export the model")
     if raw[4:8] == TFLITE_MAGIC:
-        return load_tflite(path, raw, input_shapes or {})
+        return load_tflite(path, raw, input_shapes or {}, data)
     return _load_onnx(path, raw, input_shapes or {}, data, static)
 
 
-def load_tflite(path: Path, data: bytes, input_shapes: dict[str, list[int]]) -> Model:
-    """TFLite models on the host: input specs and size, read through the TFLite interpreter."""
+def load_tflite(path: Path, data: bytes, input_shapes: dict[str, list[int]],
+                source=None) -> Model:
+    """TFLite models on the host: input specs and size, read through the TFLite interpreter.
+    A quantized (int8/uint8) input takes float data when `source` holds floats: the runtime
+    quantizes them with the model's scale and zero point."""
     from device_runtime.backends.tflite import Backend
     from device_runtime.errors import RuntimeFailure
 
@@ -129,16 +132,19 @@ def load_tflite(path: Path, data: bytes, input_shapes: dict[str, list[int]]) -> 
         backend = Backend(str(path), {"xnnpack": False})
     except RuntimeFailure as exc:
         raise EdgesmithError(f"cannot read {path.name}: {exc.message}") from None
-    details = backend.interp.get_input_details()
-    names = [d["name"] for d in details]
+    names = list(backend.inputs)
     unknown = sorted(set(input_shapes) - set(names))
     if unknown:
         raise EdgesmithError(f"--input-shape names {unknown}, but the model's inputs are {names}")
     inputs = []
-    for d in details:
+    floats = {k for k, (_, dtype) in npz_headers(source).items() if dtype.kind == "f"} \
+        if source is not None and Path(source).is_file() else set()
+    for name, d in backend.inputs.items():
         dims = [None if s < 0 else int(s) for s in d.get("shape_signature", d["shape"])]
-        shape = input_shapes.get(d["name"], [int(s) for s in d["shape"]])
-        inputs.append(InputSpec(d["name"], dims, list(shape), str(d["dtype"].__name__)))
+        shape = input_shapes.get(name, [int(s) for s in d["shape"]])
+        quantized = d["quantization"][0] and name in floats
+        inputs.append(InputSpec(name, dims, list(shape),
+                                "float32" if quantized else str(d["dtype"].__name__)))
     facts = ModelFacts("tflite", len(data), 0, 0, {},
                        notes=["parameters and MACs are not computed for TFLite models"])
     return Model(path, "tflite", inputs, backend.output_names, facts, data=data)
@@ -265,8 +271,6 @@ def _input_specs(path: Path, proto, given: dict[str, list[int]], data=None,
 def data_shapes(source) -> dict[str, tuple]:
     """Array shapes in an .npz (headers only) or, for an image folder, its first image as
     1x{C}xHxW under the name `*`: what fills a model's dynamic dimensions when none are given."""
-    import zipfile
-
     source = Path(source)
     if source.is_dir():
         from PIL import Image
@@ -277,7 +281,15 @@ def data_shapes(source) -> dict[str, tuple]:
             return {}
         with Image.open(first) as img:
             return {"*": (1, len(img.getbands()), img.height, img.width)}
-    shapes = {}
+    return {name: shape for name, (shape, _) in npz_headers(source).items()}
+
+
+def npz_headers(source) -> dict[str, tuple[tuple, np.dtype]]:
+    """Each array's shape and dtype in an .npz, read from the headers only ({} if unreadable:
+    the data loader says what is wrong with the file, in its own words)."""
+    import zipfile
+
+    headers = {}
     try:
         with zipfile.ZipFile(source) as zf:
             for name in zf.namelist():
@@ -285,13 +297,14 @@ def data_shapes(source) -> dict[str, tuple]:
                     major, _ = np.lib.format.read_magic(fh)
                     read = (np.lib.format.read_array_header_1_0 if major == 1 else
                             np.lib.format.read_array_header_2_0)
-                    shapes[name.removesuffix(".npy")] = read(fh)[0]
+                    shape, _, dtype = read(fh)
+                    headers[name.removesuffix(".npy")] = (shape, dtype)
     except (OSError, zipfile.BadZipFile, ValueError):
-        return {}      # the data loader says what is wrong with the file, in its own words
-    return shapes
+        return {}
+    return headers
 
 
-def _shapes_with_inputs(proto, inputs: list[InputSpec]) -> dict[str, list[int]]:
+def static_shapes(proto, inputs: list[InputSpec]) -> dict[str, list[int]]:
     """Static shapes of every value once the inputs take their concrete shapes."""
     import onnx
 
@@ -364,7 +377,7 @@ def _param_count(proto) -> int:
 
 def onnx_facts(proto, inputs: list[InputSpec], size_bytes: int) -> ModelFacts:
     params = _param_count(proto)
-    shapes = _shapes_with_inputs(proto, inputs)
+    shapes = static_shapes(proto, inputs)
     macs_by_op: dict[str, int] = {}
     for node in proto.graph.node:
         if node.op_type in MAC_OPS:

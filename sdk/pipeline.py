@@ -28,12 +28,14 @@ from .model import Model, atomic_write, from_proto, load
 from .outputs import claim, copy_dir_atomic, is_ours
 from .passes.fuse import fuse
 from .recipes import QuantData, accuracy_drop, choose_recipe, quant_data
+from .report import delegation_text
 from .resume import State, sha256 as _sha, source_digest
 from .selection import best_tradeoff, choose
 from .targets import Match, get_profile, match
 
 REPORT_SCHEMA = 2
 ORIGINAL = "original (as given)"     # the user's model, unfused: what every speedup is against
+BACKENDS = ("onnxruntime", "tflite")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class OptimizeConfig:
     target: str | None = None                    # a profile name; else matched from facts
     contenders: int = 3                          # fastest in-budget candidates re-measured
     confirm_rounds: int = 3
+    backends: tuple[str, ...] = BACKENDS         # runtimes the answer may use
 
     def __post_init__(self):
         if not 0.0 <= self.max_accuracy_drop <= 1.0:
@@ -64,6 +67,9 @@ class OptimizeConfig:
                 raise ValueError(f"OptimizeConfig.{name} must be >= 0")
         if self.distill_epochs < 1:
             raise ValueError("OptimizeConfig.distill_epochs must be >= 1")
+        if not self.backends or not set(self.backends) <= set(BACKENDS):
+            raise ValueError(f"OptimizeConfig.backends must be some of {BACKENDS}, got "
+                             f"{self.backends}")
 
 
 @dataclass
@@ -102,7 +108,6 @@ class Context:
     target: Match
     job: Job
     judge: object                  # EvalData with reference outputs, or None (nothing to judge)
-    batch: int
     quant: QuantData | None
     train: str | None
     state: State
@@ -118,32 +123,46 @@ class Context:
     def baseline(self) -> Candidate | None:
         return next((c for c in self.cands if c.id == "fp32"), None)
 
-    def record(self, cand: Candidate, proto: onnx.ModelProto | None) -> Candidate:
+    def record(self, cand: Candidate, model: Model | None) -> Candidate:
         """Keep a measured candidate (resumable), judge its drop, write the best so far."""
         base = self.baseline()
         if cand.ok and cand.accuracy_drop is None:
             cand.accuracy_drop = 0.0 if base is None else accuracy_drop(base.accuracy,
                                                                         cand.accuracy)
-        self.state.save(cand, proto if cand.ok else None)
+        self.state.save(cand, model if cand.ok else None)
         self.cands.append(cand)
         best = choose(self.cands, self.cfg) or best_tradeoff(self.cands)
         if best is not None:
-            atomic_write(self.out / "model.onnx",
-                         self.state.model_path(best.model_sha256).read_bytes())
+            write_model(self.out, self.state.model_path(best.model_sha256))
+        return cand
+
+    def resumed(self, cid: str) -> Candidate | None:
+        """The candidate an interrupted run of this job already measured (now counted)."""
+        cand = self.state.done.get(cid)
+        if cand is not None:
+            self.cands.append(cand)
         return cand
 
     def measure(self, cid: str, recipe: dict, model: Model, note: str = "") -> Candidate:
-        if cid in self.state.done:
-            cand = self.state.done[cid]
-            self.cands.append(cand)
+        if (cand := self.resumed(cid)) is not None:
             return cand
         self.say(f"measuring {cid} on {self.device.name}")
-        bundle = bundles.build(model, eval_data=self.judge, eval_batch=self.batch,
+        bundle = bundles.build(model, eval_data=self.judge, eval_batch=eval_batch(model),
                                meta={"candidate": cid})
         result = measure(self.device, bundle, self.job)
         cand = Candidate.from_result(cid, result, model, recipe=recipe, note=note,
-                                     model_sha256=_sha(model.proto.SerializeToString()))
-        return self.record(cand, model.proto)
+                                     model_sha256=_sha(model.serialized()))
+        if result.delegation and result.delegation["fallback"]:
+            cand.note = "; ".join(filter(None, [cand.note, delegation_text(result.delegation)]))
+        return self.record(cand, model)
+
+
+def write_model(out: Path, stored: Path) -> None:
+    """OUT/model.onnx or OUT/model.tflite: the best so far; the other format's file, ours from
+    an earlier best of this run, goes (two answers would be one too many)."""
+    atomic_write(out / f"model{stored.suffix}", stored.read_bytes())
+    for other in {".onnx", ".tflite"} - {stored.suffix}:
+        (out / f"model{other}").unlink(missing_ok=True)
 
 
 def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="local",
@@ -160,6 +179,7 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
         raise EdgesmithError(f"the model does not run on {ctx.device.name}: {base.error}")
     int8 = int8_stage(ctx)
     pruned_stage(ctx, int8)
+    tflite_stage(ctx)
     if ctx.over_budget():
         ctx.notes.append(f"stopped by --budget ({ctx.cfg.budget_s:.0f}s) after "
                          f"{len(ctx.cands)} candidate(s)")
@@ -201,7 +221,6 @@ def build_context(model_path, out_dir, device, calib, eval_path, train, cfg: Opt
                      "made by them, are not meaningful; accuracy and deployment are")
     fused_proto, _ = fuse(original.proto)
     fused = from_proto(fused_proto, original, original.path)
-    batch = eval_batch(original)
     quant, judge = None, None
     if calib is None and train is not None:       # training samples are never judging samples
         calib = train
@@ -229,7 +248,7 @@ def build_context(model_path, out_dir, device, calib, eval_path, train, cfg: Opt
         notes.append(f"{out} held results of a different run (model, data, device, settings or "
                      "edgesmith version changed): started afresh")
     job = replace(Job(**target.profile.measure_job_args()), evaluate=judge is not None)
-    return Context(cfg, out, original, fused, dev, facts, target, job, judge, batch, quant,
+    return Context(cfg, out, original, fused, dev, facts, target, job, judge, quant,
                    train, state, say or (lambda text: None), started, notes)
 
 
@@ -259,7 +278,7 @@ def int8_stage(ctx: Context) -> dict | None:
         if proto is not None and cand.ok:
             cand.model_sha256 = _sha(proto.SerializeToString())
         ctx.cands[:] = [c for c in ctx.cands if c.id != cand.id]
-        ctx.record(cand, proto)
+        ctx.record(cand, None if proto is None else from_proto(proto, ctx.original))
 
     try:
         _, q_report = choose_recipe(ctx.fused, ctx.device, ctx.quant, ctx.cfg.max_accuracy_drop,
@@ -333,6 +352,65 @@ def pruned_stage(ctx: Context, int8_recipe: dict | None) -> None:
                         from_proto(proto, ctx.original))
 
 
+def tflite_stage(ctx: Context) -> None:
+    """The fp32 model and the most accurate in-budget int8 one, converted to TFLite and measured
+    under LiteRT (XNNPACK) beside the onnxruntime candidates: on ARM boards LiteRT is often the
+    faster CPU path, and only the device's measurement can say."""
+    if "tflite" not in ctx.cfg.backends:
+        ctx.skipped.append({"id": "tflite:*", "reason": "not asked for (--backends)"})
+        return
+    packages = ctx.facts.get("packages") or {}
+    if not any(packages.get(d) for d in ("ai-edge-litert", "tflite-runtime")):
+        ctx.skipped.append({"id": "tflite:*", "reason": f"{ctx.device.name} has no TFLite "
+                            "runtime (`pip install ai-edge-litert` there)"})
+        return
+    if "tflite" not in ctx.target.profile.backends:
+        ctx.skipped.append({"id": "tflite:*", "reason": f"target {ctx.target.profile.name} "
+                            "does not list the tflite backend"})
+        return
+    from .tflite_convert import as_model, available, to_tflite
+
+    if (why := available()) is not None:
+        ctx.skipped.append({"id": "tflite:*", "reason": why})
+        return
+    budget = ctx.cfg.max_accuracy_drop
+    int8 = sorted((c for c in ctx.cands if c.id.startswith("int8:") and c.ok
+                   and c.accuracy_drop is not None and c.accuracy_drop <= budget),
+                  key=lambda c: (c.accuracy_drop, c.p50_ms))
+    sources = [("tflite:fp32", "fp32", ctx.fused)]
+    if int8:
+        sources.append((f"tflite:{int8[0].id}", int8[0].id, ctx.state.load_model(int8[0],
+                                                                                ctx.original)))
+    elif ctx.quant is not None:
+        ctx.skipped.append({"id": "tflite:int8", "reason": "no int8 recipe kept the accuracy "
+                            "budget on onnxruntime, so none is converted"})
+    sample = _conversion_sample(ctx)
+    for cid, source_id, source in sources:
+        if ctx.over_budget() or ctx.resumed(cid) is not None:
+            continue
+        ctx.say(f"converting {source_id} to TFLite")
+        try:
+            data, rep = to_tflite(source.proto, sample)
+        except EdgesmithError as exc:
+            ctx.skipped.append({"id": cid, "reason": str(exc)})
+            continue
+        note = (f"converted from {source_id} in {rep.seconds:.0f} s; on the host it computes "
+                f"{rep.fidelity.get('sqnr_db', 0):.0f} dB SQNR against onnxruntime")
+        ctx.measure(cid, {"convert": "tflite", "from": source_id}, as_model(data, source), note)
+
+
+def _conversion_sample(ctx: Context) -> dict:
+    """One sample (batch 1) of real inputs: the judging set's, else calibration's, else
+    random values at the model's shapes."""
+    import numpy as np
+
+    if ctx.judge is not None:
+        return {k: v[:1] for k, v in ctx.judge.inputs.items()}
+    rng = np.random.default_rng(0)
+    return {s.name: rng.standard_normal([1] + s.shape[1:]).astype(s.dtype)
+            for s in ctx.original.inputs}
+
+
 def _timing_job() -> Job:
     return Job(runs=50, warmup=5, min_time_s=0.5, evaluate=False)
 
@@ -347,9 +425,9 @@ def confirm_stage(ctx: Context, chosen: Candidate | None, report_remeasure: dict
     if not top or chosen is None:
         return chosen
     ctx.say(f"re-measuring the original and the {len(top)} fastest candidate(s) interleaved")
-    trials = {c.id: (bundles.build(from_proto(ctx.state.load_model(c), ctx.original),
-                                   eval_batch=ctx.batch), _timing_job()) for c in top}
-    trials[ORIGINAL] = (bundles.build(ctx.original, eval_batch=ctx.batch), _timing_job())
+    trials = {c.id: (bundles.build(ctx.state.load_model(c, ctx.original)), _timing_job())
+              for c in top}
+    trials[ORIGINAL] = (bundles.build(ctx.original), _timing_job())
     spreads = interleave(ctx.device, trials, ctx.cfg.confirm_rounds)
     for c in top:
         if c.id in spreads:
@@ -367,12 +445,13 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
     if pick is None:
         report.summary = "no candidate ran on the device"
         return
-    model = from_proto(ctx.state.load_model(pick), ctx.original)
+    model = ctx.state.load_model(pick, ctx.original)
     report.tuned_config = pick.config = _tuned_config(ctx, model, pick.id)
-    final = bundles.build(model, config=pick.config, eval_data=ctx.judge, eval_batch=ctx.batch,
+    final = bundles.build(model, config=pick.config, eval_data=ctx.judge,
+                          eval_batch=eval_batch(model),
                           meta={"candidate": pick.id, "edgesmith": __version__})
     copy_dir_atomic(final.path, ctx.out / "bundle", force=True)   # ownership checked at start
-    atomic_write(ctx.out / "model.onnx", model.proto.SerializeToString())
+    write_model(ctx.out, ctx.state.model_path(pick.model_sha256))
     ctx.say("profiling the chosen model's ops")
     prof = measure(ctx.device, final, Job(runs=20, warmup=3, evaluate=False, profile_ops=True))
     report.op_profile_ms = prof.op_profile_ms or {}
@@ -380,7 +459,7 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
     if report.chosen and (pick.config or not pick.confirm or "original" not in rem):
         ctx.say("re-measuring the shipped bundle against the original")
         spreads = interleave(ctx.device, {
-            ORIGINAL: (bundles.build(ctx.original, eval_batch=ctx.batch), _timing_job()),
+            ORIGINAL: (bundles.build(ctx.original), _timing_job()),
             pick.id: (final, _timing_job())}, ctx.cfg.confirm_rounds)
         if len(spreads) == 2:   # the selection rounds stay in pick.confirm; these are what ships
             if "original" in rem:
@@ -436,5 +515,6 @@ def _save_tradeoffs(ctx: Context) -> None:
     trade.mkdir(exist_ok=True)
     for c in ctx.cands:
         if c.pareto and c.model_sha256:
-            atomic_write(trade / f"{c.id.replace(':', '_').replace('+', '_')}.onnx",
-                         ctx.state.model_path(c.model_sha256).read_bytes())
+            stored = ctx.state.model_path(c.model_sha256)
+            atomic_write(trade / f"{c.id.replace(':', '_').replace('+', '_')}{stored.suffix}",
+                         stored.read_bytes())

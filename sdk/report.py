@@ -30,6 +30,16 @@ def config_summary(result: Result) -> str:
     return json.dumps(cfg, sort_keys=True)
 
 
+def delegation_text(d: dict) -> str:
+    """What XNNPACK did not take, in a line (the runtime's `Result.delegation`)."""
+    if not d.get("applied", True):
+        return (f"XNNPACK did not start on the device (no CPU information?): all {d['ops']} "
+                "ops ran on TFLite's reference kernels")
+    return (f"XNNPACK took {d['delegated']} of {d['ops']} ops; left to TFLite's reference "
+            "kernels (no XNNPACK kernel for the op or its type): "
+            + ", ".join(f"{k} x{v}" for k, v in sorted(d["fallback"].items())))
+
+
 def results_table(rows: list[tuple[str, Result]], title: str = "edgesmith profile") -> Table:
     table = Table(title=title)
     for col in ("device", "backend / config", "load ms", "p50 ms", "p90 ms", "p99 ms", "mean ms",

@@ -11,11 +11,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import onnx
-
 from .errors import EdgesmithError
 from .measure import Candidate
-from .model import atomic_write
+from .model import Model, atomic_write
 
 
 def sha256(data: bytes) -> str:
@@ -41,6 +39,7 @@ def source_digest(path) -> str | None:
 
 STATE_DIR = ".edgesmith-state"
 OWN_FILES = ("run.json", "candidates.jsonl", "int8.json")
+FORMATS = (".onnx", ".tflite")
 
 
 class State:
@@ -80,21 +79,33 @@ class State:
     def _reset(self) -> None:
         for name in OWN_FILES:
             (self.dir / name).unlink(missing_ok=True)
-        for model in (self.dir / "models").glob("*.onnx"):
-            if len(model.stem) == 64:           # ours are named by their sha256
+        for model in (self.dir / "models").glob("*.*"):
+            if len(model.stem) == 64 and model.suffix in FORMATS:   # ours: named by sha256
                 model.unlink()
 
     def model_path(self, sha: str) -> Path:
-        return self.dir / "models" / f"{sha}.onnx"
+        """The stored model of that hash, whichever its format (an .onnx path if none)."""
+        paths = [self.dir / "models" / f"{sha}{suffix}" for suffix in FORMATS]
+        return next((p for p in paths if p.is_file()), paths[0])
 
-    def save(self, cand: Candidate, proto: onnx.ModelProto | None) -> None:
-        if proto is not None and not self.model_path(cand.model_sha256).is_file():
-            atomic_write(self.model_path(cand.model_sha256), proto.SerializeToString())
+    def save(self, cand: Candidate, model: Model | None) -> None:
+        path = self.dir / "models" / f"{cand.model_sha256}.{model.format}" if model else None
+        if path is not None and not path.is_file():
+            atomic_write(path, model.serialized())
         torn = self.path.is_file() and self.path.stat().st_size and \
             self.path.read_bytes()[-1:] != b"\n"
         with open(self.path, "a") as fh:
             fh.write(("\n" if torn else "") + json.dumps(asdict(cand)) + "\n")
         self.done[cand.id] = cand
 
-    def load_model(self, cand: Candidate) -> onnx.ModelProto:
-        return onnx.load(str(self.model_path(cand.model_sha256)))
+    def load_model(self, cand: Candidate, like: Model) -> Model:
+        """The candidate's model, with `like`'s input names and dtypes."""
+        import onnx
+
+        from .model import from_proto
+        from .tflite_convert import as_model
+
+        path = self.model_path(cand.model_sha256)
+        if path.suffix == ".tflite":
+            return as_model(path.read_bytes(), like)
+        return from_proto(onnx.load(str(path)), like)

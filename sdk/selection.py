@@ -10,6 +10,7 @@ def choose(cands: list[Candidate], cfg) -> Candidate | None:
     for c in cands:
         c.pareto = c.id in front
         c.within_budget = bool(c.ok and c.model_sha256 and c.accuracy_drop is not None and
+                               c.backend in getattr(cfg, "backends", (c.backend,)) and
                                c.accuracy_drop <= cfg.max_accuracy_drop and
                                (cfg.latency_budget_ms is None or
                                 c.latency_ms <= cfg.latency_budget_ms))

@@ -8,23 +8,32 @@ import sys
 
 import jsonschema
 import numpy as np
-import onnx
 import pytest
 
 import device_runtime
 from conftest import ROOT, require, run_cli
+from edgesmith.model import load as load_model
 from edgesmith.pipeline import OptimizeConfig, optimize
 
 SCHEMA = json.loads((ROOT / "tests" / "schemas" / "report.json").read_text())
 QUICK = ["--tune-budget", "5s"]
+ORT = ("onnxruntime",)      # tests of other things skip the TFLite conversions (test_tflite.py)
+
+
+def written_model(out):
+    """OUT/model.onnx or OUT/model.tflite (whichever runtime won): exactly one."""
+    found = sorted(out.glob("model.*"))
+    assert [p.suffix for p in found] in ([".onnx"], [".tflite"]), found
+    return found[0]
 
 
 def check_outputs(out, report):
     jsonschema.validate(report, SCHEMA)
-    assert (out / "model.onnx").is_file() and (out / "report.html").is_file()
+    assert written_model(out) and (out / "report.html").is_file()
     session = device_runtime.load(out / "bundle")
-    x = np.load(ROOT / "examples/models/digits_cnn_eval.npz")["input"][:3]
-    assert session.run({"input": x})["logits"].shape == (3, 10)
+    batch = session.inputs["input"]["dims"][0] or 3     # a .tflite is converted at batch 1
+    x = np.load(ROOT / "examples/models/digits_cnn_eval.npz")["input"][:batch]
+    assert session.run({"input": x})["logits"].shape == (batch, 10)
     html = (out / "report.html").read_text()
     assert '<svg id="scatter"' in html and 'class="point"' in html
 
@@ -65,7 +74,8 @@ def test_optimize_with_pruning_and_distillation(models, tmp_path):
     report = optimize(models / "digits_cnn.onnx", tmp_path / "out",
                       eval_path=models / "digits_cnn_eval.npz",
                       train=models / "digits_cnn_train.npz",
-                      cfg=OptimizeConfig(prune_ratios=(0.5,), distill_epochs=8, tune_budget_s=0))
+                      cfg=OptimizeConfig(prune_ratios=(0.5,), distill_epochs=8, tune_budget_s=0,
+                                         backends=ORT))
     ids = {c.id for c in report.candidates}
     assert "prune50+distill" in ids
     pruned = next(c for c in report.candidates if c.id == "prune50+distill")
@@ -75,7 +85,7 @@ def test_optimize_with_pruning_and_distillation(models, tmp_path):
 
 def test_interrupted_optimize_resumes(models, tmp_path):
     out = tmp_path / "out"
-    cfg = OptimizeConfig(tune_budget_s=0)
+    cfg = OptimizeConfig(tune_budget_s=0, backends=ORT)
 
     def interrupt_in_the_int8_search(text):
         if text.startswith("measuring qdq"):     # fp32 is measured, the int8 search starts
@@ -84,7 +94,7 @@ def test_interrupted_optimize_resumes(models, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         optimize(models / "digits_cnn.onnx", out, eval_path=models / "digits_cnn_eval.npz",
                  cfg=cfg, say=interrupt_in_the_int8_search)
-    assert (out / "model.onnx").is_file()          # the best so far was already written
+    assert written_model(out)                     # the best so far was already written
     seen = []
     report = optimize(models / "digits_cnn.onnx", out, eval_path=models / "digits_cnn_eval.npz",
                       cfg=cfg, say=seen.append)
@@ -95,13 +105,13 @@ def test_interrupted_optimize_resumes(models, tmp_path):
 def test_another_model_in_the_same_output_starts_afresh(models, tmp_path):
     """Before: the CNN's run resumed the MLP's results and shipped the MLP as the answer."""
     out = tmp_path / "out"
-    cfg = OptimizeConfig(tune_budget_s=0)
+    cfg = OptimizeConfig(tune_budget_s=0, backends=ORT)
     optimize(models / "digits_mlp.onnx", out, eval_path=models / "digits_mlp_eval.npz", cfg=cfg)
     report = optimize(models / "digits_cnn.onnx", out, eval_path=models / "digits_cnn_eval.npz",
                       cfg=cfg)
     assert report.resumed == 0 and any("started afresh" in n for n in report.notes)
-    written = onnx.load(out / "model.onnx")
-    assert {n.op_type for n in written.graph.node} & {"Conv", "QLinearConv", "ConvInteger"}
+    written = load_model(written_model(out))              # the CNN's answer, not the MLP's
+    assert written.inputs[0].shape == [1, 1, 8, 8]
     check_outputs(out, json.loads((out / "report.json").read_text()))
     again = optimize(models / "digits_cnn.onnx", out, eval_path=models / "digits_cnn_eval.npz",
                      cfg=cfg)
@@ -111,7 +121,8 @@ def test_another_model_in_the_same_output_starts_afresh(models, tmp_path):
 def test_calib_without_eval_judges_on_held_out_samples_and_can_choose_int8(models, tmp_path):
     """Before: with --calib only, fp32 had no accuracy, every drop was None, fp32 always won."""
     report = optimize(models / "digits_cnn.onnx", tmp_path / "out",
-                      calib=models / "digits_cnn_eval.npz", cfg=OptimizeConfig(tune_budget_s=0))
+                      calib=models / "digits_cnn_eval.npz",
+                      cfg=OptimizeConfig(tune_budget_s=0, backends=ORT))
     int8 = [c for c in report.candidates if c.id.startswith("int8:") and c.ok]
     assert int8 and all(c.accuracy_drop is not None for c in int8)
     assert all(c.accuracy["n"] < 359 for c in int8)        # judged on the held-out part only
@@ -132,14 +143,14 @@ def test_impossible_budget_saves_tradeoffs(models, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("optimize", models / "digits_cnn.onnx", "--eval",
                    models / "digits_cnn_eval.npz", "-o", out, "--latency-budget-ms", "0.000001",
-                   "--tune-budget", "0")
+                   "--tune-budget", "0", "--backends", "onnxruntime")
     assert proc.returncode == 1
     assert "no candidate met the budget" in proc.stdout
     assert "Traceback" not in proc.stderr
     report = json.loads((out / "report.json").read_text())
     jsonschema.validate(report, SCHEMA)
-    assert report["chosen"] is None and (out / "model.onnx").is_file()
-    assert list((out / "tradeoffs").glob("*.onnx"))
+    assert report["chosen"] is None and written_model(out)
+    assert list((out / "tradeoffs").glob("*.*"))
 
 
 def chromium() -> str | None:
@@ -151,7 +162,7 @@ def test_report_renders_in_a_headless_browser(models, tmp_path):
     require(browser is not None, "chromium missing: .ci/run installs it (apt-get install chromium)")
     out = tmp_path / "out"
     optimize(models / "digits_cnn.onnx", out, eval_path=models / "digits_cnn_eval.npz",
-             cfg=OptimizeConfig(tune_budget_s=0))
+             cfg=OptimizeConfig(tune_budget_s=0, backends=ORT))
     png = tmp_path / "shot.png"
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                     "--no-first-run", "--disable-background-networking",
@@ -189,7 +200,8 @@ def test_force_writes_only_edgesmith_names_into_a_users_directory(models, tmp_pa
     (mine / ".state" / "important.txt").write_text("keep")
     (mine / "bundle" / "mine.txt").write_text("keep")
     proc = run_cli("optimize", models / "digits_cnn.onnx", "--eval",
-                   models / "digits_cnn_eval.npz", "-o", mine, "--tune-budget", "0", "--force")
+                   models / "digits_cnn_eval.npz", "-o", mine, "--tune-budget", "0", "--force",
+                   "--backends", "onnxruntime")
     assert proc.returncode == 0, proc.stderr
     assert (mine / ".state" / "important.txt").read_text() == "keep"
     assert (mine / "bundle" / "mine.txt").read_text() == "keep"

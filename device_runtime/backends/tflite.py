@@ -1,5 +1,13 @@
-"""TFLite backend: ai-edge-litert first, tflite-runtime as the fallback for numpy-1 devices."""
+"""TFLite backend: ai-edge-litert first, tflite-runtime as the fallback for numpy-1 devices.
+
+Inputs and outputs are named by the model's signature when it has one (what LiteRT documents as
+a model's interface; converters' tensor names are internal), else by tensor name. A fully int8
+model takes and returns int8 tensors: float feeds are quantized, and its outputs dequantized, with
+the model's own scale and zero point, so eval sets and references are the float model's.
+"""
 from __future__ import annotations
+
+from collections import Counter
 
 from ..errors import RuntimeFailure
 
@@ -27,14 +35,10 @@ def _interpreter_module():
 
 
 def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import version
 
-    for dist in ("ai-edge-litert", "tflite-runtime"):
-        try:
-            return {dist: version(dist)}
-        except PackageNotFoundError:
-            continue
-    return {}
+    package = _interpreter_module()[1]
+    return {package: version(package)}
 
 
 class Backend:
@@ -56,23 +60,64 @@ class Backend:
         except Exception as exc:
             raise RuntimeFailure("load", f"{self.package} cannot load the model: "
                                  f"{str(exc).strip().splitlines()[0]}") from None
-        self._inputs = {d["name"]: d for d in self.interp.get_input_details()}
-        self._outputs = self.interp.get_output_details()
-        self.input_names = list(self._inputs)
-        self.output_names = [d["name"] for d in self._outputs]
+        self._read_details()
+        self.input_names = list(self.inputs)
+        self.output_names = list(self.outputs)
+
+    def _read_details(self) -> None:
+        """{name: tensor detail} for inputs and outputs, by signature key where there is one."""
+        interp, signatures = self.interp, self.interp.get_signature_list()
+        if len(signatures) == 1:
+            runner = interp.get_signature_runner(next(iter(signatures)))
+            self.inputs, self.outputs = runner.get_input_details(), runner.get_output_details()
+        else:
+            self.inputs = {d["name"]: d for d in interp.get_input_details()}
+            self.outputs = {d["name"]: d for d in interp.get_output_details()}
 
     def run(self, feed: dict) -> list:
+        import numpy as np
+
         interp = self.interp
         for name, array in feed.items():
-            detail = self._inputs[name]
+            detail = self.inputs[name]
             if tuple(detail["shape"]) != array.shape:
                 interp.resize_tensor_input(detail["index"], array.shape)
                 interp.allocate_tensors()
-                self._inputs = {d["name"]: d for d in interp.get_input_details()}
-                detail = self._inputs[name]
+                self._read_details()
+                detail = self.inputs[name]
+            scale, zero = detail["quantization"]
+            if scale and array.dtype.kind == "f" and detail["dtype"] != array.dtype:
+                info = np.iinfo(detail["dtype"])
+                array = np.clip(np.round(array / scale) + zero, info.min, info.max) \
+                    .astype(detail["dtype"])
             interp.set_tensor(detail["index"], array)
         interp.invoke()
-        return [interp.get_tensor(d["index"]) for d in self._outputs]
+        outputs = [(interp.get_tensor(d["index"]), *d["quantization"])
+                   for d in self.outputs.values()]
+        return [(y.astype(np.float32) - zero) * np.float32(scale)
+                if scale and y.dtype.kind in "iu" else y for y, scale, zero in outputs]
+
+    def delegation(self) -> dict | None:
+        """How much of the graph XNNPACK runs: ops it replaced, and the ops left to TFLite's
+        reference kernels (XNNPACK has no kernel for their op or type), by op name. `applied`
+        is False when XNNPACK did not start at all (e.g. no CPU information under emulation)."""
+        if not self.config["xnnpack"]:
+            return None
+        ops = self.interp._get_ops_details()
+        produced = {t: op for op in ops if op["op_name"] != "DELEGATE" for t in op["outputs"]}
+        taken: set = set()
+        for d in (op for op in ops if op["op_name"] == "DELEGATE"):
+            stop, todo = set(d["inputs"]), list(d["outputs"])
+            while todo:           # a partition: every op between its inputs and its outputs
+                op = produced.get(todo.pop())
+                if op is None or op["index"] in taken:
+                    continue
+                taken.add(op["index"])
+                todo += [t for t in op["inputs"] if t not in stop]
+        model_ops = [op for op in ops if op["op_name"] != "DELEGATE"]
+        fallback = Counter(op["op_name"] for op in model_ops if op["index"] not in taken)
+        return {"delegate": "XNNPACK", "ops": len(model_ops), "delegated": len(taken),
+                "fallback": dict(fallback), "applied": len(model_ops) < len(ops)}
 
     def op_profile(self) -> dict[str, float]:
         return {}

@@ -11,7 +11,7 @@ from .common import Group
 from .devices import device, doctor, targets
 from .profile import profile
 from .search import optimize, tune
-from .transform import distill, fuse, prune, quantize
+from .transform import convert, distill, fuse, prune, quantize
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,5 +20,6 @@ def main():
     """edgesmith: optimise a model for an edge device, measured on that device."""
 
 
-for command in (optimize, profile, fuse, quantize, prune, distill, tune, device, targets, doctor):
+for command in (optimize, profile, fuse, quantize, prune, distill, convert, tune, device,
+                targets, doctor):
     main.add_command(command)

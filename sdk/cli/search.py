@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from pathlib import Path
+
 import click
 
 from .common import (config_error, input_shape_option, json_option, one_device,
@@ -80,12 +82,15 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
                    "ResNet-style digits model back to its teacher's top-1 (10 left it 2% short)")
 @click.option("--tune-budget", default="60s", show_default=True,
               help="device time for tuning the winner's runtime config (0 to skip)")
+@click.option("--backends", default="onnxruntime,tflite", show_default=True,
+              help="runtimes the answer may use: your application embeds one (TFLite "
+                   "candidates need the `tflite-convert` extra on the host)")
 @input_shape_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False),
               help="also write the report here; quiet progress")
 def optimize(model, out_dir, force, device, identity, accept_new_host_key, remote_python,
              target, calib, eval_path, train, max_accuracy_drop, latency_budget_ms, budget,
-             prune_ratios, distill_epochs, tune_budget, input_shape, json_out):
+             prune_ratios, distill_epochs, tune_budget, backends, input_shape, json_out):
     """The main job: the fastest variant of MODEL within the accuracy budget, on the device.
 
     Exit 0 when a candidate met the budget; 1 when none did (the trade-offs are still saved).
@@ -97,7 +102,8 @@ def optimize(model, out_dir, force, device, identity, accept_new_host_key, remot
     try:
         ratios = tuple(float(r) for r in prune_ratios.split(",") if r.strip())
         cfg = OptimizeConfig(max_accuracy_drop, latency_budget_ms, parse_duration(budget),
-                             ratios, distill_epochs, parse_duration(tune_budget), target)
+                             ratios, distill_epochs, parse_duration(tune_budget), target,
+                             backends=tuple(b.strip() for b in backends.split(",") if b.strip()))
     except ValueError as exc:
         raise config_error(exc) from None
     dev = one_device(device, identity, accept_new_host_key, remote_python)
@@ -115,6 +121,7 @@ def optimize(model, out_dir, force, device, identity, accept_new_host_key, remot
     for note in report.notes:
         click.echo(f"note: {note}")
     click.echo(f"{report.outcome}: {report.summary}")
-    click.echo(f"wrote {out_dir}/model.onnx, bundle/, report.json, report.html")
+    written = next((p.name for p in sorted(Path(out_dir).glob("model.*"))), "model.onnx")
+    click.echo(f"wrote {out_dir}/{written}, bundle/, report.json, report.html")
     if report.chosen is None:   # the budget was not met: outputs are saved, the exit says so
         sys.exit(1)

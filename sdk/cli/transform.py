@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import click
 
@@ -268,4 +270,78 @@ def distill(teacher, student, data, eval_path, epochs, batch_size, lr, temperatu
     if json_out:
         write_json(json_out, report)
     click.echo(report.details[-1])
+    click.echo(f"wrote {out}")
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--to", "fmt", required=True, type=click.Choice(["tflite"]),
+              help="the format to write (TFLite/LiteRT)")
+@click.option("--int8", is_flag=True,
+              help="a fully int8 model: quantized with --recipe on --calib, then converted")
+@click.option("--calib", type=click.Path(exists=True),
+              help="calibration data for --int8: .npz (inputs by name) or an image folder")
+@click.option("--recipe", default="qdq-u8s8", show_default=True,
+              help="the int8 recipe (`edgesmith quantize` reports which one the device chose)")
+@click.option("--eval", "eval_path", type=click.Path(dir_okay=False),
+              help=".npz to check the .tflite against onnxruntime on (else held-out --calib "
+                   "samples, else random inputs)")
+@input_shape_option
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
+@json_option()
+def convert(model, fmt, int8, calib, recipe, eval_path, input_shape, out, json_out):
+    """Convert MODEL (ONNX) to TFLite, fp32 or int8, checked against onnxruntime; needs the
+    `tflite-convert` extra. An already-quantized (QDQ) model converts to int8 as it is."""
+    from ..model import atomic_write, load, parse_input_shapes
+    from ..report import write_json
+    from ..tflite_convert import available, check, to_tflite
+
+    if int8 and calib is None:
+        raise EdgesmithError("--int8 needs --calib (samples to calibrate activation ranges on)")
+    m = load(model, parse_input_shapes(input_shape), data=eval_path or calib)
+    if m.format != "onnx":
+        raise EdgesmithError(f"{model} is already a {m.format} model; convert takes ONNX models")
+    if (why := available()) is not None:
+        raise EdgesmithError(why)
+    notes, proto, judge = [], m.proto, None
+    if calib is not None:
+        from ..recipes import quant_data, quantize_with
+
+        data = quant_data(m, calib, eval_path)
+        notes, judge = data.notes, data.eval.inputs
+        if int8:
+            proto, _ = quantize_with(m, recipe, data.batches)
+    elif eval_path is not None:
+        from ..data import load_eval_set
+
+        judge = load_eval_set(eval_path, m).inputs
+    if judge is None:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        judge = {s.name: rng.standard_normal([s.dims[0] or 8] + s.shape[1:]).astype(s.dtype)
+                 for s in m.inputs}
+        notes.append("no --eval or --calib: checked on random inputs (give real samples to "
+                     "judge fidelity)")
+    data_bytes, report = to_tflite(proto, {k: v[:1] for k, v in judge.items()})
+    report = replace(check(proto, data_bytes, judge), int8=report.int8, seconds=report.seconds,
+                     notes=notes)
+    atomic_write(Path(out), data_bytes)
+    if json_out:
+        write_json(json_out, {"model": model, "out": out, "recipe": recipe if int8 else None,
+                              "report": asdict(report)})
+    for note in notes:
+        click.echo(f"note: {note}")
+    d, f = report.delegation or {}, report.fidelity
+    click.echo(f"converted to {'int8' if report.int8 else 'fp32'} TFLite in {report.seconds:.1f} s"
+               f": {sum(report.ops.values())} ops ({report.ops.get('TRANSPOSE', 0)} TRANSPOSE)"
+               + (f"; XNNPACK takes {d['delegated']} of {d['ops']}" if d else ""))
+    if d.get("fallback"):
+        from ..report import delegation_text
+
+        click.echo(f"  {delegation_text(d)}")
+    click.echo(f"against {'our int8 ONNX model' if report.int8 else 'the ONNX model'} under "
+               f"onnxruntime, {f['n']} samples: max relative error {report.max_rel_err:.2e}, "
+               f"SQNR {f['sqnr_db']:.1f} dB"
+               + (f", top-1 agreement {f['agreement']:.4f}" if "agreement" in f else ""))
     click.echo(f"wrote {out}")

@@ -74,7 +74,8 @@ def float_name(qdq_tensor: str, float_names) -> str | None:
     return None
 
 
-def probe_session(model: onnx.ModelProto, tensors, optimize: bool = True):
+def probe_session(model: onnx.ModelProto, tensors, optimize: bool = True,
+                  dtype: int = onnx.TensorProto.FLOAT):
     """An onnxruntime session whose outputs are `tensors` (intermediate values included): the
     one way passes read activations. `optimize=False` keeps QDQ pairs unfused, so a quantized
     model's intermediate values are what its int8 kernels compute, in float."""
@@ -83,7 +84,7 @@ def probe_session(model: onnx.ModelProto, tensors, optimize: bool = True):
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.output[:]
-    probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, dtype, None)
                               for t in dict.fromkeys(tensors))
     options = ort.SessionOptions()
     if not optimize:

@@ -23,18 +23,18 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
-def to_torch(model: onnx.ModelProto):
+def to_torch(model: onnx.ModelProto, ops: dict = OPS):
     """A torch.nn.Module computing the graph (a tuple of its outputs); weights of the ops in
-    TRAINABLE are Parameters."""
+    TRAINABLE are Parameters. `ops` is the op registry (conversion adds its own)."""
     import torch
     from torch import nn
     import torch.nn.functional as F
 
-    unsupported = sorted({n.op_type for n in model.graph.node if n.op_type not in OPS
+    unsupported = sorted({n.op_type for n in model.graph.node if n.op_type not in ops
                           or n.domain not in ("", "ai.onnx")})
     if unsupported:
-        raise EdgesmithError(f"training supports {len(OPS)} ONNX ops; this model also has "
-                             f"{unsupported}")
+        raise EdgesmithError(f"the ONNX->torch interpreter supports {len(ops)} ONNX ops; this "
+                             f"model also has {unsupported}")
     env_ops = Env(torch, F, _opset(model))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     trainable = {n.input[i] for n in model.graph.node for i in TRAINABLE.get(n.op_type, ())
@@ -62,7 +62,7 @@ def to_torch(model: onnx.ModelProto):
             env = dict(zip(self.inputs, args))
             for n in model.graph.node:
                 x = [self.value(env, i) if i else None for i in n.input]
-                y = OPS[n.op_type](n, x, env_ops)
+                y = ops[n.op_type](n, x, env_ops)
                 for name, value in zip(n.output, y if isinstance(y, tuple) else (y,)):
                     if name:
                         env[name] = value
