@@ -123,9 +123,10 @@ def load(path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = No
 def load_tflite(path: Path, data: bytes, input_shapes: dict[str, list[int]],
                 source=None) -> Model:
     """TFLite models on the host: input specs and size, read through the TFLite interpreter.
-    A quantized (int8/uint8) input takes float data when `source` holds floats: the runtime
-    quantizes them with the model's scale and zero point."""
-    from device_runtime.backends.tflite import Backend
+    Inputs take the names `source` (the data) gives them where a signature key is their
+    identifier form; a quantized (int8/uint8) input takes float data when `source` holds
+    floats (the runtime quantizes them with the model's scale and zero point)."""
+    from device_runtime.backends.tflite import Backend, identifier
     from device_runtime.errors import RuntimeFailure
 
     try:
@@ -137,14 +138,15 @@ def load_tflite(path: Path, data: bytes, input_shapes: dict[str, list[int]],
     if unknown:
         raise EdgesmithError(f"--input-shape names {unknown}, but the model's inputs are {names}")
     inputs = []
-    floats = {k for k, (_, dtype) in npz_headers(source).items() if dtype.kind == "f"} \
-        if source is not None and Path(source).is_file() else set()
-    for name, d in backend.inputs.items():
+    headers = npz_headers(source) if source is not None and Path(source).is_file() else {}
+    aliases = {identifier(k): k for k in headers}     # the data's `input.1` for key `input_1`
+    for key, d in backend.inputs.items():
+        name = key if key in headers else aliases.get(key, key)
         dims = [None if s < 0 else int(s) for s in d.get("shape_signature", d["shape"])]
         shape = input_shapes.get(name, [int(s) for s in d["shape"]])
-        quantized = d["quantization"][0] and name in floats
-        inputs.append(InputSpec(name, dims, list(shape),
-                                "float32" if quantized else str(d["dtype"].__name__)))
+        floats = name in headers and headers[name][1].kind == "f"
+        inputs.append(InputSpec(name, dims, list(shape), "float32" if d["quantization"][0]
+                                and floats else str(d["dtype"].__name__)))
     facts = ModelFacts("tflite", len(data), 0, 0, {},
                        notes=["parameters and MACs are not computed for TFLite models"])
     return Model(path, "tflite", inputs, backend.output_names, facts, data=data)

@@ -26,18 +26,22 @@ def config_summary(result: Result) -> str:
         return (f"{providers.replace('ExecutionProvider', '')} threads={threads} "
                 f"opt={cfg.get('graph_optimization_level')} {cfg.get('execution_mode')}")
     if result.backend == "tflite":
-        return f"threads={cfg.get('threads') or 'auto'} xnnpack={cfg.get('xnnpack')}"
+        d = result.delegation or {}
+        share = f" ({d['delegated']}/{d['ops']} ops)" if d.get("ops") else ""
+        return f"threads={cfg.get('threads') or 'auto'} xnnpack={cfg.get('xnnpack')}{share}"
     return json.dumps(cfg, sort_keys=True)
 
 
 def delegation_text(d: dict) -> str:
-    """What XNNPACK did not take, in a line (the runtime's `Result.delegation`)."""
+    """XNNPACK's share in a line, naming what it left (the runtime's `Result.delegation`)."""
     if not d.get("applied", True):
-        return (f"XNNPACK did not start on the device (no CPU information?): all {d['ops']} "
-                "ops ran on TFLite's reference kernels")
-    return (f"XNNPACK took {d['delegated']} of {d['ops']} ops; left to TFLite's reference "
-            "kernels (no XNNPACK kernel for the op or its type): "
-            + ", ".join(f"{k} x{v}" for k, v in sorted(d["fallback"].items())))
+        return (f"XNNPACK took none of the {d['ops']} ops (it did not start on the device, or "
+                "has kernels for none of them): all ran on TFLite's reference kernels")
+    text = f"XNNPACK took {d['delegated']} of {d['ops']} ops"
+    if d["fallback"]:
+        text += ("; left to TFLite's reference kernels (no XNNPACK kernel for the op or its "
+                 "type): " + ", ".join(f"{k} x{v}" for k, v in sorted(d["fallback"].items())))
+    return text
 
 
 def results_table(rows: list[tuple[str, Result]], title: str = "edgesmith profile") -> Table:
@@ -156,6 +160,11 @@ def speedups(report) -> dict[str, float]:
     return out
 
 
+def _excluded(report, c) -> str:
+    allowed = report.config.get("backends") or (c.backend,)
+    return "" if c.backend in allowed else f"reference only ({c.backend} is not in --backends); "
+
+
 def optimize_table(report) -> Table:
     """The same rows as report.html: every candidate, fastest first, then errors and skips."""
     table = Table(title=f"edgesmith optimize: {Path(report.model).name} on {report.device} "
@@ -178,7 +187,7 @@ def optimize_table(report) -> Table:
                       _fmt(acc.get("top1"), 4), _fmt(acc.get("agreement"), 4),
                       _fmt(c.accuracy_drop, 4), f"{c.size_bytes / 1024:.0f}", f"{c.macs:,}",
                       "yes" if c.within_budget else "no",
-                      mark + ("Pareto " if c.pareto else "") + c.note)
+                      mark + ("Pareto " if c.pareto else "") + _excluded(report, c) + c.note)
     for s in report.skipped:
         table.add_row(s["id"], *[""] * 8, f"[yellow]not tried: {s['reason']}[/yellow]")
     table.caption = ("ms: median of interleaved rounds with the original where re-measured "

@@ -5,12 +5,16 @@ from .measure import Candidate
 
 
 def choose(cands: list[Candidate], cfg) -> Candidate | None:
-    """Mark budget and Pareto flags; the fastest candidate within the budgets, or None."""
-    front = {c.id for c in pareto_front(cands)}
+    """Mark budget and Pareto flags; the fastest candidate within the budgets, or None. Only
+    candidates on the runtimes the user asked for (`cfg.backends`) can be chosen or be on the
+    front: the others were measured as references."""
+    allowed = getattr(cfg, "backends", None)
+    eligible = [c for c in cands if allowed is None or c.backend in allowed]
+    front = {c.id for c in pareto_front(eligible)}
     for c in cands:
         c.pareto = c.id in front
         c.within_budget = bool(c.ok and c.model_sha256 and c.accuracy_drop is not None and
-                               c.backend in getattr(cfg, "backends", (c.backend,)) and
+                               (allowed is None or c.backend in allowed) and
                                c.accuracy_drop <= cfg.max_accuracy_drop and
                                (cfg.latency_budget_ms is None or
                                 c.latency_ms <= cfg.latency_budget_ms))

@@ -8,10 +8,12 @@ our stack, and the interpreter already computes every export of the real-model c
 int8 is not a second quantizer: our QDQ model's own scales and zero points become PT2E
 quantize/dequantize ops, which the converter folds into TFLite's int8 kernels, so the .tflite
 computes on the grid the device's recipe search chose (uint8 activations become int8 with the
-zero point moved by 128: the same values). The model keeps its ONNX interface: NCHW tensors, the
-ONNX input and output names as its signature keys, float in and out (the runtime quantizes a fully
-int8 model's I/O with its own scale and zero point). Shapes are fixed at conversion (batch 1 where
-the ONNX batch is dynamic): run batches as a loop, as LiteRT users do.
+zero point moved by 128: the same values). The model keeps its ONNX interface: NCHW tensors and
+the ONNX input and output names as its signature keys (inputs made identifiers: `input.1` is
+`input_1`, and the runtime takes either). A fully int8 model takes and returns int8 tensors; the
+device runtime quantizes float feeds and dequantizes outputs with the model's own scales. Shapes
+are fixed at conversion (batch 1 where the ONNX batch is dynamic): run batches as a loop, as
+LiteRT users do.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from device_runtime.backends.tflite import identifier
+
 from .errors import EdgesmithError
 from .passes.graph import attr
 
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
     from .model import Model
 
 INSTALL = "pip install torch==2.13.0 'edgesmith[tflite-convert]'"
+MAX_FP32_ERROR = 1e-3       # relative to the output's range: kernels' rounding is ~1e-6
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -60,17 +65,41 @@ def available() -> str | None:
 
 
 def to_tflite(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> tuple[bytes, ConvertReport]:
-    """Convert `model` at the shapes of `sample` (one batch of its inputs, by ONNX name); the
-    result is checked against onnxruntime on that sample."""
+    """Convert `model` at the shapes of `sample` (one batch of its inputs, by ONNX name; see
+    `conversion_sample`); the result is checked against onnxruntime on that sample, and an fp32
+    conversion that computes something else is refused. Every failure is one EdgesmithError."""
     why = available()
     if why:
         raise EdgesmithError(why)
-    import torch
+    started = time.monotonic()
+    try:
+        data, int8 = _convert(model, sample)
+        report = check(model, data, sample)
+    except EdgesmithError:
+        raise
+    except Exception as exc:    # the converter's and runtimes' own errors: long, many-lined
+        raise EdgesmithError(f"cannot convert to TFLite: {_first_line(exc)}; the ONNX model "
+                             "still runs under onnxruntime") from None
+    if not int8 and report.max_rel_err > MAX_FP32_ERROR:
+        raise EdgesmithError(f"the converted model computes something else (max relative error "
+                             f"{report.max_rel_err:.1e} against onnxruntime); not used: please "
+                             "report this model")
+    report.int8, report.seconds = int8, time.monotonic() - started
+    return data, report
+
+
+def conversion_sample(model: Model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One batch to convert at: the model's fixed batch, else 1 (what LiteRT apps run)."""
+    return {s.name: np.ascontiguousarray(inputs[s.name][:s.dims[0] if s.dims and s.dims[0]
+                                                       else 1]) for s in model.inputs}
+
+
+def _convert(model: onnx.ModelProto, sample: dict) -> tuple[bytes, bool]:
     import litert_torch
+    import torch
 
     from .passes.onnx_torch import to_torch
 
-    started = time.monotonic()
     int8 = any(n.op_type in QDQ for n in model.graph.node)
     graph = _at_fixed_shapes(model, sample)
     graph = _qdq_as_pt2e(graph) if int8 else graph
@@ -78,30 +107,29 @@ def to_tflite(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> tuple[by
         module = _named(to_torch(graph, ops=_ops(torch)), graph).eval()
     except EdgesmithError as exc:
         raise EdgesmithError(f"cannot convert to TFLite: {exc}") from None
-    names = list(module.input_names)
-    if sorted(sample) != sorted(names):
-        raise EdgesmithError(f"the conversion sample has {sorted(sample)}, the model's inputs "
-                             f"are {sorted(names)}")
+    keys = {n: identifier(n) for n in module.input_names}
+    if sorted(sample) != sorted(keys) or len(set(keys.values())) < len(keys):
+        raise EdgesmithError(f"cannot convert to TFLite: the sample has {sorted(sample)}, the "
+                             f"model's inputs are {sorted(keys)} (signature keys "
+                             f"{sorted(keys.values())} must differ)")
     kwargs = {"quant_config": _static_int8_config()} if int8 else {}
-    try:
-        with torch.no_grad(), _quiet():
-            converted = litert_torch.convert(
-                module, sample_kwargs={n: torch.from_numpy(np.ascontiguousarray(sample[n]))
-                                       for n in names}, **kwargs)
-            data = bytes(converted.model_content())
-    except Exception as exc:         # the converter's own errors are long MLIR dumps
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
-        raise EdgesmithError(f"litert-torch could not convert the model ({first}); the ONNX "
-                             "model still runs under onnxruntime") from None
-    report = check(model, data, sample)
-    report.int8, report.seconds = int8, time.monotonic() - started
-    return data, report
+    with torch.no_grad(), _quiet():
+        converted = litert_torch.convert(
+            module, sample_kwargs={keys[n]: torch.from_numpy(np.ascontiguousarray(sample[n]))
+                                   for n in keys}, **kwargs)
+        return bytes(converted.model_content()), int8
+
+
+def _first_line(exc: Exception) -> str:
+    """The line that names the problem (MLIR and torch.export errors end in advice lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {(lines or [''])[0][:300]}"
 
 
 def as_model(data: bytes, source: Model) -> Model:
-    """The converted model as a `Model`: its own input shapes (batch 1) under the source's
-    names and dtypes, the source's parameter and MAC counts (the same computation), its own
-    size."""
+    """The converted model as a `Model`: its own input shapes (fixed at conversion) under the
+    source's names and dtypes, the source's parameter and MAC counts (the same computation),
+    its own size."""
     import tempfile
     from dataclasses import replace
     from pathlib import Path
@@ -114,15 +142,18 @@ def as_model(data: bytes, source: Model) -> Model:
         model = load(path)
     model.path = None
     model.facts = replace(source.facts, format="tflite", size_bytes=len(data), notes=[])
-    # the ONNX dtypes: a fully int8 model's int8 I/O is quantized by the runtime
-    dtypes = {spec.name: spec.dtype for spec in source.inputs}
-    model.inputs = [replace(spec, dtype=dtypes.get(spec.name, spec.dtype))
-                    for spec in model.inputs]
+    # the ONNX names (the runtime maps `input.1` to its key `input_1`) and dtypes (a fully
+    # int8 model's int8 I/O is quantized by the runtime)
+    mine = {spec.name: spec for spec in model.inputs}
+    model.inputs = [replace(mine[identifier(s.name)] if s.name not in mine else mine[s.name],
+                            name=s.name, dtype=s.dtype) for s in source.inputs]
     return model
 
 
-def check(model: onnx.ModelProto, data: bytes, sample: dict[str, np.ndarray]) -> ConvertReport:
-    """Run the .tflite (the device runtime's backend, XNNPACK on) and onnxruntime on `sample`."""
+def check(model: onnx.ModelProto, data: bytes, sample: dict[str, np.ndarray],
+          labels: np.ndarray | None = None) -> ConvertReport:
+    """Run the .tflite (the device runtime's backend, XNNPACK on) and onnxruntime on `sample`
+    (and top-1 against `labels` when given)."""
     import tempfile
 
     import onnxruntime as ort
@@ -154,7 +185,8 @@ def check(model: onnx.ModelProto, data: bytes, sample: dict[str, np.ndarray]) ->
                              f"{sorted(got)}); please report this model")
     rel = max(float(np.max(np.abs(got[k].astype(np.float64) - r))
                     / max(float(np.max(np.abs(r))), 1e-12)) for k, r in refs.items())
-    fidelity = metrics({k: got[k] for k in refs}, EvalData({}, None, refs, used))
+    fidelity = metrics({k: got[k] for k in refs}, EvalData(
+        {}, None if labels is None else labels[:used], refs, used))
     ops = Counter(op["op_name"] for op in backend.interp._get_ops_details()
                   if op["op_name"] != "DELEGATE")
     return ConvertReport(False, dict(ops), backend.delegation(), fidelity, rel, 0.0)
@@ -162,7 +194,8 @@ def check(model: onnx.ModelProto, data: bytes, sample: dict[str, np.ndarray]) ->
 
 def _named(module, graph: onnx.ModelProto):
     """The interpreter module with the ONNX names on its interface: inputs as keyword
-    arguments, outputs as a dict (litert-torch names the TFLite signature's keys after them)."""
+    arguments (made identifiers: `input.1` is `input_1`, which the runtime accepts for it),
+    outputs as a dict (litert-torch names the TFLite signature's keys after them)."""
     import torch
 
     class Named(torch.nn.Module):
@@ -172,7 +205,7 @@ def _named(module, graph: onnx.ModelProto):
             self.input_names, self.output_names = module.inputs, module.outputs
 
         def forward(self, **inputs):
-            return dict(zip(self.output_names, self.inner(*[inputs[n] for n in
+            return dict(zip(self.output_names, self.inner(*[inputs[identifier(n)] for n in
                                                             self.input_names])))
 
     return Named()
@@ -196,9 +229,8 @@ def _at_fixed_shapes(model: onnx.ModelProto, sample: dict) -> onnx.ModelProto:
                 dim.dim_value = int(size)
     sizes = [n for n in g.node if n.op_type in ("Shape", "Size")]
     if sizes:
-        first = {k: v[:1] for k, v in sample.items()}
         values = probe_session(model, [n.output[0] for n in sizes],
-                               dtype=onnx.TensorProto.INT64).run(None, first)
+                               dtype=onnx.TensorProto.INT64).run(None, sample)
         for n, value in zip(sizes, values):
             g.node.remove(n)
             g.initializer.append(numpy_helper.from_array(np.asarray(value, np.int64),
@@ -261,10 +293,11 @@ def _ops(torch) -> dict:
 
 def _qdq_as_pt2e(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rewrite onnxruntime's QDQ nodes into the PT2E form litert-torch lowers: activations'
-    QuantizeLinear/DequantizeLinear keep their scale and zero point as attributes (int8 grid);
-    a weight's DequantizeLinear becomes a per-channel fake-quant of its float values (exactly
-    its integers again); int32 biases become float (the converter requantizes them with
-    s_x * s_w, which is how onnxruntime made them)."""
+    QuantizeLinear/DequantizeLinear keep their scale and zero point as attributes (int8 grid;
+    uint8 moves by 128: the same values); a constant's DequantizeLinear (weights per channel or
+    per tensor, Add/Mul operands with their zero points) becomes a fake-quant of its float
+    values, which gives exactly its integers back; int32 biases become float (the converter
+    requantizes them with s_x * s_w, which is how onnxruntime made them)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -282,7 +315,7 @@ def _qdq_as_pt2e(model: onnx.ModelProto) -> onnx.ModelProto:
         scale = inits[n.input[1]].astype(np.float32)
         zero = inits[n.input[2]] if len(n.input) > 2 and n.input[2] else np.zeros((), np.uint8)
         src, axis = n.input[0], attr(n, "axis", 1)
-        if n.op_type == "DequantizeLinear" and src in inits:            # a weight or a bias
+        if n.op_type == "DequantizeLinear" and src in inits:   # weight, bias or constant operand
             q = inits[src]
             shape = [1] * q.ndim
             if scale.size > 1:
@@ -292,26 +325,26 @@ def _qdq_as_pt2e(model: onnx.ModelProto) -> onnx.ModelProto:
             if q.dtype == np.int32:
                 added[n.output[0]] = real
                 continue
-            if q.dtype != np.int8:
-                raise EdgesmithError(f"cannot convert to TFLite: weight {src!r} is {q.dtype}; "
-                                     "TFLite's int8 kernels take signed weights (use a recipe "
-                                     "with S8 weights, e.g. qdq-u8s8)")
-            lo, hi = (-127, 127) if q.min() >= -127 else (-128, 127)
-            if scale.size > 1 or q.ndim > 1:
-                added[src + ".f32"] = real
-                added[src + ".scale"] = np.broadcast_to(scale, (q.shape[axis],)).copy()
-                added[src + ".zero"] = np.broadcast_to(zero.astype(np.int64),
-                                                       (q.shape[axis],)).copy()
+            if q.dtype not in (np.int8, np.uint8):
+                raise EdgesmithError(f"cannot convert to TFLite: constant {src!r} is {q.dtype} "
+                                     "(TFLite's int8 kernels take 8-bit constants)")
+            shift = 128 if q.dtype == np.uint8 else 0       # the same values on the int8 grid
+            zeros = zero.astype(np.int64).reshape(-1) - shift
+            symmetric = not zeros.any() and int(q.astype(np.int32).min()) - shift >= -127
+            lo, hi = (-127, 127) if symmetric else (-128, 127)
+            added[src + ".f32"] = real
+            if scale.size > 1:
+                channels = q.shape[axis]
+                added[src + ".scale"] = np.broadcast_to(scale.reshape(-1), (channels,)).copy()
+                added[src + ".zero"] = np.broadcast_to(zeros, (channels,)).copy()
                 nodes.append(helper.make_node(
                     "EsFakeQuantChannel", [src + ".f32", src + ".scale", src + ".zero"],
                     list(n.output), axis=axis % q.ndim, qmin=lo, qmax=hi))
                 continue
-            added[src + ".f32"] = real
-            src = src + ".f32"
-            nodes.append(helper.make_node("EsQuantize", [src], [src + ".q"],
-                                          scale=float(scale), zero_point=0, qmin=lo, qmax=hi))
-            nodes.append(helper.make_node("EsDequantize", [src + ".q"], list(n.output),
-                                          scale=float(scale), zero_point=0, qmin=lo, qmax=hi))
+            grid = {"scale": scale.reshape(()).item(), "zero_point": int(zeros[0]), "qmin": lo,
+                    "qmax": hi}
+            nodes.append(helper.make_node("EsQuantize", [src + ".f32"], [src + ".q"], **grid))
+            nodes.append(helper.make_node("EsDequantize", [src + ".q"], list(n.output), **grid))
             continue
         if scale.size != 1:
             raise EdgesmithError(f"cannot convert to TFLite: {n.op_type} {n.name!r} quantizes "
@@ -323,8 +356,8 @@ def _qdq_as_pt2e(model: onnx.ModelProto) -> onnx.ModelProto:
                                  f"{zero.dtype} (TFLite's int8 path takes 8-bit activations)")
         nodes.append(helper.make_node(
             "EsQuantize" if n.op_type == "QuantizeLinear" else "EsDequantize", [src],
-            list(n.output), scale=float(scale.reshape(())), zero_point=int(zero) - shift,
-            qmin=-128, qmax=127))
+            list(n.output), scale=scale.reshape(()).item(),
+            zero_point=int(zero.reshape(()).item()) - shift, qmin=-128, qmax=127))
     del g.node[:]
     g.node.extend(nodes)
     used = {i for n in nodes for i in n.input} | {o.name for o in g.output}

@@ -199,12 +199,14 @@ def test_force_writes_only_edgesmith_names_into_a_users_directory(models, tmp_pa
     (mine / "bundle").mkdir()
     (mine / ".state" / "important.txt").write_text("keep")
     (mine / "bundle" / "mine.txt").write_text("keep")
+    (mine / "model.tflite").write_text("keep")      # the user's own, not an earlier answer
     proc = run_cli("optimize", models / "digits_cnn.onnx", "--eval",
                    models / "digits_cnn_eval.npz", "-o", mine, "--tune-budget", "0", "--force",
                    "--backends", "onnxruntime")
     assert proc.returncode == 0, proc.stderr
     assert (mine / ".state" / "important.txt").read_text() == "keep"
     assert (mine / "bundle" / "mine.txt").read_text() == "keep"
+    assert (mine / "model.tflite").read_text() == "keep" and (mine / "model.onnx").is_file()
     device_runtime.load(mine / "bundle")          # the bundle's files were replaced by name
 
 

@@ -123,6 +123,58 @@ def test_convert_refuses_in_one_line_and_writes_nothing(models, tmp_path):
     assert proc.returncode == 1 and "QLinearConv" in proc.stderr and not out.exists()
 
 
+def dotted_cnn() -> onnx.ModelProto:
+    """What TorchScript exports look like to a converter: the input is `input.1` (not an
+    identifier), a constant Mul and Add between convs (quantized with their own zero points),
+    and a Flatten computed from Shape -> Gather -> Concat -> Reshape on a dynamic batch."""
+    rng = np.random.default_rng(0)
+
+    def const(name, value):
+        return numpy_helper.from_array(np.asarray(value, np.float32 if np.asarray(value).dtype
+                                                  .kind == "f" else np.int64), name)
+
+    inits = [const("w1", rng.standard_normal((8, 3, 3, 3)) * 0.3),
+             const("scale", 0.7), const("shift", rng.standard_normal((1, 8, 1, 1)) * 0.1),
+             const("w2", rng.standard_normal((4, 8, 3, 3)) * 0.2),
+             const("w3", rng.standard_normal((10, 256)) * 0.1), const("zero", [0]),
+             const("rest", [-1])]
+    nodes = [helper.make_node("Conv", ["input.1", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Mul", ["r1", "scale"], ["m1"]),
+             helper.make_node("Add", ["m1", "shift"], ["a1"]),
+             helper.make_node("Conv", ["a1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Shape", ["c2"], ["s"]),
+             helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             helper.make_node("Concat", ["n", "rest"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["c2", "shape"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "w3"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "dotted", [helper.make_tensor_value_info(
+        "input.1", TensorProto.FLOAT, ["N", 3, 8, 8])], [helper.make_tensor_value_info(
+            "logits", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("recipe", ["qdq-u8s8", "qdq-s8s8", "ort-default"])
+def test_every_int8_recipe_converts_onto_its_own_grid(recipe, tmp_path):
+    """Per-channel and per-tensor weights, uint8 and int8 activations, constant operands with
+    non-zero zero points, a dotted input name, a batch of 2: the .tflite computes what our
+    int8 ONNX model computes."""
+    path = tmp_path / "dotted.onnx"
+    onnx.save(dotted_cnn(), path)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((72, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", **{"input.1": x[:64]})
+    m = load(path, data=tmp_path / "calib.npz")
+    proto, _ = quantize_with(m, recipe, [{"input.1": x[i:i + 16]} for i in range(0, 64, 16)])
+    tfl, report = to_tflite(proto, {"input.1": x[64:66]})         # converted at batch 2
+    assert report.int8
+    held_out = check(proto, tfl, {"input.1": x[64:]})
+    assert held_out.fidelity["sqnr_db"] >= 30 and held_out.fidelity["agreement"] == 1.0, \
+        held_out.fidelity
+    converted = as_model(tfl, m)
+    assert [(s.name, s.dims[0]) for s in converted.inputs] == [("input.1", 2)]
+
+
 def softplus_cnn() -> onnx.ModelProto:
     """Conv -> Softplus (Mish-style activations, as in YOLOv4): TFLite writes Softplus with
     GREATER and SELECT, which XNNPACK has no kernels for."""
@@ -149,31 +201,35 @@ def test_ops_xnnpack_leaves_to_tflite_are_named(tmp_path):
     assert "GREATER x1" in proc.stdout and "SELECT x1" in proc.stdout
 
 
-def test_optimize_measures_tflite_beside_onnxruntime(models, tmp_path):
-    out = tmp_path / "out"
+def optimize_digits(models, out, *extra) -> tuple[dict, str]:
     proc = run_cli("optimize", models / "digits_cnn.onnx", "--eval",
-                   models / "digits_cnn_eval.npz", "-o", out, "--tune-budget", "0",
-                   "--prune-ratios", "0.5")
+                   models / "digits_cnn_eval.npz", "-o", out, "--tune-budget", "0", *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
+    return json.loads((out / "report.json").read_text()), proc.stdout
+
+
+def test_optimize_measures_tflite_beside_onnxruntime(models, tmp_path):
+    report, stdout = optimize_digits(models, tmp_path / "out")
     rows = {c["id"]: c for c in report["candidates"]}
     tfl = [c for c in rows.values() if c["backend"] == "tflite"]
     assert {c["id"] for c in tfl} >= {"tflite:fp32"}
     assert any(i.startswith("tflite:int8:") for i in rows), (rows, report["skipped"])
     for c in tfl:        # judged on the same held-out set as every other candidate
         assert c["error"] is None and c["accuracy"]["n"] == rows["fp32"]["accuracy"]["n"]
-        assert c["accuracy_drop"] <= 0.01 and c["id"] in proc.stdout
+        assert c["accuracy_drop"] <= 0.01 and c["id"] in stdout
     chosen = rows[report["chosen"]]
-    shipped = device_runtime.load(out / "bundle")
+    shipped = device_runtime.load(tmp_path / "out" / "bundle")
     assert shipped.manifest.backend == chosen["backend"]
-    assert (out / ("model.tflite" if chosen["backend"] == "tflite" else "model.onnx")).is_file()
+    written = "model.tflite" if chosen["backend"] == "tflite" else "model.onnx"
+    assert [p.name for p in (tmp_path / "out").glob("model.*")] == [written]
     # an application that embeds onnxruntime asks for it, and gets no .tflite
-    only = tmp_path / "ort"
-    proc = run_cli("optimize", models / "digits_cnn.onnx", "--eval",
-                   models / "digits_cnn_eval.npz", "-o", only, "--tune-budget", "0",
-                   "--backends", "onnxruntime")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((only / "report.json").read_text())
+    report, _ = optimize_digits(models, tmp_path / "ort", "--backends", "onnxruntime")
     assert all(c["backend"] == "onnxruntime" for c in report["candidates"])
     assert any(s["id"] == "tflite:*" for s in report["skipped"])
-    assert not (only / "model.tflite").exists() and (only / "model.onnx").is_file()
+    assert [p.name for p in (tmp_path / "ort").glob("model.*")] == ["model.onnx"]
+    # a TFLite-only answer that cannot be made is refused before anything is measured
+    proc = run_cli("optimize", models / "digits_cnn.onnx", "-o", tmp_path / "none",
+                   "--backends", "tflite", "--target", "jetson-orin-nano")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "does not list the tflite backend" in proc.stderr and \
+        not (tmp_path / "none").exists()

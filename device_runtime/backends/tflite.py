@@ -7,6 +7,8 @@ the model's own scale and zero point, so eval sets and references are the float 
 """
 from __future__ import annotations
 
+import keyword
+import re
 from collections import Counter
 
 from ..errors import RuntimeFailure
@@ -32,6 +34,13 @@ def _interpreter_module():
                              "(it was built for numpy 1); `pip install ai-edge-litert` or "
                              "`pip install 'numpy<2'`")
     return interpreter, "tflite-runtime"
+
+
+def identifier(name: str) -> str:
+    """A tensor name as a TFLite signature key (`input.1` -> `input_1`): converters write keys
+    that are identifiers, so a feed may use either."""
+    key = re.sub(r"\W", "_", name)
+    return key if key.isidentifier() and not keyword.iskeyword(key) else f"_{key}"
 
 
 def versions() -> dict:
@@ -67,8 +76,10 @@ class Backend:
     def _read_details(self) -> None:
         """{name: tensor detail} for inputs and outputs, by signature key where there is one."""
         interp, signatures = self.interp, self.interp.get_signature_list()
-        if len(signatures) == 1:
-            runner = interp.get_signature_runner(next(iter(signatures)))
+        runner = interp.get_signature_runner(next(iter(signatures))) \
+            if len(signatures) == 1 else None
+        main = {d["index"] for d in interp.get_input_details()}   # the subgraph invoke() runs
+        if runner and {d["index"] for d in runner.get_input_details().values()} == main:
             self.inputs, self.outputs = runner.get_input_details(), runner.get_output_details()
         else:
             self.inputs = {d["name"]: d for d in interp.get_input_details()}
@@ -79,6 +90,7 @@ class Backend:
 
         interp = self.interp
         for name, array in feed.items():
+            name = name if name in self.inputs else identifier(name)
             detail = self.inputs[name]
             if tuple(detail["shape"]) != array.shape:
                 interp.resize_tensor_input(detail["index"], array.shape)
@@ -100,8 +112,9 @@ class Backend:
     def delegation(self) -> dict | None:
         """How much of the graph XNNPACK runs: ops it replaced, and the ops left to TFLite's
         reference kernels (XNNPACK has no kernel for their op or type), by op name. `applied`
-        is False when XNNPACK did not start at all (e.g. no CPU information under emulation)."""
-        if not self.config["xnnpack"]:
+        is False when XNNPACK replaced nothing (it did not start, e.g. no CPU information under
+        emulation, or it supports none of the ops)."""
+        if not self.config["xnnpack"] or not hasattr(self.interp, "_get_ops_details"):
             return None
         ops = self.interp._get_ops_details()
         produced = {t: op for op in ops if op["op_name"] != "DELEGATE" for t in op["outputs"]}

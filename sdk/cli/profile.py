@@ -49,6 +49,9 @@ def profile(model, device_values, identity, accept_new_host_key, remote_python, 
         if result.ok and result.device.get("emulated"):
             click.echo(f"note: {name} is emulated ({result.device.get('cpu')}): its latency is "
                        "not meaningful; its accuracy and memory are")
+        if profile_ops and result.ok and not result.op_profile_ms:
+            click.echo(f"note: no per-op times on {name}: they come from onnxruntime's profiler, "
+                       f"and {result.backend} has none to read")
         if result.op_profile_ms:
             per_run = result.op_profile_ms
             total = sum(per_run.values()) or 1.0

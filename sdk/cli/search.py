@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import sys
 
-from pathlib import Path
 
 import click
 
@@ -83,6 +82,7 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
 @click.option("--tune-budget", default="60s", show_default=True,
               help="device time for tuning the winner's runtime config (0 to skip)")
 @click.option("--backends", default="onnxruntime,tflite", show_default=True,
+              callback=lambda ctx, param, value: _backends(value),
               help="runtimes the answer may use: your application embeds one (TFLite "
                    "candidates need the `tflite-convert` extra on the host)")
 @input_shape_option
@@ -103,7 +103,7 @@ def optimize(model, out_dir, force, device, identity, accept_new_host_key, remot
         ratios = tuple(float(r) for r in prune_ratios.split(",") if r.strip())
         cfg = OptimizeConfig(max_accuracy_drop, latency_budget_ms, parse_duration(budget),
                              ratios, distill_epochs, parse_duration(tune_budget), target,
-                             backends=tuple(b.strip() for b in backends.split(",") if b.strip()))
+                             backends=backends)
     except ValueError as exc:
         raise config_error(exc) from None
     dev = one_device(device, identity, accept_new_host_key, remote_python)
@@ -121,7 +121,15 @@ def optimize(model, out_dir, force, device, identity, accept_new_host_key, remot
     for note in report.notes:
         click.echo(f"note: {note}")
     click.echo(f"{report.outcome}: {report.summary}")
-    written = next((p.name for p in sorted(Path(out_dir).glob("model.*"))), "model.onnx")
-    click.echo(f"wrote {out_dir}/{written}, bundle/, report.json, report.html")
+    click.echo(f"wrote {out_dir}/{report.model_file}, bundle/, report.json, report.html")
     if report.chosen is None:   # the budget was not met: outputs are saved, the exit says so
         sys.exit(1)
+
+
+def _backends(value: str) -> tuple[str, ...]:
+    from ..pipeline import BACKENDS
+
+    chosen = tuple(b.strip() for b in value.split(",") if b.strip())
+    if not chosen or not set(chosen) <= set(BACKENDS):
+        raise click.BadParameter(f"{value!r}: name some of {', '.join(BACKENDS)}, comma-separated")
+    return chosen

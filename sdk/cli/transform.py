@@ -294,7 +294,7 @@ def convert(model, fmt, int8, calib, recipe, eval_path, input_shape, out, json_o
     `tflite-convert` extra. An already-quantized (QDQ) model converts to int8 as it is."""
     from ..model import atomic_write, load, parse_input_shapes
     from ..report import write_json
-    from ..tflite_convert import available, check, to_tflite
+    from ..tflite_convert import available, check, conversion_sample, to_tflite
 
     if int8 and calib is None:
         raise EdgesmithError("--int8 needs --calib (samples to calibrate activation ranges on)")
@@ -303,18 +303,19 @@ def convert(model, fmt, int8, calib, recipe, eval_path, input_shape, out, json_o
         raise EdgesmithError(f"{model} is already a {m.format} model; convert takes ONNX models")
     if (why := available()) is not None:
         raise EdgesmithError(why)
-    notes, proto, judge = [], m.proto, None
+    notes, proto, judge, labels = [], m.proto, None, None
     if calib is not None:
         from ..recipes import quant_data, quantize_with
 
         data = quant_data(m, calib, eval_path)
-        notes, judge = data.notes, data.eval.inputs
+        notes, judge, labels = data.notes, data.eval.inputs, data.eval.labels
         if int8:
             proto, _ = quantize_with(m, recipe, data.batches)
     elif eval_path is not None:
         from ..data import load_eval_set
 
-        judge = load_eval_set(eval_path, m).inputs
+        judged = load_eval_set(eval_path, m)
+        judge, labels = judged.inputs, judged.labels
     if judge is None:
         import numpy as np
 
@@ -323,17 +324,20 @@ def convert(model, fmt, int8, calib, recipe, eval_path, input_shape, out, json_o
                  for s in m.inputs}
         notes.append("no --eval or --calib: checked on random inputs (give real samples to "
                      "judge fidelity)")
-    data_bytes, report = to_tflite(proto, {k: v[:1] for k, v in judge.items()})
-    report = replace(check(proto, data_bytes, judge), int8=report.int8, seconds=report.seconds,
-                     notes=notes)
+    data_bytes, report = to_tflite(proto, conversion_sample(m, judge))
+    report = replace(check(proto, data_bytes, judge, labels), int8=report.int8,
+                     seconds=report.seconds, notes=notes)
+    vs_float = check(m.proto, data_bytes, judge).fidelity if report.int8 else None
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(Path(out), data_bytes)
     if json_out:
         write_json(json_out, {"model": model, "out": out, "recipe": recipe if int8 else None,
-                              "report": asdict(report)})
+                              "report": asdict(report), "int8_vs_fp32": vs_float})
     for note in notes:
         click.echo(f"note: {note}")
     d, f = report.delegation or {}, report.fidelity
-    click.echo(f"converted to {'int8' if report.int8 else 'fp32'} TFLite in {report.seconds:.1f} s"
+    click.echo(f"converted to {f'int8 ({recipe})' if int8 else 'int8' if report.int8 else 'fp32'}"
+               f" TFLite in {report.seconds:.1f} s"
                f": {sum(report.ops.values())} ops ({report.ops.get('TRANSPOSE', 0)} TRANSPOSE)"
                + (f"; XNNPACK takes {d['delegated']} of {d['ops']}" if d else ""))
     if d.get("fallback"):
@@ -343,5 +347,10 @@ def convert(model, fmt, int8, calib, recipe, eval_path, input_shape, out, json_o
     click.echo(f"against {'our int8 ONNX model' if report.int8 else 'the ONNX model'} under "
                f"onnxruntime, {f['n']} samples: max relative error {report.max_rel_err:.2e}, "
                f"SQNR {f['sqnr_db']:.1f} dB"
-               + (f", top-1 agreement {f['agreement']:.4f}" if "agreement" in f else ""))
+               + (f", top-1 agreement {f['agreement']:.4f}" if "agreement" in f else "")
+               + (f", top-1 on the labels {f['top1']:.4f}" if "top1" in f else ""))
+    if vs_float:
+        click.echo(f"against the fp32 ONNX model: SQNR {vs_float['sqnr_db']:.1f} dB"
+                   + (f", top-1 agreement {vs_float['agreement']:.4f}"
+                      if "agreement" in vs_float else ""))
     click.echo(f"wrote {out}")

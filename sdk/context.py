@@ -1,0 +1,128 @@
+"""The state one `optimize` run shares across its stages: what the user asked for
+(`OptimizeConfig`), and the `Context` every candidate is measured, judged, recorded (resumably)
+and written through."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import bundle as bundles
+from .data import eval_batch
+from .devices import Job
+from .measure import Candidate, measure
+from .model import Model, atomic_write
+from .outputs import is_ours
+from .recipes import QuantData, accuracy_drop
+from .report import delegation_text
+from .resume import State, sha256 as _sha
+from .selection import best_tradeoff, choose
+from .targets import Match
+
+BACKENDS = ("onnxruntime", "tflite")
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """What the user asked for: budgets and how much effort each stage may spend."""
+
+    max_accuracy_drop: float = 0.01
+    latency_budget_ms: float | None = None
+    budget_s: float = 600.0                      # wall clock for the whole search
+    prune_ratios: tuple[float, ...] = (0.3, 0.5)
+    distill_epochs: int = 10
+    tune_budget_s: float = 60.0                  # device time for tuning the winner (0: skip)
+    target: str | None = None                    # a profile name; else matched from facts
+    contenders: int = 3                          # fastest in-budget candidates re-measured
+    confirm_rounds: int = 3
+    backends: tuple[str, ...] = BACKENDS         # runtimes the answer may use
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_accuracy_drop <= 1.0:
+            raise ValueError(f"OptimizeConfig.max_accuracy_drop must be in [0, 1], got "
+                             f"{self.max_accuracy_drop}")
+        if self.latency_budget_ms is not None and self.latency_budget_ms <= 0:
+            raise ValueError("OptimizeConfig.latency_budget_ms must be > 0")
+        if any(not 0.0 < r < 1.0 for r in self.prune_ratios):
+            raise ValueError(f"OptimizeConfig.prune_ratios must be in (0, 1), got "
+                             f"{self.prune_ratios}")
+        for name in ("budget_s", "tune_budget_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"OptimizeConfig.{name} must be >= 0")
+        if self.distill_epochs < 1:
+            raise ValueError("OptimizeConfig.distill_epochs must be >= 1")
+        if not self.backends or not set(self.backends) <= set(BACKENDS):
+            raise ValueError(f"OptimizeConfig.backends must be some of {BACKENDS}, got "
+                             f"{self.backends}")
+
+
+@dataclass
+class Context:
+    """Everything the stages share, built once per run."""
+
+    cfg: OptimizeConfig
+    out: Path
+    original: Model
+    fused: Model
+    device: object
+    facts: dict
+    target: Match
+    job: Job
+    judge: object                  # EvalData with reference outputs, or None (nothing to judge)
+    quant: QuantData | None
+    train: str | None
+    state: State
+    say: object
+    started: float
+    notes: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    cands: list[Candidate] = field(default_factory=list)
+
+    def over_budget(self) -> bool:
+        return time.monotonic() - self.started > self.cfg.budget_s
+
+    def baseline(self) -> Candidate | None:
+        return next((c for c in self.cands if c.id == "fp32"), None)
+
+    def record(self, cand: Candidate, model: Model | None) -> Candidate:
+        """Keep a measured candidate (resumable), judge its drop, write the best so far."""
+        base = self.baseline()
+        if cand.ok and cand.accuracy_drop is None:
+            cand.accuracy_drop = 0.0 if base is None else accuracy_drop(base.accuracy,
+                                                                        cand.accuracy)
+        self.state.save(cand, model if cand.ok else None)
+        self.cands.append(cand)
+        best = choose(self.cands, self.cfg) or best_tradeoff(self.cands)
+        if best is not None:
+            write_model(self.out, self.state.model_path(best.model_sha256))
+        return cand
+
+    def resumed(self, cid: str) -> Candidate | None:
+        """The candidate an interrupted run of this job already measured (now counted)."""
+        cand = self.state.done.get(cid)
+        if cand is not None:
+            self.cands.append(cand)
+        return cand
+
+    def measure(self, cid: str, recipe: dict, model: Model, note: str = "") -> Candidate:
+        if (cand := self.resumed(cid)) is not None:
+            return cand
+        self.say(f"measuring {cid} on {self.device.name}")
+        bundle = bundles.build(model, eval_data=self.judge, eval_batch=eval_batch(model),
+                               meta={"candidate": cid})
+        result = measure(self.device, bundle, self.job)
+        cand = Candidate.from_result(cid, result, model, recipe=recipe, note=note,
+                                     model_sha256=_sha(model.serialized()))
+        if result.delegation:
+            cand.note = "; ".join(filter(None, [cand.note, delegation_text(result.delegation)]))
+        return self.record(cand, model)
+
+
+def write_model(out: Path, stored: Path) -> None:
+    """OUT/model.onnx or OUT/model.tflite: the best so far. In a directory edgesmith created,
+    the other format's file (an earlier best) goes: two answers would be one too many; in a
+    user's directory (--force) nothing of theirs is removed."""
+    atomic_write(out / f"model{stored.suffix}", stored.read_bytes())
+    for other in {".onnx", ".tflite"} - {stored.suffix}:
+        if is_ours(out):
+            (out / f"model{other}").unlink(missing_ok=True)

@@ -1,0 +1,177 @@
+"""optimize's candidate families, each measured through the run's Context as it is made:
+int8 recipes on onnxruntime, pruned + distilled students (+ int8), and TFLite conversions under
+LiteRT. A family that cannot run here (no data, no torch, no TFLite runtime) says why in the
+report and the others go on."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import onnx
+
+from .context import Context
+from .errors import EdgesmithError
+from .measure import Candidate
+from .model import atomic_write, from_proto
+from .recipes import choose_recipe
+from .resume import sha256 as _sha
+
+
+def int8_stage(ctx: Context) -> dict | None:
+    """The device's int8 recipes, measured against the fp32 baseline; every measured recipe
+    becomes a candidate as it is measured. Returns the chosen recipe's settings (for the pruned
+    students), or None when fp32 stayed best. A finished search is not re-run on resume."""
+    marker = ctx.state.dir / "int8.json"
+    if ctx.quant is None:
+        ctx.notes.append("no calibration data (--calib or --eval): int8 candidates skipped")
+        return None
+    try:
+        done = json.loads(marker.read_text()) if marker.is_file() else None
+        assert done is None or {"recipe", "skipped", "notes"} <= set(done)
+    except (OSError, ValueError, AssertionError):
+        done = None        # unreadable: the search runs again
+    if done is not None:
+        ctx.cands += [c for c in ctx.state.done.values() if c.id.startswith("int8:")]
+        ctx.skipped += done["skipped"]
+        ctx.notes += done["notes"]
+        return done["recipe"]
+    if ctx.over_budget():
+        return None
+
+    def keep(cand: Candidate, proto: onnx.ModelProto | None) -> None:
+        cand = replace(cand, id=f"int8:{cand.id}", recipe={"quantize": cand.recipe})
+        if proto is not None and cand.ok:
+            cand.model_sha256 = _sha(proto.SerializeToString())
+        ctx.cands[:] = [c for c in ctx.cands if c.id != cand.id]
+        ctx.record(cand, None if proto is None else from_proto(proto, ctx.original))
+
+    try:
+        _, q_report = choose_recipe(ctx.fused, ctx.device, ctx.quant, ctx.cfg.max_accuracy_drop,
+                                    ctx.job, baseline=replace(ctx.baseline()), on_step=ctx.say,
+                                    on_candidate=keep, confirm_rounds=0)
+    except EdgesmithError as exc:
+        ctx.notes.append(f"int8 recipe search failed: {exc}")
+        return None
+    skipped = [{"id": f"int8:{p['recipe']}", "reason": p["reason"]} for p in q_report.pruned]
+    notes = [n for n in q_report.notes if n not in ctx.notes]
+    if not q_report.quantized:
+        notes.append(q_report.summary)
+    recipe = q_report.chosen.recipe if q_report.quantized else None
+    atomic_write(marker, json.dumps({"recipe": recipe, "skipped": skipped,
+                                     "notes": notes}).encode())
+    ctx.skipped += skipped
+    ctx.notes += notes
+    return recipe
+
+
+def pruned_stage(ctx: Context, int8_recipe: dict | None) -> None:
+    """Structured pruning at each ratio, distilled from the original (+ the chosen int8)."""
+    if ctx.train is None:
+        ctx.notes.append("no training data (--train): pruning + distillation candidates skipped")
+        return
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        ctx.notes.append("pruning + distillation skipped: needs the `train` extra "
+                         "(pip install torch==2.13.0 'edgesmith[train]')")
+        return
+    from .data import load_training_set
+    from .passes.distill import DistillConfig, distill, soft_targets
+    from .passes.prune import PruneConfig, prune_channels
+    from .passes.quantize import QuantRecipe
+    from .recipes import quantize_with
+
+    data = load_training_set(ctx.train, ctx.original)
+    try:
+        targets = soft_targets(ctx.original.proto, data)     # one teacher: computed once
+    except EdgesmithError as exc:
+        ctx.notes.append(f"pruning + distillation skipped: {exc}")
+        return
+    epochs = ctx.cfg.distill_epochs
+    for ratio in ctx.cfg.prune_ratios:
+        if ctx.over_budget():
+            return
+        cid = f"prune{int(ratio * 100)}+distill"
+        ctx.say(f"pruning {ratio:.0%} of channels and distilling ({epochs} epochs)")
+        pruned, _ = prune_channels(ctx.fused.proto, PruneConfig(
+            ratio=ratio, input_shapes=ctx.original.input_shapes,
+            round_to=ctx.target.profile.channel_multiple))
+        try:
+            student, rep = distill(pruned, DistillConfig(ctx.original.proto, data, ctx.judge,
+                                                         targets, epochs=epochs))
+        except EdgesmithError as exc:      # one failed student is a note, not a failed run
+            ctx.notes.append(f"{cid} skipped: {exc}")
+            continue
+        model = from_proto(student, ctx.original)
+        ctx.measure(cid, {"prune": ratio, "distill": {"epochs": epochs}}, model,
+                    rep.details[-1])
+        if int8_recipe and ctx.quant is not None and not ctx.over_budget():
+            recipe = QuantRecipe(**{**int8_recipe, "exclude": ()})   # node names changed
+            try:
+                proto, _ = quantize_with(model, recipe, ctx.quant.batches)
+            except EdgesmithError as exc:
+                ctx.notes.append(f"{cid}+int8 failed: {exc}")
+                continue
+            ctx.measure(f"{cid}+int8:{recipe.name}", {"prune": ratio, "distill":
+                                                      {"epochs": epochs}, "quantize": recipe.name},
+                        from_proto(proto, ctx.original))
+
+
+def tflite_stage(ctx: Context) -> None:
+    """The fp32 model and the most accurate in-budget int8 one, converted to TFLite and measured
+    under LiteRT (XNNPACK) beside the onnxruntime candidates: on ARM boards LiteRT is often the
+    faster CPU path, and only the device's measurement can say."""
+    if (why := tflite_unavailable(ctx.cfg, ctx.facts, ctx.device.name,
+                                  ctx.target.profile)) is not None:
+        ctx.skipped.append({"id": "tflite:*", "reason": why})
+        return
+    from .tflite_convert import as_model, conversion_sample, to_tflite
+
+    budget = ctx.cfg.max_accuracy_drop
+    int8 = sorted((c for c in ctx.cands if c.id.startswith("int8:") and c.ok
+                   and c.accuracy_drop is not None and c.accuracy_drop <= budget),
+                  key=lambda c: (c.accuracy_drop, c.p50_ms))
+    sources = [("tflite:fp32", "fp32", ctx.fused)]
+    if int8:
+        sources.append((f"tflite:{int8[0].id}", int8[0].id, ctx.state.load_model(int8[0],
+                                                                                ctx.original)))
+    elif ctx.quant is not None:
+        ctx.skipped.append({"id": "tflite:int8", "reason": "no int8 recipe kept the accuracy "
+                            "budget on onnxruntime, so none is converted"})
+    sample = conversion_sample(ctx.original, _sample_inputs(ctx))
+    for cid, source_id, source in sources:
+        if ctx.over_budget() or ctx.resumed(cid) is not None:
+            continue
+        ctx.say(f"converting {source_id} to TFLite")
+        try:
+            data, rep = to_tflite(source.proto, sample)
+        except EdgesmithError as exc:
+            ctx.skipped.append({"id": cid, "reason": str(exc)})
+            continue
+        ctx.measure(cid, {"convert": "tflite", "from": source_id}, as_model(data, source),
+                    f"converted from {source_id} in {rep.seconds:.0f} s")
+
+
+def tflite_unavailable(cfg, facts: dict, device: str, profile) -> str | None:
+    """Why TFLite candidates cannot be made and measured in this run, or None."""
+    if "tflite" not in cfg.backends:
+        return "not asked for (--backends)"
+    packages = facts.get("packages") or {}
+    if not any(packages.get(d) for d in ("ai-edge-litert", "tflite-runtime")):
+        return f"{device} has no TFLite runtime (`pip install ai-edge-litert` there)"
+    if "tflite" not in profile.backends:
+        return f"target {profile.name} does not list the tflite backend"
+    from .tflite_convert import available
+
+    return available()
+
+
+def _sample_inputs(ctx: Context) -> dict:
+    """Real inputs to convert at: the judging set's, else random values at the model's
+    shapes."""
+    import numpy as np
+
+    if ctx.judge is not None:
+        return ctx.judge.inputs
+    rng = np.random.default_rng(0)
+    return {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in ctx.original.inputs}
