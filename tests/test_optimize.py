@@ -41,7 +41,7 @@ def check_outputs(out, report):
 def test_optimize_digits_locally_meets_the_budget(models, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("optimize", models / "digits_cnn.onnx", "--eval",
-                   models / "digits_cnn_eval.npz", "-o", out, *QUICK)
+                   models / "digits_cnn_eval.npz", "-o", out, *QUICK, "--backends", "onnxruntime")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     check_outputs(out, report)

@@ -8,6 +8,7 @@ the model's own scale and zero point, so eval sets and references are the float 
 from __future__ import annotations
 
 import keyword
+import os
 import re
 from collections import Counter
 
@@ -57,9 +58,10 @@ class Backend:
     def __init__(self, model_path: str, config: dict):
         interpreter, self.package = _interpreter_module()
         self.config = {**DEFAULT_CONFIG, **config}
-        kwargs = {"model_path": model_path}
-        if int(self.config["threads"]) > 0:
-            kwargs["num_threads"] = int(self.config["threads"])
+        # threads 0 is every core, as onnxruntime's default (LiteRT's own default is one
+        # thread, which would lose every comparison with onnxruntime on a multi-core board)
+        kwargs = {"model_path": model_path,
+                  "num_threads": int(self.config["threads"]) or os.cpu_count() or 1}
         if not self.config["xnnpack"]:
             kwargs["experimental_op_resolver_type"] = \
                 interpreter.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
