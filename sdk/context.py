@@ -123,6 +123,6 @@ def write_model(out: Path, stored: Path) -> None:
     the other format's file (an earlier best) goes: two answers would be one too many; in a
     user's directory (--force) nothing of theirs is removed."""
     atomic_write(out / f"model{stored.suffix}", stored.read_bytes())
-    for other in {".onnx", ".tflite"} - {stored.suffix}:
-        if is_ours(out):
+    if is_ours(out):
+        for other in {".onnx", ".tflite"} - {stored.suffix}:
             (out / f"model{other}").unlink(missing_ok=True)

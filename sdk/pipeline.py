@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from . import __version__
 from . import bundle as bundles
-from .context import BACKENDS, Context, OptimizeConfig, write_model  # noqa: F401 (API)
+from .context import Context, OptimizeConfig, write_model
 from .data import eval_batch
 from .devices import Job, fingerprint, get_device
 from .errors import EdgesmithError, StageError

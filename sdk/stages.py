@@ -15,6 +15,7 @@ from .measure import Candidate
 from .model import atomic_write, from_proto
 from .recipes import choose_recipe
 from .resume import sha256 as _sha
+from .targets import device_backends
 
 
 def int8_stage(ctx: Context) -> dict | None:
@@ -125,7 +126,7 @@ def tflite_stage(ctx: Context) -> None:
                                   ctx.target.profile)) is not None:
         ctx.skipped.append({"id": "tflite:*", "reason": why})
         return
-    from .tflite_convert import as_model, conversion_sample, to_tflite
+    from .tflite_convert import as_model, conversion_sample, random_inputs, to_tflite
 
     budget = ctx.cfg.max_accuracy_drop
     int8 = sorted((c for c in ctx.cands if c.id.startswith("int8:") and c.ok
@@ -138,7 +139,8 @@ def tflite_stage(ctx: Context) -> None:
     elif ctx.quant is not None:
         ctx.skipped.append({"id": "tflite:int8", "reason": "no int8 recipe kept the accuracy "
                             "budget on onnxruntime, so none is converted"})
-    sample = conversion_sample(ctx.original, _sample_inputs(ctx))
+    sample = conversion_sample(ctx.original, ctx.judge.inputs if ctx.judge is not None
+                               else random_inputs(ctx.original))
     for cid, source_id, source in sources:
         if ctx.over_budget() or ctx.resumed(cid) is not None:
             continue
@@ -156,8 +158,7 @@ def tflite_unavailable(cfg, facts: dict, device: str, profile) -> str | None:
     """Why TFLite candidates cannot be made and measured in this run, or None."""
     if "tflite" not in cfg.backends:
         return "not asked for (--backends)"
-    packages = facts.get("packages") or {}
-    if not any(packages.get(d) for d in ("ai-edge-litert", "tflite-runtime")):
+    if "tflite" not in device_backends(facts):
         return f"{device} has no TFLite runtime (`pip install ai-edge-litert` there)"
     if "tflite" not in profile.backends:
         return f"target {profile.name} does not list the tflite backend"
@@ -165,13 +166,3 @@ def tflite_unavailable(cfg, facts: dict, device: str, profile) -> str | None:
 
     return available()
 
-
-def _sample_inputs(ctx: Context) -> dict:
-    """Real inputs to convert at: the judging set's, else random values at the model's
-    shapes."""
-    import numpy as np
-
-    if ctx.judge is not None:
-        return ctx.judge.inputs
-    rng = np.random.default_rng(0)
-    return {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in ctx.original.inputs}

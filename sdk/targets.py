@@ -163,12 +163,20 @@ def _check(profile: TargetProfile, facts: dict) -> tuple[list[str], str | None, 
     return reasons, None, score
 
 
+# the distributions that give a device each backend (device_runtime/backends/)
+BACKEND_PACKAGES = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+                    "tflite": ("ai-edge-litert", "tflite-runtime")}
+
+
+def device_backends(facts: dict) -> list[str]:
+    """The backends the device's installed packages can run."""
+    packages = facts.get("packages") or {}
+    return [b for b, dists in BACKEND_PACKAGES.items() if any(packages.get(d) for d in dists)]
+
+
 def generic_profile(facts: dict) -> TargetProfile:
     """A profile built from the device's own facts when no shipped profile fits."""
-    packages = facts.get("packages", {})
-    backends = [b for b, dists in (("onnxruntime", ("onnxruntime", "onnxruntime-gpu")),
-                                   ("tflite", ("ai-edge-litert", "tflite-runtime")))
-                if any(d in packages for d in dists)] or ["onnxruntime"]
+    backends = device_backends(facts) or ["onnxruntime"]
     arch = facts.get("arch") if facts.get("arch") in ARCHES else "x86_64"
     cores = max(1, int(facts.get("cores") or 1))
     threads = sorted({1, min(2, cores), cores})

@@ -73,18 +73,18 @@ def to_tflite(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> tuple[by
         raise EdgesmithError(why)
     started = time.monotonic()
     try:
-        data, int8 = _convert(model, sample)
+        data = _convert(model, sample)
         report = check(model, data, sample)
     except EdgesmithError:
         raise
     except Exception as exc:    # the converter's and runtimes' own errors: long, many-lined
         raise EdgesmithError(f"cannot convert to TFLite: {_first_line(exc)}; the ONNX model "
                              "still runs under onnxruntime") from None
-    if not int8 and report.max_rel_err > MAX_FP32_ERROR:
+    if not report.int8 and report.max_rel_err > MAX_FP32_ERROR:
         raise EdgesmithError(f"the converted model computes something else (max relative error "
                              f"{report.max_rel_err:.1e} against onnxruntime); not used: please "
                              "report this model")
-    report.int8, report.seconds = int8, time.monotonic() - started
+    report.seconds = time.monotonic() - started
     return data, report
 
 
@@ -94,13 +94,21 @@ def conversion_sample(model: Model, inputs: dict[str, np.ndarray]) -> dict[str, 
                                                        else 1]) for s in model.inputs}
 
 
-def _convert(model: onnx.ModelProto, sample: dict) -> tuple[bytes, bool]:
+def random_inputs(model: Model, batch: int = 8) -> dict[str, np.ndarray]:
+    """Random values at the model's shapes (`batch` samples where the batch is dynamic): what
+    a conversion is checked on when no real samples are given."""
+    rng = np.random.default_rng(0)
+    return {s.name: rng.standard_normal([s.dims[0] or batch] + s.shape[1:]).astype(s.dtype)
+            for s in model.inputs}
+
+
+def _convert(model: onnx.ModelProto, sample: dict) -> bytes:
     import litert_torch
     import torch
 
     from .passes.onnx_torch import to_torch
 
-    int8 = any(n.op_type in QDQ for n in model.graph.node)
+    int8 = _is_int8(model)
     graph = _at_fixed_shapes(model, sample)
     graph = _qdq_as_pt2e(graph) if int8 else graph
     try:
@@ -117,7 +125,11 @@ def _convert(model: onnx.ModelProto, sample: dict) -> tuple[bytes, bool]:
         converted = litert_torch.convert(
             module, sample_kwargs={keys[n]: torch.from_numpy(np.ascontiguousarray(sample[n]))
                                    for n in keys}, **kwargs)
-        return bytes(converted.model_content()), int8
+        return bytes(converted.model_content())
+
+
+def _is_int8(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in QDQ for n in model.graph.node)
 
 
 def _first_line(exc: Exception) -> str:
@@ -189,7 +201,7 @@ def check(model: onnx.ModelProto, data: bytes, sample: dict[str, np.ndarray],
         {}, None if labels is None else labels[:used], refs, used))
     ops = Counter(op["op_name"] for op in backend.interp._get_ops_details()
                   if op["op_name"] != "DELEGATE")
-    return ConvertReport(False, dict(ops), backend.delegation(), fidelity, rel, 0.0)
+    return ConvertReport(_is_int8(model), dict(ops), backend.delegation(), fidelity, rel, 0.0)
 
 
 def _named(module, graph: onnx.ModelProto):

@@ -87,7 +87,7 @@ def test_convert_command_end_to_end(models, tmp_path):
                    "--calib", models / "digits_cnn_train.npz", "--eval",
                    models / "digits_cnn_eval.npz", "-o", out, "--json", tmp_path / "c.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "XNNPACK takes 9 of 9" in proc.stdout and "top-1 agreement" in proc.stdout
+    assert "XNNPACK took 9 of 9 ops" in proc.stdout and "top-1 agreement" in proc.stdout
     report = json.loads((tmp_path / "c.json").read_text())["report"]
     assert report["int8"] and report["fidelity"]["n"] == 359
     # the written .tflite profiles on the float eval set it was made for

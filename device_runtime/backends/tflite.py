@@ -119,7 +119,8 @@ class Backend:
         if not self.config["xnnpack"] or not hasattr(self.interp, "_get_ops_details"):
             return None
         ops = self.interp._get_ops_details()
-        produced = {t: op for op in ops if op["op_name"] != "DELEGATE" for t in op["outputs"]}
+        model_ops = [op for op in ops if op["op_name"] != "DELEGATE"]
+        produced = {t: op for op in model_ops for t in op["outputs"]}
         taken: set = set()
         for d in (op for op in ops if op["op_name"] == "DELEGATE"):
             stop, todo = set(d["inputs"]), list(d["outputs"])
@@ -129,7 +130,6 @@ class Backend:
                     continue
                 taken.add(op["index"])
                 todo += [t for t in op["inputs"] if t not in stop]
-        model_ops = [op for op in ops if op["op_name"] != "DELEGATE"]
         fallback = Counter(op["op_name"] for op in model_ops if op["index"] not in taken)
         return {"delegate": "XNNPACK", "ops": len(model_ops), "delegated": len(taken),
                 "fallback": dict(fallback), "applied": len(model_ops) < len(ops)}

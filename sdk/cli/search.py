@@ -127,7 +127,7 @@ def optimize(model, out_dir, force, device, identity, accept_new_host_key, remot
 
 
 def _backends(value: str) -> tuple[str, ...]:
-    from ..pipeline import BACKENDS
+    from ..context import BACKENDS
 
     chosen = tuple(b.strip() for b in value.split(",") if b.strip())
     if not chosen or not set(chosen) <= set(BACKENDS):

@@ -294,7 +294,7 @@ def convert(model, fmt, int8, calib, recipe, eval_path, input_shape, out, json_o
     `tflite-convert` extra. An already-quantized (QDQ) model converts to int8 as it is."""
     from ..model import atomic_write, load, parse_input_shapes
     from ..report import write_json
-    from ..tflite_convert import available, check, conversion_sample, to_tflite
+    from ..tflite_convert import available, check, conversion_sample, random_inputs, to_tflite
 
     if int8 and calib is None:
         raise EdgesmithError("--int8 needs --calib (samples to calibrate activation ranges on)")
@@ -317,16 +317,12 @@ def convert(model, fmt, int8, calib, recipe, eval_path, input_shape, out, json_o
         judged = load_eval_set(eval_path, m)
         judge, labels = judged.inputs, judged.labels
     if judge is None:
-        import numpy as np
-
-        rng = np.random.default_rng(0)
-        judge = {s.name: rng.standard_normal([s.dims[0] or 8] + s.shape[1:]).astype(s.dtype)
-                 for s in m.inputs}
+        judge = random_inputs(m)
         notes.append("no --eval or --calib: checked on random inputs (give real samples to "
                      "judge fidelity)")
     data_bytes, report = to_tflite(proto, conversion_sample(m, judge))
-    report = replace(check(proto, data_bytes, judge, labels), int8=report.int8,
-                     seconds=report.seconds, notes=notes)
+    report = replace(check(proto, data_bytes, judge, labels), seconds=report.seconds,
+                     notes=notes)
     vs_float = check(m.proto, data_bytes, judge).fidelity if report.int8 else None
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(Path(out), data_bytes)
@@ -338,9 +334,8 @@ def convert(model, fmt, int8, calib, recipe, eval_path, input_shape, out, json_o
     d, f = report.delegation or {}, report.fidelity
     click.echo(f"converted to {f'int8 ({recipe})' if int8 else 'int8' if report.int8 else 'fp32'}"
                f" TFLite in {report.seconds:.1f} s"
-               f": {sum(report.ops.values())} ops ({report.ops.get('TRANSPOSE', 0)} TRANSPOSE)"
-               + (f"; XNNPACK takes {d['delegated']} of {d['ops']}" if d else ""))
-    if d.get("fallback"):
+               f": {sum(report.ops.values())} ops ({report.ops.get('TRANSPOSE', 0)} TRANSPOSE)")
+    if d:
         from ..report import delegation_text
 
         click.echo(f"  {delegation_text(d)}")

@@ -35,14 +35,13 @@ from device_runtime.result import Result
 
 from ..bundle import Bundle
 from ..errors import EdgesmithError, StageError
+from ..targets import BACKEND_PACKAGES
 from . import Job, parse_result
 
 q = shlex.quote
 RUNTIME_SRC = Path(device_runtime.__file__).resolve().parent
 DEFAULT_REMOTE_DIR = "~/.edgesmith"
 MIN_DEVICE_PYTHON = (3, 8)     # device_runtime's oldest (importlib.metadata); tested with 3.8
-BACKEND_PACKAGES = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
-                    "tflite": ("ai-edge-litert", "tflite-runtime")}
 KEEPALIVE_S = 5.0          # ask the device for a reply this often (OpenSSH's ServerAliveInterval)
 LINK_LOST_S = 20.0         # no reply and no data this long: the device or the link is gone
 UPLOAD_CHUNK = 1 << 16     # progress (and liveness) is seen per chunk, even on a slow link
