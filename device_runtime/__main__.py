@@ -79,7 +79,7 @@ def run_job(args) -> Result:
                                       args.max_time)
         result.stages_ms["measure"] = (time.perf_counter() - t0) * 1e3
         if args.profile_ops:
-            result.op_profile_ms = session.backend.op_profile()
+            result.op_profile_ms, result.node_profile_ms = session.backend.op_profile()
         # after runs: some LiteRT builds apply their default delegate at the first invoke
         result.delegation = getattr(session.backend, "delegation", lambda: None)()
         result.peak_rss_mb = peak_rss_mb()
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--threads", type=int, default=None)
     run.add_argument("--config", default=None, help="JSON object overriding the runtime config")
     run.add_argument("--no-eval", action="store_true")
-    run.add_argument("--profile-ops", action="store_true", help="time per op type")
+    run.add_argument("--profile-ops", action="store_true", help="time per op type and node")
     run.add_argument("--lock", help="flock this file while measuring (one benchmark at a time)")
     run.add_argument("--lock-timeout", type=float, default=600.0)
     sub.add_parser("facts", help="print this device's fingerprint")

@@ -18,6 +18,7 @@ class Result:
     peak_rss_mb: float | None = None
     accuracy: dict | None = None            # n, top1?, agreement?, sqnr_db?, max_abs_err?
     op_profile_ms: dict | None = None       # op type -> ms per run (mean over profiled runs)
+    node_profile_ms: dict | None = None     # node of the optimised graph -> ms per run
     delegation: dict | None = None          # tflite: XNNPACK's share (ops, delegated, fallback)
     stages_ms: dict = field(default_factory=dict)
     window_s: list | None = None            # [start, end] epoch seconds holding the device lock

@@ -30,7 +30,9 @@ class OptimizeConfig:
     latency_budget_ms: float | None = None
     budget_s: float = 600.0                      # wall clock for the whole search
     prune_ratios: tuple[float, ...] = (0.3, 0.5)
+    nas_ratios: tuple[float, ...] = (0.6,)       # NetAdapt targets, shares of fp32's latency
     distill_epochs: int = 10
+    host_device: str = "auto"                    # where torch trains (distillation, NAS)
     tune_budget_s: float = 60.0                  # device time for tuning the winner (0: skip)
     target: str | None = None                    # a profile name; else matched from facts
     contenders: int = 3                          # fastest in-budget candidates re-measured
@@ -43,9 +45,10 @@ class OptimizeConfig:
                              f"{self.max_accuracy_drop}")
         if self.latency_budget_ms is not None and self.latency_budget_ms <= 0:
             raise ValueError("OptimizeConfig.latency_budget_ms must be > 0")
-        if any(not 0.0 < r < 1.0 for r in self.prune_ratios):
-            raise ValueError(f"OptimizeConfig.prune_ratios must be in (0, 1), got "
-                             f"{self.prune_ratios}")
+        for name in ("prune_ratios", "nas_ratios"):
+            if any(not 0.0 < r < 1.0 for r in getattr(self, name)):
+                raise ValueError(f"OptimizeConfig.{name} must be in (0, 1), got "
+                                 f"{getattr(self, name)}")
         for name in ("budget_s", "tune_budget_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"OptimizeConfig.{name} must be >= 0")

@@ -15,7 +15,8 @@ HOST_PARTS = [
      "pip install sympy (a core dependency: reinstall edgesmith)"),
     ("PIL", "pillow", "image folders as --calib / --data",
      "pip install pillow (a core dependency: reinstall edgesmith)"),
-    ("torch", "torch", "pruning + distillation candidates (optimize --train, distill)",
+    ("torch", "torch", "pruning + distillation and NetAdapt candidates (optimize --train, "
+     "distill, nas)",
      "pip install torch==2.13.0 'edgesmith[train]'"),
     ("ai_edge_litert", "ai-edge-litert", "running .tflite models on this machine",
      "pip install 'edgesmith[tflite]'"),

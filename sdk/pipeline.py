@@ -28,7 +28,7 @@ from .passes.fuse import fuse
 from .recipes import quant_data
 from .resume import State, sha256 as _sha, source_digest
 from .selection import best_tradeoff, choose
-from .stages import int8_stage, pruned_stage, tflite_stage, tflite_unavailable
+from .stages import int8_stage, nas_stage, pruned_stage, tflite_stage, tflite_unavailable
 from .targets import Match, get_profile, match
 
 REPORT_SCHEMA = 2
@@ -73,6 +73,7 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
         raise EdgesmithError(f"the model does not run on {ctx.device.name}: {base.error}")
     int8 = int8_stage(ctx)
     pruned_stage(ctx, int8)
+    nas_stage(ctx, int8)
     tflite_stage(ctx)
     if ctx.over_budget():
         ctx.notes.append(f"stopped by --budget ({ctx.cfg.budget_s:.0f}s) after "

@@ -33,29 +33,9 @@ def scatter_svg(report) -> str:
     if yhi - ylo < 1e-6:
         ylo, yhi = ylo - 0.01, yhi + 0.01
 
-    def sx(v):
-        return PAD + (W - 2 * PAD) * v / xmax
-
-    def sy(v):
-        return H - PAD - (H - 2 * PAD) * (v - ylo) / (yhi - ylo)
-
-    parts = [f'<svg id="scatter" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-             f'viewBox="0 0 {W} {H}" role="img" aria-label="latency vs {label}">',
-             f'<rect x="0" y="0" width="{W}" height="{H}" fill="white"/>',
-             f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="black"/>',
-             f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="black"/>',
-             f'<text x="{W / 2}" y="{H - 15}" text-anchor="middle" font-size="13">'
-             f'latency on {html.escape(report.device)} (ms; interleaved median where '
-             f're-measured, else p50)</text>',
-             f'<text x="15" y="{H / 2}" text-anchor="middle" font-size="13" '
-             f'transform="rotate(-90 15 {H / 2})">{html.escape(label)}</text>']
-    xdigits, ydigits = _digits(xmax / 5), _digits((yhi - ylo) / 5)
-    for i in range(6):
-        xv, yv = xmax * i / 5, ylo + (yhi - ylo) * i / 5
-        parts.append(f'<text x="{sx(xv):.1f}" y="{H - PAD + 16}" font-size="11" '
-                     f'text-anchor="middle">{xv:.{xdigits}f}</text>')
-        parts.append(f'<text x="{PAD - 6}" y="{sy(yv) + 4:.1f}" font-size="11" '
-                     f'text-anchor="end">{yv:.{ydigits}f}</text>')
+    parts, sx, sy = axes("scatter", xmax, ylo, yhi,
+                         f"latency on {report.device} (ms; interleaved median where "
+                         "re-measured, else p50)", label)
     front = sorted((p for p in pts if p[0].pareto), key=lambda p: p[1])
     if len(front) > 1:
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for _, x, y in front)
@@ -82,6 +62,35 @@ def scatter_svg(report) -> str:
                      f'{html.escape(text)}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def axes(svg_id: str, xmax: float, ylo: float, yhi: float, xlabel: str, ylabel: str):
+    """An SVG plot's opening, axes, labels and ticks: (parts, x scale, y scale); the caller
+    appends its marks and the closing tag."""
+    def sx(v):
+        return PAD + (W - 2 * PAD) * v / xmax
+
+    def sy(v):
+        return H - PAD - (H - 2 * PAD) * (v - ylo) / (yhi - ylo)
+
+    parts = [f'<svg id="{svg_id}" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+             f'viewBox="0 0 {W} {H}" role="img" aria-label="{html.escape(xlabel)} vs '
+             f'{html.escape(ylabel)}">',
+             f'<rect x="0" y="0" width="{W}" height="{H}" fill="white"/>',
+             f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="black"/>',
+             f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="black"/>',
+             f'<text x="{W / 2}" y="{H - 15}" text-anchor="middle" font-size="13">'
+             f'{html.escape(xlabel)}</text>',
+             f'<text x="15" y="{H / 2}" text-anchor="middle" font-size="13" '
+             f'transform="rotate(-90 15 {H / 2})">{html.escape(ylabel)}</text>']
+    xdigits, ydigits = _digits(xmax / 5), _digits((yhi - ylo) / 5)
+    for i in range(6):
+        xv, yv = xmax * i / 5, ylo + (yhi - ylo) * i / 5
+        parts.append(f'<text x="{sx(xv):.1f}" y="{H - PAD + 16}" font-size="11" '
+                     f'text-anchor="middle">{xv:.{xdigits}f}</text>')
+        parts.append(f'<text x="{PAD - 6}" y="{sy(yv) + 4:.1f}" font-size="11" '
+                     f'text-anchor="end">{yv:.{ydigits}f}</text>')
+    return parts, sx, sy
 
 
 def _digits(step: float) -> int:

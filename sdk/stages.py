@@ -5,6 +5,7 @@ report and the others go on."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 
 import onnx
@@ -65,22 +66,46 @@ def int8_stage(ctx: Context) -> dict | None:
     return recipe
 
 
-def pruned_stage(ctx: Context, int8_recipe: dict | None) -> None:
-    """Structured pruning at each ratio, distilled from the original (+ the chosen int8)."""
+def _training(ctx: Context, family: str) -> bool:
+    """Whether the training families can run; if not, the report says why."""
     if ctx.train is None:
-        ctx.notes.append("no training data (--train): pruning + distillation candidates skipped")
-        return
+        ctx.notes.append(f"no training data (--train): {family} candidates skipped")
+        return False
     try:
         import torch  # noqa: F401
     except ImportError:
-        ctx.notes.append("pruning + distillation skipped: needs the `train` extra "
+        ctx.notes.append(f"{family} skipped: needs the `train` extra "
                          "(pip install torch==2.13.0 'edgesmith[train]')")
+        return False
+    return True
+
+
+def _with_int8(ctx: Context, cid: str, recipe: dict, model, int8_recipe: dict | None,
+               note: str = "") -> None:
+    """The student measured, then quantized with the recipe the int8 search chose."""
+    from .passes.quantize import QuantRecipe
+    from .recipes import quantize_with
+
+    ctx.measure(cid, recipe, model, note)
+    if not int8_recipe or ctx.quant is None or ctx.over_budget():
+        return
+    q = QuantRecipe(**{**int8_recipe, "exclude": ()})   # node names changed
+    try:
+        proto, _ = quantize_with(model, q, ctx.quant.batches)
+    except EdgesmithError as exc:
+        ctx.notes.append(f"{cid}+int8 failed: {exc}")
+        return
+    ctx.measure(f"{cid}+int8:{q.name}", {**recipe, "quantize": q.name},
+                from_proto(proto, ctx.original))
+
+
+def pruned_stage(ctx: Context, int8_recipe: dict | None) -> None:
+    """Structured pruning at each ratio, distilled from the original (+ the chosen int8)."""
+    if not _training(ctx, "pruning + distillation"):
         return
     from .data import load_training_set
     from .passes.distill import DistillConfig, distill, soft_targets
     from .passes.prune import PruneConfig, prune_channels
-    from .passes.quantize import QuantRecipe
-    from .recipes import quantize_with
 
     data = load_training_set(ctx.train, ctx.original)
     try:
@@ -98,24 +123,55 @@ def pruned_stage(ctx: Context, int8_recipe: dict | None) -> None:
             ratio=ratio, input_shapes=ctx.original.input_shapes,
             round_to=ctx.target.profile.channel_multiple))
         try:
-            student, rep = distill(pruned, DistillConfig(ctx.original.proto, data, ctx.judge,
-                                                         targets, epochs=epochs))
+            student, rep = distill(pruned, DistillConfig(
+                ctx.original.proto, data, ctx.judge, targets, epochs=epochs,
+                host_device=ctx.cfg.host_device))
         except EdgesmithError as exc:      # one failed student is a note, not a failed run
             ctx.notes.append(f"{cid} skipped: {exc}")
             continue
-        model = from_proto(student, ctx.original)
-        ctx.measure(cid, {"prune": ratio, "distill": {"epochs": epochs}}, model,
-                    rep.details[-1])
-        if int8_recipe and ctx.quant is not None and not ctx.over_budget():
-            recipe = QuantRecipe(**{**int8_recipe, "exclude": ()})   # node names changed
-            try:
-                proto, _ = quantize_with(model, recipe, ctx.quant.batches)
-            except EdgesmithError as exc:
-                ctx.notes.append(f"{cid}+int8 failed: {exc}")
-                continue
-            ctx.measure(f"{cid}+int8:{recipe.name}", {"prune": ratio, "distill":
-                                                      {"epochs": epochs}, "quantize": recipe.name},
-                        from_proto(proto, ctx.original))
+        _with_int8(ctx, cid, {"prune": ratio, "distill": {"epochs": epochs}},
+                   from_proto(student, ctx.original), int8_recipe, rep.details[-1])
+
+
+def nas_stage(ctx: Context, int8_recipe: dict | None) -> None:
+    """NetAdapt toward each latency ratio, measured on this run's device; one search continues
+    into the next ratio (its iterations are kept under OUT's state, so a re-run resumes). Each
+    search may spend half the run's remaining budget: the families after it still get time."""
+    if not ctx.cfg.nas_ratios or not _training(ctx, "NetAdapt (nas)"):
+        return
+    from .nas import NasConfig, nas
+
+    for ratio in sorted(ctx.cfg.nas_ratios, reverse=True):
+        remaining = ctx.cfg.budget_s - (time.monotonic() - ctx.started)
+        cid = f"nas{int(ratio * 100)}+distill"
+        if remaining <= 0:
+            continue
+        ctx.say(f"NetAdapt search toward {ratio}x of fp32's latency")
+        try:
+            report = nas(ctx.original.path, ctx.train, ctx.state.dir / "nas", ctx.device,
+                         NasConfig(latency_ratio=ratio, steps=100, uniform_baseline=False,
+                                   final_epochs=ctx.cfg.distill_epochs, budget_s=remaining / 2,
+                                   threads=ctx.job.threads, host_device=ctx.cfg.host_device,
+                                   round_to=ctx.target.profile.channel_multiple),
+                         input_shapes=ctx.original.input_shapes,
+                         say=lambda text: ctx.say(f"nas: {text}"))
+        except EdgesmithError as exc:
+            ctx.notes.append(f"{cid} skipped: {exc}")
+            continue
+        except Exception as exc:  # noqa: BLE001 - a failed family is a note, the run goes on
+            ctx.notes.append(f"{cid} failed ({type(exc).__name__}: {exc}); the other candidates "
+                             "stand; please report this with the model")
+            continue
+        if report.final is None:
+            ctx.notes.append(f"{cid}: the search stopped before its final distillation "
+                             f"({report.stopped or 'budget'}; "
+                             f"{len(report.iterations)} iteration(s)); re-run to continue")
+            continue
+        import onnx
+
+        model = from_proto(onnx.load(str(ctx.state.dir / "nas" / "model.onnx")), ctx.original)
+        _with_int8(ctx, cid, {"nas": {"ratio": ratio, "iterations": len(report.iterations),
+                                      "widths": report.widths_after}}, model, int8_recipe)
 
 
 def tflite_stage(ctx: Context) -> None:

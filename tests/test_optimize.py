@@ -69,18 +69,21 @@ def test_optimize_digits_locally_meets_the_budget(models, tmp_path):
     assert f"{rem['chosen']['median_ms']:.3f}" in chosen_row and speed in chosen_row
 
 
-def test_optimize_with_pruning_and_distillation(models, tmp_path):
+def test_optimize_with_pruning_distillation_and_netadapt(models, tmp_path):
     pytest.importorskip("torch")
     report = optimize(models / "digits_cnn.onnx", tmp_path / "out",
                       eval_path=models / "digits_cnn_eval.npz",
                       train=models / "digits_cnn_train.npz",
-                      cfg=OptimizeConfig(prune_ratios=(0.5,), distill_epochs=8, tune_budget_s=0,
-                                         backends=ORT))
+                      cfg=OptimizeConfig(prune_ratios=(0.5,), nas_ratios=(0.8,), distill_epochs=8,
+                                         tune_budget_s=0, backends=ORT))
     ids = {c.id for c in report.candidates}
-    assert "prune50+distill" in ids
+    assert {"prune50+distill", "nas80+distill"} <= ids, report.notes
     pruned = next(c for c in report.candidates if c.id == "prune50+distill")
     fp32 = next(c for c in report.candidates if c.id == "fp32")
     assert pruned.macs < 0.3 * fp32.macs and pruned.accuracy_drop <= 0.02
+    searched = next(c for c in report.candidates if c.id == "nas80+distill")
+    assert searched.macs < fp32.macs and searched.recipe["nas"]["iterations"] >= 1
+    assert searched.accuracy_drop <= 0.05
 
 
 def test_interrupted_optimize_resumes(models, tmp_path):

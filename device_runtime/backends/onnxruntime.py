@@ -80,13 +80,15 @@ class Backend:
     def run(self, feed: dict) -> list:
         return self.session.run(self.output_names, feed)
 
-    def op_profile(self) -> dict[str, float]:
-        """Milliseconds per op type per run (the profile's sum over its runs / their number)."""
+    def op_profile(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Milliseconds per run per op type (the profile's sum over its runs / their number),
+        and per node of onnxruntime's optimised graph (the median over runs: warm-ups skew)."""
         import json
         import os
+        import statistics
 
         if not self.config["profile_ops"]:
-            return {}
+            return {}, {}
         path = self.session.end_profiling()
         try:
             with open(path) as fh:
@@ -94,9 +96,12 @@ class Backend:
         finally:
             os.remove(path)
         per_op: dict[str, float] = {}
+        per_node: dict[str, list] = {}
         runs = sum(ev.get("name") == "model_run" for ev in events) or 1
         for ev in events:
-            op = ev.get("args", {}).get("op_name")
-            if ev.get("cat") == "Node" and op and ev.get("name", "").endswith("_kernel_time"):
-                per_op[op] = per_op.get(op, 0.0) + ev.get("dur", 0) / 1000.0 / runs
-        return per_op
+            op, name, ms = ev.get("args", {}).get("op_name"), ev.get("name", ""), \
+                ev.get("dur", 0) / 1000.0
+            if ev.get("cat") == "Node" and op and name.endswith("_kernel_time"):
+                per_op[op] = per_op.get(op, 0.0) + ms / runs
+                per_node.setdefault(name[:-len("_kernel_time")], []).append(ms)
+        return per_op, {k: statistics.median(v) for k, v in per_node.items()}

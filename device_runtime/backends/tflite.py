@@ -134,5 +134,5 @@ class Backend:
         return {"delegate": "XNNPACK", "ops": len(model_ops), "delegated": len(taken),
                 "fallback": dict(fallback), "applied": len(model_ops) < len(ops)}
 
-    def op_profile(self) -> dict[str, float]:
-        return {}
+    def op_profile(self) -> tuple[dict, dict]:
+        return {}, {}

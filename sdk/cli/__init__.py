@@ -10,7 +10,7 @@ import click
 from .common import Group
 from .devices import device, doctor, targets
 from .profile import profile
-from .search import optimize, tune
+from .search import nas, optimize, tune
 from .transform import convert, distill, fuse, prune, quantize
 
 
@@ -20,6 +20,6 @@ def main():
     """edgesmith: optimise a model for an edge device, measured on that device."""
 
 
-for command in (optimize, profile, fuse, quantize, prune, distill, convert, tune, device,
+for command in (optimize, profile, fuse, quantize, prune, distill, convert, tune, nas, device,
                 targets, doctor):
     main.add_command(command)

@@ -55,6 +55,12 @@ def input_shape_option(fn):
                         help="fix dynamic inputs: NAME=1x3x224x224[,NAME2=...]")(fn)
 
 
+def host_device_option(fn):
+    return click.option("--host-device", default="auto", show_default=True,
+                        help="where torch trains on this host: auto (a CUDA GPU when torch "
+                             "sees one), cpu, or cuda[:N]")(fn)
+
+
 def json_option(what: str = "the report"):
     return click.option("--json", "json_out", type=click.Path(dir_okay=False),
                         help=f"write {what} here as JSON")

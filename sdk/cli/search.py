@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from .common import (config_error, input_shape_option, json_option, one_device,
-                     parse_duration, ssh_options)
+from .common import (config_error, host_device_option, input_shape_option, json_option,
+                     one_device, parse_duration, ssh_options)
 
 
 @click.command()
@@ -76,11 +76,15 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
 @click.option("--budget", default="10m", show_default=True,
               help="wall-clock budget for the search, e.g. 90s, 10m")
 @click.option("--prune-ratios", default="0.3,0.5", show_default=True)
+@click.option("--nas-ratios", default="0.6", show_default=True,
+              help="NetAdapt width searches (with --train) toward these shares of fp32's "
+                   "measured latency; empty to skip")
 @click.option("--distill-epochs", default=10, show_default=True, type=click.IntRange(1),
               help="more recover more accuracy after heavy pruning: 30 brought the 50%-pruned "
                    "ResNet-style digits model back to its teacher's top-1 (10 left it 2% short)")
 @click.option("--tune-budget", default="60s", show_default=True,
               help="device time for tuning the winner's runtime config (0 to skip)")
+@host_device_option
 @click.option("--backends", default="onnxruntime,tflite", show_default=True,
               callback=lambda ctx, param, value: _backends(value),
               help="runtimes the answer may use: your application embeds one (TFLite "
@@ -90,7 +94,8 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
               help="also write the report here; quiet progress")
 def optimize(model, out_dir, force, device, identity, accept_new_host_key, remote_python,
              target, calib, eval_path, train, max_accuracy_drop, latency_budget_ms, budget,
-             prune_ratios, distill_epochs, tune_budget, backends, input_shape, json_out):
+             prune_ratios, nas_ratios, distill_epochs, tune_budget, host_device, backends,
+             input_shape, json_out):
     """The main job: the fastest variant of MODEL within the accuracy budget, on the device.
 
     Exit 0 when a candidate met the budget; 1 when none did (the trade-offs are still saved).
@@ -101,8 +106,10 @@ def optimize(model, out_dir, force, device, identity, accept_new_host_key, remot
 
     try:
         ratios = tuple(float(r) for r in prune_ratios.split(",") if r.strip())
+        searches = tuple(float(r) for r in nas_ratios.split(",") if r.strip())
         cfg = OptimizeConfig(max_accuracy_drop, latency_budget_ms, parse_duration(budget),
-                             ratios, distill_epochs, parse_duration(tune_budget), target,
+                             ratios, searches, distill_epochs, host_device=host_device,
+                             tune_budget_s=parse_duration(tune_budget), target=target,
                              backends=backends)
     except ValueError as exc:
         raise config_error(exc) from None
@@ -133,3 +140,90 @@ def _backends(value: str) -> tuple[str, ...]:
     if not chosen or not set(chosen) <= set(BACKENDS):
         raise click.BadParameter(f"{value!r}: name some of {', '.join(BACKENDS)}, comma-separated")
     return chosen
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--train", required=True, type=click.Path(exists=True),
+              help="training data (.npz: inputs by name + labels; or an image folder); a "
+                   "share is held out to choose between proposals")
+@click.option("--latency-budget", required=True, callback=lambda ctx, param, value:
+              _latency_budget(value), help="target latency: a share of the original's measured latency (0.6x) or "
+                   "milliseconds (12ms)")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="output directory (re-running the same search with it resumes)")
+@click.option("--force", is_flag=True, help="write into an -o directory edgesmith did not create")
+@click.option("--holdout", type=click.Path(exists=True),
+              help="data to choose between proposals on (default: a fifth of --train; give "
+                   "one when --train holds several augmentations of the same image)")
+@click.option("--eval", "eval_path", type=click.Path(exists=True, dir_okay=False),
+              help=".npz test set: reported for every iteration, never used to choose")
+@click.option("--device", "-d", default="local", show_default=True,
+              help="`local`, user@host[:port] or a Host alias from ~/.ssh/config")
+@ssh_options
+@click.option("--budget", default="60m", show_default=True,
+              help="wall-clock budget, e.g. 90s, 30m; the best so far is always written")
+@click.option("--steps", default=200, show_default=True, type=click.IntRange(1),
+              help="fine-tuning steps per proposal")
+@click.option("--final-epochs", default=20, show_default=True, type=click.IntRange(1),
+              help="epochs of the final distillation")
+@click.option("--shift", default=0, show_default=True, type=click.IntRange(0),
+              help="augmentation: random translations of up to N pixels while fine-tuning")
+@click.option("--proxy", type=click.Choice(["latency", "macs"]), default="latency",
+              show_default=True, help="what predicts a proposal's cost: the latency table "
+                                      "measured on the device, or MACs (FLOPs-driven NetAdapt)")
+@click.option("--threads", type=click.IntRange(0), help="threads on the device (default: all)")
+@click.option("--workers", default=0, type=click.IntRange(0),
+              help="parallel fine-tunes on the host (default: one per two cores)")
+@click.option("--no-baseline", is_flag=True, help="skip the uniform-width baseline")
+@host_device_option
+@input_shape_option
+@json_option()
+def nas(model, train, latency_budget, out_dir, force, holdout, eval_path, device, identity,
+        accept_new_host_key, remote_python, budget, steps, final_epochs, shift, proxy, threads,
+        workers, no_baseline, host_device, input_shape, json_out):
+    """Search MODEL's layer widths for a latency budget on the device (NetAdapt).
+
+    Each iteration narrows the channel group whose short fine-tune keeps the most accuracy at
+    the next latency step, predicted by a per-kernel table measured on the device and checked
+    by measuring the kept model whole. Needs the `train` extra (torch).
+    """
+    from ..model import parse_input_shapes
+    from ..nas import NasConfig, nas as run_nas
+    from ..nas_report import nas_table
+    from ..report import print_table, write_json
+
+    try:
+        cfg = NasConfig(**latency_budget, steps=steps,
+                        final_epochs=final_epochs, shift=shift, proxy=proxy, threads=threads,
+                        workers=workers, uniform_baseline=not no_baseline,
+                        budget_s=parse_duration(budget), host_device=host_device)
+    except ValueError as exc:
+        raise config_error(exc) from None
+    dev = one_device(device, identity, accept_new_host_key, remote_python)
+    say = None if json_out else (lambda text: click.echo(f"  {text}", err=True))
+    try:
+        report = run_nas(model, train, out_dir, dev, cfg, eval_path,
+                         parse_input_shapes(input_shape), force, say, holdout)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: completed iterations are kept in {out_dir}; run the same "
+                   "command to continue", err=True)
+        sys.exit(130)
+    if json_out:
+        write_json(json_out, report.to_dict())
+    print_table(nas_table(report))
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    click.echo(report.summary)
+    click.echo(f"wrote {out_dir}/model.onnx, report.json, report.html")
+
+
+def _latency_budget(value: str) -> dict:
+    from ..nas import NasConfig, parse_latency_budget
+
+    try:
+        budget = parse_latency_budget(value)
+        NasConfig(**budget)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return budget

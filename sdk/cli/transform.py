@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from ..errors import EdgesmithError
-from .common import config_error, input_shape_option, json_option, one_device, ssh_options
+from .common import (config_error, host_device_option, input_shape_option, json_option,
+                     one_device, ssh_options)
 
 
 @click.command()
@@ -245,10 +246,11 @@ def _top1_before_after(model, pruned, eval_path) -> list[float]:
 @click.option("--shift", default=0, show_default=True, type=click.IntRange(0),
               help="random translations (pixels) as augmentation")
 @click.option("--seed", default=0, show_default=True)
+@host_device_option
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
 @json_option()
 def distill(teacher, student, data, eval_path, epochs, batch_size, lr, temperature, alpha, shift,
-            seed, out, json_out):
+            seed, host_device, out, json_out):
     """Train STUDENT to match TEACHER's soft targets (and labels); needs the `train` extra."""
     from ..data import load_eval_set, load_training_set
     from ..model import load, save
@@ -262,7 +264,8 @@ def distill(teacher, student, data, eval_path, epochs, batch_size, lr, temperatu
         lambda e, n, loss: click.echo(f"  epoch {e}/{n} loss {loss:.4f}", err=True))
     try:
         cfg = DistillConfig(t.proto, train, ev, None, progress, epochs, batch_size, lr,
-                            temperature=temperature, alpha=alpha, seed=seed, shift=shift)
+                            temperature=temperature, alpha=alpha, seed=seed, shift=shift,
+                            host_device=host_device)
     except ValueError as exc:
         raise config_error(exc) from None
     trained, report = run_distill(s.proto, cfg)

@@ -38,6 +38,8 @@ class DistillConfig:
     alpha: float = 0.5               # weight of cross-entropy on labels (when there are labels)
     seed: int = 0
     shift: int = 0                   # random translations of up to this many pixels (images)
+    host_device: str = "auto"        # where torch trains: auto (CUDA when torch sees it) | cpu
+    #                                  | cuda[:N]
 
     def __post_init__(self):
         if self.teacher is None or self.data is None:
@@ -49,6 +51,21 @@ class DistillConfig:
             raise ValueError("DistillConfig.lr and .temperature must be > 0")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError("DistillConfig.alpha must be in [0, 1]")
+        if self.host_device not in ("auto", "cpu") and not self.host_device.startswith("cuda"):
+            raise ValueError(f"DistillConfig.host_device must be auto, cpu or cuda[:N], got "
+                             f"{self.host_device!r}")
+
+
+def host_device(name: str, torch) -> str:
+    """The torch device training runs on: users with real models optimise on a workstation's
+    GPU; a GPU asked for and not seen is an error, not a silent CPU run."""
+    has_cuda = torch.cuda.is_available()
+    if name == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if name.startswith("cuda") and not has_cuda:
+        raise EdgesmithError(f"--host-device {name}: torch {torch.__version__} sees no CUDA GPU "
+                             "here; use --host-device cpu, or install a CUDA build of torch")
+    return name
 
 
 def _torch():
@@ -151,7 +168,7 @@ def _loss(student_outs, teacher: TeacherOutputs, idx, labels, cfg: DistillConfig
     total = 0.0
     for k, (s, axis) in enumerate(zip(student_outs, teacher.batch_axes)):
         s = batch_first(s, axis, torch)
-        t = torch.from_numpy(teacher.outputs[k][idx.numpy()])   # an array keeps the batch axis
+        t = torch.from_numpy(teacher.outputs[k][idx.numpy()]).to(s.device)   # keeps the batch axis
         if _is_logits(teacher.outputs[k]):
             T = cfg.temperature
             total = total + F.kl_div(torch.log_softmax(s / T, 1), torch.softmax(t / T, 1),
@@ -200,13 +217,14 @@ def _epoch(t: _Trainer, opt, sched, rng, cfg: DistillConfig, torch) -> float:
 def _score(module, data: EvalData, targets: TeacherOutputs, micro: int, torch) -> tuple:
     """(top-1, output SQNR dB vs the teacher) of the torch module on `data`: higher is better,
     compared after every epoch so the best epoch is kept, not merely the last."""
+    device = next(module.parameters()).device
     xs = [torch.from_numpy(np.ascontiguousarray(data.inputs[n])) for n in module.inputs]
     step = micro if targets.fixed_batch else 256
     chunks = []
     with torch.no_grad():
         for i in range(0, data.n, step):
-            outs = module(*[x[i:i + step] for x in xs])
-            chunks.append([batch_first(o, a, torch).numpy()
+            outs = module(*[x[i:i + step].to(device) for x in xs])
+            chunks.append([batch_first(o, a, torch).cpu().numpy()
                            for o, a in zip(outs, targets.batch_axes)])
     got = [np.concatenate([c[k] for c in chunks]) for k in range(len(targets.outputs))]
     top1 = float(np.mean(got[0].argmax(1) == data.labels)) \
@@ -232,13 +250,15 @@ def distill(student: onnx.ModelProto, cfg: DistillConfig) -> tuple[onnx.ModelPro
         soft_targets(cfg.teacher, data)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    module = to_torch(student)
+    device = host_device(cfg.host_device, torch)
+    module = to_torch(student).to(device)
     batch = min(cfg.batch_size, data.n)
     micro = teacher.fixed_batch or batch
-    t = _Trainer(module, [torch.from_numpy(np.ascontiguousarray(data.inputs[n]))
+    t = _Trainer(module, [torch.from_numpy(np.ascontiguousarray(data.inputs[n])).to(device)
                           for n in module.inputs],
-                 torch.from_numpy(data.labels.astype(np.int64)) if data.labels is not None
-                 else None, teacher, max(micro, batch // micro * micro), micro)
+                 torch.from_numpy(data.labels.astype(np.int64)).to(device)
+                 if data.labels is not None else None, teacher,
+                 max(micro, batch // micro * micro), micro)
     opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * int(np.ceil(data.n / t.batch)))
@@ -258,11 +278,12 @@ def distill(student: onnx.ModelProto, cfg: DistillConfig) -> tuple[onnx.ModelPro
         if cfg.on_epoch:
             cfg.on_epoch(epoch, cfg.epochs, loss_value)
     module.load_state_dict(best_state)
+    module.cpu()
     trained = write_back(student, module)
     _verify(trained, module, t.inputs, module.inputs, teacher.fixed_batch or 8, torch)
     _describe(report, cfg, judge, first, best_score, best_epoch)
     report.changed = int(best_epoch > 0)
-    report.metrics.update(final_loss=loss_value, seconds=time.time() - t0)
+    report.metrics.update(final_loss=loss_value, seconds=time.time() - t0, host_device=device)
     return trained, report
 
 
@@ -288,7 +309,7 @@ def _describe(report: PassReport, cfg: DistillConfig, judge: EvalData, first: tu
 def _verify(trained: onnx.ModelProto, module, inputs, names, probe_n: int, torch) -> None:
     """The written-back ONNX model must compute what the trained torch module computes."""
     onnx.checker.check_model(trained)
-    probe = [x[:probe_n] for x in inputs]
+    probe = [x[:probe_n].cpu() for x in inputs]
     with torch.no_grad():
         expected = [t.numpy() for t in module(*probe)]
     got = _session(trained).run(None, {n: p.numpy() for n, p in zip(names, probe)})

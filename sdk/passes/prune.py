@@ -332,35 +332,13 @@ def _surgery(model: onnx.ModelProto, graph: Graph, removed: dict[str, list[int]]
 def prune_channels(model: onnx.ModelProto, cfg: PruneConfig | None = None
                    ) -> tuple[onnx.ModelProto, PassReport]:
     """Remove the least important channels of every prunable group; shapes stay consistent."""
-    from .fuse import constant_folding, initializers_as_constants
-
     cfg = cfg or PruneConfig()
     activation_means = cfg.activation_means
-    # weights must be initializers to be sliced: exporters also write them as Constant nodes
-    # (folded here) or, in IR 3 files, as graph inputs with declared shapes (made constants)
-    out, _ = constant_folding(initializers_as_constants(model)[0])
-    graph = Graph(out.graph)
-    shapes = static_shapes(_concrete(out, cfg.input_shapes))
-    uf, producers, consumers, counts = _analyse(out, graph, shapes)
+    out, graph, shapes, uf, producers, counts, members, groups, skipped = _grouped(model, cfg)
     report = PassReport("prune_channels")
-    members: dict = {}
-    for t, n in counts.items():
-        for c in range(n or 0):
-            members.setdefault(uf.find((t, c)), []).append((t, c))
-    produced = {t for _, t in producers}
     producer_of = {t: n.name or t for n, t in producers}
+    produced = set(producer_of)
     scores = _importance(producers, graph, cfg, activation_means)
-    groups: dict[tuple, list] = {}
-    skipped: dict[str, str] = {}
-    for root, chans in members.items():
-        owners = tuple(sorted({producer_of[t] for t, _ in chans if t in produced}))
-        if not owners:
-            continue
-        if root in uf.frozen:
-            for o in owners:
-                skipped.setdefault(o, uf.frozen[root])
-            continue
-        groups.setdefault(owners, []).append(root)
     removed_roots = []
     ranking = []
     for owners, roots in groups.items():
@@ -407,6 +385,70 @@ def prune_channels(model: onnx.ModelProto, cfg: PruneConfig | None = None
         per_layer={producer_of[t]: {"before": counts[t], "after": counts[t] - len(removed.get(t, []))}
                    for t in sorted(produced) if counts.get(t)})
     return out, report
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelGroup:
+    """Channels that are removed together: the nodes producing them (named as in
+    `PruneConfig.layer_ratios`), how many there are, and every tensor they run through."""
+    owners: tuple[str, ...]
+    channels: int
+    tensors: dict          # tensor -> its channels per group channel (Flatten: H*W features)
+    key: str | None = None  # an owner no other group has: `layer_ratios` narrows this group
+    #                         alone through it (None: any ratio would narrow others too)
+
+    def removed(self, width: int) -> dict[str, int]:
+        """Channels each tensor loses when the group narrows to `width`."""
+        return {t: (self.channels - width) * per for t, per in self.tensors.items()}
+
+
+def channel_groups(model: onnx.ModelProto, input_shapes: dict | None = None
+                   ) -> list[ChannelGroup]:
+    """The prunable channel groups of `model`: what a width search may shrink, one at a time.
+    Groups whose channels run through different tensors (the halves of a Split) are left
+    out: narrowing them by a count would not say which tensor loses what."""
+    from collections import Counter
+
+    *_, members, groups, _ = _grouped(model, PruneConfig(input_shapes=input_shapes))
+    shared = Counter(o for owners in groups for o in owners)
+    out = []
+    for owners, roots in groups.items():
+        shapes = {frozenset(Counter(t for t, _ in members[r]).items()) for r in roots}
+        if len(shapes) == 1:     # every channel runs through the same tensors (not a Split's)
+            key = next((o for o in owners if shared[o] == 1), None)
+            out.append(ChannelGroup(owners, len(roots), dict(next(iter(shapes))), key))
+    return out
+
+
+def _grouped(model: onnx.ModelProto, cfg: PruneConfig):
+    """The analysis both pruning and width searches use: channels coupled into groups keyed
+    by their producers; frozen groups are named with their reason in `skipped`."""
+    from .fuse import constant_folding, initializers_as_constants
+
+    # weights must be initializers to be sliced: exporters also write them as Constant nodes
+    # (folded here) or, in IR 3 files, as graph inputs with declared shapes (made constants)
+    out, _ = constant_folding(initializers_as_constants(model)[0])
+    graph = Graph(out.graph)
+    shapes = static_shapes(_concrete(out, cfg.input_shapes))
+    uf, producers, consumers, counts = _analyse(out, graph, shapes)
+    members: dict = {}
+    for t, n in counts.items():
+        for c in range(n or 0):
+            members.setdefault(uf.find((t, c)), []).append((t, c))
+    produced = {t for _, t in producers}
+    producer_of = {t: n.name or t for n, t in producers}
+    groups: dict[tuple, list] = {}
+    skipped: dict[str, str] = {}
+    for root, chans in members.items():
+        owners = tuple(sorted({producer_of[t] for t, _ in chans if t in produced}))
+        if not owners:
+            continue
+        if root in uf.frozen:
+            for o in owners:
+                skipped.setdefault(o, uf.frozen[root])
+            continue
+        groups.setdefault(owners, []).append(root)
+    return out, graph, shapes, uf, producers, counts, members, groups, skipped
 
 
 def _weights(model: onnx.ModelProto, graph: Graph) -> list[tuple]:

@@ -1,0 +1,175 @@
+"""NetAdapt measured on the device against its baselines at the same measured latency, one run.
+
+    python benchmarks/nas.py [--device D] [--threads 1] [--work DIR]
+
+Task: scikit-learn's digits at 32x32 with random rotations, scaling, shifts and noise, so the
+baseline CNN sits well below 100 % (digits at 8x8 is saturated). Three splits of disjoint source
+images: train (the baseline trains and the search fine-tunes on it), search-holdout (chooses
+between proposals) and test (reported only). Rows, each after the same final distillation:
+  - NetAdapt with the latency table measured on the device (`--proxy latency`), at 0.7x and 0.6x
+    of the original's measured latency (the 0.6x search continues the 0.7x one);
+  - uniform width scaling at the same measured latency, fine-tuned for the same steps;
+  - FLOPs-driven NetAdapt (`--proxy macs`), same settings.
+Also: the share of iterations whose latency prediction was within 10 % of the measurement, and
+a search interrupted after its second iteration and resumed, compared with the uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "examples"))
+import digits  # noqa: E402
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() \
+            else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def distorted(x: np.ndarray, copies: int, seed: int) -> np.ndarray:
+    """`copies` random affine distortions (rotation +-30 deg, scale 0.75-1.25, shift +-4 px) of
+    each image, plus Gaussian noise: hard enough that a small CNN errs."""
+    from scipy.ndimage import affine_transform
+
+    rng = np.random.default_rng(seed)
+    size = x.shape[-1]
+    out = []
+    for _ in range(copies):
+        for img in x[:, 0]:
+            a, s = np.deg2rad(rng.uniform(-30, 30)), rng.uniform(0.75, 1.25)
+            m = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) / s
+            c = (size - 1) / 2
+            offset = c - m @ np.array([c, c]) + rng.uniform(-4, 4, 2)
+            warped = affine_transform(img, m, offset, order=1, mode="constant")
+            out.append(warped + rng.normal(0, 0.6, warped.shape))
+    return np.clip(np.stack(out)[:, None], -1, 2).astype(np.float32)
+
+
+def build_task(work: Path, epochs: int) -> tuple[Path, Path, Path, Path]:
+    """Train the baseline CNN; write it with train/holdout/test .npz files under `work`. The
+    three splits hold distortions of disjoint source images: a distortion of a training image
+    in the holdout would flatter every proposal alike."""
+    import torch
+    from torch import nn
+
+    paths = [work / n for n in ("cnn32.onnx", "train.npz", "holdout.npz", "test.npz")]
+    if all(p.is_file() for p in paths):
+        return tuple(paths)
+    x_tr, y_tr, x_te, y_te = digits.load(32)
+    cut = len(y_tr) // 5
+    x_train, y_train = distorted(x_tr[cut:], 3, 1), np.tile(y_tr[cut:], 3)
+    x_hold, y_hold = distorted(x_tr[:cut], 2, 3), np.tile(y_tr[:cut], 2)
+    x_test, y_test = distorted(x_te, 4, 2), np.tile(y_te, 4)
+
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    torch.manual_seed(0)
+    net = nn.Sequential(*block(1, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64),
+                        *block(64, 64), nn.MaxPool2d(2), *block(64, 128), *block(128, 128),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    steps = epochs * int(np.ceil(len(x_train) / 64))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    for _ in range(epochs):
+        net.train()
+        perm = torch.randperm(len(xt))
+        for i in range(0, len(xt), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
+            opt.step()
+            sched.step()
+    net.eval()
+    torch.onnx.export(net, (torch.from_numpy(x_test[:1]),), str(paths[0]), dynamo=False,
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}})
+    for path, x, y in zip(paths[1:], (x_train, x_hold, x_test), (y_train, y_hold, y_test)):
+        np.savez(path, input=x, labels=y)
+    return tuple(paths)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="local")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", default="/tmp/edgesmith-nas-bench")
+    ap.add_argument("--epochs", type=int, default=12, help="baseline training epochs")
+    ap.add_argument("--steps", type=int, default=100, help="fine-tuning steps per proposal")
+    ap.add_argument("--final-epochs", type=int, default=15)
+    args = ap.parse_args()
+    from edgesmith.nas import NasConfig, nas
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    model, train, holdout, test = build_task(work, args.epochs)
+    print(f"CPU: {cpu_name()}; device {args.device}, {args.threads} thread(s)")
+    print(f"task built in {time.time() - t0:.0f} s: {model}")
+
+    def search(out: str, ratio: float, proxy: str, say=None):
+        cfg = NasConfig(latency_ratio=ratio, proxy=proxy, steps=args.steps,
+                        final_epochs=args.final_epochs, shift=2, threads=args.threads,
+                        budget_s=4 * 3600)
+        t = time.time()
+        report = nas(model, train, work / out, args.device, cfg, test, say=say, holdout=holdout)
+        print(f"  {proxy} {ratio}x: {report.summary} [{time.time() - t:.0f} s]", flush=True)
+        return report
+
+    rows, errors = [], []
+    for proxy in ("latency", "macs"):
+        for ratio in (0.7, 0.6):
+            r = search(f"search-{proxy}", ratio, proxy)
+            if proxy == "latency":      # the 0.6x search's iterations include the 0.7x ones
+                errors = [it.lut_error for it in r.iterations]
+            rows.append((f"NetAdapt ({proxy}) {ratio}x", "netadapt", r.final, r))
+            if proxy == "latency":
+                rows.append((f"uniform width {ratio}x", "uniform", r.uniform, r))
+    original = rows[0][3]
+    print(f"\noriginal: {original.original_ms:.3f} ms, test top-1 "
+          f"{original.original_test_top1:.4f}")
+    print(f"{'method':28s} {'measured ms':>11s} {'x orig':>7s} {'test top-1':>10s} "
+          f"{'vs original':>11s}")
+    print("(latencies: interleaved medians of the original, the search's final model and its "
+          "uniform baseline, re-measured together at the end of each search)")
+    for name, key, row, r in rows:
+        if row is None:
+            print(f"{name:28s} (not reached: {r.stopped})")
+            continue
+        ms, base = r.confirmed_ms(key, row), r.confirmed_ms("original") or r.original_ms
+        print(f"{name:28s} {ms:11.3f} {ms / base:7.2f} {row['test_top1']:10.4f} "
+              f"{row['test_top1'] - r.original_test_top1:+11.4f}")
+    within = sum(abs(e) <= 0.10 for e in errors) / max(1, len(errors))
+    print(f"latency table: prediction within 10 % of the measurement in {within:.0%} of "
+          f"{len(errors)} iterations (errors {', '.join(f'{e:+.1%}' for e in errors)})")
+
+    def stop_after_two(text: str) -> None:
+        if text.startswith("iteration 3:"):
+            raise KeyboardInterrupt
+    try:
+        search("resume-check", 0.7, "latency", stop_after_two)
+    except KeyboardInterrupt:
+        print("  interrupted at iteration 3; resuming")
+    resumed = search("resume-check", 0.7, "latency")
+    reference = next(r for name, _, _, r in rows if name.startswith("NetAdapt (latency) 0.7"))
+    same = [it.widths for it in resumed.iterations] == \
+        [it.widths for it in reference.iterations[:len(resumed.iterations)]]
+    print(f"interrupted + resumed search: resumed after {resumed.resumed} iteration(s); "
+          f"widths {'identical to' if same else 'differ from'} the uninterrupted search "
+          f"({len(resumed.iterations)} vs {len(reference.iterations)} iterations)")
+    print(f"total {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

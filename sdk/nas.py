@@ -1,0 +1,529 @@
+"""NetAdapt (Yang et al., ECCV 2018): width search under a latency budget measured on the device.
+
+From the trained model, each iteration asks for a measured latency cut (r0 * original *
+decay^(i-1)); for every prunable channel group it proposes the widest width whose predicted
+latency meets that cut, fine-tunes each proposal briefly by distillation from the original (in
+parallel worker processes), and keeps the proposal most accurate on a search-holdout split. The
+kept model is measured whole on the device every iteration: that measurement rescales the
+per-kernel latency table (`latency_table`) and says how far its prediction was off. A final,
+longer distillation finishes the search; a uniform-width model at the same measured latency with
+the same training is the baseline it must beat. Every iteration is kept in OUT's state, so an
+interrupted search continues from its last completed iteration; OUT/model.onnx is always the
+most adapted model so far. `proxy="macs"` replaces the table by multiply-accumulates: the
+FLOPs-driven NetAdapt that measured latency is meant to improve on.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from device_runtime.evaluate import EvalData
+
+from . import __version__
+from . import bundle as bundles
+from .context import write_model
+from .devices import Job, fingerprint, get_device
+from .errors import EdgesmithError, StageError
+from .latency_table import LatencyTable, kernels_of
+from .measure import Candidate, Spread, interleave, measure
+from .model import Model, from_proto, load
+from .nas_report import Iteration, NasReport, write_nas_reports
+from .outputs import claim
+from .resume import State, sha256, source_digest
+
+PROXIES = ("latency", "macs")
+MEASURE_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class NasConfig:
+    """What the search aims at and how much it may spend. Give `latency_ratio` (of the
+    original's measured latency) or `latency_ms`."""
+
+    latency_ratio: float | None = 0.6
+    latency_ms: float | None = None
+    initial_reduction: float = 0.05   # r0: the first iteration's cut, a share of the original
+    decay: float = 0.96               # each later iteration cuts r0 * decay^(i-1)
+    steps: int = 200                  # fine-tuning steps per proposal (short distillation)
+    final_epochs: int = 20            # the last, longer distillation of the kept model
+    batch_size: int = 64
+    holdout: float = 0.2              # share of --train kept out to choose between proposals
+    shift: int = 0                    # augmentation: random translations of up to N pixels
+    proxy: str = "latency"            # latency (table on the device) | macs (FLOPs-driven)
+    max_iterations: int = 40
+    min_channels: int = 4             # no group narrows below this
+    round_to: int = 4                 # widths step by this in groups of 2x it or more
+    uniform_baseline: bool = True
+    workers: int = 0                  # parallel fine-tunes (0: one per two cores)
+    threads: int | None = None        # threads the model runs with on the device
+    host_device: str = "auto"         # where fine-tunes train: auto | cpu | cuda[:N]
+    budget_s: float = 3600.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if (self.latency_ratio is None) == (self.latency_ms is None):
+            raise ValueError("NasConfig needs exactly one of latency_ratio and latency_ms")
+        if self.latency_ratio is not None and not 0.0 < self.latency_ratio < 1.0:
+            raise ValueError("NasConfig.latency_ratio must be in (0, 1), e.g. 0.6 for 0.6x")
+        if self.latency_ms is not None and self.latency_ms <= 0:
+            raise ValueError("NasConfig.latency_ms must be > 0")
+        if not 0.0 < self.initial_reduction < 1.0 or not 0.0 < self.decay <= 1.0:
+            raise ValueError("NasConfig.initial_reduction must be in (0, 1), decay in (0, 1]")
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError("NasConfig.holdout must be in (0, 1)")
+        if self.proxy not in PROXIES:
+            raise ValueError(f"NasConfig.proxy must be one of {PROXIES}")
+        if self.host_device not in ("auto", "cpu") and not self.host_device.startswith("cuda"):
+            raise ValueError(f"NasConfig.host_device must be auto, cpu or cuda[:N], got "
+                             f"{self.host_device!r}")
+        for name in ("steps", "final_epochs", "batch_size", "max_iterations", "min_channels",
+                     "round_to"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"NasConfig.{name} must be >= 1")
+
+
+def parse_latency_budget(text: str) -> dict:
+    """`0.6x` -> {"latency_ratio": 0.6}; `12ms` -> {"latency_ms": 12.0}. A bare number is
+    refused: 0.6 could mean either."""
+    t = text.strip().lower()
+    try:
+        if t.endswith("x"):
+            return {"latency_ratio": float(t[:-1]), "latency_ms": None}
+        if t.endswith("ms"):
+            return {"latency_ratio": None, "latency_ms": float(t[:-2])}
+        raise ValueError
+    except ValueError:
+        raise ValueError(f"latency budget {text!r}: give a share of the original's latency "
+                         "(0.6x) or milliseconds (12ms)") from None
+
+
+@dataclass
+class _Run:
+    """One search's shared state."""
+    cfg: NasConfig
+    original: Model
+    fused: Model
+    device: object
+    job: Job
+    table: LatencyTable | None
+    train: EvalData
+    holdout: EvalData
+    test: EvalData | None
+    targets: object                   # the teacher's soft targets on `train`
+    state: State
+    out: object
+    say: object
+    started: float
+    notes: list = field(default_factory=list)
+    pool: object = None               # the fine-tuning worker processes, started once
+
+    def over_budget(self) -> bool:
+        return time.monotonic() - self.started > self.cfg.budget_s
+
+    def cost(self, proto: onnx.ModelProto) -> float:
+        """The proxy's cost of a model: table milliseconds, or multiply-accumulates."""
+        return self.kernels_cost(kernels_of(proto, self.original.input_shapes))
+
+    def kernels_cost(self, kernels: list) -> float:
+        if self.table is None:
+            return float(sum(k.macs for k in kernels))
+        return self.table.predict(kernels)
+
+    def measure(self, cid: str, model: Model) -> Candidate:
+        """The whole model on the device: the median p50 of MEASURE_ROUNDS measurements (a
+        shared device's noise bursts move a single one by 10 %). The caller saves it with
+        what it completes."""
+        bundle = bundles.build(model, meta={"nas": cid})
+        result = measure(self.device, bundle, self.job)
+        cand = Candidate.from_result(cid, result, model, model_sha256=sha256(model.serialized()))
+        if not cand.ok:
+            raise EdgesmithError(f"{cid} did not run on {self.device.name}: {cand.error}")
+        rounds = [cand.p50_ms] + [r.latency_ms["p50"] for r in (
+            measure(self.device, bundle, self.job) for _ in range(MEASURE_ROUNDS - 1)) if r.ok]
+        cand.p50_ms = statistics.median(rounds)
+        cand.confirm = asdict(Spread(cand.p50_ms, min(rounds), max(rounds), len(rounds)))
+        return cand
+
+    def kept(self, cid: str, what: str) -> dict | None:
+        """What an interrupted run of this search already completed under `cid`."""
+        cand = self.state.done.get(cid)
+        if cand is None or not cand.ok or what not in cand.recipe:
+            return None
+        return cand.recipe[what]
+
+    def save(self, cand: Candidate, model: Model, what: str, value: dict) -> None:
+        cand.recipe = {what: value}
+        self.state.save(cand, model)
+
+
+def nas(model_path, train, out_dir, device="local", cfg: NasConfig | None = None,
+        eval_path=None, input_shapes: dict | None = None, force: bool = False,
+        say=None, holdout=None) -> NasReport:
+    """Search MODEL's layer widths for the latency budget on `device`; see the module doc."""
+    from .passes.distill import _torch as need_torch, host_device
+
+    cfg = cfg or NasConfig()
+    host_device(cfg.host_device, need_torch())      # a GPU asked for and missing: say so now
+    run = _start(model_path, train, out_dir, device, cfg, eval_path, input_shapes, force, say,
+                 holdout)
+    try:
+        return _search(run, cfg, model_path)
+    finally:
+        if run.pool is not None:      # Ctrl-C included: queued fine-tunes are dropped
+            run.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _search(run: _Run, cfg: NasConfig, model_path) -> NasReport:
+    from .passes.distill import evaluate
+
+    if (base := run.state.done.get("nas:0")) is None or not base.ok:
+        base = run.measure("nas:0", run.fused)
+        run.save(base, run.fused, "original", {})
+    target_ms = cfg.latency_ms or base.p50_ms * cfg.latency_ratio
+    report = NasReport(__version__, str(model_path), run.device.name,
+                       fingerprint(run.device.facts()), cfg.proxy, asdict(cfg), target_ms,
+                       base.p50_ms, evaluate(run.fused.proto, run.test) if run.test else None,
+                       notes=run.notes)
+    report.widths_before = _widths(run.fused.proto, run.original)
+    current, current_ms, current_sha = run.fused, base.p50_ms, base.model_sha256
+    for cand in _completed(run.state):
+        if current_ms <= target_ms:
+            break           # a looser budget than the run that measured these: stop where it is met
+        report.iterations.append(Iteration(**cand.recipe["iteration"]))
+        current, current_ms = run.state.load_model(cand, run.original), cand.p50_ms
+        current_sha = cand.model_sha256
+    report.resumed = len(report.iterations)
+    if report.resumed:
+        run.say(f"resuming after iteration {report.resumed} ({current_ms:.3f} ms)")
+    write_model(run.out, run.state.model_path(current_sha))
+    while current_ms > target_ms:
+        index = len(report.iterations) + 1
+        if index > cfg.max_iterations or run.over_budget():
+            report.stopped = "max_iterations" if index > cfg.max_iterations else "budget"
+            break
+        step = _iteration(run, index, current, current_ms, base.p50_ms, target_ms)
+        if step is None:
+            report.stopped = "no narrower width is predicted to meet the next step"
+            break
+        it, current, cand = step
+        current_ms = cand.p50_ms
+        report.iterations.append(it)
+        write_model(run.out, run.state.model_path(cand.model_sha256))
+        run.say(it.line())
+    if report.stopped != "budget" and not run.over_budget():
+        current = _finish(run, report, current)
+    else:
+        run.notes.append(f"stopped by --budget ({cfg.budget_s:.0f}s) after "
+                         f"{len(report.iterations)} iteration(s); run the same command to continue")
+    report.widths_after = _widths(current.proto, run.original)
+    if run.table is not None:
+        report.lut = {"entries_measured": run.table.measured, "round_trips": run.table.round_trips,
+                      "context": run.table.context}
+    report.elapsed_s = time.monotonic() - run.started
+    write_nas_reports(report, run.out)
+    return report
+
+
+def _start(model_path, train, out_dir, device, cfg, eval_path, input_shapes, force, say,
+           holdout_path) -> _Run:
+    from .data import load_eval_set, load_training_set
+    from .passes.distill import soft_targets
+    from .passes.fuse import fuse
+
+    started = time.monotonic()
+    original = load(model_path, input_shapes, data=train)
+    if original.format != "onnx":
+        raise EdgesmithError("nas takes ONNX models")
+    dev = get_device(device) if isinstance(device, str) or device is None else device
+    try:
+        facts = dev.facts()
+    except StageError as exc:
+        raise EdgesmithError(str(exc)) from None
+    if "onnxruntime" not in (facts.get("backends") or ["onnxruntime"]):
+        raise EdgesmithError(f"{dev.name} has no onnxruntime: the latency table is measured "
+                             "with it (`edgesmith device setup`)")
+    fused = from_proto(fuse(original.proto)[0], original, original.path)
+    from .passes.prune import channel_groups
+
+    if not kernels_of(fused.proto, original.input_shapes):
+        raise EdgesmithError("nas narrows Conv and Gemm layers, and this model has none with "
+                             "known shapes (give --input-shape for dynamic dimensions)")
+    if not any(g.key for g in channel_groups(fused.proto, original.input_shapes)):
+        raise EdgesmithError("no channel group of this model can be narrowed (`edgesmith prune "
+                             "--ratio 0.5` names the frozen groups and why)")
+    data = load_training_set(train, original)
+    if data.n < 10:
+        raise EdgesmithError(f"--train has {data.n} samples; NetAdapt fine-tunes on them and "
+                             "chooses on a held-out part: give at least a few hundred")
+    if holdout_path is not None:
+        train_part, holdout = data, load_training_set(holdout_path, original)
+    else:      # samples are assumed independent; pass --holdout when they are not
+        order = np.random.default_rng(cfg.seed).permutation(data.n)
+        cut = max(1, int(round(data.n * cfg.holdout)))
+        train_part, holdout = _subset(data, order[cut:]), _subset(data, order[:cut])
+    test = load_eval_set(eval_path, original) if eval_path else None
+    out = claim(out_dir, force, "nas output directory")     # after the inputs are read
+    job = Job(runs=50, warmup=10, min_time_s=0.3, threads=cfg.threads, evaluate=False)
+    key = {"model": sha256(original.serialized()), "train": source_digest(train),
+           "holdout": source_digest(holdout_path),
+           "eval": source_digest(eval_path), "device": fingerprint(facts),
+           "inputs": original.input_shapes, "edgesmith": __version__,
+           "config": {k: v for k, v in asdict(cfg).items()
+                      if k not in ("budget_s", "max_iterations", "workers", "latency_ratio",
+                                   "latency_ms", "uniform_baseline", "host_device")}}
+    state = State(out, key)
+    notes = [f"{out} held another search's state: started afresh"] if state.discarded else []
+    if test is None:
+        notes.append("no --eval: accuracy is reported on the search-holdout part of --train "
+                     "only, which chose between proposals (give a test set for an unbiased one)")
+    table = LatencyTable(dev, job) if cfg.proxy == "latency" else None
+    return _Run(cfg, original, fused, dev, job, table, train_part, holdout, test,
+                soft_targets(original.proto, train_part), state, out,
+                say or (lambda text: None), started, notes)
+
+
+def _subset(data: EvalData, idx) -> EvalData:
+    idx = np.sort(idx)
+    return EvalData({k: v[idx] for k, v in data.inputs.items()},
+                    None if data.labels is None else data.labels[idx], {}, len(idx))
+
+
+def _completed(state: State) -> list[Candidate]:
+    """Iterations an interrupted run of this search finished, in order, up to the first gap."""
+    done = []
+    while (cand := state.done.get(f"nas:{len(done) + 1}")) is not None and cand.ok and \
+            "iteration" in cand.recipe and state.model_path(cand.model_sha256).is_file():
+        done.append(cand)
+    return done
+
+
+def _widths(proto: onnx.ModelProto, original: Model) -> dict[str, int]:
+    from .passes.prune import channel_groups
+
+    return {" + ".join(g.owners): g.channels for g in channel_groups(proto,
+                                                                     original.input_shapes)}
+
+
+def _iteration(run: _Run, index: int, current: Model, current_ms: float, original_ms: float,
+               target_ms: float):
+    """One NetAdapt iteration: (Iteration, kept model, its measurement) or None."""
+    from .passes.prune import channel_groups
+
+    cfg = run.cfg
+    cut = cfg.initial_reduction * original_ms * cfg.decay ** (index - 1)
+    kernels = kernels_of(current.proto, run.original.input_shapes)
+    scale = current_ms / run.kernels_cost(kernels)
+    groups = [g for g in channel_groups(current.proto, run.original.input_shapes) if g.key]
+    proposals = []
+    for _ in range(3):      # no single group reaches the cut: a smaller one, as NetAdapt allows
+        goal = max(target_ms, current_ms - cut)
+        run.say(f"iteration {index}: {len(groups)} groups, aiming at {goal:.3f} ms")
+        proposals = _proposals(run, current, kernels, groups, goal, scale)
+        if proposals or run.over_budget():
+            break
+        cut /= 2
+    if not proposals:
+        return None
+    t0 = time.monotonic()
+    tuned = _finetune_all(run, [p[2] for p in proposals])
+    scored = [(metrics_score(m), -pred, g, proto, pred, m)
+              for (g, _, _, pred), (proto, m) in zip(proposals, tuned)]
+    best = max(scored, key=lambda s: s[:2])
+    _, _, g, proto, predicted, metrics = best
+    model = from_proto(proto, run.original)
+    widths = _widths(proto, run.original)
+    it = Iteration(index, " + ".join(g.owners), g.channels, _width_of(widths, g), predicted,
+                   0.0, metrics.get("student_top1_after"), metrics.get("sqnr_db_after"),
+                   None, widths, [{"group": " + ".join(pg.owners), "width": w,
+                                   "predicted_ms": pp, "holdout_top1": pm.get(
+                                       "student_top1_after"), "holdout_sqnr_db": pm.get(
+                                       "sqnr_db_after")}
+                                  for (pg, w, _, pp), (_, pm) in zip(proposals, tuned)],
+                   time.monotonic() - t0)
+    if run.test is not None:
+        from .passes.distill import evaluate
+        it.test_top1 = evaluate(proto, run.test)
+    cand = run.measure(f"nas:{index}", model)
+    it.measured_ms = cand.p50_ms
+    run.save(cand, model, "iteration", asdict(it))
+    return it, model, cand
+
+
+def metrics_score(m: dict) -> tuple:
+    return (m.get("student_top1_after") or 0.0, m.get("sqnr_db_after") or 0.0)
+
+
+def _width_of(widths: dict, g) -> int:
+    return widths.get(" + ".join(g.owners), 0)
+
+
+def _widths_to_try(g, cfg: NasConfig) -> list[int]:
+    step = cfg.round_to if g.channels >= 2 * cfg.round_to else 1
+    top = (g.channels - 1) // step * step if step > 1 else g.channels - 1
+    return list(range(top, min(cfg.min_channels, g.channels) - 1, -step))
+
+
+WIDTHS_PER_TRIP = 6     # widths tried per group per device round trip of the table
+
+
+def _proposals(run: _Run, current: Model, kernels: list, groups: list, goal: float,
+               scale: float) -> list[tuple]:
+    """(group, width, pruned proto, predicted ms) for each group whose widest width predicted
+    to meet `goal` exists. Widths are tried from the widest down, WIDTHS_PER_TRIP of every
+    undecided group per table fill (one device round trip), so the table measures the
+    kernels a decision needs and few more. The prediction kept is the pruned model's own."""
+    from .passes.prune import PruneConfig, prune_channels
+
+    chosen, pending, start = {}, list(groups), 0
+    while pending and not run.over_budget():
+        chunk = {g: _widths_to_try(g, run.cfg)[start:start + WIDTHS_PER_TRIP] for g in pending}
+        if run.table is not None:
+            run.table.fill([k.narrowed(g.removed(w)) for g, ws in chunk.items() for w in ws
+                            for k in kernels])
+        pending = []
+        for g, widths in chunk.items():
+            hit = next((w for w in widths if scale * run.kernels_cost(
+                [k.narrowed(g.removed(w)) for k in kernels]) <= goal), None)
+            if hit is not None:
+                chosen[g] = hit
+            elif len(widths) == WIDTHS_PER_TRIP:
+                pending.append(g)        # narrower widths remain: the next trip tries them
+        start += WIDTHS_PER_TRIP
+    out = []
+    for g, width in chosen.items():
+        proto, _ = prune_channels(current.proto, PruneConfig(
+            ratio=0.0, layer_ratios={g.key: 1 - width / g.channels}, round_to=1,
+            min_channels=1, input_shapes=run.original.input_shapes))
+        out.append((g, width, proto, scale * run.cost(proto)))
+    return out
+
+
+def _finetune_all(run: _Run, protos: list, epochs: int | None = None
+                  ) -> list[tuple[onnx.ModelProto, dict]]:
+    """Each model distilled from the original (for `steps` steps unless `epochs` is given),
+    in spawned worker processes (torch is not fork-safe), in parallel when there are cores;
+    one path for one fine-tune or many, and the memory training took is returned on exit."""
+    import multiprocessing
+
+    cfg = run.cfg
+    per_epoch = math.ceil(run.train.n / min(cfg.batch_size, run.train.n))
+    epochs = epochs or max(1, round(cfg.steps / per_epoch))
+    cores = os.cpu_count() or 2
+    workers = cfg.workers or max(1, cores // 2)
+    jobs = [(p.SerializeToString(), run.original.serialized(), run.train, run.targets,
+             run.holdout, epochs, cfg, max(1, cores // workers)) for p in protos]
+    from concurrent.futures.process import BrokenProcessPool
+
+    if run.pool is None:      # kept for the whole search: spawning imports torch again
+        run.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        done = list(run.pool.map(finetune, jobs))
+    except BrokenProcessPool:
+        raise EdgesmithError("a fine-tuning worker process died (out of memory?); try "
+                             "--workers 1") from None
+    return [(onnx.load_from_string(b), m) for b, m in done]
+
+
+def finetune(job: tuple) -> tuple[bytes, dict]:
+    """One short distillation (a worker process's whole task; importable for spawn)."""
+    from .passes.distill import DistillConfig, distill
+
+    student, teacher, train, targets, holdout, epochs, cfg, threads = job
+    import torch
+    torch.set_num_threads(threads)
+    model, rep = distill(onnx.load_from_string(student), DistillConfig(
+        onnx.load_from_string(teacher), train, holdout, targets, epochs=epochs,
+        batch_size=cfg.batch_size, seed=cfg.seed, shift=cfg.shift, host_device=cfg.host_device))
+    return model.SerializeToString(), rep.metrics
+
+
+def _finish(run: _Run, report: NasReport, current: Model) -> Model:
+    """The longer distillation of the kept model, then the uniform-width baseline at the same
+    measured latency and the same training steps. Returns the final model."""
+    cfg = run.cfg
+    per_epoch = math.ceil(run.train.n / min(cfg.batch_size, run.train.n))
+    after = len(report.iterations)    # a search continued later finishes its own model
+    final_id, uniform_id = f"nas:final@{after}", f"nas:uniform@{after}"
+    if (row := run.kept(final_id, "row")) is None:
+        run.say(f"final distillation ({cfg.final_epochs} epochs)")
+        (proto, metrics), = _finetune_all(run, [current.proto], cfg.final_epochs)
+        model = from_proto(proto, run.original)
+        cand = run.measure(final_id, model)
+        row = _row(run, "netadapt", cand, proto, metrics)
+        run.save(cand, model, "row", row)
+    report.final = row
+    final = run.state.load_model(run.state.done[final_id], run.original)
+    write_model(run.out, run.state.model_path(run.state.done[final_id].model_sha256))
+    if not cfg.uniform_baseline or run.over_budget():
+        _confirm(run, report, final)
+        return final
+    if (row := run.kept(uniform_id, "row")) is None:
+        run.say("uniform-width baseline at the same latency")
+        uniform, ratio = _uniform_at(run, report.final["measured_ms"])
+        spent = len(report.iterations) * cfg.steps / per_epoch      # the search's steps too
+        (proto, metrics), = _finetune_all(run, [uniform], cfg.final_epochs + round(spent))
+        model = from_proto(proto, run.original)
+        cand = run.measure(uniform_id, model)
+        row = _row(run, f"uniform width x{1 - ratio:.2f}", cand, proto, metrics)
+        run.save(cand, model, "row", row)
+    report.uniform = row
+    _confirm(run, report, final)
+    return final
+
+
+def _confirm(run: _Run, report: NasReport, final: Model) -> None:
+    """The original, the final model and the uniform baseline re-measured interleaved, in the
+    same rounds: the comparison the report states is between these medians."""
+    trials = {"original": run.fused, "netadapt": final}
+    if report.uniform is not None:
+        trials["uniform"] = run.state.load_model(
+            run.state.done[f"nas:uniform@{len(report.iterations)}"], run.original)
+    run.say("re-measuring the original, the final model and the baseline interleaved")
+    spreads = interleave(run.device, {k: (bundles.build(m), run.job) for k, m in trials.items()},
+                         rounds=MEASURE_ROUNDS)
+    report.confirm = {k: asdict(v) for k, v in spreads.items()}
+
+
+def _row(run: _Run, name: str, cand: Candidate, proto, metrics: dict) -> dict:
+    from .passes.distill import evaluate
+
+    return {"name": name, "measured_ms": cand.p50_ms, "holdout_top1": metrics.get(
+        "student_top1_after"), "holdout_sqnr_db": metrics.get("sqnr_db_after"),
+        "test_top1": evaluate(proto, run.test) if run.test else None, "macs": cand.macs,
+        "params": cand.params}
+
+
+def _uniform_at(run: _Run, target_ms: float) -> tuple[onnx.ModelProto, float]:
+    """The uniformly narrowed model (and its pruning ratio) whose measured latency is nearest
+    `target_ms`: bisection on the ratio, every probe measured on the device. Not the table's
+    prediction: width changes of a few channels can cross a kernel-selection cliff (measured:
+    0.44 -> 0.28 ms between widths x0.64 and x0.58 of a 32x32 CNN), so the baseline is only
+    "at the same latency" when measured there."""
+    from .passes.prune import PruneConfig, prune_channels
+
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(6):
+        mid = (lo + hi) / 2
+        proto = prune_channels(run.fused.proto, PruneConfig(
+            ratio=mid, round_to=run.cfg.round_to, min_channels=run.cfg.min_channels,
+            input_shapes=run.original.input_shapes))[0]
+        probe = measure(run.device, bundles.build(from_proto(proto, run.original)), run.job)
+        if not probe.ok:
+            raise EdgesmithError(f"a uniform-width model did not run on {run.device.name}: "
+                                 f"{probe.error}")
+        measured = probe.latency_ms["p50"]
+        if best is None or abs(measured - target_ms) < abs(best[2] - target_ms):
+            best = (proto, mid, measured)
+        lo, hi = (mid, hi) if measured > target_ms else (lo, mid)
+    if abs(best[2] / target_ms - 1) > 0.05:
+        run.notes.append(f"the uniform baseline measured {best[2]:.3f} ms, the nearest any "
+                         f"uniform width came to {target_ms:.3f} ms (latency jumps between "
+                         "neighbouring widths here)")
+    return best[0], best[1]
