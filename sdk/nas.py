@@ -210,7 +210,8 @@ def _search(run: _Run, cfg: NasConfig, model_path) -> NasReport:
             break
         step = _iteration(run, index, current, current_ms, base.p50_ms, target_ms)
         if step is None:
-            report.stopped = "no narrower width is predicted to meet the next step"
+            report.stopped = "budget" if run.over_budget() else \
+                "no narrower width is predicted to meet the next step"
             break
         it, current, cand = step
         current_ms = cand.p50_ms
