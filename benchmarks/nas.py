@@ -1,6 +1,7 @@
 """NetAdapt measured on the device against its baselines at the same measured latency, one run.
 
     python benchmarks/nas.py [--device D] [--threads 1] [--work DIR]
+    python benchmarks/nas.py --rejudge 12     # the kept models on a fresh, 3x larger test set
 
 Task: scikit-learn's digits at 32x32 with random rotations, scaling, shifts and noise, so the
 baseline CNN sits well below 100 % (digits at 8x8 is saturated). Three splits of disjoint source
@@ -100,6 +101,36 @@ def build_task(work: Path, epochs: int) -> tuple[Path, Path, Path, Path]:
     return tuple(paths)
 
 
+def rejudge(work: Path, copies: int) -> None:
+    """Every final and uniform model the searches kept, on a fresh, larger test set drawn
+    from the same held-out source images (never seen by training or the search)."""
+    import json
+
+    import onnxruntime as ort
+
+    _, _, x_te, y_te = digits.load(32)
+    x, y = distorted(x_te, copies, 7), np.tile(y_te, copies)
+
+    def top1(path: Path) -> float:
+        s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        pred = np.concatenate([s.run(None, {"input": x[i:i + 512]})[0].argmax(1)
+                               for i in range(0, len(x), 512)])
+        return float(np.mean(pred == y))
+
+    print(f"CPU: {cpu_name()}; re-judged on {len(y)} fresh test samples")
+    print(f"{'model':34s} {'p50 ms':>7s} {'test top-1':>10s}")
+    print(f"{'original':34s} {'':7s} {top1(work / 'cnn32.onnx'):10.4f}")
+    for state in sorted(work.glob("search-*/.edgesmith-state")):
+        kept = {}
+        for line in (state / "candidates.jsonl").read_text().splitlines():
+            c = json.loads(line)
+            kept[c["id"]] = c
+        for cid in sorted(k for k in kept if "@" in k):
+            c = kept[cid]
+            print(f"{state.parent.name + ' ' + cid:34s} {c['p50_ms']:7.3f} "
+                  f"{top1(state / 'models' / (c['model_sha256'] + '.onnx')):10.4f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="local")
@@ -108,7 +139,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=12, help="baseline training epochs")
     ap.add_argument("--steps", type=int, default=100, help="fine-tuning steps per proposal")
     ap.add_argument("--final-epochs", type=int, default=15)
+    ap.add_argument("--rejudge", type=int, metavar="COPIES",
+                    help="only re-judge the searches already in --work on a fresh test set of "
+                         "COPIES distortions of each test image (a tighter estimate)")
     args = ap.parse_args()
+    if args.rejudge:
+        rejudge(Path(args.work), args.rejudge)
+        return
     from edgesmith.nas import NasConfig, nas
 
     work = Path(args.work)
