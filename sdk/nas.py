@@ -127,6 +127,10 @@ class _Run:
     def over_budget(self) -> bool:
         return time.monotonic() - self.started > self.cfg.budget_s
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.train.n / min(self.cfg.batch_size, self.train.n))
+
     def cost(self, proto: onnx.ModelProto) -> float:
         """The proxy's cost of a model: table milliseconds, or multiply-accumulates."""
         return self.kernels_cost(kernels_of(proto, self.original.input_shapes))
@@ -340,7 +344,8 @@ def _iteration(run: _Run, index: int, current: Model, current_ms: float, origina
     _, _, g, proto, predicted, metrics = best
     model = from_proto(proto, run.original)
     widths = _widths(proto, run.original)
-    it = Iteration(index, " + ".join(g.owners), g.channels, _width_of(widths, g), predicted,
+    it = Iteration(index, " + ".join(g.owners), g.channels, widths.get(" + ".join(g.owners), 0),
+                   predicted,
                    0.0, metrics.get("student_top1_after"), metrics.get("sqnr_db_after"),
                    None, widths, [{"group": " + ".join(pg.owners), "width": w,
                                    "predicted_ms": pp, "holdout_top1": pm.get(
@@ -359,10 +364,6 @@ def _iteration(run: _Run, index: int, current: Model, current_ms: float, origina
 
 def metrics_score(m: dict) -> tuple:
     return (m.get("student_top1_after") or 0.0, m.get("sqnr_db_after") or 0.0)
-
-
-def _width_of(widths: dict, g) -> int:
-    return widths.get(" + ".join(g.owners), 0)
 
 
 def _widths_to_try(g, cfg: NasConfig) -> list[int]:
@@ -414,8 +415,7 @@ def _finetune_all(run: _Run, protos: list, epochs: int | None = None
     import multiprocessing
 
     cfg = run.cfg
-    per_epoch = math.ceil(run.train.n / min(cfg.batch_size, run.train.n))
-    epochs = epochs or max(1, round(cfg.steps / per_epoch))
+    epochs = epochs or max(1, round(cfg.steps / run.steps_per_epoch))
     cores = os.cpu_count() or 2
     workers = cfg.workers or max(1, cores // 2)
     jobs = [(p.SerializeToString(), run.original.serialized(), run.train, run.targets,
@@ -449,7 +449,6 @@ def _finish(run: _Run, report: NasReport, current: Model) -> Model:
     """The longer distillation of the kept model, then the uniform-width baseline at the same
     measured latency and the same training steps. Returns the final model."""
     cfg = run.cfg
-    per_epoch = math.ceil(run.train.n / min(cfg.batch_size, run.train.n))
     after = len(report.iterations)    # a search continued later finishes its own model
     final_id, uniform_id = f"nas:final@{after}", f"nas:uniform@{after}"
     if (row := run.kept(final_id, "row")) is None:
@@ -468,7 +467,7 @@ def _finish(run: _Run, report: NasReport, current: Model) -> Model:
     if (row := run.kept(uniform_id, "row")) is None:
         run.say("uniform-width baseline at the same latency")
         uniform, ratio = _uniform_at(run, report.final["measured_ms"])
-        spent = len(report.iterations) * cfg.steps / per_epoch      # the search's steps too
+        spent = after * cfg.steps / run.steps_per_epoch      # the search's steps too
         (proto, metrics), = _finetune_all(run, [uniform], cfg.final_epochs + round(spent))
         model = from_proto(proto, run.original)
         cand = run.measure(uniform_id, model)

@@ -147,8 +147,9 @@ def _backends(value: str) -> tuple[str, ...]:
 @click.option("--train", required=True, type=click.Path(exists=True),
               help="training data (.npz: inputs by name + labels; or an image folder); a "
                    "share is held out to choose between proposals")
-@click.option("--latency-budget", required=True, callback=lambda ctx, param, value:
-              _latency_budget(value), help="target latency: a share of the original's measured latency (0.6x) or "
+@click.option("--latency-budget", required=True,
+              callback=lambda ctx, param, value: _latency_budget(value),
+              help="target latency: a share of the original's measured latency (0.6x) or "
                    "milliseconds (12ms)")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="output directory (re-running the same search with it resumes)")
