@@ -129,7 +129,9 @@ def test_nas_narrows_the_model_and_an_interrupted_search_continues(models, tmp_p
     args = dict(steps=14, final_epochs=2, threads=1)
 
     def interrupt_second(text: str) -> None:
-        if text.startswith("iteration 2:"):
+        # after iteration 1 is kept: a second one, or the final stage on a CPU where one
+        # iteration already met 0.75x (as on CI's machine)
+        if text.startswith(("iteration 2:", "final distillation")):
             raise KeyboardInterrupt         # what Ctrl-C raises; it can come at any point
     with pytest.raises(KeyboardInterrupt):
         nas(models / "digits_cnn.onnx", small_train, out, cfg=NasConfig(latency_ratio=0.75, **args),
