@@ -43,6 +43,11 @@ class Session:
         config = {**manifest.config, **config_overrides}
         if threads is not None:  # one knob name for every backend
             config[backend_cls.threads_key] = int(threads)
+        if libs := config.get("custom_op_libraries"):   # native code: verified files only
+            if any(rel not in manifest.files for rel in libs):
+                raise RuntimeFailure("load", "a kernel library is not a verified file of the "
+                                     "bundle; rebuild the bundle with the edgesmith sdk")
+            config["custom_op_libraries"] = [str(root.resolve() / rel) for rel in libs]
         versions = importlib.import_module(backend_cls.__module__).versions()  # imports runtime
         start = time.perf_counter()
         backend = backend_cls(str(root / manifest.model), config)

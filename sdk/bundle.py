@@ -35,9 +35,10 @@ def cache_dir() -> Path:
 
 def build(model: Model, config: dict | None = None, eval_data: EvalData | None = None,
           eval_batch: int = 1, backend: str | None = None, meta: dict | None = None,
-          root: Path | None = None) -> Bundle:
-    """Bundle `model` with its runtime config and optional eval set (inputs, labels, refs)."""
-    files: dict[str, bytes] = {f"model.{model.format}": model.serialized()}
+          root: Path | None = None, extra_files: dict[str, bytes] | None = None) -> Bundle:
+    """Bundle `model` with its runtime config and optional eval set (inputs, labels, refs);
+    `extra_files` (name -> bytes) ship beside it, listed and hashed like every file."""
+    files: dict[str, bytes] = {f"model.{model.format}": model.serialized(), **(extra_files or {})}
     if eval_data is not None:
         arrays = dict(eval_data.inputs)
         if eval_data.labels is not None:

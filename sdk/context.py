@@ -80,6 +80,7 @@ class Context:
     notes: list[str] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     cands: list[Candidate] = field(default_factory=list)
+    tuned_bundle: str = ""         # the tuned winner's bundle (its model when tuning rewrote it)
 
     def over_budget(self) -> bool:
         return time.monotonic() - self.started > self.cfg.budget_s

@@ -49,7 +49,23 @@ def check_host() -> list[dict]:
                  "detail": ", ".join(providers) or "none",
                  "enables": "fp16 and TensorRT variants need a GPU provider" if not gpu else
                  "GPU variants", "fix": ""})
+    from device_runtime.facts import collect
+    rows.append(kernel_toolchain_row("host", collect(with_providers=False)))
     return rows
+
+
+def kernel_toolchain_row(where: str, facts: dict) -> dict:
+    """Whether edgesmith's own kernels can be built for these facts' CPU, and with what."""
+    from .kernels import header_dir, toolchain
+
+    tc = toolchain(facts)
+    ok = not isinstance(tc, str)
+    detail = (f"{tc.compiler}, {tc.isa}; onnxruntime header "
+              f"{'cached' if header_dir(fetch=False) else 'fetched on first build'}"
+              if ok else tc)
+    return {"where": where, "what": "kernel toolchain", "ok": ok, "detail": detail,
+            "enables": "edgesmith's own fused kernels (the edgesmith_kernels tuning variants)",
+            "fix": "" if ok else detail.rsplit(": ", 1)[-1]}
 
 
 def check_device(device) -> list[dict]:
@@ -75,4 +91,5 @@ def check_device(device) -> list[dict]:
     rows.append({"where": "device", "what": "onnxruntime providers", "ok": True,
                  "detail": ", ".join(facts.get("ort_providers") or []) or "none",
                  "enables": "", "fix": ""})
+    rows.append(kernel_toolchain_row("device", facts))
     return rows

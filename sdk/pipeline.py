@@ -14,6 +14,9 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import onnx
 
 from . import __version__
 from . import bundle as bundles
@@ -192,8 +195,15 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
                             f"batch of {batch[0]} where the original takes any batch (run "
                             "batches as a loop, or pass --backends onnxruntime)")
     report.tuned_config = pick.config = _tuned_config(ctx, model, pick.id)
+    files: dict[str, bytes] = {}
+    if libraries := pick.config.get("custom_op_libraries"):   # tuning chose edgesmith kernels
+        tuned_dir = Path(ctx.tuned_bundle)
+        model = from_proto(onnx.load(str(tuned_dir / "model.onnx")), model)
+        files = {name: (tuned_dir / name).read_bytes() for name in libraries}
+        report.notes.append("the bundle runs edgesmith's own kernels (the tuning measured them "
+                            f"faster); {report.model_file} stays the portable model")
     final = bundles.build(model, config=pick.config, eval_data=ctx.judge,
-                          eval_batch=eval_batch(model),
+                          eval_batch=eval_batch(model), extra_files=files,
                           meta={"candidate": pick.id, "edgesmith": __version__})
     copy_dir_atomic(final.path, ctx.out / "bundle", force=True)   # ownership checked at start
     write_model(ctx.out, ctx.state.model_path(pick.model_sha256))
@@ -233,6 +243,7 @@ def _tuned_config(ctx: Context, model: Model, pick: str) -> dict:
     except EdgesmithError as exc:
         ctx.notes.append(f"tuning skipped: {exc}")
         return {}
+    ctx.tuned_bundle = tuned.bundle
     return tuned.best.config
 
 

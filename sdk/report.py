@@ -111,6 +111,20 @@ def tune_table(report) -> Table:
     return table
 
 
+def kernels_table(report) -> Table:
+    """Per fused block: onnxruntime's nodes against edgesmith's kernel, profiled on the device."""
+    table = Table(title="edgesmith kernels, per block (per-node profile, ms per run)")
+    for col in ("block", "channels", "stride", "output", "onnxruntime", "edgesmith", "verdict"):
+        table.add_column(col, justify="left" if col in ("block", "verdict") else "right")
+    for row in report.kernels:
+        parts = row["block"].strip("/").split("/")    # exporters' paths: the module is 2nd
+        table.add_row(parts[1] if len(parts) > 2 else row["block"],
+                      row["channels"], str(row["stride"]), row["output_hw"],
+                      _fmt(row["onnxruntime_ms"]), _fmt(row["edgesmith_ms"]),
+                      row.get("verdict", ""))
+    return table
+
+
 def quantize_table(report) -> Table:
     """Every measured recipe: latency vs fp32, accuracy and its drop, what was pruned and why."""
     table = Table(title=f"edgesmith quantize on {report.device} "

@@ -25,7 +25,7 @@ from .errors import EdgesmithError, StageError
 from .measure import Candidate, interleave, measure
 from .model import Model, load
 from .targets import Match, get_profile, match
-from .variants import Space, Variant, space
+from .variants import KNOBS, Space, Variant, space
 from . import bundle as bundles
 
 
@@ -80,6 +80,7 @@ class TuneReport:
     from_cache: int = 0
     device_s: float = 0.0
     bundle: str = ""                         # tuned bundle: best config in its manifest
+    kernels: list[dict] = field(default_factory=list)   # per fused block: who won, by how much
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,29 +124,50 @@ def tune(model: str | os.PathLike | Model, device="local", target: str | Match |
     sp = search_space or space(profile.search, facts, backend)
     if eval_data is None:
         sp = sp.without_numeric("changes numerics; tuned only with an eval set to check them")
+    models = _rewritten_models(model, sp, facts)
     batch = eval_batch(model)
-    plain = bundles.build(model, eval_batch=batch, meta={"source": str(model.path)})
-    judged = bundles.build(model, eval_data=eval_data, eval_batch=batch) if eval_data else None
+    built: dict[tuple, tuple] = {}
+
+    def bundles_of(variant: Variant):
+        """(plain, judged) bundles of the model this variant runs: rewritten ones ship files,
+        and are always judged on the device (`eval_data`, else a seeded check set)."""
+        sig = variant.rewrites()
+        if sig not in built:
+            m, files = models.get(sig, (model, {}))[:2]
+            judge = eval_data if eval_data or not sig else _check_set(model, batch)
+            built[sig] = (bundles.build(m, eval_batch=batch, meta={"source": str(model.path)},
+                                        extra_files=files),
+                          bundles.build(m, eval_data=judge, eval_batch=batch,
+                                        extra_files=files) if judge else None)
+        return built[sig]
+
     job = replace(Job(**{**profile.measure_job_args(), **(measure_settings or {})}),
                   evaluate=False, backend=backend)
     ctx_key, device_key = context_key(model, job), fingerprint(facts)
     done: dict[str, Candidate] = {}
+    tried: dict[str, Variant] = {}
     spent = {"device_s": 0.0, "measured": 0, "cached": 0}
 
     def trial(variant: Variant) -> Candidate:
         key = variant.key()
         if key in done:
             return done[key]
-        record = None if fresh else cache.get(ctx_key, device_key, key)
+        tried[key] = variant
+        plain, judged = bundles_of(variant)
+        # a rewritten model's timing depends on its bytes (and the library's): part of the key
+        cache_key = key + (f"|{plain.id}" if variant.rewrites() else "")
+        record = None if fresh else cache.get(ctx_key, device_key, cache_key)
         if record is not None:
             result = Candidate(**{**record, "id": variant.label(), "cached": True})
             spent["cached"] += 1
         else:
             result = _measure_variant(dev, variant, plain, judged, job, spent, budget_s,
                                       max_trials)
+            if variant.rewrites():
+                _judge_rewrite(result, judged)
             if variant.numeric:
                 _judge_numerics(result, done, max_accuracy_drop)
-            cache.put(ctx_key, device_key, key, {**asdict(result), "cached": False})
+            cache.put(ctx_key, device_key, cache_key, {**asdict(result), "cached": False})
         done[key] = result
         if on_trial:
             on_trial(result)
@@ -156,16 +178,69 @@ def tune(model: str | os.PathLike | Model, device="local", target: str | Match |
     ranked = sorted(done.values(), key=lambda t: (not t.ok, t.p50_ms or float("inf")))
     best = ranked[0] if ranked[0].ok else default
     confirm, verdict = {}, "the runtime defaults were fastest"
+    best_variant = tried.get(best.key, Variant.of(sp.backend, {}))
     if best.ok and default.ok and best.key != default.key and confirm_rounds > 0:
-        best, confirm, verdict = _confirm(dev, plain, job, default, best, confirm_rounds)
-    tuned = bundles.build(model, config=best.config, eval_batch=batch,
+        best, confirm, verdict = _confirm(dev, bundles_of(Variant.of(sp.backend, {}))[0],
+                                          bundles_of(best_variant)[0], job, default, best,
+                                          confirm_rounds)
+    kept = best_variant if best.key == best_variant.key() else Variant.of(sp.backend, {})
+    shipped, files = models.get(kept.rewrites(), (model, {}))[:2]
+    kernels = _kernel_breakdown(dev, job, tried, done, models, bundles_of)
+    tuned = bundles.build(shipped, config=best.config, eval_batch=batch, extra_files=files,
                           meta={"source": str(model.path),
                                 "tuned": {"target": profile.name, "variant": best.id}})
     return TuneReport(str(model.path), hashlib.sha256(model.serialized()).hexdigest(), dev.name,
                       device_key, profile.name, chosen.reasons, ranked,
                       [{"knob": k, "value": v, "reason": r} for k, v, r in sp.pruned],
                       default, best, confirm, verdict, stopped, spent["measured"],
-                      spent["cached"], spent["device_s"], str(tuned.path))
+                      spent["cached"], spent["device_s"], str(tuned.path), kernels)
+
+
+def _rewritten_models(model: Model, sp: Space, facts: dict) -> dict[tuple, tuple]:
+    """Every model-changing knob value's model and files; a value that cannot apply to this
+    model (no matching subgraph, no compiler) is pruned with its reason, not measured."""
+    models: dict[tuple, tuple] = {}
+    for name, values in list(sp.values.items()):
+        rewrite = KNOBS[name].rewrite
+        if rewrite is None:
+            continue
+        kept = []
+        for value in values:
+            made = rewrite(model, value, facts) if value else None
+            if isinstance(made, str):
+                sp.pruned.append((name, value, made))
+            else:
+                kept.append(value)
+                if made is not None:
+                    models[((name, value),)] = made
+        if kept:
+            sp.values[name] = kept
+        else:
+            del sp.values[name]
+    return models
+
+
+def _kernel_breakdown(dev, job: Job, tried: dict, done: dict, models: dict, bundles_of
+                      ) -> list[dict]:
+    """Profile the fastest model-rewriting variant and the same config without the rewrite,
+    per node, and set each rewritten block against what it replaced (sdk/kernels.breakdown)."""
+    from .kernels import breakdown
+
+    rewritten = [(done[k], v) for k, v in tried.items() if v.rewrites() and done[k].ok]
+    if not rewritten:
+        return []
+    _, variant = min(rewritten, key=lambda pair: pair[0].p50_ms)
+    plain = Variant.of(variant.backend, {k: v for k, v in variant.knobs
+                                         if (k, v) not in variant.rewrites()})
+    profiles = []
+    for v in (plain, variant):
+        result = measure(dev, bundles_of(v)[0], replace(job, config=v.config(), runs=20,
+                                                         warmup=3, min_time_s=0,
+                                                         profile_ops=True))
+        if result.error or not result.node_profile_ms:
+            return []
+        profiles.append(result.node_profile_ms)
+    return breakdown(models[variant.rewrites()][2], *profiles)
 
 
 def _measure_variant(dev, variant: Variant, plain, judged, job: Job, spent: dict,
@@ -174,7 +249,7 @@ def _measure_variant(dev, variant: Variant, plain, judged, job: Job, spent: dict
         raise _Stop("max_trials")
     if spent["device_s"] >= budget_s:
         raise _Stop("budget")
-    numeric = variant.numeric or variant.knobs == ()
+    numeric = variant.numeric or variant.knobs == () or bool(variant.rewrites())
     bundle, evaluate = (judged, True) if judged is not None and numeric else (plain, False)
     t0 = time.monotonic()
     result = measure(dev, bundle, replace(job, config=variant.config(), evaluate=evaluate))
@@ -183,6 +258,44 @@ def _measure_variant(dev, variant: Variant, plain, judged, job: Job, spent: dict
     spent["measured"] += 1
     return Candidate.from_result(variant.label(), result, key=variant.key(),
                                  config=variant.config(), device_s=seconds)
+
+
+REWRITE_TOLERANCE = 1e-4       # of the largest reference output: a rewrite keeps the numerics
+
+
+def _check_set(model: Model, batch: int):
+    """Seeded random inputs and the original's outputs on them: what a rewritten model's
+    outputs are compared to on the device when no eval set was given."""
+    import numpy as np
+
+    from device_runtime.evaluate import EvalData
+    from .data import reference_outputs
+
+    rng = np.random.default_rng(0)
+    inputs = {s.name: rng.standard_normal(s.shape).astype(s.dtype) if np.dtype(s.dtype).kind
+              == "f" else np.zeros(s.shape, s.dtype) for s in model.inputs}
+    data = EvalData(inputs, None, {}, model.inputs[0].shape[0] if model.inputs[0].shape else 1)
+    data.refs = reference_outputs(model, data, batch)
+    return data
+
+
+def _judge_rewrite(result: Candidate, judged) -> None:
+    """A rewritten model whose outputs on the device stray from the original's is an error row:
+    the host checked its own build; this checks the device's."""
+    import numpy as np
+
+    from device_runtime.evaluate import load_eval
+
+    if not result.ok:
+        return
+    refs = load_eval(judged.path / judged.manifest.eval,
+                     {s["name"]: s for s in judged.manifest.inputs}).refs
+    scale = max((float(np.abs(r).max()) for r in refs.values()), default=0.0)
+    err = (result.accuracy or {}).get("max_abs_err")
+    if err is None or err > REWRITE_TOLERANCE * max(scale, 1e-30):
+        result.error = (f"outputs differ from the original's on the device by {err} "
+                        f"(> {REWRITE_TOLERANCE:g} of {scale:.3g}): not used")
+        result.stage = "accuracy"
 
 
 def _judge_numerics(result: Candidate, done: dict, max_drop: float) -> None:
@@ -215,11 +328,12 @@ def _coordinate_descent(sp: Space, trial) -> str | None:
     return None
 
 
-def _confirm(dev, bundle, job: Job, default: Candidate, best: Candidate, rounds: int):
+def _confirm(dev, default_bundle, best_bundle, job: Job, default: Candidate, best: Candidate,
+             rounds: int):
     """Re-measure winner and default interleaved; keep the winner only when its rounds are
     faster than all of the default's (a margin inside the spread is noise)."""
-    spreads = interleave(dev, {"default": (bundle, replace(job, config=default.config)),
-                               "best": (bundle, replace(job, config=best.config))}, rounds)
+    spreads = interleave(dev, {"default": (default_bundle, replace(job, config=default.config)),
+                               "best": (best_bundle, replace(job, config=best.config))}, rounds)
     if len(spreads) < 2:
         return default, {}, "re-measurement failed; keeping the runtime defaults"
     d, b = spreads["default"], spreads["best"]

@@ -21,18 +21,21 @@ class Knob:
     accepts: Callable[[object], bool]
     impossible: Callable[[object, dict, str], str | None] = lambda value, facts, backend: None
     numeric: bool = False       # changes results (not just speed): accuracy must be re-checked
+    # a knob that changes the model, not only the config: (model, value, facts) -> (model,
+    # {bundle file: bytes}, report info) or why this value cannot apply to this model, in a line
+    rewrite: Callable | None = None
 
 
 KNOBS: dict[str, Knob] = {}
 
 
 def knob(name: str, backends: tuple[str, ...], accepts: Callable[[object], bool],
-         impossible=None, numeric: bool = False):
+         impossible=None, numeric: bool = False, rewrite: Callable | None = None):
     def register(apply):
         if name in KNOBS:
             raise ValueError(f"knob {name!r} is registered twice")
         KNOBS[name] = Knob(name, backends, apply, accepts,
-                           impossible or (lambda value, facts, backend: None), numeric)
+                           impossible or (lambda value, facts, backend: None), numeric, rewrite)
         return apply
     return register
 
@@ -131,6 +134,29 @@ def _trt(config, value, backend):
                            "CUDAExecutionProvider", CPU_EP]
 
 
+def _kernels_impossible(value, facts, backend):
+    from .kernels import toolchain
+
+    found = toolchain(facts) if value else None
+    return found if isinstance(found, str) else None
+
+
+def _kernels_rewrite(model, value, facts):
+    from .kernels import rewrite_for_device
+
+    return rewrite_for_device(model, value, facts)
+
+
+@knob("edgesmith_kernels", ("onnxruntime",),
+      lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 64,
+      _kernels_impossible, rewrite=_kernels_rewrite)
+def _kernels(config, value, backend):
+    """0: onnxruntime's kernels; N: edgesmith's fused kernels computing N output rows a step
+    (the kernel's own tuning knob: how much of the expanded tensor stays in cache)."""
+    if value:
+        config["custom_op_libraries"] = ["libedgesmith_ops.so"]
+
+
 @dataclass(frozen=True)
 class Variant:
     """A point in the search space: knob values (unset knobs keep the runtime's defaults)."""
@@ -159,7 +185,13 @@ class Variant:
         if spin == "1":   # onnxruntime spins by default: "1" is the default
             effective["session_config"] = {k: v for k, v in effective["session_config"].items()
                                            if k != "session.intra_op.allow_spinning"}
-        return json.dumps({"backend": self.backend, "config": effective}, sort_keys=True)
+        rewrites = dict(self.rewrites())   # keys of config-only variants stay as they were
+        return json.dumps({"backend": self.backend, "config": effective,
+                           **({"rewrites": rewrites} if rewrites else {})}, sort_keys=True)
+
+    def rewrites(self) -> tuple:
+        """The knob values that change the model itself ((name, value), ...); 0/False = none."""
+        return tuple((k, v) for k, v in self.knobs if KNOBS[k].rewrite is not None and v)
 
     def label(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.knobs) or "runtime defaults"

@@ -13,11 +13,34 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"
 
 
+@pytest.fixture(scope="session")
+def ort_header(tmp_path_factory) -> Path | None:
+    """onnxruntime's C API header, fetched (and sha256-checked) once for the whole session;
+    None when it cannot be fetched: tests that build kernels then fail saying why."""
+    from edgesmith.errors import EdgesmithError
+    from edgesmith.kernels import header_dir
+
+    saved = os.environ.get("EDGESMITH_CACHE")
+    os.environ["EDGESMITH_CACHE"] = str(tmp_path_factory.mktemp("header-cache"))
+    try:
+        return header_dir()
+    except EdgesmithError:
+        return None
+    finally:
+        if saved is None:
+            os.environ.pop("EDGESMITH_CACHE")
+        else:
+            os.environ["EDGESMITH_CACHE"] = saved
+
+
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    """Every test gets its own bundle cache: no test sees another's bundles."""
+def isolated_cache(tmp_path, monkeypatch, ort_header):
+    """Every test gets its own bundle cache: no test sees another's bundles (the kernel header
+    is the exception: a pinned download, fetched once)."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("EDGESMITH_CACHE", str(cache))
+    if ort_header is not None and "EDGESMITH_ORT_INCLUDE" not in os.environ:
+        monkeypatch.setenv("EDGESMITH_ORT_INCLUDE", str(ort_header))
     return cache
 
 

@@ -1,6 +1,7 @@
 """ONNX Runtime backend: every session knob comes from the bundle's runtime config."""
 from __future__ import annotations
 
+import os
 import re
 
 from ..errors import RuntimeFailure
@@ -53,6 +54,14 @@ class Backend:
             opts.add_session_config_entry(str(key), str(value))
         if cfg["profile_ops"]:
             opts.enable_profiling = True
+        for lib in cfg.get("custom_op_libraries") or []:   # absolute, verified by the session
+            try:
+                opts.register_custom_ops_library(lib)
+            except Exception as exc:
+                raise RuntimeFailure("load", f"cannot load kernel library {os.path.basename(lib)}"
+                                     f" ({str(exc).strip().splitlines()[-1][:200]}); it was built "
+                                     "for another CPU or onnxruntime: rebuild the bundle for "
+                                     "this device") from None
         available = ort.get_available_providers()
         providers = [p if isinstance(p, str) else tuple(p) for p in cfg["providers"]]
         for p in providers:
@@ -84,7 +93,6 @@ class Backend:
         """Milliseconds per run per op type (the profile's sum over its runs / their number),
         and per node of onnxruntime's optimised graph (the median over runs: warm-ups skew)."""
         import json
-        import os
         import statistics
 
         if not self.config["profile_ops"]:

@@ -29,7 +29,7 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
     """Autotune MODEL's runtime config on a device; the result is never slower than the default."""
     from ..model import load, parse_input_shapes
     from ..outputs import claim, copy_dir_atomic
-    from ..report import print_table, tune_table, write_json
+    from ..report import kernels_table, print_table, tune_table, write_json
     from ..tune import tune as run_tune
 
     if out:
@@ -52,6 +52,8 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
     if json_out:
         write_json(json_out, report)
     print_table(tune_table(report))
+    if report.kernels:
+        print_table(kernels_table(report))
     click.echo(report.verdict)
     click.echo(f"best: {report.best.id} (bundle {out or report.bundle})")
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 PASSES: dict[str, Callable] = {}
-MODULES = ("fuse", "quantize", "equalize", "prune", "distill", "reconstruct", "ranges")   # torch is imported lazily
+MODULES = ("fuse", "quantize", "equalize", "prune", "distill", "reconstruct", "ranges",
+           "kernels")   # torch is imported lazily
 
 
 @dataclass

@@ -1,0 +1,269 @@
+"""Build edgesmith's kernel library (kernels/edgesmith_ops.c) for a device's ISA, cached.
+
+The library is C against onnxruntime's C API header only. The header comes from Debian's
+libonnxruntime-dev package, fetched once by URL and checked against a pinned sha256 (never
+vendored); $EDGESMITH_ORT_INCLUDE names a directory holding onnxruntime_c_api.h instead, for
+machines without network. x86 devices get a host build with the device's own instruction set
+(AVX-512, AVX2 or SSE: the vector width follows it); aarch64 devices get a NEON build from a
+cross compiler, or from the host compiler when the host is aarch64 too. Without a compiler or
+header, `toolchain()` says why in one line, and the kernel variants are pruned with that reason.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import lzma
+import os
+import platform
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .bundle import cache_dir
+from .errors import EdgesmithError
+
+SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "edgesmith_ops.c"
+HEADER_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/"
+              "libonnxruntime-dev_1.21.0%2Bdfsg-1_amd64.deb",
+              "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
+HEADER = "onnxruntime_c_api.h"
+LIBRARY = "libedgesmith_ops.so"
+CROSS = {"aarch64": "aarch64-linux-gnu-gcc"}
+
+
+def source() -> Path:
+    """The C source: next to the package in a checkout, inside it in an installed wheel."""
+    try:
+        import edgesmith_kernels
+        installed = Path(edgesmith_kernels.__file__).parent / "edgesmith_ops.c"
+        if installed.is_file():
+            return installed
+    except ImportError:
+        pass
+    return SOURCE
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    compiler: str
+    flags: tuple[str, ...]
+    isa: str                    # what the vector code is built for: avx512 | avx2 | sse | neon
+
+
+def isa_flags(facts: dict) -> tuple[str, tuple[str, ...]] | None:
+    """The device's vector ISA and the -march that targets it, from its CPU flags."""
+    arch, flags = facts.get("arch"), set(facts.get("cpu_flags") or [])
+    if arch in ("x86_64", "AMD64"):     # only what the device's flags list, nothing -march implies
+        base = "-march=x86-64"           # the baseline pinned: not the compiler's default
+        if {"avx512f", "avx2", "fma"} <= flags:
+            return "avx512", (base, "-mavx512f", "-mavx2", "-mfma")
+        if {"avx2", "fma"} <= flags:
+            return "avx2", (base, "-mavx2", "-mfma")
+        return "sse", (base,)
+    if arch in ("aarch64", "arm64"):
+        return "neon", ("-march=armv8-a",)
+    return None
+
+
+def toolchain(facts: dict) -> Toolchain | str:
+    """A compiler for the device, or why there is none (one line, naming the fix)."""
+    found = isa_flags(facts)
+    if found is None:
+        return f"no edgesmith kernels for {facts.get('arch')} CPUs (x86_64 and aarch64 only)"
+    isa, flags = found
+    host = platform.machine()
+    same = host == facts.get("arch") or {host, facts.get("arch")} <= {"x86_64", "AMD64"}
+    compiler = os.environ.get("CC", "cc") if same else CROSS.get(facts["arch"], "")
+    if not shutil.which(compiler):
+        fix = "install gcc" if same else f"apt-get install gcc-{facts['arch']}-linux-gnu"
+        return f"no C compiler for {facts['arch']} ({compiler or 'cc'} not found): {fix}"
+    return Toolchain(compiler, flags, isa)
+
+
+def header_dir(fetch: bool = True) -> Path | None:
+    """A directory holding onnxruntime_c_api.h: $EDGESMITH_ORT_INCLUDE, else the cached copy
+    of Debian's (downloaded and sha256-checked on first use)."""
+    if os.environ.get("EDGESMITH_ORT_INCLUDE"):
+        given = Path(os.environ["EDGESMITH_ORT_INCLUDE"])
+        return given if (given / HEADER).is_file() else None
+    url, digest = HEADER_DEB
+    target = cache_dir() / "kernels" / f"include-{digest[:12]}"
+    if (target / HEADER).is_file() or not fetch:
+        return target if (target / HEADER).is_file() else None
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read(16 << 20)
+    except OSError as exc:
+        raise EdgesmithError(f"cannot download onnxruntime's C API header ({url}): {exc}; "
+                             "set EDGESMITH_ORT_INCLUDE to a directory holding "
+                             f"{HEADER}") from None
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise EdgesmithError(f"{url} does not match its pinned sha256; refusing it")
+    header = _member(_ar_member(data, "data.tar.xz"), f"usr/include/onnxruntime/{HEADER}")
+    target.mkdir(parents=True, exist_ok=True)
+    _write_atomic(target / HEADER, header)
+    return target
+
+
+def _ar_member(data: bytes, name: str) -> bytes:
+    """One member of a Debian package (an `ar` archive: 60-byte headers, 2-byte alignment)."""
+    pos = 8
+    while pos + 60 <= len(data):
+        ident, size = data[pos:pos + 16].decode().strip().rstrip("/"), int(data[pos + 48:pos + 58])
+        if size < 0:
+            break
+        if ident == name:
+            return data[pos + 60:pos + 60 + size]
+        pos += 60 + size + (size & 1)
+    raise EdgesmithError(f"the onnxruntime header package has no {name}")
+
+
+def _member(tar_xz: bytes, path: str) -> bytes:
+    with tarfile.open(fileobj=io.BytesIO(lzma.decompress(tar_xz))) as tar:
+        for info in tar:
+            if info.isfile() and info.name.lstrip("./") == path:
+                return tar.extractfile(info).read()
+    raise EdgesmithError(f"the onnxruntime header package has no {path}")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def build(facts: dict) -> tuple[Path, Toolchain]:
+    """The library for this device, built once per source, header, compiler and flags."""
+    tc = toolchain(facts)
+    if isinstance(tc, str):
+        raise EdgesmithError(tc)
+    include = header_dir()
+    if include is None:
+        raise EdgesmithError(f"EDGESMITH_ORT_INCLUDE has no {HEADER}")
+    src = source()
+    cmd = [tc.compiler, "-O3", *tc.flags, "-ffp-contract=fast", "-std=gnu11", "-fPIC", "-shared",
+           "-fvisibility=hidden", "-static-libgcc", "-pthread", "-Wall", "-Werror", f"-I{include}"]
+    tmp = ""
+    try:
+        version = subprocess.run([tc.compiler, "--version"], capture_output=True, text=True,
+                                 timeout=60).stdout.splitlines()[:1]
+        key = hashlib.sha256(src.read_bytes() + (include / HEADER).read_bytes()
+                             + repr((cmd, version)).encode()).hexdigest()[:16]
+        out = cache_dir() / "kernels" / f"{tc.isa}-{key}" / LIBRARY
+        if out.is_file():
+            return out, tc
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-", suffix=".so")
+        os.close(fd)
+        done = subprocess.run(cmd + [str(src), "-o", tmp, "-lm"], capture_output=True,
+                              text=True, timeout=300)
+        if done.returncode != 0:
+            first = (done.stderr.strip().splitlines() or ["(no output)"])[0]
+            raise EdgesmithError(f"building the edgesmith kernels for {tc.isa} failed: {first}")
+        os.replace(tmp, out)
+        return out, tc
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise EdgesmithError(f"building the edgesmith kernels for {tc.isa} failed: {exc}") from None
+    finally:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def host_library() -> Path:
+    """The library built for this machine: what host-side numerics checks load."""
+    from device_runtime.facts import collect
+
+    return build(collect(with_providers=False))[0]
+
+
+MAX_RELATIVE_ERROR = 1e-4     # of the largest output magnitude, against onnxruntime's own kernels
+
+
+def rewrite_for_device(model, tile_rows: int, facts: dict):
+    """`model` with its inverted-residual blocks on edgesmith's kernels for this device, the
+    library to ship beside it and what a per-block breakdown needs: (Model, {file name: bytes},
+    {"blocks", "isa", "shapes"}); or why not, in one line. The rewrite is checked on this
+    machine (its own build of the same source) against onnxruntime."""
+    from .model import from_proto
+    from .passes.fuse import fuse
+    from .passes.kernels import fuse_inverted_residual
+
+    if model.format != "onnx":
+        return "edgesmith kernels run in onnxruntime: ONNX models only"
+    plain = fuse(model.proto)[0]
+    rewritten, report = fuse_inverted_residual(plain, {"tile_rows": tile_rows})
+    if not report.changed:
+        return ("no inverted-residual block (1x1 Conv, ReLU/ReLU6, 3x3 depthwise Conv, ReLU/ReLU6, "
+                "1x1 Conv) in this model")
+    try:
+        library, _ = build(facts)
+        error = numerics_error(plain, rewritten, {s.name: s for s in model.inputs},
+                               host_library())
+    except EdgesmithError as exc:
+        return str(exc)
+    if error > MAX_RELATIVE_ERROR:
+        return (f"the kernels' outputs differ from onnxruntime's by {error:.1e} of their range "
+                f"(> {MAX_RELATIVE_ERROR:.0e}): not used")
+    from .model import static_shapes
+
+    return (from_proto(rewritten, model), {LIBRARY: library.read_bytes()},
+            {"blocks": report.metrics["blocks"], "isa": toolchain(facts).isa,
+             "shapes": static_shapes(plain, model.inputs)})
+
+
+LANES = {"avx512": 16, "avx2": 8, "sse": 4, "neon": 4}
+
+
+def breakdown(info: dict, ort_nodes: dict[str, float], our_nodes: dict[str, float]
+              ) -> list[dict]:
+    """Per fused block: onnxruntime's time for the nodes it replaces against the kernel's, from
+    per-node profiles of the same device, and the two facts that explain most of the gap: the
+    expanded tensor the fusion keeps out of memory, and the vector lanes a row of pixels leaves
+    idle (this kernel vectorizes over pixels; onnxruntime's x86 layout over channels)."""
+    rows, lanes, shapes = [], LANES.get(info["isa"], 4), info["shapes"]
+    for block in info["blocks"]:
+        names = set(block["replaces"])
+        theirs = sum(ms for node, ms in ort_nodes.items()
+                     if node in names or node.removesuffix("_nchwc") in names)
+        ours = our_nodes.get(block["node"])
+        h, w = (shapes.get(block["input"]) or [0, 0, 0, 0])[2:4]
+        oh, ow = ((h - 1) // block["stride"] + 1, (w - 1) // block["stride"] + 1) if h else (0, 0)
+        e = block["channels"][1]
+        idle = 1 - ow / (-(-ow // lanes) * lanes) if ow else None
+        row = {"block": block["node"], "channels": "->".join(map(str, block["channels"])),
+               "stride": block["stride"], "output_hw": f"{oh}x{ow}", "onnxruntime_ms": theirs,
+               "edgesmith_ms": ours, "expanded_kb": round(e * h * w * 4 / 1024),
+               "idle_lanes": None if idle is None else round(idle, 3)}
+        if ours and theirs:
+            row["verdict"] = (f"{'won' if ours < theirs else 'lost'} ({theirs / ours:.2f}x "
+                              f"the speed): {row['expanded_kb']} KB expansion kept in cache"
+                              + (f"; {idle:.0%} of lanes idle on {ow}-pixel rows"
+                                 if idle else ""))
+        rows.append(row)
+    return rows
+
+
+def numerics_error(reference, rewritten, inputs: dict, library: Path) -> float:
+    """Largest |difference| over largest |reference| across outputs, on one seeded random feed."""
+    import numpy as np
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    feed = {name: rng.standard_normal(spec.shape).astype(spec.dtype)
+            for name, spec in inputs.items()}
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(library))
+    got = ort.InferenceSession(rewritten.SerializeToString(), opts,
+                               providers=["CPUExecutionProvider"]).run(None, feed)
+    want = ort.InferenceSession(reference.SerializeToString(),
+                                providers=["CPUExecutionProvider"]).run(None, feed)
+    return max(float(np.abs(g - w).max() / max(np.abs(w).max(), 1e-30))
+               for g, w in zip(got, want))

@@ -1,0 +1,224 @@
+"""edgesmith's own kernels: built per ISA, equal to onnxruntime's numerics, shipped in the bundle
+and loaded by the device runtime only when verified, and used only where measurement says so."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import run_cli
+from edgesmith import bundle as bundles
+from device_runtime.evaluate import EvalData
+from edgesmith.data import eval_batch, load_eval_set, reference_outputs
+from edgesmith.devices import Job, get_device
+from edgesmith.errors import EdgesmithError
+from edgesmith.kernels import LIBRARY, build, numerics_error, rewrite_for_device, toolchain
+from edgesmith.measure import measure
+from edgesmith.model import from_proto, load
+from edgesmith.passes.kernels import fuse_inverted_residual
+
+HOST = __import__("device_runtime.facts", fromlist=["collect"]).collect(with_providers=False)
+ISA_FACTS = {"avx512": {"arch": "x86_64", "cpu_flags": ["avx512f", "avx2", "fma"]},
+             "avx2": {"arch": "x86_64", "cpu_flags": ["avx2", "fma"]},
+             "sse": {"arch": "x86_64", "cpu_flags": []}}
+
+
+def block_model(blocks, h, w, batch=1, act="Clip", seed=0, opset=17) -> onnx.ModelProto:
+    """Inverted-residual blocks in a chain: (c, e, o, stride, residual) each, random weights."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    x, c0 = "x", blocks[0][0]
+    for i, (c, e, o, stride, residual) in enumerate(blocks):
+        def conv(name, src, weight, group=1, k=1, s=1):
+            inits.append(numpy_helper.from_array(weight.astype(np.float32), f"{name}_w"))
+            inits.append(numpy_helper.from_array(
+                rng.normal(0, 0.1, weight.shape[0]).astype(np.float32), f"{name}_b"))
+            nodes.append(helper.make_node("Conv", [src, f"{name}_w", f"{name}_b"], [name],
+                                          group=group, kernel_shape=[k, k], strides=[s, s],
+                                          pads=[k // 2] * 4))
+            return name
+
+        def activation(src, name):
+            if act == "Relu":
+                nodes.append(helper.make_node("Relu", [src], [name]))
+            else:
+                nodes.append(helper.make_node("Clip", [src, "lo", "hi"], [name]))
+            return name
+
+        t = activation(conv(f"b{i}_expand", x, rng.normal(0, 0.4, (e, c, 1, 1))), f"b{i}_a1")
+        t = activation(conv(f"b{i}_dw", t, rng.normal(0, 0.4, (e, 1, 3, 3)), group=e, k=3,
+                            s=stride), f"b{i}_a2")
+        t = conv(f"b{i}_project", t, rng.normal(0, 0.3, (o, e, 1, 1)))
+        if residual:
+            nodes.append(helper.make_node("Add", [t, x], [f"b{i}_sum"]))
+            t = f"b{i}_sum"
+        x = t
+    inits += [numpy_helper.from_array(np.array(0, np.float32), "lo"),
+              numpy_helper.from_array(np.array(6, np.float32), "hi")]
+    graph = helper.make_graph(
+        nodes, "blocks", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c0, h, w])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+MIXED = [(8, 48, 8, 1, True), (8, 24, 16, 2, False), (16, 36, 12, 1, False),
+         (12, 40, 12, 1, True)]
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "sse"])
+def test_every_x86_build_equals_onnxruntime_on_odd_shapes_and_tiles(isa, tmp_path):
+    """Each ISA has its own vector width, so its own tails: odd widths, stride 2, one-row
+    images, batches and every tile height go through each."""
+    if not set(ISA_FACTS[isa]["cpu_flags"]) <= set(HOST["cpu_flags"]) or HOST["arch"] != "x86_64":
+        pytest.skip(f"this CPU cannot run {isa} code")      # CI's CPU may lack AVX-512
+    library, tc = build(ISA_FACTS[isa])
+    assert tc.isa == isa
+    for (h, w), batch, act in [((13, 13), 2, "Clip"), ((14, 31), 1, "Relu"), ((1, 5), 3, "Clip"),
+                               ((7, 1), 1, "Clip")]:
+        model = block_model(MIXED, h, w, batch, act)
+        inputs = {"x": type("Spec", (), {"shape": [batch, 8, h, w], "dtype": "float32"})}
+        for tile in (0, 1, 3, 16):
+            fused, report = fuse_inverted_residual(model, {"tile_rows": tile})
+            assert report.changed == 4 and {n.op_type for n in fused.graph.node} == {
+                "InvertedResidual"}
+            assert numerics_error(model, fused, inputs, library) < 1e-5, (h, w, batch, tile)
+
+
+def test_only_whole_blocks_are_rewritten():
+    model = block_model([(8, 24, 8, 1, True)], 9, 9)
+    g = model.graph
+    mixed = onnx.ModelProto()
+    mixed.CopyFrom(model)
+    second = next(n for n in mixed.graph.node if n.output[0] == "b0_a2")
+    second.CopyFrom(helper.make_node("Relu", ["b0_dw"], ["b0_a2"]))     # ReLU6 then ReLU
+    assert fuse_inverted_residual(mixed)[1].changed == 0
+    shared = onnx.ModelProto()
+    shared.CopyFrom(model)                                               # expanded tensor read twice
+    shared.graph.output.append(helper.make_tensor_value_info("b0_a1", TensorProto.FLOAT, None))
+    assert fuse_inverted_residual(shared)[1].changed == 0
+    dilated = onnx.ModelProto()
+    dilated.CopyFrom(model)
+    dw = next(n for n in dilated.graph.node if n.output[0] == "b0_dw")
+    dw.attribute.append(helper.make_attribute("dilations", [2, 2]))
+    assert fuse_inverted_residual(dilated)[1].changed == 0
+    assert len(g.node) == 6       # the original is never modified
+
+
+def test_bundled_kernels_load_only_when_verified(tmp_path, models):
+    """The runtime loads the library the manifest lists and verifies; a changed byte, a
+    library not in the bundle and one built for another CPU are one-line refusals."""
+    original = load(models / "digits_mnv2.onnx")
+    made = rewrite_for_device(original, 8, HOST)
+    assert not isinstance(made, str), made
+    model, files, _ = made
+    assert {n.op_type for n in model.proto.graph.node} & {"InvertedResidual"}
+    full = load_eval_set(models / "digits_mnv2_eval.npz", original)
+    data = EvalData({k: v[:64] for k, v in full.inputs.items()}, full.labels[:64], {}, 64)
+    data.refs = reference_outputs(original, data, eval_batch(original))
+    config = {"custom_op_libraries": [LIBRARY]}
+    bundle = bundles.build(model, config=config, eval_data=data, extra_files=files)
+    dev = get_device("local")
+    result = measure(dev, bundle, Job(runs=3, warmup=1, min_time_s=0, evaluate=True))
+    assert result.error is None, result.error
+    assert result.accuracy["max_abs_err"] < 1e-4 and result.accuracy["agreement"] == 1.0
+
+    # a rewrite whose outputs stray on the device is an error row when tuning judges it
+    from edgesmith.tune import _judge_rewrite
+    from edgesmith.measure import Candidate
+    wrong_weights = onnx.ModelProto()
+    wrong_weights.CopyFrom(model.proto)
+    w = next(t for t in wrong_weights.graph.initializer if t.name.endswith("_project_b"))
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) + 0.01, w.name))
+    judged = bundles.build(from_proto(wrong_weights, model), config=config, eval_data=data,
+                           extra_files=files)
+    off = Candidate.from_result("off", measure(dev, judged, Job(runs=1, warmup=0, min_time_s=0,
+                                                                 evaluate=True)))
+    assert off.ok
+    _judge_rewrite(off, judged)
+    assert off.error.startswith("outputs differ from the original's on the device by")
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(bundle.path, tampered)
+    lib = tampered / LIBRARY
+    raw = bytearray(lib.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    lib.write_bytes(bytes(raw))
+    from device_runtime import load as runtime_load
+    from device_runtime.errors import RuntimeFailure
+    with pytest.raises(RuntimeFailure, match="does not match its sha256"):
+        runtime_load(tampered)
+    plain = bundles.build(load(models / "digits_mnv2.onnx"))
+    with pytest.raises(RuntimeFailure, match="not a verified file"):
+        runtime_load(plain.path, custom_op_libraries=[LIBRARY])
+    arm, _ = build({"arch": "aarch64", "cpu_flags": ["asimd"]})
+    wrong = bundles.build(model, config=config, extra_files={LIBRARY: arm.read_bytes()})
+    failed = measure(dev, wrong, Job(runs=1, warmup=0, min_time_s=0, evaluate=False))
+    assert "cannot load kernel library libedgesmith_ops.so" in failed.error
+    assert "rebuild the bundle for this device" in failed.error and "\n" not in failed.error
+
+
+def test_tuning_keeps_the_kernels_only_when_the_whole_model_measures_faster(models, tmp_path,
+                                                                            monkeypatch):
+    from edgesmith.tune import tune
+    from edgesmith.variants import space
+
+    dev = get_device("local")
+    facts = dev.facts()
+    sp = space({"threads": [1], "edgesmith_kernels": [0, 8]}, facts, "onnxruntime")
+    settings = {"runs": 20, "warmup": 3, "min_time_s": 0}
+    report = tune(load(models / "digits_mnv2.onnx"), dev, search_space=sp, confirm_rounds=3,
+                  measure_settings=settings)
+    ours = [t for t in report.trials if "edgesmith_kernels=8" in t.id]
+    assert ours and all(t.ok for t in ours)       # and judged on the device against the original
+    assert all("max_abs_err" in t.accuracy for t in ours), [t.accuracy for t in ours]
+    manifest = json.loads((tmp_path / "cache" / "bundles" / report.bundle.rsplit("/", 1)[1]
+                           / "manifest.json").read_text())
+    uses_kernels = "edgesmith_kernels=8" in report.best.id
+    assert (LIBRARY in manifest["files"]) == uses_kernels
+    assert bool(manifest["config"].get("custom_op_libraries")) == uses_kernels
+    rows = report.kernels       # per block, from per-node profiles of both variants
+    assert len(rows) == 16 and all(r["onnxruntime_ms"] > 0 and r["edgesmith_ms"] > 0 for r in rows)
+    assert all(r["verdict"].startswith(("won", "lost")) for r in rows), rows
+    if uses_kernels:     # kept only on interleaved re-measurement beyond the default's spread
+        assert report.confirm["kept"] == "best" and not report.confirm["within_noise"]
+    else:
+        assert report.best.key == report.default.key or report.confirm.get("kept") != "default"
+
+    # values that cannot apply are pruned with the reason, not measured
+    no_blocks = tune(load(models / "digits_cnn.onnx"), dev, search_space=space(
+        {"edgesmith_kernels": [0, 8]}, facts, "onnxruntime"), measure_settings=settings)
+    assert [p["reason"] for p in no_blocks.pruned] == [
+        "no inverted-residual block (1x1 Conv, ReLU/ReLU6, 3x3 depthwise Conv, ReLU/ReLU6, "
+        "1x1 Conv) in this model"]
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    no_cc = space({"edgesmith_kernels": [0, 8]}, facts, "onnxruntime")
+    assert no_cc.pruned and "no C compiler" in no_cc.pruned[0][2]
+
+
+def test_no_compiler_is_a_clear_error_and_doctor_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert "no C compiler for x86_64" in toolchain({"arch": "x86_64", "cpu_flags": []})
+    with pytest.raises(EdgesmithError, match="no C compiler"):
+        build({"arch": "x86_64", "cpu_flags": []})
+    assert "x86_64 and aarch64 only" in toolchain({"arch": "riscv64", "cpu_flags": []})
+    r = run_cli("doctor")
+    assert r.returncode == 0
+    line = next(x for x in r.stdout.splitlines() if "kernel toolchain" in x)
+    assert line.startswith("--") and "no C compiler" in line
+
+
+def test_the_rewritten_model_is_a_valid_model_with_the_same_interface(models):
+    original = load(models / "digits_mnv2.onnx")
+    model, _, info = rewrite_for_device(original, 0, HOST)
+    assert len(info["blocks"]) == 16 and info["isa"] in ("avx512", "avx2", "sse", "neon")
+    assert [s.as_manifest() for s in model.inputs] == [s.as_manifest() for s in original.inputs]
+    assert model.outputs == original.outputs
+    assert any(o.domain == "edgesmith" for o in model.proto.opset_import)
+    with pytest.raises(Exception):            # plain onnxruntime cannot run it: the library can
+        ort.InferenceSession(model.serialized(), providers=["CPUExecutionProvider"])
+    assert from_proto(model.proto, original).facts.params == model.facts.params
