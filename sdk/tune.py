@@ -185,7 +185,8 @@ def tune(model: str | os.PathLike | Model, device="local", target: str | Match |
                                           confirm_rounds)
     kept = best_variant if best.key == best_variant.key() else Variant.of(sp.backend, {})
     shipped, files = models.get(kept.rewrites(), (model, {}))[:2]
-    kernels = _kernel_breakdown(dev, job, tried, done, models, bundles_of)
+    kernels = [] if facts.get("emulated") else \
+        _kernel_breakdown(dev, job, tried, done, models, bundles_of)   # emulated times: noise
     tuned = bundles.build(shipped, config=best.config, eval_batch=batch, extra_files=files,
                           meta={"source": str(model.path),
                                 "tuned": {"target": profile.name, "variant": best.id}})
@@ -234,8 +235,8 @@ def _kernel_breakdown(dev, job: Job, tried: dict, done: dict, models: dict, bund
                                          if (k, v) not in variant.rewrites()})
     profiles = []
     for v in (plain, variant):
-        result = measure(dev, bundles_of(v)[0], replace(job, config=v.config(), runs=20,
-                                                         warmup=3, min_time_s=0,
+        result = measure(dev, bundles_of(v)[0], replace(job, config=v.config(), runs=10,
+                                                         warmup=2, min_time_s=0,
                                                          profile_ops=True))
         if result.error or not result.node_profile_ms:
             return []

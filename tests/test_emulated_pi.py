@@ -112,40 +112,28 @@ def test_int8_and_tflite_models_keep_their_x86_accuracy_on_arm(pi_home, models, 
 
 def test_neon_kernels_equal_onnxruntime_on_arm_and_are_chosen_by_measurement(pi_home, models):
     """The cross-built NEON library runs inside the Pi's own onnxruntime (an older version than
-    the header's: the library asks for the oldest API it needs) with x86's numerics; tuning on
-    the Pi measures it there and ships it only if it measured faster."""
-    from device_runtime.evaluate import EvalData
-    from edgesmith import bundle as bundles
-    from edgesmith.data import eval_batch, load_eval_set, reference_outputs
+    the header's: the library asks for the oldest API it needs) with onnxruntime's numerics
+    (tuning judges every rewritten variant's outputs on the device against the original's);
+    tuning on the Pi measures it there and ships it only if it measured faster."""
     from edgesmith.kernels import LIBRARY, rewrite_for_device
-    from edgesmith.measure import measure
     from edgesmith.tune import tune
     from edgesmith.variants import space
 
     dev = pi_device()
     facts = dev.facts()
     original = load(models / "digits_mnv2.onnx")
-    model, files, _ = rewrite_for_device(original, 8, facts)
+    files = rewrite_for_device(original, 8, facts)[1]
     assert files[LIBRARY][:4] == b"\x7fELF" and files[LIBRARY][18] == 183    # EM_AARCH64
-    full = load_eval_set(models / "digits_mnv2_eval.npz", original)
-    data = EvalData({k: v[:32] for k, v in full.inputs.items()}, full.labels[:32], {}, 32)
-    data.refs = reference_outputs(original, data, eval_batch(original))
-    bundle = bundles.build(model, config={"custom_op_libraries": [LIBRARY]}, eval_data=data,
-                           extra_files=files)
-    result = measure(dev, bundle, Job(runs=2, warmup=1, min_time_s=0, evaluate=True))
-    assert result.error is None, result.error
-    scale = max(float(np.abs(r).max()) for r in data.refs.values())
-    assert result.accuracy["max_abs_err"] <= 1e-4 * scale, (result.accuracy, scale)
-    assert result.accuracy["agreement"] == 1.0
-
     report = tune(original, dev, search_space=space({"edgesmith_kernels": [0, 8]}, facts,
                                                     "onnxruntime"),
                   measure_settings={"runs": 3, "warmup": 1, "min_time_s": 0}, confirm_rounds=2)
     ours = next(t for t in report.trials if t.id == "edgesmith_kernels=8")
-    assert ours.ok and not ours.cached, ours.error
+    # ok = ran on the Pi, and its outputs there are within 1e-4 of the original's range
+    assert ours.ok and not ours.cached and "max_abs_err" in ours.accuracy, ours.error
     shipped = json.loads((Path(report.bundle) / "manifest.json").read_text())
     assert (LIBRARY in shipped["files"]) == (report.best.id == "edgesmith_kernels=8")
     assert report.best.id == "runtime defaults" or report.confirm["kept"] == "best"
+    assert report.kernels == []      # no per-block verdicts from emulated timings
 
 
 def test_a_model_too_new_for_the_device_is_explained_and_fuse_opset_fixes_it(pi_home, models,
