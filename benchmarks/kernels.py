@@ -46,10 +46,10 @@ def main() -> None:
     print(f"CPU: {facts['cpu']} ({facts['arch']}; {', '.join(facts['cpu_flags'])}), 1 thread")
     model = load(args.model)
     job = Job(runs=30, warmup=5, min_time_s=1.0, threads=1, evaluate=False)
-    ort_only = tune(model, dev, search_space=space(
-        {"threads": [1], "graph_optimization_level": ["all", "extended"],
-         "allow_spinning": [True, False]}, facts, "onnxruntime"),
-        measure_settings={"runs": 30, "warmup": 5, "min_time_s": 1.0}, fresh=True)
+    ort_only = tune(model, dev, search_space=space(     # every trial at 1 thread (the job's)
+        {"graph_optimization_level": ["all", "extended"], "allow_spinning": [True, False]},
+        facts, "onnxruntime"),
+        measure_settings={"runs": 30, "warmup": 5, "min_time_s": 1.0, "threads": 1}, fresh=True)
     best_ort = {**ort_only.best.config, "intra_op_threads": 1}
     print(f"best onnxruntime-only variant: {ort_only.best.id} ({ort_only.verdict})")
     trials = {"onnxruntime": (bundles.build(model), replace(job, config=best_ort))}

@@ -16,7 +16,6 @@
  * Attrs:   stride (1|2), residual (0|1), act_min, act_max (both activations clamp to these),
  *          tile_rows (output rows per step: the autotuned knob; 0 picks a default)
  */
-#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -74,8 +73,6 @@ EXPORT const char *edgesmith_isa(void) {
   return "sse";
 #endif
 }
-
-static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : v > hi ? hi : v; }
 
 /* ---- 1x1 convolution as GEMM: C[M][N] = A[M][K] B[K][N] + bias, then clamp or residual ---- */
 

@@ -10,6 +10,7 @@ header, `toolchain()` says why in one line, and the kernel variants are pruned w
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import lzma
@@ -140,6 +141,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+@functools.lru_cache(maxsize=None)
+def _compiler_version(compiler: str) -> list[str]:
+    """Part of the build's cache key; asked once per process, not once per build."""
+    return subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                          timeout=60).stdout.splitlines()[:1]
+
+
 def build(facts: dict) -> tuple[Path, Toolchain]:
     """The library for this device, built once per source, header, compiler and flags."""
     tc = toolchain(facts)
@@ -153,8 +161,7 @@ def build(facts: dict) -> tuple[Path, Toolchain]:
            "-fvisibility=hidden", "-static-libgcc", "-pthread", "-Wall", "-Werror", f"-I{include}"]
     tmp = ""
     try:
-        version = subprocess.run([tc.compiler, "--version"], capture_output=True, text=True,
-                                 timeout=60).stdout.splitlines()[:1]
+        version = _compiler_version(tc.compiler)
         key = hashlib.sha256(src.read_bytes() + (include / HEADER).read_bytes()
                              + repr((cmd, version)).encode()).hexdigest()[:16]
         out = cache_dir() / "kernels" / f"{tc.isa}-{key}" / LIBRARY
@@ -204,7 +211,7 @@ def rewrite_for_device(model, tile_rows: int, facts: dict):
         return ("no inverted-residual block (1x1 Conv, ReLU/ReLU6, 3x3 depthwise Conv, ReLU/ReLU6, "
                 "1x1 Conv) in this model")
     try:
-        library, _ = build(facts)
+        library, tc = build(facts)
         error = numerics_error(plain, rewritten, {s.name: s for s in model.inputs},
                                host_library())
     except EdgesmithError as exc:
@@ -215,7 +222,7 @@ def rewrite_for_device(model, tile_rows: int, facts: dict):
     from .model import static_shapes
 
     return (from_proto(rewritten, model), {LIBRARY: library.read_bytes()},
-            {"blocks": report.metrics["blocks"], "isa": toolchain(facts).isa,
+            {"blocks": report.metrics["blocks"], "isa": tc.isa,
              "shapes": static_shapes(plain, model.inputs)})
 
 

@@ -127,6 +127,7 @@ def tune(model: str | os.PathLike | Model, device="local", target: str | Match |
     models = _rewritten_models(model, sp, facts)
     batch = eval_batch(model)
     built: dict[tuple, tuple] = {}
+    scales: dict[tuple, float] = {}       # largest |reference output| of each judged bundle
 
     def bundles_of(variant: Variant):
         """(plain, judged) bundles of the model this variant runs: rewritten ones ship files,
@@ -139,6 +140,7 @@ def tune(model: str | os.PathLike | Model, device="local", target: str | Match |
                                         extra_files=files),
                           bundles.build(m, eval_data=judge, eval_batch=batch,
                                         extra_files=files) if judge else None)
+            scales[sig] = _output_scale(judge)
         return built[sig]
 
     job = replace(Job(**{**profile.measure_job_args(), **(measure_settings or {})}),
@@ -164,7 +166,7 @@ def tune(model: str | os.PathLike | Model, device="local", target: str | Match |
             result = _measure_variant(dev, variant, plain, judged, job, spent, budget_s,
                                       max_trials)
             if variant.rewrites():
-                _judge_rewrite(result, judged)
+                _judge_rewrite(result, scales[variant.rewrites()])
             if variant.numeric:
                 _judge_numerics(result, done, max_accuracy_drop)
             cache.put(ctx_key, device_key, cache_key, {**asdict(result), "cached": False})
@@ -183,7 +185,7 @@ def tune(model: str | os.PathLike | Model, device="local", target: str | Match |
         best, confirm, verdict = _confirm(dev, bundles_of(Variant.of(sp.backend, {}))[0],
                                           bundles_of(best_variant)[0], job, default, best,
                                           confirm_rounds)
-    kept = best_variant if best.key == best_variant.key() else Variant.of(sp.backend, {})
+    kept = tried.get(best.key, Variant.of(sp.backend, {}))
     shipped, files = models.get(kept.rewrites(), (model, {}))[:2]
     kernels = [] if facts.get("emulated") else \
         _kernel_breakdown(dev, job, tried, done, models, bundles_of)   # emulated times: noise
@@ -280,18 +282,19 @@ def _check_set(model: Model, batch: int):
     return data
 
 
-def _judge_rewrite(result: Candidate, judged) -> None:
-    """A rewritten model whose outputs on the device stray from the original's is an error row:
-    the host checked its own build; this checks the device's."""
+def _output_scale(data) -> float:
+    """The largest |reference output| of an eval set (0 without references)."""
     import numpy as np
 
-    from device_runtime.evaluate import load_eval
+    refs = data.refs if data is not None else {}
+    return max((float(np.abs(r).max()) for r in refs.values()), default=0.0)
 
+
+def _judge_rewrite(result: Candidate, scale: float) -> None:
+    """A rewritten model whose outputs on the device stray from the original's is an error row:
+    the host checked its own build; this checks the device's."""
     if not result.ok:
         return
-    refs = load_eval(judged.path / judged.manifest.eval,
-                     {s["name"]: s for s in judged.manifest.inputs}).refs
-    scale = max((float(np.abs(r).max()) for r in refs.values()), default=0.0)
     err = (result.accuracy or {}).get("max_abs_err")
     if err is None or err > REWRITE_TOLERANCE * max(scale, 1e-30):
         result.error = (f"outputs differ from the original's on the device by {err} "

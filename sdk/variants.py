@@ -153,8 +153,10 @@ def _kernels_rewrite(model, value, facts):
 def _kernels(config, value, backend):
     """0: onnxruntime's kernels; N: edgesmith's fused kernels computing N output rows a step
     (the kernel's own tuning knob: how much of the expanded tensor stays in cache)."""
+    from .kernels import LIBRARY
+
     if value:
-        config["custom_op_libraries"] = ["libedgesmith_ops.so"]
+        config["custom_op_libraries"] = [LIBRARY]
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,7 @@ def test_bundled_kernels_load_only_when_verified(tmp_path, models):
     assert result.accuracy["max_abs_err"] < 1e-4 and result.accuracy["agreement"] == 1.0
 
     # a rewrite whose outputs stray on the device is an error row when tuning judges it
-    from edgesmith.tune import _judge_rewrite
+    from edgesmith.tune import _judge_rewrite, _output_scale
     from edgesmith.measure import Candidate
     wrong_weights = onnx.ModelProto()
     wrong_weights.CopyFrom(model.proto)
@@ -139,7 +139,7 @@ def test_bundled_kernels_load_only_when_verified(tmp_path, models):
     off = Candidate.from_result("off", measure(dev, judged, Job(runs=1, warmup=0, min_time_s=0,
                                                                  evaluate=True)))
     assert off.ok
-    _judge_rewrite(off, judged)
+    _judge_rewrite(off, _output_scale(data))
     assert off.error.startswith("outputs differ from the original's on the device by")
 
     tampered = tmp_path / "tampered"

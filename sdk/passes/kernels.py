@@ -16,7 +16,7 @@ from . import PassReport, register
 from .graph import Graph, attr, clip_bounds, drop_unused_initializers, remove_nodes
 
 DOMAIN = "edgesmith"
-RELU6_LIKE = (0.0, float("inf"))
+RELU_BOUNDS = (0.0, float("inf"))
 
 
 def _conv(node, kernel: int, stride: int | None = None) -> bool:
@@ -34,7 +34,7 @@ def _activation(graph: Graph, node) -> tuple[float, float] | None:
     if node is None:
         return None
     if node.op_type == "Relu":
-        return RELU6_LIKE
+        return RELU_BOUNDS
     if node.op_type == "Clip":
         return clip_bounds(graph, node)
     return None
