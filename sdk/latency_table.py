@@ -174,7 +174,8 @@ class LatencyTable:
         self.fingerprint = fingerprint(device.facts())
         settings = {k: v for k, v in vars(self.job).items() if k not in ("timeout_s",
                                                                          "lock_timeout_s")}
-        self.context = "lut:" + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str)
+        # "lut2": entries aggregated below whole microseconds (older "lut:" ones were not)
+        self.context = "lut2:" + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str)
                                                .encode()).hexdigest()[:16]
         self.measured = 0           # kernels measured on the device by this table (not cached)
         self.round_trips = 0

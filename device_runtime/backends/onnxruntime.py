@@ -91,7 +91,9 @@ class Backend:
 
     def op_profile(self) -> tuple[dict[str, float], dict[str, float]]:
         """Milliseconds per run per op type (the profile's sum over its runs / their number),
-        and per node of onnxruntime's optimised graph (the median over runs: warm-ups skew)."""
+        and per node of onnxruntime's optimised graph: the mean over runs of the middle 80 %
+        (warm-ups skew a plain mean; the profile counts whole microseconds, so a median cannot
+        tell a 2.4 us kernel from a 2.0 us one, and small kernels need that resolution)."""
         import json
         import statistics
 
@@ -112,4 +114,5 @@ class Backend:
             if ev.get("cat") == "Node" and op and name.endswith("_kernel_time"):
                 per_op[op] = per_op.get(op, 0.0) + ms / runs
                 per_node.setdefault(name[:-len("_kernel_time")], []).append(ms)
-        return per_op, {k: statistics.median(v) for k, v in per_node.items()}
+        return per_op, {k: statistics.fmean(sorted(v)[len(v) // 10:len(v) - len(v) // 10])
+                        for k, v in per_node.items()}
