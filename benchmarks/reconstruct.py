@@ -1,5 +1,5 @@
-"""The int8 accuracy repairs (MSE ranges, percentile, CLE + bias correction, AdaRound) against
-rounding to nearest and onnxruntime's defaults, in one run.
+"""The int8 accuracy repairs (MSE ranges, percentile, CLE + bias correction, block
+reconstruction) against rounding to nearest and onnxruntime's defaults, in one run.
 
     python benchmarks/reconstruct.py [--models imagenet_mnv2 digits_resnet digits_mnv2]
 
@@ -24,7 +24,7 @@ MODELS = ROOT / "examples" / "models"
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "examples")]
 
 METHODS = ["qdq-u8s8", "qdq-u8s8-mse", "qdq-u8s8-percentile", "qdq-u8s8-cle-bc",
-           "qdq-u8s8-adaround", "qdq-u8s8-percentile-adaround", "qdq-u8s8-mse-adaround"]
+           "qdq-u8s8-reconstruct", "qdq-u8s8-percentile-reconstruct"]
 
 
 def data(name: str) -> tuple[np.ndarray, np.ndarray]:

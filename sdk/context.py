@@ -32,7 +32,8 @@ class OptimizeConfig:
     prune_ratios: tuple[float, ...] = (0.3, 0.5)
     nas_ratios: tuple[float, ...] = (0.6,)       # NetAdapt targets, shares of fp32's latency
     distill_epochs: int = 10
-    host_device: str = "auto"                    # where torch trains (distillation, NAS)
+    host_device: str = "auto"                    # where torch trains (distillation, NAS, int8)
+    quant_effort: str = "balanced"               # how far int8 repairs go (REPAIR_CHAINS)
     tune_budget_s: float = 60.0                  # device time for tuning the winner (0: skip)
     target: str | None = None                    # a profile name; else matched from facts
     contenders: int = 3                          # fastest in-budget candidates re-measured
@@ -52,6 +53,9 @@ class OptimizeConfig:
         for name in ("budget_s", "tune_budget_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"OptimizeConfig.{name} must be >= 0")
+        if self.quant_effort not in ("fast", "balanced", "max"):
+            raise ValueError(f"OptimizeConfig.quant_effort must be fast, balanced or max, got "
+                             f"{self.quant_effort!r}")
         if self.distill_epochs < 1:
             raise ValueError("OptimizeConfig.distill_epochs must be >= 1")
         if not self.backends or not set(self.backends) <= set(BACKENDS):

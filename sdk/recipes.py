@@ -29,9 +29,9 @@ from .passes.quantize import (QuantizeConfig, QuantRecipe, preprocess, quantize_
                               quantize_static, to_fp16)
 from .passes.ranges import RangeConfig, refine_ranges
 from .passes.reconstruct import ReconstructConfig, reconstruct
-from .sensitivity import layer_sensitivity
+from .sensitivity import add_times, block_sensitivity
 
-MAX_FLOAT_LAYERS = 16        # mixed precision stops here: more float layers than this is no int8
+MAX_FLOAT_BLOCKS = 8         # mixed precision stops here: more float blocks than this is no int8
 
 
 @dataclass
@@ -42,7 +42,7 @@ class QuantizeReport:
     candidates: list[Candidate]
     chosen: Candidate
     pruned: list[dict]
-    sensitivity: list[dict] = field(default_factory=list)   # worst layers first
+    sensitivity: list[dict] = field(default_factory=list)   # blocks, worst first (why worse)
     kept_float: list[str] = field(default_factory=list)
     quantized: bool = True               # False: fp32 kept (no recipe was faster within budget)
     summary: str = ""
@@ -61,11 +61,17 @@ BASE_RECIPES = {r.name: r for r in [
 REPAIRS = {"percentile": {"calibration": "percentile"},
            "cle-bc": {"equalize": True, "bias_correction": True},
            "mse": {"refine_ranges": True},
-           "adaround": {"reconstruct": True}}
-# tried in this order when the fastest recipe misses the accuracy budget, cheapest first; the
-# search stops at the first that meets it (measured on ImageNet MobileNetV2, held-out photos:
-# benchmarks/reconstruct.py)
-REPAIR_CHAIN = ("mse", "percentile", "cle-bc", "percentile-adaround")
+           "reconstruct": {"reconstruct": 200}}
+# --quant-effort: the repairs tried when the fastest recipe misses the accuracy budget,
+# cheapest first; the search stops at the first that meets it. Order and choice measured on
+# ImageNet MobileNetV2, held-out photos (benchmarks/reconstruct.py): reconstruction from
+# percentile ranges was best, from MSE ranges close, from min/max worse; more steps per block
+# overfit (500 did worse than 200 on held-out photos), so `max` tries more starts instead.
+# Balanced keeps MobileNetV2 with 256 calibration images within 10 minutes on 2 cores.
+REPAIR_CHAINS = {"fast": ("mse", "percentile", "cle-bc"),
+                 "balanced": ("mse", "percentile", "cle-bc", "percentile-reconstruct"),
+                 "max": ("mse", "percentile", "cle-bc", "percentile-reconstruct",
+                         "mse-reconstruct", "cle-bc-reconstruct", "reconstruct")}
 
 
 def x86_vnni(flags: set) -> bool:
@@ -116,7 +122,9 @@ def candidate_recipes(facts: dict, model: Model) -> tuple[list[QuantRecipe], lis
 
 def recipe_by_name(name: str) -> QuantRecipe:
     """A base recipe, optionally with repairs appended in any combination: `qdq-u8s8-mse`,
-    `qdq-u8s8-percentile-adaround`, `...-cle-bc`."""
+    `qdq-u8s8-percentile-reconstruct`, `...-cle-bc` (`-adaround`, its former name, still
+    works)."""
+    name = name.replace("-adaround", "-reconstruct")
     for base_name, base in BASE_RECIPES.items():
         if name == base_name or name.startswith(base_name + "-"):
             rest, changes = name[len(base_name):], {}
@@ -128,7 +136,7 @@ def recipe_by_name(name: str) -> QuantRecipe:
                 return replace(base, name=name, **changes)
     raise EdgesmithError(f"unknown recipe {name!r}: name a base recipe {sorted(BASE_RECIPES)}, "
                          f"optionally followed by any of {[f'-{r}' for r in REPAIRS]} "
-                         "(e.g. qdq-u8s8-percentile-adaround)")
+                         "(e.g. qdq-u8s8-percentile-reconstruct)")
 
 
 @dataclass
@@ -195,7 +203,8 @@ def quant_data(model: Model, calib, eval_path=None, holdout: float = 0.25,
 
 
 def build_recipe(prepared: onnx.ModelProto, recipe: QuantRecipe, batches: list[dict],
-                 calibration_cache: Path | None = None) -> tuple[onnx.ModelProto, list]:
+                 calibration_cache: Path | None = None, host_device: str = "auto"
+                 ) -> tuple[onnx.ModelProto, list]:
     """The quantized (or fp16) model for `recipe` from a pre-processed float model; the passes
     run in order (CLE, bias correction, quantization), each reporting what it did."""
     if recipe.fp16:
@@ -217,8 +226,9 @@ def build_recipe(prepared: onnx.ModelProto, recipe: QuantRecipe, batches: list[d
         proto, rep = refine_ranges(proto, RangeConfig(float_model, batches))
         reports.append(rep)
     if recipe.reconstruct:
-        proto, rep = reconstruct(proto, ReconstructConfig(float_model, batches,
-                                                          recipe.weight_range))
+        proto, rep = reconstruct(proto, ReconstructConfig(
+            float_model, batches, recipe.weight_range, iters=recipe.reconstruct,
+            host_device=host_device))
         reports.append(rep)
     return proto, reports
 
@@ -227,16 +237,32 @@ class RecipeSearch:
     """State shared by the candidates: the prepared float model, its calibration caches (one per
     calibration method and float graph), the judging set and the device."""
 
-    def __init__(self, model: Model, device, data: QuantData, job: Job, workdir: Path):
+    def __init__(self, model: Model, device, data: QuantData, job: Job, workdir: Path,
+                 host_device: str = "auto"):
         self.model, self.device, self.data, self.job, self.workdir = (model, device, data, job,
                                                                       workdir)
+        self.host_device = host_device
         self.prepared, self.prep_report = preprocess(model.proto, model.input_shapes)
 
     def build(self, recipe: QuantRecipe) -> tuple[onnx.ModelProto, list]:
         key = f"{recipe.calibration}-{recipe.percentile}-{recipe.symmetric_activations}-" \
               f"{'cle' if recipe.equalize else 'plain'}-{'bc' if recipe.bias_correction else ''}"
         return build_recipe(self.prepared, recipe, self.data.batches,
-                            self.workdir / f"calib-{key}.json")
+                            self.workdir / f"calib-{key}.json", self.host_device)
+
+    def profile(self, proto: onnx.ModelProto) -> dict[str, float]:
+        """Milliseconds per run of each node of onnxruntime's optimised graph, on the device."""
+        bundle = bundles.build(from_proto(proto, self.model), meta={"profile": True})
+        result = measure(self.device, bundle, replace(self.job, runs=20, warmup=3,
+                                                      evaluate=False, profile_ops=True))
+        return result.node_profile_ms or {}
+
+    def judging_feeds(self, limit: int = 64) -> list[dict]:
+        """Held-out inputs in feeds (the calibration feeds if there are none)."""
+        inputs = {k: v[:limit] for k, v in self.data.eval.inputs.items()}
+        fixed = bool(self.model.inputs and self.model.inputs[0].dims
+                     and self.model.inputs[0].dims[0])
+        return _batched(inputs, self.data.batch, fixed) or self.data.batches
 
     def measure(self, label: str, proto: onnx.ModelProto, settings: dict | None = None
                 ) -> Candidate:
@@ -269,7 +295,8 @@ def accuracy_drop(base: dict | None, cand: dict | None) -> float | None:
 
 def choose_recipe(model: Model, device, data: QuantData, max_accuracy_drop: float = 0.01,
                   job: Job | None = None, baseline: Candidate | None = None,
-                  on_step=None, on_candidate=None, confirm_rounds: int = 3
+                  on_step=None, on_candidate=None, confirm_rounds: int = 3,
+                  effort: str = "balanced", host_device: str = "auto", explain: bool = True
                   ) -> tuple[Model, QuantizeReport]:
     """Measure the device's candidate recipes; return the fastest model within the budget.
 
@@ -278,12 +305,18 @@ def choose_recipe(model: Model, device, data: QuantData, max_accuracy_drop: floa
     sees every measured recipe as it is measured (optimize records each one). The fastest
     in-budget recipes are re-measured against fp32 interleaved (`confirm_rounds`; optimize
     confirms across all its candidates instead): a recipe is chosen only when it is faster
-    than fp32 beyond the rounds' spread."""
+    than fp32 beyond the rounds' spread. `effort` (REPAIR_CHAINS) says how far the accuracy
+    repairs go; `host_device` where reconstruction learns. `explain`: the why-worse table of the
+    chosen int8 model (per block: error share, float and int8 ms on the device) is in the
+    report even when no repair needed it."""
+    if effort not in REPAIR_CHAINS:
+        raise EdgesmithError(f"unknown quantization effort {effort!r}: use one of "
+                             f"{list(REPAIR_CHAINS)}")
     recipes, pruned = candidate_recipes(device.facts(), model)
     job = replace(job or Job(runs=50, warmup=5, min_time_s=0.5), evaluate=True)
     say = on_step or (lambda text: None)
     with tempfile.TemporaryDirectory(prefix="edgesmith-quant-") as tmp:
-        search = RecipeSearch(model, device, data, job, Path(tmp))
+        search = RecipeSearch(model, device, data, job, Path(tmp), host_device)
         if baseline is None:
             say("measuring fp32 baseline")
             baseline = search.measure("fp32", search.prepared)
@@ -315,7 +348,8 @@ def choose_recipe(model: Model, device, data: QuantData, max_accuracy_drop: floa
 
         for recipe in recipes:
             trial(recipe)
-        sensitivity = _repair(search, trial, candidates, baseline, built, max_accuracy_drop)
+        sensitivity = _repair(search, trial, candidates, baseline, built, max_accuracy_drop,
+                              effort)
         ok = [c for c in candidates if _within(c, max_accuracy_drop) and
               c.p50_ms < baseline.p50_ms]
         if ok and confirm_rounds > 0:
@@ -324,6 +358,9 @@ def choose_recipe(model: Model, device, data: QuantData, max_accuracy_drop: floa
                           confirm_rounds)
         chosen = min(ok, key=lambda c: c.latency_ms) if ok else baseline
         proto = built.get(chosen.id, search.prepared)
+        if explain and chosen is not baseline and not sensitivity and chosen.id in built:
+            say("explaining the int8 error per block")
+            sensitivity = why_worse(search, proto)
         if chosen is baseline:
             reason = ("no int8 recipe was faster than fp32 (beyond the measured noise) within "
                       f"the accuracy budget ({max_accuracy_drop:.3f}) on {device.name}; "
@@ -364,36 +401,52 @@ def _within(c: Candidate, max_drop: float) -> bool:
     return c.ok and (c.accuracy_drop is None or c.accuracy_drop <= max_drop)
 
 
+def why_worse(search: RecipeSearch, proto: onnx.ModelProto) -> list[dict]:
+    """Per block of the int8 `proto`: its share of the error on held-out inputs, and its float
+    and int8 milliseconds on the device; costliest per millisecond saved first."""
+    return add_times(block_sensitivity(search.prepared, proto, search.judging_feeds()),
+                     search.profile(search.prepared), search.profile(proto))
+
+
 def _repair(search: RecipeSearch, trial, candidates: list[Candidate], baseline: Candidate,
-            built: dict, max_drop: float) -> list[dict]:
-    """The fastest recipe missed the budget: the REPAIR_CHAIN (ranges, calibration, CLE + bias
-    correction, learned rounding), then mixed precision from per-layer sensitivity (doubling
-    the float layers). Returns the sensitivity table when it was computed."""
+            built: dict, max_drop: float, effort: str) -> list[dict]:
+    """The fastest recipe missed the budget: the effort's repair chain (ranges, calibration,
+    CLE + bias correction, block reconstruction), then mixed precision from the why-worse table: the
+    blocks that cost the most accuracy per millisecond int8 saves on the device are kept in
+    float (doubling their number). Returns that table when it was computed."""
     fast = sorted((c for c in candidates if c.ok and c.p50_ms < baseline.p50_ms),
                   key=lambda c: c.p50_ms)
     if not fast or any(_within(c, max_drop) for c in fast) or fast[0].id not in BASE_RECIPES:
         return []
     base = BASE_RECIPES[fast[0].id]
-    for suffix in REPAIR_CHAIN:
-        if _within(trial(recipe_by_name(f"{base.name}-{suffix}"), "accuracy repair"), max_drop):
+    tried, no_histogram = set(), False
+    for suffix in REPAIR_CHAINS[effort]:
+        if no_histogram:      # percentile calibration failed on this model: MSE ranges instead
+            suffix = suffix.replace("percentile", "mse")
+        if suffix in tried:
+            continue
+        tried.add(suffix)
+        cand = trial(recipe_by_name(f"{base.name}-{suffix}"), "accuracy repair")
+        if _within(cand, max_drop):
             return []
-    worst = layer_sensitivity(search.prepared, built[base.name], search.data.batches)
+        no_histogram |= suffix == "percentile" and not cand.ok
+    worst = why_worse(search, built[base.name])
     k = 1
-    while k <= min(MAX_FLOAT_LAYERS, len(worst)):
-        names = [r["node"] for r in worst[:k]]
+    while k <= min(MAX_FLOAT_BLOCKS, len(worst)):
+        names = [n for r in worst[:k] for n in r["nodes"]]
         cand = trial(replace(base.with_exclusions(names), name=f"{base.name}-float{k}"),
-                     f"{k} layer(s) kept in float")
+                     f"{k} block(s) kept in float")
         if _within(cand, max_drop):
             break
         k *= 2
     return worst
 
 
-def quantize_with(model: Model, recipe: QuantRecipe | str, batches: list[dict]
-                  ) -> tuple[onnx.ModelProto, list]:
+def quantize_with(model: Model, recipe: QuantRecipe | str, batches: list[dict],
+                  host_device: str = "auto") -> tuple[onnx.ModelProto, list]:
     """One recipe (or its name), no search: for scripts (and optimize's pruned students) that
     already know which recipe the device chose."""
     prepared, prep = preprocess(model.proto, model.input_shapes)
     recipe = recipe_by_name(recipe) if isinstance(recipe, str) else recipe
-    proto, reports = build_recipe(prepared, recipe, batches)
+    proto, reports = build_recipe(prepared, recipe, batches, host_device=host_device)
     return proto, [prep] + reports

@@ -150,6 +150,20 @@ def quantize_table(report) -> Table:
     return table
 
 
+def why_worse_table(report) -> Table:
+    """Per block of the int8 model: its share of the output error (quantized alone), and what
+    int8 saves there on the device; the costliest per millisecond saved first."""
+    table = Table(title=f"why int8 is worse, per block (on {report.device})")
+    for col in ("block input", "layers", "error share", "SQNR alone dB", "fp32 ms", "int8 ms",
+                "share per ms saved"):
+        table.add_column(col, justify="left" if col == "block input" else "right")
+    for r in report.sensitivity:
+        table.add_row(r["block"][-48:], str(r["layers"]), f"{r['share']:.3f}",
+                      _fmt(r["sqnr_db"], 1), _fmt(r.get("fp32_ms"), 3), _fmt(r.get("int8_ms"), 3),
+                      "no saving" if r.get("cost") is None else f"{r['cost']:.2f}")
+    return table
+
+
 def shipped_ms(report, c) -> float | None:
     """The chosen candidate's figure is the shipped bundle's re-measurement (tuned config
     included); every other candidate's is its own interleaved median, else its p50."""

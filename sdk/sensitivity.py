@@ -1,91 +1,114 @@
-"""Which layers cost int8 accuracy: float vs quantized activations compared layer by layer.
+"""Why int8 is worse, block by block: each block's share of the output error beside the time
+int8 saves there on the device.
 
-The mixed-precision repair keeps the worst layers in float; this table says which those are.
+A block (the stretches block reconstruction works on: a residual or inverted-residual block, a
+transformer layer's half) is quantized alone, everything else left in float, and the output's
+noise against the float model is measured; the shares say which blocks cost the accuracy. With
+the per-node profiles of both models on the device, each block also gets its float and int8
+milliseconds, so mixed precision keeps in float the blocks that cost the most accuracy per
+millisecond they save.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
+from onnx import helper
 
-from .passes.graph import probe_session
+from .passes.graph import Graph, probe_session
+from .passes.reconstruct import _Weight, blocks, float_twins
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+# onnxruntime's names for the kernels it made of a node: QDQ fusion's `<node>_token_<n>`,
+# the NCHWc layout's `<output tensor>_nchwc`, a fused Gemm's `fused <node>`
+KERNEL_NAME = re.compile(r"^fused |_token_\d+$|_nchwc$")
 
 
-def _upstream(graph_nodes: list, producer: dict, tensor: str, quantized: set) -> set[str]:
-    """Outputs of the nearest Conv/Gemm/MatMul nodes feeding `tensor` (through any other op)."""
-    found, todo, seen = set(), [tensor], set()
-    while todo:
-        t = todo.pop()
-        if t in seen:
+def _only(qdq: onnx.ModelProto, block, weights: dict) -> onnx.ModelProto:
+    """`qdq` with quantization undone outside `block`: activation quantizers become the clip
+    they stand for (a folded ReLU stays), weights their float twins."""
+    out = onnx.ModelProto()
+    out.CopyFrom(qdq)
+    graph = Graph(out.graph)
+    inside = {n.output[0] for n in block.nodes}
+    quant = {n.output[0]: n for n in out.graph.node if n.op_type == "QuantizeLinear"
+             and n.output[0] not in inside and n.input[0] not in graph.inits}
+    nodes = []
+    for n in out.graph.node:
+        if n.output[0] in quant:
             continue
-        seen.add(t)
-        node = producer.get(t)
-        if node is None:
+        if n.op_type == "DequantizeLinear" and n.input[0] in quant:
+            q = quant[n.input[0]]
+            zp = graph.array(q.input[2])
+            s, z = float(graph.array(q.input[1]).reshape(-1)[0]), float(zp.reshape(-1)[0])
+            info = np.iinfo(zp.dtype)
+            lo, hi = graph.unique_name(n.output[0] + "_lo"), graph.unique_name(n.output[0] + "_hi")
+            graph.set_array(lo, np.array((info.min - z) * s, np.float32))
+            graph.set_array(hi, np.array((info.max - z) * s, np.float32))
+            nodes.append(helper.make_node("Clip", [q.input[0], lo, hi], [n.output[0]], n.name))
             continue
-        if node.name in quantized and t != node.input[0]:
-            found.add(t)
-        else:
-            todo.extend(i for i in node.input if i)
-    return found
+        w = weights.get(n.output[0])
+        users = graph.consumers.get(n.output[0], [])
+        if isinstance(w, _Weight) and not any(u.output[0] in inside for u in users):
+            name = graph.unique_name(n.output[0] + "_float")
+            graph.set_array(name, w.w_float)
+            nodes.append(helper.make_node("Identity", [name], [n.output[0]], n.name))
+            continue
+        nodes.append(n)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in out.graph.initializer if t.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    return out
 
 
-def layer_sensitivity(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto,
-                      batches: list[dict]) -> list[dict]:
-    """How much each Conv/Gemm/MatMul degrades the signal, float vs quantized, compared layer
-    by layer like ORT's qdq_loss_debug: the noise-to-signal ratio of its output minus that of
-    the nearest quantized layers upstream (worst first). Only compute-node outputs are compared: ORT's QDQ rewrite keeps
-    their names, while activations in between are folded into quantization ranges."""
-    nodes = [n for n in float_proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
-             and n.name]
-    names = {n.name for n in nodes}
-    producer = {o: n for n in float_proto.graph.node for o in n.output}
-    users: dict[str, list] = {}
-    for n in float_proto.graph.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
-    quant_outputs = {o for n in quant_proto.graph.node for o in n.output}
-
-    def observed(n) -> str:
-        """The layer's value as its consumers see it: after a fused ReLU/ReLU6, if any."""
-        after = users.get(n.output[0], [])
-        if len(after) == 1 and after[0].op_type in ("Relu", "Clip"):
-            return after[0].output[0]
-        return n.output[0]
-
-    def in_quant(t: str) -> str | None:   # ORT names what consumers read <t>_DequantizeLinear_Output
-        for name in (f"{t}_DequantizeLinear_Output", t):
-            if name in quant_outputs:
-                return name
-        return None
-
-    layer_out = {n.name: observed(n) for n in nodes}
-    producer.update({layer_out[n.name]: n for n in nodes})
-    tensors = sorted(set(layer_out.values()))
-
-    common = [t for t in tensors if in_quant(t)]
-    qnames = [in_quant(t) for t in common]
-    fs, qs = (probe_session(float_proto, common, optimize=False),
-              probe_session(quant_proto, qnames, optimize=False))
-    signal = dict.fromkeys(common, 0.0)
-    noise = dict.fromkeys(common, 0.0)
-    for feed in batches[:4]:
-        for t, a, b in zip(common, fs.run(common, feed), qs.run(qnames, feed)):
-            a, b = a.astype(np.float64), b.astype(np.float64)
-            signal[t] += float(np.sum(a * a))
-            noise[t] += float(np.sum((a - b) ** 2))
-
-    def sqnr(t: str) -> float:
-        if t not in signal:
-            return 200.0
-        return float(min(200.0, 10 * np.log10(max(signal[t], 1e-30) / max(noise[t], 1e-30))))
-
+def block_sensitivity(float_proto: onnx.ModelProto, qdq: onnx.ModelProto, batches: list[dict]
+                      ) -> list[dict]:
+    """Per block, worst first: its layers, the output SQNR with only it quantized, its share of
+    the summed noise and the nodes it holds (to join with profiles and to keep in float)."""
+    weights, _ = float_twins(qdq, float_proto)
+    names = {o for n in float_proto.graph.node for o in n.output} | \
+        {i.name for i in float_proto.graph.input}
+    outputs = [o.name for o in float_proto.graph.output]
+    feeds = batches[:4]
+    ref = [probe_session(float_proto, outputs).run(outputs, f) for f in feeds]
+    signal = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for run in ref for r in run)
     rows = []
-    for n in nodes:
-        ups = _upstream(nodes, producer, n.input[0], names)
-        inp = min((sqnr(t) for t in ups), default=200.0)
-        out = sqnr(layer_out[n.name])
-        # rank by the noise power the layer adds (linear): a dB drop from an exact input
-        # (200 dB -> 45 dB) is huge in dB and negligible in noise
-        added = 10 ** (-out / 10) - 10 ** (-inp / 10)
-        rows.append({"node": n.name, "op": n.op_type, "input_sqnr_db": inp,
-                     "output_sqnr_db": out, "drop_db": inp - out, "added_nsr": added})
-    return sorted(rows, key=lambda r: -r["added_nsr"])
+    for block in blocks(qdq, names, weights, 3):
+        session = probe_session(_only(qdq, block, weights), outputs)
+        noise = sum(float(np.sum((np.asarray(a, np.float64) - b) ** 2))
+                    for f, run in zip(feeds, ref) for a, b in zip(session.run(outputs, f), run))
+        ops = [n for n in block.nodes if n.op_type not in QDQ_OPS]
+        rows.append({"block": block.input, "nodes": [n.name for n in ops if n.name],
+                     "outputs": [o for n in ops for o in n.output if o], "layers": block.layers,
+                     "sqnr_db": float(min(200.0, 10 * np.log10(max(signal, 1e-30) /
+                                                               max(noise, 1e-30)))),
+                     "noise": noise})
+    total = sum(r["noise"] for r in rows) or 1.0
+    for r in rows:
+        r["share"] = r.pop("noise") / total
+    return sorted(rows, key=lambda r: -r["share"])
+
+
+def add_times(rows: list[dict], fp32_ms: dict, int8_ms: dict) -> list[dict]:
+    """Each block's milliseconds per run on the device, float and int8, from the per-node
+    profiles of both models; `cost` is its error share per millisecond int8 saves there
+    (None where it saves none: those come first), highest first."""
+    def per_node(profile: dict) -> dict:
+        out: dict[str, float] = {}
+        for name, ms in profile.items():
+            key = KERNEL_NAME.sub("", name)
+            out[key] = out.get(key, 0.0) + ms
+        return out
+
+    fp32, int8 = per_node(fp32_ms), per_node(int8_ms)
+    for r in rows:
+        keys = set(r["nodes"]) | set(r["outputs"])   # kernels are named after either
+        r["fp32_ms"] = sum(ms for k, ms in fp32.items() if k in keys)
+        r["int8_ms"] = sum(ms for k, ms in int8.items() if k in keys)
+        saved = r["fp32_ms"] - r["int8_ms"]
+        r["cost"] = r["share"] / saved if saved > 0 else None
+    return sorted(rows, key=lambda r: (r["cost"] is not None, -(r["cost"] or 0.0)))

@@ -50,7 +50,9 @@ def int8_stage(ctx: Context) -> dict | None:
     try:
         _, q_report = choose_recipe(ctx.fused, ctx.device, ctx.quant, ctx.cfg.max_accuracy_drop,
                                     ctx.job, baseline=replace(ctx.baseline()), on_step=ctx.say,
-                                    on_candidate=keep, confirm_rounds=0)
+                                    on_candidate=keep, confirm_rounds=0,
+                                    effort=ctx.cfg.quant_effort, host_device=ctx.cfg.host_device,
+                                    explain=False)
     except EdgesmithError as exc:
         ctx.notes.append(f"int8 recipe search failed: {exc}")
         return None
@@ -91,7 +93,7 @@ def _with_int8(ctx: Context, cid: str, recipe: dict, model, int8_recipe: dict | 
         return
     q = QuantRecipe(**{**int8_recipe, "exclude": ()})   # node names changed
     try:
-        proto, _ = quantize_with(model, q, ctx.quant.batches)
+        proto, _ = quantize_with(model, q, ctx.quant.batches, ctx.cfg.host_device)
     except EdgesmithError as exc:
         ctx.notes.append(f"{cid}+int8 failed: {exc}")
         return

@@ -61,6 +61,14 @@ def host_device_option(fn):
                              "sees one), cpu, or cuda[:N]")(fn)
 
 
+def quant_effort_option(fn):
+    return click.option("--quant-effort", default="balanced", show_default=True,
+                        type=click.Choice(["fast", "balanced", "max"]),
+                        help="how far int8 accuracy repairs go when the fastest recipe misses "
+                             "the budget: fast (ranges, calibration, CLE), balanced (+ block "
+                             "reconstruction, minutes), max (reconstruction from every start)")(fn)
+
+
 def json_option(what: str = "the report"):
     return click.option("--json", "json_out", type=click.Path(dir_okay=False),
                         help=f"write {what} here as JSON")

@@ -7,6 +7,7 @@ import sys
 import click
 
 from .common import (config_error, host_device_option, input_shape_option, json_option,
+                     quant_effort_option,
                      one_device, parse_duration, ssh_options)
 
 
@@ -87,6 +88,7 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
 @click.option("--tune-budget", default="60s", show_default=True,
               help="device time for tuning the winner's runtime config (0 to skip)")
 @host_device_option
+@quant_effort_option
 @click.option("--backends", default="onnxruntime,tflite", show_default=True,
               callback=lambda ctx, param, value: _backends(value),
               help="runtimes the answer may use: your application embeds one (TFLite "
@@ -96,8 +98,8 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
               help="also write the report here; quiet progress")
 def optimize(model, out_dir, force, device, identity, accept_new_host_key, remote_python,
              target, calib, eval_path, train, max_accuracy_drop, latency_budget_ms, budget,
-             prune_ratios, nas_ratios, distill_epochs, tune_budget, host_device, backends,
-             input_shape, json_out):
+             prune_ratios, nas_ratios, distill_epochs, tune_budget, host_device, quant_effort,
+             backends, input_shape, json_out):
     """The main job: the fastest variant of MODEL within the accuracy budget, on the device.
 
     Exit 0 when a candidate met the budget; 1 when none did (the trade-offs are still saved).
@@ -112,7 +114,7 @@ def optimize(model, out_dir, force, device, identity, accept_new_host_key, remot
         cfg = OptimizeConfig(max_accuracy_drop, latency_budget_ms, parse_duration(budget),
                              ratios, searches, distill_epochs, host_device=host_device,
                              tune_budget_s=parse_duration(tune_budget), target=target,
-                             backends=backends)
+                             backends=backends, quant_effort=quant_effort)
     except ValueError as exc:
         raise config_error(exc) from None
     dev = one_device(device, identity, accept_new_host_key, remote_python)

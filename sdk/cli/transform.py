@@ -10,7 +10,7 @@ import click
 
 from ..errors import EdgesmithError
 from .common import (config_error, host_device_option, input_shape_option, json_option,
-                     one_device, ssh_options)
+                     one_device, quant_effort_option, ssh_options)
 
 
 @click.command()
@@ -62,15 +62,17 @@ def fuse(model, out, ort_fusions, opset, input_shape, json_out):
               help="where recipes are measured: `local` or an SSH destination")
 @ssh_options
 @click.option("--recipe", help="skip the search and use this recipe (see the report's names)")
+@quant_effort_option
+@host_device_option
 @input_shape_option
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
 @json_option()
 def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accept_new_host_key,
-             remote_python, recipe, input_shape, out, json_out):
+             remote_python, recipe, quant_effort, host_device, input_shape, out, json_out):
     """Quantize MODEL to int8 with the recipe that is fastest on the device within the budget."""
     from ..model import load, parse_input_shapes, save
     from ..recipes import choose_recipe, quant_data, quantize_with
-    from ..report import print_table, quantize_table, write_json
+    from ..report import print_table, quantize_table, why_worse_table, write_json
 
     m = load(model, parse_input_shapes(input_shape), data=eval_path or calib)
     if recipe:        # no search, no device: judged on the host, on held-out samples
@@ -80,7 +82,7 @@ def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accep
         from ..model import from_proto
 
         data = quant_data(m, calib, eval_path)
-        proto, reports = quantize_with(m, recipe, data.batches)
+        proto, reports = quantize_with(m, recipe, data.batches, host_device)
         judged = metrics(reference_outputs(from_proto(proto, m), data.eval, data.batch),
                          data.eval)
         save(proto, out)
@@ -97,11 +99,13 @@ def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accep
     dev = one_device(device, identity, accept_new_host_key, remote_python)
     say = None if json_out else (lambda text: click.echo(f"  {text}", err=True))
     chosen, report = choose_recipe(m, dev, quant_data(m, calib, eval_path), max_accuracy_drop,
-                                   on_step=say)
+                                   on_step=say, effort=quant_effort, host_device=host_device)
     save(chosen.proto, out)
     if json_out:
         write_json(json_out, report)
     print_table(quantize_table(report))
+    if report.sensitivity:
+        print_table(why_worse_table(report))
     for note in report.notes:
         click.echo(f"note: {note}")
     click.echo(report.summary)

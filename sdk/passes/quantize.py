@@ -49,7 +49,7 @@ class QuantRecipe:
     equalize: bool = False               # cross-layer equalization before calibration
     bias_correction: bool = False
     refine_ranges: bool = False          # MSE-optimal activation ranges after calibration
-    reconstruct: bool = False            # learned weight rounding (AdaRound) after calibration
+    reconstruct: int = 0                 # block reconstruction's steps per block (0: off)
 
     def __post_init__(self):
         checks = {"format": (self.format, ("QDQ", "QOperator")),
@@ -217,6 +217,15 @@ def quantize_static(model: onnx.ModelProto, cfg: QuantizeConfig
                     extra_options=_extra_options(recipe), calibration_cache_path=str(calib_cache))
         except StopIteration:
             raise EdgesmithError("calibration data is empty") from None
+        except ValueError as exc:
+            if "bins" not in str(exc) or recipe.calibration == "minmax":
+                raise
+            # numpy cannot bin a tensor whose values are (nearly) all equal, e.g. a detector's
+            # constant grid computed at run time; onnxruntime's histogram calibrators give up
+            raise EdgesmithError(
+                f"{recipe.calibration} calibration failed: onnxruntime's histogram cannot bin a "
+                "tensor of this model whose values are all (nearly) equal; use a min/max "
+                "recipe (e.g. qdq-u8s8-mse)") from None
         quantized = onnx.load(str(out))
     if reader is not None and reader.count == 0:
         raise EdgesmithError("calibration data is empty")
