@@ -253,11 +253,11 @@ class RecipeSearch:
     def profile(self, proto: onnx.ModelProto) -> dict[str, float]:
         """Milliseconds per run of each node of onnxruntime's optimised graph, on the device."""
         bundle = bundles.build(from_proto(proto, self.model), meta={"profile": True})
-        result = measure(self.device, bundle, replace(self.job, runs=20, warmup=3,
+        result = measure(self.device, bundle, replace(self.job, runs=10, warmup=2,
                                                       evaluate=False, profile_ops=True))
         return result.node_profile_ms or {}
 
-    def judging_feeds(self, limit: int = 64) -> list[dict]:
+    def judging_feeds(self, limit: int = 32) -> list[dict]:
         """Held-out inputs in feeds (the calibration feeds if there are none)."""
         inputs = {k: v[:limit] for k, v in self.data.eval.inputs.items()}
         fixed = bool(self.model.inputs and self.model.inputs[0].dims

@@ -233,19 +233,22 @@ def test_recipe_search_on_the_local_device(models):
 
 
 def test_an_impossible_budget_walks_the_repairs_and_keeps_fp32(models):
-    """Budget -1: nothing can meet it, so every repair (percentile, CLE+bias correction,
-    mixed precision) runs and fp32 is kept, with the reason. The repairs start only when an
+    """Budget -1: nothing can meet it, so every repair of the effort (fast: ranges, percentile,
+    CLE+bias correction; no reconstruction) and mixed precision run and fp32 is kept, with the
+    reason. The repairs start only when an
     int8 recipe beat fp32, so this uses the ResNet-style model, where int8 wins by a wide
     margin on every CPU we run on (a tiny model's 0.02 ms would leave that to noise)."""
     m = load(models / "digits_resnet.onnx")
     data = quant_data(m, models / "digits_resnet_eval.npz", limit=64)
-    _, report = choose_recipe(m, get_device("local"), data, -1.0, job=Job(runs=20, warmup=2))
+    _, report = choose_recipe(m, get_device("local"), data, -1.0, job=Job(runs=20, warmup=2),
+                              effort="fast")
     first = [c for c in report.candidates if not c.note]
     assert any(c.ok and c.p50_ms < report.baseline.p50_ms for c in first), \
         "int8 was not faster than fp32 on the ResNet-style model: the repair path cannot start"
     notes = [c.note for c in report.candidates]
     assert "accuracy repair" in notes and any("kept in float" in n for n in notes)
-    assert any(c.id.endswith("-reconstruct") and c.ok for c in report.candidates)
+    assert any(c.id.endswith("-cle-bc") and c.ok for c in report.candidates)
+    assert not any("reconstruct" in c.id for c in report.candidates)
     assert report.sensitivity and not report.quantized
     assert "keeping fp32" in report.summary
 
