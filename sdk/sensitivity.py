@@ -17,7 +17,7 @@ import onnx
 from onnx import helper
 
 from .passes.graph import Graph, probe_session
-from .passes.reconstruct import _Weight, blocks, float_twins
+from .passes.reconstruct import _Weight, blocks, float_twins, quantizer
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 # onnxruntime's names for the kernels it made of a node: QDQ fusion's `<node>_token_<n>`,
@@ -40,12 +40,10 @@ def _only(qdq: onnx.ModelProto, block, weights: dict) -> onnx.ModelProto:
             continue
         if n.op_type == "DequantizeLinear" and n.input[0] in quant:
             q = quant[n.input[0]]
-            zp = graph.array(q.input[2])
-            s, z = float(graph.array(q.input[1]).reshape(-1)[0]), float(zp.reshape(-1)[0])
-            info = np.iinfo(zp.dtype)
+            s, z, qmin, qmax = quantizer(graph, q)
             lo, hi = graph.unique_name(n.output[0] + "_lo"), graph.unique_name(n.output[0] + "_hi")
-            graph.set_array(lo, np.array((info.min - z) * s, np.float32))
-            graph.set_array(hi, np.array((info.max - z) * s, np.float32))
+            graph.set_array(lo, np.array((qmin - z) * s, np.float32))
+            graph.set_array(hi, np.array((qmax - z) * s, np.float32))
             nodes.append(helper.make_node("Clip", [q.input[0], lo, hi], [n.output[0]], n.name))
             continue
         w = weights.get(n.output[0])

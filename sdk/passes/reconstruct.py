@@ -253,11 +253,7 @@ class _BlockModule:
                           for g in set(self.groups.values()) if g is not None}
         self.codes = {}
         for q, g in self.groups.items():
-            node = graph.producer[q]
-            s = float(graph.array(node.input[1]).reshape(-1)[0])
-            zp = graph.array(node.input[2])
-            info = np.iinfo(zp.dtype)
-            self.codes[q] = (g, s, float(zp.reshape(-1)[0]), int(info.min), int(info.max))
+            self.codes[q] = (g, *quantizer(graph, graph.producer[q]))
 
     def tensor(self, array) -> object:
         return self.torch.from_numpy(np.array(array, np.float32 if np.asarray(array).dtype
@@ -357,16 +353,21 @@ class _BlockModule:
         return total / max(count, 1)
 
 
+def quantizer(graph: Graph, node) -> tuple[float, float, int, int]:
+    """A per-tensor QuantizeLinear's (scale, zero point, integer min, integer max)."""
+    zp = graph.array(node.input[2])
+    info = np.iinfo(zp.dtype)
+    return (float(graph.array(node.input[1]).reshape(-1)[0]), float(zp.reshape(-1)[0]),
+            int(info.min), int(info.max))
+
+
 def _next_range(graph: Graph, tensor: str) -> tuple[float, float] | None:
     """What the quantizer reading `tensor` can represent: differences outside it are clipped
     away (a ReLU folded into that quantizer makes the float twin's value the clipped one)."""
     for q in graph.consumers.get(tensor, []):
         if q.op_type == "QuantizeLinear" and len(q.input) >= 3:
-            s = float(graph.array(q.input[1]).reshape(-1)[0])
-            zp = graph.array(q.input[2])
-            info = np.iinfo(zp.dtype)
-            z = float(zp.reshape(-1)[0])
-            return (info.min - z) * s, (info.max - z) * s
+            s, z, qmin, qmax = quantizer(graph, q)
+            return (qmin - z) * s, (qmax - z) * s
     return None
 
 
