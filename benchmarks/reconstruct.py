@@ -1,14 +1,23 @@
 """The int8 accuracy repairs (MSE ranges, percentile, CLE + bias correction, block
 reconstruction) against rounding to nearest and onnxruntime's defaults, in one run.
 
-    python benchmarks/reconstruct.py [--models imagenet_mnv2 digits_resnet digits_mnv2]
+    python benchmarks/reconstruct.py [--models imagenet_mnv2 resnet50_embedder digits_resnet]
+                                     [--nncf-python /tmp/nncf/bin/python]
 
 Judged on held-out data only: the ImageNet MobileNetV2 (examples/imagenet_mobilenetv2.py: real
 torchvision weights, real photos) calibrates on crops of the first 7 photos and is judged on
-crops of the other 4; the digits models calibrate on 3/4 of their eval set and are judged on
-the rest. Per method: held-out output SQNR and top-1 agreement with fp32, latency vs fp32
+crops of the other 4; so does the ResNet-50 (examples/resnet50_embedder.py: real trained
+weights, an image embedder, so no top-1 agreement); the digits models calibrate on 3/4 of their eval set and are judged on
+the rest. Each reconstruction method also runs as mixed precision (`--float-blocks K`,
+default 2): the K blocks with the largest share of its error on calibration inputs kept in
+float, the rest learned again (the repair search ranks blocks per millisecond saved on the device
+instead, and doubles K until the budget holds). Per method: held-out output SQNR and top-1 agreement with fp32, latency vs fp32
 (interleaved, batch 1, 1 thread) and the time to quantize on the host. Goals (issue 18, for the
-ImageNet MobileNetV2): SQNR >= 18 dB and agreement >= 0.85 at <= 0.75x fp32 latency.
+ImageNet MobileNetV2): SQNR >= 18 dB and agreement >= 0.85 at <= 0.75x fp32 latency; a
+ResNet-class model >= 25 dB.
+Anchors in the same run: onnxruntime's `quantize_static` defaults, and OpenVINO NNCF's
+`nncf.quantize` defaults when `--nncf-python` names a Python with NNCF installed (its own venv:
+see benchmarks/nncf_anchor.py), both calibrated on the same samples.
 """
 from __future__ import annotations
 
@@ -23,13 +32,16 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "examples")]
 
+PHOTO_MODELS = {"imagenet_mnv2": "imagenet_mobilenetv2.py",
+                "resnet50_embedder": "resnet50_embedder.py"}
+EMBEDDERS = {"resnet50_embedder"}      # no classes: fidelity only
 METHODS = ["qdq-u8s8", "qdq-u8s8-mse", "qdq-u8s8-percentile", "qdq-u8s8-cle-bc",
            "qdq-u8s8-reconstruct", "qdq-u8s8-percentile-reconstruct"]
 
 
 def data(name: str) -> tuple[np.ndarray, np.ndarray]:
     """(calibration inputs, held-out inputs) that share no source."""
-    if name == "imagenet_mnv2":
+    if name in PHOTO_MODELS:
         import imagenet_mobilenetv2 as photos
         per = 8
         x = photos.photos(crops_per_photo=per)
@@ -58,23 +70,42 @@ def ort_defaults(path: Path, calib: np.ndarray):
         return onnx.load(str(out))
 
 
+def nncf_anchor(python: str, model_proto, calib: np.ndarray):
+    """NNCF's quantized model, made by benchmarks/nncf_anchor.py in NNCF's own venv."""
+    import subprocess
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, data, out = (Path(tmp) / n for n in ("model.onnx", "calib.npz", "q.onnx"))
+        onnx.save(model_proto, str(model))
+        np.savez(data, input=calib)
+        subprocess.run([python, str(ROOT / "benchmarks" / "nncf_anchor.py"), str(model),
+                        str(data), str(out)], check=True, timeout=3600)
+        return onnx.load(str(out))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["imagenet_mnv2", "digits_resnet"])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--float-blocks", type=int, default=2)
+    parser.add_argument("--nncf-python", help="a Python with nncf installed: NNCF's anchor")
     args = parser.parse_args()
     from quantize import interleaved, session
     from real_models import cpu_name, sqnr
     from edgesmith.model import load
     from edgesmith.passes.quantize import preprocess
     from edgesmith.recipes import build_recipe, recipe_by_name
+    from edgesmith.sensitivity import block_sensitivity
 
     print(f"CPU: {cpu_name()}; 1 thread; held-out judging")
     for name in args.models:
         path = MODELS / f"{name}.onnx"
         if not path.is_file():
-            print(f"{name}: {path} missing (imagenet_mnv2: python examples/imagenet_mobilenetv2.py)")
+            print(f"{name}: {path} missing (python examples/{PHOTO_MODELS.get(name, 'train_models.py')})")
             continue
         calib, held = data(name)
         model = load(path, {"input": [1, *calib.shape[1:]]})
@@ -84,21 +115,35 @@ def main() -> None:
         t0 = time.time()
         built["ort-defaults"] = ort_defaults(path, calib)
         seconds["ort-defaults"] = time.time() - t0
+        if args.nncf_python:
+            t0 = time.time()
+            built["nncf-defaults"] = nncf_anchor(args.nncf_python, model.proto, calib)
+            seconds["nncf-defaults"] = time.time() - t0
+        else:
+            print("NNCF anchor skipped: pass --nncf-python (benchmarks/nncf_anchor.py says how)")
         for method in args.methods:
             t0 = time.time()
             built[method], _ = build_recipe(prepared, recipe_by_name(method), batches)
             seconds[method] = time.time() - t0
+            if "reconstruct" in method and args.float_blocks > 0:
+                t0 = time.time()
+                rows = block_sensitivity(prepared, built[method], batches[:4])
+                keep = [n for r in rows[:args.float_blocks] for n in r["nodes"]]
+                mixed = f"{method}-float{args.float_blocks}"
+                built[mixed], _ = build_recipe(
+                    prepared, recipe_by_name(method).with_exclusions(keep), batches)
+                seconds[mixed] = time.time() - t0
         sessions = {k: session(v) for k, v in built.items()}
         lat = interleaved(sessions, held[:1], args.rounds, block=10)
         ref = np.concatenate([sessions["fp32"].run(None, {"input": held[i:i + 1]})[0]
                               for i in range(len(held))])
         print(f"\n{name}: calibrated on {len(calib)}, judged on {len(held)} held-out inputs")
-        print(f"{'method':30s} {'SQNR dB':>8s} {'agree':>6s} {'vs fp32':>8s} {'quantize s':>10s}")
+        print(f"{'method':36s} {'SQNR dB':>8s} {'agree':>6s} {'vs fp32':>8s} {'quantize s':>10s}")
         for k, s in sessions.items():
             out = np.concatenate([s.run(None, {"input": held[i:i + 1]})[0]
                                   for i in range(len(held))])
-            agree = float(np.mean(out.argmax(1) == ref.argmax(1)))
-            print(f"{k:30s} {sqnr(ref, out):8.1f} {agree:6.3f} {lat[k] / lat['fp32']:7.2f}x "
+            agree = "-" if name in EMBEDDERS else f"{np.mean(out.argmax(1) == ref.argmax(1)):.3f}"
+            print(f"{k:36s} {sqnr(ref, out):8.1f} {agree:>6s} {lat[k] / lat['fp32']:7.2f}x "
                   f"{seconds.get(k, 0):10.0f}")
 
 

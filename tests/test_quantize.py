@@ -329,6 +329,19 @@ def test_block_reconstruction_wins_on_held_out_data_and_keeps_the_fast_placement
         x_dq, w_dq, b_dq = (nodes[i] for i in conv.input[:3])
         assert np.allclose(after[b_dq.input[1]], after[x_dq.input[1]] * after[w_dq.input[1]])
 
+    # mixed precision after reconstruction: the block costing the most kept in float, the
+    # others learned again, beats reconstruction alone (the why-worse table and
+    # reconstruction around float nodes, as the repair search runs them)
+    from edgesmith.sensitivity import block_sensitivity
+    worst = block_sensitivity(prepared, learned, [{"input": held[:32]}])[0]["nodes"]
+    split, _ = build_recipe(prepared, recipe.with_exclusions(worst), batches)
+    mixed, _ = reconstruct(split, ReconstructConfig(prepared, batches, recipe.weight_range,
+                                                    iters=100, samples=64))
+    inits = {t.name for t in mixed.graph.initializer}
+    kept = [n for n in mixed.graph.node if n.name in worst and n.op_type == "Conv"]
+    assert kept and all(i in inits for n in kept for i in n.input[1:]), "not kept in float"
+    assert sqnr(mixed) > sqnr(learned), (sqnr(mixed), sqnr(learned))
+
 
 def test_reconstruction_caches_big_blocks_on_disk_with_the_same_result(cnn, models):
     """Memory is bounded: past `memory_bytes` a block's inputs and targets live in files, and
