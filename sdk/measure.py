@@ -48,6 +48,8 @@ class Candidate:
     pareto: bool = False
     cached: bool = False
     device_s: float = 0.0
+    host_s: float = 0.0                            # making the model on the host
+    host_peak_rss_mb: float | None = None          # the host process's peak RSS by then
 
     @property
     def ok(self) -> bool:

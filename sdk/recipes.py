@@ -10,6 +10,7 @@ in float, found by comparing activations layer by layer against fp32).
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import onnx
 
 from device_runtime.evaluate import EvalData
+from device_runtime.measure import peak_rss_mb
 
 from . import bundle as bundles
 from .data import calibration_batches, eval_batch, load_eval_set, reference_outputs
@@ -58,7 +60,8 @@ BASE_RECIPES = {r.name: r for r in [
     QuantRecipe("qdq-u8s8"), QuantRecipe("qdq-s8s8", activations="S8"),
     QuantRecipe("dynamic-int8", dynamic=True), QuantRecipe("fp16", fp16=True),
     QuantRecipe("ort-default", activations="S8", per_channel=False)]}
-REPAIRS = {"percentile": {"calibration": "percentile"},
+REPAIRS = {"meanminmax": {"calibration": "mean-minmax"},
+           "percentile": {"calibration": "percentile"},
            "cle-bc": {"equalize": True, "bias_correction": True},
            "mse": {"refine_ranges": True},
            "reconstruct": {"reconstruct": 200}}
@@ -66,11 +69,13 @@ REPAIRS = {"percentile": {"calibration": "percentile"},
 # cheapest first; the search stops at the first that meets it. Order and choice measured on
 # ImageNet MobileNetV2, held-out photos (benchmarks/reconstruct.py): reconstruction from
 # percentile ranges was best, from MSE ranges close, from min/max worse; more steps per block
-# overfit (500 did worse than 200 on held-out photos), so `max` tries more starts instead.
-# Balanced keeps MobileNetV2 with 256 calibration images within 10 minutes on 2 cores.
-REPAIR_CHAINS = {"fast": ("mse", "percentile", "cle-bc"),
-                 "balanced": ("mse", "percentile", "cle-bc", "percentile-reconstruct"),
-                 "max": ("mse", "percentile", "cle-bc", "percentile-reconstruct",
+# overfit (500 did worse than 200 on held-out photos), so `max` tries more starts instead, and
+# its mixed precision learns again around the float blocks (+2 dB on MobileNetV2, minutes per
+# try). Balanced keeps MobileNetV2 with 256 calibration images within 10 minutes on 2 cores.
+REPAIR_CHAINS = {"fast": ("meanminmax", "mse", "percentile", "cle-bc"),
+                 "balanced": ("meanminmax", "mse", "percentile", "cle-bc",
+                              "percentile-reconstruct"),
+                 "max": ("meanminmax", "mse", "percentile", "cle-bc", "percentile-reconstruct",
                          "mse-reconstruct", "cle-bc-reconstruct", "reconstruct")}
 
 
@@ -329,8 +334,10 @@ def choose_recipe(model: Model, device, data: QuantData, max_accuracy_drop: floa
 
         def trial(recipe: QuantRecipe, note: str = "") -> Candidate:
             say(f"measuring {recipe.name}")
+            t0 = time.perf_counter()
             try:
                 proto, _ = search.build(recipe)
+                host_s = time.perf_counter() - t0
             except Exception as exc:   # noqa: BLE001 - a failed trial is a row, not a crash
                 text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 cand = Candidate(recipe.name, asdict(recipe), stage="quantize", note=note,
@@ -341,6 +348,7 @@ def choose_recipe(model: Model, device, data: QuantData, max_accuracy_drop: floa
                 cand = search.measure(recipe.name, proto, asdict(recipe))
                 cand.note = note
                 cand.accuracy_drop = accuracy_drop(baseline.accuracy, cand.accuracy)
+                cand.host_s, cand.host_peak_rss_mb = host_s, peak_rss_mb()
             candidates.append(cand)
             if on_candidate is not None:
                 on_candidate(cand, built.get(recipe.name))
@@ -413,10 +421,10 @@ def _repair(search: RecipeSearch, trial, candidates: list[Candidate], baseline: 
     """The fastest recipe missed the budget: the effort's repair chain (ranges, calibration,
     CLE + bias correction, block reconstruction), then mixed precision on the most accurate of
     them, from its why-worse table: the blocks that cost the most accuracy per millisecond int8
-    saves on the device are kept in float (doubling their number). After reconstruction the
-    int8 blocks learn again: what they learned compensated the float blocks' int8 error too
-    (kept as learned, the digits ResNet lost 8 dB instead of gaining 1.4). Returns that table
-    when it was computed."""
+    saves on the device are kept in float (doubling their number). Starting from a
+    reconstruction (effort max only: minutes per try) the int8 blocks learn again, since what
+    they learned compensated the float blocks' int8 error too (kept as learned, the digits
+    ResNet lost 8 dB instead of gaining 1.4). Returns that table when it was computed."""
     fast = sorted((c for c in candidates if c.ok and c.p50_ms < baseline.p50_ms),
                   key=lambda c: c.p50_ms)
     if not fast or any(_within(c, max_drop) for c in fast) or fast[0].id not in BASE_RECIPES:
@@ -434,8 +442,10 @@ def _repair(search: RecipeSearch, trial, candidates: list[Candidate], baseline: 
             return []
         no_histogram |= suffix == "percentile" and not cand.ok
         repaired.append(cand)
-    best = min((c for c in repaired if c.ok and c.id in built),
-               key=lambda c: float("inf") if c.accuracy_drop is None else c.accuracy_drop)
+    best = min((c for c in repaired if c.ok and c.id in built
+                and (effort == "max" or not c.recipe.get("reconstruct"))),
+               key=lambda c: (float("inf") if c.accuracy_drop is None else c.accuracy_drop,
+                              -(c.accuracy or {}).get("sqnr_db", 0.0)))
     start = recipe_by_name(best.id)
     worst = why_worse(search, built[best.id])
     k = 1

@@ -130,21 +130,21 @@ def quantize_table(report) -> Table:
     table = Table(title=f"edgesmith quantize on {report.device} "
                         f"(max accuracy drop {report.max_accuracy_drop})")
     for col in ("recipe", "p50 ms", "vs fp32", "top-1", "agreement", "SQNR dB", "drop", "size KB",
-                "note"):
+                "host s", "note"):
         table.add_column(col, justify="left" if col in ("recipe", "note") else "right")
     base = report.baseline
     for c in [base] + report.candidates:
         if not c.ok:
-            table.add_row(c.id, *[""] * 7, f"[red]{c.error}[/red]")
+            table.add_row(c.id, *[""] * 8, f"[red]{c.error}[/red]")
             continue
         acc = c.accuracy or {}
         note = "; ".join(filter(None, ["chosen" if c.id == report.chosen.id else "", c.note]))
         table.add_row(c.id, _fmt(c.p50_ms), f"{base.p50_ms / c.p50_ms:.2f}x",
                       _fmt(acc.get("top1"), 4), _fmt(acc.get("agreement"), 4),
                       _fmt(acc.get("sqnr_db"), 1), _fmt(c.accuracy_drop, 4),
-                      f"{c.size_bytes / 1024:.0f}", note)
+                      f"{c.size_bytes / 1024:.0f}", f"{c.host_s:.0f}" if c.host_s else "", note)
     for p in report.pruned:
-        table.add_row(p["recipe"], *[""] * 7, f"[yellow]pruned: {p['reason']}[/yellow]")
+        table.add_row(p["recipe"], *[""] * 8, f"[yellow]pruned: {p['reason']}[/yellow]")
     if report.kept_float:
         table.caption = f"kept in float: {', '.join(report.kept_float)}"
     return table

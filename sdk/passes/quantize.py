@@ -26,7 +26,7 @@ import onnx
 from ..errors import EdgesmithError
 from . import PassReport, register
 
-CALIB_METHODS = ("minmax", "percentile", "entropy")
+CALIB_METHODS = ("minmax", "percentile", "entropy", "mean-minmax")
 QUANT_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -193,7 +193,8 @@ def quantize_static(model: onnx.ModelProto, cfg: QuantizeConfig
     recipe = cfg.recipe
     qtypes = {"U8": QuantType.QUInt8, "S8": QuantType.QInt8}
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-               "entropy": CalibrationMethod.Entropy}
+               "entropy": CalibrationMethod.Entropy,
+               "mean-minmax": CalibrationMethod.MinMax}     # then ranges.py sets the ranges
     report = PassReport(f"quantize:{recipe.name}")
     with tempfile.TemporaryDirectory() as tmp:
         calib_cache = cfg.calibration_cache or Path(tmp) / "calibration.json"
@@ -229,6 +230,13 @@ def quantize_static(model: onnx.ModelProto, cfg: QuantizeConfig
         quantized = onnx.load(str(out))
     if reader is not None and reader.count == 0:
         raise EdgesmithError("calibration data is empty")
+    if recipe.calibration == "mean-minmax":
+        from .ranges import RangeConfig, refine_ranges
+        if not cfg.batches:
+            raise EdgesmithError("mean-minmax calibration needs the calibration data")
+        quantized, ranges = refine_ranges(quantized, RangeConfig(model, cfg.batches,
+                                                                 estimator="mean-minmax"))
+        report.details.extend(ranges.details)
     kinds = [n.op_type for n in quantized.graph.node]
     report.metrics.update(
         quantize_linear=kinds.count("QuantizeLinear"), dequantize_linear=kinds.count(

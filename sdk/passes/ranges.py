@@ -1,10 +1,12 @@
 """Activation ranges that minimise the quantization error, not the ones that cover every value.
 
-Min/max calibration spends the 256 int8 levels on the rare extremes; the range that minimises
-the tensor's mean squared quantization error (TensorRT's and NNCF's "MSE" range estimator)
-clips a few outliers and resolves everything else finer. This pass refines the activation
-scales and zero points of a calibrated QDQ model in place: per tensor, the range is shrunk by
-the factor in ALPHAS with the lowest error on calibration samples of the float model's values.
+Min/max calibration spends the 256 int8 levels on the rare extremes of the whole calibration
+set. Two estimators set them better, in place on a calibrated QDQ model:
+- `mse` (TensorRT's and NNCF's "MSE" range estimator): per tensor, the range is shrunk by the
+  factor in ALPHAS with the lowest mean squared quantization error on calibration samples of
+  the float model's values; it clips a few outliers and resolves everything else finer;
+- `mean-minmax` (NNCF's default for activations): the mean over calibration samples of each
+  sample's own min and max, so one unusual sample does not set the range for all.
 Tensors onnxruntime ties to the same parameters (MaxPool, Reshape, Concat in and out: equal
 scale and zero point, or the QDQ pair is not fused away) are refined as one group, and the
 int32 biases that depend on an input's scale are requantized, so the graph and its speed are
@@ -23,6 +25,7 @@ from .graph import Graph, float_name, probe_session
 ALPHAS = np.linspace(0.3, 1.0, 36)
 SAMPLES_PER_TENSOR = 200_000
 TENSORS_PER_RUN = 24
+ESTIMATORS = ("mse", "mean-minmax")
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,10 +33,14 @@ class RangeConfig:
     float_model: onnx.ModelProto = None   # the graph the QDQ model was calibrated on
     batches: list = None                  # calibration feeds
     seed: int = 0
+    estimator: str = "mse"                # ESTIMATORS
 
     def __post_init__(self):
         if self.float_model is None or not self.batches:
             raise ValueError("RangeConfig needs the float model and calibration batches")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"RangeConfig.estimator is {self.estimator!r}; use one of "
+                             f"{ESTIMATORS}")
 
 
 def _activation_params(graph: Graph) -> dict[tuple, list]:
@@ -66,6 +73,35 @@ def _samples(model: onnx.ModelProto, names: list[str], batches: list, seed: int)
                 parts[n].append(rng.choice(flat, keep, replace=False))
         out.update({n: np.concatenate(v).astype(np.float32) for n, v in parts.items()})
     return out
+
+
+def _sample_extremes(model: onnx.ModelProto, names: list[str], batches: list) -> dict:
+    """Each tensor's (mean over samples of the sample's min, of its max); axis 0 is samples."""
+    out: dict[str, tuple[float, float]] = {}
+    for start in range(0, len(names), TENSORS_PER_RUN):
+        chunk = names[start:start + TENSORS_PER_RUN]
+        session = probe_session(model, chunk)
+        lows: dict[str, list] = {n: [] for n in chunk}
+        highs: dict[str, list] = {n: [] for n in chunk}
+        for feed in batches:
+            for n, value in zip(chunk, session.run(chunk, feed)):
+                value = np.asarray(value, np.float32)
+                flat = value.reshape(len(value), -1) if value.ndim else value.reshape(1, 1)
+                lows[n].append(flat.min(axis=1))
+                highs[n].append(flat.max(axis=1))
+        out.update({n: (float(np.mean(np.concatenate(lows[n]))),
+                        float(np.mean(np.concatenate(highs[n])))) for n in chunk})
+    return out
+
+
+def _mean_minmax_range(lo: float, hi: float, symmetric: bool, qmin: int, qmax: int
+                       ) -> tuple[float, int]:
+    """(scale, zero point) covering [lo, hi] and zero."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if symmetric:
+        return max(abs(lo), abs(hi), 1e-8) / qmax, 0
+    s = max(hi - lo, 1e-8) / (qmax - qmin)
+    return s, int(np.clip(np.round(qmin - lo / s), qmin, qmax))
 
 
 def _best_range(x: np.ndarray, scale: float, zp: int, qmin: int, qmax: int
@@ -115,7 +151,8 @@ def _requantize_biases(graph: Graph, tensor_scales: dict[str, float]) -> int:
 
 @register("refine_ranges")
 def refine_ranges(qdq: onnx.ModelProto, cfg: RangeConfig) -> tuple[onnx.ModelProto, PassReport]:
-    """MSE-optimal activation ranges for a calibrated QDQ model (same graph, same speed)."""
+    """Activation ranges by `cfg.estimator` for a calibrated QDQ model (same graph, same
+    speed)."""
     out = onnx.ModelProto()
     out.CopyFrom(qdq)
     graph = Graph(out.graph)
@@ -125,19 +162,27 @@ def refine_ranges(qdq: onnx.ModelProto, cfg: RangeConfig) -> tuple[onnx.ModelPro
     groups = _activation_params(graph)
     wanted = sorted({f for nodes in groups.values() for n in nodes
                      if (f := float_name(n.input[0], float_names))})
-    values = _samples(cfg.float_model, wanted, cfg.batches, cfg.seed)
+    if cfg.estimator == "mse":
+        values = _samples(cfg.float_model, wanted, cfg.batches, cfg.seed)
+    else:
+        extremes = _sample_extremes(cfg.float_model, wanted, cfg.batches)
     new_scales: dict[str, float] = {}
     gains = []
     for (scale, zp, dtype), nodes in groups.items():
-        xs = [values[f] for n in nodes if (f := float_name(n.input[0], float_names))]
-        if not xs:
+        tensors = [f for n in nodes if (f := float_name(n.input[0], float_names))]
+        if not tensors:
             continue
         info = np.iinfo(np.dtype(dtype))
-        s, z, now, after = _best_range(np.concatenate(xs), scale, zp, int(info.min),
-                                       int(info.max))
-        if after >= 0.99 * now:
-            continue
-        gains.append(10 * np.log10(now / max(after, 1e-30)))
+        if cfg.estimator == "mse":
+            s, z, now, after = _best_range(np.concatenate([values[f] for f in tensors]), scale,
+                                           zp, int(info.min), int(info.max))
+            if after >= 0.99 * now:
+                continue
+            gains.append(10 * np.log10(now / max(after, 1e-30)))
+        else:
+            s, z = _mean_minmax_range(min(extremes[f][0] for f in tensors),
+                                      max(extremes[f][1] for f in tensors),
+                                      dtype == "int8" and zp == 0, int(info.min), int(info.max))
         for node in nodes:       # the Q node and the DQ nodes reading it, if not shared
             dqs = [d for d in graph.consumers.get(node.output[0], [])
                    if d.op_type == "DequantizeLinear" and len(d.input) >= 3]
@@ -151,7 +196,8 @@ def refine_ranges(qdq: onnx.ModelProto, cfg: RangeConfig) -> tuple[onnx.ModelPro
     biases = _requantize_biases(Graph(out.graph), new_scales)
     report.metrics.update(tensors=report.changed, groups=len(groups), biases=biases,
                           mean_gain_db=float(np.mean(gains)) if gains else 0.0)
-    report.details.append(f"refined the ranges of {report.changed} activation tensor(s) "
-                          f"(quantization error {np.mean(gains) if gains else 0:.1f} dB lower on "
-                          f"average); {biases} bias(es) requantized")
+    gain = (f" (quantization error {np.mean(gains) if gains else 0:.1f} dB lower on average)"
+            if cfg.estimator == "mse" else "")
+    report.details.append(f"{cfg.estimator} ranges for {report.changed} activation tensor(s)"
+                          f"{gain}; {biases} bias(es) requantized")
     return out, report
