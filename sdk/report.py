@@ -71,7 +71,14 @@ def print_table(table: Table) -> None:
 
 
 def to_jsonable(obj):
-    return asdict(obj) if is_dataclass(obj) else obj
+    """Dataclasses as dicts, also inside lists and dicts (a list of pass reports)."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return asdict(obj)
+    if isinstance(obj, dict):
+        return {k: to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    return obj
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -142,7 +149,7 @@ def quantize_table(report) -> Table:
         table.add_row(c.id, _fmt(c.p50_ms), f"{base.p50_ms / c.p50_ms:.2f}x",
                       _fmt(acc.get("top1"), 4), _fmt(acc.get("agreement"), 4),
                       _fmt(acc.get("sqnr_db"), 1), _fmt(c.accuracy_drop, 4),
-                      f"{c.size_bytes / 1024:.0f}", f"{c.host_s:.0f}" if c.host_s else "", note)
+                      f"{c.size_bytes / 1024:.0f}", f"{c.host_s:.1f}" if c.host_s else "", note)
     for p in report.pruned:
         table.add_row(p["recipe"], *[""] * 8, f"[yellow]pruned: {p['reason']}[/yellow]")
     if report.kept_float:

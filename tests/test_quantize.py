@@ -271,6 +271,8 @@ def test_cli_fuse_and_quantize(models, tmp_path):
                    "--json", js)
     assert proc.returncode == 0 and "QuantizeLinear" in {n.op_type for n in onnx.load(q).graph.node}
     judged = json.loads(js.read_text())["accuracy"]     # a named recipe is judged too
+    assert {"quantize:qdq-u8s8-rr-mse", "refine_ranges"} <= \
+        {r["name"] for r in json.loads(js.read_text())["passes"]}    # objects, not reprs
     assert judged["n"] == 90 and judged["top1"] > 0.97 and "held out" in proc.stdout
     assert f"SQNR {judged['sqnr_db']:.1f} dB" in proc.stdout
     proc = run_cli("quantize", models / "digits_cnn.onnx", "--calib",

@@ -66,7 +66,8 @@ def quant_effort_option(fn):
                         type=click.Choice(["fast", "balanced", "max"]),
                         help="how far int8 accuracy repairs go when the fastest recipe misses "
                              "the budget: fast (ranges, calibration, CLE), balanced (+ block "
-                             "reconstruction, minutes), max (reconstruction from every start)")(fn)
+                             "reconstruction, minutes), max (reconstruction from every start; mixed "
+                             "precision learned again around the float blocks)")(fn)
 
 
 def json_option(what: str = "the report"):

@@ -109,7 +109,7 @@ def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accep
     for note in report.notes:
         click.echo(f"note: {note}")
     click.echo(report.summary)
-    click.echo(f"wrote {out}")
+    click.echo(f"wrote {out}" + ("" if report.quantized else " (the float model, see above)"))
 
 
 @click.command()
