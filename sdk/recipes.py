@@ -27,8 +27,8 @@ from .errors import EdgesmithError
 from .measure import Candidate, interleave, measure
 from .model import Model, from_proto
 from .passes.equalize import BiasCorrectConfig, EqualizeConfig, bias_correct, equalize
-from .passes.quantize import (QuantizeConfig, QuantRecipe, preprocess, quantize_dynamic,
-                              quantize_static, to_fp16)
+from .passes.quantize import (ORT_CALIBRATION, QuantizeConfig, QuantRecipe, preprocess,
+                              quantize_dynamic, quantize_static, to_fp16)
 from .passes.ranges import RangeConfig, refine_ranges
 from .passes.reconstruct import ReconstructConfig, reconstruct
 from .sensitivity import add_times, block_sensitivity
@@ -250,8 +250,9 @@ class RecipeSearch:
         self.prepared, self.prep_report = preprocess(model.proto, model.input_shapes)
 
     def build(self, recipe: QuantRecipe) -> tuple[onnx.ModelProto, list]:
-        key = f"{recipe.calibration}-{recipe.percentile}-{recipe.symmetric_activations}-" \
-              f"{'cle' if recipe.equalize else 'plain'}-{'bc' if recipe.bias_correction else ''}"
+        key = f"{ORT_CALIBRATION[recipe.calibration]}-{recipe.percentile}-" \
+              f"{recipe.symmetric_activations}-{'cle' if recipe.equalize else 'plain'}-" \
+              f"{'bc' if recipe.bias_correction else ''}"       # mean-minmax shares min/max's
         return build_recipe(self.prepared, recipe, self.data.batches,
                             self.workdir / f"calib-{key}.json", self.host_device)
 

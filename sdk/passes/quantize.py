@@ -25,8 +25,13 @@ import onnx
 
 from ..errors import EdgesmithError
 from . import PassReport, register
+from .ranges import RangeConfig, refine_ranges
 
-CALIB_METHODS = ("minmax", "percentile", "entropy", "mean-minmax")
+# a recipe's calibration -> onnxruntime's method collecting its ranges (mean-minmax: ranges.py
+# then replaces min/max ranges by per-sample means)
+ORT_CALIBRATION = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy",
+                   "mean-minmax": "MinMax"}
+CALIB_METHODS = tuple(ORT_CALIBRATION)
 QUANT_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -192,9 +197,6 @@ def quantize_static(model: onnx.ModelProto, cfg: QuantizeConfig
 
     recipe = cfg.recipe
     qtypes = {"U8": QuantType.QUInt8, "S8": QuantType.QInt8}
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-               "entropy": CalibrationMethod.Entropy,
-               "mean-minmax": CalibrationMethod.MinMax}     # then ranges.py sets the ranges
     report = PassReport(f"quantize:{recipe.name}")
     with tempfile.TemporaryDirectory() as tmp:
         calib_cache = cfg.calibration_cache or Path(tmp) / "calibration.json"
@@ -214,7 +216,9 @@ def quantize_static(model: onnx.ModelProto, cfg: QuantizeConfig
                     quant_format=QuantFormat.QDQ if recipe.format == "QDQ" else QuantFormat.QOperator,
                     per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
                     activation_type=qtypes[recipe.activations], weight_type=qtypes[recipe.weights],
-                    nodes_to_exclude=list(recipe.exclude), calibrate_method=methods[recipe.calibration],
+                    nodes_to_exclude=list(recipe.exclude),
+                    calibrate_method=getattr(CalibrationMethod,
+                                             ORT_CALIBRATION[recipe.calibration]),
                     extra_options=_extra_options(recipe), calibration_cache_path=str(calib_cache))
         except StopIteration:
             raise EdgesmithError("calibration data is empty") from None
@@ -231,7 +235,6 @@ def quantize_static(model: onnx.ModelProto, cfg: QuantizeConfig
     if reader is not None and reader.count == 0:
         raise EdgesmithError("calibration data is empty")
     if recipe.calibration == "mean-minmax":
-        from .ranges import RangeConfig, refine_ranges
         if not cfg.batches:
             raise EdgesmithError("mean-minmax calibration needs the calibration data")
         quantized, ranges = refine_ranges(quantized, RangeConfig(model, cfg.batches,
