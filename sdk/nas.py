@@ -5,7 +5,9 @@ decay^(i-1)); for every prunable channel group it proposes the widest width whos
 latency meets that cut, fine-tunes each proposal briefly by distillation from the original (in
 parallel worker processes), and keeps the proposal most accurate on a search-holdout split. The
 kept model is measured whole on the device every iteration: that measurement rescales the
-per-kernel latency table (`latency_table`) and says how far its prediction was off. A final,
+per-kernel latency table (`latency_table`) for the report and says how far its prediction was
+off, and it decides when the budget is met. Widths are chosen on the table calibrated once, on
+the original's measurement, so they do not move with a fresh measurement's noise. A final,
 longer distillation finishes the search; a uniform-width model at the same measured latency with
 the same training is the baseline it must beat. Every iteration is kept in OUT's state, so an
 interrupted search continues from its last completed iteration; OUT/model.onnx is always the
