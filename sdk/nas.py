@@ -513,26 +513,32 @@ def _row(run: _Run, name: str, cand: Candidate, proto, metrics: dict) -> dict:
 
 def _uniform_at(run: _Run, target_ms: float) -> tuple[onnx.ModelProto, float]:
     """The uniformly narrowed model (and its pruning ratio) whose measured latency is nearest
-    `target_ms`: bisection on the ratio, every probe measured on the device. Not the table's
-    prediction: width changes of a few channels can cross a kernel-selection cliff (measured:
-    0.44 -> 0.28 ms between widths x0.64 and x0.58 of a 32x32 CNN), so the baseline is only
-    "at the same latency" when measured there."""
+    `target_ms`, over width multipliers rounded both to the search's step and to the device's
+    channel multiple (what `edgesmith prune` rounds to); every candidate is measured on the
+    device. Not bisection: latency is not monotone in width, since widths off the NCHWc block
+    cost reorders (measured: 0.44 -> 0.28 ms between x0.64 and x0.58 of a 32x32 CNN), and
+    bisection settled 22 % above a target that a multiple-of-16 width met."""
     from .passes.prune import PruneConfig, prune_channels
+    from .targets import match
 
-    lo, hi, best = 0.0, 0.95, None
-    for _ in range(6):
-        mid = (lo + hi) / 2
-        proto = prune_channels(run.fused.proto, PruneConfig(
-            ratio=mid, round_to=run.cfg.round_to, min_channels=run.cfg.min_channels,
-            input_shapes=run.original.input_shapes))[0]
-        probe = measure(run.device, bundles.build(from_proto(proto, run.original)), run.job)
-        if not probe.ok:
-            raise EdgesmithError(f"a uniform-width model did not run on {run.device.name}: "
-                                 f"{probe.error}")
-        measured = probe.latency_ms["p50"]
-        if best is None or abs(measured - target_ms) < abs(best[2] - target_ms):
-            best = (proto, mid, measured)
-        lo, hi = (mid, hi) if measured > target_ms else (lo, mid)
+    roundings = sorted({run.cfg.round_to, match(run.device.facts()).profile.channel_multiple})
+    seen, best = set(), None
+    for ratio in np.arange(0.05, 0.96, 0.05):
+        for round_to in roundings:
+            proto = prune_channels(run.fused.proto, PruneConfig(
+                ratio=float(ratio), round_to=round_to, min_channels=run.cfg.min_channels,
+                input_shapes=run.original.input_shapes))[0]
+            widths = tuple(_widths(proto, run.original).values())
+            if widths in seen:
+                continue
+            seen.add(widths)
+            probe = measure(run.device, bundles.build(from_proto(proto, run.original)), run.job)
+            if not probe.ok:
+                raise EdgesmithError(f"a uniform-width model did not run on {run.device.name}: "
+                                     f"{probe.error}")
+            measured = probe.latency_ms["p50"]
+            if best is None or abs(measured - target_ms) < abs(best[2] - target_ms):
+                best = (proto, float(ratio), measured)
     if abs(best[2] / target_ms - 1) > 0.05:
         run.notes.append(f"the uniform baseline measured {best[2]:.3f} ms, the nearest any "
                          f"uniform width came to {target_ms:.3f} ms (latency jumps between "
