@@ -12,7 +12,8 @@ Tasks (`--task`), both at 32x32 so the baseline CNN sits well below 100 %:
   - digits: scikit-learn's digits with random rotations, scaling, shifts and noise (saturated:
     every width from 0.4x up scores alike, so it cannot separate the methods).
 The splits hold disjoint source images: train (the baseline trains and the search fine-tunes on
-it), search-holdout (chooses between proposals) and test (reported only). Rows, each after the same final distillation:
+it), search-holdout (chooses between proposals) and test (reported only). Rows, each after
+the same final distillation:
   - NetAdapt with the latency table measured on the device (`--proxy latency`), at 0.7x and 0.6x
     of the original's measured latency (the 0.6x search continues the 0.7x one);
   - uniform width scaling at the same measured latency, fine-tuned for the same steps;

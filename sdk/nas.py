@@ -515,10 +515,10 @@ def _uniform_at(run: _Run, target_ms: float) -> tuple[onnx.ModelProto, float]:
     """The uniformly narrowed model (and its pruning ratio) whose measured latency is nearest
     `target_ms`, over width multipliers x0.1 to x0.9, each rounded both to the search's step
     and to the device's channel multiple (what `edgesmith prune` rounds to); every candidate
-    is measured on the device. Not bisection: latency is not monotone in width, since widths off the NCHWc block
-    cost reorders (measured: 0.44 -> 0.28 ms between x0.64 and x0.58 of a 32x32 CNN). On
-    Fashion-MNIST's CNN bisection's nearest was 22 % above a 0.358 ms target, the grid's 16 %
-    below it."""
+    is measured on the device. Not bisection: latency is not monotone in width, since widths
+    off the NCHWc block cost reorders (measured: 0.44 -> 0.28 ms between x0.64 and x0.58 of
+    a 32x32 CNN). On Fashion-MNIST's CNN bisection's nearest was 22 % above a 0.358 ms target,
+    the grid's 16 % below it."""
     from .passes.prune import PruneConfig, prune_channels
     from .targets import match
 
