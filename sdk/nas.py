@@ -117,6 +117,7 @@ class _Run:
     cfg: NasConfig
     original: Model
     fused: Model
+    fused_kernels: list               # the original's kernels: the table's calibration
     device: object
     job: Job
     table: LatencyTable | None
@@ -264,7 +265,8 @@ def _start(model_path, train, out_dir, device, cfg, eval_path, input_shapes, for
     fused = from_proto(fuse(original.proto)[0], original, original.path)
     from .passes.prune import channel_groups
 
-    if not kernels_of(fused.proto, original.input_shapes):
+    fused_kernels = kernels_of(fused.proto, original.input_shapes)
+    if not fused_kernels:
         raise EdgesmithError("nas narrows Conv and Gemm layers, and this model has none with "
                              "known shapes (give --input-shape for dynamic dimensions)")
     if not any(g.key for g in channel_groups(fused.proto, original.input_shapes)):
@@ -296,7 +298,7 @@ def _start(model_path, train, out_dir, device, cfg, eval_path, input_shapes, for
         notes.append("no --eval: accuracy is reported on the search-holdout part of --train "
                      "only, which chose between proposals (give a test set for an unbiased one)")
     table = LatencyTable(dev, job) if cfg.proxy == "latency" else None
-    return _Run(cfg, original, fused, dev, job, table, train_part, holdout, test,
+    return _Run(cfg, original, fused, fused_kernels, dev, job, table, train_part, holdout, test,
                 soft_targets(original.proto, train_part), state, out,
                 say or (lambda text: None), started, notes)
 
@@ -335,9 +337,8 @@ def _iteration(run: _Run, index: int, current: Model, current_ms: float, origina
     # then fixed shares of the table's cost, so a resumed search decides exactly as the
     # uninterrupted one. Rescaled by each new measurement instead, 0.7 % of noise in it moved
     # a width by a step (measured). The rescaled table is what the report states.
-    plan = original_ms / run.kernels_cost(kernels_of(run.fused.proto, run.original.input_shapes))
-    current_plan = plan * run.kernels_cost(kernels)
-    scale = current_ms / run.kernels_cost(kernels)
+    plan, cost = original_ms / run.kernels_cost(run.fused_kernels), run.kernels_cost(kernels)
+    current_plan, scale = plan * cost, current_ms / cost
     groups = [g for g in channel_groups(current.proto, run.original.input_shapes) if g.key]
     proposals = []
     for _ in range(3):      # no single group reaches the cut: a smaller one, as NetAdapt allows
