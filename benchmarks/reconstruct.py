@@ -4,17 +4,19 @@ reconstruction) against rounding to nearest and onnxruntime's defaults, in one r
     python benchmarks/reconstruct.py [--models imagenet_mnv2 resnet50_features digits_resnet]
                                      [--nncf-python /tmp/nncf/bin/python]
 
-Judged on held-out data only: the ImageNet MobileNetV2 (examples/imagenet_mobilenetv2.py: real
-torchvision weights, real photos) calibrates on crops of the first 7 photos and is judged on
-crops of the other 4; so does the ResNet-50 (examples/resnet50_features.py: real trained
-weights; its pooled features, so no top-1 agreement); the digits models calibrate on 3/4 of their eval set and are judged on
-the rest. Each reconstruction method also runs as mixed precision (`--float-blocks K`,
+Judged on held-out data only. The ImageNet MobileNetV2 (examples/imagenet_mobilenetv2.py: real
+torchvision weights, real photos) and the ResNet-50 (examples/resnet50_features.py: real trained
+weights; its pooled features, so no top-1 agreement) calibrate on crops of the first 7 photos.
+They are judged on crops of the other 4, which are unlike any calibration photo (a logo and a
+colour chart among them), and, in the column "natural", on crops of 8 natural photos of the
+calibration photos' kind. The digits models calibrate on 3/4 of their eval set and are judged
+on the rest. Each reconstruction method also runs as mixed precision (`--float-blocks K`,
 default 2): the K blocks with the largest share of its error on calibration inputs kept in
-float, the rest learned again (the repair search ranks blocks per millisecond saved on the device
-instead, and doubles K until the budget holds). Per method: held-out output SQNR and top-1 agreement with fp32, latency vs fp32
-(interleaved, batch 1, 1 thread) and the time to quantize on the host. Goals (issue 18, for the
-ImageNet MobileNetV2): SQNR >= 18 dB and agreement >= 0.85 at <= 0.75x fp32 latency; a
-ResNet-class model >= 25 dB.
+float, the rest learned again (the repair search ranks blocks per millisecond saved on the
+device instead, and doubles K until the budget holds). Per method: held-out output SQNR and
+top-1 agreement with fp32, latency vs fp32 (interleaved, batch 1, 1 thread) and the time to
+quantize on the host. Goals (issue 18, for the ImageNet MobileNetV2): SQNR >= 18 dB and
+agreement >= 0.85 at <= 0.75x fp32 latency; a ResNet-class model >= 25 dB.
 Anchors in the same run: onnxruntime's `quantize_static` defaults, and OpenVINO NNCF's
 `nncf.quantize` defaults when `--nncf-python` names a Python with NNCF installed (its own venv:
 see benchmarks/nncf_anchor.py), both calibrated on the same samples.
@@ -39,16 +41,19 @@ METHODS = ["qdq-u8s8", "qdq-u8s8-mse", "qdq-u8s8-percentile", "qdq-u8s8-cle-bc",
            "qdq-u8s8-reconstruct", "qdq-u8s8-percentile-reconstruct"]
 
 
-def data(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(calibration inputs, held-out inputs) that share no source."""
+def data(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(calibration inputs, held-out inputs that share no source with them, and for the photo
+    models held-out natural photos: the first held-out set is 4 images unlike the calibration
+    photos, a logo and a colour chart among them, which no calibrated range covers)."""
     if name in PHOTO_MODELS:
         import imagenet_mobilenetv2 as photos
         per = 8
         x = photos.photos(crops_per_photo=per)
-        return x[:7 * per], x[7 * per:]
+        natural = photos.photos(crops_per_photo=4, seed=1, paths=photos.natural_photos())
+        return x[:7 * per], x[7 * per:], natural
     x = np.load(MODELS / f"{name}_eval.npz")["input"]
     cut = len(x) * 3 // 4
-    return x[:cut], x[cut:]
+    return x[:cut], x[cut:], None
 
 
 def ort_defaults(path: Path, calib: np.ndarray):
@@ -107,7 +112,7 @@ def main() -> None:
         if not path.is_file():
             print(f"{name}: {path} missing (python examples/{PHOTO_MODELS.get(name, 'train_models.py')})")
             continue
-        calib, held = data(name)
+        calib, held, natural = data(name)
         model = load(path, {"input": [1, *calib.shape[1:]]})
         prepared, _ = preprocess(model.proto, model.input_shapes)
         batches = [{"input": calib[i:i + 8]} for i in range(0, len(calib), 8)]
@@ -135,16 +140,21 @@ def main() -> None:
                 seconds[mixed] = time.time() - t0
         sessions = {k: session(v) for k, v in built.items()}
         lat = interleaved(sessions, held[:1], args.rounds, block=10)
-        ref = np.concatenate([sessions["fp32"].run(None, {"input": held[i:i + 1]})[0]
-                              for i in range(len(held))])
-        print(f"\n{name}: calibrated on {len(calib)}, judged on {len(held)} held-out inputs")
-        print(f"{'method':36s} {'SQNR dB':>8s} {'agree':>6s} {'vs fp32':>8s} {'quantize s':>10s}")
+        def outputs(s, x):
+            return np.concatenate([s.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))])
+
+        ref = outputs(sessions["fp32"], held)
+        ref_natural = None if natural is None else outputs(sessions["fp32"], natural)
+        print(f"\n{name}: calibrated on {len(calib)}, judged on {len(held)} held-out inputs"
+              + ("" if natural is None else f" (natural: {len(natural)} crops of 8 other photos)"))
+        print(f"{'method':36s} {'SQNR dB':>8s} {'agree':>6s} {'natural':>8s} {'vs fp32':>8s} "
+              f"{'quantize s':>10s}")
         for k, s in sessions.items():
-            out = np.concatenate([s.run(None, {"input": held[i:i + 1]})[0]
-                                  for i in range(len(held))])
+            out = outputs(s, held)
             agree = "-" if name in NO_CLASSES else f"{np.mean(out.argmax(1) == ref.argmax(1)):.3f}"
-            print(f"{k:36s} {sqnr(ref, out):8.1f} {agree:>6s} {lat[k] / lat['fp32']:7.2f}x "
-                  f"{seconds.get(k, 0):10.0f}")
+            nat = "-" if natural is None else f"{sqnr(ref_natural, outputs(s, natural)):.1f}"
+            print(f"{k:36s} {sqnr(ref, out):8.1f} {agree:>6s} {nat:>8s} "
+                  f"{lat[k] / lat['fp32']:7.2f}x {seconds.get(k, 0):10.0f}")
 
 
 if __name__ == "__main__":

@@ -72,16 +72,30 @@ def weights_path() -> Path:
     return Path(pkg.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
 
 
-def photos(crops_per_photo: int = 6, size: int = 224, seed: int = 0) -> np.ndarray:
-    """Real photos, resized and randomly cropped, ImageNet-normalised, NCHW float32."""
+def natural_photos() -> list[Path]:
+    """Natural photos outside PHOTOS (scikit-learn's two, scikit-image's grey ones): a held-out
+    set of the calibration photos' own kind, where PHOTOS' last four are unlike them."""
+    import skimage
+    import sklearn
+
+    images = Path(sklearn.__file__).parent / "datasets" / "images"
+    data = Path(skimage.__file__).parent / "data"
+    return [images / "china.jpg", images / "flower.jpg",
+            *(data / f"{n}.png" for n in ("camera", "coins", "brick", "grass", "gravel", "moon"))]
+
+
+def photos(crops_per_photo: int = 6, size: int = 224, seed: int = 0,
+           paths: list[Path] | None = None) -> np.ndarray:
+    """Real photos (PHOTOS unless `paths`), resized and randomly cropped, ImageNet-normalised,
+    NCHW float32."""
     from PIL import Image
     import skimage
 
     data = Path(skimage.__file__).parent / "data"
     rng = np.random.default_rng(seed)
     out = []
-    for name in PHOTOS:
-        img = Image.open(data / name).convert("RGB")
+    for path in paths or [data / name for name in PHOTOS]:
+        img = Image.open(path).convert("RGB")
         scale = 256 / min(img.size)
         img = img.resize((max(256, round(img.width * scale)), max(256, round(img.height * scale))))
         arr = np.asarray(img, np.float32) / 255.0

