@@ -49,7 +49,7 @@ def data(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         import imagenet_mobilenetv2 as photos
         per = 8
         x = photos.photos(crops_per_photo=per)
-        natural = photos.photos(crops_per_photo=4, seed=1, paths=photos.natural_photos())
+        natural = photos.photos(crops_per_photo=per, seed=1, paths=photos.natural_photos())
         return x[:7 * per], x[7 * per:], natural
     x = np.load(MODELS / f"{name}_eval.npz")["input"]
     cut = len(x) * 3 // 4
