@@ -109,7 +109,8 @@ def load(path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = No
     (graph rewrites that need none, like fuse)."""
     path = Path(path)
     if not path.exists():
-        raise EdgesmithError(f"model file {path} does not exist")
+        raise EdgesmithError(f"model file {path} does not exist (from {Path.cwd()}); give the "
+                             "path of an .onnx or .tflite file")
     if path.is_dir():
         raise EdgesmithError(f"{path} is a directory; give the .onnx or .tflite file")
     raw = path.read_bytes()

@@ -81,8 +81,13 @@ def to_jsonable(obj):
     return obj
 
 
-def write_json(path: str | Path, obj) -> None:
-    """`--json OUT`: machine-readable output, written atomically."""
+def write_json(path, obj) -> None:
+    """`--json OUT`: machine-readable output, written atomically (or to the stream `--json -`
+    gave: cli.common.json_to)."""
+    if hasattr(path, "write"):
+        path.write(json.dumps(to_jsonable(obj), indent=1, default=str) + "\n")
+        path.flush()
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, (json.dumps(to_jsonable(obj), indent=1, default=str) + "\n").encode())

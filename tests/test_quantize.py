@@ -266,15 +266,16 @@ def test_cli_fuse_and_quantize(models, tmp_path):
     report = json.loads(js.read_text())
     assert report["baseline"]["id"] == "fp32" and report["pruned"] is not None
     assert top1(onnx.load(q), models) > 0.97
-    proc = run_cli("quantize", models / "digits_cnn.onnx", "--calib",
+    proc = run_cli("quantize", models / "digits_cnn.onnx", "--calib",      # --json -: stdout
                    models / "digits_cnn_eval.npz", "--recipe", "qdq-u8s8-rr-mse", "-o", q,
-                   "--json", js)
+                   "--json", "-", cwd=tmp_path)
     assert proc.returncode == 0 and "QuantizeLinear" in {n.op_type for n in onnx.load(q).graph.node}
-    judged = json.loads(js.read_text())["accuracy"]     # a named recipe is judged too
+    report = json.loads(proc.stdout)           # the JSON alone; the human text went to stderr
+    judged = report["accuracy"]                # a named recipe is judged too
     assert {"quantize:qdq-u8s8-rr-mse", "refine_ranges"} <= \
-        {r["name"] for r in json.loads(js.read_text())["passes"]}    # objects, not reprs
-    assert judged["n"] == 90 and judged["top1"] > 0.97 and "held out" in proc.stdout
-    assert f"SQNR {judged['sqnr_db']:.1f} dB" in proc.stdout
+        {r["name"] for r in report["passes"]}                          # objects, not reprs
+    assert judged["n"] == 90 and judged["top1"] > 0.97 and "held out" in proc.stderr
+    assert f"SQNR {judged['sqnr_db']:.1f} dB" in proc.stderr and not (tmp_path / "-").exists()
     proc = run_cli("quantize", models / "digits_cnn.onnx", "--calib",
                    models / "digits_cnn_eval.npz", "--recipe", "magic", "-o", q)
     assert proc.returncode == 1 and "unknown recipe" in proc.stderr

@@ -70,9 +70,19 @@ def quant_effort_option(fn):
                              "precision learned again around the float blocks)")(fn)
 
 
+def json_to(ctx, param, value):
+    """`--json -`: the JSON alone on stdout (for pipes), all else the command says on stderr;
+    write_json takes the returned stream."""
+    if value != "-":
+        return value
+    stdout, sys.stdout = sys.stdout, sys.stderr
+    ctx.call_on_close(lambda: setattr(sys, "stdout", stdout))
+    return stdout
+
+
 def json_option(what: str = "the report"):
-    return click.option("--json", "json_out", type=click.Path(dir_okay=False),
-                        help=f"write {what} here as JSON")
+    return click.option("--json", "json_out", type=click.Path(dir_okay=False), callback=json_to,
+                        help=f"write {what} here as JSON ('-': stdout)")
 
 
 def devices_from(values: tuple[str, ...], identity, accept_new_host_key, remote_python) -> list:

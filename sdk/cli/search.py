@@ -7,8 +7,7 @@ import sys
 import click
 
 from .common import (config_error, host_device_option, input_shape_option, json_option,
-                     quant_effort_option,
-                     one_device, parse_duration, ssh_options)
+                     json_to, one_device, parse_duration, quant_effort_option, ssh_options)
 
 
 @click.command()
@@ -94,8 +93,8 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
               help="runtimes the answer may use: your application embeds one (TFLite "
                    "candidates need the `tflite-convert` extra on the host)")
 @input_shape_option
-@click.option("--json", "json_out", type=click.Path(dir_okay=False),
-              help="also write the report here; quiet progress")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), callback=json_to,
+              help="also write the report here ('-': stdout); quiet progress")
 def optimize(model, out_dir, force, device, identity, accept_new_host_key, remote_python,
              target, calib, eval_path, train, max_accuracy_drop, latency_budget_ms, budget,
              prune_ratios, nas_ratios, distill_epochs, tune_budget, host_device, quant_effort,
