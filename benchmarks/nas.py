@@ -19,7 +19,8 @@ the same final distillation:
   - uniform width scaling at the same measured latency, fine-tuned for the same steps;
   - FLOPs-driven NetAdapt (`--proxy macs`), same settings.
 Also: the share of iterations whose latency prediction was within 10 % of the measurement, and
-a search interrupted after its second iteration and resumed, compared with the uninterrupted one.
+(with the latency proxy) a search interrupted after its second iteration and resumed, compared
+with the uninterrupted one.
 """
 from __future__ import annotations
 
@@ -246,9 +247,14 @@ def main() -> None:
         ms, base = r.confirmed_ms(key, row), r.confirmed_ms("original") or r.original_ms
         print(f"{name:28s} {ms:11.3f} {ms / base:7.2f} {row['test_top1']:10.4f} "
               f"{row['test_top1'] - r.original_test_top1:+11.4f}")
-    within = sum(abs(e) <= 0.10 for e in errors) / max(1, len(errors))
-    print(f"latency table: prediction within 10 % of the measurement in {within:.0%} of "
-          f"{len(errors)} iterations (errors {', '.join(f'{e:+.1%}' for e in errors)})")
+    if errors:
+        within = sum(abs(e) <= 0.10 for e in errors) / len(errors)
+        print(f"latency table: prediction within 10 % of the measurement in {within:.0%} of "
+              f"{len(errors)} iterations (errors {', '.join(f'{e:+.1%}' for e in errors)})")
+
+    if "latency" not in args.proxies:       # the resume check replays the latency search
+        print(f"total {time.time() - t0:.0f} s")
+        return
 
     def stop_after_two(text: str) -> None:
         if text.startswith("iteration 3:"):

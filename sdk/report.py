@@ -84,13 +84,14 @@ def to_jsonable(obj):
 def write_json(path, obj) -> None:
     """`--json OUT`: machine-readable output, written atomically (or to the stream `--json -`
     gave: cli.common.json_to)."""
+    text = json.dumps(to_jsonable(obj), indent=1, default=str) + "\n"
     if hasattr(path, "write"):
-        path.write(json.dumps(to_jsonable(obj), indent=1, default=str) + "\n")
+        path.write(text)
         path.flush()
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, (json.dumps(to_jsonable(obj), indent=1, default=str) + "\n").encode())
+    atomic_write(path, text.encode())
 
 
 def tune_table(report) -> Table:
