@@ -56,6 +56,11 @@ def data(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     return x[:cut], x[cut:], None
 
 
+def outputs(session, x: np.ndarray) -> np.ndarray:
+    """The session's outputs at batch 1 (the latency's batch)."""
+    return np.concatenate([session.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))])
+
+
 def ort_defaults(path: Path, calib: np.ndarray):
     import tempfile
 
@@ -140,9 +145,6 @@ def main() -> None:
                 seconds[mixed] = time.time() - t0
         sessions = {k: session(v) for k, v in built.items()}
         lat = interleaved(sessions, held[:1], args.rounds, block=10)
-        def outputs(s, x):
-            return np.concatenate([s.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))])
-
         ref = outputs(sessions["fp32"], held)
         ref_natural = None if natural is None else outputs(sessions["fp32"], natural)
         print(f"\n{name}: calibrated on {len(calib)}, judged on {len(held)} held-out inputs"

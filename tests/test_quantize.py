@@ -29,6 +29,12 @@ def session(proto, opt=True):
     return ort.InferenceSession(proto.SerializeToString(), o, providers=["CPUExecutionProvider"])
 
 
+def sqnr_db(reference: onnx.ModelProto, proto: onnx.ModelProto, feeds: dict) -> float:
+    """Output SQNR of `proto` against `reference` on the same feeds."""
+    ref, out = session(reference).run(None, feeds)[0], session(proto).run(None, feeds)[0]
+    return float(10 * np.log10(np.sum(ref ** 2) / np.sum((ref - out) ** 2)))
+
+
 def top1(proto, models, name="digits_cnn"):
     ev = np.load(models / f"{name}_eval.npz")
     out = session(proto).run(None, {"input": ev["input"]})[0]
@@ -307,12 +313,9 @@ def test_block_reconstruction_wins_on_held_out_data_and_keeps_the_fast_placement
                                                              recipe.weight_range, iters=100,
                                                              samples=64))
 
-    def sqnr(proto):
-        ref = session(prepared).run(None, {"input": held})[0]
-        out = session(proto).run(None, {"input": held})[0]
-        return 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - out) ** 2))
-
-    assert sqnr(learned) > sqnr(nearest) + 6, report.details
+    feeds = {"input": held}
+    assert sqnr_db(prepared, learned, feeds) > sqnr_db(prepared, nearest, feeds) + 6, \
+        report.details
     assert [n.op_type for n in learned.graph.node] == [n.op_type for n in nearest.graph.node]
     before = {t.name: numpy_helper.to_array(t) for t in nearest.graph.initializer}
     after = {t.name: numpy_helper.to_array(t) for t in learned.graph.initializer}
@@ -343,7 +346,8 @@ def test_block_reconstruction_wins_on_held_out_data_and_keeps_the_fast_placement
     inits = {t.name for t in mixed.graph.initializer}
     kept = [n for n in mixed.graph.node if n.name in worst and n.op_type == "Conv"]
     assert kept and all(i in inits for n in kept for i in n.input[1:]), "not kept in float"
-    assert sqnr(mixed) > sqnr(learned), (sqnr(mixed), sqnr(learned))
+    scores = sqnr_db(prepared, mixed, feeds), sqnr_db(prepared, learned, feeds)
+    assert scores[0] > scores[1], scores
 
 
 def test_reconstruction_caches_big_blocks_on_disk_with_the_same_result(cnn, models):
@@ -427,8 +431,7 @@ def test_a_feature_extractors_pooling_tail_stays_float_and_does_not_clip_held_ou
     assert report.metrics["float_tail"] == ["relu", "pool", "flatten"]
     assert producer[next(n for n in q.graph.node if n.op_type == "Conv").input[1]] == \
         "DequantizeLinear"                                    # the conv itself is int8
-    ref, out = session(model).run(None, {"x": dense})[0], session(q).run(None, {"x": dense})[0]
-    assert 10 * np.log10((ref ** 2).sum() / ((ref - out) ** 2).sum()) > 30
+    assert sqnr_db(model, q, {"x": dense}) > 30
 
 
 def test_mse_and_mean_minmax_ranges_beat_min_max_on_outliers_and_keep_tied_parameters():
@@ -464,12 +467,8 @@ def test_mse_and_mean_minmax_ranges_beat_min_max_on_outliers_and_keep_tied_param
     minmax, _ = build_recipe(model, recipe_by_name("qdq-u8s8"), batches)
     refined, report = refine_ranges(minmax, RangeConfig(model, batches))
 
-    def sqnr(proto):
-        ref = session(model).run(None, {"input": held})[0]
-        out = session(proto).run(None, {"input": held})[0]
-        return 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - out) ** 2))
-
-    assert sqnr(refined) > sqnr(minmax) + 0.5, report.details
+    feeds = {"input": held}
+    assert sqnr_db(model, refined, feeds) > sqnr_db(model, minmax, feeds) + 0.5, report.details
     assert report.metrics["biases"] >= 1
     # NNCF's mean of per-sample min/max, as a calibration method of its own: the range each
     # sample needs on average (tighter than min/max: on these t(3) tails too tight, 16 vs 22
