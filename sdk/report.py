@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from device_runtime.evaluate import SQNR_CAP_DB
 from device_runtime.result import Result
 
 from .model import atomic_write
@@ -16,6 +17,11 @@ from .model import atomic_write
 
 def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _sqnr(value) -> str:
+    """Outputs equal to the reference's are 'exact', not the cap the JSON stores."""
+    return "exact" if value is not None and value >= SQNR_CAP_DB else _fmt(value, 1)
 
 
 def config_summary(result: Result) -> str:
@@ -62,7 +68,7 @@ def results_table(rows: list[tuple[str, Result]], title: str = "edgesmith profil
                       _fmt(lat.get("p50")), _fmt(lat.get("p90")), _fmt(lat.get("p99")),
                       _fmt(lat.get("mean")), str(lat.get("runs", "-")), _fmt(r.peak_rss_mb, 1),
                       _fmt(acc.get("top1"), 4), _fmt(acc.get("agreement"), 4),
-                      _fmt(acc.get("sqnr_db"), 1))
+                      _sqnr(acc.get("sqnr_db")))
     return table
 
 
@@ -154,7 +160,7 @@ def quantize_table(report) -> Table:
         note = "; ".join(filter(None, ["chosen" if c.id == report.chosen.id else "", c.note]))
         table.add_row(c.id, _fmt(c.p50_ms), f"{base.p50_ms / c.p50_ms:.2f}x",
                       _fmt(acc.get("top1"), 4), _fmt(acc.get("agreement"), 4),
-                      _fmt(acc.get("sqnr_db"), 1), _fmt(c.accuracy_drop, 4),
+                      _sqnr(acc.get("sqnr_db")), _fmt(c.accuracy_drop, 4),
                       f"{c.size_bytes / 1024:.0f}", f"{c.host_s:.1f}" if c.host_s else "", note)
     for p in report.pruned:
         table.add_row(p["recipe"], *[""] * 8, f"[yellow]pruned: {p['reason']}[/yellow]")
@@ -172,7 +178,7 @@ def why_worse_table(report) -> Table:
         table.add_column(col, justify="left" if col == "block input" else "right")
     for r in report.sensitivity:
         table.add_row(r["block"][-48:], str(r["layers"]), f"{r['share']:.3f}",
-                      _fmt(r["sqnr_db"], 1), _fmt(r.get("fp32_ms"), 3), _fmt(r.get("int8_ms"), 3),
+                      _sqnr(r["sqnr_db"]), _fmt(r.get("fp32_ms"), 3), _fmt(r.get("int8_ms"), 3),
                       "no saving" if r.get("cost") is None else f"{r['cost']:.2f}")
     return table
 

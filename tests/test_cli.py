@@ -130,6 +130,9 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(models, tmp_path):
 def test_usage_errors_exit_2(models):
     proc = run_cli("profile", models / "digits_cnn.onnx", "--runs", "0")
     assert proc.returncode == 2
+    # a model given as data: the error names the option it was given to
+    proc = run_cli("quantize", models / "digits_cnn.onnx", "--calib", models / "digits_cnn.onnx")
+    assert proc.returncode == 2 and "'--calib': digits_cnn.onnx is not an .npz" in proc.stderr
 
 
 def test_external_data_outside_the_model_folder_is_one_line(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
+import zipfile
+from pathlib import Path
 
 import click
 
@@ -68,6 +70,15 @@ def quant_effort_option(fn):
                              "the budget: fast (ranges, calibration, CLE), balanced (+ block "
                              "reconstruction, minutes), max (reconstruction from every start; mixed "
                              "precision learned again around the float blocks)")(fn)
+
+
+def data_source(ctx, param, value):
+    """--calib/--eval/--train take an .npz (or, where said, an image folder): a model or other
+    file given there by mistake is refused at once, naming the option."""
+    if value and Path(value).is_file() and not zipfile.is_zipfile(value):
+        raise click.BadParameter(f"{Path(value).name} is not an .npz file (numpy.savez writes one "
+                                 "array per model input, plus optional labels)")
+    return value
 
 
 def json_to(ctx, param, value):

@@ -5,7 +5,8 @@ import sys
 
 import click
 
-from .common import devices_from, input_shape_option, json_option, ssh_options, status
+from .common import (data_source, devices_from, input_shape_option, json_option, ssh_options,
+                     status)
 
 
 @click.command()
@@ -14,7 +15,8 @@ from .common import devices_from, input_shape_option, json_option, ssh_options, 
               help="`local` (default), user@host[:port], a Host alias from ~/.ssh/config, or a "
                    "devices.toml inventory; repeat to profile a fleet in parallel")
 @ssh_options
-@click.option("--eval", "eval_path", type=click.Path(dir_okay=False),
+@click.option("--eval", "eval_path", callback=data_source,
+              type=click.Path(dir_okay=False),
               help=".npz eval set: inputs by name + labels")
 @click.option("--runs", default=100, show_default=True, type=click.IntRange(1))
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0))

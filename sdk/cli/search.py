@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .common import (config_error, host_device_option, input_shape_option, json_option,
+from .common import (config_error, data_source, host_device_option, input_shape_option, json_option,
                      json_to, one_device, parse_duration, quant_effort_option, ssh_options)
 
 
@@ -67,10 +67,13 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
               help="`local`, user@host[:port] or a Host alias from ~/.ssh/config")
 @ssh_options
 @click.option("--target", "-t", help="target profile (default: matched from the device's facts)")
-@click.option("--calib", type=click.Path(exists=True), help="calibration data (.npz or images)")
-@click.option("--eval", "eval_path", type=click.Path(exists=True, dir_okay=False),
+@click.option("--calib", callback=data_source,
+              type=click.Path(exists=True), help="calibration data (.npz or images)")
+@click.option("--eval", "eval_path", callback=data_source,
+              type=click.Path(exists=True, dir_okay=False),
               help=".npz eval set (inputs by name + labels)")
-@click.option("--train", type=click.Path(exists=True),
+@click.option("--train", callback=data_source,
+              type=click.Path(exists=True),
               help="training data for pruning + distillation (needs the `train` extra)")
 @click.option("--max-accuracy-drop", default=0.01, show_default=True,
               type=click.FloatRange(0, 1))
@@ -147,7 +150,8 @@ def _backends(value: str) -> tuple[str, ...]:
 
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--train", required=True, type=click.Path(exists=True),
+@click.option("--train", callback=data_source,
+              required=True, type=click.Path(exists=True),
               help="training data (.npz: inputs by name + labels; or an image folder); a "
                    "share is held out to choose between proposals")
 @click.option("--latency-budget", required=True,
@@ -160,7 +164,8 @@ def _backends(value: str) -> tuple[str, ...]:
 @click.option("--holdout", type=click.Path(exists=True),
               help="data to choose between proposals on (default: a fifth of --train; give "
                    "one when --train holds several augmentations of the same image)")
-@click.option("--eval", "eval_path", type=click.Path(exists=True, dir_okay=False),
+@click.option("--eval", "eval_path", callback=data_source,
+              type=click.Path(exists=True, dir_okay=False),
               help=".npz test set: reported for every iteration, never used to choose")
 @click.option("--device", "-d", default="local", show_default=True,
               help="`local`, user@host[:port] or a Host alias from ~/.ssh/config")

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import EdgesmithError
-from .common import (config_error, host_device_option, input_shape_option, json_option,
+from .common import (config_error, data_source, host_device_option, input_shape_option, json_option,
                      one_device, quant_effort_option, ssh_options)
 
 
@@ -53,9 +53,11 @@ def fuse(model, out, ort_fusions, opset, input_shape, json_out):
 
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--calib", required=True, type=click.Path(exists=True),
+@click.option("--calib", callback=data_source,
+              required=True, type=click.Path(exists=True),
               help="calibration data: .npz (inputs by name) or an image folder")
-@click.option("--eval", "eval_path", type=click.Path(dir_okay=False),
+@click.option("--eval", "eval_path", callback=data_source,
+              type=click.Path(dir_okay=False),
               help=".npz eval set to judge accuracy (else a held-out part of --calib)")
 @click.option("--max-accuracy-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--device", "-d", default="local", show_default=True,
@@ -120,9 +122,11 @@ def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accep
 @click.option("--structured/--unstructured", default=True, show_default=True)
 @click.option("--importance", default="l1", show_default=True,
               type=click.Choice(["l1", "l2", "bn_gamma", "activation"]))
-@click.option("--calib", type=click.Path(exists=True),
+@click.option("--calib", callback=data_source,
+              type=click.Path(exists=True),
               help="data for --importance activation (.npz or image folder)")
-@click.option("--eval", "eval_path", type=click.Path(dir_okay=False),
+@click.option("--eval", "eval_path", callback=data_source,
+              type=click.Path(dir_okay=False),
               help=".npz with labels: report the top-1 the pruned model keeps")
 @click.option("--global-ranking", is_flag=True, help="rank channels across layers, not per layer")
 @click.option("--layer-ratio", multiple=True, help="NODE=RATIO for one layer (repeatable)")
@@ -238,7 +242,8 @@ def _top1_before_after(model, pruned, eval_path) -> list[float]:
 @click.option("--student", required=True, type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=click.Path(exists=True),
               help="training data: .npz (inputs by name + optional labels) or image folder")
-@click.option("--eval", "eval_path", type=click.Path(dir_okay=False),
+@click.option("--eval", "eval_path", callback=data_source,
+              type=click.Path(dir_okay=False),
               help=".npz to report top-1 before/after")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
@@ -286,11 +291,13 @@ def distill(teacher, student, data, eval_path, epochs, batch_size, lr, temperatu
               help="the format to write (TFLite/LiteRT)")
 @click.option("--int8", is_flag=True,
               help="a fully int8 model: quantized with --recipe on --calib, then converted")
-@click.option("--calib", type=click.Path(exists=True),
+@click.option("--calib", callback=data_source,
+              type=click.Path(exists=True),
               help="calibration data for --int8: .npz (inputs by name) or an image folder")
 @click.option("--recipe", default="qdq-u8s8", show_default=True,
               help="the int8 recipe (`edgesmith quantize` reports which one the device chose)")
-@click.option("--eval", "eval_path", type=click.Path(dir_okay=False),
+@click.option("--eval", "eval_path", callback=data_source,
+              type=click.Path(dir_okay=False),
               help=".npz to check the .tflite against onnxruntime on (else held-out --calib "
                    "samples, else random inputs)")
 @input_shape_option
