@@ -60,7 +60,7 @@ BASE_RECIPES = {r.name: r for r in [
     QuantRecipe("qdq-u8s8"), QuantRecipe("qdq-s8s8", activations="S8"),
     QuantRecipe("dynamic-int8", dynamic=True), QuantRecipe("fp16", fp16=True),
     QuantRecipe("ort-default", activations="S8", per_channel=False)]}
-REPAIRS = {"meanminmax": {"calibration": "mean-minmax"},
+REPAIRS = {"robustminmax": {"calibration": "robust-minmax"},
            "percentile": {"calibration": "percentile"},
            "cle-bc": {"equalize": True, "bias_correction": True},
            "mse": {"refine_ranges": True},
@@ -72,10 +72,10 @@ REPAIRS = {"meanminmax": {"calibration": "mean-minmax"},
 # overfit (500 did worse than 200 on held-out photos), so `max` tries more starts instead, and
 # its mixed precision learns again around the float blocks (+2 dB on MobileNetV2, minutes per
 # try). Balanced keeps MobileNetV2 with 256 calibration images within 10 minutes on 2 cores.
-REPAIR_CHAINS = {"fast": ("meanminmax", "mse", "percentile", "cle-bc"),
-                 "balanced": ("meanminmax", "mse", "percentile", "cle-bc",
+REPAIR_CHAINS = {"fast": ("robustminmax", "mse", "percentile", "cle-bc"),
+                 "balanced": ("robustminmax", "mse", "percentile", "cle-bc",
                               "percentile-reconstruct"),
-                 "max": ("meanminmax", "mse", "percentile", "cle-bc", "percentile-reconstruct",
+                 "max": ("robustminmax", "mse", "percentile", "cle-bc", "percentile-reconstruct",
                          "mse-reconstruct", "cle-bc-reconstruct", "reconstruct")}
 
 
@@ -252,7 +252,7 @@ class RecipeSearch:
     def build(self, recipe: QuantRecipe) -> tuple[onnx.ModelProto, list]:
         key = f"{ORT_CALIBRATION[recipe.calibration]}-{recipe.percentile}-" \
               f"{recipe.symmetric_activations}-{'cle' if recipe.equalize else 'plain'}-" \
-              f"{'bc' if recipe.bias_correction else ''}"       # mean-minmax shares min/max's
+              f"{'bc' if recipe.bias_correction else ''}"       # robust-minmax shares min/max's
         return build_recipe(self.prepared, recipe, self.data.batches,
                             self.workdir / f"calib-{key}.json", self.host_device)
 

@@ -27,10 +27,10 @@ from ..errors import EdgesmithError
 from . import PassReport, register
 from .ranges import RangeConfig, refine_ranges
 
-# a recipe's calibration -> onnxruntime's method collecting its ranges (mean-minmax: ranges.py
-# then replaces min/max ranges by per-sample means)
+# a recipe's calibration -> onnxruntime's method collecting its ranges (robust-minmax: ranges.py
+# then replaces min/max ranges by robust per-sample extremes)
 ORT_CALIBRATION = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy",
-                   "mean-minmax": "MinMax"}
+                   "robust-minmax": "MinMax"}
 CALIB_METHODS = tuple(ORT_CALIBRATION)
 QUANT_OPS = ("Conv", "Gemm", "MatMul")
 COMPUTE_OPS = (*QUANT_OPS, "ConvTranspose")     # where int8 saves time
@@ -255,11 +255,11 @@ def quantize_static(model: onnx.ModelProto, cfg: QuantizeConfig
         quantized = onnx.load(str(out))
     if reader is not None and reader.count == 0:
         raise EdgesmithError("calibration data is empty")
-    if recipe.calibration == "mean-minmax":
+    if recipe.calibration == "robust-minmax":
         if not cfg.batches:
-            raise EdgesmithError("mean-minmax calibration needs the calibration data")
+            raise EdgesmithError("robust-minmax calibration needs the calibration data")
         quantized, ranges = refine_ranges(quantized, RangeConfig(model, cfg.batches,
-                                                                 estimator="mean-minmax"))
+                                                                 estimator="robust-minmax"))
         report.details.extend(ranges.details)
     kinds = [n.op_type for n in quantized.graph.node]
     report.metrics.update(

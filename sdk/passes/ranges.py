@@ -5,8 +5,14 @@ set. Two estimators set them better, in place on a calibrated QDQ model:
 - `mse` (TensorRT's and NNCF's "MSE" range estimator): per tensor, the range is shrunk by the
   factor in ALPHAS with the lowest mean squared quantization error on calibration samples of
   the float model's values; it clips a few outliers and resolves everything else finer;
-- `mean-minmax` (NNCF's default for activations): the mean over calibration samples of each
-  sample's own min and max, so one unusual sample does not set the range for all.
+- `robust-minmax`: each calibration sample's own min and max, and the range spans the most
+  extreme of them that is not an outlier among the samples (Tukey's far fence: beyond the
+  quartiles by 3x their spread). One unusual sample does not set the range for all (min/max's
+  failure: one ResNet-50 crop set layer4's ranges 4x wider than every other crop needs), and
+  ordinary samples do not clip. NNCF's mean of per-sample extremes, which this replaced, clips
+  about half the samples by construction: on held-out data it gave 15.7-17.0 dB on the digits
+  models against 29-42 dB, and 19.4 against 27.3 dB on ResNet-50's natural photos (equal on
+  MobileNetV2's).
 Tensors onnxruntime ties to the same parameters (MaxPool, Reshape, Concat in and out: equal
 scale and zero point, or the QDQ pair is not fused away) are refined as one group, and the
 int32 biases that depend on an input's scale are requantized, so the graph and its speed are
@@ -25,7 +31,8 @@ from .graph import Graph, float_name, probe_session
 ALPHAS = np.linspace(0.3, 1.0, 36)
 SAMPLES_PER_TENSOR = 200_000
 TENSORS_PER_RUN = 24
-ESTIMATORS = ("mse", "mean-minmax")
+ESTIMATORS = ("mse", "robust-minmax")
+FENCE = 3.0      # Tukey's "far out": quartile + 3 x interquartile range
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,8 +82,15 @@ def _samples(model: onnx.ModelProto, names: list[str], batches: list, seed: int)
     return out
 
 
+def _fenced_max(values: np.ndarray) -> float:
+    """The largest value that is not an outlier above the others (Tukey's far fence)."""
+    q1, q3 = np.percentile(values, [25, 75])
+    return float(values[values <= q3 + FENCE * (q3 - q1)].max())
+
+
 def _sample_extremes(model: onnx.ModelProto, names: list[str], batches: list) -> dict:
-    """Each tensor's (mean over samples of the sample's min, of its max); axis 0 is samples."""
+    """Each tensor's (robust min, robust max) over its samples' own extremes; axis 0 is
+    samples."""
     out: dict[str, tuple[float, float]] = {}
     for start in range(0, len(names), TENSORS_PER_RUN):
         chunk = names[start:start + TENSORS_PER_RUN]
@@ -89,12 +103,12 @@ def _sample_extremes(model: onnx.ModelProto, names: list[str], batches: list) ->
                 flat = value.reshape(len(value), -1) if value.ndim else value.reshape(1, 1)
                 lows[n].append(flat.min(axis=1))
                 highs[n].append(flat.max(axis=1))
-        out.update({n: (float(np.mean(np.concatenate(lows[n]))),
-                        float(np.mean(np.concatenate(highs[n])))) for n in chunk})
+        out.update({n: (-_fenced_max(-np.concatenate(lows[n])),
+                        _fenced_max(np.concatenate(highs[n]))) for n in chunk})
     return out
 
 
-def _mean_minmax_range(lo: float, hi: float, symmetric: bool, qmin: int, qmax: int
+def _minmax_range(lo: float, hi: float, symmetric: bool, qmin: int, qmax: int
                        ) -> tuple[float, int]:
     """(scale, zero point) covering [lo, hi] and zero."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -180,7 +194,7 @@ def refine_ranges(qdq: onnx.ModelProto, cfg: RangeConfig) -> tuple[onnx.ModelPro
                 continue
             gains.append(10 * np.log10(now / max(after, 1e-30)))
         else:
-            s, z = _mean_minmax_range(min(extremes[f][0] for f in tensors),
+            s, z = _minmax_range(min(extremes[f][0] for f in tensors),
                                       max(extremes[f][1] for f in tensors),
                                       dtype == "int8" and zp == 0, int(info.min), int(info.max))
         for node in nodes:       # the Q node and the DQ nodes reading it, if not shared
