@@ -110,8 +110,10 @@ def load_digits() -> tuple:
             distorted(x_te, 4, 2), np.tile(y_te, 4))
 
 
-def build_task(work: Path, task: str, epochs: int) -> tuple[Path, Path, Path, Path]:
-    """Train the baseline CNN; write it with train/holdout/test .npz files under `work`."""
+def build_task(work: Path, task: str, epochs: int, width: float
+               ) -> tuple[Path, Path, Path, Path]:
+    """Train the baseline CNN (`width` x 32-32-64-64-128-128 channels); write it with
+    train/holdout/test .npz files under `work`."""
     import torch
     from torch import nn
 
@@ -125,9 +127,10 @@ def build_task(work: Path, task: str, epochs: int) -> tuple[Path, Path, Path, Pa
         return [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
     torch.manual_seed(0)
-    net = nn.Sequential(*block(1, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64),
-                        *block(64, 64), nn.MaxPool2d(2), *block(64, 128), *block(128, 128),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+    c1, c2, c3 = (max(1, round(c * width)) for c in (32, 64, 128))
+    net = nn.Sequential(*block(1, c1), *block(c1, c1), nn.MaxPool2d(2), *block(c1, c2),
+                        *block(c2, c2), nn.MaxPool2d(2), *block(c2, c3), *block(c3, c3),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c3, 10))
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     steps = epochs * int(np.ceil(len(x_train) / 64))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
@@ -189,6 +192,8 @@ def main() -> None:
     ap.add_argument("--work", help="default /tmp/edgesmith-nas-bench-TASK")
     ap.add_argument("--task", choices=("fashion", "digits"), default="fashion")
     ap.add_argument("--epochs", type=int, help="baseline training epochs (fashion 8, digits 12)")
+    ap.add_argument("--width", type=float, default=1.0,
+                    help="the original CNN's channels x this (32-32-64-64-128-128 at 1)")
     ap.add_argument("--steps", type=int, default=100, help="fine-tuning steps per proposal")
     ap.add_argument("--final-epochs", type=int, help="(fashion 4, digits 15)")
     ap.add_argument("--proxies", nargs="+", choices=("latency", "macs"),
@@ -200,7 +205,8 @@ def main() -> None:
     fashion = args.task == "fashion"
     epochs = args.epochs or (8 if fashion else 12)
     final_epochs = args.final_epochs or (4 if fashion else 15)
-    work = Path(args.work or f"/tmp/edgesmith-nas-bench-{args.task}")
+    work = Path(args.work or f"/tmp/edgesmith-nas-bench-{args.task}"
+                + ("" if args.width == 1 else f"-w{args.width:g}"))
     if args.rejudge:
         if fashion:
             sys.exit("--rejudge draws fresh digits distortions; Fashion-MNIST's 10,000 test "
@@ -211,7 +217,7 @@ def main() -> None:
 
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    model, train, holdout, test = build_task(work, args.task, epochs)
+    model, train, holdout, test = build_task(work, args.task, epochs, args.width)
     print(f"CPU: {cpu_name()}; device {args.device}, {args.threads} thread(s); task {args.task}")
     print(f"task built in {time.time() - t0:.0f} s: {model}")
 

@@ -117,8 +117,10 @@ def small_train(models, tmp_path):
 
 
 def _iterations(state_file) -> list[dict]:
+    """Each iteration as last saved (the stop check re-saves the one it measured again)."""
     rows = [json.loads(line) for line in state_file.read_text().splitlines()]
-    return [r["recipe"]["iteration"] for r in rows if "iteration" in r["recipe"]]
+    last = {r["id"]: r["recipe"]["iteration"] for r in rows if "iteration" in r["recipe"]}
+    return list(last.values())
 
 
 def test_nas_narrows_the_model_and_an_interrupted_search_continues(models, tmp_path,
@@ -151,6 +153,12 @@ def test_nas_narrows_the_model_and_an_interrupted_search_continues(models, tmp_p
         assert it["predicted_ms"] > 0 and it["measured_ms"] > 0 and it["width_after"] < \
             it["width_before"]
         assert it["lut_error"] == pytest.approx(it["predicted_ms"] / it["measured_ms"] - 1)
+    # the search stopped only when the kept model, measured interleaved with the original,
+    # met the budget
+    stop = report["iterations"][-1]["checked_ms"]
+    assert report["stopped"] is None and stop <= report["target_ms"] * 1.02
+    assert all(it["checked_ms"] is None or it["checked_ms"] > report["target_ms"] * 1.02
+               for it in report["iterations"][:-1])
     assert report["final"]["test_top1"] > 0.5 and report["uniform"]["measured_ms"] > 0
     assert sum(report["widths_after"].values()) < sum(report["widths_before"].values())
     assert report["lut"]["entries_measured"] > 0
