@@ -2,8 +2,10 @@
  *
  * Domain "edgesmith", op InvertedResidual (float32, NCHW): a MobileNetV2 block in one kernel,
  *   Y = Project(Act(Depthwise3x3(Act(Expand(X))))) [+ X]
- * computed a few output rows at a time, so the expanded tensor (6x the input) lives in a small
- * per-thread buffer that stays in cache instead of going through memory twice.
+ * Large images are computed a few output rows at a time, vectorised along pixels, so the
+ * expanded tensor (6x the input) lives in a small per-thread buffer that stays in cache instead
+ * of going through memory twice; images of at most CHANNEL_PIXELS output pixels are computed
+ * whole, vectorised along channels (see channel_image).
  *
  * One source for every target: the vector width comes from the ISA the compiler is told to build
  * for (-march): 16 lanes with AVX-512, 8 with AVX2, 4 with NEON (aarch64) or SSE. The build is per
@@ -57,6 +59,23 @@ typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
 #define MR 4
 #endif
 #define NR (2 * VL)   /* pixels per micro-kernel */
+/* images of at most this many output pixels take the channel path (see channel_image) */
+#ifndef CHANNEL_PIXELS
+#define CHANNEL_PIXELS 784
+#endif
+/* the channel path's micro-kernel: CV vectors of channels x CP pixels of accumulators */
+#if defined(CV) && defined(CP)
+/* given by the build (experiments) */
+#elif VL == 16 || defined(__aarch64__)
+#define CV 3          /* 21 accumulators: no spill (7 x 4 spilled one); MobileNets' images are */
+#define CP 7          /* 7, 14, 28 pixels wide, their expansions multiples of 48 channels */
+#elif VL == 8
+#define CV 2
+#define CP 6
+#else
+#define CV 2
+#define CP 4
+#endif
 
 static const OrtApi *api;
 
@@ -203,6 +222,10 @@ typedef struct {
   float lo, hi;
   float *we, *wp;               /* packed 1x1 weights */
   float *be, *wd, *bd, *bp;     /* copies: biases and depthwise taps */
+  /* the channel path: channels padded to whole vectors (ep, op); depthwise taps transposed
+   * so channels run along the vector (wdT [9][ep]); 1x1 weights in panels (see panels()) */
+  int ep, op;
+  float *weT, *wdT, *wpT, *beP, *bdP, *bpP;
 } Block;
 
 /* per-thread scratch, grown as needed and freed when its thread ends (a thread-per-request host
@@ -256,9 +279,39 @@ static float *copy(const float *src, size_t n) {
   return p;
 }
 
+/* dst[j][i] = src[i][j] for an rows x cols source, into a zeroed cols x ld destination */
+static float *transposed(const float *src, int rows, int cols, int ld) {
+  float *p = calloc((size_t)cols * ld, sizeof(float));
+  if (p)
+    for (int i = 0; i < rows; i++)
+      for (int j = 0; j < cols; j++) p[(size_t)j * ld + i] = src[(size_t)i * cols + j];
+  return p;
+}
+
+/* the channel path's micro-kernel widths for `padded` channels, from channel c0 on */
+static inline int tile_vectors(int padded, int c0) {
+  return (padded - c0) / VL < CV ? (padded - c0) / VL : CV;
+}
+
+/* w [rows][k] as the channel path reads it: for each tile of nv vectors of output channels
+ * (tile_vectors), a [k][nv * VL] panel, contiguous, so the micro-kernel streams it in order;
+ * the tile starting at channel c0 begins at c0 * k. Padded channels are zero. */
+static float *panels(const float *w, int rows, int k, int padded) {
+  float *p = calloc((size_t)padded * k, sizeof(float));
+  if (!p) return NULL;
+  for (int c0 = 0, nv; c0 < padded; c0 += nv * VL) {
+    nv = tile_vectors(padded, c0);
+    for (int j = 0; j < k; j++)
+      for (int c = 0; c < nv * VL && c0 + c < rows; c++)
+        p[(size_t)c0 * k + (size_t)j * nv * VL + c] = w[(size_t)(c0 + c) * k + j];
+  }
+  return p;
+}
+
 static void block_free(Block *b) {
   if (!b) return;
   free(b->we); free(b->wp); free(b->be); free(b->wd); free(b->bd); free(b->bp);
+  free(b->weT); free(b->wdT); free(b->wpT); free(b->beP); free(b->bdP); free(b->bpP);
   free(b);
 }
 
@@ -294,7 +347,16 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *a,
   b->wp = pack_a(wp, b->o, b->e);
   b->be = copy(be, b->e); b->wd = copy(wd, (size_t)b->e * 9);
   b->bd = copy(bd, b->e); b->bp = copy(bp, b->o);
-  if (!b->we || !b->wp || !b->be || !b->wd || !b->bd || !b->bp) {
+  b->ep = (b->e + VL - 1) / VL * VL;
+  b->op = (b->o + VL - 1) / VL * VL;
+  b->weT = panels(we, b->e, b->c, b->ep);
+  b->wdT = transposed(wd, b->e, 9, b->ep);
+  b->wpT = panels(wp, b->o, b->e, b->op);
+  b->beP = transposed(be, b->e, 1, b->ep);
+  b->bdP = transposed(bd, b->e, 1, b->ep);
+  b->bpP = transposed(bp, b->o, 1, b->op);
+  if (!b->we || !b->wp || !b->be || !b->wd || !b->bd || !b->bp || !b->weT || !b->wdT ||
+      !b->wpT || !b->beP || !b->bdP || !b->bpP) {
     st = api->CreateStatus(ORT_FAIL, "out of memory");
     goto bad;
   }
@@ -343,6 +405,176 @@ static void run_image(const Block *b, const float *x, float *y, int h, int w, in
   }
 }
 
+/* ---- the channel path, for small images ----
+ * Row tiles vectorise along pixels, so a 7x7 image leaves most lanes idle and the expanded
+ * tensor is recomputed at every tile's edge. Here the whole image is one tile: the expanded
+ * tensor is held pixel-major ([pixel][channel], a few hundred KB at most), every stage
+ * vectorises along channels, and the project stage's pixel-major results are written back
+ * channel-major (NCHW) once. */
+
+/* out[i][v] = sum_j w[j][v*VL ...] * src[j*ldk + i*ldi], for CP pixels i and NV vectors of
+ * channels v (weights transposed: channels along the vector; each pixel's value broadcast) */
+#define CHANNEL_TILE(NAME, NV)                                                                   \
+  static void NAME(int k, const float *w, long ldw, const float *src, long ldk, long ldi,      \
+                   vf out[CP][NV], int accumulate) {                                             \
+    vf acc[CP][NV];                                                                              \
+    for (int i = 0; i < CP; i++)                                                                 \
+      for (int v = 0; v < NV; v++) acc[i][v] = accumulate ? out[i][v] : (vf){0};                 \
+    for (int j = 0; j < k; j++, w += ldw, src += ldk) {                                          \
+      vf wv[NV];                                                                                 \
+      for (int v = 0; v < NV; v++) wv[v] = *(const vf *)(w + v * VL);                            \
+      for (int i = 0; i < CP; i++) {                                                             \
+        float xi = src[i * ldi];                                                                 \
+        for (int v = 0; v < NV; v++) acc[i][v] += xi * wv[v];                                    \
+      }                                                                                          \
+    }                                                                                            \
+    memcpy(out, acc, sizeof(acc));                                                               \
+  }
+CHANNEL_TILE(channel_tile_1, 1)
+CHANNEL_TILE(channel_tile_2, 2)
+#if CV > 2
+CHANNEL_TILE(channel_tile_3, 3)
+CHANNEL_TILE(channel_tile_4, 4)
+#endif
+
+/* out ([CP][nv]) for one tile of output channels, nv = tile_vectors(): `w` is the tile's
+ * panel (rows of nv vectors), added to what out holds when `accumulate` */
+static int channel_tile(int k, const float *w, const float *src, long ldk, long ldi, int nv,
+                        vf *out, int accumulate) {
+  switch (nv) {
+#if CV > 2
+    case 4: channel_tile_4(k, w, 4 * VL, src, ldk, ldi, (vf(*)[4])out, accumulate); return 4;
+    case 3: channel_tile_3(k, w, 3 * VL, src, ldk, ldi, (vf(*)[3])out, accumulate); return 3;
+#endif
+    case 2: channel_tile_2(k, w, 2 * VL, src, ldk, ldi, (vf(*)[2])out, accumulate); return 2;
+    default: channel_tile_1(k, w, VL, src, ldk, ldi, (vf(*)[1])out, accumulate); return 1;
+  }
+}
+
+/* ebuf [p][ep] = Act(We X + be), a weight panel at a time over every pixel tile (the panel
+ * stays in cache while the pixels pass) */
+static void channel_expand(const Block *b, const float *x, int hw, float *ebuf, float *tail) {
+  vf out[CP * CV], lo = (vf){0} + b->lo, hi = (vf){0} + b->hi;
+  int last = hw / CP * CP; /* the last, partial pixel tile reads a zero-padded copy */
+  if (last < hw)
+    for (int c = 0; c < b->c; c++)
+      for (int i = 0; i < CP; i++) tail[c * CP + i] = last + i < hw ? x[(size_t)c * hw + last + i] : 0;
+  for (int e0 = 0, nv; e0 < b->ep; e0 += nv * VL) {
+    nv = tile_vectors(b->ep, e0);
+    for (int p0 = 0; p0 < hw; p0 += CP) {
+      channel_tile(b->c, b->weT + (size_t)e0 * b->c, p0 < last ? x + p0 : tail,
+                   p0 < last ? hw : CP, 1, nv, out, 0);
+      for (int i = 0; i < CP; i++)
+        for (int v = 0; v < nv; v++) {
+          vf r = out[i * nv + v] + *(const vf *)(b->beP + e0 + v * VL);
+          *(vf *)(ebuf + (size_t)(p0 + i) * b->ep + e0 + v * VL) = VMIN(VMAX(r, lo), hi);
+        }
+    }
+  }
+}
+
+/* dbuf [q][ep] = Act(depthwise(ebuf) + bd), a vector of channels at a time: its 9 taps stay
+ * in registers while every output pixel passes; border pixels leave out the taps outside */
+static void channel_depthwise(const Block *b, const float *ebuf, int h, int w, int oh, int ow,
+                              float *dbuf) {
+  vf lo = (vf){0} + b->lo, hi = (vf){0} + b->hi;
+  long ep = b->ep, row = (long)w * ep;
+  for (int e0 = 0; e0 < ep; e0 += VL) {
+    vf k[9], bias = *(const vf *)(b->bdP + e0);
+    for (int t = 0; t < 9; t++) k[t] = *(const vf *)(b->wdT + t * ep + e0);
+    for (int oy = 0; oy < oh; oy++) {
+      int iy0 = oy * b->stride - 1;
+      float *d = dbuf + (size_t)oy * ow * ep + e0;
+      int rows_inside = iy0 >= 0 && iy0 + 2 < h;
+      for (int ox = 0; ox < ow; ox++, d += ep) {
+        int ix0 = ox * b->stride - 1;
+        const float *p = ebuf + (iy0 * (long)w + ix0) * ep + e0;
+        vf acc = bias;
+        if (b->stride == 1 && rows_inside && ix0 >= 0 && ix0 + 5 < w) {
+          /* four neighbours at once: each input vector loaded once for the three it feeds */
+          vf a1 = bias, a2 = bias, a3 = bias;
+          for (int dy = 0; dy < 3; dy++, p += row) {
+            vf x0 = *(const vf *)p, x1 = *(const vf *)(p + ep), x2 = *(const vf *)(p + 2 * ep),
+               x3 = *(const vf *)(p + 3 * ep), x4 = *(const vf *)(p + 4 * ep),
+               x5 = *(const vf *)(p + 5 * ep), k0 = k[3 * dy], k1 = k[3 * dy + 1],
+               k2 = k[3 * dy + 2];
+            acc += k0 * x0 + k1 * x1 + k2 * x2;
+            a1 += k0 * x1 + k1 * x2 + k2 * x3;
+            a2 += k0 * x2 + k1 * x3 + k2 * x4;
+            a3 += k0 * x3 + k1 * x4 + k2 * x5;
+          }
+          *(vf *)d = VMIN(VMAX(acc, lo), hi);
+          *(vf *)(d + ep) = VMIN(VMAX(a1, lo), hi);
+          *(vf *)(d + 2 * ep) = VMIN(VMAX(a2, lo), hi);
+          *(vf *)(d + 3 * ep) = VMIN(VMAX(a3, lo), hi);
+          ox += 3, d += 3 * ep;
+          continue;
+        }
+        if (rows_inside && ix0 >= 0 && ix0 + 2 < w) {
+          for (int dy = 0; dy < 3; dy++, p += row) /* three short chains, not one long one */
+            acc += k[3 * dy] * *(const vf *)p + k[3 * dy + 1] * *(const vf *)(p + ep) +
+                   k[3 * dy + 2] * *(const vf *)(p + 2 * ep);
+        } else {
+          for (int dy = 0; dy < 3; dy++)
+            for (int dx = 0; dx < 3; dx++)
+              if (iy0 + dy >= 0 && iy0 + dy < h && ix0 + dx >= 0 && ix0 + dx < w)
+                acc += k[3 * dy + dx] * *(const vf *)(p + dy * row + dx * ep);
+        }
+        *(vf *)d = VMIN(VMAX(acc, lo), hi);
+      }
+    }
+  }
+}
+
+/* y [o][q] (NCHW) from dbuf [q][ep] (rows up to q rounded up to CP may hold anything). The
+ * expanded channels are taken KC at a time, so one chunk of a channel tile's weights (KC rows
+ * of CV vectors: 32 KB with AVX-512) stays in L1 while every pixel tile uses it; `acc` holds
+ * the pixel tiles' sums between chunks. */
+#define KC 128
+static void channel_project(const Block *b, const float *dbuf, int q, const float *res,
+                            float *y, vf *acc) {
+  for (int o0 = 0, nv; o0 < b->op; o0 += nv * VL) {
+    nv = tile_vectors(b->op, o0);
+    for (int k0 = 0; k0 < b->e; k0 += KC) {
+      int kc = b->e - k0 < KC ? b->e - k0 : KC;
+      for (int q0 = 0; q0 < q; q0 += CP)
+        channel_tile(kc, b->wpT + (size_t)o0 * b->e + (size_t)k0 * nv * VL,
+                     dbuf + (size_t)q0 * b->ep + k0, 1, b->ep, nv,
+                     acc + (size_t)(q0 / CP) * CP * CV, k0 > 0);
+    }
+    for (int q0 = 0; q0 < q; q0 += CP) {
+      const vf *out = acc + (size_t)(q0 / CP) * CP * CV;
+      int np = q - q0 < CP ? q - q0 : CP;
+      for (int v = 0; v < nv; v++)
+        for (int l = 0; l < VL && o0 + v * VL + l < b->o; l++) {
+          int o = o0 + v * VL + l;
+          float *yo = y + (size_t)o * q + q0;
+          const float *ro = res ? res + (size_t)o * q + q0 : NULL;
+          for (int i = 0; i < np; i++) yo[i] = out[i * nv + v][l] + b->bp[o] + (ro ? ro[i] : 0.0f);
+        }
+    }
+  }
+}
+
+static inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
+
+/* floats of scratch the channel path needs for one image */
+static size_t channel_scratch(const Block *b, int h, int w, int oh, int ow) {
+  return (size_t)round_up(h * w, CP) * b->ep + (size_t)round_up(oh * ow, CP) * (b->ep + CV * VL) +
+         (size_t)b->c * CP + VL;
+}
+
+static void channel_image(const Block *b, const float *x, float *y, int h, int w, int oh, int ow,
+                          float *buf) {
+  float *ebuf = buf, *dbuf = ebuf + (size_t)round_up(h * w, CP) * b->ep;
+  float *tail = dbuf + (size_t)round_up(oh * ow, CP) * b->ep;
+  float *acc = tail + (size_t)b->c * CP;
+  acc += (VL - (uintptr_t)acc / sizeof(float) % VL) % VL;   /* whole vectors: aligned */
+  channel_expand(b, x, h * w, ebuf, tail);
+  channel_depthwise(b, ebuf, h, w, oh, ow, dbuf);
+  channel_project(b, dbuf, oh * ow, b->residual ? x : NULL, y, (vf *)acc);
+}
+
 static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
   const Block *b = kernel;
   const OrtValue *xv;
@@ -370,6 +602,14 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
   if ((st = api->GetTensorMutableData((OrtValue *)xv, (void **)&x))) return st;
   if ((st = api->GetTensorMutableData(yv, (void **)&y))) return st;
   if (n == 0 || oh == 0 || ow == 0) return NULL; /* an empty output: nothing to compute */
+  if (oh * ow <= CHANNEL_PIXELS) {
+    float *buf = scratch_for(channel_scratch(b, h, w, oh, ow));
+    if (!buf) return api->CreateStatus(ORT_FAIL, "edgesmith.InvertedResidual: out of memory");
+    for (int i = 0; i < n; i++)
+      channel_image(b, x + (size_t)i * b->c * h * w, y + (size_t)i * b->o * oh * ow, h, w, oh, ow,
+                    buf);
+    return NULL;
+  }
   int rows = b->tile_rows > 0 ? b->tile_rows : 4;
   if (rows > oh) rows = oh;
   long cap = (long)(rows - 1) * b->stride + 3;
