@@ -2,7 +2,7 @@
 benchmarks/reconstruct.py. Runs in its own venv (NNCF pins its own dependencies; edgesmith is
 not imported here):
 
-    python -m venv /tmp/nncf && /tmp/nncf/bin/pip install nncf==3.4.0 onnxruntime==<yours>
+    python -m venv /tmp/nncf && /tmp/nncf/bin/pip install nncf==3.4.0 onnx onnxruntime==<yours>
     /tmp/nncf/bin/python benchmarks/nncf_anchor.py MODEL.onnx CALIB.npz OUT.onnx
 
 CALIB.npz holds one array, `input` (N, ...), fed one sample at a time; NNCF's defaults
