@@ -109,7 +109,7 @@ def _sample_extremes(model: onnx.ModelProto, names: list[str], batches: list) ->
 
 
 def _minmax_range(lo: float, hi: float, symmetric: bool, qmin: int, qmax: int
-                       ) -> tuple[float, int]:
+                  ) -> tuple[float, int]:
     """(scale, zero point) covering [lo, hi] and zero."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     if symmetric:
@@ -195,8 +195,8 @@ def refine_ranges(qdq: onnx.ModelProto, cfg: RangeConfig) -> tuple[onnx.ModelPro
             gains.append(10 * np.log10(now / max(after, 1e-30)))
         else:
             s, z = _minmax_range(min(extremes[f][0] for f in tensors),
-                                      max(extremes[f][1] for f in tensors),
-                                      dtype == "int8" and zp == 0, int(info.min), int(info.max))
+                                 max(extremes[f][1] for f in tensors),
+                                 dtype == "int8" and zp == 0, int(info.min), int(info.max))
         for node in nodes:       # the Q node and the DQ nodes reading it, if not shared
             dqs = [d for d in graph.consumers.get(node.output[0], [])
                    if d.op_type == "DequantizeLinear" and len(d.input) >= 3]
