@@ -9,6 +9,7 @@ record of a measured model variant that quantize, tune and optimize all report.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -71,6 +72,13 @@ class Candidate:
                    runs=lat.get("runs", 0), peak_rss_mb=result.peak_rss_mb,
                    accuracy=result.accuracy, error=None if result.ok else result.error,
                    stage=result.stage, **sizes, **fields)
+
+
+def ms_digits(*values: float) -> int:
+    """Decimals that keep three significant digits of the smallest value, so ranges that do
+    not overlap do not print as if they did (0.0178-0.0179 vs 0.0184-0.0230, not 0.018s)."""
+    smallest = min((v for v in values if v and v > 0), default=1.0)
+    return max(3, 2 - math.floor(math.log10(smallest)))
 
 
 @dataclass

@@ -24,7 +24,7 @@ from .context import Context, OptimizeConfig, write_model
 from .data import eval_batch
 from .devices import Job, fingerprint, get_device
 from .errors import EdgesmithError, StageError
-from .measure import Candidate, Spread, interleave, measure
+from .measure import Candidate, Spread, interleave, measure, ms_digits
 from .model import Model, atomic_write, from_proto, load
 from .outputs import claim, copy_dir_atomic, is_ours
 from .passes.fuse import fuse
@@ -258,9 +258,10 @@ def _summary(report: OptimizeReport, pick: Candidate) -> str:
     rem = report.remeasure
     if "speedup" in rem:
         o, c = Spread(**rem["original"]), Spread(**rem["chosen"])
-        text += (f", {c.median_ms:.3f} ms vs the original's {o.median_ms:.3f} ms "
-                 f"(median of {c.rounds} interleaved rounds; chosen {c.low_ms:.3f}-"
-                 f"{c.high_ms:.3f}, original {o.low_ms:.3f}-{o.high_ms:.3f}): ")
+        d = ms_digits(c.low_ms, o.low_ms)
+        text += (f", {c.median_ms:.{d}f} ms vs the original's {o.median_ms:.{d}f} ms "
+                 f"(median of {c.rounds} interleaved rounds; chosen {c.low_ms:.{d}f}-"
+                 f"{c.high_ms:.{d}f}, original {o.low_ms:.{d}f}-{o.high_ms:.{d}f}): ")
         text += ("within noise, not a measurable speedup" if rem["within_noise"]
                  else f"{rem['speedup']:.2f}x " + ("faster" if rem["speedup"] > 1 else "slower"))
     return text

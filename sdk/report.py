@@ -120,7 +120,7 @@ def tune_table(report) -> Table:
                       note + (" (cached)" if t.cached else ""))
     for p in report.pruned:
         table.add_row("", f"{p['knob']}={p['value']}", "", "", "", "", "",
-                      f"[yellow]pruned: {p['reason']}[/yellow]")
+                      f"[yellow]not tried: {p['reason']}[/yellow]")
     if report.confirm:
         d, b = report.confirm["default"], report.confirm["best"]
         table.caption = (f"re-measured interleaved x{report.confirm['rounds']}: default "
@@ -163,7 +163,7 @@ def quantize_table(report) -> Table:
                       _sqnr(acc.get("sqnr_db")), _fmt(c.accuracy_drop, 4),
                       f"{c.size_bytes / 1024:.0f}", f"{c.host_s:.1f}" if c.host_s else "", note)
     for p in report.pruned:
-        table.add_row(p["recipe"], *[""] * 8, f"[yellow]pruned: {p['reason']}[/yellow]")
+        table.add_row(p["recipe"], *[""] * 8, f"[yellow]not tried: {p['reason']}[/yellow]")
     if report.kept_float:
         table.caption = f"kept in float: {', '.join(report.kept_float)}"
     return table

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from .measure import ms_digits
 from .model import atomic_write
 
 W, H, PAD = 720, 420, 60
@@ -147,11 +148,12 @@ def render_html(report) -> str:
     facts = report.device_facts
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.notes)
     rem = report.remeasure
-    remeasure = (f"<p>Re-measured interleaved ({rem['chosen']['rounds']} rounds, median and "
-                 f"range): original {rem['original']['median_ms']:.3f} ms "
-                 f"({rem['original']['low_ms']:.3f}-{rem['original']['high_ms']:.3f}), chosen "
-                 f"{rem['chosen']['median_ms']:.3f} ms ({rem['chosen']['low_ms']:.3f}-"
-                 f"{rem['chosen']['high_ms']:.3f}): "
+    o, c = rem.get("original", {}), rem.get("chosen", {})
+    d = ms_digits(c.get("low_ms"), o.get("low_ms"))
+    remeasure = (f"<p>Re-measured interleaved ({c['rounds']} rounds, median and "
+                 f"range): original {o['median_ms']:.{d}f} ms "
+                 f"({o['low_ms']:.{d}f}-{o['high_ms']:.{d}f}), chosen "
+                 f"{c['median_ms']:.{d}f} ms ({c['low_ms']:.{d}f}-{c['high_ms']:.{d}f}): "
                  + ("within noise." if rem["within_noise"] else f"{rem['speedup']:.2f}x.")
                  + "</p>" if "chosen" in rem else "")
     return f"""<!doctype html>

@@ -239,3 +239,12 @@ def test_state_that_is_not_ours_is_never_trusted_or_crashes(tmp_path):
     before = source_digest(images)
     (images / "a.png").write_bytes(b"\x89PNG" + bytes([1]) * 100)   # same size, new pixels
     assert source_digest(images) != before
+
+
+def test_speedup_ranges_print_with_digits_enough_to_tell_them_apart():
+    """0.01784 and 0.01841 ms both printed as 0.018 made a measured speedup read as noise."""
+    from edgesmith.measure import ms_digits
+
+    d = ms_digits(0.01784, 0.01841)
+    assert f"{0.01784:.{d}f}" != f"{0.01841:.{d}f}"
+    assert ms_digits(5.92, 6.31) == 3 and ms_digits(None, 0.145) == 3
