@@ -12,6 +12,7 @@ import pytest
 
 import device_runtime
 from conftest import ROOT, require, run_cli
+from edgesmith.measure import ms_digits
 from edgesmith.model import load as load_model
 from edgesmith.pipeline import OptimizeConfig, optimize
 
@@ -63,7 +64,8 @@ def test_optimize_digits_locally_meets_the_budget(models, tmp_path):
     assert (speed in report["summary"]) != rem["within_noise"]
     if rem["within_noise"]:
         assert "within noise" in report["summary"] and "within noise" in proc.stdout
-    assert f"{rem['chosen']['low_ms']:.3f}-{rem['chosen']['high_ms']:.3f}" in report["summary"]
+    d = ms_digits(rem["chosen"]["low_ms"], rem["original"]["low_ms"])
+    assert f"{rem['chosen']['low_ms']:.{d}f}-{rem['chosen']['high_ms']:.{d}f}" in report["summary"]
     chosen_row = next(line for line in proc.stdout.splitlines() if "chosen" in line
                       and report["chosen"] in line)   # the table shows what ships
     assert f"{rem['chosen']['median_ms']:.3f}" in chosen_row and speed in chosen_row
@@ -243,8 +245,6 @@ def test_state_that_is_not_ours_is_never_trusted_or_crashes(tmp_path):
 
 def test_speedup_ranges_print_with_digits_enough_to_tell_them_apart():
     """0.01784 and 0.01841 ms both printed as 0.018 made a measured speedup read as noise."""
-    from edgesmith.measure import ms_digits
-
     d = ms_digits(0.01784, 0.01841)
     assert f"{0.01784:.{d}f}" != f"{0.01841:.{d}f}"
     assert ms_digits(5.92, 6.31) == 3 and ms_digits(None, 0.145) == 3
