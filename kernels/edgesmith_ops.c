@@ -64,9 +64,7 @@ typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
 #define CHANNEL_PIXELS 784
 #endif
 /* the channel path's micro-kernel: CV vectors of channels x CP pixels of accumulators */
-#if defined(CV) && defined(CP)
-/* given by the build (experiments) */
-#elif VL == 16 || defined(__aarch64__)
+#if VL == 16 || defined(__aarch64__)
 #define CV 3          /* 21 accumulators: no spill (7 x 4 spilled one); MobileNets' images are */
 #define CP 7          /* 7, 14, 28 pixels wide, their expansions multiples of 48 channels */
 #elif VL == 8
@@ -221,11 +219,11 @@ typedef struct {
   int c, e, o, stride, residual, tile_rows;
   float lo, hi;
   float *we, *wp;               /* packed 1x1 weights */
-  float *be, *wd, *bd, *bp;     /* copies: biases and depthwise taps */
+  float *be, *wd, *bd, *bp;     /* copies: biases (be, bd zero-padded to ep) and depthwise taps */
   /* the channel path: channels padded to whole vectors (ep, op); depthwise taps transposed
    * so channels run along the vector (wdT [9][ep]); 1x1 weights in panels (see panels()) */
   int ep, op;
-  float *weT, *wdT, *wpT, *beP, *bdP, *bpP;
+  float *weT, *wdT, *wpT;
 } Block;
 
 /* per-thread scratch, grown as needed and freed when its thread ends (a thread-per-request host
@@ -311,7 +309,7 @@ static float *panels(const float *w, int rows, int k, int padded) {
 static void block_free(Block *b) {
   if (!b) return;
   free(b->we); free(b->wp); free(b->be); free(b->wd); free(b->bd); free(b->bp);
-  free(b->weT); free(b->wdT); free(b->wpT); free(b->beP); free(b->bdP); free(b->bpP);
+  free(b->weT); free(b->wdT); free(b->wpT);
   free(b);
 }
 
@@ -345,18 +343,16 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *a,
   }
   b->we = pack_a(we, b->e, b->c);
   b->wp = pack_a(wp, b->o, b->e);
-  b->be = copy(be, b->e); b->wd = copy(wd, (size_t)b->e * 9);
-  b->bd = copy(bd, b->e); b->bp = copy(bp, b->o);
   b->ep = (b->e + VL - 1) / VL * VL;
   b->op = (b->o + VL - 1) / VL * VL;
+  b->be = transposed(be, b->e, 1, b->ep); /* padded: the channel path loads whole vectors */
+  b->bd = transposed(bd, b->e, 1, b->ep);
+  b->wd = copy(wd, (size_t)b->e * 9); b->bp = copy(bp, b->o);
   b->weT = panels(we, b->e, b->c, b->ep);
   b->wdT = transposed(wd, b->e, 9, b->ep);
   b->wpT = panels(wp, b->o, b->e, b->op);
-  b->beP = transposed(be, b->e, 1, b->ep);
-  b->bdP = transposed(bd, b->e, 1, b->ep);
-  b->bpP = transposed(bp, b->o, 1, b->op);
   if (!b->we || !b->wp || !b->be || !b->wd || !b->bd || !b->bp || !b->weT || !b->wdT ||
-      !b->wpT || !b->beP || !b->bdP || !b->bpP) {
+      !b->wpT) {
     st = api->CreateStatus(ORT_FAIL, "out of memory");
     goto bad;
   }
@@ -434,7 +430,6 @@ CHANNEL_TILE(channel_tile_1, 1)
 CHANNEL_TILE(channel_tile_2, 2)
 #if CV > 2
 CHANNEL_TILE(channel_tile_3, 3)
-CHANNEL_TILE(channel_tile_4, 4)
 #endif
 
 /* out ([CP][nv]) for one tile of output channels, nv = tile_vectors(): `w` is the tile's
@@ -443,7 +438,6 @@ static int channel_tile(int k, const float *w, const float *src, long ldk, long 
                         vf *out, int accumulate) {
   switch (nv) {
 #if CV > 2
-    case 4: channel_tile_4(k, w, 4 * VL, src, ldk, ldi, (vf(*)[4])out, accumulate); return 4;
     case 3: channel_tile_3(k, w, 3 * VL, src, ldk, ldi, (vf(*)[3])out, accumulate); return 3;
 #endif
     case 2: channel_tile_2(k, w, 2 * VL, src, ldk, ldi, (vf(*)[2])out, accumulate); return 2;
@@ -466,7 +460,7 @@ static void channel_expand(const Block *b, const float *x, int hw, float *ebuf, 
                    p0 < last ? hw : CP, 1, nv, out, 0);
       for (int i = 0; i < CP; i++)
         for (int v = 0; v < nv; v++) {
-          vf r = out[i * nv + v] + *(const vf *)(b->beP + e0 + v * VL);
+          vf r = out[i * nv + v] + *(const vf *)(b->be + e0 + v * VL);
           *(vf *)(ebuf + (size_t)(p0 + i) * b->ep + e0 + v * VL) = VMIN(VMAX(r, lo), hi);
         }
     }
@@ -480,7 +474,7 @@ static void channel_depthwise(const Block *b, const float *ebuf, int h, int w, i
   vf lo = (vf){0} + b->lo, hi = (vf){0} + b->hi;
   long ep = b->ep, row = (long)w * ep;
   for (int e0 = 0; e0 < ep; e0 += VL) {
-    vf k[9], bias = *(const vf *)(b->bdP + e0);
+    vf k[9], bias = *(const vf *)(b->bd + e0);
     for (int t = 0; t < 9; t++) k[t] = *(const vf *)(b->wdT + t * ep + e0);
     for (int oy = 0; oy < oh; oy++) {
       int iy0 = oy * b->stride - 1;
