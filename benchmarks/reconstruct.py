@@ -15,7 +15,8 @@ default 2): the K blocks with the largest share of its error on calibration inpu
 float, the rest learned again (the repair search ranks blocks per millisecond saved on the
 device instead, and doubles K until the budget holds). Per method: held-out output SQNR and
 top-1 agreement with fp32, latency vs fp32 (interleaved, batch 1, 1 thread) and the time to
-quantize on the host. Goals (issue 18, for the ImageNet MobileNetV2): SQNR >= 18 dB and
+quantize on the host. `--also LABEL=MODEL.onnx` judges int8 models made elsewhere beside them
+(the recipe search's pick for an --eval set: `edgesmith quantize ... -o MODEL.onnx`). Goals (issue 18, for the ImageNet MobileNetV2): SQNR >= 18 dB and
 agreement >= 0.85 at <= 0.75x fp32 latency; a ResNet-class model >= 25 dB.
 Anchors in the same run: onnxruntime's `quantize_static` defaults, and OpenVINO NNCF's
 `nncf.quantize` defaults when `--nncf-python` names a Python with NNCF installed (its own venv:
@@ -46,11 +47,8 @@ def data(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     models held-out natural photos: the first held-out set is 4 images unlike the calibration
     photos, a logo and a colour chart among them, which no calibrated range covers)."""
     if name in PHOTO_MODELS:
-        import imagenet_mobilenetv2 as photos
-        per = 8
-        x = photos.photos(crops_per_photo=per)
-        natural = photos.photos(crops_per_photo=per, seed=1, paths=photos.natural_photos())
-        return x[:7 * per], x[7 * per:], natural
+        from imagenet_mobilenetv2 import held_out_split
+        return held_out_split()
     x = np.load(MODELS / f"{name}_eval.npz")["input"]
     cut = len(x) * 3 // 4
     return x[:cut], x[cut:], None
@@ -103,7 +101,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--float-blocks", type=int, default=2)
     parser.add_argument("--nncf-python", help="a Python with nncf installed: NNCF's anchor")
+    parser.add_argument("--also", nargs="+", default=[], metavar="LABEL=MODEL.onnx",
+                        help="int8 models made elsewhere (e.g. `edgesmith quantize`'s pick for "
+                             "an --eval set), judged in the same run; with one --models only")
     args = parser.parse_args()
+    also = dict(item.split("=", 1) for item in args.also)
+    if also and len(args.models) != 1:
+        parser.error("--also judges models of one --models entry")
     from quantize import interleaved, session
     from real_models import cpu_name, sqnr
     from edgesmith.model import load
@@ -143,6 +147,8 @@ def main() -> None:
                 built[mixed], _ = build_recipe(
                     prepared, recipe_by_name(method).with_exclusions(keep), batches)
                 seconds[mixed] = time.time() - t0
+        import onnx
+        built.update({label: onnx.load(path) for label, path in also.items()})
         sessions = {k: session(v) for k, v in built.items()}
         lat = interleaved(sessions, held[:1], args.rounds, block=10)
         ref = outputs(sessions["fp32"], held)

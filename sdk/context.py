@@ -96,8 +96,8 @@ class Context:
         """Keep a measured candidate (resumable), judge its drop, write the best so far."""
         base = self.baseline()
         if cand.ok and cand.accuracy_drop is None:
-            cand.accuracy_drop = 0.0 if base is None else accuracy_drop(base.accuracy,
-                                                                        cand.accuracy)
+            cand.accuracy_drop = 0.0 if base is None else accuracy_drop(
+                base.accuracy, cand.accuracy, self.original.facts.class_scores)
         self.state.save(cand, model if cand.ok else None)
         self.cands.append(cand)
         best = choose(self.cands, self.cfg) or best_tradeoff(self.cands)

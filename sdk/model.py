@@ -39,6 +39,7 @@ class ModelFacts:
     opset: int | None = None
     producer: str = ""
     notes: list[str] = field(default_factory=list)
+    class_scores: bool = True      # the first output is a classifier's (see `class_scores`)
 
 
 @dataclass
@@ -378,6 +379,27 @@ def _param_count(proto) -> int:
     return count
 
 
+SCORE_HEADS = {"Gemm", "MatMul", "Softmax", "LogSoftmax"}
+SHAPE_ONLY = {"Identity", "Reshape", "Flatten", "Squeeze", "Cast", "Add", "DequantizeLinear",
+              "QuantizeLinear"}
+
+
+def class_scores(graph) -> bool:
+    """Whether the first output comes from a classifier head (Gemm/MatMul, Softmax), so top-1
+    agreement with fp32 judges it. Pooled features and embeddings (GlobalAveragePool, Tanh, a
+    normalisation) are 2-D too, but their arg-max means nothing: SQNR judges them."""
+    producer = {out: n for n in graph.node for out in n.output}
+    name = graph.output[0].name if graph.output else ""
+    for _ in range(len(graph.node) + 1):
+        node = producer.get(name)
+        if node is None or node.op_type in SCORE_HEADS:
+            return True
+        if node.op_type not in SHAPE_ONLY or not node.input:
+            return False
+        name = node.input[0]
+    return True
+
+
 def onnx_facts(proto, inputs: list[InputSpec], size_bytes: int) -> ModelFacts:
     params = _param_count(proto)
     shapes = static_shapes(proto, inputs)
@@ -394,7 +416,8 @@ def onnx_facts(proto, inputs: list[InputSpec], size_bytes: int) -> ModelFacts:
               for s in inputs if any(d is None for d in s.dims[1:])]
     opset = default_opset(proto)
     return ModelFacts("onnx", size_bytes, params, sum(macs_by_op.values()), macs_by_op, opset,
-                      f"{proto.producer_name} {proto.producer_version}".strip(), notes)
+                      f"{proto.producer_name} {proto.producer_version}".strip(), notes,
+                      class_scores(proto.graph))
 
 
 def from_proto(proto, like: Model, path: Path | None = None) -> Model:

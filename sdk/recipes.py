@@ -284,15 +284,16 @@ class RecipeSearch:
 FIDELITY_SQNR_DB = 25.0    # outputs that are not class scores (boxes, maps, sequences)
 
 
-def accuracy_drop(base: dict | None, cand: dict | None) -> float | None:
+def accuracy_drop(base: dict | None, cand: dict | None, scores: bool = True) -> float | None:
     """Top-1 drop vs labels when there are labels, else 1 - top-1 agreement with fp32 for
-    class scores. Other outputs (a detector's boxes, an OCR map) have no top-1: they pass
-    (drop 0) when their SQNR against fp32 reaches FIDELITY_SQNR_DB, and fail (drop 1) below."""
+    class scores (`scores`: ModelFacts.class_scores). Other outputs (a detector's boxes, an OCR
+    map, pooled features) have no top-1: they pass (drop 0) when their SQNR against fp32
+    reaches FIDELITY_SQNR_DB, and fail (drop 1) below."""
     if not base or not cand:
         return None
     if "top1" in base and "top1" in cand:
         return base["top1"] - cand["top1"]
-    if "agreement" in cand:
+    if "agreement" in cand and scores:
         return 1.0 - cand["agreement"]
     if "sqnr_db" in cand:
         return 0.0 if cand["sqnr_db"] >= FIDELITY_SQNR_DB else 1.0
@@ -348,7 +349,8 @@ def choose_recipe(model: Model, device, data: QuantData, max_accuracy_drop: floa
                 built[recipe.name] = proto
                 cand = search.measure(recipe.name, proto, asdict(recipe))
                 cand.note = note
-                cand.accuracy_drop = accuracy_drop(baseline.accuracy, cand.accuracy)
+                cand.accuracy_drop = accuracy_drop(baseline.accuracy, cand.accuracy,
+                                                   model.facts.class_scores)
                 cand.host_s, cand.host_peak_rss_mb = host_s, peak_rss_mb()
             candidates.append(cand)
             if on_candidate is not None:

@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .passes.graph import Graph, probe_session
-from .passes.reconstruct import _Weight, blocks, float_twins, quantizer
+from .passes.graph import UNBOUNDED, Graph, clip_bounds, float_name, probe_session
+from .passes.reconstruct import _Weight, blocks, float_twins
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 # onnxruntime's names for the kernels it made of a node: QDQ fusion's `<node>_token_<n>`,
@@ -25,9 +25,25 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 KERNEL_NAME = re.compile(r"^fused |_token_\d+$|_nchwc$")
 
 
-def _only(qdq: onnx.ModelProto, block, weights: dict) -> onnx.ModelProto:
-    """`qdq` with quantization undone outside `block`: activation quantizers become the clip
-    they stand for (a folded ReLU stays), weights their float twins."""
+def folded_activations(float_proto: onnx.ModelProto) -> dict[str, tuple[float, float]]:
+    """The float model's ReLU and Clip outputs with their bounds. onnxruntime's quantizer folds
+    such an activation into the quantizer after it (the producer then writes the activation's
+    output name), so undoing that quantizer must put the activation back."""
+    graph = Graph(float_proto.graph)
+    bounds = {}
+    for n in float_proto.graph.node:
+        if n.op_type == "Relu":
+            bounds[n.output[0]] = (0.0, UNBOUNDED[1])
+        elif n.op_type == "Clip" and (b := clip_bounds(graph, n)) is not None:
+            bounds[n.output[0]] = b
+    return bounds
+
+
+def _only(qdq: onnx.ModelProto, block, weights: dict, folded: dict) -> onnx.ModelProto:
+    """`qdq` with quantization undone outside `block`: activation quantizers become identities,
+    or the ReLU/Clip that was folded into them (`folded_activations`); weights their float
+    twins. Not the quantizer's own clip: on inputs unlike the calibration data, that clip is
+    most of the error, and kept in every row it would hide which block's range is too narrow."""
     out = onnx.ModelProto()
     out.CopyFrom(qdq)
     graph = Graph(out.graph)
@@ -40,10 +56,14 @@ def _only(qdq: onnx.ModelProto, block, weights: dict) -> onnx.ModelProto:
             continue
         if n.op_type == "DequantizeLinear" and n.input[0] in quant:
             q = quant[n.input[0]]
-            s, z, qmin, qmax = quantizer(graph, q)
+            producer = graph.producer.get(q.input[0])
+            bounds = folded.get(float_name(q.input[0], folded) or "")
+            if bounds is None or producer is None or producer.op_type in ("Relu", "Clip"):
+                nodes.append(helper.make_node("Identity", [q.input[0]], [n.output[0]], n.name))
+                continue
             lo, hi = graph.unique_name(n.output[0] + "_lo"), graph.unique_name(n.output[0] + "_hi")
-            graph.set_array(lo, np.array((qmin - z) * s, np.float32))
-            graph.set_array(hi, np.array((qmax - z) * s, np.float32))
+            graph.set_array(lo, np.array(bounds[0], np.float32))
+            graph.set_array(hi, np.array(bounds[1], np.float32))
             nodes.append(helper.make_node("Clip", [q.input[0], lo, hi], [n.output[0]], n.name))
             continue
         w = weights.get(n.output[0])
@@ -75,8 +95,9 @@ def block_sensitivity(float_proto: onnx.ModelProto, qdq: onnx.ModelProto, batche
     ref = [probe_session(float_proto, outputs).run(outputs, f) for f in feeds]
     signal = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for run in ref for r in run)
     rows = []
+    folded = folded_activations(float_proto)
     for block in blocks(qdq, names, weights, 3):
-        session = probe_session(_only(qdq, block, weights), outputs)
+        session = probe_session(_only(qdq, block, weights, folded), outputs)
         noise = sum(float(np.sum((np.asarray(a, np.float64) - b) ** 2))
                     for f, run in zip(feeds, ref) for a, b in zip(session.run(outputs, f), run))
         ops = [n for n in block.nodes if n.op_type not in QDQ_OPS]

@@ -168,7 +168,7 @@ def tune(model: str | os.PathLike | Model, device="local", target: str | Match |
             if variant.rewrites():
                 _judge_rewrite(result, scales[variant.rewrites()])
             if variant.numeric:
-                _judge_numerics(result, done, max_accuracy_drop)
+                _judge_numerics(result, done, max_accuracy_drop, model.facts.class_scores)
             cache.put(ctx_key, device_key, cache_key, {**asdict(result), "cached": False})
         done[key] = result
         if on_trial:
@@ -302,12 +302,12 @@ def _judge_rewrite(result: Candidate, scale: float) -> None:
         result.stage = "accuracy"
 
 
-def _judge_numerics(result: Candidate, done: dict, max_drop: float) -> None:
+def _judge_numerics(result: Candidate, done: dict, max_drop: float, scores: bool) -> None:
     """A numerics-changing variant is an error row when it costs more than the budget."""
     from .recipes import accuracy_drop
 
     default = next((t for t in done.values() if t.id == "runtime defaults"), None)
-    drop = accuracy_drop(default.accuracy if default else None, result.accuracy)
+    drop = accuracy_drop(default.accuracy if default else None, result.accuracy, scores)
     result.accuracy_drop = drop
     if result.ok and (drop is None or drop > max_drop):
         result.error = (f"changes the outputs: accuracy drop {drop if drop is None else round(drop, 4)}"

@@ -40,3 +40,35 @@ def test_bad_input_shape_text(text):
 def test_input_shape_must_fit(models):
     with pytest.raises(EdgesmithError, match="does not fit"):
         load(models / "digits_cnn.onnx", {"input": [1, 3, 8, 8]})
+
+
+def test_pooled_features_are_judged_by_sqnr_and_class_scores_by_agreement():
+    """A feature extractor's [N, 2048] output is 2-D like class scores, but the arg-max of
+    pooled features means nothing: ResNet-50 features at 23.5 dB agreed on every arg-max, and
+    the int8 search called that no loss. Its SQNR decides instead."""
+    from onnx import TensorProto, helper
+
+    from edgesmith.model import class_scores
+    from edgesmith.recipes import FIDELITY_SQNR_DB, accuracy_drop
+
+    def graph(*tail):
+        nodes = [helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+                 helper.make_node("Flatten", ["pooled"], ["features"])]
+        last = "features"
+        for op in tail:
+            inputs = [last, "w"] if op == "MatMul" else [last]
+            nodes.append(helper.make_node(op, inputs, [f"{op}_out"]))
+            last = f"{op}_out"
+        return helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 4])],
+            [helper.make_tensor_value_info(last, TensorProto.FLOAT, None)])
+
+    assert not class_scores(graph())
+    assert not class_scores(graph("Tanh"))
+    assert class_scores(graph("MatMul")) and class_scores(graph("MatMul", "Softmax"))
+    assert class_scores(graph("MatMul", "Identity"))
+    fp32 = {"agreement": 1.0, "sqnr_db": 200.0}
+    noisy = {"agreement": 1.0, "sqnr_db": FIDELITY_SQNR_DB - 1.5}
+    assert accuracy_drop(fp32, noisy, scores=True) == 0.0
+    assert accuracy_drop(fp32, noisy, scores=False) == 1.0
+    assert accuracy_drop(fp32, {**noisy, "sqnr_db": FIDELITY_SQNR_DB + 1}, scores=False) == 0.0
