@@ -227,16 +227,14 @@ def rewrite_for_device(model, tile_rows: int, facts: dict):
 
 
 LANES = {"avx512": 16, "avx2": 8, "sse": 4, "neon": 4}
-CHANNEL_PIXELS = 784    # the kernel's CHANNEL_PIXELS: smaller outputs take its channel path
 
 
 def breakdown(info: dict, ort_nodes: dict[str, float], our_nodes: dict[str, float]
               ) -> list[dict]:
     """Per fused block: onnxruntime's time for the nodes it replaces against the kernel's, from
     per-node profiles of the same device, and the two facts that explain most of the gap: the
-    expanded tensor the fusion keeps out of memory, and the vector lanes left idle (large
-    images go a few rows at a time, vectorised along pixels, so a row's tail idles lanes;
-    small ones whole, vectorised along channels, so a channel count's tail does)."""
+    expanded tensor the fusion keeps out of memory, and the vector lanes a channel count's tail
+    leaves idle (the kernel vectorises along channels)."""
     rows, lanes, shapes = [], LANES.get(info["isa"], 4), info["shapes"]
     for block in info["blocks"]:
         names = set(block["replaces"])
@@ -246,20 +244,15 @@ def breakdown(info: dict, ort_nodes: dict[str, float], our_nodes: dict[str, floa
         h, w = (shapes.get(block["input"]) or [0, 0, 0, 0])[2:4]
         oh, ow = ((h - 1) // block["stride"] + 1, (w - 1) // block["stride"] + 1) if h else (0, 0)
         e = block["channels"][1]
-        by_channels = 0 < oh * ow <= CHANNEL_PIXELS
-        along = e if by_channels else ow
-        idle = 1 - along / (-(-along // lanes) * lanes) if along else None
+        idle = 1 - e / (-(-e // lanes) * lanes)
         row = {"block": block["node"], "channels": "->".join(map(str, block["channels"])),
                "stride": block["stride"], "output_hw": f"{oh}x{ow}", "onnxruntime_ms": theirs,
                "edgesmith_ms": ours, "expanded_kb": round(e * h * w * 4 / 1024),
-               "path": "channels" if by_channels else "rows",
-               "idle_lanes": None if idle is None else round(idle, 3)}
+               "idle_lanes": round(idle, 3)}
         if ours and theirs:
-            where = f"{e} channels" if by_channels else f"{ow}-pixel rows"
             row["verdict"] = (f"{'won' if ours < theirs else 'lost'} ({theirs / ours:.2f}x "
-                              f"the speed): {row['expanded_kb']} KB expansion kept in cache, "
-                              f"{row['path']} path"
-                              + (f"; {idle:.0%} of lanes idle on {where}" if idle else ""))
+                              f"the speed): {row['expanded_kb']} KB expansion kept in cache"
+                              + (f"; {idle:.0%} of lanes idle on {e} channels" if idle else ""))
         rows.append(row)
     return rows
 
