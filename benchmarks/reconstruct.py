@@ -16,8 +16,9 @@ float, the rest learned again (the repair search ranks blocks per millisecond sa
 device instead, and doubles K until the budget holds). Per method: held-out output SQNR and
 top-1 agreement with fp32, latency vs fp32 (interleaved, batch 1, 1 thread) and the time to
 quantize on the host. `--also LABEL=MODEL.onnx` judges int8 models made elsewhere beside them
-(the recipe search's pick for an --eval set: `edgesmith quantize ... -o MODEL.onnx`). Goals (issue 18, for the ImageNet MobileNetV2): SQNR >= 18 dB and
-agreement >= 0.85 at <= 0.75x fp32 latency; a ResNet-class model >= 25 dB.
+(the recipe search's pick for an --eval set: `edgesmith quantize ... -o MODEL.onnx`). Goals
+(issue 18, for the ImageNet MobileNetV2): SQNR >= 18 dB and agreement >= 0.85 at <= 0.75x fp32
+latency; a ResNet-class model >= 25 dB.
 Anchors in the same run: onnxruntime's `quantize_static` defaults, and OpenVINO NNCF's
 `nncf.quantize` defaults when `--nncf-python` names a Python with NNCF installed (its own venv:
 see benchmarks/nncf_anchor.py), both calibrated on the same samples.
@@ -108,6 +109,7 @@ def main() -> None:
     also = dict(item.split("=", 1) for item in args.also)
     if also and len(args.models) != 1:
         parser.error("--also judges models of one --models entry")
+    import onnx
     from quantize import interleaved, session
     from real_models import cpu_name, sqnr
     from edgesmith.model import load
@@ -147,7 +149,6 @@ def main() -> None:
                 built[mixed], _ = build_recipe(
                     prepared, recipe_by_name(method).with_exclusions(keep), batches)
                 seconds[mixed] = time.time() - t0
-        import onnx
         built.update({label: onnx.load(path) for label, path in also.items()})
         sessions = {k: session(v) for k, v in built.items()}
         lat = interleaved(sessions, held[:1], args.rounds, block=10)
