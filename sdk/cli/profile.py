@@ -18,8 +18,10 @@ from .common import (data_source, devices_from, input_shape_option, json_option,
 @click.option("--eval", "eval_path", callback=data_source,
               type=click.Path(dir_okay=False),
               help=".npz eval set: inputs by name + labels")
-@click.option("--runs", default=100, show_default=True, type=click.IntRange(1))
-@click.option("--warmup", default=10, show_default=True, type=click.IntRange(0))
+@click.option("--runs", default=100, show_default=True, type=click.IntRange(1),
+              help="timed runs (more while --min-time has not passed)")
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(0),
+              help="untimed runs first (caches, lazy initialisation)")
 @click.option("--min-time", default=0.0, show_default=True, type=click.FloatRange(0),
               help="keep timing for at least this many seconds")
 @click.option("--threads", type=click.IntRange(0), help="backend threads (0 = backend default)")

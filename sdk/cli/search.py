@@ -76,17 +76,23 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
               type=click.Path(exists=True),
               help="training data for pruning + distillation (needs the `train` extra)")
 @click.option("--max-accuracy-drop", default=0.01, show_default=True,
-              type=click.FloatRange(0, 1))
-@click.option("--latency-budget-ms", type=click.FloatRange(0, min_open=True))
+              type=click.FloatRange(0, 1),
+              help="largest top-1 drop vs the original a candidate may cost (outputs without "
+                   "classes: SQNR >= 25 dB)")
+@click.option("--latency-budget-ms", type=click.FloatRange(0, min_open=True),
+              help="a candidate counts as within budget only if its measured latency is at "
+                   "most this")
 @click.option("--budget", default="10m", show_default=True,
               help="wall-clock budget for the search, e.g. 90s, 10m")
-@click.option("--prune-ratios", default="0.3,0.5", show_default=True)
+@click.option("--prune-ratios", default="0.3,0.5", show_default=True,
+              help="shares of channels structured pruning removes (with --train); empty to skip")
 @click.option("--nas-ratios", default="0.6", show_default=True,
               help="NetAdapt width searches (with --train) toward these shares of fp32's "
                    "measured latency; empty to skip")
 @click.option("--distill-epochs", default=10, show_default=True, type=click.IntRange(1),
-              help="more recover more accuracy after heavy pruning: 30 brought the 50%-pruned "
-                   "ResNet-style digits model back to its teacher's top-1 (10 left it 2% short)")
+              help="more epochs recover more accuracy after heavy pruning: 30 brought the "
+                   "50%-pruned ResNet-style digits model back to its teacher's top-1 (10 left it "
+                   "2% short)")
 @click.option("--tune-budget", default="60s", show_default=True,
               help="device time for tuning the winner's runtime config (0 to skip)")
 @host_device_option

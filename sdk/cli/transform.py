@@ -15,7 +15,8 @@ from .common import (config_error, data_source, host_device_option, input_shape_
 
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="the fused model")
 @click.option("--ort-fusions", is_flag=True,
               help="also fuse Conv+activation into com.microsoft.FusedConv (onnxruntime only)")
 @click.option("--opset", type=int,
@@ -59,7 +60,9 @@ def fuse(model, out, ort_fusions, opset, input_shape, json_out):
 @click.option("--eval", "eval_path", callback=data_source,
               type=click.Path(dir_okay=False),
               help=".npz eval set to judge accuracy (else a held-out part of --calib)")
-@click.option("--max-accuracy-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--max-accuracy-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1),
+              help="largest top-1 drop vs fp32 a recipe may cost (outputs without classes: "
+                   "SQNR >= 25 dB)")
 @click.option("--device", "-d", default="local", show_default=True,
               help="where recipes are measured: `local` or an SSH destination")
 @ssh_options
@@ -67,7 +70,9 @@ def fuse(model, out, ort_fusions, opset, input_shape, json_out):
 @quant_effort_option
 @host_device_option
 @input_shape_option
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="the chosen model: int8, or the float model when no recipe was faster "
+                   "within the accuracy budget (--recipe forces one)")
 @json_option()
 def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accept_new_host_key,
              remote_python, recipe, quant_effort, host_device, input_shape, out, json_out):
@@ -136,7 +141,8 @@ def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accep
 @click.option("--allow-noop", is_flag=True,
               help="exit 0 even when structured pruning removes < 5% of MACs")
 @input_shape_option
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="the pruned model")
 @json_option()
 def prune(model, ratio, structured, importance, calib, eval_path, global_ranking, layer_ratio,
           n_m, target, allow_noop, input_shape, out, json_out):
@@ -256,7 +262,8 @@ def _top1_before_after(model, pruned, eval_path) -> list[float]:
               help="random translations (pixels) as augmentation")
 @click.option("--seed", default=0, show_default=True)
 @host_device_option
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="the trained student")
 @json_option()
 def distill(teacher, student, data, eval_path, epochs, batch_size, lr, temperature, alpha, shift,
             seed, host_device, out, json_out):
@@ -301,7 +308,8 @@ def distill(teacher, student, data, eval_path, epochs, batch_size, lr, temperatu
               help=".npz to check the .tflite against onnxruntime on (else held-out --calib "
                    "samples, else random inputs)")
 @input_shape_option
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="the converted model")
 @json_option()
 def convert(model, fmt, int8, calib, recipe, eval_path, input_shape, out, json_out):
     """Convert MODEL (ONNX) to TFLite, fp32 or int8, checked against onnxruntime; needs the
