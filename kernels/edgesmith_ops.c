@@ -227,21 +227,21 @@ bad:
 
 /* out[i][v] = sum_j w[j][v*VL ...] * src[j*ldk + i*ldi], for CP pixels i and NV vectors of
  * channels v (weights transposed: channels along the vector; each pixel's value broadcast) */
-#define MICRO_TILE(NAME, NV)                                                                   \
-  static void NAME(int k, const float *w, long ldw, const float *src, long ldk, long ldi,      \
-                   vf out[CP][NV], int accumulate) {                                             \
-    vf acc[CP][NV];                                                                              \
-    for (int i = 0; i < CP; i++)                                                                 \
-      for (int v = 0; v < NV; v++) acc[i][v] = accumulate ? out[i][v] : (vf){0};                 \
-    for (int j = 0; j < k; j++, w += ldw, src += ldk) {                                          \
-      vf wv[NV];                                                                                 \
-      for (int v = 0; v < NV; v++) wv[v] = *(const vf *)(w + v * VL);                            \
-      for (int i = 0; i < CP; i++) {                                                             \
-        float xi = src[i * ldi];                                                                 \
-        for (int v = 0; v < NV; v++) acc[i][v] += xi * wv[v];                                    \
-      }                                                                                          \
-    }                                                                                            \
-    memcpy(out, acc, sizeof(acc));                                                               \
+#define MICRO_TILE(NAME, NV)                                                              \
+  static void NAME(int k, const float *w, long ldw, const float *src, long ldk, long ldi, \
+                   vf out[CP][NV], int accumulate) {                                      \
+    vf acc[CP][NV];                                                                       \
+    for (int i = 0; i < CP; i++)                                                          \
+      for (int v = 0; v < NV; v++) acc[i][v] = accumulate ? out[i][v] : (vf){0};          \
+    for (int j = 0; j < k; j++, w += ldw, src += ldk) {                                   \
+      vf wv[NV];                                                                          \
+      for (int v = 0; v < NV; v++) wv[v] = *(const vf *)(w + v * VL);                     \
+      for (int i = 0; i < CP; i++) {                                                      \
+        float xi = src[i * ldi];                                                          \
+        for (int v = 0; v < NV; v++) acc[i][v] += xi * wv[v];                             \
+      }                                                                                   \
+    }                                                                                     \
+    memcpy(out, acc, sizeof(acc));                                                        \
   }
 MICRO_TILE(micro_tile_1, 1)
 MICRO_TILE(micro_tile_2, 2)
@@ -391,20 +391,26 @@ static inline int band_rows_default(const Block *b, int w) {
   return fit > 3 ? (int)((fit - 3) / b->stride + 1) : 1;
 }
 
-/* floats of scratch for bands of r output rows */
+/* the per-thread scratch for bands of r output rows, in floats: the expanded rows a band needs
+ * (plus one pixel tile of slack), the depthwise results and the project sums of its pixel tiles,
+ * the partial pixel tile's input copy, and a vector's worth to align the sums */
+static inline size_t ebuf_floats(const Block *b, int w, int r) {
+  return ((size_t)((r - 1) * b->stride + 3) * w + CP) * b->ep;
+}
+static inline size_t dbuf_floats(const Block *b, int r, int ow) {
+  return (size_t)round_up(r * ow, CP) * b->ep;
+}
 static size_t scratch_floats(const Block *b, int w, int r, int ow) {
-  int rows = (r - 1) * b->stride + 3, q = round_up(r * ow, CP);
-  return ((size_t)rows * w + CP) * b->ep + (size_t)q * (b->ep + CV * VL) + (size_t)b->c * CP + VL;
+  return ebuf_floats(b, w, r) + dbuf_floats(b, r, ow) + (size_t)round_up(r * ow, CP) * CV * VL +
+         (size_t)b->c * CP + VL;
 }
 
 /* One image in bands of r output rows: each band expands only the input rows the previous band
  * did not (those it shares slide to the front), so nothing is computed twice, and a band's
  * expansion stays in cache however large the image. */
 static void run_image(const Block *b, const float *x, float *y, int h, int w, int oh, int ow,
-                          int r, float *buf) {
-  int rows = (r - 1) * b->stride + 3;
-  float *ebuf = buf, *dbuf = ebuf + ((size_t)rows * w + CP) * b->ep;
-  float *tail = dbuf + (size_t)round_up(r * ow, CP) * b->ep;
+                      int r, float *buf) {
+  float *ebuf = buf, *dbuf = ebuf + ebuf_floats(b, w, r), *tail = dbuf + dbuf_floats(b, r, ow);
   float *acc = tail + (size_t)b->c * CP;
   acc += (VL - (uintptr_t)acc / sizeof(float) % VL) % VL;   /* whole vectors: aligned */
   size_t px = (size_t)w * b->ep;                            /* floats per expanded row */
@@ -419,7 +425,7 @@ static void run_image(const Block *b, const float *x, float *y, int h, int w, in
     }
     if (keep < count)
       expand_band(b, x + (size_t)(first + keep) * w, (long)h * w, (count - keep) * w,
-                     ebuf + keep * px, tail);
+                  ebuf + keep * px, tail);
     have_first = first, have = count;
     depthwise_band(b, ebuf, first, h, w, oy0, n, ow, dbuf);
     project_band(b, dbuf, n * ow, b->residual ? x + (size_t)oy0 * ow : NULL,
@@ -459,8 +465,8 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
   float *buf = scratch_for(scratch_floats(b, w, r, ow));
   if (!buf) return api->CreateStatus(ORT_FAIL, "edgesmith.InvertedResidual: out of memory");
   for (int i = 0; i < n; i++)
-    run_image(b, x + (size_t)i * b->c * h * w, y + (size_t)i * b->o * oh * ow, h, w, oh, ow,
-                  r, buf);
+    run_image(b, x + (size_t)i * b->c * h * w, y + (size_t)i * b->o * oh * ow, h, w, oh, ow, r,
+              buf);
   return NULL;
 }
 
