@@ -4,12 +4,13 @@
     python benchmarks/kernels.py [--model M] [--rounds 7]
 
 One run on the local device: the best onnxruntime-only config (tuned: optimisation level and
-spinning, 1 thread), then the model with every inverted-residual block on edgesmith's kernel at
-each tile height (the kernel's own tuning knob, 0 = its default), all measured interleaved in
-the same rounds. Prints the CPU, each variant's median and spread, the ratio of the best kernel
-variant to the best onnxruntime-only one (goal: >= 1.15x), whether the tile autotuner's pick is
-at least as fast as the kernel's default tile, the outputs' largest relative difference
-(goal: <= 1e-4), and the per-block profile that says where the kernels won or lost.
+spinning, 1 thread), then the model on edgesmith's kernels at each `edgesmith_kernels` setting
+the target profiles search (every block at a band height, the kernel's own tuning knob, 0 = its
+default; or only the blocks whose output is at least S pixels a side, "0@S"), all measured
+interleaved in the same rounds. Prints the CPU, each variant's median and spread, the ratio of
+the best kernel variant to the best onnxruntime-only one (goal: >= 1.15x), whether the
+autotuner's pick is at least as fast as the kernel's default, the outputs' largest relative
+difference (goal: <= 1e-4), and the per-block profile that says where the kernels won or lost.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-TILES = (0, 2, 4, 8, 16)
+SETTINGS = (0, 4, 8, "0@14", "0@28")      # 0 here: every block at the kernel's default band
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
     from edgesmith.model import load
     from edgesmith.passes.fuse import fuse
     from edgesmith.tune import tune
-    from edgesmith.variants import space
+    from edgesmith.variants import kernel_setting, space
 
     dev = get_device("local")
     facts = dev.facts()
@@ -54,14 +55,14 @@ def main() -> None:
     print(f"best onnxruntime-only variant: {ort_only.best.id} ({ort_only.verdict})")
     trials = {"onnxruntime": (bundles.build(model), replace(job, config=best_ort))}
     made = {}
-    for tile in TILES:
-        rewritten, files, info = rewrite_for_device(model, tile, facts)
-        made[tile] = (rewritten, info)
+    for setting in SETTINGS:
+        rewritten, files, info = rewrite_for_device(model, *kernel_setting(setting), facts)
+        made[str(setting)] = (rewritten, info)
         config = {**best_ort, "custom_op_libraries": [LIBRARY]}
-        trials[f"edgesmith tile={tile}"] = (bundles.build(rewritten, extra_files=files),
-                                            replace(job, config=config))
-    print(f"{len(info['blocks'])} blocks rewritten, {info['isa']} build; measuring "
-          f"{len(trials)} variants interleaved x{args.rounds}")
+        trials[f"edgesmith {setting}"] = (bundles.build(rewritten, extra_files=files),
+                                          replace(job, config=config))
+        print(f"edgesmith {setting}: {len(info['blocks'])} blocks rewritten, {info['isa']} build")
+    print(f"measuring {len(trials)} variants interleaved x{args.rounds}")
     spreads = interleave(dev, trials, args.rounds)
     for name, s in spreads.items():
         print(f"  {name:22s} median {s.median_ms:7.3f} ms  ({s.low_ms:.3f}-{s.high_ms:.3f})")
@@ -71,12 +72,13 @@ def main() -> None:
           f"(goal >= 1.15x: {'met' if ratio >= 1.15 else 'NOT met'}); "
           f"{'within' if spreads['onnxruntime'].overlaps(spreads[ours]) else 'outside'} "
           "the rounds' spread")
-    default_tile = spreads["edgesmith tile=0"].median_ms
-    print(f"tile autotune: {ours} {spreads[ours].median_ms:.3f} ms vs the kernel's default tile "
-          f"{default_tile:.3f} ms ({'never slower: ok' if spreads[ours].median_ms <= default_tile else 'SLOWER'})")
-    tile = int(ours.split("=")[1])
+    default = spreads["edgesmith 0"].median_ms
+    verdict = "never slower: ok" if spreads[ours].median_ms <= default else "SLOWER"
+    print(f"autotune: {ours} {spreads[ours].median_ms:.3f} ms vs the kernel's default "
+          f"{default:.3f} ms ({verdict})")
+    pick = ours.split(" ", 1)[1]
     plain = fuse(model.proto)[0]
-    error = numerics_error(plain, made[tile][0].proto, {s.name: s for s in model.inputs},
+    error = numerics_error(plain, made[pick][0].proto, {s.name: s for s in model.inputs},
                            host_library())
     print(f"largest relative output difference: {error:.2e} (goal <= 1e-4)")
     profiles = []
@@ -84,7 +86,7 @@ def main() -> None:
         profiles.append(measure(dev, bundle, replace(j, runs=20, min_time_s=0,
                                                      profile_ops=True)).node_profile_ms or {})
     print("per block (ms per run, per-node profile):")
-    for row in breakdown(made[tile][1], *profiles):
+    for row in breakdown(made[pick][1], *profiles):
         print(f"  {row['block'].strip('/').split('/')[1] if '/' in row['block'] else row['block']:14s}"
               f" {row['channels']:>13s} s{row['stride']} {row['output_hw']:>7s}  onnxruntime "
               f"{row['onnxruntime_ms']:.3f}  edgesmith {row['edgesmith_ms'] or 0:.3f}  "

@@ -2,6 +2,9 @@
  *
  * Domain "edgesmith", op InvertedResidual (float32, NCHW): a MobileNetV2 block in one kernel,
  *   Y = Project(Act(Depthwise3x3(Act(Expand(X))))) [+ X]
+ * where Expand is a 1x1 conv, or a 3x3 one (pads 1, stride 1|2): a network's stem conv and the
+ * first block after it, whose expanded tensor (the stem's output, 1.6 MB in MobileNetV2) then
+ * never leaves the cache either.
  * The image goes a band of output rows at a time: the band's expanded tensor (6x the input) is
  * held pixel-major ([pixel][channel]) in a per-thread buffer that stays in cache, and expand,
  * depthwise and project all vectorise along channels, so no lane idles at a row's end and no
@@ -13,9 +16,11 @@
  * its API table to RegisterCustomOps, so no link to libonnxruntime is needed, and asking for the
  * oldest API version this file uses lets the library load in any newer onnxruntime.
  *
- * Inputs:  X [N,C,H,W], We [E,C,1,1], Be [E], Wd [E,1,3,3], Bd [E], Wp [O,E,1,1], Bp [O]
+ * Inputs:  X [N,C,H,W], We [E,C,1,1] (or [E,C,3,3]), Be [E], Wd [E,1,3,3], Bd [E], Wp [O,E,1,1],
+ *          Bp [O]
  *          (weights must be initializers: they are packed once, when the session is created)
- * Attrs:   stride (1|2), residual (0|1), act_min, act_max (both activations clamp to these),
+ * Attrs:   stride (1|2: the depthwise's), expand_stride (optional, 1|2: a 3x3 expand's),
+ *          residual (0|1), act_min, act_max (both activations clamp to these),
  *          tile_rows (output rows per band: the autotuned knob; 0 picks a default)
  */
 #include <pthread.h>
@@ -85,6 +90,7 @@ EXPORT const char *edgesmith_isa(void) {
 
 typedef struct {
   int c, e, o, stride, residual, tile_rows;
+  int k, es;  /* the expand's kernel (1, or 3 with pads of 1: a network's stem) and stride */
   float lo, hi;
   /* channels padded to whole vectors (ep, op); biases (be, bd zero-padded to ep; bp); depthwise
    * taps transposed so channels run along the vector (wdT [9][ep]); 1x1 weights in panels */
@@ -93,10 +99,13 @@ typedef struct {
 } Block;
 
 /* per-thread scratch, grown as needed and freed when its thread ends (a thread-per-request host
- * must not leak it); one allocation per thread, not one per call */
+ * must not leak it); one allocation per thread, not one per call. Its data starts on a cache
+ * line, so every vector of a pixel's channels does too (rows are whole vectors): an AVX-512
+ * vector straddling two lines costs two accesses */
+#define LINE 64
 typedef struct {
   size_t floats;
-  float data[];
+  _Alignas(LINE) float data[];
 } Scratch;
 
 static pthread_key_t scratch_key;
@@ -108,7 +117,7 @@ static float *scratch_for(size_t floats) {
   Scratch *s = pthread_getspecific(scratch_key);
   if (!s || s->floats < floats) {
     free(s);
-    s = malloc(sizeof(Scratch) + floats * sizeof(float));
+    s = aligned_alloc(LINE, (sizeof(Scratch) + floats * sizeof(float) + LINE - 1) / LINE * LINE);
     if (s) s->floats = floats;
     if (pthread_setspecific(scratch_key, s) != 0) {
       free(s);
@@ -192,17 +201,23 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *a,
   b->residual = v != 0;
   if ((st = api->KernelInfoGetAttribute_int64(info, "tile_rows", &v))) goto bad;
   b->tile_rows = v >= 0 && v <= 4096 ? (int)v : -1;
+  if ((st = api->KernelInfoGetAttribute_int64(info, "expand_stride", &v))) { /* optional */
+    api->ReleaseStatus(st);
+    st = NULL, v = 1;
+  }
+  b->es = v == 1 || v == 2 ? (int)v : 0;
   if ((st = api->KernelInfoGetAttribute_float(info, "act_min", &b->lo))) goto bad;
   if ((st = api->KernelInfoGetAttribute_float(info, "act_max", &b->hi))) goto bad;
   if ((st = constant(info, 1, &we, de, 4)) || (st = constant(info, 2, &be, dbe, 1)) ||
       (st = constant(info, 3, &wd, dd, 4)) || (st = constant(info, 4, &bd, dbd, 1)) ||
       (st = constant(info, 5, &wp, dp, 4)) || (st = constant(info, 6, &bp, dbp, 1)))
     goto bad;
-  b->e = (int)de[0]; b->c = (int)de[1]; b->o = (int)dp[0];
-  if (de[2] != 1 || de[3] != 1 || dbe[0] != b->e || dd[0] != b->e || dd[1] != 1 || dd[2] != 3 ||
-      dd[3] != 3 || dbd[0] != b->e || dp[1] != b->e || dp[2] != 1 || dp[3] != 1 ||
+  b->e = (int)de[0]; b->c = (int)de[1]; b->o = (int)dp[0]; b->k = (int)de[2];
+  if (de[2] != de[3] || (b->k != 1 && b->k != 3) || !b->es || (b->k == 1 && b->es != 1) ||
+      dbe[0] != b->e || dd[0] != b->e || dd[1] != 1 || dd[2] != 3 || dd[3] != 3 ||
+      dbd[0] != b->e || dp[1] != b->e || dp[2] != 1 || dp[3] != 1 ||
       dbp[0] != b->o || (b->stride != 1 && b->stride != 2) ||
-      (b->residual && (b->stride != 1 || b->c != b->o)) || b->tile_rows < 0) {
+      (b->residual && (b->stride != 1 || b->c != b->o || b->k != 1)) || b->tile_rows < 0) {
     st = fail("edgesmith.InvertedResidual: weight shapes or attributes do not form a block");
     goto bad;
   }
@@ -211,7 +226,7 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *a,
   b->be = transposed(be, b->e, 1, b->ep); /* padded: whole vectors are loaded */
   b->bd = transposed(bd, b->e, 1, b->ep);
   b->bp = copy(bp, b->o);
-  b->weT = panels(we, b->e, b->c, b->ep);
+  b->weT = panels(we, b->e, b->c * b->k * b->k, b->ep);
   b->wdT = transposed(wd, b->e, 9, b->ep);
   b->wpT = panels(wp, b->o, b->e, b->op);
   if (!b->be || !b->bd || !b->bp || !b->weT || !b->wdT || !b->wpT) {
@@ -225,40 +240,77 @@ bad:
   return st;
 }
 
-/* out[i][v] = sum_j w[j][v*VL ...] * src[j*ldk + i*ldi], for CP pixels i and NV vectors of
- * channels v (weights transposed: channels along the vector; each pixel's value broadcast) */
-#define MICRO_TILE(NAME, NV)                                                              \
-  static void NAME(int k, const float *w, long ldw, const float *src, long ldk, long ldi, \
-                   vf out[CP][NV], int accumulate) {                                      \
+/* Where a tile's sums go: as Act(sum + bias) straight to dst (np pixels, ldd floats apart: an
+ * expand's finished values, never through memory first), or, without a sink, to `out`, kept
+ * for the next chunk of K (a project's) */
+typedef struct {
+  const float *bias;
+  float *dst;
+  long ldd;
+  int np;
+  float lo, hi;
+} Sink;
+
+/* out[i][v] = sum_j w[j][v*VL ...] * at(j)[i*ldi], for CP pixels i and NV vectors of channels v
+ * (weights transposed: channels along the vector; each pixel's value broadcast). A 1x1 conv's
+ * inputs are strided (at(j) = src + j*ldk), a 3x3 conv's gathered (at(j) = src + off[j]: tap j's
+ * place relative to the window's corner) */
+#define MICRO_TILE(NAME, NV, AT)                                                          \
+  static void NAME(int k, const float *w, long ldw, const float *src, long ldk,           \
+                   const int *off, long ldi, vf out[CP][NV], int accumulate,              \
+                   const Sink *to) {                                                      \
+    (void)ldk; (void)off;                                                                 \
     vf acc[CP][NV];                                                                       \
     for (int i = 0; i < CP; i++)                                                          \
-      for (int v = 0; v < NV; v++) acc[i][v] = accumulate ? out[i][v] : (vf){0};          \
-    for (int j = 0; j < k; j++, w += ldw, src += ldk) {                                   \
+      for (int v = 0; v < NV; v++)                                                        \
+        acc[i][v] = to ? *(const vf *)(to->bias + v * VL) : accumulate ? out[i][v] : (vf){0}; \
+    for (int j = 0; j < k; j++, w += ldw) {                                               \
+      const float *at = AT;                                                               \
       vf wv[NV];                                                                          \
       for (int v = 0; v < NV; v++) wv[v] = *(const vf *)(w + v * VL);                     \
       for (int i = 0; i < CP; i++) {                                                      \
-        float xi = src[i * ldi];                                                          \
+        float xi = at[i * ldi];                                                           \
         for (int v = 0; v < NV; v++) acc[i][v] += xi * wv[v];                             \
       }                                                                                   \
     }                                                                                     \
-    memcpy(out, acc, sizeof(acc));                                                        \
+    if (!to) {                                                                            \
+      memcpy(out, acc, sizeof(acc));                                                      \
+      return;                                                                             \
+    }                                                                                     \
+    vf lo = (vf){0} + to->lo, hi = (vf){0} + to->hi;                                      \
+    for (int i = 0; i < CP; i++)                                                          \
+      for (int v = 0; v < NV; v++)                                                        \
+        if (i < to->np) *(vf *)(to->dst + i * to->ldd + v * VL) = VMIN(VMAX(acc[i][v], lo), hi); \
   }
-MICRO_TILE(micro_tile_1, 1)
-MICRO_TILE(micro_tile_2, 2)
+MICRO_TILE(micro_tile_1, 1, src + j * ldk)
+MICRO_TILE(micro_tile_2, 2, src + j * ldk)
+MICRO_TILE(gather_tile_1, 1, src + off[j])
+MICRO_TILE(gather_tile_2, 2, src + off[j])
 #if CV > 2
-MICRO_TILE(micro_tile_3, 3)
+MICRO_TILE(micro_tile_3, 3, src + j * ldk)
+MICRO_TILE(gather_tile_3, 3, src + off[j])
 #endif
 
 /* out ([CP][nv]) for one tile of output channels, nv = tile_vectors(): `w` is the tile's
- * panel (rows of nv vectors), added to what out holds when `accumulate` */
-static int micro_tile(int k, const float *w, const float *src, long ldk, long ldi, int nv,
-                      vf *out, int accumulate) {
+ * panel (rows of nv vectors), added to what out holds when `accumulate`, or sent to a sink;
+ * inputs gathered through `off` when it is given, else strided by ldk */
+static int micro_tile(int k, const float *w, const float *src, long ldk, const int *off, long ldi,
+                      int nv, vf *out, int accumulate, const Sink *to) {
   switch (nv) {
 #if CV > 2
-    case 3: micro_tile_3(k, w, 3 * VL, src, ldk, ldi, (vf(*)[3])out, accumulate); return 3;
+    case 3:
+      (off ? gather_tile_3 : micro_tile_3)(k, w, 3 * VL, src, ldk, off, ldi, (vf(*)[3])out,
+                                           accumulate, to);
+      return 3;
 #endif
-    case 2: micro_tile_2(k, w, 2 * VL, src, ldk, ldi, (vf(*)[2])out, accumulate); return 2;
-    default: micro_tile_1(k, w, VL, src, ldk, ldi, (vf(*)[1])out, accumulate); return 1;
+    case 2:
+      (off ? gather_tile_2 : micro_tile_2)(k, w, 2 * VL, src, ldk, off, ldi, (vf(*)[2])out,
+                                           accumulate, to);
+      return 2;
+    default:
+      (off ? gather_tile_1 : micro_tile_1)(k, w, VL, src, ldk, off, ldi, (vf(*)[1])out,
+                                           accumulate, to);
+      return 1;
   }
 }
 
@@ -267,7 +319,7 @@ static int micro_tile(int k, const float *w, const float *src, long ldk, long ld
  * tile's rows past `count` are written too (ebuf has room for them) */
 static void expand_band(const Block *b, const float *x, long ldc, int count, float *ebuf,
                         float *tail) {
-  vf out[CP * CV], lo = (vf){0} + b->lo, hi = (vf){0} + b->hi;
+  Sink to = {.ldd = b->ep, .np = CP, .lo = b->lo, .hi = b->hi};
   int last = count / CP * CP; /* the last, partial pixel tile reads a zero-padded copy */
   if (last < count)
     for (int c = 0; c < b->c; c++)
@@ -276,69 +328,152 @@ static void expand_band(const Block *b, const float *x, long ldc, int count, flo
   for (int e0 = 0, nv; e0 < b->ep; e0 += nv * VL) {
     nv = tile_vectors(b->ep, e0);
     for (int p0 = 0; p0 < count; p0 += CP) {
+      to.bias = b->be + e0, to.dst = ebuf + (size_t)p0 * b->ep + e0;
       micro_tile(b->c, b->weT + (size_t)e0 * b->c, p0 < last ? x + p0 : tail,
-                 p0 < last ? ldc : CP, 1, nv, out, 0);
-      for (int i = 0; i < CP; i++)
-        for (int v = 0; v < nv; v++) {
-          vf r = out[i * nv + v] + *(const vf *)(b->be + e0 + v * VL);
-          *(vf *)(ebuf + (size_t)(p0 + i) * b->ep + e0 + v * VL) = VMIN(VMAX(r, lo), hi);
-        }
+                 p0 < last ? ldc : CP, NULL, 1, nv, NULL, 0, &to);
     }
   }
 }
 
+/* The same for a 3x3 expand (stride es, pads of 1; a stem conv) over the expanded rows
+ * [ey0, ey0 + rows), each ew wide: pixel tiles run along a row; a tile whose windows lie inside
+ * the image reads x through the taps' offsets (off), one on the border a zero-padded copy */
+static void expand_conv_band(const Block *b, const float *x, int h, int w, int ey0, int rows,
+                             int ew, float *ebuf, float *tail, const int *off) {
+  Sink to = {.ldd = b->ep, .lo = b->lo, .hi = b->hi};
+  int k = b->c * 9, s = b->es;
+  for (int e0 = 0, nv; e0 < b->ep; e0 += nv * VL) {
+    nv = tile_vectors(b->ep, e0);
+    const float *wt = b->weT + (size_t)e0 * k;
+    for (int ey = ey0; ey < ey0 + rows; ey++) {
+      int iy0 = ey * s - 1;
+      for (int ox0 = 0; ox0 < ew; ox0 += CP) {
+        int np = ew - ox0 < CP ? ew - ox0 : CP, ix0 = ox0 * s - 1;
+        to.bias = b->be + e0, to.np = np;
+        to.dst = ebuf + ((size_t)(ey - ey0) * ew + ox0) * b->ep + e0;
+        if (np == CP && iy0 >= 0 && iy0 + 2 < h && ix0 >= 0 && ix0 + (CP - 1) * s + 2 < w) {
+          micro_tile(k, wt, x + (size_t)iy0 * w + ix0, 0, off, s, nv, NULL, 0, &to);
+        } else {
+          for (int j = 0; j < k; j++) {
+            int iy = iy0 + j / 3 % 3;
+            const float *plane = x + (size_t)(j / 9) * h * w;
+            for (int i = 0; i < CP; i++) {
+              int ix = ix0 + i * s + j % 3;
+              tail[j * CP + i] = i < np && iy >= 0 && iy < h && ix >= 0 && ix < w
+                                     ? plane[(size_t)iy * w + ix] : 0;
+            }
+          }
+          micro_tile(k, wt, tail, CP, NULL, 1, nv, NULL, 0, &to);
+        }
+      }
+    }
+  }
+}
+
+/* One output vector of the depthwise: taps k, input p at the window's corner (iy0, ix0); the
+ * taps outside the image are left out */
+static inline vf depthwise_pixel(const vf k[9], vf bias, const float *p, long ep, long row,
+                                 int iy0, int ix0, int h, int w) {
+  vf acc = bias;
+  if (iy0 >= 0 && iy0 + 2 < h && ix0 >= 0 && ix0 + 2 < w) {
+    for (int dy = 0; dy < 3; dy++, p += row) /* three short chains, not one long one */
+      acc += k[3 * dy] * *(const vf *)p + k[3 * dy + 1] * *(const vf *)(p + ep) +
+             k[3 * dy + 2] * *(const vf *)(p + 2 * ep);
+    return acc;
+  }
+  for (int dy = 0; dy < 3; dy++)
+    for (int dx = 0; dx < 3; dx++)
+      if (iy0 + dy >= 0 && iy0 + dy < h && ix0 + dx >= 0 && ix0 + dx < w)
+        acc += k[3 * dy + dx] * *(const vf *)(p + dy * row + dx * ep);
+  return acc;
+}
+
+/* Four neighbouring output vectors of a row, windows inside the image, stride S (a constant
+ * where inlined): each input vector is loaded once for every output it feeds, each output is
+ * a chain of FMAs from the bias */
+static inline void depthwise_four(const vf k[9], vf bias, const float *p, long ep, long row,
+                                  int S, vf lo, vf hi, float *d) {
+  vf a0 = bias, a1 = bias, a2 = bias, a3 = bias;
+  for (int dy = 0; dy < 3; dy++, p += row) {
+    vf x[3 * 2 + 3], k0 = k[3 * dy], k1 = k[3 * dy + 1], k2 = k[3 * dy + 2];
+    for (int i = 0; i < 3 * S + 3; i++) x[i] = *(const vf *)(p + i * ep);
+    a0 += k0 * x[0], a1 += k0 * x[S], a2 += k0 * x[2 * S], a3 += k0 * x[3 * S];
+    a0 += k1 * x[1], a1 += k1 * x[S + 1], a2 += k1 * x[2 * S + 1], a3 += k1 * x[3 * S + 1];
+    a0 += k2 * x[2], a1 += k2 * x[S + 2], a2 += k2 * x[2 * S + 2], a3 += k2 * x[3 * S + 2];
+  }
+  *(vf *)d = VMIN(VMAX(a0, lo), hi);
+  *(vf *)(d + ep) = VMIN(VMAX(a1, lo), hi);
+  *(vf *)(d + 2 * ep) = VMIN(VMAX(a2, lo), hi);
+  *(vf *)(d + 3 * ep) = VMIN(VMAX(a3, lo), hi);
+}
+
 /* dbuf [q][ep] = Act(depthwise(ebuf) + bd) for the output rows [oy0, oy0 + r), ebuf holding
  * the expanded rows from `first` on, a vector of channels at a time: its 9 taps stay in
- * registers while every output pixel passes; border pixels leave out the taps outside */
+ * registers while every output pixel passes. A row's inner pixels go four at a time in a loop
+ * with nothing but the arithmetic (depthwise_four); its ends one at a time */
 static void depthwise_band(const Block *b, const float *ebuf, int first, int h, int w,
                            int oy0, int r, int ow, float *dbuf) {
   vf lo = (vf){0} + b->lo, hi = (vf){0} + b->hi;
   long ep = b->ep, row = (long)w * ep;
-  for (int e0 = 0; e0 < ep; e0 += VL) {
+  int s = b->stride;
+  for (long e0 = 0; e0 < ep; e0 += VL) {
     vf k[9], bias = *(const vf *)(b->bd + e0);
     for (int t = 0; t < 9; t++) k[t] = *(const vf *)(b->wdT + t * ep + e0);
     for (int oy = oy0; oy < oy0 + r; oy++) {
-      int iy0 = oy * b->stride - 1;
+      int iy0 = oy * s - 1, ox = 0;
+      const float *in = ebuf + (iy0 - first) * row + e0 - ep; /* output pixel 0's window */
       float *d = dbuf + (size_t)(oy - oy0) * ow * ep + e0;
-      int rows_inside = iy0 >= 0 && iy0 + 2 < h;
-      for (int ox = 0; ox < ow; ox++, d += ep) {
-        int ix0 = ox * b->stride - 1;
-        const float *p = ebuf + ((iy0 - first) * (long)w + ix0) * ep + e0;
-        vf acc = bias;
-        if (b->stride == 1 && rows_inside && ix0 >= 0 && ix0 + 5 < w) {
-          /* four neighbours at once: each input vector loaded once for the three it feeds */
-          vf a1 = bias, a2 = bias, a3 = bias;
-          for (int dy = 0; dy < 3; dy++, p += row) {
-            vf x0 = *(const vf *)p, x1 = *(const vf *)(p + ep), x2 = *(const vf *)(p + 2 * ep),
-               x3 = *(const vf *)(p + 3 * ep), x4 = *(const vf *)(p + 4 * ep),
-               x5 = *(const vf *)(p + 5 * ep), k0 = k[3 * dy], k1 = k[3 * dy + 1],
-               k2 = k[3 * dy + 2];
-            acc += k0 * x0 + k1 * x1 + k2 * x2;
-            a1 += k0 * x1 + k1 * x2 + k2 * x3;
-            a2 += k0 * x2 + k1 * x3 + k2 * x4;
-            a3 += k0 * x3 + k1 * x4 + k2 * x5;
-          }
-          *(vf *)d = VMIN(VMAX(acc, lo), hi);
-          *(vf *)(d + ep) = VMIN(VMAX(a1, lo), hi);
-          *(vf *)(d + 2 * ep) = VMIN(VMAX(a2, lo), hi);
-          *(vf *)(d + 3 * ep) = VMIN(VMAX(a3, lo), hi);
-          ox += 3, d += 3 * ep;
-          continue;
-        }
-        if (rows_inside && ix0 >= 0 && ix0 + 2 < w) {
-          for (int dy = 0; dy < 3; dy++, p += row) /* three short chains, not one long one */
-            acc += k[3 * dy] * *(const vf *)p + k[3 * dy + 1] * *(const vf *)(p + ep) +
-                   k[3 * dy + 2] * *(const vf *)(p + 2 * ep);
-        } else {
-          for (int dy = 0; dy < 3; dy++)
-            for (int dx = 0; dx < 3; dx++)
-              if (iy0 + dy >= 0 && iy0 + dy < h && ix0 + dx >= 0 && ix0 + dx < w)
-                acc += k[3 * dy + dx] * *(const vf *)(p + dy * row + dx * ep);
-        }
-        *(vf *)d = VMIN(VMAX(acc, lo), hi);
+      if (iy0 >= 0 && iy0 + 2 < h) { /* inner pixels: windows from column 0 to w - 1 */
+        *(vf *)d = VMIN(VMAX(depthwise_pixel(k, bias, in, ep, row, iy0, -1, h, w), lo), hi);
+        for (ox = 1; (ox + 3) * s + 1 < w; ox += 4)
+          if (s == 1)
+            depthwise_four(k, bias, in + ox * ep, ep, row, 1, lo, hi, d + ox * ep);
+          else
+            depthwise_four(k, bias, in + 2 * ox * ep, ep, row, 2, lo, hi, d + ox * ep);
+      }
+      for (; ox < ow; ox++) {
+        int ix0 = ox * s - 1;
+        vf acc = depthwise_pixel(k, bias, in + (ix0 + 1) * ep, ep, row, iy0, ix0, h, w);
+        *(vf *)(d + ox * ep) = VMIN(VMAX(acc, lo), hi);
       }
     }
   }
+}
+
+/* t[i][j] = t[j][i]: Eklundh's transpose, log2(VL) rounds of two-vector shuffles that swap the
+ * off-diagonal blocks of side s (VL * log2(VL) shuffles, not VL * VL scalar moves) */
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int vi __attribute__((vector_size(VL * 4)));
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
+#endif
+#define LO(j, s) (((j) & (s)) ? VL + (j) - (s) : (j))  /* row i: its own low, the pair's low */
+#define HI(j, s) (((j) & (s)) ? VL + (j) : (j) + (s))  /* row i + s: the high halves */
+#if VL == 16
+#define LANES(F, s) F(0, s), F(1, s), F(2, s), F(3, s), F(4, s), F(5, s), F(6, s), F(7, s), \
+    F(8, s), F(9, s), F(10, s), F(11, s), F(12, s), F(13, s), F(14, s), F(15, s)
+#elif VL == 8
+#define LANES(F, s) F(0, s), F(1, s), F(2, s), F(3, s), F(4, s), F(5, s), F(6, s), F(7, s)
+#else
+#define LANES(F, s) F(0, s), F(1, s), F(2, s), F(3, s)
+#endif
+#define ROUND(t, s)                                                  \
+  for (int i = 0; i < VL; i++)                                       \
+    if (!(i & (s))) {                                                \
+      vf a = t[i], b = t[i + (s)];                                   \
+      t[i] = SHUFFLE(a, b, LANES(LO, s));                            \
+      t[i + (s)] = SHUFFLE(a, b, LANES(HI, s));                      \
+    }
+static inline void transpose(vf t[VL]) {
+#if VL == 16
+  ROUND(t, 8)
+#endif
+#if VL >= 8
+  ROUND(t, 4)
+#endif
+  ROUND(t, 2)
+  ROUND(t, 1)
 }
 
 /* y [o][q] (NCHW, channel stride ldy) from dbuf [q][ep] (rows up to q rounded up to CP may hold
@@ -355,20 +490,34 @@ static void project_band(const Block *b, const float *dbuf, int q, const float *
       int kc = b->e - k0 < KC ? b->e - k0 : KC;
       for (int q0 = 0; q0 < q; q0 += CP)
         micro_tile(kc, b->wpT + (size_t)o0 * b->e + (size_t)k0 * nv * VL,
-                   dbuf + (size_t)q0 * b->ep + k0, 1, b->ep, nv,
-                   acc + (size_t)(q0 / CP) * CP * CV, k0 > 0);
+                   dbuf + (size_t)q0 * b->ep + k0, 1, NULL, b->ep, nv,
+                   acc + (size_t)(q0 / CP) * CP * CV, k0 > 0, NULL);
     }
-    for (int q0 = 0; q0 < q; q0 += CP) {
-      const vf *out = acc + (size_t)(q0 / CP) * CP * CV;
-      int np = q - q0 < CP ? q - q0 : CP;
-      for (int v = 0; v < nv; v++)
+    /* y's rows are pixels of one channel: VL pixels' sums (vectors of channels) at a time are
+     * transposed in registers into VL channels' vectors of pixels, and stored whole */
+    for (int v = 0; v < nv; v++)
+      for (int p = 0; p < q; p += VL) {
+        int np = q - p < VL ? q - p : VL;
+        vf t[VL];
+        for (int i = 0; i < VL; i++) {
+          int pi = p + (i < np ? i : 0);
+          t[i] = acc[(size_t)(pi / CP) * CP * CV + (size_t)(pi % CP) * nv + v];
+        }
+        transpose(t);
         for (int l = 0; l < VL && o0 + v * VL + l < b->o; l++) {
           int o = o0 + v * VL + l;
-          float *yo = y + (size_t)o * ldy + q0;
-          const float *ro = res ? res + (size_t)o * ldy + q0 : NULL;
-          for (int i = 0; i < np; i++) yo[i] = out[i * nv + v][l] + b->bp[o] + (ro ? ro[i] : 0.0f);
+          float *yo = y + (size_t)o * ldy + p;
+          const float *ro = res ? res + (size_t)o * ldy + p : NULL;
+          vf r = t[l] + b->bp[o], add = {0};
+          if (np == VL) {
+            *(vf *)yo = ro ? r + *(const vf *)ro : r;
+            continue;
+          }
+          if (ro) memcpy(&add, ro, (size_t)np * sizeof(float)); /* not past the tensor's end */
+          r += add;
+          memcpy(yo, &r, (size_t)np * sizeof(float));
         }
-    }
+      }
   }
 }
 
@@ -392,8 +541,9 @@ static inline int band_rows_default(const Block *b, int w) {
 }
 
 /* the per-thread scratch for bands of r output rows, in floats: the expanded rows a band needs
- * (plus one pixel tile of slack), the depthwise results and the project sums of its pixel tiles,
- * the partial pixel tile's input copy, and a vector's worth to align the sums */
+ * (w: the expanded image's width; plus one pixel tile of slack), the depthwise results and the
+ * project sums of its pixel tiles, a pixel tile's padded input copy, a vector's worth to align
+ * the sums, and a 3x3 expand's tap offsets */
 static inline size_t ebuf_floats(const Block *b, int w, int r) {
   return ((size_t)((r - 1) * b->stride + 3) * w + CP) * b->ep;
 }
@@ -402,32 +552,41 @@ static inline size_t dbuf_floats(const Block *b, int r, int ow) {
 }
 static size_t scratch_floats(const Block *b, int w, int r, int ow) {
   return ebuf_floats(b, w, r) + dbuf_floats(b, r, ow) + (size_t)round_up(r * ow, CP) * CV * VL +
-         (size_t)b->c * CP + VL;
+         (size_t)b->c * b->k * b->k * (CP + 1) + VL;
 }
 
-/* One image in bands of r output rows: each band expands only the input rows the previous band
- * did not (those it shares slide to the front), so nothing is computed twice, and a band's
- * expansion stays in cache however large the image. */
+/* the expanded image's side for an input side of n */
+static inline int expanded(const Block *b, int n) { return n ? (n - 1) / b->es + 1 : 0; }
+
+/* One image (h x w) in bands of r output rows: each band expands only the expanded rows the
+ * previous band did not (those it shares slide to the front), so nothing is computed twice, and
+ * a band's expansion stays in cache however large the image. */
 static void run_image(const Block *b, const float *x, float *y, int h, int w, int oh, int ow,
                       int r, float *buf) {
-  float *ebuf = buf, *dbuf = ebuf + ebuf_floats(b, w, r), *tail = dbuf + dbuf_floats(b, r, ow);
-  float *acc = tail + (size_t)b->c * CP;
+  int eh = expanded(b, h), ew = expanded(b, w);
+  float *ebuf = buf, *dbuf = ebuf + ebuf_floats(b, ew, r), *tail = dbuf + dbuf_floats(b, r, ow);
+  int *off = (int *)(tail + (size_t)b->c * b->k * b->k * CP);
+  float *acc = (float *)(off + b->c * b->k * b->k);
   acc += (VL - (uintptr_t)acc / sizeof(float) % VL) % VL;   /* whole vectors: aligned */
-  size_t px = (size_t)w * b->ep;                            /* floats per expanded row */
+  for (int j = 0; j < b->c * b->k * b->k; j++)              /* tap j: channel, row, column */
+    off[j] = (j / 9 * h + j / 3 % 3) * w + j % 3;
+  size_t px = (size_t)ew * b->ep;                           /* floats per expanded row */
   int have_first = 0, have = 0;                             /* expanded rows held */
   for (int oy0 = 0; oy0 < oh; oy0 += r) {
     int n = oh - oy0 < r ? oh - oy0 : r, first, count, keep = 0;
-    band_rows(b, h, oy0, n, &first, &count);
+    band_rows(b, eh, oy0, n, &first, &count);
     if (have && first >= have_first && first < have_first + have) {
       keep = have_first + have - first; /* rows the previous band expanded: slide them down */
       if (first != have_first)
         memmove(ebuf, ebuf + (first - have_first) * px, keep * px * sizeof(float));
     }
-    if (keep < count)
+    if (keep < count && b->k == 1)
       expand_band(b, x + (size_t)(first + keep) * w, (long)h * w, (count - keep) * w,
                   ebuf + keep * px, tail);
+    else if (keep < count)
+      expand_conv_band(b, x, h, w, first + keep, count - keep, ew, ebuf + keep * px, tail, off);
     have_first = first, have = count;
-    depthwise_band(b, ebuf, first, h, w, oy0, n, ow, dbuf);
+    depthwise_band(b, ebuf, first, eh, ew, oy0, n, ow, dbuf);
     project_band(b, dbuf, n * ow, b->residual ? x + (size_t)oy0 * ow : NULL,
                  y + (size_t)oy0 * ow, (long)oh * ow, (vf *)acc);
   }
@@ -451,7 +610,10 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
   if (d[0] < 0 || d[2] < 0 || d[3] < 0 || d[0] > INT32_MAX || d[2] > INT32_MAX || d[3] > INT32_MAX)
     return fail("edgesmith.InvertedResidual: input dimensions out of range");
   int n = (int)d[0], h = (int)d[2], w = (int)d[3];
-  int oh = h ? (h - 1) / b->stride + 1 : 0, ow = w ? (w - 1) / b->stride + 1 : 0;
+  if (b->k != 1 && (size_t)b->c * h * w > INT32_MAX) /* the taps' offsets are ints */
+    return fail("edgesmith.InvertedResidual: input too large for a 3x3 expand");
+  int eh = expanded(b, h), ew = expanded(b, w);
+  int oh = eh ? (eh - 1) / b->stride + 1 : 0, ow = ew ? (ew - 1) / b->stride + 1 : 0;
   int64_t od[4] = {n, b->o, oh, ow};
   OrtValue *yv;
   if ((st = api->KernelContext_GetOutput(ctx, 0, od, 4, &yv))) return st;
@@ -460,9 +622,9 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
   if ((st = api->GetTensorMutableData((OrtValue *)xv, (void **)&x))) return st;
   if ((st = api->GetTensorMutableData(yv, (void **)&y))) return st;
   if (n == 0 || oh == 0 || ow == 0) return NULL; /* an empty output: nothing to compute */
-  int r = b->tile_rows > 0 ? b->tile_rows : band_rows_default(b, w);
+  int r = b->tile_rows > 0 ? b->tile_rows : band_rows_default(b, ew);
   if (r > oh) r = oh;
-  float *buf = scratch_for(scratch_floats(b, w, r, ow));
+  float *buf = scratch_for(scratch_floats(b, ew, r, ow));
   if (!buf) return api->CreateStatus(ORT_FAIL, "edgesmith.InvertedResidual: out of memory");
   for (int i = 0; i < n; i++)
     run_image(b, x + (size_t)i * b->c * h * w, y + (size_t)i * b->o * oh * ow, h, w, oh, ow, r,

@@ -194,22 +194,26 @@ def host_library() -> Path:
 MAX_RELATIVE_ERROR = 1e-4     # of the largest output magnitude, against onnxruntime's own kernels
 
 
-def rewrite_for_device(model, tile_rows: int, facts: dict):
-    """`model` with its inverted-residual blocks on edgesmith's kernels for this device, the
-    library to ship beside it and what a per-block breakdown needs: (Model, {file name: bytes},
+def rewrite_for_device(model, tile_rows: int, min_side: int, facts: dict):
+    """`model` with its inverted-residual blocks on edgesmith's kernels for this device (those
+    whose output is at least `min_side` pixels a side, where the shapes are known), the library
+    to ship beside it and what a per-block breakdown needs: (Model, {file name: bytes},
     {"blocks", "isa", "shapes"}); or why not, in one line. The rewrite is checked on this
     machine (its own build of the same source) against onnxruntime."""
-    from .model import from_proto
+    from .model import from_proto, static_shapes
     from .passes.fuse import fuse
     from .passes.kernels import fuse_inverted_residual
 
     if model.format != "onnx":
         return "edgesmith kernels run in onnxruntime: ONNX models only"
     plain = fuse(model.proto)[0]
-    rewritten, report = fuse_inverted_residual(plain, {"tile_rows": tile_rows})
+    shapes = static_shapes(plain, model.inputs)
+    rewritten, report = fuse_inverted_residual(plain, {"tile_rows": tile_rows,
+                                                       "min_side": min_side, "shapes": shapes})
     if not report.changed:
         return ("no inverted-residual block (1x1 Conv, ReLU/ReLU6, 3x3 depthwise Conv, ReLU/ReLU6, "
-                "1x1 Conv) in this model")
+                "1x1 Conv) in this model" + (f" with an output at least {min_side} pixels a side"
+                                             if min_side else ""))
     try:
         library, tc = build(facts)
         error = numerics_error(plain, rewritten, {s.name: s for s in model.inputs},
@@ -219,11 +223,8 @@ def rewrite_for_device(model, tile_rows: int, facts: dict):
     if error > MAX_RELATIVE_ERROR:
         return (f"the kernels' outputs differ from onnxruntime's by {error:.1e} of their range "
                 f"(> {MAX_RELATIVE_ERROR:.0e}): not used")
-    from .model import static_shapes
-
     return (from_proto(rewritten, model), {LIBRARY: library.read_bytes()},
-            {"blocks": report.metrics["blocks"], "isa": tc.isa,
-             "shapes": static_shapes(plain, model.inputs)})
+            {"blocks": report.metrics["blocks"], "isa": tc.isa, "shapes": shapes})
 
 
 LANES = {"avx512": 16, "avx2": 8, "sse": 4, "neon": 4}
@@ -242,6 +243,8 @@ def breakdown(info: dict, ort_nodes: dict[str, float], our_nodes: dict[str, floa
                      if node in names or node.removesuffix("_nchwc") in names)
         ours = our_nodes.get(block["node"])
         h, w = (shapes.get(block["input"]) or [0, 0, 0, 0])[2:4]
+        if h:                                   # a stem's 3x3 expand has a stride of its own
+            h, w = ((side - 1) // block.get("expand_stride", 1) + 1 for side in (h, w))
         oh, ow = ((h - 1) // block["stride"] + 1, (w - 1) // block["stride"] + 1) if h else (0, 0)
         e = block["channels"][1]
         idle = 1 - e / (-(-e // lanes) * lanes)

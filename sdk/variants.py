@@ -141,18 +141,30 @@ def _kernels_impossible(value, facts, backend):
     return found if isinstance(found, str) else None
 
 
+def kernel_setting(value) -> tuple[int, int] | None:
+    """An `edgesmith_kernels` value as (band rows, smallest output side), None if malformed:
+    N (N > 0) is every block at N output rows a band; "R@S" the blocks whose output is at
+    least S pixels a side, at R rows a band (R = 0: the kernel's default band); 0 is off."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, 0) if 0 <= value <= 64 else None
+    rows, at, side = str(value).partition("@")
+    if not (at and rows.isdigit() and side.isdigit()):
+        return None
+    return (int(rows), int(side)) if int(rows) <= 64 and 0 < int(side) <= 65536 else None
+
+
 def _kernels_rewrite(model, value, facts):
     from .kernels import rewrite_for_device
 
-    return rewrite_for_device(model, value, facts)
+    return rewrite_for_device(model, *kernel_setting(value), facts)
 
 
-@knob("edgesmith_kernels", ("onnxruntime",),
-      lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 64,
+@knob("edgesmith_kernels", ("onnxruntime",), lambda v: kernel_setting(v) is not None,
       _kernels_impossible, rewrite=_kernels_rewrite)
 def _kernels(config, value, backend):
-    """0: onnxruntime's kernels; N: edgesmith's fused kernels computing N output rows a step
-    (the kernel's own tuning knob: how much of the expanded tensor stays in cache)."""
+    """0: onnxruntime's kernels; N or "R@S": edgesmith's fused kernels (kernel_setting): their
+    band height is the kernel's own tuning knob (how much of the expanded tensor stays in
+    cache), the smallest side where they are used the measured choice of where fusion pays."""
     from .kernels import LIBRARY
 
     if value:

@@ -29,11 +29,13 @@ ISA_FACTS = {"avx512": {"arch": "x86_64", "cpu_flags": ["avx512f", "avx2", "fma"
 
 
 def block_model(blocks, h, w, batch=1, act="Clip", seed=0, opset=17) -> onnx.ModelProto:
-    """Inverted-residual blocks in a chain: (c, e, o, stride, residual) each, random weights."""
+    """Inverted-residual blocks in a chain: (c, e, o, stride, residual[, stem stride]) each,
+    random weights; a stem stride makes the expand a 3x3 Conv of that stride (a network's stem
+    conv and the block without an expand after it)."""
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     x, c0 = "x", blocks[0][0]
-    for i, (c, e, o, stride, residual) in enumerate(blocks):
+    for i, (c, e, o, stride, residual, *stem) in enumerate(blocks):
         def conv(name, src, weight, group=1, k=1, s=1):
             inits.append(numpy_helper.from_array(weight.astype(np.float32), f"{name}_w"))
             inits.append(numpy_helper.from_array(
@@ -50,7 +52,9 @@ def block_model(blocks, h, w, batch=1, act="Clip", seed=0, opset=17) -> onnx.Mod
                 nodes.append(helper.make_node("Clip", [src, "lo", "hi"], [name]))
             return name
 
-        t = activation(conv(f"b{i}_expand", x, rng.normal(0, 0.4, (e, c, 1, 1))), f"b{i}_a1")
+        k = 3 if stem else 1
+        t = activation(conv(f"b{i}_expand", x, rng.normal(0, 0.4 / k, (e, c, k, k)), k=k,
+                            s=stem[0] if stem else 1), f"b{i}_a1")
         t = activation(conv(f"b{i}_dw", t, rng.normal(0, 0.4, (e, 1, 3, 3)), group=e, k=3,
                             s=stride), f"b{i}_a2")
         t = conv(f"b{i}_project", t, rng.normal(0, 0.3, (o, e, 1, 1)))
@@ -62,12 +66,14 @@ def block_model(blocks, h, w, batch=1, act="Clip", seed=0, opset=17) -> onnx.Mod
               numpy_helper.from_array(np.array(6, np.float32), "hi")]
     graph = helper.make_graph(
         nodes, "blocks", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c0, h, w])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [batch, blocks[-1][2], None, None])],
+        inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 MIXED = [(8, 48, 8, 1, True), (8, 24, 16, 2, False), (16, 36, 12, 1, False),
          (12, 40, 12, 1, True)]
+STEMS = [(3, 20, 8, 1, False, 2), (8, 16, 8, 2, False, 1)]     # 3x3 expands, stride 2 and 1
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "sse"])
@@ -82,13 +88,36 @@ def test_every_x86_build_equals_onnxruntime_on_odd_shapes_and_tiles(isa, tmp_pat
     for (h, w), batch, act in [((13, 13), 2, "Clip"), ((14, 31), 1, "Relu"), ((1, 5), 3, "Clip"),
                                ((7, 1), 1, "Clip"), ((29, 31), 1, "Relu"),
                                ((97, 61), 1, "Clip")]:
-        model = block_model(MIXED, h, w, batch, act)
-        inputs = {"x": type("Spec", (), {"shape": [batch, 8, h, w], "dtype": "float32"})}
-        for tile in (0, 1, 3, 16):
-            fused, report = fuse_inverted_residual(model, {"tile_rows": tile})
-            assert report.changed == 4 and {n.op_type for n in fused.graph.node} == {
-                "InvertedResidual"}
-            assert numerics_error(model, fused, inputs, library) < 1e-5, (h, w, batch, tile)
+        for blocks in (MIXED, STEMS + MIXED):      # 3x3 expands of stride 2 and 1 lead the chain
+            model = block_model(blocks, h, w, batch, act)
+            inputs = {"x": type("Spec", (), {"shape": [batch, blocks[0][0], h, w],
+                                             "dtype": "float32"})}
+            for tile in (0, 1, 3, 16):
+                fused, report = fuse_inverted_residual(model, {"tile_rows": tile})
+                assert report.changed == len(blocks) and {
+                    n.op_type for n in fused.graph.node} == {"InvertedResidual"}
+                assert numerics_error(model, fused, inputs, library) < 1e-5, (h, w, batch, tile)
+
+
+def test_the_knob_chooses_blocks_by_output_size_and_refuses_what_it_cannot_read(tmp_path):
+    """"R@S" rewrites only the blocks whose output is at least S pixels a side (where fusion
+    pays is for measurement to say: large images keep the most out of memory); a setting that
+    leaves no block is a pruned value with the reason, and malformed values are refused."""
+    from edgesmith.variants import KNOBS, kernel_setting
+
+    assert [kernel_setting(v) for v in (0, 8, "0@14", "16@7")] == [(0, 0), (8, 0), (0, 14),
+                                                                    (16, 7)]
+    assert [kernel_setting(v) for v in (65, -1, True, "8", "a@7", "8@0", "8@", 2.5)] == [None] * 8
+    assert not KNOBS["edgesmith_kernels"].accepts("0@x")
+    onnx.save(block_model(MIXED, 13, 13), tmp_path / "m.onnx")   # outputs 13, 7, 7, 7 a side
+    original = load(tmp_path / "m.onnx")
+    rewritten, _, info = rewrite_for_device(original, 0, 8, HOST)
+    assert [b["channels"] for b in info["blocks"]] == [[8, 48, 8]]
+    assert [n.op_type for n in rewritten.proto.graph.node].count("InvertedResidual") == 1
+    assert len(rewrite_for_device(original, 0, 7, HOST)[2]["blocks"]) == 4
+    assert rewrite_for_device(original, 0, 14, HOST) == (
+        "no inverted-residual block (1x1 Conv, ReLU/ReLU6, 3x3 depthwise Conv, ReLU/ReLU6, "
+        "1x1 Conv) in this model with an output at least 14 pixels a side")
 
 
 def test_only_whole_blocks_are_rewritten():
@@ -115,7 +144,7 @@ def test_bundled_kernels_load_only_when_verified(tmp_path, models):
     """The runtime loads the library the manifest lists and verifies; a changed byte, a
     library not in the bundle and one built for another CPU are one-line refusals."""
     original = load(models / "digits_mnv2.onnx")
-    made = rewrite_for_device(original, 8, HOST)
+    made = rewrite_for_device(original, 8, 0, HOST)
     assert not isinstance(made, str), made
     model, files, _ = made
     assert {n.op_type for n in model.proto.graph.node} & {"InvertedResidual"}
@@ -184,7 +213,7 @@ def test_tuning_keeps_the_kernels_only_when_the_whole_model_measures_faster(mode
     assert (LIBRARY in manifest["files"]) == uses_kernels
     assert bool(manifest["config"].get("custom_op_libraries")) == uses_kernels
     rows = report.kernels       # per block, from per-node profiles of both variants
-    assert len(rows) == 16 and all(r["onnxruntime_ms"] > 0 and r["edgesmith_ms"] > 0 for r in rows)
+    assert len(rows) == 17 and all(r["onnxruntime_ms"] > 0 and r["edgesmith_ms"] > 0 for r in rows)
     assert all(r["verdict"].startswith(("won", "lost")) for r in rows), rows
     if uses_kernels:     # kept only on interleaved re-measurement beyond the default's spread
         assert report.confirm["kept"] == "best" and not report.confirm["within_noise"]
@@ -216,8 +245,8 @@ def test_no_compiler_is_a_clear_error_and_doctor_says_so(tmp_path, monkeypatch):
 
 def test_the_rewritten_model_is_a_valid_model_with_the_same_interface(models):
     original = load(models / "digits_mnv2.onnx")
-    model, _, info = rewrite_for_device(original, 0, HOST)
-    assert len(info["blocks"]) == 16 and info["isa"] in ("avx512", "avx2", "sse", "neon")
+    model, _, info = rewrite_for_device(original, 0, 0, HOST)
+    assert len(info["blocks"]) == 17 and info["isa"] in ("avx512", "avx2", "sse", "neon")
     assert [s.as_manifest() for s in model.inputs] == [s.as_manifest() for s in original.inputs]
     assert model.outputs == original.outputs
     assert any(o.domain == "edgesmith" for o in model.proto.opset_import)

@@ -3,6 +3,8 @@
 `fuse_inverted_residual` finds MobileNetV2 blocks, 1x1 Conv -> act -> 3x3 depthwise Conv -> act
 -> 1x1 Conv [-> Add of the block input], with both activations the same ReLU or Clip, and makes
 each one `edgesmith.InvertedResidual`, whose kernel keeps the expanded tensor in cache. The
+network's stem, a 3x3 Conv (stride 1 or 2) -> act followed by a block without an expand
+(depthwise -> act -> 1x1 Conv), is the same pattern with a 3x3 expand, and is fused too. The
 result runs only where the library is registered (the bundle ships it, the runtime loads it);
 whether it is faster is for measurement to say, per device (the `edgesmith_kernels` knob).
 """
@@ -51,8 +53,10 @@ def _weights(graph: Graph, conv, shape_ok) -> tuple[np.ndarray, np.ndarray] | No
 
 def _match(graph: Graph, expand) -> dict | None:
     """The block starting at `expand`, or None; every inner value has one consumer."""
-    if not _conv(expand, 1, 1) or attr(expand, "group", 1) != 1:
+    if attr(expand, "group", 1) != 1 or not (_conv(expand, 1, 1) or _conv(expand, 3, 1)
+                                              or _conv(expand, 3, 2)):
         return None
+    kernel, expand_stride = (1, 1) if _conv(expand, 1) else (3, attr(expand, "strides", [1])[0])
     act1 = graph.only_consumer(expand.output[0])
     bounds = _activation(graph, act1)
     dw = graph.only_consumer(act1.output[0]) if bounds else None
@@ -63,7 +67,7 @@ def _match(graph: Graph, expand) -> dict | None:
     project = graph.only_consumer(act2.output[0]) if _activation(graph, act2) == bounds else None
     if not _conv(project, 1, 1) or attr(project, "group", 1) != 1:
         return None
-    we = _weights(graph, expand, lambda s: len(s) == 4 and s[2:] == (1, 1))
+    we = _weights(graph, expand, lambda s: len(s) == 4 and s[2:] == (kernel, kernel))
     if we is None:
         return None
     e, c = we[0].shape[:2]
@@ -72,19 +76,32 @@ def _match(graph: Graph, expand) -> dict | None:
     if wd is None or wp is None or attr(dw, "group", 1) != e:
         return None
     add = graph.only_consumer(project.output[0])
-    residual = (add is not None and add.op_type == "Add" and stride[0] == 1
+    residual = (add is not None and add.op_type == "Add" and stride[0] == 1 and kernel == 1
                 and wp[0].shape[0] == c and expand.input[0] in add.input
                 and project.output[0] in add.input)
     return {"nodes": [expand, act1, dw, act2, project] + ([add] if residual else []),
-            "weights": (we, wd, wp), "stride": stride[0], "bounds": bounds,
+            "weights": (we, wd, wp), "stride": stride[0], "expand_stride": expand_stride,
+            "bounds": bounds,
             "residual": residual, "output": (add if residual else project).output[0]}
+
+
+def _output_side(block: dict, shape) -> float:
+    """The smaller side of the block's output, from its input's static shape (inf: unknown)."""
+    if not shape or len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[2:]):
+        return float("inf")
+    return min(((side - 1) // block["expand_stride"] // block["stride"]) + 1
+               for side in shape[2:])
 
 
 @register("fuse_inverted_residual")
 def fuse_inverted_residual(model: onnx.ModelProto, cfg: dict | None = None
                            ) -> tuple[onnx.ModelProto, PassReport]:
-    """cfg: {"tile_rows": output rows per kernel step, 0 = the kernel's default}."""
-    tile_rows = int((cfg or {}).get("tile_rows", 0))
+    """cfg: {"tile_rows": output rows per kernel step, 0 = the kernel's default; "min_side":
+    only blocks whose output is at least this many pixels a side, by "shapes" (value name ->
+    static shape; a block of unknown shape counts as large)}."""
+    cfg = cfg or {}
+    tile_rows, min_side, shapes = int(cfg.get("tile_rows", 0)), cfg.get("min_side", 0), \
+        cfg.get("shapes") or {}
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g, report = out.graph, PassReport("fuse_inverted_residual")
@@ -92,7 +109,8 @@ def fuse_inverted_residual(model: onnx.ModelProto, cfg: dict | None = None
     dead: list = []
     taken: set[int] = set()
     for node in list(g.node):
-        if id(node) in taken or (block := _match(graph, node)) is None:
+        if id(node) in taken or (block := _match(graph, node)) is None \
+                or _output_side(block, shapes.get(node.input[0])) < min_side:
             continue
         names = []
         for role, (w, b) in zip(("expand", "depthwise", "project"), block["weights"]):
@@ -104,7 +122,8 @@ def fuse_inverted_residual(model: onnx.ModelProto, cfg: dict | None = None
         fused = helper.make_node(
             "InvertedResidual", [node.input[0], *names], [block["output"]], domain=DOMAIN,
             name=graph.unique_name(f"{node.name or node.output[0]}_inverted_residual"),
-            stride=block["stride"], residual=int(block["residual"]), act_min=lo,
+            stride=block["stride"], expand_stride=block["expand_stride"],
+            residual=int(block["residual"]), act_min=lo,
             act_max=min(hi, float(np.finfo(np.float32).max)), tile_rows=tile_rows)
         g.node.insert(list(g.node).index(node), fused)
         dead += block["nodes"]
@@ -112,10 +131,12 @@ def fuse_inverted_residual(model: onnx.ModelProto, cfg: dict | None = None
         e, c = block["weights"][0][0].shape[:2]
         report.metrics.setdefault("blocks", []).append({     # what a profile maps back to
             "node": fused.name, "input": node.input[0], "stride": block["stride"],
+            "expand_stride": block["expand_stride"],
             "channels": [int(c), int(e), int(block["weights"][2][0].shape[0])],
             "replaces": [n.name for n in block["nodes"]] + [n.output[0] for n in block["nodes"]]})
         report.add(f"{node.name or node.output[0]}: {c}->{e}->{block['weights'][2][0].shape[0]} "
-                   f"stride {block['stride']}{' +residual' if block['residual'] else ''}")
+                   f"stride {block['stride']}{' +residual' if block['residual'] else ''}"
+                   f"{' (3x3 expand: the stem)' if block['weights'][0][0].shape[2] == 3 else ''}")
     if report.changed:
         remove_nodes(g, dead)
         drop_unused_initializers(g)
