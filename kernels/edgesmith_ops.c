@@ -10,6 +10,10 @@
  * depthwise and project all vectorise along channels, so no lane idles at a row's end and no
  * expanded row is computed twice (see run_image).
  *
+ * The bands run in batches of consecutive bands on onnxruntime's own intra-op threads
+ * (KernelContext_ParallelFor, onnxruntime >= 1.17; one thread before that), so the kernel
+ * uses the cores a session is given, like the ops around it.
+ *
  * One source for every target: the vector width comes from the ISA the compiler is told to build
  * for (-march): 16 lanes with AVX-512, 8 with AVX2, 4 with NEON (aarch64) or SSE. The build is per
  * device ISA (sdk/kernels.py). Built against onnxruntime's C API header only: the runtime hands
@@ -27,6 +31,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "onnxruntime_c_api.h"
 
@@ -99,12 +104,15 @@ typedef struct {
 } Block;
 
 /* per-thread scratch, grown as needed and freed when its thread ends (a thread-per-request host
- * must not leak it); one allocation per thread, not one per call. Its data starts on a cache
- * line, so every vector of a pixel's channels does too (rows are whole vectors): an AVX-512
- * vector straddling two lines costs two accesses */
+ * must not leak it); one allocation per thread, not one per call. It remembers which band of
+ * which call its expanded rows belong to, so the thread's next band can keep those it shares.
+ * Its data starts on a cache line, so every vector of a pixel's channels does too (rows are
+ * whole vectors): an AVX-512 vector straddling two lines costs two accesses */
 #define LINE 64
 typedef struct {
   size_t floats;
+  unsigned long call; /* 0: holds nothing */
+  size_t band;
   _Alignas(LINE) float data[];
 } Scratch;
 
@@ -112,19 +120,19 @@ static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 static void scratch_key_init(void) { (void)pthread_key_create(&scratch_key, free); }
 
-static float *scratch_for(size_t floats) {
+static Scratch *scratch_for(size_t floats) {
   pthread_once(&scratch_once, scratch_key_init);
   Scratch *s = pthread_getspecific(scratch_key);
   if (!s || s->floats < floats) {
     free(s);
     s = aligned_alloc(LINE, (sizeof(Scratch) + floats * sizeof(float) + LINE - 1) / LINE * LINE);
-    if (s) s->floats = floats;
+    if (s) s->floats = floats, s->call = 0;
     if (pthread_setspecific(scratch_key, s) != 0) {
       free(s);
       return NULL;
     }
   }
-  return s ? s->data : NULL;
+  return s;
 }
 
 static OrtStatus *fail(const char *msg) { return api->CreateStatus(ORT_INVALID_ARGUMENT, msg); }
@@ -558,39 +566,63 @@ static size_t scratch_floats(const Block *b, int w, int r, int ow) {
 /* the expanded image's side for an input side of n */
 static inline int expanded(const Block *b, int n) { return n ? (n - 1) / b->es + 1 : 0; }
 
-/* One image (h x w) in bands of r output rows: each band expands only the expanded rows the
- * previous band did not (those it shares slide to the front), so nothing is computed twice, and
- * a band's expansion stays in cache however large the image. */
-static void run_image(const Block *b, const float *x, float *y, int h, int w, int oh, int ow,
-                      int r, float *buf) {
-  int eh = expanded(b, h), ew = expanded(b, w);
-  float *ebuf = buf, *dbuf = ebuf + ebuf_floats(b, ew, r), *tail = dbuf + dbuf_floats(b, r, ow);
+/* One compute call's work: every image's bands of r output rows, numbered image by image. They
+ * run in batches of consecutive bands on onnxruntime's intra-op threads, each thread in its own
+ * scratch; a band expands only the expanded rows its thread's previous band did not (those it
+ * shares slide to the front), so on one thread nothing is computed twice, and a band's
+ * expansion stays in cache however large the image. */
+typedef struct {
+  const Block *b;
+  const float *x;
+  float *y;
+  int h, w, oh, ow, r, bands; /* bands: per image */
+  unsigned long call;
+  int failed;
+} Work;
+
+static void ORT_API_CALL run_band(void *work, size_t index) {
+  const Work *job = work;
+  const Block *b = job->b;
+  int h = job->h, w = job->w, ow = job->ow, r = job->r, eh = expanded(b, h), ew = expanded(b, w);
+  Scratch *s = scratch_for(scratch_floats(b, ew, r, ow));
+  if (!s) {
+    __atomic_store_n(&((Work *)work)->failed, 1, __ATOMIC_RELAXED);
+    return;
+  }
+  size_t image = index / job->bands;
+  const float *x = job->x + image * b->c * h * w;
+  float *y = job->y + image * b->o * job->oh * ow;
+  float *ebuf = s->data, *dbuf = ebuf + ebuf_floats(b, ew, r), *tail = dbuf + dbuf_floats(b, r, ow);
   int *off = (int *)(tail + (size_t)b->c * b->k * b->k * CP);
   float *acc = (float *)(off + b->c * b->k * b->k);
   acc += (VL - (uintptr_t)acc / sizeof(float) % VL) % VL;   /* whole vectors: aligned */
   for (int j = 0; j < b->c * b->k * b->k; j++)              /* tap j: channel, row, column */
     off[j] = (j / 9 * h + j / 3 % 3) * w + j % 3;
   size_t px = (size_t)ew * b->ep;                           /* floats per expanded row */
-  int have_first = 0, have = 0;                             /* expanded rows held */
-  for (int oy0 = 0; oy0 < oh; oy0 += r) {
-    int n = oh - oy0 < r ? oh - oy0 : r, first, count, keep = 0;
-    band_rows(b, eh, oy0, n, &first, &count);
-    if (have && first >= have_first && first < have_first + have) {
+  int oy0 = (int)(index % job->bands) * r, n = job->oh - oy0 < r ? job->oh - oy0 : r;
+  int first, count, keep = 0, have_first, have;
+  band_rows(b, eh, oy0, n, &first, &count);
+  if (s->call == job->call && s->band + 1 == index && oy0 > 0) { /* this thread's last band */
+    band_rows(b, eh, oy0 - r, r, &have_first, &have);
+    if (first >= have_first && first < have_first + have) {
       keep = have_first + have - first; /* rows the previous band expanded: slide them down */
       if (first != have_first)
         memmove(ebuf, ebuf + (first - have_first) * px, keep * px * sizeof(float));
     }
-    if (keep < count && b->k == 1)
-      expand_band(b, x + (size_t)(first + keep) * w, (long)h * w, (count - keep) * w,
-                  ebuf + keep * px, tail);
-    else if (keep < count)
-      expand_conv_band(b, x, h, w, first + keep, count - keep, ew, ebuf + keep * px, tail, off);
-    have_first = first, have = count;
-    depthwise_band(b, ebuf, first, eh, ew, oy0, n, ow, dbuf);
-    project_band(b, dbuf, n * ow, b->residual ? x + (size_t)oy0 * ow : NULL,
-                 y + (size_t)oy0 * ow, (long)oh * ow, (vf *)acc);
   }
+  if (keep < count && b->k == 1)
+    expand_band(b, x + (size_t)(first + keep) * w, (long)h * w, (count - keep) * w,
+                ebuf + keep * px, tail);
+  else if (keep < count)
+    expand_conv_band(b, x, h, w, first + keep, count - keep, ew, ebuf + keep * px, tail, off);
+  s->call = job->call, s->band = index;
+  depthwise_band(b, ebuf, first, eh, ew, oy0, n, ow, dbuf);
+  project_band(b, dbuf, n * ow, b->residual ? x + (size_t)oy0 * ow : NULL,
+               y + (size_t)oy0 * ow, (long)job->oh * ow, (vf *)acc);
 }
+
+static int api_version;     /* of the API table onnxruntime handed over */
+static unsigned long calls; /* compute calls so far: a scratch's held rows name theirs */
 
 static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
   const Block *b = kernel;
@@ -624,11 +656,19 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
   if (n == 0 || oh == 0 || ow == 0) return NULL; /* an empty output: nothing to compute */
   int r = b->tile_rows > 0 ? b->tile_rows : band_rows_default(b, ew);
   if (r > oh) r = oh;
-  float *buf = scratch_for(scratch_floats(b, ew, r, ow));
-  if (!buf) return api->CreateStatus(ORT_FAIL, "edgesmith.InvertedResidual: out of memory");
-  for (int i = 0; i < n; i++)
-    run_image(b, x + (size_t)i * b->c * h * w, y + (size_t)i * b->o * oh * ow, h, w, oh, ow, r,
-              buf);
+  Work job = {b, x, y, h, w, oh, ow, r, (oh + r - 1) / r,
+              __atomic_add_fetch(&calls, 1, __ATOMIC_RELAXED), 0};
+  size_t total = (size_t)n * job.bands;
+  /* as many batches of consecutive bands as cores: a thread's bands share rows; onnxruntime
+   * runs them on its intra-op threads, all on this one when the session has one */
+  long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  size_t batches = cores < 1 ? 1 : (size_t)cores < total ? (size_t)cores : total;
+  if (api_version >= 17 && total > 1) { /* KernelContext_ParallelFor: onnxruntime 1.17 */
+    if ((st = api->KernelContext_ParallelFor(ctx, run_band, total, batches, &job))) return st;
+  } else {
+    for (size_t i = 0; i < total; i++) run_band(&job, i);
+  }
+  if (job.failed) return api->CreateStatus(ORT_FAIL, "edgesmith.InvertedResidual: out of memory");
   return NULL;
 }
 
@@ -671,7 +711,7 @@ EXPORT OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, con
 }
 
 static OrtStatus *register_locked(OrtSessionOptions *options, const OrtApiBase *base) {
-  for (int v = ORT_API_VERSION; v >= MIN_API && !api; v--) api = base->GetApi(v);
+  for (int v = ORT_API_VERSION; v >= MIN_API && !api; v--) api = base->GetApi(api_version = v);
   if (!api) return NULL; /* cannot even say why without an API table; the op stays unknown */
   static OrtCustomOpDomain *domain;
   OrtStatus *st;

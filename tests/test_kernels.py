@@ -99,6 +99,25 @@ def test_every_x86_build_equals_onnxruntime_on_odd_shapes_and_tiles(isa, tmp_pat
                 assert numerics_error(model, fused, inputs, library) < 1e-5, (h, w, batch, tile)
 
 
+def test_threads_split_the_bands_and_give_the_same_bits():
+    """onnxruntime's intra-op threads each take a batch of consecutive bands in their own
+    scratch; a thread's first band recomputes the rows it shares with another thread's, so the
+    outputs are the same bits on one thread and on three (a race or a lost row would differ)."""
+    library = build(HOST)[0]
+    model = block_model(STEMS + MIXED, 97, 61, 1)      # one image: batches split its bands
+    x = np.random.default_rng(1).standard_normal((1, 3, 97, 61)).astype(np.float32)
+    outputs = []
+    for threads in (1, 3):
+        fused = fuse_inverted_residual(model, {"tile_rows": 2})[0]
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.register_custom_ops_library(str(library))
+        session = ort.InferenceSession(fused.SerializeToString(), opts,
+                                       providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {"x": x})[0])
+    assert np.array_equal(outputs[0], outputs[1])
+
+
 def test_the_knob_chooses_blocks_by_output_size_and_refuses_what_it_cannot_read(tmp_path):
     """"R@S" rewrites only the blocks whose output is at least S pixels a side (where fusion
     pays is for measurement to say: large images keep the most out of memory); a setting that
