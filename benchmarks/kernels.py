@@ -1,10 +1,10 @@
-"""edgesmith's fused inverted-residual kernels against the best onnxruntime-only variant, 1 thread.
+"""edgesmith's fused inverted-residual kernels against the best onnxruntime-only variant.
 
     python examples/imagenet_mobilenetv2.py      # once: writes examples/models/imagenet_mnv2.onnx
-    python benchmarks/kernels.py [--model M] [--rounds 7]
+    python benchmarks/kernels.py [--model M] [--rounds 7] [--threads 1]
 
 One run on the local device: the best onnxruntime-only config (tuned: optimisation level and
-spinning, 1 thread), then the model on edgesmith's kernels at each `edgesmith_kernels` setting
+spinning, at --threads), then the model on edgesmith's kernels at each `edgesmith_kernels` setting
 the target profiles search (every block at a band height, the kernel's own tuning knob, 0 = its
 default; or only the blocks whose output is at least S pixels a side, "0@S"), all measured
 interleaved in the same rounds. Prints the CPU, each variant's median and spread, the ratio of
@@ -30,6 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "examples/models/imagenet_mnv2.onnx"))
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads for every variant (the goal is set at 1)")
     args = parser.parse_args()
     os.environ.setdefault("EDGESMITH_CACHE", tempfile.mkdtemp(prefix="edgesmith-kbench-"))
     from edgesmith import bundle as bundles
@@ -44,14 +46,17 @@ def main() -> None:
 
     dev = get_device("local")
     facts = dev.facts()
-    print(f"CPU: {facts['cpu']} ({facts['arch']}; {', '.join(facts['cpu_flags'])}), 1 thread")
+    threads = args.threads
+    print(f"CPU: {facts['cpu']} ({facts['arch']}; {', '.join(facts['cpu_flags'])}), "
+          f"{threads} thread(s)")
     model = load(args.model)
-    job = Job(runs=30, warmup=5, min_time_s=1.0, threads=1, evaluate=False)
-    ort_only = tune(model, dev, search_space=space(     # every trial at 1 thread (the job's)
+    job = Job(runs=30, warmup=5, min_time_s=1.0, threads=threads, evaluate=False)
+    ort_only = tune(model, dev, search_space=space(     # every trial at the job's threads
         {"graph_optimization_level": ["all", "extended"], "allow_spinning": [True, False]},
         facts, "onnxruntime"),
-        measure_settings={"runs": 30, "warmup": 5, "min_time_s": 1.0, "threads": 1}, fresh=True)
-    best_ort = {**ort_only.best.config, "intra_op_threads": 1}
+        measure_settings={"runs": 30, "warmup": 5, "min_time_s": 1.0, "threads": threads},
+        fresh=True)
+    best_ort = {**ort_only.best.config, "intra_op_threads": threads}
     print(f"best onnxruntime-only variant: {ort_only.best.id} ({ort_only.verdict})")
     trials = {"onnxruntime": (bundles.build(model), replace(job, config=best_ort))}
     made = {}

@@ -8,7 +8,7 @@
  * The image goes a band of output rows at a time: the band's expanded tensor (6x the input) is
  * held pixel-major ([pixel][channel]) in a per-thread buffer that stays in cache, and expand,
  * depthwise and project all vectorise along channels, so no lane idles at a row's end and no
- * expanded row is computed twice (see run_image).
+ * expanded row is computed twice (see run_band).
  *
  * The bands run in batches of consecutive bands on onnxruntime's own intra-op threads
  * (KernelContext_ParallelFor, onnxruntime >= 1.17; one thread before that), so the kernel
@@ -17,8 +17,9 @@
  * One source for every target: the vector width comes from the ISA the compiler is told to build
  * for (-march): 16 lanes with AVX-512, 8 with AVX2, 4 with NEON (aarch64) or SSE. The build is per
  * device ISA (sdk/kernels.py). Built against onnxruntime's C API header only: the runtime hands
- * its API table to RegisterCustomOps, so no link to libonnxruntime is needed, and asking for the
- * oldest API version this file uses lets the library load in any newer onnxruntime.
+ * its API table to RegisterCustomOps, so no link to libonnxruntime is needed; taking the newest
+ * table the runtime has, down to the oldest this file needs (MIN_API), lets the library load in
+ * any onnxruntime from 1.16 on.
  *
  * Inputs:  X [N,C,H,W], We [E,C,1,1] (or [E,C,3,3]), Be [E], Wd [E,1,3,3], Bd [E], Wp [O,E,1,1],
  *          Bp [O]
