@@ -90,8 +90,9 @@ def main() -> None:
     for bundle, j in (trials["onnxruntime"], trials[ours]):
         profiles.append(measure(dev, bundle, replace(j, runs=20, min_time_s=0,
                                                      profile_ops=True)).node_profile_ms or {})
-    print("per block (ms per run, per-node profile):")
-    for row in breakdown(made[pick][1], *profiles):
+    print("per block (ms per run, per-node profile less the profiler's own cost per node):")
+    for row in breakdown(made[pick][1], *profiles,
+                         (spreads["onnxruntime"].median_ms, spreads[ours].median_ms)):
         print(f"  {row['block'].strip('/').split('/')[1] if '/' in row['block'] else row['block']:14s}"
               f" {row['channels']:>13s} s{row['stride']} {row['output_hw']:>7s}  onnxruntime "
               f"{row['onnxruntime_ms']:.3f}  edgesmith {row['edgesmith_ms'] or 0:.3f}  "

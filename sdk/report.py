@@ -132,7 +132,9 @@ def tune_table(report) -> Table:
 
 def kernels_table(report) -> Table:
     """Per fused block: onnxruntime's nodes against edgesmith's kernel, profiled on the device."""
-    table = Table(title="edgesmith kernels, per block (per-node profile, ms per run)")
+    variant = report.kernels[0].get("variant", "") if report.kernels else ""
+    table = Table(title=f"edgesmith kernels{f' ({variant})' if variant else ''}, per block "
+                        "(per-node profile less the profiler's own cost per node, ms per run)")
     for col in ("block", "channels", "stride", "output", "onnxruntime", "edgesmith", "verdict"):
         table.add_column(col, justify="left" if col in ("block", "verdict") else "right")
     for row in report.kernels:

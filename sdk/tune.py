@@ -226,7 +226,8 @@ def _rewritten_models(model: Model, sp: Space, facts: dict) -> dict[tuple, tuple
 def _kernel_breakdown(dev, job: Job, tried: dict, done: dict, models: dict, bundles_of
                       ) -> list[dict]:
     """Profile the fastest model-rewriting variant and the same config without the rewrite,
-    per node, and set each rewritten block against what it replaced (sdk/kernels.breakdown)."""
+    per node, and set each rewritten block against what it replaced (sdk/kernels.breakdown,
+    which takes each node's profiling cost out by the variants' unprofiled times)."""
     from .kernels import breakdown
 
     rewritten = [(done[k], v) for k, v in tried.items() if v.rewrites() and done[k].ok]
@@ -243,7 +244,10 @@ def _kernel_breakdown(dev, job: Job, tried: dict, done: dict, models: dict, bund
         if result.error or not result.node_profile_ms:
             return []
         profiles.append(result.node_profile_ms)
-    return breakdown(models[variant.rewrites()][2], *profiles)
+    unprofiled = tuple(done[v.key()].p50_ms if v.key() in done and done[v.key()].ok else None
+                       for v in (plain, variant))
+    return [{**row, "variant": variant.label()}
+            for row in breakdown(models[variant.rewrites()][2], *profiles, unprofiled)]
 
 
 def _measure_variant(dev, variant: Variant, plain, judged, job: Job, spent: dict,

@@ -26,7 +26,12 @@ from .common import (config_error, data_source, host_device_option, input_shape_
 @json_option()
 def tune(model, device, identity, accept_new_host_key, remote_python, target, budget, max_trials,
          fresh, input_shape, out, force, json_out):
-    """Autotune MODEL's runtime config on a device; the result is never slower than the default."""
+    """Autotune MODEL's runtime config on a device; the result is never slower than the default.
+
+    The search is the target profile's: threads, spinning, optimisation level, the providers
+    the device has, and edgesmith's own fused kernels (edgesmith_kernels: 0 off, N every block
+    at N rows a band, "R@S" only blocks at least S pixels a side), each measured on the device;
+    a per-block table says what the kernels won or lost."""
     from ..model import load, parse_input_shapes
     from ..outputs import claim, copy_dir_atomic
     from ..report import kernels_table, print_table, tune_table, write_json
