@@ -597,7 +597,7 @@ static void ORT_API_CALL run_band(void *work, size_t index) {
   int *off = (int *)(tail + (size_t)b->c * b->k * b->k * CP);
   float *acc = (float *)(off + b->c * b->k * b->k);
   acc += (VL - (uintptr_t)acc / sizeof(float) % VL) % VL;   /* whole vectors: aligned */
-  for (int j = 0; j < b->c * b->k * b->k; j++)              /* tap j: channel, row, column */
+  for (int j = 0; b->k == 3 && j < b->c * 9; j++)          /* tap j: channel, row, column */
     off[j] = (j / 9 * h + j / 3 % 3) * w + j % 3;
   size_t px = (size_t)ew * b->ep;                           /* floats per expanded row */
   int oy0 = (int)(index % job->bands) * r, n = job->oh - oy0 < r ? job->oh - oy0 : r;
@@ -624,6 +624,7 @@ static void ORT_API_CALL run_band(void *work, size_t index) {
 
 static int api_version;     /* of the API table onnxruntime handed over */
 static unsigned long calls; /* compute calls so far: a scratch's held rows name theirs */
+static size_t cores = 1;    /* online at registration: sysconf reads /sys on every call */
 
 static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
   const Block *b = kernel;
@@ -662,8 +663,7 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
   size_t total = (size_t)n * job.bands;
   /* as many batches of consecutive bands as cores: a thread's bands share rows; onnxruntime
    * runs them on its intra-op threads, all on this one when the session has one */
-  long cores = sysconf(_SC_NPROCESSORS_ONLN);
-  size_t batches = cores < 1 ? 1 : (size_t)cores < total ? (size_t)cores : total;
+  size_t batches = cores < total ? cores : total;
   if (api_version >= 17 && total > 1) { /* KernelContext_ParallelFor: onnxruntime 1.17 */
     if ((st = api->KernelContext_ParallelFor(ctx, run_band, total, batches, &job))) return st;
   } else {
@@ -713,6 +713,8 @@ EXPORT OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, con
 
 static OrtStatus *register_locked(OrtSessionOptions *options, const OrtApiBase *base) {
   for (int v = ORT_API_VERSION; v >= MIN_API && !api; v--) api = base->GetApi(api_version = v);
+  long online = sysconf(_SC_NPROCESSORS_ONLN);
+  cores = online > 1 ? (size_t)online : 1;
   if (!api) return NULL; /* cannot even say why without an API table; the op stays unknown */
   static OrtCustomOpDomain *domain;
   OrtStatus *st;

@@ -213,7 +213,7 @@ def rewrite_for_device(model, tile_rows: int, min_side: int, facts: dict):
     if not report.changed:
         return ("no inverted-residual block (1x1 Conv, ReLU/ReLU6, 3x3 depthwise Conv, ReLU/ReLU6, "
                 "1x1 Conv) in this model" + (f" with an output at least {min_side} pixels a side"
-                                             if min_side else ""))
+                                             if min_side > 1 else ""))
     try:
         library, tc = build(facts)
         error = numerics_error(plain, rewritten, {s.name: s for s in model.inputs},
