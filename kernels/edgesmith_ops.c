@@ -260,6 +260,11 @@ typedef struct {
   float lo, hi;
 } Sink;
 
+/* a loop over a micro-tile's pixels or vectors, unrolled whole: the sums then live in registers
+ * from the first product to the last, not in a stack array stored and loaded around every call
+ * (that cost a call of 16 to 32 products per sum 15-25 % of its time) */
+#define UNROLLED(i, n) _Pragma("GCC unroll 16") for (int i = 0; i < (n); i++)
+
 /* out[i][v] = sum_j w[j][v*VL ...] * at(j)[i*ldi], for CP pixels i and NV vectors of channels v
  * (weights transposed: channels along the vector; each pixel's value broadcast). A 1x1 conv's
  * inputs are strided (at(j) = src + j*ldk), a 3x3 conv's gathered (at(j) = src + off[j]: tap j's
@@ -270,26 +275,24 @@ typedef struct {
                    const Sink *to) {                                                      \
     (void)ldk; (void)off;                                                                 \
     vf acc[CP][NV];                                                                       \
-    for (int i = 0; i < CP; i++)                                                          \
-      for (int v = 0; v < NV; v++)                                                        \
-        acc[i][v] = to ? *(const vf *)(to->bias + v * VL) : accumulate ? out[i][v] : (vf){0}; \
+    UNROLLED(i, CP) UNROLLED(v, NV)                                                       \
+      acc[i][v] = to ? *(const vf *)(to->bias + v * VL) : accumulate ? out[i][v] : (vf){0}; \
     for (int j = 0; j < k; j++, w += ldw) {                                               \
       const float *at = AT;                                                               \
       vf wv[NV];                                                                          \
-      for (int v = 0; v < NV; v++) wv[v] = *(const vf *)(w + v * VL);                     \
-      for (int i = 0; i < CP; i++) {                                                      \
+      UNROLLED(v, NV) wv[v] = *(const vf *)(w + v * VL);                                  \
+      UNROLLED(i, CP) {                                                                   \
         float xi = at[i * ldi];                                                           \
-        for (int v = 0; v < NV; v++) acc[i][v] += xi * wv[v];                             \
+        UNROLLED(v, NV) acc[i][v] += xi * wv[v];                                          \
       }                                                                                   \
     }                                                                                     \
     if (!to) {                                                                            \
-      memcpy(out, acc, sizeof(acc));                                                      \
+      UNROLLED(i, CP) UNROLLED(v, NV) out[i][v] = acc[i][v];                              \
       return;                                                                             \
     }                                                                                     \
     vf lo = (vf){0} + to->lo, hi = (vf){0} + to->hi;                                      \
-    for (int i = 0; i < CP; i++)                                                          \
-      for (int v = 0; v < NV; v++)                                                        \
-        if (i < to->np) *(vf *)(to->dst + i * to->ldd + v * VL) = VMIN(VMAX(acc[i][v], lo), hi); \
+    UNROLLED(i, CP) UNROLLED(v, NV)                                                       \
+      if (i < to->np) *(vf *)(to->dst + i * to->ldd + v * VL) = VMIN(VMAX(acc[i][v], lo), hi); \
   }
 MICRO_TILE(micro_tile_1, 1, src + j * ldk)
 MICRO_TILE(micro_tile_2, 2, src + j * ldk)
