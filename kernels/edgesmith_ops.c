@@ -347,13 +347,18 @@ static void expand_band(const Block *b, const float *x, long ldc, int count, flo
   }
 }
 
+/* a border patch's row: the CP windows (stride s) of a pixel tile span this many columns */
+#define PATCH_WIDTH(s) ((CP - 1) * (s) + 3)
+
 /* The same for a 3x3 expand (stride es, pads of 1; a stem conv) over the expanded rows
  * [ey0, ey0 + rows), each ew wide: pixel tiles run along a row; a tile whose windows lie inside
- * the image reads x through the taps' offsets (off), one on the border a zero-padded copy */
+ * the image reads x through the taps' offsets in x (off[0..k)), one on the border a patch: its
+ * windows' three rows of each channel, copied with their zero padding, read through the taps'
+ * offsets in the patch (off[k..2k)) */
 static void expand_conv_band(const Block *b, const float *x, int h, int w, int ey0, int rows,
-                             int ew, float *ebuf, float *tail, const int *off) {
+                             int ew, float *ebuf, float *patch, const int *off) {
   Sink to = {.ldd = b->ep, .lo = b->lo, .hi = b->hi};
-  int k = b->c * 9, s = b->es;
+  int k = b->c * 9, s = b->es, pw = PATCH_WIDTH(s);
   for (int e0 = 0, nv; e0 < b->ep; e0 += nv * VL) {
     nv = tile_vectors(b->ep, e0);
     const float *wt = b->weT + (size_t)e0 * k;
@@ -363,20 +368,20 @@ static void expand_conv_band(const Block *b, const float *x, int h, int w, int e
         int np = ew - ox0 < CP ? ew - ox0 : CP, ix0 = ox0 * s - 1;
         to.bias = b->be + e0, to.np = np;
         to.dst = ebuf + ((size_t)(ey - ey0) * ew + ox0) * b->ep + e0;
-        if (np == CP && iy0 >= 0 && iy0 + 2 < h && ix0 >= 0 && ix0 + (CP - 1) * s + 2 < w) {
+        if (np == CP && iy0 >= 0 && iy0 + 2 < h && ix0 >= 0 && ix0 + pw - 1 < w) {
           micro_tile(k, wt, x + (size_t)iy0 * w + ix0, 0, off, s, nv, NULL, 0, &to);
-        } else {
-          for (int j = 0; j < k; j++) {
-            int iy = iy0 + j / 3 % 3;
-            const float *plane = x + (size_t)(j / 9) * h * w;
-            for (int i = 0; i < CP; i++) {
-              int ix = ix0 + i * s + j % 3;
-              tail[j * CP + i] = i < np && iy >= 0 && iy < h && ix >= 0 && ix < w
-                                     ? plane[(size_t)iy * w + ix] : 0;
-            }
-          }
-          micro_tile(k, wt, tail, CP, NULL, 1, nv, NULL, 0, &to);
+          continue;
         }
+        int inside = ix0 < 0 ? -ix0 : 0, end = w - ix0 < pw ? w - ix0 : pw; /* patch columns */
+        for (int c = 0; c < b->c; c++)
+          for (int dy = 0, iy = iy0; dy < 3; dy++, iy++) {
+            float *row = patch + (size_t)(c * 3 + dy) * pw;
+            memset(row, 0, (size_t)pw * sizeof(float));
+            if (iy >= 0 && iy < h && end > inside)
+              memcpy(row + inside, x + ((size_t)c * h + iy) * w + ix0 + inside,
+                     (size_t)(end - inside) * sizeof(float));
+          }
+        micro_tile(k, wt, patch, 0, off + k, s, nv, NULL, 0, &to);
       }
     }
   }
@@ -554,8 +559,9 @@ static inline int band_rows_default(const Block *b, int w) {
 
 /* the per-thread scratch for bands of r output rows, in floats: the expanded rows a band needs
  * (w: the expanded image's width; plus one pixel tile of slack), the depthwise results and the
- * project sums of its pixel tiles, a pixel tile's padded input copy, a vector's worth to align
- * the sums, and a 3x3 expand's tap offsets */
+ * project sums of its pixel tiles, a pixel tile's padded input copy (a 3x3 expand's border
+ * patch fits in it: 3 (CP - 1) es + 9 <= 9 CP floats a channel), a vector's worth to align the
+ * sums, and a 3x3 expand's tap offsets (in x and in the patch) */
 static inline size_t ebuf_floats(const Block *b, int w, int r) {
   return ((size_t)((r - 1) * b->stride + 3) * w + CP) * b->ep;
 }
@@ -564,7 +570,7 @@ static inline size_t dbuf_floats(const Block *b, int r, int ow) {
 }
 static size_t scratch_floats(const Block *b, int w, int r, int ow) {
   return ebuf_floats(b, w, r) + dbuf_floats(b, r, ow) + (size_t)round_up(r * ow, CP) * CV * VL +
-         (size_t)b->c * b->k * b->k * (CP + 1) + VL;
+         (size_t)b->c * b->k * b->k * (CP + 2) + VL;
 }
 
 /* the expanded image's side for an input side of n */
@@ -598,10 +604,12 @@ static void ORT_API_CALL run_band(void *work, size_t index) {
   float *y = job->y + image * b->o * job->oh * ow;
   float *ebuf = s->data, *dbuf = ebuf + ebuf_floats(b, ew, r), *tail = dbuf + dbuf_floats(b, r, ow);
   int *off = (int *)(tail + (size_t)b->c * b->k * b->k * CP);
-  float *acc = (float *)(off + b->c * b->k * b->k);
+  float *acc = (float *)(off + 2 * b->c * b->k * b->k);
   acc += (VL - (uintptr_t)acc / sizeof(float) % VL) % VL;   /* whole vectors: aligned */
-  for (int j = 0; b->k == 3 && j < b->c * 9; j++)          /* tap j: channel, row, column */
+  for (int j = 0, k = b->c * 9; b->k == 3 && j < k; j++) { /* tap j: channel, row, column */
     off[j] = (j / 9 * h + j / 3 % 3) * w + j % 3;
+    off[k + j] = (j / 9 * 3 + j / 3 % 3) * PATCH_WIDTH(b->es) + j % 3;
+  }
   size_t px = (size_t)ew * b->ep;                           /* floats per expanded row */
   int oy0 = (int)(index % job->bands) * r, n = job->oh - oy0 < r ? job->oh - oy0 : r;
   int first, count, keep = 0, have_first, have;
