@@ -261,15 +261,17 @@ def breakdown(info: dict, ort_nodes: dict[str, float], our_nodes: dict[str, floa
         e = block["channels"][1]
         idle = 1 - e / (-(-e // lanes) * lanes)
         row = {"block": block["node"], "channels": "->".join(map(str, block["channels"])),
-               "stride": block["stride"], "output_hw": f"{oh}x{ow}", "onnxruntime_ms": theirs,
+               "stride": block["stride"] * block.get("expand_stride", 1),   # input to output
+               "output_hw": f"{oh}x{ow}", "onnxruntime_ms": theirs,
                "edgesmith_ms": ours, "expanded_kb": round(e * h * w * 4 / 1024),
                "idle_lanes": round(idle, 3)}
         if ours is not None and min(ours, theirs) <= 0:
             row["verdict"] = "too small to compare beside the profiler's own cost per node"
         elif ours is not None:
-            row["verdict"] = (f"{'won' if ours < theirs else 'lost'} ({theirs / ours:.2f}x "
-                              f"the speed): {row['expanded_kb']} KB expansion never in memory"
-                              + (f"; {idle:.0%} of lanes idle on {e} channels" if idle else ""))
+            kept = f"{row['expanded_kb']} KB of expansion kept out of memory"
+            row["verdict"] = (f"won ({theirs / ours:.2f}x the speed): {kept}" if ours < theirs
+                              else f"lost ({theirs / ours:.2f}x the speed), although {kept}")
+            row["verdict"] += f"; {idle:.0%} of lanes idle on {e} channels" if idle else ""
         rows.append(row)
     return rows
 

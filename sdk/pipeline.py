@@ -57,6 +57,7 @@ class OptimizeReport:
     remeasure: dict = field(default_factory=dict)   # original vs chosen, interleaved (Spreads)
     op_profile_ms: dict = field(default_factory=dict)
     tuned_config: dict = field(default_factory=dict)
+    tuning: dict = field(default_factory=dict)     # the config search on the chosen model
     elapsed_s: float = 0.0
     resumed: int = 0
     model_file: str = "model.onnx"                 # OUT/model.onnx or OUT/model.tflite
@@ -194,7 +195,9 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
         report.notes.append(f"the chosen .tflite was converted at fixed shapes: it takes a "
                             f"batch of {batch[0]} where the original takes any batch (run "
                             "batches as a loop, or pass --backends onnxruntime)")
-    report.tuned_config = pick.config = _tuned_config(ctx, model, pick.id)
+    tuned = _tune(ctx, model, pick.id)
+    report.tuned_config = pick.config = tuned.best.config if tuned else {}
+    report.tuning = tuning_summary(tuned) if tuned else {}
     files: dict[str, bytes] = {}
     if libraries := pick.config.get("custom_op_libraries"):   # tuning chose edgesmith kernels
         tuned_dir = Path(ctx.tuned_bundle)
@@ -232,9 +235,11 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
         _save_tradeoffs(ctx)
 
 
-def _tuned_config(ctx: Context, model: Model, pick: str) -> dict:
+def _tune(ctx: Context, model: Model, pick: str):
+    """The runtime config (edgesmith's kernels included) of the chosen model, searched on the
+    device; None when tuning is off or could not run (the reason goes to the notes)."""
     if ctx.cfg.tune_budget_s <= 0:
-        return {}
+        return None
     from .tune import tune
     ctx.say(f"tuning the runtime config of {pick}")
     try:
@@ -242,9 +247,24 @@ def _tuned_config(ctx: Context, model: Model, pick: str) -> dict:
                      max_trials=12, confirm_rounds=2)
     except EdgesmithError as exc:
         ctx.notes.append(f"tuning skipped: {exc}")
-        return {}
+        return None
     ctx.tuned_bundle = tuned.bundle
-    return tuned.best.config
+    ctx.say(f"tuning: {tuned.verdict}")
+    return tuned
+
+
+def tuning_summary(tuned) -> dict:
+    """What the reports keep of a config search: every variant's figure or error, what was not
+    tried and why (edgesmith's kernels included), what was kept, and the per-block table."""
+    base = tuned.default.p50_ms
+    return {"kept": tuned.best.id, "verdict": tuned.verdict,
+            "trials": [{"variant": t.id, "p50_ms": t.p50_ms if t.ok else None,
+                        "vs_default": base / t.p50_ms if t.ok and base and t.p50_ms else None,
+                        "error": None if t.ok else f"{t.stage}: {t.error}"}
+                       for t in tuned.trials],
+            "not_tried": [{"variant": f"{p['knob']}={p['value']}", "reason": p["reason"]}
+                          for p in tuned.pruned],
+            "kernels": tuned.kernels}
 
 
 def _summary(report: OptimizeReport, pick: Candidate) -> str:

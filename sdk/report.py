@@ -117,7 +117,7 @@ def tune_table(report) -> Table:
                                                         else "")
         table.add_row(str(i), t.id, _fmt(t.p50_ms), _fmt(t.p90_ms), _fmt(t.mean_ms),
                       str(t.runs), f"{base / t.p50_ms:.2f}x" if base else "-",
-                      note + (" (cached)" if t.cached else ""))
+                      " ".join(filter(None, (note, "(cached)" if t.cached else ""))))
     for p in report.pruned:
         table.add_row("", f"{p['knob']}={p['value']}", "", "", "", "", "",
                       f"[yellow]not tried: {p['reason']}[/yellow]")

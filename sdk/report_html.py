@@ -116,6 +116,37 @@ def _fmt(v, d=3):
     return "-" if v is None else f"{v:.{d}f}"
 
 
+def _trial_row(t: dict, kept: str) -> str:
+    vs = "" if t["vs_default"] is None else f"{t['vs_default']:.2f}x"
+    note = "kept" if t["variant"] == kept else (t["error"] or "")
+    return (f"<tr><td>{html.escape(t['variant'])}</td><td>{_fmt(t['p50_ms'])}</td><td>{vs}</td>"
+            f"<td>{html.escape(note)}</td></tr>")
+
+
+def _block_row(k: dict) -> str:
+    cells = (k["block"], k["channels"], k["stride"], k["output_hw"], _fmt(k["onnxruntime_ms"]),
+             _fmt(k["edgesmith_ms"]), k.get("verdict", ""))
+    return "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
+
+
+def tuning_html(tuning: dict) -> str:
+    """The config search on the chosen model: each variant's figure or error, what was not
+    tried and why, and edgesmith's kernels per block when a kernel variant was profiled."""
+    if not tuning:
+        return ("<p>No runtime config search ran (tuning budget 0, or it could not run: "
+                "see the notes).</p>")
+    rows = "".join(_trial_row(t, tuning["kept"]) for t in tuning["trials"]) + "".join(
+        f"<tr><td>{html.escape(n['variant'])}</td><td></td><td></td><td>not tried: "
+        f"{html.escape(n['reason'])}</td></tr>" for n in tuning["not_tried"])
+    kernels = "" if not tuning["kernels"] else (
+        "<h3>edgesmith kernels per block (per-node profile less the profiler's own cost per "
+        "node, ms per run)</h3><table><tr><th>block</th><th>channels</th><th>stride</th>"
+        "<th>output</th><th>onnxruntime</th><th>edgesmith</th><th>verdict</th></tr>"
+        + "".join(_block_row(k) for k in tuning["kernels"]) + "</table>")
+    return (f"<p>Config search: {html.escape(tuning['verdict'])}</p><table><tr><th>variant</th>"
+            f"<th>p50 ms</th><th>vs default</th><th>note</th></tr>{rows}</table>{kernels}")
+
+
 def render_html(report) -> str:
     from .report import speedups
 
@@ -188,6 +219,7 @@ sum exceeds the end-to-end latency on small models; read the shares, not the sum
 <h2>Runtime config of the bundle</h2><pre>{html.escape(json.dumps(report.tuned_config or
                                                                   "runtime defaults kept",
                                                                indent=1))}</pre>
+{tuning_html(report.tuning)}
 <h2>Notes</h2><ul>{notes}</ul>
 <p>edgesmith {html.escape(report.edgesmith)}, {report.elapsed_s:.1f} s.</p>
 </body></html>

@@ -255,6 +255,7 @@ def test_tuning_keeps_the_kernels_only_when_the_whole_model_measures_faster(mode
     rows = report.kernels       # per block, from per-node profiles of both variants
     assert len(rows) == 17 and all(r["onnxruntime_ms"] >= 0 and r["edgesmith_ms"] >= 0 for r in rows)
     assert all(r["verdict"].startswith(("won", "lost", "too small")) for r in rows), rows
+    assert rows[0]["stride"] == 2 and rows[0]["output_hw"] == "48x48"   # the stem: 96 -> 48
     assert all(r["variant"] == report.kernels[0]["variant"] for r in rows)
     if uses_kernels:     # kept only on interleaved re-measurement beyond the default's spread
         assert report.confirm["kept"] == "best" and not report.confirm["within_noise"]

@@ -1,6 +1,7 @@
 """`edgesmith optimize` end to end on the bundled digits example, local and over the test sshd."""
 from __future__ import annotations
 
+import html
 import json
 import shutil
 import subprocess
@@ -66,6 +67,15 @@ def test_optimize_digits_locally_meets_the_budget(models, tmp_path):
         assert "within noise" in report["summary"] and "within noise" in proc.stdout
     d = ms_digits(rem["chosen"]["low_ms"], rem["original"]["low_ms"])
     assert f"{rem['chosen']['low_ms']:.{d}f}-{rem['chosen']['high_ms']:.{d}f}" in report["summary"]
+    # the config search on the chosen model is in both reports: what each variant measured,
+    # and edgesmith's kernels, which this CNN has no block for, as not tried with the reason
+    tuning = report["tuning"]
+    assert tuning["kept"] in [t["variant"] for t in tuning["trials"]]
+    kernels = [n for n in tuning["not_tried"] if n["variant"].startswith("edgesmith_kernels=")]
+    assert kernels and all(n["reason"] for n in kernels)
+    page = (out / "report.html").read_text()
+    assert all(f"not tried: {html.escape(n['reason'])}" in page for n in kernels)
+    assert f"tuning: {tuning['verdict']}" in proc.stderr
     chosen_row = next(line for line in proc.stdout.splitlines() if "chosen" in line
                       and report["chosen"] in line)   # the table shows what ships
     assert f"{rem['chosen']['median_ms']:.3f}" in chosen_row and speed in chosen_row
