@@ -17,6 +17,7 @@ import lzma
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import tarfile
 import tempfile
@@ -239,13 +240,38 @@ def profile_cost(nodes: dict[str, float], run_ms: float | None) -> float:
     return max(0.0, (sum(nodes.values()) - run_ms) / len(nodes))
 
 
-def breakdown(info: dict, ort_nodes: dict[str, float], our_nodes: dict[str, float],
+def breakdown(info: dict, profiles: list[tuple[dict[str, float], dict[str, float]]],
               run_ms: tuple[float | None, float | None] = (None, None)) -> list[dict]:
     """Per fused block: onnxruntime's time for the nodes it replaces against the kernel's, from
-    per-node profiles of the same device, each node less the profiler's own cost (profile_cost,
-    from each model's unprofiled run_ms), and the two facts that explain most of the gap: the
-    expanded tensor the fusion keeps out of memory, and the vector lanes a channel count's tail
-    leaves idle (the kernel vectorises along channels)."""
+    per-node profiles of the same device taken in interleaved rounds (onnxruntime's, ours),
+    each node less the profiler's own cost (profile_cost, from each model's unprofiled run_ms),
+    the median over the rounds, and the two facts that explain most of the gap: the expanded
+    tensor the fusion keeps out of memory, and the vector lanes a channel count's tail leaves
+    idle (the kernel vectorises along channels). Rounds that disagree on who won make a tie:
+    one profile's verdict on a shared machine flips from run to run."""
+    rounds = [_block_times(info, ort_nodes, our_nodes, run_ms)
+              for ort_nodes, our_nodes in profiles]
+    rows = []
+    for per_round in zip(*rounds):
+        row = dict(per_round[0])
+        theirs = statistics.median(r["onnxruntime_ms"] for r in per_round)
+        ours_all = [r["edgesmith_ms"] for r in per_round if r["edgesmith_ms"] is not None]
+        ours = statistics.median(ours_all) if ours_all else None
+        row.update(onnxruntime_ms=theirs, edgesmith_ms=ours)
+        ratios = [r["onnxruntime_ms"] / r["edgesmith_ms"] for r in per_round
+                  if r["edgesmith_ms"] and r["onnxruntime_ms"] > 0]
+        spread = (min(ratios), max(ratios)) if len(profiles) > 1 and ratios else None
+        row["speed_range"] = list(spread) if spread else None
+        if ours is not None:
+            row["verdict"] = _verdict(row, theirs, ours, spread, len(profiles))
+        rows.append(row)
+    return rows
+
+
+def _block_times(info: dict, ort_nodes: dict[str, float], our_nodes: dict[str, float],
+                 run_ms: tuple[float | None, float | None]) -> list[dict]:
+    """One round of breakdown: each block's row with both sides' times (ours None when the
+    profile lacks the fused node)."""
     rows, lanes, shapes = [], LANES.get(info["isa"], 4), info["shapes"]
     cost = (profile_cost(ort_nodes, run_ms[0]), profile_cost(our_nodes, run_ms[1]))
     for block in info["blocks"]:
@@ -259,21 +285,30 @@ def breakdown(info: dict, ort_nodes: dict[str, float], our_nodes: dict[str, floa
             h, w = ((side - 1) // block.get("expand_stride", 1) + 1 for side in (h, w))
         oh, ow = ((h - 1) // block["stride"] + 1, (w - 1) // block["stride"] + 1) if h else (0, 0)
         e = block["channels"][1]
-        idle = 1 - e / (-(-e // lanes) * lanes)
-        row = {"block": block["node"], "channels": "->".join(map(str, block["channels"])),
-               "stride": block["stride"] * block.get("expand_stride", 1),   # input to output
-               "output_hw": f"{oh}x{ow}", "onnxruntime_ms": theirs,
-               "edgesmith_ms": ours, "expanded_kb": round(e * h * w * 4 / 1024),
-               "idle_lanes": round(idle, 3)}
-        if ours is not None and min(ours, theirs) <= 0:
-            row["verdict"] = "too small to compare beside the profiler's own cost per node"
-        elif ours is not None:
-            kept = f"{row['expanded_kb']} KB of expansion kept out of memory"
-            row["verdict"] = (f"won ({theirs / ours:.2f}x the speed): {kept}" if ours < theirs
-                              else f"lost ({theirs / ours:.2f}x the speed), although {kept}")
-            row["verdict"] += f"; {idle:.0%} of lanes idle on {e} channels" if idle else ""
-        rows.append(row)
+        rows.append({"block": block["node"], "channels": "->".join(map(str, block["channels"])),
+                     "stride": block["stride"] * block.get("expand_stride", 1),  # in to out
+                     "output_hw": f"{oh}x{ow}", "onnxruntime_ms": theirs, "edgesmith_ms": ours,
+                     "expanded_kb": round(e * h * w * 4 / 1024),
+                     "idle_lanes": round(1 - e / (-(-e // lanes) * lanes), 3)})
     return rows
+
+
+def _verdict(row: dict, theirs: float, ours: float, spread: tuple[float, float] | None,
+             rounds: int) -> str:
+    if min(ours, theirs) <= 0:
+        return "too small to compare beside the profiler's own cost per node"
+    kept = f"{row['expanded_kb']} KB of expansion kept out of memory"
+    speed = f"{theirs / ours:.2f}x the speed"
+    if spread:
+        speed += f"; {spread[0]:.2f}-{spread[1]:.2f}x over {rounds} rounds"
+    if spread and spread[0] < 1 < spread[1]:
+        text = f"tie ({speed}): {kept}"
+    elif ours < theirs:
+        text = f"won ({speed}): {kept}"
+    else:
+        text = f"lost ({speed}), although {kept}"
+    idle, e = row["idle_lanes"], row["channels"].split("->")[1]
+    return text + (f"; {idle:.0%} of lanes idle on {e} channels" if idle else "")
 
 
 def numerics_error(reference, rewritten, inputs: dict, library: Path) -> float:

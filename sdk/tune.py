@@ -237,17 +237,20 @@ def _kernel_breakdown(dev, job: Job, tried: dict, done: dict, models: dict, bund
     plain = Variant.of(variant.backend, {k: v for k, v in variant.knobs
                                          if (k, v) not in variant.rewrites()})
     profiles = []
-    for v in (plain, variant):
-        result = measure(dev, bundles_of(v)[0], replace(job, config=v.config(), runs=10,
-                                                         warmup=2, min_time_s=0,
-                                                         profile_ops=True))
-        if result.error or not result.node_profile_ms:
-            return []
-        profiles.append(result.node_profile_ms)
+    for _ in range(PROFILE_ROUNDS):          # interleaved: a noise burst lands in one round
+        pair = []
+        for v in (plain, variant):
+            result = measure(dev, bundles_of(v)[0], replace(job, config=v.config(), runs=10,
+                                                             warmup=2, min_time_s=0,
+                                                             profile_ops=True))
+            if result.error or not result.node_profile_ms:
+                return []
+            pair.append(result.node_profile_ms)
+        profiles.append(tuple(pair))
     unprofiled = tuple(done[v.key()].p50_ms if v.key() in done and done[v.key()].ok else None
                        for v in (plain, variant))
     return [{**row, "variant": variant.label()}
-            for row in breakdown(models[variant.rewrites()][2], *profiles, unprofiled)]
+            for row in breakdown(models[variant.rewrites()][2], profiles, unprofiled)]
 
 
 def _measure_variant(dev, variant: Variant, plain, judged, job: Job, spent: dict,
@@ -268,6 +271,7 @@ def _measure_variant(dev, variant: Variant, plain, judged, job: Job, spent: dict
 
 
 REWRITE_TOLERANCE = 1e-4       # of the largest reference output: a rewrite keeps the numerics
+PROFILE_ROUNDS = 3             # of the per-block profiles: rounds that disagree make a tie
 
 
 def _check_set(model: Model, batch: int):

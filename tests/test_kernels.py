@@ -152,12 +152,20 @@ def test_the_breakdown_takes_the_profilers_cost_per_node_out():
                         "replaces": ["e", "d", "p"]}]}
     ort_nodes = {"e": 0.024, "d": 0.024, "p": 0.024, "other": 0.124}    # 14 us each on top
     ours = {"fused": 0.050, "other": 0.124}                             # of 10, 10, 10, 110; 36
-    raw = breakdown(info, ort_nodes, ours)[0]
-    fair = breakdown(info, ort_nodes, ours, (0.140, 0.146))[0]         # the unprofiled runs
+    raw = breakdown(info, [(ort_nodes, ours)])[0]
+    fair = breakdown(info, [(ort_nodes, ours)], (0.140, 0.146))[0]     # the unprofiled runs
     assert raw["verdict"].startswith("won (1.44x")
     assert fair["verdict"].startswith("lost (0.83x"), fair
     assert fair["onnxruntime_ms"] == pytest.approx(0.030)
     assert fair["edgesmith_ms"] == pytest.approx(0.036)
+    # rounds: the median decides, and rounds that disagree on who won make a tie
+    slower = {"fused": 0.060, "other": 0.124}
+    agree = breakdown(info, [(ort_nodes, ours), (ort_nodes, slower), (ort_nodes, ours)])[0]
+    assert agree["verdict"].startswith("won (1.44x the speed; 1.20-1.44x over 3 rounds)")
+    split = breakdown(info, [(ort_nodes, ours), (ort_nodes, {"fused": 0.080}),
+                             (ort_nodes, slower)])[0]
+    assert split["verdict"].startswith("tie (1.20x") and split["speed_range"] == \
+        pytest.approx([0.9, 1.44])
 
 
 def test_only_whole_blocks_are_rewritten():
@@ -254,7 +262,8 @@ def test_tuning_keeps_the_kernels_only_when_the_whole_model_measures_faster(mode
     assert bool(manifest["config"].get("custom_op_libraries")) == uses_kernels
     rows = report.kernels       # per block, from per-node profiles of both variants
     assert len(rows) == 17 and all(r["onnxruntime_ms"] >= 0 and r["edgesmith_ms"] >= 0 for r in rows)
-    assert all(r["verdict"].startswith(("won", "lost", "too small")) for r in rows), rows
+    assert all(r["verdict"].startswith(("won", "lost", "tie", "too small")) for r in rows), rows
+    assert all(len(r["speed_range"]) == 2 for r in rows if r["edgesmith_ms"])   # 3 rounds
     assert rows[0]["stride"] == 2 and rows[0]["output_hw"] == "48x48"   # the stem: 96 -> 48
     assert all(r["variant"] == report.kernels[0]["variant"] for r in rows)
     if uses_kernels:     # kept only on interleaved re-measurement beyond the default's spread
