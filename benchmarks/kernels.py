@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-SETTINGS = (0, 4, 8, "0@14", "0@28")      # 0 here: every block at the kernel's default band
+SETTINGS = (0, 4, 8, "0@14", "0@28", "0@56")    # 0 here: every block at the kernel's default band
 
 
 def main() -> None:

@@ -189,7 +189,7 @@ def generic_profile(facts: dict) -> TargetProfile:
         channel_multiple=16 if "avx512f" in facts.get("cpu_flags", []) else 8,
         search={"threads": threads, "allow_spinning": [True, False],
                 "graph_optimization_level": ["all", "extended"],
-                "edgesmith_kernels": [0, "0@1", 4, 8, "0@14", "0@28"]})
+                "edgesmith_kernels": [0, "0@1", 4, 8, "0@14", "0@28", "0@56"]})
 
 
 def match(facts: dict, profiles: dict[str, TargetProfile] | None = None) -> Match:
