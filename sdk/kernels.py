@@ -272,6 +272,8 @@ def _block_times(info: dict, ort_nodes: dict[str, float], our_nodes: dict[str, f
                  run_ms: tuple[float | None, float | None]) -> list[dict]:
     """One round of breakdown: each block's row with both sides' times (ours None when the
     profile lacks the fused node)."""
+    from .passes.kernels import block_sides
+
     rows, lanes, shapes = [], LANES.get(info["isa"], 4), info["shapes"]
     cost = (profile_cost(ort_nodes, run_ms[0]), profile_cost(our_nodes, run_ms[1]))
     for block in info["blocks"]:
@@ -281,9 +283,7 @@ def _block_times(info: dict, ort_nodes: dict[str, float], our_nodes: dict[str, f
         ours = our_nodes.get(block["node"])
         ours = max(0.0, ours - cost[1]) if ours is not None else None
         h, w = (shapes.get(block["input"]) or [0, 0, 0, 0])[2:4]
-        if h:                                   # a stem's 3x3 expand has a stride of its own
-            h, w = ((side - 1) // block.get("expand_stride", 1) + 1 for side in (h, w))
-        oh, ow = ((h - 1) // block["stride"] + 1, (w - 1) // block["stride"] + 1) if h else (0, 0)
+        (h, oh), (w, ow) = (block_sides(block, h), block_sides(block, w)) if h else ((0, 0),) * 2
         e = block["channels"][1]
         rows.append({"block": block["node"], "channels": "->".join(map(str, block["channels"])),
                      "stride": block["stride"] * block.get("expand_stride", 1),  # in to out

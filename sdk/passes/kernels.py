@@ -85,12 +85,18 @@ def _match(graph: Graph, expand) -> dict | None:
             "residual": residual, "output": (add if residual else project).output[0]}
 
 
+def block_sides(block: dict, side: int) -> tuple[int, int]:
+    """An input side through the block: (the expanded tensor's side, the output's); a stem's
+    3x3 expand has a stride of its own, then the depthwise's."""
+    expanded = (side - 1) // block.get("expand_stride", 1) + 1
+    return expanded, (expanded - 1) // block["stride"] + 1
+
+
 def _output_side(block: dict, shape) -> float:
     """The smaller side of the block's output, from its input's static shape (inf: unknown)."""
     if not shape or len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[2:]):
         return float("inf")
-    return min(((side - 1) // block["expand_stride"] // block["stride"]) + 1
-               for side in shape[2:])
+    return min(block_sides(block, side)[1] for side in shape[2:])
 
 
 @register("fuse_inverted_residual")
