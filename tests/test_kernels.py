@@ -118,6 +118,44 @@ def test_threads_split_the_bands_and_give_the_same_bits():
     assert np.array_equal(outputs[0], outputs[1])
 
 
+def _memory_kb() -> dict[str, int]:
+    """This process's resident memory and the part of it in transparent huge pages, in kB."""
+    with open("/proc/self/smaps_rollup") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return {k: int(fields[k].split()[0]) for k in ("Rss", "AnonHugePages")}
+
+
+def test_loading_the_library_again_and_again_leaves_nothing_behind():
+    """onnxruntime unloads a custom-op library with the session options that loaded it, and
+    loads it anew for the next session's: the packed weights' 2 MB chunks, the scratch of the
+    thread that ran the session and its thread key must go with it (each load left ~2.5 MB
+    behind before). Where the OS offers transparent huge pages, the weights are in one."""
+    library = str(build(HOST)[0])
+    model = fuse_inverted_residual(block_model([(32, 192, 32, 1, True)], 56, 56), {})[0]
+    serialized, x = model.SerializeToString(), np.ones((1, 32, 56, 56), np.float32)
+
+    def load_run_unload() -> int:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1               # runs on this thread: its scratch is ours
+        opts.register_custom_ops_library(library)
+        session = ort.InferenceSession(serialized, opts, providers=["CPUExecutionProvider"])
+        session.run(None, {"x": x})
+        huge = _memory_kb()["AnonHugePages"]
+        del session, opts
+        return huge
+
+    for _ in range(3):                              # onnxruntime's own first-use allocations
+        load_run_unload()
+    before = _memory_kb()
+    huge_while_loaded = max(load_run_unload() for _ in range(20))
+    after = _memory_kb()
+    assert after["Rss"] - before["Rss"] < 5 * 1024, (before, after)
+    assert after["AnonHugePages"] <= before["AnonHugePages"], (before, after)
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        if "[never]" not in f.read():
+            assert huge_while_loaded >= before["AnonHugePages"] + 2048, (before, huge_while_loaded)
+
+
 def test_the_knob_chooses_blocks_by_output_size_and_refuses_what_it_cannot_read(tmp_path):
     """"R@S" rewrites only the blocks whose output is at least S pixels a side (where fusion
     pays is for measurement to say: large images keep the most out of memory); a setting that
