@@ -175,6 +175,14 @@ def test_the_knob_chooses_blocks_by_output_size_and_refuses_what_it_cannot_read(
     assert rewrite_for_device(original, 0, 14, HOST) == (
         "no inverted-residual block (1x1 Conv, ReLU/ReLU6, 3x3 depthwise Conv, ReLU/ReLU6, "
         "1x1 Conv) in this model with an output at least 14 pixels a side")
+    # an int8 model's blocks run between QuantizeLinear/DequantizeLinear: the reason says so
+    from edgesmith.passes.quantize import QuantizeConfig, QuantRecipe, quantize_static
+
+    x = np.random.default_rng(2).standard_normal((4, 1, 8, 13, 13)).astype(np.float32)
+    int8 = quantize_static(block_model(MIXED, 13, 13), QuantizeConfig(
+        QuantRecipe("qdq"), [{"x": batch} for batch in x]))[0]
+    onnx.save(int8, tmp_path / "q.onnx")
+    assert "this model is quantized" in rewrite_for_device(load(tmp_path / "q.onnx"), 0, 0, HOST)
 
 
 def test_the_breakdown_takes_the_profilers_cost_per_node_out():

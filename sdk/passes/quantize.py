@@ -163,7 +163,24 @@ def preprocess(model: onnx.ModelProto, shapes: dict[str, list[int]]
                                      f"symbolic shapes: {why2}") from None
             report.add(f"onnxruntime's symbolic shape inference failed ({why}); used ONNX "
                        "shape inference on the fixed input shapes instead")
-        return onnx.load(str(out)), report
+        return name_nodes(onnx.load(str(out)), report), report
+
+
+def name_nodes(model: onnx.ModelProto, report: PassReport) -> onnx.ModelProto:
+    """Every node named, uniquely: onnxruntime's quantizer leaves out nodes by name, so one
+    unnamed node in the exclusions (an output tail's Add in a graph without names) left out
+    every unnamed node, and the "int8" model was the float one."""
+    taken = {n.name for n in model.graph.node}
+    unnamed = [n for n in model.graph.node if not n.name]
+    for i, node in enumerate(unnamed):
+        name = f"{node.op_type}_{i}"
+        while name in taken:
+            name += "_"
+        node.name = name
+        taken.add(name)
+    if unnamed:
+        report.add(f"named {len(unnamed)} unnamed nodes (quantization leaves nodes out by name)")
+    return model
 
 
 class _Reader:
@@ -218,7 +235,7 @@ def quantize_static(model: onnx.ModelProto, cfg: QuantizeConfig
     recipe = cfg.recipe
     qtypes = {"U8": QuantType.QUInt8, "S8": QuantType.QInt8}
     report = PassReport(f"quantize:{recipe.name}")
-    tail = [n for n in output_tail(model) if n not in recipe.exclude]
+    tail = [n for n in output_tail(model) if n and n not in recipe.exclude]
     with tempfile.TemporaryDirectory() as tmp:
         calib_cache = cfg.calibration_cache or Path(tmp) / "calibration.json"
         reader = None
