@@ -421,18 +421,19 @@ static int micro_tile(int k, const float *w, const float *src, long ldk, const i
   }
 }
 
-/* ebuf [p][ep] = Act(We X + be) for `count` pixels of x (channel stride ldc), a weight panel
- * at a time over every pixel tile (the panel stays in cache while the pixels pass); the last
- * tile's rows past `count` are written too (ebuf has room for them) */
+/* ebuf [p][e_lo, e_hi) = Act(We X + be) for `count` pixels of x (channel stride ldc), from
+ * panel boundary e_lo to e_hi (all ep channels but where an image is split: Split), a weight
+ * panel at a time over every pixel tile (the panel stays in cache while the pixels pass); the
+ * last tile's rows past `count` are written too (ebuf has room for them) */
 static void expand_band(const Block *b, const float *x, long ldc, int count, float *ebuf,
-                        float *tail) {
+                        float *tail, int e_lo, int e_hi) {
   Sink to = {.ldd = b->ep, .np = CP, .lo = b->lo, .hi = b->hi};
   int last = count / CP * CP; /* the last, partial pixel tile reads a zero-padded copy */
   if (last < count)
     for (int c = 0; c < b->c; c++)
       for (int i = 0; i < CP; i++)
         tail[c * CP + i] = last + i < count ? x[(size_t)c * ldc + last + i] : 0;
-  for (int e0 = 0, nv; e0 < b->ep; e0 += nv * VL) {
+  for (int e0 = e_lo, nv; e0 < e_hi; e0 += nv * VL) {
     nv = tile_vectors(b->ep, e0);
     size_t size = (size_t)nv * VL * b->c;
     const float *wt = b->weT + (size_t)e0 * b->c;
@@ -524,21 +525,21 @@ static inline void depthwise_four(const vf k[9], vf bias, const float *p, long e
   *(vf *)(d + 3 * ep) = VMIN(VMAX(a3, lo), hi);
 }
 
-/* dbuf [q][ep] = Act(depthwise(ebuf) + bd) for the output rows [oy0, oy0 + r), ebuf holding
- * the expanded rows from `first` on, a vector of channels at a time: its 9 taps stay in
+/* dbuf [q][e_lo, e_hi) = Act(depthwise(ebuf) + bd) for the output rows [oy0, oy0 + r), ebuf
+ * holding the expanded rows from `first` on, a vector of channels at a time: its 9 taps stay in
  * registers while every output pixel passes. A row's inner pixels go four at a time in a loop
  * with nothing but the arithmetic (depthwise_four); its ends one at a time. Meanwhile the next
  * vector's taps and the project's first panel are fetched (Ahead) */
 static void depthwise_band(const Block *b, const float *ebuf, int first, int h, int w,
-                           int oy0, int r, int ow, float *dbuf) {
+                           int oy0, int r, int ow, float *dbuf, long e_lo, long e_hi) {
   vf lo = (vf){0} + b->lo, hi = (vf){0} + b->hi;
   long ep = b->ep, row = (long)w * ep;
   int s = b->stride;
   int nv = tile_vectors(b->op, 0), panel = (b->e < KC ? b->e : KC) * nv * VL;
-  for (long e0 = 0; e0 < ep; e0 += VL) {
-    for (int t = 0; e0 + VL < ep && t < 9; t++)
+  for (long e0 = e_lo; e0 < e_hi; e0 += VL) {
+    for (int t = 0; e0 + VL < e_hi && t < 9; t++)
       __builtin_prefetch(b->wdT + t * ep + e0 + VL, 0, 2);
-    fetch(ahead(b->wpT, b->wpT + panel, (int)(e0 / VL), (int)(ep / VL)));
+    fetch(ahead(b->wpT, b->wpT + panel, (int)((e0 - e_lo) / VL), (int)((e_hi - e_lo) / VL)));
     vf k[9], bias = *(const vf *)(b->bd + e0);
     for (int t = 0; t < 9; t++) k[t] = *(const vf *)(b->wdT + t * ep + e0);
     for (int oy = oy0; oy < oy0 + r; oy++) {
@@ -598,14 +599,15 @@ static inline void transpose(vf t[VL]) {
   ROUND(t, 1)
 }
 
-/* y [o][q] (NCHW, channel stride ldy) from dbuf [q][ep] (rows up to q rounded up to CP may hold
- * anything), plus res (channel stride ldy too: a residual has the output's shape). The
- * expanded channels are taken KC at a time, so one chunk of a channel tile's weights (KC rows
- * of CV vectors: 32 KB with AVX-512) stays in L1 while every pixel tile uses it; `acc` holds
- * the pixel tiles' sums between chunks. */
+/* y [o][q] (NCHW, channel stride ldy) for the output channels from panel boundary o_lo to
+ * o_hi (all op but where an image is split: Split) from dbuf [q][ep] (rows up to q rounded up
+ * to CP may hold anything), plus res (channel stride ldy too: a residual has the output's
+ * shape). The expanded channels are taken KC at a time, so one chunk of a channel tile's
+ * weights (KC rows of CV vectors: 32 KB with AVX-512) stays in L1 while every pixel tile uses
+ * it; `acc` holds the pixel tiles' sums between chunks. */
 static void project_band(const Block *b, const float *dbuf, int q, const float *res,
-                         float *y, long ldy, vf *acc) {
-  for (int o0 = 0, nv; o0 < b->op; o0 += nv * VL) {
+                         float *y, long ldy, vf *acc, int o_lo, int o_hi) {
+  for (int o0 = o_lo, nv; o0 < o_hi; o0 += nv * VL) {
     nv = tile_vectors(b->op, o0);
     for (int k0 = 0; k0 < b->e; k0 += KC) {
       int kc = b->e - k0 < KC ? b->e - k0 : KC;
@@ -731,18 +733,88 @@ static void ORT_API_CALL run_band(void *work, size_t index) {
   }
   if (keep < count && b->k == 1)
     expand_band(b, x + (size_t)(first + keep) * w, (long)h * w, (count - keep) * w,
-                ebuf + keep * px, tail);
+                ebuf + keep * px, tail, 0, b->ep);
   else if (keep < count)
     expand_conv_band(b, x, h, w, first + keep, count - keep, ew, ebuf + keep * px, tail, off);
   s->call = job->call, s->band = index;
-  depthwise_band(b, ebuf, first, eh, ew, oy0, n, ow, dbuf);
+  depthwise_band(b, ebuf, first, eh, ew, oy0, n, ow, dbuf, 0, b->ep);
   project_band(b, dbuf, n * ow, b->residual ? x + (size_t)oy0 * ow : NULL,
-               y + (size_t)oy0 * ow, (long)job->oh * ow, (vf *)acc);
+               y + (size_t)oy0 * ow, (long)job->oh * ow, (vf *)acc, 0, b->op);
+}
+
+/* An image the default band height takes whole (7x7 in MobileNetV2) is one band, so one
+ * thread would run it. On several cores it is split instead: first each task expands and
+ * filters one weight panel's channels over the whole image (a channel's depthwise needs that
+ * channel only), then each task projects onto one panel of output channels. On one thread
+ * that is the single band's work, in the same order. The expanded image and the depthwise
+ * results are
+ * shared: they live in the calling thread's scratch, after the part every thread has its own
+ * of (a padded pixel tile's input, project sums). */
+typedef struct {
+  const Block *b;
+  const float *x;
+  float *y, *ebuf, *dbuf;
+  int h, w, oh, ow;
+  size_t own; /* floats of each thread's own part */
+  int failed;
+} Split;
+
+static inline size_t split_own(const Block *b, int q) {
+  return round_up(b->c * CP + round_up(q, CP) * CV * VL + VL, LINE / sizeof(float));
+}
+
+static float *split_scratch(Split *job) {
+  Scratch *s = scratch_for(job->own);
+  if (!s) __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED);
+  return s ? s->data : NULL;
+}
+
+static void ORT_API_CALL split_expand(void *work, size_t panel) {
+  Split *job = work;
+  const Block *b = job->b;
+  float *tail = split_scratch(job);
+  if (!tail) return;
+  int e0 = (int)panel * CV * VL, e1 = e0 + CV * VL < b->ep ? e0 + CV * VL : b->ep;
+  expand_band(b, job->x, (long)job->h * job->w, job->h * job->w, job->ebuf, tail, e0, e1);
+  depthwise_band(b, job->ebuf, 0, job->h, job->w, 0, job->oh, job->ow, job->dbuf, e0, e1);
+}
+
+static void ORT_API_CALL split_project(void *work, size_t panel) {
+  Split *job = work;
+  const Block *b = job->b;
+  float *own = split_scratch(job);
+  if (!own) return;
+  int q = job->oh * job->ow, o0 = (int)panel * CV * VL;
+  int o1 = o0 + CV * VL < b->op ? o0 + CV * VL : b->op;
+  float *acc = own + b->c * CP;
+  acc += (VL - (uintptr_t)acc / sizeof(float) % VL) % VL;
+  project_band(b, job->dbuf, q, b->residual ? job->x : NULL, job->y, q, (vf *)acc, o0, o1);
 }
 
 static int api_version;     /* of the API table onnxruntime handed over */
 static unsigned long calls; /* compute calls so far: a scratch's held rows name theirs */
 static size_t cores = 1;    /* online at registration: sysconf reads /sys on every call */
+
+/* n images of a block with a 1x1 expand, each split (Split) */
+static OrtStatus *split_images(OrtKernelContext *ctx, const Block *b, const float *x, float *y,
+                               int n, int h, int w, int oh, int ow) {
+  OrtStatus *st;
+  int q = oh * ow;
+  Split job = {b, x, y, NULL, NULL, h, w, oh, ow, split_own(b, q), 0};
+  size_t ebuf = (size_t)round_up(h * w, CP) * b->ep, dbuf = (size_t)round_up(q, CP) * b->ep;
+  Scratch *s = scratch_for(job.own + ebuf + dbuf);
+  if (!s) return api->CreateStatus(ORT_FAIL, "edgesmith.InvertedResidual: out of memory");
+  s->call = 0; /* its rows are no band's now */
+  job.ebuf = s->data + job.own, job.dbuf = job.ebuf + ebuf;
+  size_t in = (size_t)round_up(b->ep, CV * VL) / (CV * VL); /* weight panels */
+  size_t out = (size_t)round_up(b->op, CV * VL) / (CV * VL);
+  for (int i = 0; i < n; i++, job.x += (size_t)b->c * h * w, job.y += (size_t)b->o * q)
+    if ((st = api->KernelContext_ParallelFor(ctx, split_expand, in, cores, &job)) ||
+        (st = api->KernelContext_ParallelFor(ctx, split_project, out, cores, &job)))
+      return st;
+  if (job.failed) return api->CreateStatus(ORT_FAIL, "edgesmith.InvertedResidual: out of memory");
+  return NULL;
+}
 
 static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
   const Block *b = kernel;
@@ -776,6 +848,8 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
   if (n == 0 || oh == 0 || ow == 0) return NULL; /* an empty output: nothing to compute */
   int r = b->tile_rows > 0 ? b->tile_rows : band_rows_default(b, ew);
   if (r > oh) r = oh;
+  if (b->k == 1 && !b->tile_rows && r == oh && (size_t)n < cores && api_version >= 17)
+    return split_images(ctx, b, x, y, n, h, w, oh, ow);
   Work job = {b, x, y, h, w, oh, ow, r, (oh + r - 1) / r,
               __atomic_add_fetch(&calls, 1, __ATOMIC_RELAXED), 0};
   size_t total = (size_t)n * job.bands;

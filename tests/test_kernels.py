@@ -74,6 +74,7 @@ def block_model(blocks, h, w, batch=1, act="Clip", seed=0, opset=17) -> onnx.Mod
 MIXED = [(8, 48, 8, 1, True), (8, 24, 16, 2, False), (16, 36, 12, 1, False),
          (12, 40, 12, 1, True)]
 STEMS = [(3, 20, 8, 1, False, 2), (8, 16, 8, 2, False, 1)]     # 3x3 expands, stride 2 and 1
+WIDE = [(64, 192, 64, 1, True), (64, 240, 24, 2, False)]      # several weight panels
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "sse"])
@@ -102,20 +103,27 @@ def test_every_x86_build_equals_onnxruntime_on_odd_shapes_and_tiles(isa, tmp_pat
 def test_threads_split_the_bands_and_give_the_same_bits():
     """onnxruntime's intra-op threads each take a batch of consecutive bands in their own
     scratch; a thread's first band recomputes the rows it shares with another thread's, so the
-    outputs are the same bits on one thread and on three (a race or a lost row would differ)."""
+    outputs are the same bits on one thread and on three (a race or a lost row would differ).
+    An image one band takes whole (the default band height on a small image) is split by
+    channels, then by pixels: the same bits again, and onnxruntime's numbers."""
     library = build(HOST)[0]
-    model = block_model(STEMS + MIXED, 97, 61, 1)      # one image: batches split its bands
-    x = np.random.default_rng(1).standard_normal((1, 3, 97, 61)).astype(np.float32)
-    outputs = []
-    for threads in (1, 3):
-        fused = fuse_inverted_residual(model, {"tile_rows": 2})[0]
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.register_custom_ops_library(str(library))
-        session = ort.InferenceSession(fused.SerializeToString(), opts,
-                                       providers=["CPUExecutionProvider"])
-        outputs.append(session.run(None, {"x": x})[0])
-    assert np.array_equal(outputs[0], outputs[1])
+    for blocks, (h, w), tile in ((STEMS + MIXED, (97, 61), 2),   # one image: batches of bands
+                                 (WIDE, (14, 13), 0)):           # whole: split by channels
+        model = block_model(blocks, h, w, 1)
+        x = np.random.default_rng(1).standard_normal((1, blocks[0][0], h, w)).astype(np.float32)
+        outputs = []
+        for threads in (1, 3):
+            fused = fuse_inverted_residual(model, {"tile_rows": tile})[0]
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.register_custom_ops_library(str(library))
+            session = ort.InferenceSession(fused.SerializeToString(), opts,
+                                           providers=["CPUExecutionProvider"])
+            outputs += [session.run(None, {"x": x})[0] for _ in range(1 if threads == 1 else 30)]
+        assert all(np.array_equal(outputs[0], out) for out in outputs[1:])
+        plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        expected = plain.run(None, {"x": x})[0]
+        assert np.abs(outputs[1] - expected).max() < 1e-5 * np.abs(expected).max()
 
 
 def _memory_kb() -> dict[str, int]:
