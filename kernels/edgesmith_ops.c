@@ -107,32 +107,56 @@ typedef struct {
 } Block;
 
 /* per-thread scratch, grown as needed and freed when its thread ends (a thread-per-request host
- * must not leak it); one allocation per thread, not one per call. It remembers which band of
+ * must not leak it) or when the library is unloaded (every thread's: `scratches` lists them);
+ * one allocation per thread, not one per call. It remembers which band of
  * which call its expanded rows belong to, so the thread's next band can keep those it shares.
  * Its data starts on a cache line, so every vector of a pixel's channels does too (rows are
  * whole vectors): an AVX-512 vector straddling two lines costs two accesses */
 #define LINE 64
-typedef struct {
+typedef struct Scratch {
   size_t floats;
   unsigned long call; /* 0: holds nothing */
   size_t band;
+  struct Scratch *prev, *next; /* in `scratches` */
   _Alignas(LINE) float data[];
 } Scratch;
 
 static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 static int scratch_key_made;
-static void scratch_key_init(void) { scratch_key_made = !pthread_key_create(&scratch_key, free); }
+static pthread_mutex_t scratch_lock = PTHREAD_MUTEX_INITIALIZER;
+static Scratch *scratches;
+
+static void scratch_free(void *p) {
+  Scratch *s = p;
+  if (!s) return;
+  pthread_mutex_lock(&scratch_lock);
+  if (s->prev) s->prev->next = s->next;
+  else scratches = s->next;
+  if (s->next) s->next->prev = s->prev;
+  pthread_mutex_unlock(&scratch_lock);
+  free(s);
+}
+
+static void scratch_key_init(void) {
+  scratch_key_made = !pthread_key_create(&scratch_key, scratch_free);
+}
 
 static Scratch *scratch_for(size_t floats) {
   pthread_once(&scratch_once, scratch_key_init);
   Scratch *s = pthread_getspecific(scratch_key);
   if (!s || s->floats < floats) {
-    free(s);
+    scratch_free(s);
     s = aligned_alloc(LINE, (sizeof(Scratch) + floats * sizeof(float) + LINE - 1) / LINE * LINE);
-    if (s) s->floats = floats, s->call = 0;
+    if (s) {
+      *s = (Scratch){.floats = floats};
+      pthread_mutex_lock(&scratch_lock);
+      if ((s->next = scratches)) scratches->prev = s;
+      scratches = s;
+      pthread_mutex_unlock(&scratch_lock);
+    }
     if (pthread_setspecific(scratch_key, s) != 0) {
-      free(s);
+      scratch_free(s);
       return NULL;
     }
   }
@@ -142,10 +166,13 @@ static Scratch *scratch_for(size_t floats) {
 /* Packed weights live in 2 MB pages where the OS gives them (Linux transparent huge pages;
  * madvise is enough): a model's weights are read once per inference and are too many for the
  * TLB in 4 KB pages, a page walk per 4 KB. In 2 MB pages MobileNetV2 ran 3 % faster (Xeon,
- * 1 thread). Every block of every session takes its weights from shared 2 MB chunks, one after
- * another (a chunk is freed with its last block), so a small block does not hold a page alone:
- * at most one chunk's tail is unused. */
-#define CHUNK ((size_t)2 << 20)
+ * 1 thread). Every block of every session takes its weights from shared chunks, one after
+ * another (a chunk is unmapped with its last block): 32 MB of address space each, of which
+ * only the 2 MB pages written are memory, so a model's weights take their size rounded up to
+ * 2 MB, not a page per block. A block that does not fit in the chunk being filled gets a new
+ * one, and whichever of the two has more room left is filled next. */
+#define HUGE_PAGE ((size_t)2 << 20)
+#define CHUNK ((size_t)32 << 20)
 typedef struct Chunk {
   size_t size, used, live; /* bytes, from the chunk's start (this header included); blocks */
 } Chunk;
@@ -154,15 +181,16 @@ static Chunk *filling; /* the chunk new blocks take from */
 
 #define CHUNK_HEADER ((sizeof(Chunk) + LINE - 1) / LINE * LINE)
 
-/* a chunk of `size` bytes (a multiple of CHUNK) on a CHUNK boundary, mapped, not malloc'ed:
- * memory malloc hands back in huge pages would keep whole pages resident for its next users */
+/* a chunk of `size` bytes (a multiple of HUGE_PAGE) on a HUGE_PAGE boundary, mapped, not
+ * malloc'ed: memory malloc hands back in huge pages would keep whole pages resident for its next
+ * users */
 static Chunk *chunk_map(size_t size) {
-  size_t span = size + CHUNK;
+  size_t span = size + HUGE_PAGE;
   char *p = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) return NULL;
-  char *start = (char *)(((uintptr_t)p + CHUNK - 1) & ~(uintptr_t)(CHUNK - 1));
+  char *start = (char *)(((uintptr_t)p + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
   if (start > p) munmap(p, (size_t)(start - p));
-  munmap(start + size, (size_t)(p + span - (start + size))); /* > 0: start < p + CHUNK */
+  munmap(start + size, (size_t)(p + span - (start + size))); /* > 0: start < p + HUGE_PAGE */
 #ifdef MADV_HUGEPAGE
   (void)madvise(start, size, MADV_HUGEPAGE); /* a hint: without huge pages, 4 KB ones */
 #endif
@@ -176,18 +204,19 @@ static void *packed_alloc(size_t bytes, Chunk **chunk) {
   bytes = (bytes + LINE - 1) / LINE * LINE;
   void *p = NULL;
   pthread_mutex_lock(&chunk_lock);
-  if (!filling || filling->size - filling->used < bytes) {
-    size_t size = (CHUNK_HEADER + bytes + CHUNK - 1) / CHUNK * CHUNK;
-    Chunk *c = chunk_map(size);
-    if (c) {
-      if (filling && !filling->live) munmap(filling, filling->size);
-      filling = c;
-    }
+  Chunk *from = filling;
+  if (!from || from->size - from->used < bytes) {
+    size_t need = (CHUNK_HEADER + bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+    from = chunk_map(need < CHUNK ? CHUNK : need);
+    if (!from && need < CHUNK) from = chunk_map(need); /* strict overcommit: no room to spare */
+    /* the chunk with more room left after this block is the one the next blocks fill */
+    if (from && (!filling || filling->size - filling->used < from->size - from->used - bytes))
+      filling = from;
   }
-  if (filling && filling->size - filling->used >= bytes) {
-    p = (char *)filling + filling->used;
-    filling->used += bytes, filling->live++;
-    *chunk = filling;
+  if (from) {
+    p = (char *)from + from->used;
+    from->used += bytes, from->live++;
+    *chunk = from;
   }
   pthread_mutex_unlock(&chunk_lock);
   return p ? memset(p, 0, bytes) : NULL;
@@ -196,8 +225,10 @@ static void *packed_alloc(size_t bytes, Chunk **chunk) {
 static void packed_free(Chunk *c) {
   if (!c) return;
   pthread_mutex_lock(&chunk_lock);
-  if (!--c->live && c != filling) munmap(c, c->size);
-  else if (!c->live) c->used = CHUNK_HEADER; /* empty: filled again from its start */
+  if (!--c->live) {
+    if (c == filling) filling = NULL;
+    munmap(c, c->size);
+  }
   pthread_mutex_unlock(&chunk_lock);
 }
 
@@ -760,13 +791,18 @@ typedef struct {
 } Split;
 
 static inline size_t split_own(const Block *b, int q) {
-  return round_up(b->c * CP + round_up(q, CP) * CV * VL + VL, LINE / sizeof(float));
+  size_t line = LINE / sizeof(float);
+  return ((size_t)b->c * CP + (size_t)round_up(q, CP) * CV * VL + VL + line - 1) / line * line;
 }
 
 static float *split_scratch(Split *job) {
   Scratch *s = scratch_for(job->own);
-  if (!s) __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED);
-  return s ? s->data : NULL;
+  if (!s) {
+    __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED);
+    return NULL;
+  }
+  s->call = 0; /* its rows are overwritten: no band's now */
+  return s->data;
 }
 
 static void ORT_API_CALL split_expand(void *work, size_t panel) {
@@ -804,7 +840,6 @@ static OrtStatus *split_images(OrtKernelContext *ctx, const Block *b, const floa
   size_t ebuf = (size_t)round_up(h * w, CP) * b->ep, dbuf = (size_t)round_up(q, CP) * b->ep;
   Scratch *s = scratch_for(job.own + ebuf + dbuf);
   if (!s) return api->CreateStatus(ORT_FAIL, "edgesmith.InvertedResidual: out of memory");
-  s->call = 0; /* its rows are no band's now */
   job.ebuf = s->data + job.own, job.dbuf = job.ebuf + ebuf;
   size_t in = (size_t)round_up(b->ep, CV * VL) / (CV * VL); /* weight panels */
   size_t out = (size_t)round_up(b->op, CV * VL) / (CV * VL);
@@ -848,7 +883,8 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
   if (n == 0 || oh == 0 || ow == 0) return NULL; /* an empty output: nothing to compute */
   int r = b->tile_rows > 0 ? b->tile_rows : band_rows_default(b, ew);
   if (r > oh) r = oh;
-  if (b->k == 1 && !b->tile_rows && r == oh && (size_t)n < cores && api_version >= 17)
+  if (b->k == 1 && !b->tile_rows && r == oh && (size_t)h * w * b->ep <= BAND_FLOATS &&
+      (size_t)n < cores && api_version >= 17)
     return split_images(ctx, b, x, y, n, h, w, oh, ow);
   Work job = {b, x, y, h, w, oh, ow, r, (oh + r - 1) / r,
               __atomic_add_fetch(&calls, 1, __ATOMIC_RELAXED), 0};
@@ -895,17 +931,16 @@ static OrtCustomOp inverted_residual;
 static pthread_mutex_t registering = PTHREAD_MUTEX_INITIALIZER;
 static OrtStatus *register_locked(OrtSessionOptions *options, const OrtApiBase *base);
 
+static OrtCustomOpDomain *domain; /* the op's, made at the first registration */
+
 /* onnxruntime unloads the library with the session options that loaded it (each session's
- * options load it anew): what it keeps for a next session goes too, or every load would leave
- * an empty 2 MB chunk, this thread's scratch and a thread key (a process has 1024) behind */
+ * options load it anew), once no session uses it: what it keeps for a next session goes too,
+ * or every load would leave every thread's scratch, the domain and a thread key (a process
+ * has 1024) behind */
 __attribute__((destructor)) static void unload(void) {
-  pthread_mutex_lock(&chunk_lock);
-  if (filling && !filling->live) munmap(filling, filling->size), filling = NULL;
-  pthread_mutex_unlock(&chunk_lock);
-  if (scratch_key_made) {
-    free(pthread_getspecific(scratch_key));
-    pthread_key_delete(scratch_key);
-  }
+  if (scratch_key_made) pthread_key_delete(scratch_key); /* no destructor runs after this */
+  while (scratches) scratch_free(scratches);            /* no session left to use them */
+  if (domain) api->ReleaseCustomOpDomain(domain);
 }
 
 /* sessions may be created from several threads at once: one registration at a time */
@@ -921,7 +956,6 @@ static OrtStatus *register_locked(OrtSessionOptions *options, const OrtApiBase *
   long online = sysconf(_SC_NPROCESSORS_ONLN);
   cores = online > 1 ? (size_t)online : 1;
   if (!api) return NULL; /* cannot even say why without an API table; the op stays unknown */
-  static OrtCustomOpDomain *domain;
   OrtStatus *st;
   if (domain) return api->AddCustomOpDomain(options, domain); /* a later session: same domain */
   inverted_residual.version = MIN_API;
