@@ -216,9 +216,9 @@ def rewrite_for_device(model, tile_rows: int, min_side: int, facts: dict):
         return ("edgesmith's kernels are float32 and this model is quantized (its convolutions "
                 "run between QuantizeLinear/DequantizeLinear): kept on onnxruntime's int8 kernels")
     if not report.changed:
-        return ("no inverted-residual block (1x1 Conv, ReLU/ReLU6, 3x3 depthwise Conv, ReLU/ReLU6, "
-                "1x1 Conv) in this model" + (f" with an output at least {min_side} pixels a side"
-                                             if min_side > 1 else ""))
+        return ("no inverted-residual block (1x1 Conv or a stem's 3x3 Conv, ReLU/ReLU6, 3x3 "
+                "depthwise Conv, ReLU/ReLU6, 1x1 Conv) in this model"
+                + (f" with an output at least {min_side} pixels a side" if min_side > 1 else ""))
     try:
         library, tc = build(facts)
         error = numerics_error(plain, rewritten, {s.name: s for s in model.inputs},
@@ -267,7 +267,8 @@ def breakdown(info: dict, profiles: list[tuple[dict[str, float], dict[str, float
         spread = (min(ratios), max(ratios)) if len(profiles) > 1 and ratios else None
         row["speed_range"] = list(spread) if spread else None
         if ours is not None:
-            row["verdict"] = _verdict(row, theirs, ours, spread, len(profiles))
+            speed = statistics.median(ratios) if ratios else None   # within its own range
+            row["verdict"] = _verdict(row, speed, spread, len(profiles))
         rows.append(row)
     return rows
 
@@ -297,17 +298,19 @@ def _block_times(info: dict, ort_nodes: dict[str, float], our_nodes: dict[str, f
     return rows
 
 
-def _verdict(row: dict, theirs: float, ours: float, spread: tuple[float, float] | None,
+def _verdict(row: dict, ratio: float | None, spread: tuple[float, float] | None,
              rounds: int) -> str:
-    if min(ours, theirs) <= 0:
+    """Won, lost or tie from the median of the rounds' speed ratios (onnxruntime's time over
+    ours), so the figure lies within the range printed beside it."""
+    if not ratio:
         return "too small to compare beside the profiler's own cost per node"
     kept = f"{row['expanded_kb']} KB of expansion kept out of memory"
-    speed = f"{theirs / ours:.2f}x the speed"
+    speed = f"{ratio:.2f}x the speed"
     if spread:
         speed += f"; {spread[0]:.2f}-{spread[1]:.2f}x over {rounds} rounds"
     if spread and spread[0] < 1 < spread[1]:
         text = f"tie ({speed}): {kept}"
-    elif ours < theirs:
+    elif ratio > 1:
         text = f"won ({speed}): {kept}"
     else:
         text = f"lost ({speed}), although {kept}"

@@ -106,7 +106,8 @@ def tune_table(report) -> Table:
              f"(target {report.target}; {report.measured} measured, {report.from_cache} cached"
              f"{', stopped: ' + report.stopped if report.stopped else ''})")
     table = Table(title=title)
-    for col in ("#", "variant", "p50 ms", "p90 ms", "mean ms", "runs", "vs default", "note"):
+    for col in ("#", "variant", "p50 ms", "p90 ms", "mean ms", "runs", "vs default (1 run)",
+                "note"):
         table.add_column(col, justify="left" if col in ("variant", "note") else "right")
     base = report.default.p50_ms
     for i, t in enumerate(report.trials, 1):

@@ -144,7 +144,8 @@ def tuning_html(tuning: dict) -> str:
         "<th>output</th><th>onnxruntime</th><th>edgesmith</th><th>verdict</th></tr>"
         + "".join(_block_row(k) for k in tuning["kernels"]) + "</table>")
     return (f"<p>Config search: {html.escape(tuning['verdict'])}</p><table><tr><th>variant</th>"
-            f"<th>p50 ms</th><th>vs default</th><th>note</th></tr>{rows}</table>{kernels}")
+            f"<th>p50 ms</th><th>vs default (1 run)</th><th>note</th></tr>{rows}</table>"
+            f"{kernels}")
 
 
 def render_html(report) -> str:

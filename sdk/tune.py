@@ -103,11 +103,13 @@ def tune(model: str | os.PathLike | Model, device="local", target: str | Match |
          budget_s: float = 120.0, max_trials: int = 40, fresh: bool = False,
          search_space: Space | None = None, cache: TuningCache | None = None,
          confirm_rounds: int = 3, measure_settings: dict | None = None, on_trial=None,
-         eval_data=None, max_accuracy_drop: float = 0.01) -> TuneReport:
+         eval_data=None, max_accuracy_drop: float = 0.01, on_stage=None) -> TuneReport:
     """Find the fastest runtime config for `model` on `device`; never slower than the default.
 
     Knobs that change numerics (TensorRT fp16, bf16 fast-math) are tried only with `eval_data`
-    (reference outputs of the model), and kept only within `max_accuracy_drop`."""
+    (reference outputs of the model), and kept only within `max_accuracy_drop`. `on_trial` hears
+    of each measured config, `on_stage` (a line) of the steps between them."""
+    stage = on_stage or (lambda line: None)
     if not isinstance(model, Model):
         model = load(model)
     dev = get_device(device) if isinstance(device, str) or device is None else device
@@ -124,6 +126,9 @@ def tune(model: str | os.PathLike | Model, device="local", target: str | Match |
     sp = search_space or space(profile.search, facts, backend)
     if eval_data is None:
         sp = sp.without_numeric("changes numerics; tuned only with an eval set to check them")
+    if any(KNOBS[name].rewrite for name in sp.values):
+        stage("rewriting the model for edgesmith's kernels, each rewrite checked against "
+              "onnxruntime")
     models = _rewritten_models(model, sp, facts)
     batch = eval_batch(model)
     built: dict[tuple, tuple] = {}
@@ -182,13 +187,15 @@ def tune(model: str | os.PathLike | Model, device="local", target: str | Match |
     confirm, verdict = {}, "the runtime defaults were fastest"
     best_variant = tried.get(best.key, Variant.of(sp.backend, {}))
     if best.ok and default.ok and best.key != default.key and confirm_rounds > 0:
+        stage(f"re-measuring {best.id} against the runtime defaults, interleaved "
+              f"x{confirm_rounds}")
         best, confirm, verdict = _confirm(dev, bundles_of(Variant.of(sp.backend, {}))[0],
                                           bundles_of(best_variant)[0], job, default, best,
                                           confirm_rounds)
     kept = tried.get(best.key, Variant.of(sp.backend, {}))
     shipped, files = models.get(kept.rewrites(), (model, {}))[:2]
     kernels = [] if facts.get("emulated") else \
-        _kernel_breakdown(dev, job, tried, done, models, bundles_of)   # emulated times: noise
+        _kernel_breakdown(dev, job, tried, done, models, bundles_of, stage)   # emulated: noise
     tuned = bundles.build(shipped, config=best.config, eval_batch=batch, extra_files=files,
                           meta={"source": str(model.path),
                                 "tuned": {"target": profile.name, "variant": best.id}})
@@ -223,8 +230,8 @@ def _rewritten_models(model: Model, sp: Space, facts: dict) -> dict[tuple, tuple
     return models
 
 
-def _kernel_breakdown(dev, job: Job, tried: dict, done: dict, models: dict, bundles_of
-                      ) -> list[dict]:
+def _kernel_breakdown(dev, job: Job, tried: dict, done: dict, models: dict, bundles_of,
+                      stage) -> list[dict]:
     """Profile the fastest model-rewriting variant and the same config without the rewrite,
     per node, and set each rewritten block against what it replaced (sdk/kernels.breakdown,
     which takes each node's profiling cost out by the variants' unprofiled times)."""
@@ -236,6 +243,8 @@ def _kernel_breakdown(dev, job: Job, tried: dict, done: dict, models: dict, bund
     _, variant = min(rewritten, key=lambda pair: pair[0].p50_ms)
     plain = Variant.of(variant.backend, {k: v for k, v in variant.knobs
                                          if (k, v) not in variant.rewrites()})
+    stage(f"profiling {variant.label()} and onnxruntime per node, {PROFILE_ROUNDS} rounds: what "
+          "each kernel won or lost")
     profiles = []
     for _ in range(PROFILE_ROUNDS):          # interleaved: a noise burst lands in one round
         pair = []

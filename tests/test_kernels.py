@@ -186,8 +186,9 @@ def test_the_knob_chooses_blocks_by_output_size_and_refuses_what_it_cannot_read(
     assert [n.op_type for n in rewritten.proto.graph.node].count("InvertedResidual") == 1
     assert len(rewrite_for_device(original, 0, 7, HOST)[2]["blocks"]) == 4
     assert rewrite_for_device(original, 0, 14, HOST) == (
-        "no inverted-residual block (1x1 Conv, ReLU/ReLU6, 3x3 depthwise Conv, ReLU/ReLU6, "
-        "1x1 Conv) in this model with an output at least 14 pixels a side")
+        "no inverted-residual block (1x1 Conv or a stem's 3x3 Conv, ReLU/ReLU6, 3x3 "
+        "depthwise Conv, ReLU/ReLU6, 1x1 Conv) in this model with an output at least 14 "
+        "pixels a side")
     # an int8 model's blocks run between QuantizeLinear/DequantizeLinear: the reason says so
     from edgesmith.passes.quantize import QuantizeConfig, QuantRecipe, quantize_static
 
@@ -309,8 +310,11 @@ def test_tuning_keeps_the_kernels_only_when_the_whole_model_measures_faster(mode
     facts = dev.facts()
     sp = space({"threads": [1], "edgesmith_kernels": [0, 8]}, facts, "onnxruntime")
     settings = {"runs": 20, "warmup": 3, "min_time_s": 0}
+    stages: list[str] = []
     report = tune(load(models / "digits_mnv2.onnx"), dev, search_space=sp, confirm_rounds=3,
-                  measure_settings=settings)
+                  measure_settings=settings, on_stage=stages.append)
+    assert stages[0].startswith("rewriting the model for edgesmith's kernels")   # said, not
+    assert stages[-1].startswith("profiling edgesmith_kernels=8")                # silent
     ours = [t for t in report.trials if "edgesmith_kernels=8" in t.id]
     assert ours and all(t.ok for t in ours)       # and judged on the device against the original
     assert all("max_abs_err" in t.accuracy for t in ours), [t.accuracy for t in ours]
@@ -334,8 +338,8 @@ def test_tuning_keeps_the_kernels_only_when_the_whole_model_measures_faster(mode
     no_blocks = tune(load(models / "digits_cnn.onnx"), dev, search_space=space(
         {"edgesmith_kernels": [0, 8]}, facts, "onnxruntime"), measure_settings=settings)
     assert [p["reason"] for p in no_blocks.pruned] == [
-        "no inverted-residual block (1x1 Conv, ReLU/ReLU6, 3x3 depthwise Conv, ReLU/ReLU6, "
-        "1x1 Conv) in this model"]
+        "no inverted-residual block (1x1 Conv or a stem's 3x3 Conv, ReLU/ReLU6, 3x3 "
+        "depthwise Conv, ReLU/ReLU6, 1x1 Conv) in this model"]
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     no_cc = space({"edgesmith_kernels": [0, 8]}, facts, "onnxruntime")
     assert no_cc.pruned and "no C compiler" in no_cc.pruned[0][2]

@@ -47,7 +47,8 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
     try:
         report = run_tune(load(model, parse_input_shapes(input_shape)), dev, target=target,
                           budget_s=parse_duration(budget), max_trials=max_trials, fresh=fresh,
-                          on_trial=progress)
+                          on_trial=progress,
+                          on_stage=None if json_out else lambda line: click.echo(line, err=True))
     except KeyboardInterrupt:
         click.echo("interrupted: measured trials are cached; run the same command to resume",
                    err=True)
