@@ -113,6 +113,7 @@ typedef struct {
  * Its data starts on a cache line, so every vector of a pixel's channels does too (rows are
  * whole vectors): an AVX-512 vector straddling two lines costs two accesses */
 #define LINE 64
+#define ROUND_UP(v, m) (((v) + (m) - 1) / (m) * (m)) /* v, m: integers of one type */
 typedef struct Scratch {
   size_t floats;
   unsigned long call; /* 0: holds nothing */
@@ -147,7 +148,7 @@ static Scratch *scratch_for(size_t floats) {
   Scratch *s = pthread_getspecific(scratch_key);
   if (!s || s->floats < floats) {
     scratch_free(s);
-    s = aligned_alloc(LINE, (sizeof(Scratch) + floats * sizeof(float) + LINE - 1) / LINE * LINE);
+    s = aligned_alloc(LINE, ROUND_UP(sizeof(Scratch) + floats * sizeof(float), LINE));
     if (s) {
       *s = (Scratch){.floats = floats};
       pthread_mutex_lock(&scratch_lock);
@@ -179,7 +180,7 @@ typedef struct Chunk {
 static pthread_mutex_t chunk_lock = PTHREAD_MUTEX_INITIALIZER;
 static Chunk *filling; /* the chunk new blocks take from */
 
-#define CHUNK_HEADER ((sizeof(Chunk) + LINE - 1) / LINE * LINE)
+#define CHUNK_HEADER ROUND_UP(sizeof(Chunk), (size_t)LINE)
 
 /* a chunk of `size` bytes (a multiple of HUGE_PAGE) on a HUGE_PAGE boundary, mapped, not
  * malloc'ed: memory malloc hands back in huge pages would keep whole pages resident for its next
@@ -201,12 +202,12 @@ static Chunk *chunk_map(size_t size) {
 
 /* `bytes` zeroed bytes on a cache line, and the chunk they are in */
 static void *packed_alloc(size_t bytes, Chunk **chunk) {
-  bytes = (bytes + LINE - 1) / LINE * LINE;
+  bytes = ROUND_UP(bytes, (size_t)LINE);
   void *p = NULL;
   pthread_mutex_lock(&chunk_lock);
   Chunk *from = filling;
   if (!from || from->size - from->used < bytes) {
-    size_t need = (CHUNK_HEADER + bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+    size_t need = ROUND_UP(CHUNK_HEADER + bytes, HUGE_PAGE);
     from = chunk_map(need < CHUNK ? CHUNK : need);
     if (!from && need < CHUNK) from = chunk_map(need); /* strict overcommit: no room to spare */
     /* the chunk with more room left after this block is the one the next blocks fill */
@@ -284,7 +285,7 @@ static void block_free(Block *b) {
 /* n floats from *at, which moves on to the next cache line after them */
 static float *take(float **at, size_t n) {
   float *p = *at;
-  *at += (n + LINE / sizeof(float) - 1) / (LINE / sizeof(float)) * (LINE / sizeof(float));
+  *at += ROUND_UP(n, LINE / sizeof(float));
   return p;
 }
 
@@ -322,8 +323,8 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *a,
     st = fail("edgesmith.InvertedResidual: weight shapes or attributes do not form a block");
     goto bad;
   }
-  b->ep = (b->e + VL - 1) / VL * VL;
-  b->op = (b->o + VL - 1) / VL * VL;
+  b->ep = ROUND_UP(b->e, VL);
+  b->op = ROUND_UP(b->o, VL);
   size_t kk = (size_t)b->c * b->k * b->k, line = LINE / sizeof(float);
   size_t sizes[] = {b->ep, kk * b->ep, b->ep, 9 * (size_t)b->ep, (size_t)b->op * b->e, b->o};
   size_t total = 0;
@@ -367,15 +368,15 @@ typedef struct {
   const char *at;
   int lines;
 } Ahead;
+static const Ahead nothing_ahead = {NULL, 0};
 
 /* tile t's share of the lines of [next, end), the next panel, for `tiles` tiles */
 static inline Ahead ahead(const float *next, const float *end, int t, int tiles) {
   long lines = (long)(end - next) * (long)sizeof(float) / LINE, per = (lines + tiles - 1) / tiles;
   long from = (long)t * per;
-  if (lines <= 0 || from >= lines) return (Ahead){NULL, 0};
+  if (lines <= 0 || from >= lines) return nothing_ahead;
   return (Ahead){(const char *)next + from * LINE, (int)(lines - from < per ? lines - from : per)};
 }
-static const Ahead nothing_ahead = {NULL, 0};
 static inline void fetch(Ahead a) {
   for (int l = 0; l < a.lines; l++) __builtin_prefetch(a.at + (long)l * LINE, 0, 2);
 }
@@ -678,8 +679,6 @@ static void project_band(const Block *b, const float *dbuf, int q, const float *
   }
 }
 
-static inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
-
 /* input rows a band of r output rows from oy0 needs (clamped to the image), first and count */
 static inline void band_rows(const Block *b, int h, int oy0, int r, int *first, int *count) {
   int lo = oy0 * b->stride - 1, hi = (oy0 + r - 1) * b->stride + 1;
@@ -706,11 +705,16 @@ static inline size_t ebuf_floats(const Block *b, int w, int r) {
   return ((size_t)((r - 1) * b->stride + 3) * w + CP) * b->ep;
 }
 static inline size_t dbuf_floats(const Block *b, int r, int ow) {
-  return (size_t)round_up(r * ow, CP) * b->ep;
+  return (size_t)ROUND_UP(r * ow, CP) * b->ep;
 }
 static size_t scratch_floats(const Block *b, int w, int r, int ow) {
-  return ebuf_floats(b, w, r) + dbuf_floats(b, r, ow) + (size_t)round_up(r * ow, CP) * CV * VL +
+  return ebuf_floats(b, w, r) + dbuf_floats(b, r, ow) + (size_t)ROUND_UP(r * ow, CP) * CV * VL +
          (size_t)b->c * b->k * b->k * (CP + 2) + VL;
+}
+
+/* p, or the next float after it on a whole vector's boundary (the project sums') */
+static inline float *vector_aligned(float *p) {
+  return p + (VL - (uintptr_t)p / sizeof(float) % VL) % VL;
 }
 
 /* the expanded image's side for an input side of n */
@@ -745,7 +749,7 @@ static void ORT_API_CALL run_band(void *work, size_t index) {
   float *ebuf = s->data, *dbuf = ebuf + ebuf_floats(b, ew, r), *tail = dbuf + dbuf_floats(b, r, ow);
   int *off = (int *)(tail + (size_t)b->c * b->k * b->k * CP);
   float *acc = (float *)(off + 2 * b->c * b->k * b->k);
-  acc += (VL - (uintptr_t)acc / sizeof(float) % VL) % VL;   /* whole vectors: aligned */
+  acc = vector_aligned(acc);
   for (int j = 0, k = b->c * 9; b->k == 3 && j < k; j++) { /* tap j: channel, row, column */
     off[j] = (j / 9 * h + j / 3 % 3) * w + j % 3;
     off[k + j] = (j / 9 * 3 + j / 3 % 3) * PATCH_WIDTH(b->es) + j % 3;
@@ -778,9 +782,8 @@ static void ORT_API_CALL run_band(void *work, size_t index) {
  * filters one weight panel's channels over the whole image (a channel's depthwise needs that
  * channel only), then each task projects onto one panel of output channels. On one thread
  * that is the single band's work, in the same order. The expanded image and the depthwise
- * results are
- * shared: they live in the calling thread's scratch, after the part every thread has its own
- * of (a padded pixel tile's input, project sums). */
+ * results are shared: they live in the calling thread's scratch, after the part every thread
+ * has its own of (a padded pixel tile's input, project sums). */
 typedef struct {
   const Block *b;
   const float *x;
@@ -791,8 +794,7 @@ typedef struct {
 } Split;
 
 static inline size_t split_own(const Block *b, int q) {
-  size_t line = LINE / sizeof(float);
-  return ((size_t)b->c * CP + (size_t)round_up(q, CP) * CV * VL + VL + line - 1) / line * line;
+  return ROUND_UP((size_t)b->c * CP + (size_t)ROUND_UP(q, CP) * CV * VL + VL, LINE / sizeof(float));
 }
 
 static float *split_scratch(Split *job) {
@@ -810,7 +812,7 @@ static void ORT_API_CALL split_expand(void *work, size_t panel) {
   const Block *b = job->b;
   float *tail = split_scratch(job);
   if (!tail) return;
-  int e0 = (int)panel * CV * VL, e1 = e0 + CV * VL < b->ep ? e0 + CV * VL : b->ep;
+  int e0 = (int)panel * CV * VL, e1 = e0 + tile_vectors(b->ep, e0) * VL;
   expand_band(b, job->x, (long)job->h * job->w, job->h * job->w, job->ebuf, tail, e0, e1);
   depthwise_band(b, job->ebuf, 0, job->h, job->w, 0, job->oh, job->ow, job->dbuf, e0, e1);
 }
@@ -820,10 +822,8 @@ static void ORT_API_CALL split_project(void *work, size_t panel) {
   const Block *b = job->b;
   float *own = split_scratch(job);
   if (!own) return;
-  int q = job->oh * job->ow, o0 = (int)panel * CV * VL;
-  int o1 = o0 + CV * VL < b->op ? o0 + CV * VL : b->op;
-  float *acc = own + b->c * CP;
-  acc += (VL - (uintptr_t)acc / sizeof(float) % VL) % VL;
+  int q = job->oh * job->ow, o0 = (int)panel * CV * VL, o1 = o0 + tile_vectors(b->op, o0) * VL;
+  float *acc = vector_aligned(own + b->c * CP);
   project_band(b, job->dbuf, q, b->residual ? job->x : NULL, job->y, q, (vf *)acc, o0, o1);
 }
 
@@ -837,12 +837,12 @@ static OrtStatus *split_images(OrtKernelContext *ctx, const Block *b, const floa
   OrtStatus *st;
   int q = oh * ow;
   Split job = {b, x, y, NULL, NULL, h, w, oh, ow, split_own(b, q), 0};
-  size_t ebuf = (size_t)round_up(h * w, CP) * b->ep, dbuf = (size_t)round_up(q, CP) * b->ep;
+  size_t ebuf = (size_t)ROUND_UP(h * w, CP) * b->ep, dbuf = (size_t)ROUND_UP(q, CP) * b->ep;
   Scratch *s = scratch_for(job.own + ebuf + dbuf);
   if (!s) return api->CreateStatus(ORT_FAIL, "edgesmith.InvertedResidual: out of memory");
   job.ebuf = s->data + job.own, job.dbuf = job.ebuf + ebuf;
-  size_t in = (size_t)round_up(b->ep, CV * VL) / (CV * VL); /* weight panels */
-  size_t out = (size_t)round_up(b->op, CV * VL) / (CV * VL);
+  size_t in = (size_t)ROUND_UP(b->ep, CV * VL) / (CV * VL); /* weight panels */
+  size_t out = (size_t)ROUND_UP(b->op, CV * VL) / (CV * VL);
   for (int i = 0; i < n; i++, job.x += (size_t)b->c * h * w, job.y += (size_t)b->o * q)
     if ((st = api->KernelContext_ParallelFor(ctx, split_expand, in, cores, &job)) ||
         (st = api->KernelContext_ParallelFor(ctx, split_project, out, cores, &job)))

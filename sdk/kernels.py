@@ -211,11 +211,11 @@ def rewrite_for_device(model, tile_rows: int, min_side: int, facts: dict):
     shapes = static_shapes(plain, model.inputs)
     rewritten, report = fuse_inverted_residual(plain, {"tile_rows": tile_rows,
                                                        "min_side": min_side, "shapes": shapes})
-    if not report.changed and any(n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                                  for n in plain.graph.node):
-        return ("edgesmith's kernels are float32 and this model is quantized (its convolutions "
-                "run between QuantizeLinear/DequantizeLinear): kept on onnxruntime's int8 kernels")
     if not report.changed:
+        if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in plain.graph.node):
+            return ("edgesmith's kernels are float32 and this model is quantized (its "
+                    "convolutions run between QuantizeLinear/DequantizeLinear): kept on "
+                    "onnxruntime's int8 kernels")
         return ("no inverted-residual block (1x1 Conv or a stem's 3x3 Conv, ReLU/ReLU6, 3x3 "
                 "depthwise Conv, ReLU/ReLU6, 1x1 Conv) in this model"
                 + (f" with an output at least {min_side} pixels a side" if min_side > 1 else ""))
