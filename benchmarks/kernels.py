@@ -36,12 +36,12 @@ def main() -> None:
     os.environ.setdefault("EDGESMITH_CACHE", tempfile.mkdtemp(prefix="edgesmith-kbench-"))
     from edgesmith import bundle as bundles
     from edgesmith.devices import Job, get_device
-    from edgesmith.kernels import LIBRARY, breakdown, host_library, numerics_error
-    from edgesmith.kernels import rewrite_for_device
+    from edgesmith.own_kernels import LIBRARY, breakdown, host_library, numerics_error
+    from edgesmith.own_kernels import rewrite_for_device
     from edgesmith.measure import interleave, measure
     from edgesmith.model import load
     from edgesmith.passes.fuse import fuse
-    from edgesmith.tune import tune
+    from edgesmith.search.tune import tune
     from edgesmith.variants import kernel_setting, space
 
     dev = get_device("local")

@@ -212,7 +212,7 @@ def main() -> None:
                      "images are already the whole test set")
         rejudge(work, args.rejudge)
         return
-    from edgesmith.nas import NasConfig, nas
+    from edgesmith.search.nas import NasConfig, nas
 
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

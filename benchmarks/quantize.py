@@ -160,7 +160,7 @@ def main() -> None:
     from edgesmith.devices import Job, get_device
     from edgesmith.model import load
     from edgesmith.passes.quantize import _Reader, preprocess
-    from edgesmith.recipes import choose_recipe, quant_data
+    from edgesmith.search.int8 import choose_recipe, quant_data
 
     for name in args.models:
         onnx_path = MODELS / f"{name}.onnx"

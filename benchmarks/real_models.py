@@ -50,7 +50,7 @@ def main() -> None:
     from edgesmith.passes.fuse import fuse
     from edgesmith.passes.prune import PruneConfig, prune_channels
     from edgesmith.data import reference_outputs
-    from edgesmith.recipes import QuantData, choose_recipe
+    from edgesmith.search.int8 import QuantData, choose_recipe
     from edgesmith.targets import match
 
     print(f"CPU: {cpu_name()}; 1 thread; YOLOv8-style detector at {args.size}x{args.size}")

@@ -114,8 +114,8 @@ def main() -> None:
     from real_models import cpu_name, sqnr
     from edgesmith.model import load
     from edgesmith.passes.quantize import preprocess
-    from edgesmith.recipes import build_recipe, recipe_by_name
-    from edgesmith.sensitivity import block_sensitivity
+    from edgesmith.search.int8 import build_recipe, recipe_by_name
+    from edgesmith.search.why_worse import block_sensitivity
 
     print(f"CPU: {cpu_name()}; 1 thread; held-out judging")
     for name in args.models:

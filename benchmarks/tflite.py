@@ -56,8 +56,8 @@ def imagenet(rounds: int) -> None:
     import imagenet_mobilenetv2 as photos
     from quantize import interleaved, session
     from edgesmith.model import from_proto, load
-    from edgesmith.recipes import quantize_with
-    from edgesmith.tflite_convert import to_tflite
+    from edgesmith.search.int8 import quantize_with
+    from edgesmith.convert.tflite import to_tflite
 
     if not MODEL.is_file():
         sys.exit(f"{MODEL} is missing: python examples/imagenet_mobilenetv2.py builds it")
@@ -95,7 +95,7 @@ def imagenet(rounds: int) -> None:
 def corpus_delegation() -> None:
     import corpus
     from edgesmith.model import load
-    from edgesmith.tflite_convert import to_tflite
+    from edgesmith.convert.tflite import to_tflite
 
     wanted = [(k.name, "ts13") for k in corpus.KINDS]
     built = corpus.build(wanted)

@@ -42,7 +42,7 @@ def main() -> None:
     import device_runtime
     from edgesmith.model import load
     from edgesmith.profiling import prepare
-    from edgesmith.tune import tune
+    from edgesmith.search.tune import tune
 
     for name in MODELS:
         model = load(ROOT / "examples" / "models" / name)

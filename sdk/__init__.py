@@ -1,7 +1,7 @@
 """edgesmith: optimise a neural network for an edge device, measured on that device.
 
 The Python API the CLI is a thin layer over: `load`, `profile`, `optimize` (and the modules
-below for single passes: `edgesmith.passes`, `edgesmith.recipes`, `edgesmith.tune`).
+below for single passes: `edgesmith.passes`, `edgesmith.search.int8`, `edgesmith.search.tune`).
 """
 from __future__ import annotations
 
@@ -26,14 +26,14 @@ def profile(model, **kwargs):
 
 
 def optimize(model, out_dir, **kwargs):
-    """The main job: the fastest variant within the budgets (see `edgesmith.pipeline`)."""
-    from .pipeline import optimize as _optimize
+    """The main job: the fastest variant within the budgets (see `edgesmith.optimize.pipeline`)."""
+    from .optimize.pipeline import optimize as _optimize
 
     return _optimize(model, out_dir, **kwargs)
 
 
 def __getattr__(name):
     if name == "OptimizeConfig":
-        from .pipeline import OptimizeConfig
+        from .optimize.pipeline import OptimizeConfig
         return OptimizeConfig
     raise AttributeError(f"module 'edgesmith' has no attribute {name!r}")

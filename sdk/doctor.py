@@ -56,7 +56,7 @@ def check_host() -> list[dict]:
 
 def kernel_toolchain_row(where: str, facts: dict) -> dict:
     """Whether edgesmith's own kernels can be built for these facts' CPU, and with what."""
-    from .kernels import header_dir, toolchain
+    from .own_kernels import header_dir, toolchain
 
     tc = toolchain(facts)
     ok = not isinstance(tc, str)

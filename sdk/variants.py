@@ -135,7 +135,7 @@ def _trt(config, value, backend):
 
 
 def _kernels_impossible(value, facts, backend):
-    from .kernels import toolchain
+    from .own_kernels import toolchain
 
     found = toolchain(facts) if value else None
     return found if isinstance(found, str) else None
@@ -154,7 +154,7 @@ def kernel_setting(value) -> tuple[int, int] | None:
 
 
 def _kernels_rewrite(model, value, facts):
-    from .kernels import rewrite_for_device
+    from .own_kernels import rewrite_for_device
 
     return rewrite_for_device(model, *kernel_setting(value), facts)
 
@@ -165,7 +165,7 @@ def _kernels(config, value, backend):
     """0: onnxruntime's kernels; N or "R@S": edgesmith's fused kernels (kernel_setting): their
     band height is the kernel's own tuning knob (how much of the expanded tensor stays in
     cache), the smallest side where they are used the measured choice of where fusion pays."""
-    from .kernels import LIBRARY
+    from .own_kernels import LIBRARY
 
     if value:
         config["custom_op_libraries"] = [LIBRARY]

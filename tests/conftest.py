@@ -18,7 +18,7 @@ def ort_header(tmp_path_factory) -> Path | None:
     """onnxruntime's C API header, fetched (and sha256-checked) once for the whole session;
     None when it cannot be fetched: tests that build kernels then fail saying why."""
     from edgesmith.errors import EdgesmithError
-    from edgesmith.kernels import header_dir
+    from edgesmith.own_kernels import header_dir
 
     saved = os.environ.get("EDGESMITH_CACHE")
     os.environ["EDGESMITH_CACHE"] = str(tmp_path_factory.mktemp("header-cache"))

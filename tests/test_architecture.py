@@ -56,8 +56,8 @@ def imports_of_runtime(path: Path) -> set[str]:
 
 
 def test_passes_never_import_the_cli_devices_or_searches():
-    forbidden = ("edgesmith.cli", "edgesmith.devices", "edgesmith.pipeline", "edgesmith.measure",
-                 "edgesmith.tune", "edgesmith.recipes", "edgesmith.report")
+    forbidden = ("edgesmith.cli", "edgesmith.devices", "edgesmith.optimize.pipeline", "edgesmith.measure",
+                 "edgesmith.search.tune", "edgesmith.search.int8", "edgesmith.report.text")
     for path in (SDK / "passes").glob("*.py"):
         bad = {i for i in imports_of(path) if i.startswith(forbidden)}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"

@@ -114,7 +114,7 @@ def test_training_interpreter_computes_what_onnxruntime_computes(built, kind, ex
     """Distillation (and every trained variant) runs the graph as a torch module: it must
     compute what onnxruntime computes on every export of every kind, or refuse by op name."""
     from edgesmith.errors import EdgesmithError
-    from edgesmith.passes.onnx_torch import to_torch
+    from edgesmith.torch_interp.interpreter import to_torch
 
     model, x, expected = runnable(built, kind, export)
     if expected is None:

@@ -86,7 +86,7 @@ def test_int8_and_tflite_models_keep_their_x86_accuracy_on_arm(pi_home, models, 
     save(q, int8)
     cases = [(int8, models / "digits_cnn_eval.npz"),
              (models / "digits_mlp.tflite", models / "digits_mlp_eval.npz")]
-    from edgesmith.tflite_convert import available, to_tflite
+    from edgesmith.convert.tflite import available, to_tflite
 
     x = {"input": np.load(models / "digits_cnn_eval.npz")["input"][:1]}
     for name, proto in (("cnn_fp32.tflite", cnn.proto), ("cnn_int8.tflite", q)):
@@ -115,8 +115,8 @@ def test_neon_kernels_equal_onnxruntime_on_arm_and_are_chosen_by_measurement(pi_
     the header's: the library asks for the oldest API it needs) with onnxruntime's numerics
     (tuning judges every rewritten variant's outputs on the device against the original's);
     tuning on the Pi measures it there and ships it only if it measured faster."""
-    from edgesmith.kernels import LIBRARY, rewrite_for_device
-    from edgesmith.tune import tune
+    from edgesmith.own_kernels import LIBRARY, rewrite_for_device
+    from edgesmith.search.tune import tune
     from edgesmith.variants import space
 
     dev = pi_device()

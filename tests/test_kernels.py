@@ -17,7 +17,7 @@ from device_runtime.evaluate import EvalData
 from edgesmith.data import eval_batch, load_eval_set, reference_outputs
 from edgesmith.devices import Job, get_device
 from edgesmith.errors import EdgesmithError
-from edgesmith.kernels import LIBRARY, build, numerics_error, rewrite_for_device, toolchain
+from edgesmith.own_kernels import LIBRARY, build, numerics_error, rewrite_for_device, toolchain
 from edgesmith.measure import measure
 from edgesmith.model import from_proto, load
 from edgesmith.passes.kernels import fuse_inverted_residual
@@ -203,7 +203,7 @@ def test_the_breakdown_takes_the_profilers_cost_per_node_out():
     """The profiler adds a cost to every node: a block onnxruntime runs as three nodes must not
     look slower than one fused node for that alone. The cost is what the profiled nodes sum to
     over the unprofiled run, per node."""
-    from edgesmith.kernels import breakdown, profile_cost
+    from edgesmith.own_kernels import breakdown, profile_cost
 
     assert profile_cost({"a": 0.05, "b": 0.05}, 0.08) == pytest.approx(0.01)
     assert profile_cost({"a": 0.05}, None) == 0.0 and profile_cost({"a": 0.05}, 0.07) == 0.0
@@ -267,7 +267,7 @@ def test_bundled_kernels_load_only_when_verified(tmp_path, models):
     assert result.accuracy["max_abs_err"] < 1e-4 and result.accuracy["agreement"] == 1.0
 
     # a rewrite whose outputs stray on the device is an error row when tuning judges it
-    from edgesmith.tune import _judge_rewrite, _output_scale
+    from edgesmith.search.tune import _judge_rewrite, _output_scale
     from edgesmith.measure import Candidate
     wrong_weights = onnx.ModelProto()
     wrong_weights.CopyFrom(model.proto)
@@ -303,7 +303,7 @@ def test_bundled_kernels_load_only_when_verified(tmp_path, models):
 
 def test_tuning_keeps_the_kernels_only_when_the_whole_model_measures_faster(models, tmp_path,
                                                                             monkeypatch):
-    from edgesmith.tune import tune
+    from edgesmith.search.tune import tune
     from edgesmith.variants import space
 
     dev = get_device("local")

@@ -6,7 +6,7 @@ import pytest
 
 from edgesmith.errors import EdgesmithError
 from edgesmith.model import from_proto, load, parse_input_shapes
-from edgesmith.recipes import quantize_with
+from edgesmith.search.int8 import quantize_with
 
 
 def test_cnn_facts_match_the_architecture(models):
@@ -49,7 +49,7 @@ def test_pooled_features_are_judged_by_sqnr_and_class_scores_by_agreement():
     from onnx import TensorProto, helper
 
     from edgesmith.model import class_scores
-    from edgesmith.recipes import FIDELITY_SQNR_DB, accuracy_drop
+    from edgesmith.search.int8 import FIDELITY_SQNR_DB, accuracy_drop
 
     def graph(*tail):
         nodes = [helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 
 from conftest import load_json, run_cli, ssh_device
-from edgesmith.latency_table import BRANCHES_PER_BUNDLE, LatencyTable, kernel_model, kernels_of
+from edgesmith.search.latency_table import BRANCHES_PER_BUNDLE, LatencyTable, kernel_model, kernels_of
 from edgesmith.model import load
 from edgesmith.passes.fuse import fuse
 from edgesmith.passes.prune import PruneConfig, channel_groups, prune_channels
@@ -132,7 +132,7 @@ def _lut_rows(cache: Path) -> list[dict]:
 
 def test_nas_narrows_the_model_and_an_interrupted_search_continues(models, tmp_path,
                                                                   small_train, isolated_cache):
-    from edgesmith.nas import NasConfig, nas
+    from edgesmith.search.nas import NasConfig, nas
 
     out = tmp_path / "nas"
     args = dict(steps=14, final_epochs=2, threads=1)
@@ -185,7 +185,7 @@ def test_nas_narrows_the_model_and_an_interrupted_search_continues(models, tmp_p
 
 def test_flops_driven_netadapt_in_parallel_workers(models, tmp_path, small_train):
     """The MACs proxy needs no table; proposals fine-tune in two worker processes at once."""
-    from edgesmith.nas import NasConfig, nas
+    from edgesmith.search.nas import NasConfig, nas
 
     report = nas(models / "digits_cnn.onnx", small_train, tmp_path / "o",
                  cfg=NasConfig(latency_ratio=0.9, proxy="macs", steps=10, final_epochs=1,
@@ -201,7 +201,7 @@ def test_nas_on_the_corpus_detector(tmp_path):
     import corpus
 
     built = corpus.build([("yolo", "ts17")])
-    from edgesmith.nas import NasConfig, nas
+    from edgesmith.search.nas import NasConfig, nas
 
     report = nas(built[("yolo", "ts17")], corpus.data_path("yolo"), tmp_path / "o",
                  cfg=NasConfig(latency_ratio=0.95, steps=2, final_epochs=1, max_iterations=1,
@@ -215,7 +215,7 @@ def test_nas_on_the_corpus_detector(tmp_path):
 
 
 def test_nas_measures_over_ssh(models, tmp_path, sshd_server, ssh_home, small_train):
-    from edgesmith.nas import NasConfig, nas
+    from edgesmith.search.nas import NasConfig, nas
 
     dev = ssh_device(sshd_server)
     report = nas(models / "digits_cnn.onnx", small_train, tmp_path / "o",

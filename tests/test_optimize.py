@@ -15,7 +15,7 @@ import device_runtime
 from conftest import ROOT, require, run_cli
 from edgesmith.measure import ms_digits
 from edgesmith.model import load as load_model
-from edgesmith.pipeline import OptimizeConfig, optimize
+from edgesmith.optimize.pipeline import OptimizeConfig, optimize
 
 SCHEMA = json.loads((ROOT / "tests" / "schemas" / "report.json").read_text())
 QUICK = ["--tune-budget", "5s"]
@@ -227,7 +227,7 @@ def test_force_writes_only_edgesmith_names_into_a_users_directory(models, tmp_pa
 
 def test_state_that_is_not_ours_is_never_trusted_or_crashes(tmp_path):
     from edgesmith.errors import EdgesmithError
-    from edgesmith.resume import STATE_DIR, State, source_digest
+    from edgesmith.run.state import STATE_DIR, State, source_digest
 
     out = tmp_path / "out"
     out.mkdir()

@@ -118,7 +118,7 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_main_commands(tmp_path):
     where = subprocess.run([str(py), "-c", "import edgesmith; print(edgesmith.__file__)"],
                            capture_output=True, text=True, cwd=user, env=env, timeout=60)
     assert where.stdout.startswith(str(venv)), where.stdout + where.stderr
-    kernels = subprocess.run([str(py), "-c", "from edgesmith.kernels import source, "
+    kernels = subprocess.run([str(py), "-c", "from edgesmith.own_kernels import source, "
                               "host_library; print(source()); print(host_library())"],
                              capture_output=True, text=True, cwd=user, env=env, timeout=300)
     assert kernels.returncode == 0, kernels.stderr[-2000:]

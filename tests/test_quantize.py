@@ -17,7 +17,7 @@ from edgesmith.model import load
 from edgesmith.passes.equalize import BiasCorrectConfig, bias_correct, equalize
 from edgesmith.passes.quantize import (QuantizeConfig, QuantRecipe, preprocess, quantize_dynamic,
                                        quantize_static)
-from edgesmith.recipes import candidate_recipes, choose_recipe, quant_data
+from edgesmith.search.int8 import candidate_recipes, choose_recipe, quant_data
 
 RNG = np.random.default_rng(0)
 
@@ -209,7 +209,7 @@ def test_why_worse_splits_the_int8_error_by_block_with_device_times(cnn, models)
     profiles of both models give every block its float and int8 milliseconds."""
     from edgesmith.model import from_proto
     from edgesmith.profiling import profile
-    from edgesmith.sensitivity import add_times, block_sensitivity
+    from edgesmith.search.why_worse import add_times, block_sensitivity
 
     m, pre = cnn
     batches = list(calibration_batches(models / "digits_cnn_eval.npz", m, 32))
@@ -233,7 +233,7 @@ def test_why_worse_blames_the_block_whose_range_clips(cnn, models):
     colour chart). That clip belongs to that block's row alone: kept in every row, it gave
     every block the same SQNR and the mixed precision kept arbitrary blocks in float. The
     range here is narrowed by hand (8x smaller scale), which makes the overflow certain."""
-    from edgesmith.sensitivity import block_sensitivity
+    from edgesmith.search.why_worse import block_sensitivity
 
     m, pre = cnn
     batches = list(calibration_batches(models / "digits_cnn_eval.npz", m, 32))
@@ -347,7 +347,7 @@ def test_block_reconstruction_wins_on_held_out_data_and_keeps_the_fast_placement
     its input's learned step size."""
     pytest.importorskip("torch")
     from edgesmith.passes.reconstruct import ReconstructConfig, reconstruct
-    from edgesmith.recipes import build_recipe, recipe_by_name
+    from edgesmith.search.int8 import build_recipe, recipe_by_name
 
     m = load(models / "digits_resnet.onnx")
     x = np.load(models / "digits_resnet_eval.npz")["input"]
@@ -385,7 +385,7 @@ def test_block_reconstruction_wins_on_held_out_data_and_keeps_the_fast_placement
     # mixed precision after reconstruction: the block costing the most kept in float, the
     # others learned again, beats reconstruction alone (the why-worse table and
     # reconstruction around float nodes, as the repair search runs them)
-    from edgesmith.sensitivity import block_sensitivity
+    from edgesmith.search.why_worse import block_sensitivity
     worst = block_sensitivity(prepared, learned, [{"input": held[:32]}])[0]["nodes"]
     split, _ = build_recipe(prepared, recipe.with_exclusions(worst), batches)
     mixed, _ = reconstruct(split, ReconstructConfig(prepared, batches, recipe.weight_range,
@@ -489,7 +489,7 @@ def test_mse_and_robust_minmax_ranges_beat_min_max_on_outliers_and_keep_tied_par
     scale (else onnxruntime cannot drop the pair), and biases follow their input's scale (else
     the SQNR would collapse)."""
     from edgesmith.passes.ranges import RangeConfig, refine_ranges
-    from edgesmith.recipes import build_recipe, recipe_by_name
+    from edgesmith.search.int8 import build_recipe, recipe_by_name
 
     rng = np.random.default_rng(0)
 

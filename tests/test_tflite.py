@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 import device_runtime
 from conftest import require, run_cli
 from edgesmith.model import load
-from edgesmith.recipes import quant_data, quantize_with
-from edgesmith.tflite_convert import as_model, available, check, to_tflite
+from edgesmith.search.int8 import quant_data, quantize_with
+from edgesmith.convert.tflite import as_model, available, check, to_tflite
 
 torch = pytest.importorskip("torch", reason="conversion runs the ONNX->torch interpreter")
 import corpus  # noqa: E402

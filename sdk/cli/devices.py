@@ -17,7 +17,7 @@ def targets(ctx):
     if ctx.invoked_subcommand is None:
         from rich.table import Table
 
-        from ..report import print_table
+        from ..report.text import print_table
         from ..targets import all_profiles
 
         table = Table(title="edgesmith targets")
@@ -57,7 +57,7 @@ def device():
 @json_option("the facts")
 def facts(destination, identity, accept_new_host_key, remote_python, json_out):
     """Print a device's fingerprint: arch, CPU flags, cores, memory, GPU, backends."""
-    from ..report import write_json
+    from ..report.text import write_json
 
     [dev] = devices_from((destination,), identity, accept_new_host_key, remote_python)
     data = dev.facts()
@@ -78,7 +78,7 @@ def setup(destination, identity, accept_new_host_key, remote_python, wheels, tfl
           json_out):
     """Install numpy and a backend on a device, in a venv under ~/.edgesmith/."""
     from ..devices.setup import DEFAULT_PACKAGES, setup as run_setup
-    from ..report import write_json
+    from ..report.text import write_json
 
     [dev] = devices_from((destination,), identity, accept_new_host_key, remote_python)
     if dev.name == "local":
@@ -100,7 +100,7 @@ def setup(destination, identity, accept_new_host_key, remote_python, wheels, tfl
 def doctor(destination, identity, accept_new_host_key, remote_python, json_out):
     """What is installed on the host (and the device), what each part enables, how to add it."""
     from ..doctor import check_device, check_host
-    from ..report import write_json
+    from ..report.text import write_json
 
     rows = check_host()
     if destination != "local":

@@ -36,7 +36,7 @@ def profile(model, device_values, identity, accept_new_host_key, remote_python, 
     from ..devices import Job
     from ..model import parse_input_shapes
     from ..profiling import profile_many
-    from ..report import print_table, results_table, write_json
+    from ..report.text import print_table, results_table, write_json
 
     job = Job(runs=runs, warmup=warmup, min_time_s=min_time, threads=threads,
               profile_ops=profile_ops, timeout_s=timeout)

@@ -33,9 +33,9 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
     at N rows a band, "R@S" only blocks at least S pixels a side), each measured on the device;
     a per-block table says what the kernels won or lost."""
     from ..model import load, parse_input_shapes
-    from ..outputs import claim, copy_dir_atomic
-    from ..report import kernels_table, print_table, tune_table, write_json
-    from ..tune import tune as run_tune
+    from ..run.outputs import claim, copy_dir_atomic
+    from ..report.text import kernels_table, print_table, tune_table, write_json
+    from ..search.tune import tune as run_tune
 
     if out:
         claim(out, force, "tune output directory")     # refused before any device time
@@ -119,8 +119,8 @@ def optimize(model, out_dir, force, device, identity, accept_new_host_key, remot
     Exit 0 when a candidate met the budget; 1 when none did (the trade-offs are still saved).
     """
     from ..model import parse_input_shapes
-    from ..pipeline import OptimizeConfig, optimize as run_optimize
-    from ..report import optimize_table, print_table, write_json
+    from ..optimize.pipeline import OptimizeConfig, optimize as run_optimize
+    from ..report.text import optimize_table, print_table, write_json
 
     try:
         ratios = tuple(float(r) for r in prune_ratios.split(",") if r.strip())
@@ -152,7 +152,7 @@ def optimize(model, out_dir, force, device, identity, accept_new_host_key, remot
 
 
 def _backends(value: str) -> tuple[str, ...]:
-    from ..context import BACKENDS
+    from ..optimize.config import BACKENDS
 
     chosen = tuple(b.strip() for b in value.split(",") if b.strip())
     if not chosen or not set(chosen) <= set(BACKENDS):
@@ -210,9 +210,9 @@ def nas(model, train, latency_budget, out_dir, force, holdout, eval_path, device
     by measuring the kept model whole. Needs the `train` extra (torch).
     """
     from ..model import parse_input_shapes
-    from ..nas import NasConfig, nas as run_nas
-    from ..nas_report import nas_table
-    from ..report import print_table, write_json
+    from ..search.nas import NasConfig, nas as run_nas
+    from ..report.nas import nas_table
+    from ..report.text import print_table, write_json
 
     try:
         cfg = NasConfig(**latency_budget, steps=steps,
@@ -240,7 +240,7 @@ def nas(model, train, latency_budget, out_dir, force, holdout, eval_path, device
 
 
 def _latency_budget(value: str) -> dict:
-    from ..nas import NasConfig, parse_latency_budget
+    from ..search.nas import NasConfig, parse_latency_budget
 
     try:
         budget = parse_latency_budget(value)

@@ -27,7 +27,7 @@ def fuse(model, out, ort_fusions, opset, input_shape, json_out):
     """Fold constants and BatchNorms, fuse MatMul+Add, drop no-ops; outputs stay the same."""
     from ..model import load, parse_input_shapes, save
     from ..passes.fuse import PORTABLE_PIPELINE, convert_opset, fuse as run_fuse
-    from ..report import write_json
+    from ..report.text import write_json
 
     m = load(model, parse_input_shapes(input_shape), static=False)
     passes = PORTABLE_PIPELINE + (["fuse_activations"] if ort_fusions else [])
@@ -78,8 +78,8 @@ def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accep
              remote_python, recipe, quant_effort, host_device, input_shape, out, json_out):
     """Quantize MODEL to int8 with the recipe that is fastest on the device within the budget."""
     from ..model import load, parse_input_shapes, save
-    from ..recipes import choose_recipe, quant_data, quantize_with
-    from ..report import print_table, quantize_table, why_worse_table, write_json
+    from ..search.int8 import choose_recipe, quant_data, quantize_with
+    from ..report.text import print_table, quantize_table, why_worse_table, write_json
 
     m = load(model, parse_input_shapes(input_shape), data=eval_path or calib)
     if recipe:        # no search, no device: judged on the host, on held-out samples
@@ -150,7 +150,7 @@ def prune(model, ratio, structured, importance, calib, eval_path, global_ranking
     from ..model import from_proto, load, parse_input_shapes, save
     from ..passes.prune import (PruneConfig, UnstructuredConfig, activation_means,
                                 prune_channels, prune_unstructured)
-    from ..report import write_json
+    from ..report.text import write_json
 
     m = load(model, parse_input_shapes(input_shape), data=eval_path or calib)
     try:
@@ -271,7 +271,7 @@ def distill(teacher, student, data, eval_path, epochs, batch_size, lr, temperatu
     from ..data import load_eval_set, load_training_set
     from ..model import load, save
     from ..passes.distill import DistillConfig, distill as run_distill
-    from ..report import write_json
+    from ..report.text import write_json
 
     t, s = load(teacher, data=data), load(student, data=data)
     train = load_training_set(data, s)
@@ -315,8 +315,8 @@ def convert(model, fmt, int8, calib, recipe, eval_path, input_shape, out, json_o
     """Convert MODEL (ONNX) to TFLite, fp32 or int8, checked against onnxruntime; needs the
     `tflite-convert` extra. An already-quantized (QDQ) model converts to int8 as it is."""
     from ..model import atomic_write, load, parse_input_shapes
-    from ..report import write_json
-    from ..tflite_convert import available, check, conversion_sample, random_inputs, to_tflite
+    from ..report.text import write_json
+    from ..convert.tflite import available, check, conversion_sample, random_inputs, to_tflite
 
     if int8 and calib is None:
         raise EdgesmithError("--int8 needs --calib (samples to calibrate activation ranges on)")
@@ -327,7 +327,7 @@ def convert(model, fmt, int8, calib, recipe, eval_path, input_shape, out, json_o
         raise EdgesmithError(why)
     notes, proto, judge, labels = [], m.proto, None, None
     if calib is not None:
-        from ..recipes import quant_data, quantize_with
+        from ..search.int8 import quant_data, quantize_with
 
         data = quant_data(m, calib, eval_path)
         notes, judge, labels = data.notes, data.eval.inputs, data.eval.labels
@@ -358,7 +358,7 @@ def convert(model, fmt, int8, calib, recipe, eval_path, input_shape, out, json_o
                f" TFLite in {report.seconds:.1f} s"
                f": {sum(report.ops.values())} ops ({report.ops.get('TRANSPOSE', 0)} TRANSPOSE)")
     if d:
-        from ..report import delegation_text
+        from ..report.text import delegation_text
 
         click.echo(f"  {delegation_text(d)}")
     click.echo(f"against {'our int8 ONNX model' if report.int8 else 'the ONNX model'} under "

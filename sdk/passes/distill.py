@@ -242,7 +242,7 @@ def distill(student: onnx.ModelProto, cfg: DistillConfig) -> tuple[onnx.ModelPro
     its best epoch on the judging samples (held-out when `eval_data` is given), which may be
     its own weights when training made it no better."""
     torch = _torch()
-    from .onnx_torch import to_torch, write_back
+    from ..torch_interp.interpreter import to_torch, write_back
 
     data, eval_data = cfg.data, cfg.eval_data
     report, t0 = PassReport("distill"), time.time()

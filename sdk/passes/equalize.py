@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from . import PassReport, register
-from .graph import UNBOUNDED, Graph, attr, clip_bounds, probe_session
+from ..onnx_utils import UNBOUNDED, Graph, attr, clip_bounds, probe_session
 
 SWEEPS = 8
 

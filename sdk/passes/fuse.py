@@ -13,7 +13,7 @@ from onnx import helper
 
 from ..model import default_opset
 from . import PassReport, register
-from .graph import (Graph, attr, clip_bounds, drop_unused_initializers, remove_nodes,
+from ..onnx_utils import (Graph, attr, clip_bounds, drop_unused_initializers, remove_nodes,
                     rename_input, static_shapes)
 
 FOLD_LIMIT_BYTES = 64 << 20        # never materialise a constant bigger than this

@@ -15,7 +15,7 @@ import onnx
 from onnx import helper
 
 from . import PassReport, register
-from .graph import Graph, attr, clip_bounds, drop_unused_initializers, remove_nodes
+from ..onnx_utils import Graph, attr, clip_bounds, drop_unused_initializers, remove_nodes
 
 DOMAIN = "edgesmith"
 RELU_BOUNDS = (0.0, float("inf"))

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from . import PassReport, register
-from .graph import Graph, attr, operand, static_shapes
+from ..onnx_utils import Graph, attr, operand, static_shapes
 
 PASSTHROUGH = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish",
                "Elu", "Selu", "Softplus", "Identity", "Dropout", "MaxPool", "AveragePool",

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from . import PassReport, register
-from .graph import Graph, float_name, probe_session
+from ..onnx_utils import Graph, float_name, probe_session
 
 ALPHAS = np.linspace(0.3, 1.0, 36)
 SAMPLES_PER_TENSOR = 200_000

@@ -37,7 +37,7 @@ import onnx
 from ..errors import EdgesmithError
 from . import PassReport, register
 from .distill import host_device
-from .graph import Graph, attr, float_name, probe_session
+from ..onnx_utils import Graph, attr, float_name, probe_session
 from .ranges import _requantize_biases
 
 ZETA, GAMMA = 1.1, -0.1
@@ -227,7 +227,7 @@ class _BlockModule:
 
     def __init__(self, graph: Graph, block: _Block, weights: dict, cfg: ReconstructConfig,
                  opset: int, torch, device: str):
-        from .torch_ops import OPS, Env
+        from ..torch_interp.ops import OPS, Env
 
         self.torch, self.block, self.cfg, self.graph = torch, block, cfg, graph
         self.device = device

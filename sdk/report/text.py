@@ -12,7 +12,7 @@ from rich.table import Table
 from device_runtime.evaluate import SQNR_CAP_DB
 from device_runtime.result import Result
 
-from .model import atomic_write
+from ..model import atomic_write
 
 
 def _fmt(value, digits: int = 3) -> str:

@@ -11,9 +11,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .errors import EdgesmithError
-from .measure import Candidate
-from .model import Model, atomic_write
+from ..errors import EdgesmithError
+from ..measure import Candidate
+from ..model import Model, atomic_write
 
 
 def sha256(data: bytes) -> str:
@@ -102,8 +102,8 @@ class State:
         """The candidate's model, with `like`'s input names and dtypes."""
         import onnx
 
-        from .model import from_proto
-        from .tflite_convert import as_model
+        from ..model import from_proto
+        from ..convert.tflite import as_model
 
         path = self.model_path(cand.model_sha256)
         if path.suffix == ".tflite":

@@ -7,17 +7,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bundle as bundles
-from .data import eval_batch
-from .devices import Job
-from .measure import Candidate, measure
-from .model import Model, atomic_write
-from .outputs import is_ours
-from .recipes import QuantData, accuracy_drop
-from .report import delegation_text
-from .resume import State, sha256 as _sha
-from .selection import best_tradeoff, choose
-from .targets import Match
+from .. import bundle as bundles
+from ..data import eval_batch
+from ..devices import Job
+from ..measure import Candidate, measure
+from ..model import Model, atomic_write
+from ..run.outputs import is_ours
+from ..search.int8 import QuantData, accuracy_drop
+from ..report.text import delegation_text
+from ..run.state import State, sha256 as _sha
+from ..search.select import best_tradeoff, choose
+from ..targets import Match
 
 BACKENDS = ("onnxruntime", "tflite")
 

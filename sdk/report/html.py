@@ -6,8 +6,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .measure import ms_digits
-from .model import atomic_write
+from ..measure import ms_digits
+from ..model import atomic_write
 
 W, H, PAD = 720, 420, 60
 
@@ -149,7 +149,7 @@ def tuning_html(tuning: dict) -> str:
 
 
 def render_html(report) -> str:
-    from .report import speedups
+    from .text import speedups
 
     speed = speedups(report)
     rows = []

@@ -18,21 +18,21 @@ from pathlib import Path
 
 import onnx
 
-from . import __version__
-from . import bundle as bundles
-from .context import Context, OptimizeConfig, write_model
-from .data import eval_batch
-from .devices import Job, fingerprint, get_device
-from .errors import EdgesmithError, StageError
-from .measure import Candidate, Spread, interleave, measure, ms_digits
-from .model import Model, atomic_write, from_proto, load
-from .outputs import claim, copy_dir_atomic, is_ours
-from .passes.fuse import fuse
-from .recipes import quant_data
-from .resume import State, sha256 as _sha, source_digest
-from .selection import best_tradeoff, choose
+from .. import __version__
+from .. import bundle as bundles
+from .config import Context, OptimizeConfig, write_model
+from ..data import eval_batch
+from ..devices import Job, fingerprint, get_device
+from ..errors import EdgesmithError, StageError
+from ..measure import Candidate, Spread, interleave, measure, ms_digits
+from ..model import Model, atomic_write, from_proto, load
+from ..run.outputs import claim, copy_dir_atomic, is_ours
+from ..passes.fuse import fuse
+from ..search.int8 import quant_data
+from ..run.state import State, sha256 as _sha, source_digest
+from ..search.select import best_tradeoff, choose
 from .stages import int8_stage, nas_stage, pruned_stage, tflite_stage, tflite_unavailable
-from .targets import Match, get_profile, match
+from ..targets import Match, get_profile, match
 
 REPORT_SCHEMA = 2
 ORIGINAL = "original (as given)"     # the user's model, unfused: what every speedup is against
@@ -92,7 +92,7 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
                             remeasure, resumed=resumed)
     finish_stage(ctx, report)
     report.elapsed_s = time.monotonic() - ctx.started
-    from .report_html import write_reports
+    from ..report.html import write_reports
     write_reports(report, ctx.out)
     return report
 
@@ -240,7 +240,7 @@ def _tune(ctx: Context, model: Model, pick: str):
     device; None when tuning is off or could not run (the reason goes to the notes)."""
     if ctx.cfg.tune_budget_s <= 0:
         return None
-    from .tune import tune
+    from ..search.tune import tune
     ctx.say(f"tuning the runtime config of {pick}")
     try:
         tuned = tune(model, ctx.device, target=ctx.target, budget_s=ctx.cfg.tune_budget_s,

@@ -21,13 +21,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .devices import Job, fingerprint
-from .errors import EdgesmithError
-from .measure import measure
-from .model import InputSpec, Model, onnx_facts
-from .passes.graph import Graph, attr, clip_bounds, static_shapes
+from ..devices import Job, fingerprint
+from ..errors import EdgesmithError
+from ..measure import measure
+from ..model import InputSpec, Model, onnx_facts
+from ..onnx_utils import Graph, attr, clip_bounds, static_shapes
 from .tune import TuningCache
-from . import bundle as bundles
+from .. import bundle as bundles
 
 FUSED_ACTS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh")
 BRANCHES_PER_BUNDLE = 48

@@ -20,18 +20,18 @@ import onnx
 from device_runtime.evaluate import EvalData
 from device_runtime.measure import peak_rss_mb
 
-from . import bundle as bundles
-from .data import calibration_batches, eval_batch, load_eval_set, reference_outputs
-from .devices import Job
-from .errors import EdgesmithError
-from .measure import Candidate, interleave, measure
-from .model import Model, from_proto
-from .passes.equalize import BiasCorrectConfig, EqualizeConfig, bias_correct, equalize
-from .passes.quantize import (ORT_CALIBRATION, QuantizeConfig, QuantRecipe, preprocess,
+from .. import bundle as bundles
+from ..data import calibration_batches, eval_batch, load_eval_set, reference_outputs
+from ..devices import Job
+from ..errors import EdgesmithError
+from ..measure import Candidate, interleave, measure
+from ..model import Model, from_proto
+from ..passes.equalize import BiasCorrectConfig, EqualizeConfig, bias_correct, equalize
+from ..passes.quantize import (ORT_CALIBRATION, QuantizeConfig, QuantRecipe, preprocess,
                               quantize_dynamic, quantize_static, to_fp16)
-from .passes.ranges import RangeConfig, refine_ranges
-from .passes.reconstruct import ReconstructConfig, reconstruct
-from .sensitivity import add_times, block_sensitivity
+from ..passes.ranges import RangeConfig, refine_ranges
+from ..passes.reconstruct import ReconstructConfig, reconstruct
+from .why_worse import add_times, block_sensitivity
 
 MAX_FLOAT_BLOCKS = 8         # mixed precision stops here: more float blocks than this is no int8
 

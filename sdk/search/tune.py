@@ -18,15 +18,15 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .bundle import DEFAULT_BACKEND, cache_dir
-from .data import eval_batch
-from .devices import Job, fingerprint, get_device
-from .errors import EdgesmithError, StageError
-from .measure import Candidate, interleave, measure
-from .model import Model, load
-from .targets import Match, get_profile, match
-from .variants import KNOBS, Space, Variant, space
-from . import bundle as bundles
+from ..bundle import DEFAULT_BACKEND, cache_dir
+from ..data import eval_batch
+from ..devices import Job, fingerprint, get_device
+from ..errors import EdgesmithError, StageError
+from ..measure import Candidate, interleave, measure
+from ..model import Model, load
+from ..targets import Match, get_profile, match
+from ..variants import KNOBS, Space, Variant, space
+from .. import bundle as bundles
 
 
 class TuningCache:
@@ -235,7 +235,7 @@ def _kernel_breakdown(dev, job: Job, tried: dict, done: dict, models: dict, bund
     """Profile the fastest model-rewriting variant and the same config without the rewrite,
     per node, and set each rewritten block against what it replaced (sdk/kernels.breakdown,
     which takes each node's profiling cost out by the variants' unprofiled times)."""
-    from .kernels import breakdown
+    from ..own_kernels import breakdown
 
     rewritten = [(done[k], v) for k, v in tried.items() if v.rewrites() and done[k].ok]
     if not rewritten:
@@ -289,7 +289,7 @@ def _check_set(model: Model, batch: int):
     import numpy as np
 
     from device_runtime.evaluate import EvalData
-    from .data import reference_outputs
+    from ..data import reference_outputs
 
     rng = np.random.default_rng(0)
     inputs = {s.name: rng.standard_normal(s.shape).astype(s.dtype) if np.dtype(s.dtype).kind
@@ -321,7 +321,7 @@ def _judge_rewrite(result: Candidate, scale: float) -> None:
 
 def _judge_numerics(result: Candidate, done: dict, max_drop: float, scores: bool) -> None:
     """A numerics-changing variant is an error row when it costs more than the budget."""
-    from .recipes import accuracy_drop
+    from .int8 import accuracy_drop
 
     default = next((t for t in done.values() if t.id == "runtime defaults"), None)
     drop = accuracy_drop(default.accuracy if default else None, result.accuracy, scores)

@@ -10,13 +10,13 @@ from dataclasses import replace
 
 import onnx
 
-from .context import Context
-from .errors import EdgesmithError
-from .measure import Candidate
-from .model import atomic_write, from_proto
-from .recipes import choose_recipe
-from .resume import sha256 as _sha
-from .targets import device_backends
+from .config import Context
+from ..errors import EdgesmithError
+from ..measure import Candidate
+from ..model import atomic_write, from_proto
+from ..search.int8 import choose_recipe
+from ..run.state import sha256 as _sha
+from ..targets import device_backends
 
 
 def int8_stage(ctx: Context) -> dict | None:
@@ -85,8 +85,8 @@ def _training(ctx: Context, family: str) -> bool:
 def _with_int8(ctx: Context, cid: str, recipe: dict, model, int8_recipe: dict | None,
                note: str = "") -> None:
     """The student measured, then quantized with the recipe the int8 search chose."""
-    from .passes.quantize import QuantRecipe
-    from .recipes import quantize_with
+    from ..passes.quantize import QuantRecipe
+    from ..search.int8 import quantize_with
 
     ctx.measure(cid, recipe, model, note)
     if not int8_recipe or ctx.quant is None or ctx.over_budget():
@@ -105,9 +105,9 @@ def pruned_stage(ctx: Context, int8_recipe: dict | None) -> None:
     """Structured pruning at each ratio, distilled from the original (+ the chosen int8)."""
     if not _training(ctx, "pruning + distillation"):
         return
-    from .data import load_training_set
-    from .passes.distill import DistillConfig, distill, soft_targets
-    from .passes.prune import PruneConfig, prune_channels
+    from ..data import load_training_set
+    from ..passes.distill import DistillConfig, distill, soft_targets
+    from ..passes.prune import PruneConfig, prune_channels
 
     data = load_training_set(ctx.train, ctx.original)
     try:
@@ -141,7 +141,7 @@ def nas_stage(ctx: Context, int8_recipe: dict | None) -> None:
     search may spend half the run's remaining budget: the families after it still get time."""
     if not ctx.cfg.nas_ratios or not _training(ctx, "NetAdapt (nas)"):
         return
-    from .nas import NasConfig, nas
+    from ..search.nas import NasConfig, nas
 
     for ratio in sorted(ctx.cfg.nas_ratios, reverse=True):
         remaining = ctx.cfg.budget_s - (time.monotonic() - ctx.started)
@@ -184,7 +184,7 @@ def tflite_stage(ctx: Context) -> None:
                                   ctx.target.profile)) is not None:
         ctx.skipped.append({"id": "tflite:*", "reason": why})
         return
-    from .tflite_convert import as_model, conversion_sample, random_inputs, to_tflite
+    from ..convert.tflite import as_model, conversion_sample, random_inputs, to_tflite
 
     budget = ctx.cfg.max_accuracy_drop
     int8 = sorted((c for c in ctx.cands if c.id.startswith("int8:") and c.ok
@@ -220,7 +220,7 @@ def tflite_unavailable(cfg, facts: dict, device: str, profile) -> str | None:
         return f"{device} has no TFLite runtime (`pip install ai-edge-litert` there)"
     if "tflite" not in profile.backends:
         return f"target {profile.name} does not list the tflite backend"
-    from .tflite_convert import available
+    from ..convert.tflite import available
 
     return available()
 

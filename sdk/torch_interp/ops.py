@@ -15,7 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import EdgesmithError
-from .graph import attr, operand
+from ..onnx_utils import attr, operand
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Choosing among measured candidates: budgets, the Pareto front, the best trade-off."""
 from __future__ import annotations
 
-from .measure import Candidate
+from ..measure import Candidate
 
 
 def choose(cands: list[Candidate], cfg) -> Candidate | None:

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import EdgesmithError
+from ..errors import EdgesmithError
 
 MARKER = ".edgesmith-output"
 
@@ -74,7 +74,7 @@ MANIFEST_NAME = "manifest.json"
 
 
 def _copy_file(src: Path, dest: Path) -> None:
-    from .model import atomic_write
+    from ..model import atomic_write
     atomic_write(dest, src.read_bytes())
 
 

@@ -28,11 +28,11 @@ from onnx import helper, numpy_helper
 
 from device_runtime.backends.tflite import identifier
 
-from .errors import EdgesmithError
-from .passes.graph import attr
+from ..errors import EdgesmithError
+from ..onnx_utils import attr
 
 if TYPE_CHECKING:
-    from .model import Model
+    from ..model import Model
 
 INSTALL = "pip install torch==2.13.0 'edgesmith[tflite-convert]'"
 MAX_FP32_ERROR = 1e-3       # relative to the output's range: kernels' rounding is ~1e-6
@@ -106,7 +106,7 @@ def _convert(model: onnx.ModelProto, sample: dict) -> bytes:
     import litert_torch
     import torch
 
-    from .passes.onnx_torch import to_torch
+    from ..torch_interp.interpreter import to_torch
 
     int8 = _is_int8(model)
     graph = _at_fixed_shapes(model, sample)
@@ -146,7 +146,7 @@ def as_model(data: bytes, source: Model) -> Model:
     from dataclasses import replace
     from pathlib import Path
 
-    from .model import load
+    from ..model import load
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.tflite"
@@ -228,8 +228,8 @@ def _at_fixed_shapes(model: onnx.ModelProto, sample: dict) -> onnx.ModelProto:
     becomes constants at the conversion's shapes: torch.export cannot trace sizes read out of
     tensors, and a .tflite has fixed shapes anyway. The sizes are read by running the sample
     (shape inference gives up on some real exports), then constants are folded."""
-    from .passes.fuse import constant_folding
-    from .passes.graph import probe_session
+    from ..passes.fuse import constant_folding
+    from ..onnx_utils import probe_session
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -264,7 +264,7 @@ def _ops(torch) -> dict:
     """The interpreter's ops plus the three PT2E ops a QDQ graph is rewritten to."""
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the ops)
 
-    from .passes.torch_ops import OPS
+    from ..torch_interp.ops import OPS
 
     qd = torch.ops.quantized_decomposed
 

@@ -13,7 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import EdgesmithError
-from .torch_ops import OPS, Env
+from .ops import OPS, Env
 
 TRAINABLE = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,),
              "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "GRU": (1, 2, 3)}

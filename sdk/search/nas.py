@@ -28,17 +28,17 @@ import onnx
 
 from device_runtime.evaluate import EvalData
 
-from . import __version__
-from . import bundle as bundles
-from .context import write_model
-from .devices import Job, fingerprint, get_device
-from .errors import EdgesmithError, StageError
+from .. import __version__
+from .. import bundle as bundles
+from ..optimize.config import write_model
+from ..devices import Job, fingerprint, get_device
+from ..errors import EdgesmithError, StageError
 from .latency_table import LatencyTable, kernels_of
-from .measure import Candidate, Spread, interleave, measure
-from .model import Model, from_proto, load
-from .nas_report import BUDGET_SLACK, Iteration, NasReport, write_nas_reports
-from .outputs import claim
-from .resume import State, sha256, source_digest
+from ..measure import Candidate, Spread, interleave, measure
+from ..model import Model, from_proto, load
+from ..report.nas import BUDGET_SLACK, Iteration, NasReport, write_nas_reports
+from ..run.outputs import claim
+from ..run.state import State, sha256, source_digest
 
 PROXIES = ("latency", "macs")
 MEASURE_ROUNDS = 3
@@ -179,7 +179,7 @@ def nas(model_path, train, out_dir, device="local", cfg: NasConfig | None = None
         eval_path=None, input_shapes: dict | None = None, force: bool = False,
         say=None, holdout=None) -> NasReport:
     """Search MODEL's layer widths for the latency budget on `device`; see the module doc."""
-    from .passes.distill import _torch as need_torch, host_device
+    from ..passes.distill import _torch as need_torch, host_device
 
     cfg = cfg or NasConfig()
     host_device(cfg.host_device, need_torch())      # a GPU asked for and missing: say so now
@@ -193,7 +193,7 @@ def nas(model_path, train, out_dir, device="local", cfg: NasConfig | None = None
 
 
 def _search(run: _Run, cfg: NasConfig, model_path) -> NasReport:
-    from .passes.distill import evaluate
+    from ..passes.distill import evaluate
 
     if (base := run.state.done.get("nas:0")) is None or not base.ok:
         base = run.measure("nas:0", run.fused)
@@ -253,9 +253,9 @@ def _search(run: _Run, cfg: NasConfig, model_path) -> NasReport:
 
 def _start(model_path, train, out_dir, device, cfg, eval_path, input_shapes, force, say,
            holdout_path) -> _Run:
-    from .data import load_eval_set, load_training_set
-    from .passes.distill import soft_targets
-    from .passes.fuse import fuse
+    from ..data import load_eval_set, load_training_set
+    from ..passes.distill import soft_targets
+    from ..passes.fuse import fuse
 
     started = time.monotonic()
     original = load(model_path, input_shapes, data=train)
@@ -270,7 +270,7 @@ def _start(model_path, train, out_dir, device, cfg, eval_path, input_shapes, for
         raise EdgesmithError(f"{dev.name} has no onnxruntime: the latency table is measured "
                              "with it (`edgesmith device setup`)")
     fused = from_proto(fuse(original.proto)[0], original, original.path)
-    from .passes.prune import channel_groups
+    from ..passes.prune import channel_groups
 
     fused_kernels = kernels_of(fused.proto, original.input_shapes)
     if not fused_kernels:
@@ -357,7 +357,7 @@ def _completed(state: State) -> list[Candidate]:
 
 
 def _widths(proto: onnx.ModelProto, original: Model) -> dict[str, int]:
-    from .passes.prune import channel_groups
+    from ..passes.prune import channel_groups
 
     return {" + ".join(g.owners): g.channels for g in channel_groups(proto,
                                                                      original.input_shapes)}
@@ -366,7 +366,7 @@ def _widths(proto: onnx.ModelProto, original: Model) -> dict[str, int]:
 def _iteration(run: _Run, index: int, current: Model, current_ms: float, original_ms: float,
                target_ms: float):
     """One NetAdapt iteration: (Iteration, kept model, its measurement) or None."""
-    from .passes.prune import channel_groups
+    from ..passes.prune import channel_groups
 
     cfg = run.cfg
     cut = cfg.initial_reduction * original_ms * cfg.decay ** (index - 1)
@@ -408,7 +408,7 @@ def _iteration(run: _Run, index: int, current: Model, current_ms: float, origina
                                   for (pg, w, _, pp), (_, pm) in zip(proposals, tuned)],
                    time.monotonic() - t0)
     if run.test is not None:
-        from .passes.distill import evaluate
+        from ..passes.distill import evaluate
         it.test_top1 = evaluate(proto, run.test)
     cand = run.measure(f"nas:{index}", model)
     it.measured_ms = cand.p50_ms
@@ -436,7 +436,7 @@ def _proposals(run: _Run, current: Model, kernels: list, groups: list, goal: flo
     WIDTHS_PER_TRIP of every undecided group per table fill (one device round trip), so the
     table measures the kernels a decision needs and few more. The prediction kept is the
     pruned model's own, on the table rescaled by `scale` (the last measurement)."""
-    from .passes.prune import PruneConfig, prune_channels
+    from ..passes.prune import PruneConfig, prune_channels
 
     chosen, pending, start = {}, list(groups), 0
     while pending and not run.over_budget():
@@ -489,7 +489,7 @@ def _finetune_all(run: _Run, protos: list, epochs: int | None = None
 
 def finetune(job: tuple) -> tuple[bytes, dict]:
     """One short distillation (a worker process's whole task; importable for spawn)."""
-    from .passes.distill import DistillConfig, distill
+    from ..passes.distill import DistillConfig, distill
 
     student, teacher, train, targets, holdout, epochs, cfg, threads = job
     import torch
@@ -552,7 +552,7 @@ def _confirm(run: _Run, report: NasReport, final: Model) -> None:
 
 
 def _row(run: _Run, name: str, cand: Candidate, proto, metrics: dict) -> dict:
-    from .passes.distill import evaluate
+    from ..passes.distill import evaluate
 
     return {"name": name, "measured_ms": cand.p50_ms, "holdout_top1": metrics.get(
         "student_top1_after"), "holdout_sqnr_db": metrics.get("sqnr_db_after"),
@@ -568,8 +568,8 @@ def _uniform_at(run: _Run, target_ms: float) -> tuple[onnx.ModelProto, float]:
     off the NCHWc block cost reorders (measured: 0.44 -> 0.28 ms between x0.64 and x0.58 of
     a 32x32 CNN). On Fashion-MNIST's CNN bisection's nearest was 22 % above a 0.358 ms target,
     the grid's 16 % below it."""
-    from .passes.prune import PruneConfig, prune_channels
-    from .targets import match
+    from ..passes.prune import PruneConfig, prune_channels
+    from ..targets import match
 
     roundings = sorted({run.cfg.round_to, match(run.device.facts()).profile.channel_multiple})
     seen, best = set(), None

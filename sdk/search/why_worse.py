@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .passes.graph import UNBOUNDED, Graph, clip_bounds, float_name, probe_session
-from .passes.reconstruct import _Weight, blocks, float_twins
+from ..onnx_utils import UNBOUNDED, Graph, clip_bounds, float_name, probe_session
+from ..passes.reconstruct import _Weight, blocks, float_twins
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 # onnxruntime's names for the kernels it made of a node: QDQ fusion's `<node>_token_<n>`,

@@ -1,0 +1,1 @@
+"""Model format conversions (ONNX to TFLite), each checked against onnxruntime."""
