@@ -21,7 +21,7 @@ from .devices import Job
 from .errors import StageError
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Candidate:
     """One measured variant: how it was made, how it ran, what it measured."""
 
@@ -68,7 +68,7 @@ class Candidate:
                                           "params": model.facts.params, "macs": model.facts.macs}
         if result.backend:
             fields.setdefault("backend", result.backend)
-        return cls(cid, p50_ms=lat.get("p50"), p90_ms=lat.get("p90"), mean_ms=lat.get("mean"),
+        return cls(id=cid, p50_ms=lat.get("p50"), p90_ms=lat.get("p90"), mean_ms=lat.get("mean"),
                    runs=lat.get("runs", 0), peak_rss_mb=result.peak_rss_mb,
                    accuracy=result.accuracy, error=None if result.ok else result.error,
                    stage=result.stage, **sizes, **fields)
@@ -81,7 +81,7 @@ def ms_digits(*values: float) -> int:
     return max(3, 2 - math.floor(math.log10(smallest)))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Spread:
     """Medians of interleaved rounds: the figure and how far the rounds disagreed."""
 
@@ -93,6 +93,10 @@ class Spread:
     def overlaps(self, other: "Spread") -> bool:
         """Inside each other's noise: neither can be called faster."""
         return self.low_ms <= other.high_ms and other.low_ms <= self.high_ms
+
+    def beats(self, other: "Spread") -> bool:
+        """Faster beyond the noise: a lower median and no overlap of the rounds' ranges."""
+        return self.median_ms < other.median_ms and not self.overlaps(other)
 
 
 def push_once(device, bundle: Bundle) -> str:
@@ -174,5 +178,6 @@ def interleave(device, trials: dict[str, tuple[Bundle, Job]], rounds: int = 3
             result = measure(device, bundle, job)
             if result.ok and result.latency_ms:
                 samples[name].append(result.latency_ms["p50"])
-    return {n: Spread(statistics.median(s), min(s), max(s), len(s))
+    return {n: Spread(median_ms=statistics.median(s), low_ms=min(s), high_ms=max(s),
+                      rounds=len(s))
             for n, s in samples.items() if s}

@@ -310,30 +310,9 @@ def npz_headers(source) -> dict[str, tuple[tuple, np.dtype]]:
 
 def static_shapes(proto, inputs: list[InputSpec]) -> dict[str, list[int]]:
     """Static shapes of every value once the inputs take their concrete shapes."""
-    import onnx
+    from .onnx_utils import static_shapes as inferred, with_input_dims
 
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(proto)
-    concrete = {s.name: s.shape for s in inputs}
-    for vi in fixed.graph.input:
-        if vi.name in concrete:
-            for dim, value in zip(vi.type.tensor_type.shape.dim, concrete[vi.name]):
-                dim.Clear()
-                dim.dim_value = value
-    try:
-        inferred = onnx.shape_inference.infer_shapes(fixed)
-    except Exception:  # facts are best effort; a model that runs in ORT must still load
-        return {}
-    shapes = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + \
-            list(inferred.graph.output):
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in
-                vi.type.tensor_type.shape.dim]
-        if dims and all(d is not None for d in dims):
-            shapes[vi.name] = dims
-    for t in proto.graph.initializer:
-        shapes[t.name] = list(t.dims)
-    return shapes
+    return inferred(with_input_dims(proto, {s.name: s.shape for s in inputs}), data_prop=False)
 
 
 def node_macs(node, shapes: dict[str, list[int]]) -> int:

@@ -124,10 +124,34 @@ def drop_unused_initializers(graph: onnx.GraphProto) -> int:
     return len(dead)
 
 
-def static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    """Fully known shapes of every value (from onnx shape inference on the model as is)."""
+def with_input_dims(model: onnx.ModelProto, shapes: dict | None,
+                    keep_batch: bool = False) -> onnx.ModelProto:
+    """A copy whose inputs take concrete dims from `shapes` ({input name: dims}), so shape
+    inference yields concrete sizes. An input `shapes` does not name keeps its dims, but for a
+    dynamic batch (axis 0), which takes 1. `keep_batch`: a dynamic batch stays dynamic (named
+    `batch` when unnamed), as a quantizer's calibration feeds batches of any size."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for vi in out.graph.input:
+        given = (shapes or {}).get(vi.name)
+        for i, dim in enumerate(vi.type.tensor_type.shape.dim):
+            dynamic = not (dim.HasField("dim_value") and dim.dim_value > 0)
+            if i == 0 and dynamic and keep_batch:
+                dim.dim_param = dim.dim_param or "batch"
+                continue
+            value = given[i] if given is not None and i < len(given) else \
+                1 if i == 0 and dynamic else None
+            if value is not None:
+                dim.Clear()
+                dim.dim_value = value
+    return out
+
+
+def static_shapes(model: onnx.ModelProto, data_prop: bool = True) -> dict[str, list[int]]:
+    """Fully known shapes of every value (from onnx shape inference on the model as is;
+    `data_prop` also through Shape ops); {} when inference fails (shapes are best effort)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)   # through Shape ops
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=data_prop)
     except Exception:
         return {}
     shapes = {}

@@ -8,9 +8,10 @@ from device_runtime.result import Result
 
 from . import bundle as bundles
 from .data import eval_batch, load_eval_set, reference_outputs
-from .devices import Job, get_device
+from .devices import Job
 from .measure import measure
 from .model import Model, load
+from .run import resolve
 
 
 def prepare(model: Model, eval_path: str | os.PathLike | None, config: dict | None = None,
@@ -39,7 +40,7 @@ def profile_many(model: str | os.PathLike | Model, devices: list,
     if not isinstance(model, Model):
         model = load(model, input_shapes, data=eval_path)
     bundle = prepare(model, eval_path, config, meta={"source": str(model.path)})
-    targets = [get_device(d) if isinstance(d, str) or d is None else d for d in devices]
+    targets = [resolve(d) for d in devices]
     job = job or Job()
 
     def one(device) -> Result:

@@ -1,5 +1,7 @@
-"""The layering rules, checked on the source: runtime <- sdk; passes never reach for the CLI,
-devices or the searches; no import cycles between the SDK's modules (lazy imports included)."""
+"""The layering rules, checked on the source: runtime <- sdk; passes/ holds only passes, which
+never reach for the CLI, devices, runs or searches; the searches sit side by side (none imports
+another); the run object is the only place a device name becomes a device; no private name
+crosses a module; no import cycles between the SDK's modules (lazy imports included)."""
 from __future__ import annotations
 
 import ast
@@ -55,12 +57,53 @@ def imports_of_runtime(path: Path) -> set[str]:
         {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
 
 
-def test_passes_never_import_the_cli_devices_or_searches():
-    forbidden = ("edgesmith.cli", "edgesmith.devices", "edgesmith.optimize.pipeline", "edgesmith.measure",
-                 "edgesmith.search.tune", "edgesmith.search.int8", "edgesmith.report.text")
+def test_passes_never_import_the_cli_devices_runs_or_searches():
+    forbidden = ("edgesmith.cli", "edgesmith.devices", "edgesmith.optimize", "edgesmith.measure",
+                 "edgesmith.run", "edgesmith.search", "edgesmith.report")
     for path in (SDK / "passes").glob("*.py"):
         bad = {i for i in imports_of(path) if i.startswith(forbidden)}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_passes_holds_only_passes():
+    """Every module in passes/ registers at least one pass; helpers live elsewhere
+    (onnx_utils, torch_interp)."""
+    for path in (SDK / "passes").glob("*.py"):
+        if path.name != "__init__.py":
+            assert "@register(" in path.read_text(), \
+                f"{path.relative_to(ROOT)} registers no pass: move it out of passes/"
+
+
+SEARCHES = ("edgesmith.search.int8", "edgesmith.search.tune", "edgesmith.search.nas",
+            "edgesmith.search.select")
+
+
+def test_searches_sit_side_by_side():
+    graph = sdk_graph()
+    for search in SEARCHES:
+        others = {d for d in graph[search] if d.startswith(SEARCHES) and
+                  not d.startswith(search)}
+        assert not others, f"{search} imports the search(es) {sorted(others)}"
+
+
+def test_only_the_run_object_resolves_devices():
+    """A device name becomes a device in edgesmith.run alone (its `resolve` and `Run.open`)."""
+    for path in SDK.rglob("*.py"):
+        name = module_name(path)
+        if name.startswith(("edgesmith.run", "edgesmith.devices")):
+            continue
+        assert "edgesmith.devices.get_device" not in imports_of(path), \
+            f"{path.relative_to(ROOT)} resolves devices itself: use edgesmith.run"
+
+
+def test_no_private_name_crosses_a_module():
+    for path in SDK.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                private = [a.name for a in node.names
+                           if a.name.startswith("_") and not a.name.startswith("__")]
+                assert not private, f"{path.relative_to(ROOT)} imports {private} from " \
+                    f"{node.module}: make it public where it lives, or move it"
 
 
 def test_no_import_cycles_in_the_sdk():

@@ -241,7 +241,7 @@ def test_state_that_is_not_ours_is_never_trusted_or_crashes(tmp_path):
     again = State(out, {"model": "a"})
     assert again.done == {}
     from edgesmith.measure import Candidate
-    again.save(Candidate("fp32", p50_ms=1.0), None)     # appended after the torn line
+    again.save(Candidate(id="fp32", p50_ms=1.0), None)     # appended after the torn line
     assert "fp32" in State(out, {"model": "a"}).done
     State(out, {"model": "b"})                              # another job: ours reset only
     assert (state.dir / "keep.txt").read_text() == "user file"

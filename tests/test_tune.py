@@ -9,7 +9,8 @@ import device_runtime
 from conftest import run_cli
 from edgesmith.errors import EdgesmithError
 from edgesmith.targets import all_profiles, load_profile, match
-from edgesmith.search.tune import TuningCache, tune
+from edgesmith.search.cache import TuningCache
+from edgesmith.search.tune import tune
 from edgesmith.variants import Space, space
 
 FAST = {"runs": 30, "warmup": 3, "min_time_s": 0.0}

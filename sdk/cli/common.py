@@ -98,17 +98,18 @@ def json_option(what: str = "the report"):
 
 def devices_from(values: tuple[str, ...], identity, accept_new_host_key, remote_python) -> list:
     """--device values: `local`, SSH destinations, or devices.toml inventories."""
-    from ..devices import get_device, load_inventory
+    from ..devices import load_inventory
+    from ..run import resolve
 
     devices = []
     for value in values or ("local",):
         if value.endswith(".toml"):
             devices += load_inventory(value)
         elif value == "local":
-            devices.append(get_device("local"))
+            devices.append(resolve("local"))
         else:
-            devices.append(get_device(value, identity=identity, python=remote_python,
-                                      accept_new_host_key=accept_new_host_key))
+            devices.append(resolve(value, identity=identity, python=remote_python,
+                                   accept_new_host_key=accept_new_host_key))
     return devices
 
 

@@ -125,8 +125,10 @@ def optimize(model, out_dir, force, device, identity, accept_new_host_key, remot
     try:
         ratios = tuple(float(r) for r in prune_ratios.split(",") if r.strip())
         searches = tuple(float(r) for r in nas_ratios.split(",") if r.strip())
-        cfg = OptimizeConfig(max_accuracy_drop, latency_budget_ms, parse_duration(budget),
-                             ratios, searches, distill_epochs, host_device=host_device,
+        cfg = OptimizeConfig(max_accuracy_drop=max_accuracy_drop,
+                             latency_budget_ms=latency_budget_ms, budget_s=parse_duration(budget),
+                             prune_ratios=ratios, nas_ratios=searches,
+                             distill_epochs=distill_epochs, host_device=host_device,
                              tune_budget_s=parse_duration(tune_budget), target=target,
                              backends=backends, quant_effort=quant_effort)
     except ValueError as exc:

@@ -206,10 +206,9 @@ def prune(model, ratio, structured, importance, calib, eval_path, global_ranking
 
 def _prune_target(name: str | None):
     """The profile a pruned model is shaped for: the named one, else this machine's."""
-    from ..devices import get_device
-    from ..targets import get_profile, match
+    from ..run import Run
 
-    return get_profile(name) if name else match(get_device("local").facts()).profile
+    return Run.open("local", target=name).target.profile
 
 
 def _layer_ratios(items) -> dict:

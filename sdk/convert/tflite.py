@@ -1,6 +1,6 @@
 """ONNX -> TFLite (LiteRT), fp32 or int8, checked against onnxruntime on the host.
 
-Route: the project's ONNX->torch interpreter (`passes.onnx_torch`), exported by Google's
+Route: the project's ONNX->torch interpreter (`edgesmith.torch_interp`), exported by Google's
 `litert-torch` through the TensorFlow-free `litert-converter` (the `tflite-convert` extra). The
 usual route, onnx2tf, pins TensorFlow 2.19, numpy 1.26 and onnxruntime 1.23; this one fits beside
 our stack, and the interpreter already computes every export of the real-model corpus exactly.

@@ -1,28 +1,26 @@
-"""The state one `optimize` run shares across its stages: what the user asked for
+"""What one `optimize` run shares across its stages: what the user asked for
 (`OptimizeConfig`), and the `Context` every candidate is measured, judged, recorded (resumably)
 and written through."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .. import bundle as bundles
 from ..data import eval_batch
 from ..devices import Job
 from ..measure import Candidate, measure
-from ..model import Model, atomic_write
-from ..run.outputs import is_ours
-from ..search.int8 import QuantData, accuracy_drop
+from ..model import Model
 from ..report.text import delegation_text
-from ..run.state import State, sha256 as _sha
+from ..run import Run, accuracy_drop
+from ..run.outputs import write_model
+from ..run.state import sha256 as _sha
+from ..search.int8 import QuantData
 from ..search.select import best_tradeoff, choose
-from ..targets import Match
 
 BACKENDS = ("onnxruntime", "tflite")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OptimizeConfig:
     """What the user asked for: budgets and how much effort each stage may spend."""
 
@@ -63,31 +61,27 @@ class OptimizeConfig:
                              f"{self.backends}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Context:
-    """Everything the stages share, built once per run."""
+    """What optimize's stages share, built once per run: the run (device, facts, target, budget
+    clock, state under OUT), the user's config, the models and the data; and the ledger of
+    measured candidates, recorded resumably as they are measured."""
 
     cfg: OptimizeConfig
-    out: Path
+    run: Run
     original: Model
     fused: Model
-    device: object
-    facts: dict
-    target: Match
     job: Job
     judge: object                  # EvalData with reference outputs, or None (nothing to judge)
     quant: QuantData | None
     train: str | None
-    state: State
-    say: object
-    started: float
-    notes: list[str] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     cands: list[Candidate] = field(default_factory=list)
     tuned_bundle: str = ""         # the tuned winner's bundle (its model when tuning rewrote it)
 
-    def over_budget(self) -> bool:
-        return time.monotonic() - self.started > self.cfg.budget_s
+    @property
+    def notes(self) -> list[str]:
+        return self.run.notes
 
     def baseline(self) -> Candidate | None:
         return next((c for c in self.cands if c.id == "fp32"), None)
@@ -98,16 +92,16 @@ class Context:
         if cand.ok and cand.accuracy_drop is None:
             cand.accuracy_drop = 0.0 if base is None else accuracy_drop(
                 base.accuracy, cand.accuracy, self.original.facts.class_scores)
-        self.state.save(cand, model if cand.ok else None)
+        self.run.state.save(cand, model if cand.ok else None)
         self.cands.append(cand)
         best = choose(self.cands, self.cfg) or best_tradeoff(self.cands)
         if best is not None:
-            write_model(self.out, self.state.model_path(best.model_sha256))
+            write_model(self.run.out, self.run.state.model_path(best.model_sha256))
         return cand
 
     def resumed(self, cid: str) -> Candidate | None:
         """The candidate an interrupted run of this job already measured (now counted)."""
-        cand = self.state.done.get(cid)
+        cand = self.run.resumed(cid)
         if cand is not None:
             self.cands.append(cand)
         return cand
@@ -115,22 +109,12 @@ class Context:
     def measure(self, cid: str, recipe: dict, model: Model, note: str = "") -> Candidate:
         if (cand := self.resumed(cid)) is not None:
             return cand
-        self.say(f"measuring {cid} on {self.device.name}")
+        self.run.say(f"measuring {cid} on {self.run.device.name}")
         bundle = bundles.build(model, eval_data=self.judge, eval_batch=eval_batch(model),
                                meta={"candidate": cid})
-        result = measure(self.device, bundle, self.job)
+        result = measure(self.run.device, bundle, self.job)
         cand = Candidate.from_result(cid, result, model, recipe=recipe, note=note,
                                      model_sha256=_sha(model.serialized()))
         if result.delegation:
             cand.note = "; ".join(filter(None, [cand.note, delegation_text(result.delegation)]))
         return self.record(cand, model)
-
-
-def write_model(out: Path, stored: Path) -> None:
-    """OUT/model.onnx or OUT/model.tflite: the best so far. In a directory edgesmith created,
-    the other format's file (an earlier best) goes: two answers would be one too many; in a
-    user's directory (--force) nothing of theirs is removed."""
-    atomic_write(out / f"model{stored.suffix}", stored.read_bytes())
-    if is_ours(out):
-        for other in {".onnx", ".tflite"} - {stored.suffix}:
-            (out / f"model{other}").unlink(missing_ok=True)

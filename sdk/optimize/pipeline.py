@@ -20,25 +20,24 @@ import onnx
 
 from .. import __version__
 from .. import bundle as bundles
-from .config import Context, OptimizeConfig, write_model
 from ..data import eval_batch
-from ..devices import Job, fingerprint, get_device
-from ..errors import EdgesmithError, StageError
-from ..measure import Candidate, Spread, interleave, measure, ms_digits
+from ..devices import Job
+from ..errors import EdgesmithError
+from ..measure import Candidate, Spread, measure, ms_digits
 from ..model import Model, atomic_write, from_proto, load
-from ..run.outputs import claim, copy_dir_atomic, is_ours
 from ..passes.fuse import fuse
+from ..run import Run
+from ..run.outputs import copy_dir_atomic, is_ours, write_model
 from ..search.int8 import quant_data
-from ..run.state import State, sha256 as _sha, source_digest
 from ..search.select import best_tradeoff, choose
+from .config import Context, OptimizeConfig
 from .stages import int8_stage, nas_stage, pruned_stage, tflite_stage, tflite_unavailable
-from ..targets import Match, get_profile, match
 
 REPORT_SCHEMA = 2
 ORIGINAL = "original (as given)"     # the user's model, unfused: what every speedup is against
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OptimizeReport:
     schema: int
     edgesmith: str
@@ -69,31 +68,33 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
     """The main job; see the module docstring. `say(text)` receives progress lines."""
     ctx = build_context(model_path, out_dir, device, calib, eval_path, train,
                         cfg or OptimizeConfig(), input_shapes, force, say)
-    resumed = len(ctx.state.done)
+    resumed = len(ctx.run.state.done)
     if resumed:
-        ctx.say(f"resuming: {resumed} candidate(s) already measured in {ctx.out}")
+        ctx.run.say(f"resuming: {resumed} candidate(s) already measured in {ctx.run.out}")
     base = ctx.measure("fp32", {"fuse": True}, ctx.fused)
     if not base.ok:
-        raise EdgesmithError(f"the model does not run on {ctx.device.name}: {base.error}")
+        raise EdgesmithError(f"the model does not run on {ctx.run.device.name}: {base.error}")
     int8 = int8_stage(ctx)
     pruned_stage(ctx, int8)
     nas_stage(ctx, int8)
     tflite_stage(ctx)
-    if ctx.over_budget():
+    if ctx.run.over_budget():
         ctx.notes.append(f"stopped by --budget ({ctx.cfg.budget_s:.0f}s) after "
                          f"{len(ctx.cands)} candidate(s)")
     remeasure: dict = {}
     chosen = confirm_stage(ctx, choose(ctx.cands, ctx.cfg), remeasure)
-    report = OptimizeReport(REPORT_SCHEMA, __version__, str(model_path), ctx.device.name,
-                            ctx.facts, ctx.target.profile.name, ctx.target.reasons,
-                            asdict(ctx.cfg), ctx.cands, ctx.skipped,
-                            chosen.id if chosen else None,
-                            "met" if chosen else "no candidate met the budget", "", ctx.notes,
-                            remeasure, resumed=resumed)
+    report = OptimizeReport(schema=REPORT_SCHEMA, edgesmith=__version__, model=str(model_path),
+                            device=ctx.run.device.name, device_facts=ctx.run.facts,
+                            target=ctx.run.target.profile.name,
+                            target_reasons=ctx.run.target.reasons, config=asdict(ctx.cfg),
+                            candidates=ctx.cands, skipped=ctx.skipped,
+                            chosen=chosen.id if chosen else None,
+                            outcome="met" if chosen else "no candidate met the budget",
+                            summary="", notes=ctx.notes, remeasure=remeasure, resumed=resumed)
     finish_stage(ctx, report)
-    report.elapsed_s = time.monotonic() - ctx.started
+    report.elapsed_s = time.monotonic() - ctx.run.started
     from ..report.html import write_reports
-    write_reports(report, ctx.out)
+    write_reports(report, ctx.run.out)
     return report
 
 
@@ -105,22 +106,12 @@ def build_context(model_path, out_dir, device, calib, eval_path, train, cfg: Opt
     if original.format != "onnx":
         raise EdgesmithError("optimize takes ONNX models; profile TFLite models with "
                              "`edgesmith profile`")
-    dev = get_device(device) if isinstance(device, str) or device is None else device
-    try:
-        facts = dev.facts()
-    except StageError as exc:
-        raise EdgesmithError(str(exc)) from None
-    target = Match(get_profile(cfg.target), ["chosen with --target"]) if cfg.target \
-        else match(facts)
+    run = Run.open(device, target=cfg.target, budget_s=cfg.budget_s, say=say, started=started)
     if "onnxruntime" not in cfg.backends and \
-            (why := tflite_unavailable(cfg, facts, dev.name, target.profile)):
+            (why := tflite_unavailable(cfg, run.facts, run.device.name, run.target.profile)):
         raise EdgesmithError(f"--backends tflite, but no TFLite candidate can be made: {why}")
-    notes = list(original.facts.notes)
-    if target.generic:
-        notes.append(target.reasons[0])
-    if facts.get("emulated"):
-        notes.append(f"{dev.name} is emulated ({facts.get('cpu')}): latencies, and the choice "
-                     "made by them, are not meaningful; accuracy and deployment are")
+    notes = run.notes
+    notes[:0] = original.facts.notes
     fused_proto, _ = fuse(original.proto)
     fused = from_proto(fused_proto, original, original.path)
     quant, judge = None, None
@@ -135,23 +126,15 @@ def build_context(model_path, out_dir, device, calib, eval_path, train, cfg: Opt
     else:
         notes.append("no --eval or --calib: no candidate's accuracy can be judged, so only fp32 "
                      "can meet the accuracy budget")
-    out = claim(out_dir, force)
-    bundle_dir = out / "bundle"
+    bundle_dir = Path(out_dir) / "bundle"
     if bundle_dir.exists() and not force and not (bundle_dir.is_dir() and is_ours(bundle_dir)):
         raise EdgesmithError(f"{bundle_dir} exists and edgesmith did not write it; move it, "
                              "choose another -o, or pass --force (files are replaced by name)")
-    run_key = {"model": _sha(original.serialized()), "inputs": [asdict(s) for s in
-                                                                original.inputs],
-               "calib": source_digest(calib), "eval": source_digest(eval_path),
-               "train": source_digest(train), "device": fingerprint(facts),
-               "config": asdict(cfg), "edgesmith": __version__}
-    state = State(out, run_key)
-    if state.discarded:
-        notes.append(f"{out} held results of a different run (model, data, device, settings or "
-                     "edgesmith version changed): started afresh")
-    job = replace(Job(**target.profile.measure_job_args()), evaluate=judge is not None)
-    return Context(cfg, out, original, fused, dev, facts, target, job, judge, quant,
-                   train, state, say or (lambda text: None), started, notes)
+    run.resume_in(out_dir, run.key(original, asdict(cfg), calib=calib, eval=eval_path,
+                                   train=train), force=force)
+    job = replace(Job(**run.target.profile.measure_job_args()), evaluate=judge is not None)
+    return Context(cfg=cfg, run=run, original=original, fused=fused, job=job, judge=judge,
+                   quant=quant, train=train)
 
 
 def _timing_job() -> Job:
@@ -167,11 +150,11 @@ def confirm_stage(ctx: Context, chosen: Candidate | None, report_remeasure: dict
     top = top[:ctx.cfg.contenders]
     if not top or chosen is None:
         return chosen
-    ctx.say(f"re-measuring the original and the {len(top)} fastest candidate(s) interleaved")
-    trials = {c.id: (bundles.build(ctx.state.load_model(c, ctx.original)), _timing_job())
+    ctx.run.say(f"re-measuring the original and the {len(top)} fastest candidate(s) interleaved")
+    trials = {c.id: (bundles.build(ctx.run.state.load_model(c, ctx.original)), _timing_job())
               for c in top}
     trials[ORIGINAL] = (bundles.build(ctx.original), _timing_job())
-    spreads = interleave(ctx.device, trials, ctx.cfg.confirm_rounds)
+    spreads = ctx.run.confirm(trials, ctx.cfg.confirm_rounds)
     for c in top:
         if c.id in spreads:
             c.confirm = asdict(spreads[c.id])
@@ -188,7 +171,7 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
     if pick is None:
         report.summary = "no candidate ran on the device"
         return
-    model = ctx.state.load_model(pick, ctx.original)
+    model = ctx.run.state.load_model(pick, ctx.original)
     report.model_file = f"model.{model.format}"
     batch = [s.dims[0] for s in model.inputs][:1]
     if model.format == "tflite" and [s.dims[0] for s in ctx.original.inputs][:1] != batch:
@@ -208,15 +191,15 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
     final = bundles.build(model, config=pick.config, eval_data=ctx.judge,
                           eval_batch=eval_batch(model), extra_files=files,
                           meta={"candidate": pick.id, "edgesmith": __version__})
-    copy_dir_atomic(final.path, ctx.out / "bundle", force=True)   # ownership checked at start
-    write_model(ctx.out, ctx.state.model_path(pick.model_sha256))
-    ctx.say("profiling the chosen model's ops")
-    prof = measure(ctx.device, final, Job(runs=20, warmup=3, evaluate=False, profile_ops=True))
+    copy_dir_atomic(final.path, ctx.run.out / "bundle", force=True)   # ownership checked at start
+    write_model(ctx.run.out, ctx.run.state.model_path(pick.model_sha256))
+    ctx.run.say("profiling the chosen model's ops")
+    prof = measure(ctx.run.device, final, Job(runs=20, warmup=3, evaluate=False, profile_ops=True))
     report.op_profile_ms = prof.op_profile_ms or {}
     rem = report.remeasure
     if report.chosen and (pick.config or not pick.confirm or "original" not in rem):
-        ctx.say("re-measuring the shipped bundle against the original")
-        spreads = interleave(ctx.device, {
+        ctx.run.say("re-measuring the shipped bundle against the original")
+        spreads = ctx.run.confirm({
             ORIGINAL: (bundles.build(ctx.original), _timing_job()),
             pick.id: (final, _timing_job())}, ctx.cfg.confirm_rounds)
         if len(spreads) == 2:   # the selection rounds stay in pick.confirm; these are what ships
@@ -241,15 +224,15 @@ def _tune(ctx: Context, model: Model, pick: str):
     if ctx.cfg.tune_budget_s <= 0:
         return None
     from ..search.tune import tune
-    ctx.say(f"tuning the runtime config of {pick}")
+    ctx.run.say(f"tuning the runtime config of {pick}")
     try:
-        tuned = tune(model, ctx.device, target=ctx.target, budget_s=ctx.cfg.tune_budget_s,
+        tuned = tune(model, ctx.run, budget_s=ctx.cfg.tune_budget_s,
                      max_trials=12, confirm_rounds=2)
     except EdgesmithError as exc:
         ctx.notes.append(f"tuning skipped: {exc}")
         return None
     ctx.tuned_bundle = tuned.bundle
-    ctx.say(f"tuning: {tuned.verdict}")
+    ctx.run.say(f"tuning: {tuned.verdict}")
     return tuned
 
 
@@ -288,10 +271,10 @@ def _summary(report: OptimizeReport, pick: Candidate) -> str:
 
 
 def _save_tradeoffs(ctx: Context) -> None:
-    trade = ctx.out / "tradeoffs"
+    trade = ctx.run.out / "tradeoffs"
     trade.mkdir(exist_ok=True)
     for c in ctx.cands:
         if c.pareto and c.model_sha256:
-            stored = ctx.state.model_path(c.model_sha256)
+            stored = ctx.run.state.model_path(c.model_sha256)
             atomic_write(trade / f"{c.id.replace(':', '_').replace('+', '_')}{stored.suffix}",
                          stored.read_bytes())

@@ -5,7 +5,6 @@ report and the others go on."""
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import replace
 
 import onnx
@@ -23,7 +22,7 @@ def int8_stage(ctx: Context) -> dict | None:
     """The device's int8 recipes, measured against the fp32 baseline; every measured recipe
     becomes a candidate as it is measured. Returns the chosen recipe's settings (for the pruned
     students), or None when fp32 stayed best. A finished search is not re-run on resume."""
-    marker = ctx.state.dir / "int8.json"
+    marker = ctx.run.state.dir / "int8.json"
     if ctx.quant is None:
         ctx.notes.append("no calibration data (--calib or --eval): int8 candidates skipped")
         return None
@@ -33,11 +32,11 @@ def int8_stage(ctx: Context) -> dict | None:
     except (OSError, ValueError, AssertionError):
         done = None        # unreadable: the search runs again
     if done is not None:
-        ctx.cands += [c for c in ctx.state.done.values() if c.id.startswith("int8:")]
+        ctx.cands += [c for c in ctx.run.state.done.values() if c.id.startswith("int8:")]
         ctx.skipped += done["skipped"]
-        ctx.notes += done["notes"]
+        ctx.notes.extend(done["notes"])
         return done["recipe"]
-    if ctx.over_budget():
+    if ctx.run.over_budget():
         return None
 
     def keep(cand: Candidate, proto: onnx.ModelProto | None) -> None:
@@ -48,8 +47,8 @@ def int8_stage(ctx: Context) -> dict | None:
         ctx.record(cand, None if proto is None else from_proto(proto, ctx.original))
 
     try:
-        _, q_report = choose_recipe(ctx.fused, ctx.device, ctx.quant, ctx.cfg.max_accuracy_drop,
-                                    ctx.job, baseline=replace(ctx.baseline()), on_step=ctx.say,
+        _, q_report = choose_recipe(ctx.fused, ctx.run, ctx.quant, ctx.cfg.max_accuracy_drop,
+                                    ctx.job, baseline=replace(ctx.baseline()), on_step=ctx.run.say,
                                     on_candidate=keep, confirm_rounds=0,
                                     effort=ctx.cfg.quant_effort, host_device=ctx.cfg.host_device,
                                     explain=False)
@@ -64,7 +63,7 @@ def int8_stage(ctx: Context) -> dict | None:
     atomic_write(marker, json.dumps({"recipe": recipe, "skipped": skipped,
                                      "notes": notes}).encode())
     ctx.skipped += skipped
-    ctx.notes += notes
+    ctx.notes.extend(notes)
     return recipe
 
 
@@ -89,7 +88,7 @@ def _with_int8(ctx: Context, cid: str, recipe: dict, model, int8_recipe: dict | 
     from ..search.int8 import quantize_with
 
     ctx.measure(cid, recipe, model, note)
-    if not int8_recipe or ctx.quant is None or ctx.over_budget():
+    if not int8_recipe or ctx.quant is None or ctx.run.over_budget():
         return
     q = QuantRecipe(**{**int8_recipe, "exclude": ()})   # node names changed
     try:
@@ -117,13 +116,13 @@ def pruned_stage(ctx: Context, int8_recipe: dict | None) -> None:
         return
     epochs = ctx.cfg.distill_epochs
     for ratio in ctx.cfg.prune_ratios:
-        if ctx.over_budget():
+        if ctx.run.over_budget():
             return
         cid = f"prune{int(ratio * 100)}+distill"
-        ctx.say(f"pruning {ratio:.0%} of channels and distilling ({epochs} epochs)")
+        ctx.run.say(f"pruning {ratio:.0%} of channels and distilling ({epochs} epochs)")
         pruned, _ = prune_channels(ctx.fused.proto, PruneConfig(
             ratio=ratio, input_shapes=ctx.original.input_shapes,
-            round_to=ctx.target.profile.channel_multiple))
+            round_to=ctx.run.target.profile.channel_multiple))
         try:
             student, rep = distill(pruned, DistillConfig(
                 ctx.original.proto, data, ctx.judge, targets, epochs=epochs,
@@ -144,19 +143,19 @@ def nas_stage(ctx: Context, int8_recipe: dict | None) -> None:
     from ..search.nas import NasConfig, nas
 
     for ratio in sorted(ctx.cfg.nas_ratios, reverse=True):
-        remaining = ctx.cfg.budget_s - (time.monotonic() - ctx.started)
+        remaining = ctx.run.remaining_s()
         cid = f"nas{int(ratio * 100)}+distill"
         if remaining <= 0:
             continue
-        ctx.say(f"NetAdapt search toward {ratio}x of fp32's latency")
+        ctx.run.say(f"NetAdapt search toward {ratio}x of fp32's latency")
         try:
-            report = nas(ctx.original.path, ctx.train, ctx.state.dir / "nas", ctx.device,
+            report = nas(ctx.original.path, ctx.train, ctx.run.state.dir / "nas", ctx.run.device,
                          NasConfig(latency_ratio=ratio, steps=100, uniform_baseline=False,
                                    final_epochs=ctx.cfg.distill_epochs, budget_s=remaining / 2,
                                    threads=ctx.job.threads, host_device=ctx.cfg.host_device,
-                                   round_to=ctx.target.profile.channel_multiple),
+                                   round_to=ctx.run.target.profile.channel_multiple),
                          input_shapes=ctx.original.input_shapes,
-                         say=lambda text: ctx.say(f"nas: {text}"))
+                         say=lambda text: ctx.run.say(f"nas: {text}"))
         except EdgesmithError as exc:
             ctx.notes.append(f"{cid} skipped: {exc}")
             continue
@@ -171,7 +170,7 @@ def nas_stage(ctx: Context, int8_recipe: dict | None) -> None:
             continue
         import onnx
 
-        model = from_proto(onnx.load(str(ctx.state.dir / "nas" / "model.onnx")), ctx.original)
+        model = from_proto(onnx.load(str(ctx.run.state.dir / "nas" / "model.onnx")), ctx.original)
         _with_int8(ctx, cid, {"nas": {"ratio": ratio, "iterations": len(report.iterations),
                                       "widths": report.widths_after}}, model, int8_recipe)
 
@@ -180,8 +179,8 @@ def tflite_stage(ctx: Context) -> None:
     """The fp32 model and the most accurate in-budget int8 one, converted to TFLite and measured
     under LiteRT (XNNPACK) beside the onnxruntime candidates: on ARM boards LiteRT is often the
     faster CPU path, and only the device's measurement can say."""
-    if (why := tflite_unavailable(ctx.cfg, ctx.facts, ctx.device.name,
-                                  ctx.target.profile)) is not None:
+    if (why := tflite_unavailable(ctx.cfg, ctx.run.facts, ctx.run.device.name,
+                                  ctx.run.target.profile)) is not None:
         ctx.skipped.append({"id": "tflite:*", "reason": why})
         return
     from ..convert.tflite import as_model, conversion_sample, random_inputs, to_tflite
@@ -192,7 +191,7 @@ def tflite_stage(ctx: Context) -> None:
                   key=lambda c: (c.accuracy_drop, c.p50_ms))
     sources = [("tflite:fp32", "fp32", ctx.fused)]
     if int8:
-        sources.append((f"tflite:{int8[0].id}", int8[0].id, ctx.state.load_model(int8[0],
+        sources.append((f"tflite:{int8[0].id}", int8[0].id, ctx.run.state.load_model(int8[0],
                                                                                 ctx.original)))
     elif ctx.quant is not None:
         ctx.skipped.append({"id": "tflite:int8", "reason": "no int8 recipe kept the accuracy "
@@ -200,9 +199,9 @@ def tflite_stage(ctx: Context) -> None:
     sample = conversion_sample(ctx.original, ctx.judge.inputs if ctx.judge is not None
                                else random_inputs(ctx.original))
     for cid, source_id, source in sources:
-        if ctx.over_budget() or ctx.resumed(cid) is not None:
+        if ctx.run.over_budget() or ctx.resumed(cid) is not None:
             continue
-        ctx.say(f"converting {source_id} to TFLite")
+        ctx.run.say(f"converting {source_id} to TFLite")
         try:
             data, rep = to_tflite(source.proto, sample)
         except EdgesmithError as exc:

@@ -2,7 +2,7 @@
 
 Soft targets are the teacher's outputs, computed once per config (a caller distilling several
 students from one teacher passes them in `soft_targets`). The student runs as a torch module
-built from its own graph (`onnx_torch`, beside this file) and trains on every output: a
+built from its own graph (`edgesmith.torch_interp`) and trains on every output: a
 classifier's logits with KL(softmax(s/T) || softmax(t/T)) * T^2 + alpha * CE(s, labels), other
 outputs (detector heads, OCR sequences, maps) with MSE relative to the teacher's energy. Its
 weights go back into the same graph, which is then checked against onnxruntime. Exports with a
@@ -68,7 +68,7 @@ def host_device(name: str, torch) -> str:
     return name
 
 
-def _torch():
+def require_torch():
     try:
         import torch
     except ImportError:
@@ -241,7 +241,7 @@ def distill(student: onnx.ModelProto, cfg: DistillConfig) -> tuple[onnx.ModelPro
     """Train `student` to match the config's teacher; returns the student with the weights of
     its best epoch on the judging samples (held-out when `eval_data` is given), which may be
     its own weights when training made it no better."""
-    torch = _torch()
+    torch = require_torch()
     from ..torch_interp.interpreter import to_torch, write_back
 
     data, eval_data = cfg.data, cfg.eval_data

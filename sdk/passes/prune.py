@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from . import PassReport, register
-from ..onnx_utils import Graph, attr, operand, static_shapes
+from ..onnx_utils import Graph, attr, operand, static_shapes, with_input_dims
 
 PASSTHROUGH = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish",
                "Elu", "Selu", "Softplus", "Identity", "Dropout", "MaxPool", "AveragePool",
@@ -187,24 +187,6 @@ def _reason_counts(uf: _Channels) -> dict[str, int]:
         if uf.find(root) == root:
             counts[reason] = counts.get(reason, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
-def _concrete(model: onnx.ModelProto, input_shapes: dict | None) -> onnx.ModelProto:
-    """A copy whose dynamic dims take `input_shapes` (a dynamic batch alone takes 1), so shape
-    inference yields concrete channel counts; only the analysis sees it."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    for vi in fixed.graph.input:
-        dims = vi.type.tensor_type.shape.dim
-        given = (input_shapes or {}).get(vi.name)
-        for i, dim in enumerate(dims):
-            if dim.HasField("dim_value") and dim.dim_value > 0:
-                continue
-            value = given[i] if given and i < len(given) else (1 if i == 0 else None)
-            if value is not None:
-                dim.Clear()
-                dim.dim_value = value
-    return fixed
 
 
 def _is_channel_flatten(src, dst, node, graph) -> bool:
@@ -429,7 +411,7 @@ def _grouped(model: onnx.ModelProto, cfg: PruneConfig):
     # (folded here) or, in IR 3 files, as graph inputs with declared shapes (made constants)
     out, _ = constant_folding(initializers_as_constants(model)[0])
     graph = Graph(out.graph)
-    shapes = static_shapes(_concrete(out, cfg.input_shapes))
+    shapes = static_shapes(with_input_dims(out, cfg.input_shapes))
     uf, producers, consumers, counts = _analyse(out, graph, shapes)
     members: dict = {}
     for t, n in counts.items():

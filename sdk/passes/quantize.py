@@ -24,6 +24,7 @@ from typing import Iterable
 import onnx
 
 from ..errors import EdgesmithError
+from ..onnx_utils import with_input_dims
 from . import PassReport, register
 from .ranges import RangeConfig, refine_ranges
 
@@ -104,23 +105,6 @@ class QuantRecipe:
         return replace(self, exclude=tuple(sorted(set(self.exclude) | set(nodes))))
 
 
-def fix_input_dims(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
-    """Concrete non-batch input dims; an unnamed dynamic batch gets the symbol `batch`."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for vi in out.graph.input:
-        if vi.name not in shapes:
-            continue
-        for i, (dim, value) in enumerate(zip(vi.type.tensor_type.shape.dim, shapes[vi.name])):
-            if i == 0 and not dim.HasField("dim_value"):
-                if not dim.dim_param:
-                    dim.dim_param = "batch"
-                continue
-            dim.Clear()
-            dim.dim_value = value
-    return out
-
-
 @contextlib.contextmanager
 def _working_dir(path: str):
     """ORT's symbolic shape inference saves `sym_shape_infer_temp.onnx` (and external data
@@ -146,7 +130,7 @@ def preprocess(model: onnx.ModelProto, shapes: dict[str, list[int]]
     from .fuse import upgrade_opset
 
     report = PassReport("preprocess")
-    model, _ = upgrade_opset(fix_input_dims(model, shapes), 13)
+    model, _ = upgrade_opset(with_input_dims(model, shapes, keep_batch=True), 13)
     with tempfile.TemporaryDirectory() as tmp, _working_dir(tmp):
         out, src = Path(tmp) / "pre.onnx", Path(tmp) / "float.onnx"
         src.write_bytes(model.SerializeToString())

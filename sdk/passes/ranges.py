@@ -140,7 +140,7 @@ def _best_range(x: np.ndarray, scale: float, zp: int, qmin: int, qmax: int
     return best[0], best[1], now, best[2]
 
 
-def _requantize_biases(graph: Graph, tensor_scales: dict[str, float]) -> int:
+def requantize_biases(graph: Graph, tensor_scales: dict[str, float]) -> int:
     """int32 biases are quantized with scale(input) * scale(weight): follow the new input scale."""
     changed = 0
     for node in graph.g.node:
@@ -207,7 +207,7 @@ def refine_ranges(qdq: onnx.ModelProto, cfg: RangeConfig) -> tuple[onnx.ModelPro
                 graph.set_array(zp_name, np.array(z, old_zp.dtype).reshape(old_zp.shape))
                 new_scales[scale_name] = s
             report.changed += 1
-    biases = _requantize_biases(Graph(out.graph), new_scales)
+    biases = requantize_biases(Graph(out.graph), new_scales)
     report.metrics.update(tensors=report.changed, groups=len(groups), biases=biases,
                           mean_gain_db=float(np.mean(gains)) if gains else 0.0)
     gain = (f" (quantization error {np.mean(gains) if gains else 0:.1f} dB lower on average)"

@@ -38,7 +38,7 @@ from ..errors import EdgesmithError
 from . import PassReport, register
 from .distill import host_device
 from ..onnx_utils import Graph, attr, float_name, probe_session
-from .ranges import _requantize_biases
+from .ranges import requantize_biases
 
 ZETA, GAMMA = 1.1, -0.1
 WEIGHTED = ("Conv", "Gemm", "MatMul")
@@ -78,7 +78,7 @@ class ReconstructConfig:
 
 
 @dataclass
-class _Weight:
+class QuantWeight:
     name: str              # the integer initializer its DequantizeLinear reads
     scale: np.ndarray
     zero_point: np.ndarray
@@ -96,7 +96,7 @@ class _Block:
 
 
 def float_twins(qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> tuple[dict, list]:
-    """{weight DequantizeLinear output: _Weight} for every int8 layer with a float twin, and
+    """{weight DequantizeLinear output: QuantWeight} for every int8 layer with a float twin, and
     (name, reason) for the layers skipped."""
     graph, fgraph = Graph(qdq.graph), Graph(float_model.graph)
     # twins by output tensor (QDQ keeps it, or renames it: graph.float_name)
@@ -122,7 +122,7 @@ def float_twins(qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> tuple[dic
         if len(node.input) > 2 and node.input[2] and bias is None:
             skipped.append((node.name, "bias computed at run time"))
             continue
-        found[node.input[1]] = _Weight(
+        found[node.input[1]] = QuantWeight(
             dq.input[0], graph.array(dq.input[1]).astype(np.float32), zp.astype(np.float32),
             attr(dq, "axis", 1) % max(q.ndim, 1), fgraph.array(fnode.input[1]).astype(np.float32),
             None if bias is None else bias.astype(np.float32))
@@ -243,7 +243,7 @@ class _BlockModule:
         self.const = {}
         for name in needed:
             w = weights.get(name)
-            if isinstance(w, _Weight):
+            if isinstance(w, QuantWeight):
                 self.rounding[name] = self._init_rounding(w)
             elif isinstance(w, np.ndarray):
                 self.const[name] = self.tensor(w)
@@ -260,7 +260,7 @@ class _BlockModule:
         return self.torch.from_numpy(np.array(array, np.float32 if np.asarray(array).dtype
                                               == np.float64 else None)).to(self.device)
 
-    def _init_rounding(self, w: _Weight):
+    def _init_rounding(self, w: QuantWeight):
         torch = self.torch
         shape = [1] * w.w_float.ndim
         shape[w.axis] = -1
@@ -488,7 +488,7 @@ def reconstruct(qdq: onnx.ModelProto, cfg: ReconstructConfig
             gains.append(10 * np.log10(max(before, 1e-30) / max(after, 1e-30)))
             if after < before:
                 new_scales = _write_back(graph, module)
-                _requantize_biases(Graph(out.graph), new_scales)
+                requantize_biases(Graph(out.graph), new_scales)
                 improved += 1
             del xs, ys
     report.changed = improved

@@ -18,7 +18,7 @@ NAS_SCHEMA = 1
 LUT_TOLERANCE = 0.10        # a prediction within 10 % of the measurement counts as right
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Iteration:
     index: int
     group: str                 # the channel group narrowed (its producing nodes)
@@ -46,7 +46,7 @@ class Iteration:
                 f"{self.measured_ms:.3f} ms ({self.lut_error:+.1%}); {acc}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class NasReport:
     edgesmith: str
     model: str

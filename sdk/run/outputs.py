@@ -73,6 +73,18 @@ def copy_dir_atomic(src: str | Path, dest: str | Path, force: bool = False) -> N
 MANIFEST_NAME = "manifest.json"
 
 
+def write_model(out: Path, stored: Path) -> None:
+    """OUT/model.onnx or OUT/model.tflite: the best so far. In a directory edgesmith created,
+    the other format's file (an earlier best) goes: two answers would be one too many; in a
+    user's directory (--force) nothing of theirs is removed."""
+    from ..model import atomic_write
+
+    atomic_write(out / f"model{stored.suffix}", stored.read_bytes())
+    if is_ours(out):
+        for other in {".onnx", ".tflite"} - {stored.suffix}:
+            (out / f"model{other}").unlink(missing_ok=True)
+
+
 def _copy_file(src: Path, dest: Path) -> None:
     from ..model import atomic_write
     atomic_write(dest, src.read_bytes())

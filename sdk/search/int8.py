@@ -24,19 +24,20 @@ from .. import bundle as bundles
 from ..data import calibration_batches, eval_batch, load_eval_set, reference_outputs
 from ..devices import Job
 from ..errors import EdgesmithError
-from ..measure import Candidate, interleave, measure
+from ..measure import Candidate, measure
 from ..model import Model, from_proto
 from ..passes.equalize import BiasCorrectConfig, EqualizeConfig, bias_correct, equalize
 from ..passes.quantize import (ORT_CALIBRATION, QuantizeConfig, QuantRecipe, preprocess,
                               quantize_dynamic, quantize_static, to_fp16)
 from ..passes.ranges import RangeConfig, refine_ranges
 from ..passes.reconstruct import ReconstructConfig, reconstruct
+from ..run import Run, accuracy_drop, within
 from .why_worse import add_times, block_sensitivity
 
 MAX_FLOAT_BLOCKS = 8         # mixed precision stops here: more float blocks than this is no int8
 
 
-@dataclass
+@dataclass(kw_only=True)
 class QuantizeReport:
     device: str
     max_accuracy_drop: float
@@ -144,7 +145,7 @@ def recipe_by_name(name: str) -> QuantRecipe:
                          "(e.g. qdq-u8s8-percentile-reconstruct)")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class QuantData:
     """What a recipe search reads, built once per run: calibration feeds and a judging set that
     shares no sample with them (with the float model's reference outputs)."""
@@ -204,7 +205,8 @@ def quant_data(model: Model, calib, eval_path=None, holdout: float = 0.25,
             notes.append("too few calibration samples to hold any out: fidelity is judged on "
                          "the calibration samples themselves (optimistic); pass --eval")
     judge.refs = reference_outputs(model, judge, batch)
-    return QuantData(feeds[:max(1, -(-limit // batch))], judge, batch, notes)
+    return QuantData(batches=feeds[:max(1, -(-limit // batch))], eval=judge, batch=batch,
+                     notes=notes)
 
 
 def build_recipe(prepared: onnx.ModelProto, recipe: QuantRecipe, batches: list[dict],
@@ -242,10 +244,10 @@ class RecipeSearch:
     """State shared by the candidates: the prepared float model, its calibration caches (one per
     calibration method and float graph), the judging set and the device."""
 
-    def __init__(self, model: Model, device, data: QuantData, job: Job, workdir: Path,
+    def __init__(self, model: Model, run: Run, data: QuantData, job: Job, workdir: Path,
                  host_device: str = "auto"):
-        self.model, self.device, self.data, self.job, self.workdir = (model, device, data, job,
-                                                                      workdir)
+        self.model, self.run, self.data, self.job, self.workdir = model, run, data, job, workdir
+        self.device = run.device
         self.host_device = host_device
         self.prepared, self.prep_report = preprocess(model.proto, model.input_shapes)
 
@@ -281,32 +283,15 @@ class RecipeSearch:
                                      ["sha256"])
 
 
-FIDELITY_SQNR_DB = 25.0    # outputs that are not class scores (boxes, maps, sequences)
-
-
-def accuracy_drop(base: dict | None, cand: dict | None, scores: bool = True) -> float | None:
-    """Top-1 drop vs labels when there are labels, else 1 - top-1 agreement with fp32 for
-    class scores (`scores`: ModelFacts.class_scores). Other outputs (a detector's boxes, an OCR
-    map, pooled features) have no top-1: they pass (drop 0) when their SQNR against fp32
-    reaches FIDELITY_SQNR_DB, and fail (drop 1) below."""
-    if not base or not cand:
-        return None
-    if "top1" in base and "top1" in cand:
-        return base["top1"] - cand["top1"]
-    if "agreement" in cand and scores:
-        return 1.0 - cand["agreement"]
-    if "sqnr_db" in cand:
-        return 0.0 if cand["sqnr_db"] >= FIDELITY_SQNR_DB else 1.0
-    return None
-
-
-def choose_recipe(model: Model, device, data: QuantData, max_accuracy_drop: float = 0.01,
+def choose_recipe(model: Model, device: Run | str, data: QuantData,
+                  max_accuracy_drop: float = 0.01,
                   job: Job | None = None, baseline: Candidate | None = None,
                   on_step=None, on_candidate=None, confirm_rounds: int = 3,
                   effort: str = "balanced", host_device: str = "auto", explain: bool = True
                   ) -> tuple[Model, QuantizeReport]:
     """Measure the device's candidate recipes; return the fastest model within the budget.
 
+    `device`: a Run (optimize's), or a device or its name (a run is opened on it).
     `baseline`: the float model already measured on this device with the same judging set
     (optimize passes its fp32 candidate); measured here otherwise. `on_candidate(cand, proto)`
     sees every measured recipe as it is measured (optimize records each one). The fastest
@@ -319,11 +304,13 @@ def choose_recipe(model: Model, device, data: QuantData, max_accuracy_drop: floa
     if effort not in REPAIR_CHAINS:
         raise EdgesmithError(f"unknown quantization effort {effort!r}: use one of "
                              f"{list(REPAIR_CHAINS)}")
-    recipes, pruned = candidate_recipes(device.facts(), model)
+    run = Run.open(device)
+    device = run.device
+    recipes, pruned = candidate_recipes(run.facts, model)
     job = replace(job or Job(runs=50, warmup=5, min_time_s=0.5), evaluate=True)
     say = on_step or (lambda text: None)
     with tempfile.TemporaryDirectory(prefix="edgesmith-quant-") as tmp:
-        search = RecipeSearch(model, device, data, job, Path(tmp), host_device)
+        search = RecipeSearch(model, run, data, job, Path(tmp), host_device)
         if baseline is None:
             say("measuring fp32 baseline")
             baseline = search.measure("fp32", search.prepared)
@@ -342,7 +329,8 @@ def choose_recipe(model: Model, device, data: QuantData, max_accuracy_drop: floa
                 host_s = time.perf_counter() - t0
             except Exception as exc:   # noqa: BLE001 - a failed trial is a row, not a crash
                 text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                cand = Candidate(recipe.name, asdict(recipe), stage="quantize", note=note,
+                cand = Candidate(id=recipe.name, recipe=asdict(recipe), stage="quantize",
+                                 note=note,
                                  error=text if isinstance(exc, EdgesmithError) else
                                  f"onnxruntime's quantizer failed: {type(exc).__name__}: {text}")
             else:
@@ -361,7 +349,7 @@ def choose_recipe(model: Model, device, data: QuantData, max_accuracy_drop: floa
             trial(recipe)
         sensitivity = _repair(search, trial, candidates, baseline, built, max_accuracy_drop,
                               effort)
-        ok = [c for c in candidates if _within(c, max_accuracy_drop) and
+        ok = [c for c in candidates if within(c, max_accuracy_drop) and
               c.p50_ms < baseline.p50_ms]
         if ok and confirm_rounds > 0:
             say("re-measuring fp32 and the fastest recipes interleaved")
@@ -381,9 +369,11 @@ def choose_recipe(model: Model, device, data: QuantData, max_accuracy_drop: floa
             reason = (f"{chosen.id}: {baseline.latency_ms / chosen.latency_ms:.2f}x faster "
                       f"than fp32, accuracy drop {drop}")
         notes = list(data.notes) + search.prep_report.details
-        report = QuantizeReport(device.name, max_accuracy_drop, baseline, candidates, chosen,
-                                pruned, sensitivity[:20], list(chosen.recipe.get("exclude", ())),
-                                chosen is not baseline, reason, notes)
+        report = QuantizeReport(device=device.name, max_accuracy_drop=max_accuracy_drop,
+                                baseline=baseline, candidates=candidates, chosen=chosen,
+                                pruned=pruned, sensitivity=sensitivity[:20],
+                                kept_float=list(chosen.recipe.get("exclude", ())),
+                                quantized=chosen is not baseline, summary=reason, notes=notes)
         return from_proto(proto, model), report
 
 
@@ -396,7 +386,7 @@ def _confirm(search: RecipeSearch, baseline: Candidate, top: list[Candidate], bu
                                    eval_batch=search.data.batch), job) for c in top}
     trials[baseline.id] = (bundles.build(from_proto(search.prepared, search.model),
                                          eval_batch=search.data.batch), job)
-    spreads = interleave(search.device, trials, rounds)
+    spreads = search.run.confirm(trials, rounds)
     if baseline.id not in spreads:
         return []
     base = spreads[baseline.id]
@@ -404,12 +394,7 @@ def _confirm(search: RecipeSearch, baseline: Candidate, top: list[Candidate], bu
     for c in top:
         if c.id in spreads:
             c.confirm = asdict(spreads[c.id])
-    return [c for c in top if c.id in spreads and spreads[c.id].median_ms < base.median_ms
-            and not spreads[c.id].overlaps(base)]
-
-
-def _within(c: Candidate, max_drop: float) -> bool:
-    return c.ok and (c.accuracy_drop is None or c.accuracy_drop <= max_drop)
+    return [c for c in top if c.id in spreads and spreads[c.id].beats(base)]
 
 
 def why_worse(search: RecipeSearch, proto: onnx.ModelProto) -> list[dict]:
@@ -430,7 +415,7 @@ def _repair(search: RecipeSearch, trial, candidates: list[Candidate], baseline: 
     ResNet lost 8 dB instead of gaining 1.4). Returns that table when it was computed."""
     fast = sorted((c for c in candidates if c.ok and c.p50_ms < baseline.p50_ms),
                   key=lambda c: c.p50_ms)
-    if not fast or any(_within(c, max_drop) for c in fast) or fast[0].id not in BASE_RECIPES:
+    if not fast or any(within(c, max_drop) for c in fast) or fast[0].id not in BASE_RECIPES:
         return []
     base = BASE_RECIPES[fast[0].id]
     tried, no_histogram, repaired = set(), False, [fast[0]]
@@ -441,7 +426,7 @@ def _repair(search: RecipeSearch, trial, candidates: list[Candidate], baseline: 
             continue
         tried.add(suffix)
         cand = trial(recipe_by_name(f"{base.name}-{suffix}"), "accuracy repair")
-        if _within(cand, max_drop):
+        if within(cand, max_drop):
             return []
         no_histogram |= suffix == "percentile" and not cand.ok
         repaired.append(cand)
@@ -456,7 +441,7 @@ def _repair(search: RecipeSearch, trial, candidates: list[Candidate], baseline: 
         names = [n for r in worst[:k] for n in r["nodes"]]
         cand = trial(replace(start.with_exclusions(names), name=f"{best.id}-float{k}"),
                      f"{k} block(s) kept in float")
-        if _within(cand, max_drop):
+        if within(cand, max_drop):
             break
         k *= 2
     return worst

@@ -25,8 +25,8 @@ from ..devices import Job, fingerprint
 from ..errors import EdgesmithError
 from ..measure import measure
 from ..model import InputSpec, Model, onnx_facts
-from ..onnx_utils import Graph, attr, clip_bounds, static_shapes
-from .tune import TuningCache
+from ..onnx_utils import Graph, attr, clip_bounds, static_shapes, with_input_dims
+from .cache import TuningCache
 from .. import bundle as bundles
 
 FUSED_ACTS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh")
@@ -80,12 +80,7 @@ class Kernel:
 def kernels_of(proto: onnx.ModelProto, input_shapes: dict) -> list[Kernel]:
     """The model's Conv/Gemm kernels at its concrete input shapes (a fused model: BatchNorm
     already folded). Ops whose shapes are unknown are left out (they count through the scale)."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(proto)
-    for vi in fixed.graph.input:
-        for dim, value in zip(vi.type.tensor_type.shape.dim, input_shapes.get(vi.name, [])):
-            dim.Clear()
-            dim.dim_value = value
+    fixed = with_input_dims(proto, input_shapes)
     shapes, graph = static_shapes(fixed), Graph(fixed.graph)
     out = []
     for node in fixed.graph.node:

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
@@ -30,15 +29,15 @@ from device_runtime.evaluate import EvalData
 
 from .. import __version__
 from .. import bundle as bundles
-from ..optimize.config import write_model
-from ..devices import Job, fingerprint, get_device
-from ..errors import EdgesmithError, StageError
-from .latency_table import LatencyTable, kernels_of
-from ..measure import Candidate, Spread, interleave, measure
+from ..devices import Job
+from ..errors import EdgesmithError
+from ..measure import Candidate, measure
 from ..model import Model, from_proto, load
 from ..report.nas import BUDGET_SLACK, Iteration, NasReport, write_nas_reports
-from ..run.outputs import claim
-from ..run.state import State, sha256, source_digest
+from ..run import Run
+from ..run.outputs import write_model
+from ..run.state import State, sha256
+from .latency_table import LatencyTable, kernels_of
 
 PROXIES = ("latency", "macs")
 MEASURE_ROUNDS = 3
@@ -111,29 +110,21 @@ def parse_latency_budget(text: str) -> dict:
     return {"latency_ratio": None, "latency_ms": value}
 
 
-@dataclass
-class _Run:
-    """One search's shared state."""
+@dataclass(kw_only=True)
+class _Search:
+    """One NetAdapt search: its run (device, budget clock, state under OUT) and what it adds."""
     cfg: NasConfig
+    run: Run
     original: Model
     fused: Model
     fused_kernels: list               # the original's kernels: the table's calibration
-    device: object
     job: Job
     table: LatencyTable | None
     train: EvalData
     holdout: EvalData
     test: EvalData | None
     targets: object                   # the teacher's soft targets on `train`
-    state: State
-    out: object
-    say: object
-    started: float
-    notes: list = field(default_factory=list)
     pool: object = None               # the fine-tuning worker processes, started once
-
-    def over_budget(self) -> bool:
-        return time.monotonic() - self.started > self.cfg.budget_s
 
     @property
     def steps_per_epoch(self) -> int:
@@ -153,106 +144,107 @@ class _Run:
         shared device's noise bursts move a single one by 10 %). The caller saves it with
         what it completes."""
         bundle = bundles.build(model, meta={"nas": cid})
-        result = measure(self.device, bundle, self.job)
-        cand = Candidate.from_result(cid, result, model, model_sha256=sha256(model.serialized()))
-        if not cand.ok:
-            raise EdgesmithError(f"{cid} did not run on {self.device.name}: {cand.error}")
-        rounds = [cand.p50_ms] + [r.latency_ms["p50"] for r in (
-            measure(self.device, bundle, self.job) for _ in range(MEASURE_ROUNDS - 1)) if r.ok]
-        cand.p50_ms = statistics.median(rounds)
-        cand.confirm = asdict(Spread(cand.p50_ms, min(rounds), max(rounds), len(rounds)))
-        return cand
+        spread = self.run.confirm({cid: (bundle, self.job)}, MEASURE_ROUNDS).get(cid)
+        if spread is None:        # no round ran: one more run says why
+            result = measure(self.run.device, bundle, self.job)
+            raise EdgesmithError(f"{cid} did not run on {self.run.device.name}: "
+                                 f"{result.error or 'no latency measured'}")
+        return Candidate(id=cid, p50_ms=spread.median_ms, confirm=asdict(spread),
+                         size_bytes=model.facts.size_bytes, params=model.facts.params,
+                         macs=model.facts.macs, model_sha256=sha256(model.serialized()))
 
     def kept(self, cid: str, what: str) -> dict | None:
         """What an interrupted run of this search already completed under `cid`."""
-        cand = self.state.done.get(cid)
+        cand = self.run.resumed(cid)
         if cand is None or not cand.ok or what not in cand.recipe:
             return None
         return cand.recipe[what]
 
     def save(self, cand: Candidate, model: Model, what: str, value: dict) -> None:
         cand.recipe = {what: value}
-        self.state.save(cand, model)
+        self.run.state.save(cand, model)
 
 
 def nas(model_path, train, out_dir, device="local", cfg: NasConfig | None = None,
         eval_path=None, input_shapes: dict | None = None, force: bool = False,
         say=None, holdout=None) -> NasReport:
     """Search MODEL's layer widths for the latency budget on `device`; see the module doc."""
-    from ..passes.distill import _torch as need_torch, host_device
+    from ..passes.distill import host_device, require_torch
 
     cfg = cfg or NasConfig()
-    host_device(cfg.host_device, need_torch())      # a GPU asked for and missing: say so now
-    run = _start(model_path, train, out_dir, device, cfg, eval_path, input_shapes, force, say,
+    host_device(cfg.host_device, require_torch())      # a GPU asked for and missing: say so now
+    search = _start(model_path, train, out_dir, device, cfg, eval_path, input_shapes, force, say,
                  holdout)
     try:
-        return _search(run, cfg, model_path)
+        return _search(search, cfg, model_path)
     finally:
-        if run.pool is not None:      # Ctrl-C included: queued fine-tunes are dropped
-            run.pool.shutdown(wait=True, cancel_futures=True)
+        if search.pool is not None:      # Ctrl-C included: queued fine-tunes are dropped
+            search.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _search(run: _Run, cfg: NasConfig, model_path) -> NasReport:
+def _search(search: _Search, cfg: NasConfig, model_path) -> NasReport:
     from ..passes.distill import evaluate
 
-    if (base := run.state.done.get("nas:0")) is None or not base.ok:
-        base = run.measure("nas:0", run.fused)
-        run.save(base, run.fused, "original", {})
+    if (base := search.run.state.done.get("nas:0")) is None or not base.ok:
+        base = search.measure("nas:0", search.fused)
+        search.save(base, search.fused, "original", {})
     target_ms = cfg.latency_ms or base.p50_ms * cfg.latency_ratio
-    report = NasReport(__version__, str(model_path), run.device.name,
-                       fingerprint(run.device.facts()), cfg.proxy, asdict(cfg), target_ms,
-                       base.p50_ms, evaluate(run.fused.proto, run.test) if run.test else None,
-                       notes=run.notes)
-    report.widths_before = _widths(run.fused.proto, run.original)
-    current, current_ms, current_sha = run.fused, base.p50_ms, base.model_sha256
-    for cand in _completed(run.state):
+    report = NasReport(edgesmith=__version__, model=str(model_path),
+                       device=search.run.device.name,
+                       device_fingerprint=search.run.fingerprint, proxy=cfg.proxy,
+                       config=asdict(cfg), target_ms=target_ms, original_ms=base.p50_ms,
+                       original_test_top1=evaluate(search.fused.proto, search.test)
+                       if search.test else None, notes=search.run.notes)
+    report.widths_before = _widths(search.fused.proto, search.original)
+    current, current_ms, current_sha = search.fused, base.p50_ms, base.model_sha256
+    for cand in _completed(search.run.state):
         if current_ms <= target_ms:
             break           # a looser budget than the run that measured these: stop where it is met
         it = Iteration(**cand.recipe["iteration"])
         report.iterations.append(it)
-        current = run.state.load_model(cand, run.original)
+        current = search.run.state.load_model(cand, search.original)
         current_ms, current_sha = _for_budget(it, cand.p50_ms, target_ms), cand.model_sha256
     report.resumed = len(report.iterations)
     if report.resumed:
-        run.say(f"resuming after iteration {report.resumed} ({current_ms:.3f} ms)")
-    write_model(run.out, run.state.model_path(current_sha))
+        search.run.say(f"resuming after iteration {report.resumed} ({current_ms:.3f} ms)")
+    write_model(search.run.out, search.run.state.model_path(current_sha))
     while True:
         if current_ms <= target_ms:
             last = report.iterations[-1] if report.iterations else None
             if last is None or last.checked_ms is not None:
                 break
-            current_ms = _check_stop(run, last, current, base.p50_ms, target_ms)
+            current_ms = _check_stop(search, last, current, base.p50_ms, target_ms)
             continue
         index = len(report.iterations) + 1
-        if index > cfg.max_iterations or run.over_budget():
+        if index > cfg.max_iterations or search.run.over_budget():
             report.stopped = "max_iterations" if index > cfg.max_iterations else "budget"
             break
-        step = _iteration(run, index, current, current_ms, base.p50_ms, target_ms)
+        step = _iteration(search, index, current, current_ms, base.p50_ms, target_ms)
         if step is None:
-            report.stopped = "budget" if run.over_budget() else \
+            report.stopped = "budget" if search.run.over_budget() else \
                 "no narrower width is predicted to meet the next step"
             break
         it, current, cand = step
         current_ms = cand.p50_ms
         report.iterations.append(it)
-        write_model(run.out, run.state.model_path(cand.model_sha256))
-        run.say(it.line())
-    if report.stopped != "budget" and not run.over_budget():
-        current = _finish(run, report, current)
+        write_model(search.run.out, search.run.state.model_path(cand.model_sha256))
+        search.run.say(it.line())
+    if report.stopped != "budget" and not search.run.over_budget():
+        current = _finish(search, report, current)
     else:
-        run.notes.append(f"stopped by --budget ({cfg.budget_s:.0f}s) after "
+        search.run.notes.append(f"stopped by --budget ({cfg.budget_s:.0f}s) after "
                          f"{len(report.iterations)} iteration(s); run the same command to continue")
-    report.widths_after = _widths(current.proto, run.original)
-    if run.table is not None:
-        report.lut = {"entries_measured": run.table.measured, "round_trips": run.table.round_trips,
-                      "context": run.table.context}
-    report.elapsed_s = time.monotonic() - run.started
-    write_nas_reports(report, run.out)
+    report.widths_after = _widths(current.proto, search.original)
+    if search.table is not None:
+        report.lut = {"entries_measured": search.table.measured, "round_trips": search.table.round_trips,
+                      "context": search.table.context}
+    report.elapsed_s = time.monotonic() - search.run.started
+    write_nas_reports(report, search.run.out)
     return report
 
 
 def _start(model_path, train, out_dir, device, cfg, eval_path, input_shapes, force, say,
-           holdout_path) -> _Run:
+           holdout_path) -> _Search:
     from ..data import load_eval_set, load_training_set
     from ..passes.distill import soft_targets
     from ..passes.fuse import fuse
@@ -261,14 +253,10 @@ def _start(model_path, train, out_dir, device, cfg, eval_path, input_shapes, for
     original = load(model_path, input_shapes, data=train)
     if original.format != "onnx":
         raise EdgesmithError("nas takes ONNX models")
-    dev = get_device(device) if isinstance(device, str) or device is None else device
-    try:
-        facts = dev.facts()
-    except StageError as exc:
-        raise EdgesmithError(str(exc)) from None
-    if "onnxruntime" not in (facts.get("backends") or ["onnxruntime"]):
-        raise EdgesmithError(f"{dev.name} has no onnxruntime: the latency table is measured "
-                             "with it (`edgesmith device setup`)")
+    run = Run.open(device, budget_s=cfg.budget_s, say=say, started=started)
+    if "onnxruntime" not in (run.facts.get("backends") or ["onnxruntime"]):
+        raise EdgesmithError(f"{run.device.name} has no onnxruntime: the latency table is "
+                             "measured with it (`edgesmith device setup`)")
     fused = from_proto(fuse(original.proto)[0], original, original.path)
     from ..passes.prune import channel_groups
 
@@ -290,24 +278,22 @@ def _start(model_path, train, out_dir, device, cfg, eval_path, input_shapes, for
         cut = max(1, int(round(data.n * cfg.holdout)))
         train_part, holdout = _subset(data, order[cut:]), _subset(data, order[:cut])
     test = load_eval_set(eval_path, original) if eval_path else None
-    out = claim(out_dir, force, "nas output directory")     # after the inputs are read
-    job = Job(runs=50, warmup=10, min_time_s=0.3, threads=cfg.threads, evaluate=False)
-    key = {"model": sha256(original.serialized()), "train": source_digest(train),
-           "holdout": source_digest(holdout_path),
-           "eval": source_digest(eval_path), "device": fingerprint(facts),
-           "inputs": original.input_shapes, "edgesmith": __version__,
-           "config": {k: v for k, v in asdict(cfg).items()
-                      if k not in ("budget_s", "max_iterations", "workers", "latency_ratio",
-                                   "latency_ms", "uniform_baseline", "host_device")}}
-    state = State(out, key)
-    notes = [f"{out} held another search's state: started afresh"] if state.discarded else []
+    # the budget, the targets and how many workers may change: the same search continues
+    config = {k: v for k, v in asdict(cfg).items()
+              if k not in ("budget_s", "max_iterations", "workers", "latency_ratio",
+                           "latency_ms", "uniform_baseline", "host_device")}
+    run.resume_in(out_dir, run.key(original, config, train=train, holdout=holdout_path,
+                                   eval=eval_path),
+                  force=force, what="nas output directory")     # after the inputs are read
     if test is None:
-        notes.append("no --eval: accuracy is reported on the search-holdout part of --train "
-                     "only, which chose between proposals (give a test set for an unbiased one)")
-    table = LatencyTable(dev, job) if cfg.proxy == "latency" else None
-    return _Run(cfg, original, fused, fused_kernels, dev, job, table, train_part, holdout, test,
-                soft_targets(original.proto, train_part), state, out,
-                say or (lambda text: None), started, notes)
+        run.notes.append("no --eval: accuracy is reported on the search-holdout part of --train "
+                         "only, which chose between proposals (give a test set for an unbiased "
+                         "one)")
+    job = Job(runs=50, warmup=10, min_time_s=0.3, threads=cfg.threads, evaluate=False)
+    table = LatencyTable(run.device, job) if cfg.proxy == "latency" else None
+    return _Search(cfg=cfg, run=run, original=original, fused=fused,
+                   fused_kernels=fused_kernels, job=job, table=table, train=train_part,
+                   holdout=holdout, test=test, targets=soft_targets(original.proto, train_part))
 
 
 def _subset(data: EvalData, idx) -> EvalData:
@@ -316,24 +302,24 @@ def _subset(data: EvalData, idx) -> EvalData:
                     None if data.labels is None else data.labels[idx], {}, len(idx))
 
 
-def _check_stop(run: _Run, it: Iteration, model: Model, original_ms: float,
+def _check_stop(search: _Search, it: Iteration, model: Model, original_ms: float,
                 target_ms: float) -> float:
     """The iteration that meets the budget by its own measurement is measured again,
     interleaved with the original, before the search stops: on a 0.1 ms model one
     measurement's noise made a search stop at 0.60x that the final interleaved comparison put
     at 0.64x. Its latency on the original's scale is kept with the iteration, so a resumed
     search decides as the uninterrupted one did."""
-    spreads = interleave(run.device, {"original": (bundles.build(run.fused), run.job),
-                                      "kept": (bundles.build(model), run.job)},
+    spreads = search.run.confirm({"original": (bundles.build(search.fused), search.job),
+                                      "kept": (bundles.build(model), search.job)},
                          rounds=MEASURE_ROUNDS)
     if len(spreads) < 2:
         raise EdgesmithError(f"the stop check of iteration {it.index} did not run on "
-                             f"{run.device.name}; run the same command to continue")
+                             f"{search.run.device.name}; run the same command to continue")
     it.checked_ms = spreads["kept"].median_ms / spreads["original"].median_ms * original_ms
-    cand = run.state.done[f"nas:{it.index}"]
-    run.save(cand, model, "iteration", asdict(it))
+    cand = search.run.state.done[f"nas:{it.index}"]
+    search.save(cand, model, "iteration", asdict(it))
     if it.checked_ms > target_ms * BUDGET_SLACK:
-        run.say(f"iteration {it.index} measured {it.checked_ms:.3f} ms interleaved with the "
+        search.run.say(f"iteration {it.index} measured {it.checked_ms:.3f} ms interleaved with the "
                 f"original, over the budget's {target_ms:.3f} ms: going on")
     return _for_budget(it, cand.p50_ms, target_ms)
 
@@ -363,56 +349,57 @@ def _widths(proto: onnx.ModelProto, original: Model) -> dict[str, int]:
                                                                      original.input_shapes)}
 
 
-def _iteration(run: _Run, index: int, current: Model, current_ms: float, original_ms: float,
+def _iteration(search: _Search, index: int, current: Model, current_ms: float, original_ms: float,
                target_ms: float):
     """One NetAdapt iteration: (Iteration, kept model, its measurement) or None."""
     from ..passes.prune import channel_groups
 
-    cfg = run.cfg
+    cfg = search.cfg
     cut = cfg.initial_reduction * original_ms * cfg.decay ** (index - 1)
-    kernels = kernels_of(current.proto, run.original.input_shapes)
+    kernels = kernels_of(current.proto, search.original.input_shapes)
     # Decisions use the table calibrated once, on the original's saved measurement: cuts are
     # then fixed shares of the table's cost, so a resumed search decides exactly as the
     # uninterrupted one. Rescaled by each new measurement instead, 0.7 % of noise in it moved
     # a width by a step (measured). The rescaled table is what the report states.
-    plan, cost = original_ms / run.kernels_cost(run.fused_kernels), run.kernels_cost(kernels)
+    plan, cost = original_ms / search.kernels_cost(search.fused_kernels), search.kernels_cost(kernels)
     current_plan, scale = plan * cost, current_ms / cost
-    groups = [g for g in channel_groups(current.proto, run.original.input_shapes) if g.key]
+    groups = [g for g in channel_groups(current.proto, search.original.input_shapes) if g.key]
     proposals = []
     for _ in range(3):      # no single group reaches the cut: a smaller one, as NetAdapt allows
         goal = current_plan - cut
         if goal < target_ms < current_plan:
             goal = target_ms        # no further than the budget
-        run.say(f"iteration {index}: {len(groups)} groups, aiming at {goal:.3f} ms")
-        proposals = _proposals(run, current, kernels, groups, goal, plan, scale)
-        if proposals or run.over_budget():
+        search.run.say(f"iteration {index}: {len(groups)} groups, aiming at {goal:.3f} ms")
+        proposals = _proposals(search, current, kernels, groups, goal, plan, scale)
+        if proposals or search.run.over_budget():
             break
         cut /= 2
     if not proposals:
         return None
     t0 = time.monotonic()
-    tuned = _finetune_all(run, [p[2] for p in proposals])
+    tuned = _finetune_all(search, [p[2] for p in proposals])
     scored = [(metrics_score(m), -pred, g, proto, pred, m)
               for (g, _, _, pred), (proto, m) in zip(proposals, tuned)]
     best = max(scored, key=lambda s: s[:2])
     _, _, g, proto, predicted, metrics = best
-    model = from_proto(proto, run.original)
-    widths = _widths(proto, run.original)
-    it = Iteration(index, " + ".join(g.owners), g.channels, widths.get(" + ".join(g.owners), 0),
-                   predicted,
-                   0.0, metrics.get("student_top1_after"), metrics.get("sqnr_db_after"),
-                   None, widths, [{"group": " + ".join(pg.owners), "width": w,
-                                   "predicted_ms": pp, "holdout_top1": pm.get(
-                                       "student_top1_after"), "holdout_sqnr_db": pm.get(
-                                       "sqnr_db_after")}
-                                  for (pg, w, _, pp), (_, pm) in zip(proposals, tuned)],
-                   time.monotonic() - t0)
-    if run.test is not None:
+    model = from_proto(proto, search.original)
+    widths = _widths(proto, search.original)
+    group = " + ".join(g.owners)
+    it = Iteration(index=index, group=group, width_before=g.channels,
+                   width_after=widths.get(group, 0), predicted_ms=predicted, measured_ms=0.0,
+                   holdout_top1=metrics.get("student_top1_after"),
+                   holdout_sqnr_db=metrics.get("sqnr_db_after"), test_top1=None, widths=widths,
+                   proposals=[{"group": " + ".join(pg.owners), "width": w, "predicted_ms": pp,
+                               "holdout_top1": pm.get("student_top1_after"),
+                               "holdout_sqnr_db": pm.get("sqnr_db_after")}
+                              for (pg, w, _, pp), (_, pm) in zip(proposals, tuned)],
+                   finetune_s=time.monotonic() - t0)
+    if search.test is not None:
         from ..passes.distill import evaluate
-        it.test_top1 = evaluate(proto, run.test)
-    cand = run.measure(f"nas:{index}", model)
+        it.test_top1 = evaluate(proto, search.test)
+    cand = search.measure(f"nas:{index}", model)
     it.measured_ms = cand.p50_ms
-    run.save(cand, model, "iteration", asdict(it))
+    search.save(cand, model, "iteration", asdict(it))
     return it, model, cand
 
 
@@ -429,7 +416,7 @@ def _widths_to_try(g, cfg: NasConfig) -> list[int]:
 WIDTHS_PER_TRIP = 6     # widths tried per group per device round trip of the table
 
 
-def _proposals(run: _Run, current: Model, kernels: list, groups: list, goal: float,
+def _proposals(search: _Search, current: Model, kernels: list, groups: list, goal: float,
                plan: float, scale: float) -> list[tuple]:
     """(group, width, pruned proto, predicted ms) for each group whose widest width meets
     `goal` as the table scaled by `plan` predicts it. Widths are tried from the widest down,
@@ -439,14 +426,14 @@ def _proposals(run: _Run, current: Model, kernels: list, groups: list, goal: flo
     from ..passes.prune import PruneConfig, prune_channels
 
     chosen, pending, start = {}, list(groups), 0
-    while pending and not run.over_budget():
-        chunk = {g: _widths_to_try(g, run.cfg)[start:start + WIDTHS_PER_TRIP] for g in pending}
-        if run.table is not None:
-            run.table.fill([k.narrowed(g.removed(w)) for g, ws in chunk.items() for w in ws
+    while pending and not search.run.over_budget():
+        chunk = {g: _widths_to_try(g, search.cfg)[start:start + WIDTHS_PER_TRIP] for g in pending}
+        if search.table is not None:
+            search.table.fill([k.narrowed(g.removed(w)) for g, ws in chunk.items() for w in ws
                             for k in kernels])
         pending = []
         for g, widths in chunk.items():
-            hit = next((w for w in widths if plan * run.kernels_cost(
+            hit = next((w for w in widths if plan * search.kernels_cost(
                 [k.narrowed(g.removed(w)) for k in kernels]) <= goal), None)
             if hit is not None:
                 chosen[g] = hit
@@ -457,30 +444,30 @@ def _proposals(run: _Run, current: Model, kernels: list, groups: list, goal: flo
     for g, width in chosen.items():
         proto, _ = prune_channels(current.proto, PruneConfig(
             ratio=0.0, layer_ratios={g.key: 1 - width / g.channels}, round_to=1,
-            min_channels=1, input_shapes=run.original.input_shapes))
-        out.append((g, width, proto, scale * run.cost(proto)))
+            min_channels=1, input_shapes=search.original.input_shapes))
+        out.append((g, width, proto, scale * search.cost(proto)))
     return out
 
 
-def _finetune_all(run: _Run, protos: list, epochs: int | None = None
+def _finetune_all(search: _Search, protos: list, epochs: int | None = None
                   ) -> list[tuple[onnx.ModelProto, dict]]:
     """Each model distilled from the original (for `steps` steps unless `epochs` is given),
     in spawned worker processes (torch is not fork-safe), in parallel when there are cores;
     one path for one fine-tune or many, and the memory training took is returned on exit."""
     import multiprocessing
 
-    cfg = run.cfg
-    epochs = epochs or max(1, round(cfg.steps / run.steps_per_epoch))
+    cfg = search.cfg
+    epochs = epochs or max(1, round(cfg.steps / search.steps_per_epoch))
     cores = os.cpu_count() or 2
     workers = cfg.workers or max(1, cores // 2)
-    jobs = [(p.SerializeToString(), run.original.serialized(), run.train, run.targets,
-             run.holdout, epochs, cfg, max(1, cores // workers)) for p in protos]
+    jobs = [(p.SerializeToString(), search.original.serialized(), search.train, search.targets,
+             search.holdout, epochs, cfg, max(1, cores // workers)) for p in protos]
     from concurrent.futures.process import BrokenProcessPool
 
-    if run.pool is None:      # kept for the whole search: spawning imports torch again
-        run.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    if search.pool is None:      # kept for the whole search: spawning imports torch again
+        search.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     try:
-        done = list(run.pool.map(finetune, jobs))
+        done = list(search.pool.map(finetune, jobs))
     except BrokenProcessPool:
         raise EdgesmithError("a fine-tuning worker process died (out of memory?); try "
                              "--workers 1") from None
@@ -500,67 +487,67 @@ def finetune(job: tuple) -> tuple[bytes, dict]:
     return model.SerializeToString(), rep.metrics
 
 
-def _finish(run: _Run, report: NasReport, current: Model) -> Model:
+def _finish(search: _Search, report: NasReport, current: Model) -> Model:
     """The longer distillation of the kept model, then the uniform-width baseline at the same
     measured latency and the same training steps. Returns the final model."""
-    cfg = run.cfg
+    cfg = search.cfg
     after = len(report.iterations)    # a search continued later finishes its own model
     final_id, uniform_id = f"nas:final@{after}", f"nas:uniform@{after}"
-    if (row := run.kept(final_id, "row")) is None:
-        run.say(f"final distillation ({cfg.final_epochs} epoch{'s' * (cfg.final_epochs != 1)})")
-        (proto, metrics), = _finetune_all(run, [current.proto], cfg.final_epochs)
-        model = from_proto(proto, run.original)
-        cand = run.measure(final_id, model)
-        row = _row(run, "netadapt", cand, proto, metrics)
-        run.save(cand, model, "row", row)
+    if (row := search.kept(final_id, "row")) is None:
+        search.run.say(f"final distillation ({cfg.final_epochs} epoch{'s' * (cfg.final_epochs != 1)})")
+        (proto, metrics), = _finetune_all(search, [current.proto], cfg.final_epochs)
+        model = from_proto(proto, search.original)
+        cand = search.measure(final_id, model)
+        row = _row(search, "netadapt", cand, proto, metrics)
+        search.save(cand, model, "row", row)
     report.final = row
-    final = run.state.load_model(run.state.done[final_id], run.original)
-    write_model(run.out, run.state.model_path(run.state.done[final_id].model_sha256))
-    if not cfg.uniform_baseline or run.over_budget():
-        _confirm(run, report, final)
+    final = search.run.state.load_model(search.run.state.done[final_id], search.original)
+    write_model(search.run.out, search.run.state.model_path(search.run.state.done[final_id].model_sha256))
+    if not cfg.uniform_baseline or search.run.over_budget():
+        _confirm(search, report, final)
         return final
-    if (row := run.kept(uniform_id, "row")) is None:
-        run.say("uniform-width baseline at the same latency")
-        uniform, ratio = _uniform_at(run, report.final["measured_ms"])
-        spent = after * cfg.steps / run.steps_per_epoch      # the search's steps too
-        (proto, metrics), = _finetune_all(run, [uniform], cfg.final_epochs + round(spent))
-        model = from_proto(proto, run.original)
-        cand = run.measure(uniform_id, model)
-        row = _row(run, f"uniform width x{1 - ratio:.2f}", cand, proto, metrics)
-        run.save(cand, model, "row", row)
+    if (row := search.kept(uniform_id, "row")) is None:
+        search.run.say("uniform-width baseline at the same latency")
+        uniform, ratio = _uniform_at(search, report.final["measured_ms"])
+        spent = after * cfg.steps / search.steps_per_epoch      # the search's steps too
+        (proto, metrics), = _finetune_all(search, [uniform], cfg.final_epochs + round(spent))
+        model = from_proto(proto, search.original)
+        cand = search.measure(uniform_id, model)
+        row = _row(search, f"uniform width x{1 - ratio:.2f}", cand, proto, metrics)
+        search.save(cand, model, "row", row)
     report.uniform = row
     target = report.final["measured_ms"]
     if abs(row["measured_ms"] / target - 1) > 0.05:       # said again when resumed
-        run.notes.append(f"the uniform baseline measured {row['measured_ms']:.3f} ms, the "
+        search.run.notes.append(f"the uniform baseline measured {row['measured_ms']:.3f} ms, the "
                          f"nearest any uniform width came to {target:.3f} ms (latency jumps "
                          "between neighbouring widths here)")
-    _confirm(run, report, final)
+    _confirm(search, report, final)
     return final
 
 
-def _confirm(run: _Run, report: NasReport, final: Model) -> None:
+def _confirm(search: _Search, report: NasReport, final: Model) -> None:
     """The original, the final model and the uniform baseline re-measured interleaved, in the
     same rounds: the comparison the report states is between these medians."""
-    trials = {"original": run.fused, "netadapt": final}
+    trials = {"original": search.fused, "netadapt": final}
     if report.uniform is not None:
-        trials["uniform"] = run.state.load_model(
-            run.state.done[f"nas:uniform@{len(report.iterations)}"], run.original)
-    run.say("re-measuring the original, the final model and the baseline interleaved")
-    spreads = interleave(run.device, {k: (bundles.build(m), run.job) for k, m in trials.items()},
-                         rounds=MEASURE_ROUNDS)
+        trials["uniform"] = search.run.state.load_model(
+            search.run.state.done[f"nas:uniform@{len(report.iterations)}"], search.original)
+    search.run.say("re-measuring the original, the final model and the baseline interleaved")
+    spreads = search.run.confirm({k: (bundles.build(m), search.job) for k, m in trials.items()},
+                                 rounds=MEASURE_ROUNDS)
     report.confirm = {k: asdict(v) for k, v in spreads.items()}
 
 
-def _row(run: _Run, name: str, cand: Candidate, proto, metrics: dict) -> dict:
+def _row(search: _Search, name: str, cand: Candidate, proto, metrics: dict) -> dict:
     from ..passes.distill import evaluate
 
     return {"name": name, "measured_ms": cand.p50_ms, "holdout_top1": metrics.get(
         "student_top1_after"), "holdout_sqnr_db": metrics.get("sqnr_db_after"),
-        "test_top1": evaluate(proto, run.test) if run.test else None, "macs": cand.macs,
+        "test_top1": evaluate(proto, search.test) if search.test else None, "macs": cand.macs,
         "params": cand.params}
 
 
-def _uniform_at(run: _Run, target_ms: float) -> tuple[onnx.ModelProto, float]:
+def _uniform_at(search: _Search, target_ms: float) -> tuple[onnx.ModelProto, float]:
     """The uniformly narrowed model (and its pruning ratio) whose measured latency is nearest
     `target_ms`, over width multipliers x0.1 to x0.9, each rounded both to the search's step
     and to the device's channel multiple (what `edgesmith prune` rounds to); every candidate
@@ -569,22 +556,20 @@ def _uniform_at(run: _Run, target_ms: float) -> tuple[onnx.ModelProto, float]:
     a 32x32 CNN). On Fashion-MNIST's CNN bisection's nearest was 22 % above a 0.358 ms target,
     the grid's 16 % below it."""
     from ..passes.prune import PruneConfig, prune_channels
-    from ..targets import match
-
-    roundings = sorted({run.cfg.round_to, match(run.device.facts()).profile.channel_multiple})
+    roundings = sorted({search.cfg.round_to, search.run.target.profile.channel_multiple})
     seen, best = set(), None
     for ratio in np.arange(0.1, 0.91, 0.1):      # 10 % steps: each probe is a round trip
         for round_to in roundings:
-            proto = prune_channels(run.fused.proto, PruneConfig(
-                ratio=float(ratio), round_to=round_to, min_channels=run.cfg.min_channels,
-                input_shapes=run.original.input_shapes))[0]
-            widths = tuple(_widths(proto, run.original).values())
+            proto = prune_channels(search.fused.proto, PruneConfig(
+                ratio=float(ratio), round_to=round_to, min_channels=search.cfg.min_channels,
+                input_shapes=search.original.input_shapes))[0]
+            widths = tuple(_widths(proto, search.original).values())
             if widths in seen:
                 continue
             seen.add(widths)
-            probe = measure(run.device, bundles.build(from_proto(proto, run.original)), run.job)
+            probe = measure(search.run.device, bundles.build(from_proto(proto, search.original)), search.job)
             if not probe.ok:
-                raise EdgesmithError(f"a uniform-width model did not run on {run.device.name}: "
+                raise EdgesmithError(f"a uniform-width model did not run on {search.run.device.name}: "
                                      f"{probe.error}")
             measured = probe.latency_ms["p50"]
             if best is None or abs(measured - target_ms) < abs(best[2] - target_ms):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..measure import Candidate
+from ..run.budget import within
 
 
 def choose(cands: list[Candidate], cfg) -> Candidate | None:
@@ -13,11 +14,8 @@ def choose(cands: list[Candidate], cfg) -> Candidate | None:
     front = {c.id for c in pareto_front(eligible)}
     for c in cands:
         c.pareto = c.id in front
-        c.within_budget = bool(c.ok and c.model_sha256 and c.accuracy_drop is not None and
-                               (allowed is None or c.backend in allowed) and
-                               c.accuracy_drop <= cfg.max_accuracy_drop and
-                               (cfg.latency_budget_ms is None or
-                                c.latency_ms <= cfg.latency_budget_ms))
+        c.within_budget = bool(c.model_sha256 and (allowed is None or c.backend in allowed)
+                               and within(c, cfg.max_accuracy_drop, cfg.latency_budget_ms))
     ok = [c for c in cands if c.within_budget]
     return min(ok, key=lambda c: c.latency_ms) if ok else None
 

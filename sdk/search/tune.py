@@ -10,58 +10,25 @@ and kept only when it is faster beyond the rounds' spread.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
-from ..bundle import DEFAULT_BACKEND, cache_dir
+from ..bundle import DEFAULT_BACKEND
 from ..data import eval_batch
-from ..devices import Job, fingerprint, get_device
-from ..errors import EdgesmithError, StageError
-from ..measure import Candidate, interleave, measure
+from ..devices import Job
+from ..errors import EdgesmithError
+from ..measure import Candidate, measure
 from ..model import Model, load
-from ..targets import Match, get_profile, match
+from ..run import Run, accuracy_drop, within
+from ..targets import Match
+from .cache import TuningCache, context_key
 from ..variants import KNOBS, Space, Variant, space
 from .. import bundle as bundles
 
 
-class TuningCache:
-    """JSON lines under the cache dir; appends are locked so parallel tunes do not interleave."""
-
-    def __init__(self, path: Path | None = None):
-        self.path = path or cache_dir() / "tuning.jsonl"
-        self._entries: dict[tuple, dict] | None = None
-
-    def _load(self) -> dict[tuple, dict]:
-        if self._entries is None:
-            self._entries = {}
-            if self.path.is_file():
-                for line in self.path.read_text().splitlines():
-                    try:
-                        rec = json.loads(line)
-                        self._entries[(rec["context"], rec["device"], rec["key"])] = rec["trial"]
-                    except (ValueError, KeyError, TypeError):
-                        continue   # a torn last line (or an older format) is skipped, not fatal
-        return self._entries
-
-    def get(self, context: str, device: str, key: str) -> dict | None:
-        return self._load().get((context, device, key))
-
-    def put(self, context: str, device: str, key: str, trial: dict) -> None:
-        self._load()[(context, device, key)] = trial
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"context": context, "device": device, "key": key, "trial": trial,
-                           "time": time.time()}) + "\n"
-        with open(self.path, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            fh.write(line)
-
-
-@dataclass
+@dataclass(kw_only=True)
 class TuneReport:
     model: str
     model_sha256: str
@@ -90,16 +57,8 @@ class _Stop(Exception):
     pass
 
 
-def context_key(model: Model, job: Job) -> str:
-    """What besides the device and variant decides a timing: model bytes, inputs, settings."""
-    settings = {k: v for k, v in asdict(job).items() if k not in ("config", "evaluate")}
-    blob = json.dumps({"model": hashlib.sha256(model.serialized()).hexdigest(),
-                       "inputs": [s.as_manifest() for s in model.inputs],
-                       "job": settings}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def tune(model: str | os.PathLike | Model, device="local", target: str | Match | None = None,
+def tune(model: str | os.PathLike | Model, device: Run | str = "local",
+         target: str | Match | None = None,
          budget_s: float = 120.0, max_trials: int = 40, fresh: bool = False,
          search_space: Space | None = None, cache: TuningCache | None = None,
          confirm_rounds: int = 3, measure_settings: dict | None = None, on_trial=None,
@@ -112,14 +71,9 @@ def tune(model: str | os.PathLike | Model, device="local", target: str | Match |
     stage = on_stage or (lambda line: None)
     if not isinstance(model, Model):
         model = load(model)
-    dev = get_device(device) if isinstance(device, str) or device is None else device
+    run = Run.open(device, target=target)
+    dev, facts, chosen = run.device, run.facts, run.target
     cache = cache or TuningCache()
-    try:
-        facts = dev.facts()
-    except StageError as exc:
-        raise EdgesmithError(str(exc)) from None
-    chosen = target if isinstance(target, Match) else \
-        Match(get_profile(target), [f"chosen with --target {target}"]) if target else match(facts)
     profile, backend = chosen.profile, DEFAULT_BACKEND[model.format]
     if backend not in profile.backends:
         raise EdgesmithError(f"target {profile.name} does not list backend {backend}")
@@ -150,7 +104,7 @@ def tune(model: str | os.PathLike | Model, device="local", target: str | Match |
 
     job = replace(Job(**{**profile.measure_job_args(), **(measure_settings or {})}),
                   evaluate=False, backend=backend)
-    ctx_key, device_key = context_key(model, job), fingerprint(facts)
+    ctx_key, device_key = context_key(model, job), run.fingerprint
     done: dict[str, Candidate] = {}
     tried: dict[str, Variant] = {}
     spent = {"device_s": 0.0, "measured": 0, "cached": 0}
@@ -189,7 +143,7 @@ def tune(model: str | os.PathLike | Model, device="local", target: str | Match |
     if best.ok and default.ok and best.key != default.key and confirm_rounds > 0:
         stage(f"re-measuring {best.id} against the runtime defaults, interleaved "
               f"x{confirm_rounds}")
-        best, confirm, verdict = _confirm(dev, bundles_of(Variant.of(sp.backend, {}))[0],
+        best, confirm, verdict = _confirm(run, bundles_of(Variant.of(sp.backend, {}))[0],
                                           bundles_of(best_variant)[0], job, default, best,
                                           confirm_rounds)
     kept = tried.get(best.key, Variant.of(sp.backend, {}))
@@ -199,11 +153,14 @@ def tune(model: str | os.PathLike | Model, device="local", target: str | Match |
     tuned = bundles.build(shipped, config=best.config, eval_batch=batch, extra_files=files,
                           meta={"source": str(model.path),
                                 "tuned": {"target": profile.name, "variant": best.id}})
-    return TuneReport(str(model.path), hashlib.sha256(model.serialized()).hexdigest(), dev.name,
-                      device_key, profile.name, chosen.reasons, ranked,
-                      [{"knob": k, "value": v, "reason": r} for k, v, r in sp.pruned],
-                      default, best, confirm, verdict, stopped, spent["measured"],
-                      spent["cached"], spent["device_s"], str(tuned.path), kernels)
+    return TuneReport(model=str(model.path),
+                      model_sha256=hashlib.sha256(model.serialized()).hexdigest(),
+                      device=dev.name, device_fingerprint=device_key, target=profile.name,
+                      target_reasons=chosen.reasons, trials=ranked,
+                      pruned=[{"knob": k, "value": v, "reason": r} for k, v, r in sp.pruned],
+                      default=default, best=best, confirm=confirm, verdict=verdict,
+                      stopped=stopped, measured=spent["measured"], from_cache=spent["cached"],
+                      device_s=spent["device_s"], bundle=str(tuned.path), kernels=kernels)
 
 
 def _rewritten_models(model: Model, sp: Space, facts: dict) -> dict[tuple, tuple]:
@@ -320,13 +277,12 @@ def _judge_rewrite(result: Candidate, scale: float) -> None:
 
 
 def _judge_numerics(result: Candidate, done: dict, max_drop: float, scores: bool) -> None:
-    """A numerics-changing variant is an error row when it costs more than the budget."""
-    from .int8 import accuracy_drop
-
+    """A numerics-changing variant is an error row when it is not within the accuracy budget
+    (not judged included: the one budget rule, `run.within`)."""
     default = next((t for t in done.values() if t.id == "runtime defaults"), None)
     drop = accuracy_drop(default.accuracy if default else None, result.accuracy, scores)
     result.accuracy_drop = drop
-    if result.ok and (drop is None or drop > max_drop):
+    if result.ok and not within(result, max_drop):
         result.error = (f"changes the outputs: accuracy drop {drop if drop is None else round(drop, 4)}"
                         f" > {max_drop}")
         result.stage = "accuracy"
@@ -349,19 +305,19 @@ def _coordinate_descent(sp: Space, trial) -> str | None:
     return None
 
 
-def _confirm(dev, default_bundle, best_bundle, job: Job, default: Candidate, best: Candidate,
-             rounds: int):
+def _confirm(run: Run, default_bundle, best_bundle, job: Job, default: Candidate,
+             best: Candidate, rounds: int):
     """Re-measure winner and default interleaved; keep the winner only when its rounds are
     faster than all of the default's (a margin inside the spread is noise)."""
-    spreads = interleave(dev, {"default": (default_bundle, replace(job, config=default.config)),
-                               "best": (best_bundle, replace(job, config=best.config))}, rounds)
+    spreads = run.confirm({"default": (default_bundle, replace(job, config=default.config)),
+                           "best": (best_bundle, replace(job, config=best.config))}, rounds)
     if len(spreads) < 2:
         return default, {}, "re-measurement failed; keeping the runtime defaults"
     d, b = spreads["default"], spreads["best"]
     default.confirm, best.confirm = asdict(d), asdict(b)
     confirm = {"default": asdict(d), "best": asdict(b), "speedup": d.median_ms / b.median_ms,
                "rounds": rounds, "within_noise": d.overlaps(b)}
-    if b.median_ms < d.median_ms and not d.overlaps(b):
+    if b.beats(d):
         confirm["kept"] = "best"
         return best, confirm, (f"{best.id}: {confirm['speedup']:.2f}x faster than the defaults "
                                f"on interleaved re-measurement")

@@ -17,7 +17,7 @@ import onnx
 from onnx import helper
 
 from ..onnx_utils import UNBOUNDED, Graph, clip_bounds, float_name, probe_session
-from ..passes.reconstruct import _Weight, blocks, float_twins
+from ..passes.reconstruct import QuantWeight, blocks, float_twins
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 # onnxruntime's names for the kernels it made of a node: QDQ fusion's `<node>_token_<n>`,
@@ -68,7 +68,7 @@ def _only(qdq: onnx.ModelProto, block, weights: dict, folded: dict) -> onnx.Mode
             continue
         w = weights.get(n.output[0])
         users = graph.consumers.get(n.output[0], [])
-        if isinstance(w, _Weight) and not any(u.output[0] in inside for u in users):
+        if isinstance(w, QuantWeight) and not any(u.output[0] in inside for u in users):
             name = graph.unique_name(n.output[0] + "_float")
             graph.set_array(name, w.w_float)
             nodes.append(helper.make_node("Identity", [name], [n.output[0]], n.name))

@@ -2,7 +2,7 @@
 
 Why not onnx2torch: it drags torchvision (which does not import beside torch 2.13 here) and a
 converter per op we would have to trust on export. Our students are the user's own graphs
-(pruned, or as given), so an interpreter for the ops real exports contain (`torch_ops.OPS`) is
+(pruned, or as given), so an interpreter for the ops real exports contain (`ops.OPS`) is
 enough, and training never changes the graph: weights go back into the same ONNX model, which
 is then checked against ORT.
 """

@@ -1,4 +1,4 @@
-"""ONNX ops as torch functions, for the ONNX->torch interpreter (`onnx_torch`).
+"""ONNX ops as torch functions, for the ONNX->torch interpreter (`interpreter`).
 
 One plain registry: `OPS[op_type](node, inputs, env) -> tensor | tuple of tensors`. The set
 covers what real exports contain (the test corpus: classifiers from old zoo graphs to dynamo,
