@@ -35,7 +35,7 @@ def main() -> None:
     import onnxruntime as ort
 
     import device_runtime
-    from edgesmith.optimize.pipeline import OptimizeConfig, optimize
+    from edgesmith.pipeline import OptimizeConfig, optimize
 
     x_train, y_train, _, _ = digits.load(96)
     train = work / "train.npz"

@@ -26,14 +26,14 @@ def profile(model, **kwargs):
 
 
 def optimize(model, out_dir, **kwargs):
-    """The main job: the fastest variant within the budgets (see `edgesmith.optimize.pipeline`)."""
-    from .optimize.pipeline import optimize as _optimize
+    """The main job: the fastest variant within the budgets (see `edgesmith.pipeline`)."""
+    from .pipeline import optimize as _optimize
 
     return _optimize(model, out_dir, **kwargs)
 
 
 def __getattr__(name):
     if name == "OptimizeConfig":
-        from .optimize.pipeline import OptimizeConfig
+        from .pipeline import OptimizeConfig
         return OptimizeConfig
     raise AttributeError(f"module 'edgesmith' has no attribute {name!r}")

@@ -58,7 +58,7 @@ def imports_of_runtime(path: Path) -> set[str]:
 
 
 def test_passes_never_import_the_cli_devices_runs_or_searches():
-    forbidden = ("edgesmith.cli", "edgesmith.devices", "edgesmith.optimize", "edgesmith.measure",
+    forbidden = ("edgesmith.cli", "edgesmith.devices", "edgesmith.pipeline", "edgesmith.measure",
                  "edgesmith.run", "edgesmith.search", "edgesmith.report")
     for path in (SDK / "passes").glob("*.py"):
         bad = {i for i in imports_of(path) if i.startswith(forbidden)}
@@ -94,6 +94,16 @@ def test_only_the_run_object_resolves_devices():
             continue
         assert "edgesmith.devices.get_device" not in imports_of(path), \
             f"{path.relative_to(ROOT)} resolves devices itself: use edgesmith.run"
+
+
+def test_no_module_shadows_the_public_api():
+    """`edgesmith.optimize(...)` is a function: a submodule of that name would replace it on
+    the package as soon as anything imported the submodule."""
+    import edgesmith
+
+    for name in edgesmith.__all__:
+        assert not (SDK / name).exists() and not (SDK / f"{name}.py").exists(), \
+            f"sdk/{name} would shadow edgesmith.{name}"
 
 
 def test_no_private_name_crosses_a_module():

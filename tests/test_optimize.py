@@ -15,7 +15,7 @@ import device_runtime
 from conftest import ROOT, require, run_cli
 from edgesmith.measure import ms_digits
 from edgesmith.model import load as load_model
-from edgesmith.optimize.pipeline import OptimizeConfig, optimize
+from edgesmith.pipeline import OptimizeConfig, optimize
 
 SCHEMA = json.loads((ROOT / "tests" / "schemas" / "report.json").read_text())
 QUICK = ["--tune-budget", "5s"]

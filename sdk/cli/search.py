@@ -119,7 +119,7 @@ def optimize(model, out_dir, force, device, identity, accept_new_host_key, remot
     Exit 0 when a candidate met the budget; 1 when none did (the trade-offs are still saved).
     """
     from ..model import parse_input_shapes
-    from ..optimize.pipeline import OptimizeConfig, optimize as run_optimize
+    from ..pipeline import OptimizeConfig, optimize as run_optimize
     from ..report.text import optimize_table, print_table, write_json
 
     try:
@@ -154,7 +154,7 @@ def optimize(model, out_dir, force, device, identity, accept_new_host_key, remot
 
 
 def _backends(value: str) -> tuple[str, ...]:
-    from ..optimize.config import BACKENDS
+    from ..pipeline.config import BACKENDS
 
     chosen = tuple(b.strip() for b in value.split(",") if b.strip())
     if not chosen or not set(chosen) <= set(BACKENDS):

@@ -1,7 +1,9 @@
-"""`optimize`: model in, the fastest variant within the accuracy budget on the device out.
+"""`optimize`, the main job: model in, the fastest variant within the accuracy budget on the
+device out. Its config and the stages' Context are in `config`, its candidate families in
+`stages`; this module runs them over one run object (`edgesmith.run.Run`).
 
-A context (`context.Context`) is built once per run (device and its facts, matched target, fused
-model, judging set with reference outputs, calibration feeds); then the stages run in order: fp32
+A context (`config.Context`: the run object, the fused model, the judging set with reference
+outputs, the calibration feeds) is built once per run; then the stages run in order: fp32
 baseline, the candidate families of `stages` (int8 recipes, pruned + distilled students (+ int8),
 TFLite conversions under LiteRT), interleaved confirmation of the fastest contenders, and the
 finish (tuning, per-op profile, bundle, reports). Every candidate is measured
