@@ -113,7 +113,7 @@ def anatomy(model, calib: Path, x: np.ndarray, ref: np.ndarray) -> None:
 
     from edgesmith.data import calibration_batches
     from edgesmith.passes.equalize import EqualizeConfig, equalize
-    from edgesmith.passes.quantize import _Reader, preprocess
+    from edgesmith.passes.quantize import PreprocessConfig, _Reader, preprocess
 
     def sqnr(proto, level="ORT_ENABLE_ALL") -> str:
         o = ort.SessionOptions()
@@ -124,7 +124,7 @@ def anatomy(model, calib: Path, x: np.ndarray, ref: np.ndarray) -> None:
         db = 10 * np.log10((ref ** 2).sum() / max(((ref - out) ** 2).sum(), 1e-30))
         return f"agreement {np.mean(out.argmax(1) == ref.argmax(1)):.3f} SQNR {db:5.2f} dB"
 
-    pre, _ = preprocess(model.proto, model.input_shapes)
+    pre, _ = preprocess(model.proto, PreprocessConfig(input_shapes=model.input_shapes))
     cle, _ = equalize(pre, EqualizeConfig(list(calibration_batches(calib, model, 16))))
     print("  anatomy of the error (after cross-layer equalization):")
     print(f"    weights only, 8-bit per-channel:          {sqnr(fake_quant_weights(cle, 8))}")
@@ -159,7 +159,7 @@ def main() -> None:
     from edgesmith.data import calibration_batches
     from edgesmith.devices import Job, get_device
     from edgesmith.model import load
-    from edgesmith.passes.quantize import _Reader, preprocess
+    from edgesmith.passes.quantize import PreprocessConfig, _Reader, preprocess
     from edgesmith.search.int8 import choose_recipe, quant_data
 
     for name in args.models:
@@ -173,7 +173,7 @@ def main() -> None:
         data = np.load(evalset)
         x, y = data["input"], (None if imagenet else data["labels"])
         model = load(onnx_path)
-        pre, _ = preprocess(model.proto, model.input_shapes)
+        pre, _ = preprocess(model.proto, PreprocessConfig(input_shapes=model.input_shapes))
         ref = np.concatenate([session(pre).run(None, {"input": x[i:i + 16]})[0]
                               for i in range(0, len(x), 16)])
         with tempfile.TemporaryDirectory() as tmp:   # ORT's defaults: QDQ, S8S8, per-tensor

@@ -113,7 +113,7 @@ def main() -> None:
     from quantize import interleaved, session
     from real_models import cpu_name, sqnr
     from edgesmith.model import load
-    from edgesmith.passes.quantize import preprocess
+    from edgesmith.passes.quantize import PreprocessConfig, preprocess
     from edgesmith.search.int8 import build_recipe, recipe_by_name
     from edgesmith.search.why_worse import block_sensitivity
 
@@ -125,7 +125,7 @@ def main() -> None:
             continue
         calib, held, natural = data(name)
         model = load(path, {"input": [1, *calib.shape[1:]]})
-        prepared, _ = preprocess(model.proto, model.input_shapes)
+        prepared, _ = preprocess(model.proto, PreprocessConfig(input_shapes=model.input_shapes))
         batches = [{"input": calib[i:i + 8]} for i in range(0, len(calib), 8)]
         built, seconds = {"fp32": prepared}, {}
         t0 = time.time()

@@ -203,14 +203,14 @@ def rewrite_for_device(model, tile_rows: int, min_side: int, facts: dict):
     machine (its own build of the same source) against onnxruntime."""
     from .model import from_proto, static_shapes
     from .passes.fuse import fuse
-    from .passes.kernels import fuse_inverted_residual
+    from .passes.kernels import KernelConfig, fuse_inverted_residual
 
     if model.format != "onnx":
         return "edgesmith kernels run in onnxruntime: ONNX models only"
     plain = fuse(model.proto)[0]
     shapes = static_shapes(plain, model.inputs)
-    rewritten, report = fuse_inverted_residual(plain, {"tile_rows": tile_rows,
-                                                       "min_side": min_side, "shapes": shapes})
+    rewritten, report = fuse_inverted_residual(plain, KernelConfig(
+        tile_rows=tile_rows, min_side=min_side, shapes=shapes))
     if not report.changed:
         if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in plain.graph.node):
             return ("edgesmith's kernels are float32 and this model is quantized (its "

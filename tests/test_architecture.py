@@ -74,6 +74,26 @@ def test_passes_holds_only_passes():
                 f"{path.relative_to(ROOT)} registers no pass: move it out of passes/"
 
 
+def test_every_pass_takes_a_dataclass_config():
+    """`apply(model, cfg)`: cfg is a dataclass (its fields validated where it is made), or
+    None for a pass without options; never an int, a dict or a list."""
+    import dataclasses
+    import inspect
+    import typing
+
+    from edgesmith.passes import load_all
+
+    for name, fn in load_all().items():
+        cfg = list(inspect.signature(fn).parameters.values())[1]
+        hint = typing.get_type_hints(fn).get(cfg.name)
+        if hint is None:
+            assert cfg.default is None, f"pass {name}: an unannotated config must default to None"
+            continue
+        kinds = [k for k in typing.get_args(hint) or (hint,) if k is not type(None)]
+        assert len(kinds) == 1 and dataclasses.is_dataclass(kinds[0]), \
+            f"pass {name} takes {hint}: give it a dataclass config"
+
+
 SEARCHES = ("edgesmith.search.int8", "edgesmith.search.tune", "edgesmith.search.nas",
             "edgesmith.search.select")
 

@@ -18,7 +18,8 @@ from edgesmith.devices import Job
 from edgesmith.devices.ssh import SSHDevice
 from edgesmith.data import calibration_batches
 from edgesmith.model import load, save
-from edgesmith.passes.quantize import QuantizeConfig, QuantRecipe, preprocess, quantize_static
+from edgesmith.passes.quantize import (PreprocessConfig, QuantizeConfig, QuantRecipe, preprocess,
+                                       quantize_static)
 from edgesmith.profiling import profile_many
 
 # the first test also builds the rootfs when it is not cached (~7 min here, more on a busy CI)
@@ -80,7 +81,7 @@ def test_profile_digits_over_ssh_gives_the_x86_accuracy_labelled_emulated(pi_hom
 def test_int8_and_tflite_models_keep_their_x86_accuracy_on_arm(pi_home, models, tmp_path):
     cnn = load(models / "digits_cnn.onnx")
     int8 = tmp_path / "cnn_int8.onnx"
-    pre, _ = preprocess(cnn.proto, cnn.input_shapes)
+    pre, _ = preprocess(cnn.proto, PreprocessConfig(input_shapes=cnn.input_shapes))
     q, _ = quantize_static(pre, QuantizeConfig(QuantRecipe("qdq-u8s8"), list(
         calibration_batches(models / "digits_cnn_train.npz", cnn, 32))))
     save(q, int8)

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgesmith.passes import get
-from edgesmith.passes.fuse import fuse
+from edgesmith.passes.fuse import OpsetConfig, fuse
 
 RNG = np.random.default_rng(0)
 
@@ -105,7 +105,7 @@ def test_opset_upgrade_keeps_outputs():
     model = messy_model()
     model.opset_import[0].version = 13
     feed = {"x": RNG.standard_normal((1, 3, 6, 6)).astype(np.float32)}
-    upgraded, report = get("upgrade_opset")(model, 17)
+    upgraded, report = get("upgrade_opset")(model, OpsetConfig(opset=17))
     assert "opset 13 -> 17" in report.details and upgraded.opset_import[0].version == 17
     np.testing.assert_allclose(run(upgraded, feed)[0], run(model, feed)[0], rtol=1e-6)
 
@@ -114,9 +114,9 @@ def test_opset_conversion_down_for_an_older_runtime_stamps_the_ir_it_needs(model
     """A model saved by the newest onnx (newest opset and IR) converted down for an older
     onnxruntime: outputs unchanged, IR version the oldest the target opset allows."""
     cnn = onnx.load(models / "digits_cnn.onnx")
-    newest, _ = get("convert_opset")(cnn, onnx.defs.onnx_opset_version())
+    newest, _ = get("convert_opset")(cnn, OpsetConfig(opset=onnx.defs.onnx_opset_version()))
     assert newest.ir_version == onnx.IR_VERSION
-    down, report = get("convert_opset")(newest, 17)
+    down, report = get("convert_opset")(newest, OpsetConfig(opset=17))
     assert down.opset_import[0].version == 17 and down.ir_version == 8   # IR 8 brought opset 17
     assert f"IR version {onnx.IR_VERSION} -> 8" in report.details
     feed = {"input": RNG.standard_normal((1, 1, 8, 8)).astype(np.float32)}

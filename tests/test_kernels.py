@@ -20,7 +20,7 @@ from edgesmith.errors import EdgesmithError
 from edgesmith.own_kernels import LIBRARY, build, numerics_error, rewrite_for_device, toolchain
 from edgesmith.measure import measure
 from edgesmith.model import from_proto, load
-from edgesmith.passes.kernels import fuse_inverted_residual
+from edgesmith.passes.kernels import KernelConfig, fuse_inverted_residual
 
 HOST = __import__("device_runtime.facts", fromlist=["collect"]).collect(with_providers=False)
 ISA_FACTS = {"avx512": {"arch": "x86_64", "cpu_flags": ["avx512f", "avx2", "fma"]},
@@ -94,7 +94,7 @@ def test_every_x86_build_equals_onnxruntime_on_odd_shapes_and_tiles(isa, tmp_pat
             inputs = {"x": type("Spec", (), {"shape": [batch, blocks[0][0], h, w],
                                              "dtype": "float32"})}
             for tile in (0, 1, 3, 16):
-                fused, report = fuse_inverted_residual(model, {"tile_rows": tile})
+                fused, report = fuse_inverted_residual(model, KernelConfig(tile_rows=tile))
                 assert report.changed == len(blocks) and {
                     n.op_type for n in fused.graph.node} == {"InvertedResidual"}
                 assert numerics_error(model, fused, inputs, library) < 1e-5, (h, w, batch, tile)
@@ -113,7 +113,7 @@ def test_threads_split_the_bands_and_give_the_same_bits():
         x = np.random.default_rng(1).standard_normal((1, blocks[0][0], h, w)).astype(np.float32)
         outputs = []
         for threads in (1, 3):
-            fused = fuse_inverted_residual(model, {"tile_rows": tile})[0]
+            fused = fuse_inverted_residual(model, KernelConfig(tile_rows=tile))[0]
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
             opts.register_custom_ops_library(str(library))
@@ -142,7 +142,7 @@ def test_loading_the_library_again_and_again_leaves_nothing_behind():
     from concurrent.futures import ThreadPoolExecutor
 
     library = str(build(HOST)[0])
-    model = fuse_inverted_residual(block_model([(32, 192, 32, 1, True)], 56, 56), {})[0]
+    model = fuse_inverted_residual(block_model([(32, 192, 32, 1, True)], 56, 56))[0]
     serialized, x = model.SerializeToString(), np.ones((1, 32, 56, 56), np.float32)
     worker = ThreadPoolExecutor(1)
 

@@ -15,8 +15,8 @@ from edgesmith.data import calibration_batches
 from edgesmith.devices import Job, get_device
 from edgesmith.model import load
 from edgesmith.passes.equalize import BiasCorrectConfig, bias_correct, equalize
-from edgesmith.passes.quantize import (QuantizeConfig, QuantRecipe, preprocess, quantize_dynamic,
-                                       quantize_static)
+from edgesmith.passes.quantize import (PreprocessConfig, QuantizeConfig, QuantRecipe, preprocess,
+                                       quantize_dynamic, quantize_static)
 from edgesmith.search.int8 import candidate_recipes, choose_recipe, quant_data
 
 RNG = np.random.default_rng(0)
@@ -44,7 +44,7 @@ def top1(proto, models, name="digits_cnn"):
 @pytest.fixture(scope="module")
 def cnn(models):
     m = load(models / "digits_cnn.onnx")
-    return m, preprocess(m.proto, m.input_shapes)[0]
+    return m, preprocess(m.proto, PreprocessConfig(input_shapes=m.input_shapes))[0]
 
 
 @pytest.mark.parametrize("recipe, op", [
@@ -78,7 +78,7 @@ def test_a_graph_without_node_names_is_quantized_all_the_same(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 12, 12])],
         [numpy_helper.from_array(w.astype(np.float32), n) for w, n in ((w1, "w1"), (w2, "w2"))])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    pre, report = preprocess(model, {"x": [1, 8, 12, 12]})
+    pre, report = preprocess(model, PreprocessConfig(input_shapes={"x": [1, 8, 12, 12]}))
     names = [n.name for n in pre.graph.node]
     assert all(names) and len(set(names)) == len(names)
     assert any("named 4 unnamed nodes" in line for line in report.details)
@@ -120,7 +120,7 @@ def test_dynamic_spatial_dims_are_fixed_before_quantizing(models, tmp_path):
     path = tmp_path / "dyn.onnx"
     onnx.save(proto, path)
     m = load(path, {"input": [1, 1, 8, 8]})
-    pre, _ = preprocess(m.proto, m.input_shapes)
+    pre, _ = preprocess(m.proto, PreprocessConfig(input_shapes=m.input_shapes))
     dims = pre.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims][1:] == [1, 8, 8] and dims[0].dim_param == "batch"
     q, _ = quantize_static(pre, QuantizeConfig(QuantRecipe("rr", reduce_range=True), list(
@@ -353,7 +353,7 @@ def test_block_reconstruction_wins_on_held_out_data_and_keeps_the_fast_placement
     x = np.load(models / "digits_resnet_eval.npz")["input"]
     calib, held = x[:240], x[240:]
     batches = [{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)]
-    prepared, _ = preprocess(m.proto, m.input_shapes)
+    prepared, _ = preprocess(m.proto, PreprocessConfig(input_shapes=m.input_shapes))
     recipe = recipe_by_name("qdq-u8s8")
     nearest, _ = build_recipe(prepared, recipe, batches)
     learned, report = reconstruct(nearest, ReconstructConfig(prepared, batches,

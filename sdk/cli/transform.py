@@ -26,7 +26,7 @@ from .common import (config_error, data_source, host_device_option, input_shape_
 def fuse(model, out, ort_fusions, opset, input_shape, json_out):
     """Fold constants and BatchNorms, fuse MatMul+Add, drop no-ops; outputs stay the same."""
     from ..model import load, parse_input_shapes, save
-    from ..passes.fuse import PORTABLE_PIPELINE, convert_opset, fuse as run_fuse
+    from ..passes.fuse import PORTABLE_PIPELINE, OpsetConfig, convert_opset, fuse as run_fuse
     from ..report.text import write_json
 
     m = load(model, parse_input_shapes(input_shape), static=False)
@@ -34,7 +34,7 @@ def fuse(model, out, ort_fusions, opset, input_shape, json_out):
     fused, reports = run_fuse(m.proto, passes)
     if opset is not None:
         try:
-            fused, report = convert_opset(fused, opset)
+            fused, report = convert_opset(fused, OpsetConfig(opset=opset))
         except Exception as exc:   # onnx's converter raises bare RuntimeErrors per op
             text = str(exc).strip().splitlines()[0]
             if found := re.search(r"No Adapter From Version \$(\d+) for (\w+)", text):

@@ -7,6 +7,8 @@ writes onnxruntime's com.microsoft.FusedConv, so it is opt-in: the result only r
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -225,19 +227,34 @@ def cancel_transposes(model: onnx.ModelProto, cfg=None) -> tuple[onnx.ModelProto
     return model, report
 
 
+@dataclass(frozen=True, kw_only=True)
+class OpsetConfig:
+    """The default-domain opset a conversion aims at (7 up to what this onnx converts)."""
+
+    opset: int = 17
+
+    def __post_init__(self):
+        newest = onnx.defs.onnx_opset_version()
+        if not 7 <= self.opset <= newest:
+            raise ValueError(f"OpsetConfig.opset: opset {self.opset} is outside what this onnx "
+                             f"converts (7..{newest})")
+
+
 @register("upgrade_opset")
-def upgrade_opset(model: onnx.ModelProto, cfg: int | None = 17) -> tuple[onnx.ModelProto,
-                                                                        PassReport]:
-    """Raise the default-domain opset to at least `cfg` (per-channel QDQ needs 13+)."""
-    current, target = default_opset(model), int(cfg or 17)
-    if current is None or current >= target:
+def upgrade_opset(model: onnx.ModelProto, cfg: OpsetConfig | None = None
+                  ) -> tuple[onnx.ModelProto, PassReport]:
+    """Raise the default-domain opset to at least `cfg.opset` (per-channel QDQ needs 13+;
+    default 17)."""
+    cfg, current = cfg or OpsetConfig(), default_opset(model)
+    if current is None or current >= cfg.opset:
         return _copy(model), PassReport("upgrade_opset")
-    return convert_opset(model, target)
+    return convert_opset(model, cfg)
 
 
 @register("convert_opset")
-def convert_opset(model: onnx.ModelProto, cfg: int) -> tuple[onnx.ModelProto, PassReport]:
-    """Convert to opset `cfg`, up or down, and stamp the IR version that opset needs (the oldest).
+def convert_opset(model: onnx.ModelProto, cfg: OpsetConfig) -> tuple[onnx.ModelProto, PassReport]:
+    """Convert to `cfg.opset`, up or down, and stamp the IR version that opset needs (the
+    oldest).
 
     Down-conversion is how a model saved by a new onnx runs on a device whose onnxruntime is
     older (the device reports the opset and IR version it reads).
@@ -245,10 +262,7 @@ def convert_opset(model: onnx.ModelProto, cfg: int) -> tuple[onnx.ModelProto, Pa
     from onnx import version_converter
 
     report = PassReport("convert_opset")
-    target, current = int(cfg), default_opset(model)
-    newest = onnx.defs.onnx_opset_version()
-    if not 7 <= target <= newest:
-        raise ValueError(f"opset {target} is outside what this onnx converts (7..{newest})")
+    target, current = cfg.opset, default_opset(model)
     converted = _copy(model) if current == target else \
         version_converter.convert_version(model, target)
     if current != target:

@@ -10,6 +10,8 @@ whether it is faster is for measurement to say, per device (the `edgesmith_kerne
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -99,15 +101,27 @@ def _output_side(block: dict, shape) -> float:
     return min(block_sides(block, side)[1] for side in shape[2:])
 
 
+@dataclass(frozen=True, kw_only=True)
+class KernelConfig:
+    """Which blocks become the fused kernel, and its band height."""
+
+    tile_rows: int = 0          # output rows per kernel step; 0: the kernel's default
+    min_side: float = 0         # only blocks whose output is at least this many pixels a side,
+    shapes: dict = field(default_factory=dict)   # by these static shapes (value name -> dims;
+    #                             a block of unknown shape counts as large)
+
+    def __post_init__(self):
+        if self.tile_rows < 0 or self.min_side < 0:
+            raise ValueError("KernelConfig.tile_rows and min_side must be >= 0")
+
+
 @register("fuse_inverted_residual")
-def fuse_inverted_residual(model: onnx.ModelProto, cfg: dict | None = None
+def fuse_inverted_residual(model: onnx.ModelProto, cfg: KernelConfig | None = None
                            ) -> tuple[onnx.ModelProto, PassReport]:
-    """cfg: {"tile_rows": output rows per kernel step, 0 = the kernel's default; "min_side":
-    only blocks whose output is at least this many pixels a side, by "shapes" (value name ->
-    static shape; a block of unknown shape counts as large)}."""
-    cfg = cfg or {}
-    tile_rows, min_side, shapes = int(cfg.get("tile_rows", 0)), cfg.get("min_side", 0), \
-        cfg.get("shapes") or {}
+    """Each matching MobileNetV2 inverted-residual block (and the stem) becomes one
+    edgesmith.InvertedResidual node."""
+    cfg = cfg or KernelConfig()
+    tile_rows, min_side, shapes = int(cfg.tile_rows), cfg.min_side, cfg.shapes
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g, report = out.graph, PassReport("fuse_inverted_residual")

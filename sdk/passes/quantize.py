@@ -117,8 +117,16 @@ def _working_dir(path: str):
         os.chdir(before)
 
 
+@dataclass(frozen=True, kw_only=True)
+class PreprocessConfig:
+    """The concrete input shapes ({input name: dims}) shape inference runs on; a dynamic batch
+    stays dynamic."""
+
+    input_shapes: dict
+
+
 @register("preprocess")
-def preprocess(model: onnx.ModelProto, shapes: dict[str, list[int]]
+def preprocess(model: onnx.ModelProto, cfg: PreprocessConfig
                ) -> tuple[onnx.ModelProto, PassReport]:
     """ORT's quantization pre-processing, after fixing dims (and opset >= 13 for per-channel).
 
@@ -127,10 +135,11 @@ def preprocess(model: onnx.ModelProto, shapes: dict[str, list[int]]
     the report says so. ORT's API reads and writes files: a private temp dir, nothing kept."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from .fuse import upgrade_opset
+    from .fuse import OpsetConfig, upgrade_opset
 
     report = PassReport("preprocess")
-    model, _ = upgrade_opset(with_input_dims(model, shapes, keep_batch=True), 13)
+    model, _ = upgrade_opset(with_input_dims(model, cfg.input_shapes, keep_batch=True),
+                             OpsetConfig(opset=13))
     with tempfile.TemporaryDirectory() as tmp, _working_dir(tmp):
         out, src = Path(tmp) / "pre.onnx", Path(tmp) / "float.onnx"
         src.write_bytes(model.SerializeToString())
@@ -305,7 +314,8 @@ RECURRENT = {"GRU", "LSTM", "RNN"}
 
 
 @register("to_fp16")
-def to_fp16(model: onnx.ModelProto, recipe=None) -> tuple[onnx.ModelProto, PassReport]:
+def to_fp16(model: onnx.ModelProto, recipe: QuantRecipe | None = None
+            ) -> tuple[onnx.ModelProto, PassReport]:
     """Weights and activations in fp16 with fp32 inputs/outputs: for GPU targets (Jetson).
     Beside a recurrent layer the Transposes stay fp32: onnxruntime 1.32's layout optimizer
     segfaults loading a CRNN's fp16 Transpose -> GRU (found by the corpus pass test)."""

@@ -77,22 +77,23 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
     if not base.ok:
         raise EdgesmithError(f"the model does not run on {ctx.run.device.name}: {base.error}")
     int8 = int8_stage(ctx)
-    pruned_stage(ctx, int8)
-    nas_stage(ctx, int8)
-    tflite_stage(ctx)
+    added = [int8, pruned_stage(ctx, int8.int8_recipe), nas_stage(ctx, int8.int8_recipe),
+             tflite_stage(ctx)]
+    notes = ctx.run.notes + [note for a in added for note in a.notes]
     if ctx.run.over_budget():
-        ctx.notes.append(f"stopped by --budget ({ctx.cfg.budget_s:.0f}s) after "
-                         f"{len(ctx.cands)} candidate(s)")
+        notes.append(f"stopped by --budget ({ctx.cfg.budget_s:.0f}s) after "
+                     f"{len(ctx.cands)} candidate(s)")
     remeasure: dict = {}
     chosen = confirm_stage(ctx, choose(ctx.cands, ctx.cfg), remeasure)
     report = OptimizeReport(schema=REPORT_SCHEMA, edgesmith=__version__, model=str(model_path),
                             device=ctx.run.device.name, device_facts=ctx.run.facts,
                             target=ctx.run.target.profile.name,
                             target_reasons=ctx.run.target.reasons, config=asdict(ctx.cfg),
-                            candidates=ctx.cands, skipped=ctx.skipped,
+                            candidates=ctx.cands,
+                            skipped=[s for a in added for s in a.skipped],
                             chosen=chosen.id if chosen else None,
                             outcome="met" if chosen else "no candidate met the budget",
-                            summary="", notes=ctx.notes, remeasure=remeasure, resumed=resumed)
+                            summary="", notes=notes, remeasure=remeasure, resumed=resumed)
     finish_stage(ctx, report)
     report.elapsed_s = time.monotonic() - ctx.run.started
     from ..report.html import write_reports
@@ -180,12 +181,12 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
         report.notes.append(f"the chosen .tflite was converted at fixed shapes: it takes a "
                             f"batch of {batch[0]} where the original takes any batch (run "
                             "batches as a loop, or pass --backends onnxruntime)")
-    tuned = _tune(ctx, model, pick.id)
+    tuned = _tune(ctx, model, pick.id, report.notes)
     report.tuned_config = pick.config = tuned.best.config if tuned else {}
     report.tuning = tuning_summary(tuned) if tuned else {}
     files: dict[str, bytes] = {}
     if libraries := pick.config.get("custom_op_libraries"):   # tuning chose edgesmith kernels
-        tuned_dir = Path(ctx.tuned_bundle)
+        tuned_dir = Path(tuned.bundle)
         model = from_proto(onnx.load(str(tuned_dir / "model.onnx")), model)
         files = {name: (tuned_dir / name).read_bytes() for name in libraries}
         report.notes.append("the bundle runs edgesmith's own kernels (the tuning measured them "
@@ -220,9 +221,9 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
         _save_tradeoffs(ctx)
 
 
-def _tune(ctx: Context, model: Model, pick: str):
+def _tune(ctx: Context, model: Model, pick: str, notes: list[str]):
     """The runtime config (edgesmith's kernels included) of the chosen model, searched on the
-    device; None when tuning is off or could not run (the reason goes to the notes)."""
+    device; None when tuning is off or could not run (the reason goes to `notes`)."""
     if ctx.cfg.tune_budget_s <= 0:
         return None
     from ..search.tune import tune
@@ -231,9 +232,8 @@ def _tune(ctx: Context, model: Model, pick: str):
         tuned = tune(model, ctx.run, budget_s=ctx.cfg.tune_budget_s,
                      max_trials=12, confirm_rounds=2)
     except EdgesmithError as exc:
-        ctx.notes.append(f"tuning skipped: {exc}")
+        notes.append(f"tuning skipped: {exc}")
         return None
-    ctx.tuned_bundle = tuned.bundle
     ctx.run.say(f"tuning: {tuned.verdict}")
     return tuned
 

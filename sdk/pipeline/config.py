@@ -75,13 +75,7 @@ class Context:
     judge: object                  # EvalData with reference outputs, or None (nothing to judge)
     quant: QuantData | None
     train: str | None
-    skipped: list[dict] = field(default_factory=list)
     cands: list[Candidate] = field(default_factory=list)
-    tuned_bundle: str = ""         # the tuned winner's bundle (its model when tuning rewrote it)
-
-    @property
-    def notes(self) -> list[str]:
-        return self.run.notes
 
     def baseline(self) -> Candidate | None:
         return next((c for c in self.cands if c.id == "fp32"), None)

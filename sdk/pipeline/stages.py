@@ -1,11 +1,12 @@
 """optimize's candidate families, each measured through the run's Context as it is made:
 int8 recipes on onnxruntime, pruned + distilled students (+ int8), and TFLite conversions under
 LiteRT. A family that cannot run here (no data, no torch, no TFLite runtime) says why in the
-report and the others go on."""
+report and the others go on. Each stage returns what it adds to the report (`Added`); its
+candidates are recorded as they are measured (`Context.record`: resumable, best so far written)."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import onnx
 
@@ -14,18 +15,28 @@ from ..errors import EdgesmithError
 from ..measure import Candidate
 from ..model import atomic_write, from_proto
 from ..search.int8 import choose_recipe
+from ..run.budget import within
 from ..run.state import sha256 as _sha
 from ..targets import device_backends
 
 
-def int8_stage(ctx: Context) -> dict | None:
+@dataclass(kw_only=True)
+class Added:
+    """What a stage adds to the report besides its candidates: notes, variants not tried (each
+    with the reason) and, for the int8 stage, the recipe the students are quantized with."""
+
+    notes: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    int8_recipe: dict | None = None
+
+
+def int8_stage(ctx: Context) -> Added:
     """The device's int8 recipes, measured against the fp32 baseline; every measured recipe
-    becomes a candidate as it is measured. Returns the chosen recipe's settings (for the pruned
-    students), or None when fp32 stayed best. A finished search is not re-run on resume."""
+    becomes a candidate as it is measured. `int8_recipe`: the chosen recipe's settings (for the
+    pruned students), None when fp32 stayed best. A finished search is not re-run on resume."""
     marker = ctx.run.state.dir / "int8.json"
     if ctx.quant is None:
-        ctx.notes.append("no calibration data (--calib or --eval): int8 candidates skipped")
-        return None
+        return Added(notes=["no calibration data (--calib or --eval): int8 candidates skipped"])
     try:
         done = json.loads(marker.read_text()) if marker.is_file() else None
         assert done is None or {"recipe", "skipped", "notes"} <= set(done)
@@ -33,11 +44,9 @@ def int8_stage(ctx: Context) -> dict | None:
         done = None        # unreadable: the search runs again
     if done is not None:
         ctx.cands += [c for c in ctx.run.state.done.values() if c.id.startswith("int8:")]
-        ctx.skipped += done["skipped"]
-        ctx.notes.extend(done["notes"])
-        return done["recipe"]
+        return Added(notes=done["notes"], skipped=done["skipped"], int8_recipe=done["recipe"])
     if ctx.run.over_budget():
-        return None
+        return Added()
 
     def keep(cand: Candidate, proto: onnx.ModelProto | None) -> None:
         cand = replace(cand, id=f"int8:{cand.id}", recipe={"quantize": cand.recipe})
@@ -53,57 +62,53 @@ def int8_stage(ctx: Context) -> dict | None:
                                     effort=ctx.cfg.quant_effort, host_device=ctx.cfg.host_device,
                                     explain=False)
     except EdgesmithError as exc:
-        ctx.notes.append(f"int8 recipe search failed: {exc}")
-        return None
+        return Added(notes=[f"int8 recipe search failed: {exc}"])
     skipped = [{"id": f"int8:{p['recipe']}", "reason": p["reason"]} for p in q_report.pruned]
-    notes = [n for n in q_report.notes if n not in ctx.notes]
+    notes = [n for n in q_report.notes if n not in ctx.run.notes]
     if not q_report.quantized:
         notes.append(q_report.summary)
     recipe = q_report.chosen.recipe if q_report.quantized else None
     atomic_write(marker, json.dumps({"recipe": recipe, "skipped": skipped,
                                      "notes": notes}).encode())
-    ctx.skipped += skipped
-    ctx.notes.extend(notes)
-    return recipe
+    return Added(notes=notes, skipped=skipped, int8_recipe=recipe)
 
 
-def _training(ctx: Context, family: str) -> bool:
-    """Whether the training families can run; if not, the report says why."""
+def _training(ctx: Context, family: str) -> str | None:
+    """Why the training families cannot run (a note for the report), or None."""
     if ctx.train is None:
-        ctx.notes.append(f"no training data (--train): {family} candidates skipped")
-        return False
+        return f"no training data (--train): {family} candidates skipped"
     try:
         import torch  # noqa: F401
     except ImportError:
-        ctx.notes.append(f"{family} skipped: needs the `train` extra "
-                         "(pip install torch==2.13.0 'edgesmith[train]')")
-        return False
-    return True
+        return (f"{family} skipped: needs the `train` extra "
+                "(pip install torch==2.13.0 'edgesmith[train]')")
+    return None
 
 
 def _with_int8(ctx: Context, cid: str, recipe: dict, model, int8_recipe: dict | None,
-               note: str = "") -> None:
-    """The student measured, then quantized with the recipe the int8 search chose."""
+               note: str = "") -> list[str]:
+    """The student measured, then quantized with the recipe the int8 search chose; the notes
+    of what failed."""
     from ..passes.quantize import QuantRecipe
     from ..search.int8 import quantize_with
 
     ctx.measure(cid, recipe, model, note)
     if not int8_recipe or ctx.quant is None or ctx.run.over_budget():
-        return
+        return []
     q = QuantRecipe(**{**int8_recipe, "exclude": ()})   # node names changed
     try:
         proto, _ = quantize_with(model, q, ctx.quant.batches, ctx.cfg.host_device)
     except EdgesmithError as exc:
-        ctx.notes.append(f"{cid}+int8 failed: {exc}")
-        return
+        return [f"{cid}+int8 failed: {exc}"]
     ctx.measure(f"{cid}+int8:{q.name}", {**recipe, "quantize": q.name},
                 from_proto(proto, ctx.original))
+    return []
 
 
-def pruned_stage(ctx: Context, int8_recipe: dict | None) -> None:
+def pruned_stage(ctx: Context, int8_recipe: dict | None) -> Added:
     """Structured pruning at each ratio, distilled from the original (+ the chosen int8)."""
-    if not _training(ctx, "pruning + distillation"):
-        return
+    if (why := _training(ctx, "pruning + distillation")) is not None:
+        return Added(notes=[why])
     from ..data import load_training_set
     from ..passes.distill import DistillConfig, distill, soft_targets
     from ..passes.prune import PruneConfig, prune_channels
@@ -112,12 +117,11 @@ def pruned_stage(ctx: Context, int8_recipe: dict | None) -> None:
     try:
         targets = soft_targets(ctx.original.proto, data)     # one teacher: computed once
     except EdgesmithError as exc:
-        ctx.notes.append(f"pruning + distillation skipped: {exc}")
-        return
-    epochs = ctx.cfg.distill_epochs
+        return Added(notes=[f"pruning + distillation skipped: {exc}"])
+    added, epochs = Added(), ctx.cfg.distill_epochs
     for ratio in ctx.cfg.prune_ratios:
         if ctx.run.over_budget():
-            return
+            break
         cid = f"prune{int(ratio * 100)}+distill"
         ctx.run.say(f"pruning {ratio:.0%} of channels and distilling ({epochs} epochs)")
         pruned, _ = prune_channels(ctx.fused.proto, PruneConfig(
@@ -128,20 +132,25 @@ def pruned_stage(ctx: Context, int8_recipe: dict | None) -> None:
                 ctx.original.proto, data, ctx.judge, targets, epochs=epochs,
                 host_device=ctx.cfg.host_device))
         except EdgesmithError as exc:      # one failed student is a note, not a failed run
-            ctx.notes.append(f"{cid} skipped: {exc}")
+            added.notes.append(f"{cid} skipped: {exc}")
             continue
-        _with_int8(ctx, cid, {"prune": ratio, "distill": {"epochs": epochs}},
-                   from_proto(student, ctx.original), int8_recipe, rep.details[-1])
+        added.notes += _with_int8(ctx, cid, {"prune": ratio, "distill": {"epochs": epochs}},
+                                  from_proto(student, ctx.original), int8_recipe,
+                                  rep.details[-1])
+    return added
 
 
-def nas_stage(ctx: Context, int8_recipe: dict | None) -> None:
+def nas_stage(ctx: Context, int8_recipe: dict | None) -> Added:
     """NetAdapt toward each latency ratio, measured on this run's device; one search continues
     into the next ratio (its iterations are kept under OUT's state, so a re-run resumes). Each
     search may spend half the run's remaining budget: the families after it still get time."""
-    if not ctx.cfg.nas_ratios or not _training(ctx, "NetAdapt (nas)"):
-        return
+    if not ctx.cfg.nas_ratios:
+        return Added()
+    if (why := _training(ctx, "NetAdapt (nas)")) is not None:
+        return Added(notes=[why])
     from ..search.nas import NasConfig, nas
 
+    added = Added()
     for ratio in sorted(ctx.cfg.nas_ratios, reverse=True):
         remaining = ctx.run.remaining_s()
         cid = f"nas{int(ratio * 100)}+distill"
@@ -157,45 +166,46 @@ def nas_stage(ctx: Context, int8_recipe: dict | None) -> None:
                          input_shapes=ctx.original.input_shapes,
                          say=lambda text: ctx.run.say(f"nas: {text}"))
         except EdgesmithError as exc:
-            ctx.notes.append(f"{cid} skipped: {exc}")
+            added.notes.append(f"{cid} skipped: {exc}")
             continue
         except Exception as exc:  # noqa: BLE001 - a failed family is a note, the run goes on
-            ctx.notes.append(f"{cid} failed ({type(exc).__name__}: {exc}); the other candidates "
-                             "stand; please report this with the model")
+            added.notes.append(f"{cid} failed ({type(exc).__name__}: {exc}); the other "
+                               "candidates stand; please report this with the model")
             continue
         if report.final is None:
-            ctx.notes.append(f"{cid}: the search stopped before its final distillation "
-                             f"({report.stopped or 'budget'}; "
-                             f"{len(report.iterations)} iteration(s)); re-run to continue")
+            added.notes.append(f"{cid}: the search stopped before its final distillation "
+                               f"({report.stopped or 'budget'}; "
+                               f"{len(report.iterations)} iteration(s)); re-run to continue")
             continue
-        import onnx
+        model = from_proto(onnx.load(str(ctx.run.state.dir / "nas" / "model.onnx")),
+                           ctx.original)
+        added.notes += _with_int8(ctx, cid, {"nas": {"ratio": ratio,
+                                                     "iterations": len(report.iterations),
+                                                     "widths": report.widths_after}},
+                                  model, int8_recipe)
+    return added
 
-        model = from_proto(onnx.load(str(ctx.run.state.dir / "nas" / "model.onnx")), ctx.original)
-        _with_int8(ctx, cid, {"nas": {"ratio": ratio, "iterations": len(report.iterations),
-                                      "widths": report.widths_after}}, model, int8_recipe)
 
-
-def tflite_stage(ctx: Context) -> None:
+def tflite_stage(ctx: Context) -> Added:
     """The fp32 model and the most accurate in-budget int8 one, converted to TFLite and measured
     under LiteRT (XNNPACK) beside the onnxruntime candidates: on ARM boards LiteRT is often the
     faster CPU path, and only the device's measurement can say."""
     if (why := tflite_unavailable(ctx.cfg, ctx.run.facts, ctx.run.device.name,
                                   ctx.run.target.profile)) is not None:
-        ctx.skipped.append({"id": "tflite:*", "reason": why})
-        return
+        return Added(skipped=[{"id": "tflite:*", "reason": why}])
     from ..convert.tflite import as_model, conversion_sample, random_inputs, to_tflite
 
-    budget = ctx.cfg.max_accuracy_drop
-    int8 = sorted((c for c in ctx.cands if c.id.startswith("int8:") and c.ok
-                   and c.accuracy_drop is not None and c.accuracy_drop <= budget),
+    added = Added()
+    int8 = sorted((c for c in ctx.cands if c.id.startswith("int8:")
+                   and within(c, ctx.cfg.max_accuracy_drop)),
                   key=lambda c: (c.accuracy_drop, c.p50_ms))
     sources = [("tflite:fp32", "fp32", ctx.fused)]
     if int8:
-        sources.append((f"tflite:{int8[0].id}", int8[0].id, ctx.run.state.load_model(int8[0],
-                                                                                ctx.original)))
+        sources.append((f"tflite:{int8[0].id}", int8[0].id,
+                        ctx.run.state.load_model(int8[0], ctx.original)))
     elif ctx.quant is not None:
-        ctx.skipped.append({"id": "tflite:int8", "reason": "no int8 recipe kept the accuracy "
-                            "budget on onnxruntime, so none is converted"})
+        added.skipped.append({"id": "tflite:int8", "reason": "no int8 recipe kept the accuracy "
+                              "budget on onnxruntime, so none is converted"})
     sample = conversion_sample(ctx.original, ctx.judge.inputs if ctx.judge is not None
                                else random_inputs(ctx.original))
     for cid, source_id, source in sources:
@@ -205,10 +215,11 @@ def tflite_stage(ctx: Context) -> None:
         try:
             data, rep = to_tflite(source.proto, sample)
         except EdgesmithError as exc:
-            ctx.skipped.append({"id": cid, "reason": str(exc)})
+            added.skipped.append({"id": cid, "reason": str(exc)})
             continue
         ctx.measure(cid, {"convert": "tflite", "from": source_id}, as_model(data, source),
                     f"converted from {source_id} in {rep.seconds:.0f} s")
+    return added
 
 
 def tflite_unavailable(cfg, facts: dict, device: str, profile) -> str | None:

@@ -27,8 +27,8 @@ from ..errors import EdgesmithError
 from ..measure import Candidate, measure
 from ..model import Model, from_proto
 from ..passes.equalize import BiasCorrectConfig, EqualizeConfig, bias_correct, equalize
-from ..passes.quantize import (ORT_CALIBRATION, QuantizeConfig, QuantRecipe, preprocess,
-                              quantize_dynamic, quantize_static, to_fp16)
+from ..passes.quantize import (ORT_CALIBRATION, PreprocessConfig, QuantizeConfig, QuantRecipe,
+                              preprocess, quantize_dynamic, quantize_static, to_fp16)
 from ..passes.ranges import RangeConfig, refine_ranges
 from ..passes.reconstruct import ReconstructConfig, reconstruct
 from ..run import Run, accuracy_drop, within
@@ -249,7 +249,7 @@ class RecipeSearch:
         self.model, self.run, self.data, self.job, self.workdir = model, run, data, job, workdir
         self.device = run.device
         self.host_device = host_device
-        self.prepared, self.prep_report = preprocess(model.proto, model.input_shapes)
+        self.prepared, self.prep_report = preprocess(model.proto, PreprocessConfig(input_shapes=model.input_shapes))
 
     def build(self, recipe: QuantRecipe) -> tuple[onnx.ModelProto, list]:
         key = f"{ORT_CALIBRATION[recipe.calibration]}-{recipe.percentile}-" \
@@ -451,7 +451,7 @@ def quantize_with(model: Model, recipe: QuantRecipe | str, batches: list[dict],
                   host_device: str = "auto") -> tuple[onnx.ModelProto, list]:
     """One recipe (or its name), no search: for scripts (and optimize's pruned students) that
     already know which recipe the device chose."""
-    prepared, prep = preprocess(model.proto, model.input_shapes)
+    prepared, prep = preprocess(model.proto, PreprocessConfig(input_shapes=model.input_shapes))
     recipe = recipe_by_name(recipe) if isinstance(recipe, str) else recipe
     proto, reports = build_recipe(prepared, recipe, batches, host_device=host_device)
     return proto, [prep] + reports
