@@ -49,7 +49,7 @@ def test_pooled_features_are_judged_by_sqnr_and_class_scores_by_agreement():
     from onnx import TensorProto, helper
 
     from edgesmith.model import class_scores
-    from edgesmith.search.int8 import FIDELITY_SQNR_DB, accuracy_drop
+    from edgesmith.run.budget import FIDELITY_SQNR_DB, accuracy_drop
 
     def graph(*tail):
         nodes = [helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
