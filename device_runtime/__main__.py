@@ -1,4 +1,5 @@
-"""python3 -m device_runtime {run,facts,verify}: prints one JSON object on stdout.
+"""python3 -m device_runtime {run,facts,verify,deploy,rollback,status}: one JSON object on
+stdout.
 
 Progress goes to stderr; an expected failure is a Result with `error` and `stage` and exit 1.
 """
@@ -11,29 +12,7 @@ import time
 
 from .errors import RuntimeFailure
 from .result import Result
-
-
-def device_lock(path: str, timeout_s: float):
-    """Hold an exclusive flock so two benchmarks never share the device; waits up to timeout."""
-    import fcntl
-
-    handle = open(path, "a+")
-    deadline = time.monotonic() + timeout_s
-    told = False
-    while True:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return handle
-        except BlockingIOError:
-            if not told:
-                print(f"waiting for another benchmark on this device (lock {path})",
-                      file=sys.stderr, flush=True)
-                told = True
-            if time.monotonic() > deadline:
-                handle.close()
-                raise RuntimeFailure("lock", f"another benchmark held the device for more than "
-                                     f"{timeout_s:.0f}s; raise --lock-timeout or retry later")
-            time.sleep(0.05)
+from .store import device_lock
 
 
 def run_job(args) -> Result:
@@ -114,6 +93,27 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--lock", help="flock this file while measuring (one benchmark at a time)")
     run.add_argument("--lock-timeout", type=float, default=600.0)
     sub.add_parser("facts", help="print this device's fingerprint")
+    for command, text in (("deploy", "install BUNDLE as a version of NAME, check it here, then "
+                                     "make it active"),
+                          ("rollback", "make NAME's previous version (or --to V) active"),
+                          ("status", "every deployed NAME: versions, checks, field figures"),
+                          ("samples", "merge NAME's captured field inputs into one .npz")):
+        p = sub.add_parser(command, help=text)
+        if command == "deploy":
+            p.add_argument("bundle")
+        p.add_argument("--name", required=command != "status")
+        p.add_argument("--store", help="the model store (default $EDGESMITH_STORE or "
+                                       "~/.edgesmith/models)")
+        p.add_argument("--host", default="", help="who deployed (recorded)")
+        p.add_argument("--keep", type=int, default=5, help="versions kept besides the active "
+                                                           "and previous ones")
+        p.add_argument("--to", type=int, help="rollback: this version")
+        p.add_argument("--latency-tolerance", type=float, default=1.5,
+                       help="the check's p50 may be this many times the chosen latency (0: "
+                            "not compared)")
+        p.add_argument("--capture", type=int, default=0, help="keep N field inputs as samples")
+        p.add_argument("--bench-lock", help="the device's benchmark lock, held while timing")
+        p.add_argument("--lock-timeout", type=float, default=600.0)
     verify = sub.add_parser("verify", help="check a bundle's hashes and paths")
     verify.add_argument("bundle")
     args = parser.parse_args(argv)
@@ -122,6 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         from . import facts
         print(json.dumps(facts.collect()))
         return 0
+    if args.command in ("deploy", "rollback", "status", "samples"):
+        from . import deploy
+        try:
+            out = deploy.deploy(args, run_job) if args.command == "deploy" else \
+                getattr(deploy, args.command)(args)
+        except RuntimeFailure as exc:
+            print(json.dumps({"ok": False, "error": exc.message, "stage": exc.stage}))
+            return 1
+        print(json.dumps({"ok": out.get("passed", True), **out}))
+        return 0 if out.get("passed", True) else 1
     if args.command == "verify":
         from .bundle import verify as verify_bundle
         try:

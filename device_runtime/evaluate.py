@@ -13,6 +13,23 @@ from pathlib import Path
 from .errors import RuntimeFailure
 
 SQNR_CAP_DB = 200.0  # identical outputs would be +inf, which JSON cannot carry
+FIDELITY_SQNR_DB = 25.0    # outputs that are not class scores (boxes, maps, sequences)
+
+
+def accuracy_drop(base: dict | None, cand: dict | None, scores: bool = True) -> float | None:
+    """The one accuracy-drop rule, here so the device judges a deployment as the host chose it:
+    top-1 drop vs labels when there are labels, else 1 - top-1 agreement with the float model
+    for class scores (`scores`), else 0 when the SQNR against it reaches FIDELITY_SQNR_DB and 1
+    below (a detector's boxes, an OCR map, pooled features). None: not judged."""
+    if not base or not cand:
+        return None
+    if "top1" in base and "top1" in cand:
+        return base["top1"] - cand["top1"]
+    if "agreement" in cand and scores:
+        return 1.0 - cand["agreement"]
+    if "sqnr_db" in cand:
+        return 0.0 if cand["sqnr_db"] >= FIDELITY_SQNR_DB else 1.0
+    return None
 
 
 @dataclass

@@ -52,6 +52,18 @@ class _HostSession:
         return dict(zip(self.output_names, self._run(feed)))
 
 
+def input_stats(batches: list[dict]) -> dict:
+    """Per numeric input: mean, std, min, max over every sample: what a deployed version's
+    field inputs are compared with (drift)."""
+    stats = {}
+    for name in batches[0] if batches else ():
+        x = np.concatenate([np.asarray(b[name]).reshape(-1) for b in batches]).astype(np.float64)
+        if x.size and np.asarray(batches[0][name]).dtype.kind in "fiu":
+            stats[name] = {"mean": float(x.mean()), "std": float(x.std()),
+                           "min": float(x.min()), "max": float(x.max())}
+    return stats
+
+
 def eval_batch(model: Model, preferred: int = 32) -> int:
     """A fixed batch dimension must be respected; a dynamic one lets eval run in chunks."""
     first = model.inputs[0].dims[:1] if model.inputs else []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from .common import Group
+from .deploy import deploy, pull_samples, rollback, status
 from .devices import device, doctor, targets
 from .profile import profile
 from .search import nas, optimize, tune
@@ -20,6 +21,6 @@ def main():
     """edgesmith: optimise a model for an edge device, measured on that device."""
 
 
-for command in (optimize, profile, fuse, quantize, prune, distill, convert, tune, nas, device,
-                targets, doctor):
+for command in (optimize, profile, fuse, quantize, prune, distill, convert, tune, nas, deploy,
+                rollback, status, pull_samples, device, targets, doctor):
     main.add_command(command)

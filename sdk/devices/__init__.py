@@ -1,6 +1,7 @@
 """Devices: one interface for the local machine and SSH hosts.
 
-`facts() -> dict`, `push(bundle) -> remote path`, `run(remote path, job) -> Result`. A failure
+`facts() -> dict`, `push(bundle) -> remote path`, `run(remote path, job) -> Result`, and
+`call(args) -> dict` for the runtime's other commands (deploy, rollback, status). A failure
 inside push or run returns a Result carrying `error` and `stage`; it never raises into a search.
 """
 from __future__ import annotations
@@ -75,6 +76,26 @@ class Device(Protocol):
     def push(self, bundle: Bundle) -> str: ...
 
     def run(self, remote_path: str, job: Job) -> Result: ...
+
+    def call(self, args: list[str], stage: str, timeout_s: float) -> dict: ...
+
+
+def parse_reply(stdout: str, stderr: str, returncode: int, stage: str) -> dict:
+    """The JSON object a runtime command (deploy, rollback, status) printed, or a StageError
+    naming its last words."""
+    import json
+
+    from ..errors import StageError
+
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            return data
+    tail = " | ".join(stderr.strip().splitlines()[-3:]) or "no output"
+    raise StageError(stage, f"device runtime crashed (exit {returncode}): {tail}")
 
 
 def parse_result(stdout: str, stderr: str, returncode: int) -> Result:

@@ -11,8 +11,8 @@ import device_runtime
 from device_runtime.result import Result
 
 from ..bundle import Bundle
-from ..errors import EdgesmithError
-from . import Job, parse_result
+from ..errors import EdgesmithError, StageError
+from . import Job, parse_reply, parse_result
 
 RUNTIME_PARENT = str(Path(device_runtime.__file__).resolve().parent.parent)
 
@@ -54,3 +54,19 @@ class LocalDevice:
             return Result.failure("run", f"the device runtime took longer than "
                                   f"{job.timeout_s:.0f}s; raise the timeout (--timeout)")
         return parse_result(proc.stdout, proc.stderr, proc.returncode)
+
+    def call(self, args: list[str], stage: str, timeout_s: float = 600.0) -> dict:
+        """`python -m device_runtime ARGS` here; its JSON reply."""
+        try:
+            proc = subprocess.run(self._cmd(*args), capture_output=True, text=True,
+                                  timeout=timeout_s, env=self._env())
+        except subprocess.TimeoutExpired:
+            raise StageError(stage, f"the device runtime took longer than {timeout_s:.0f}s") \
+                from None
+        return parse_reply(proc.stdout, proc.stderr, proc.returncode, stage)
+
+    def fetch(self, remote_path: str, local_path: Path) -> None:
+        """A file the runtime wrote on the device, to `local_path` (temp file + rename)."""
+        from ..model import atomic_write
+
+        atomic_write(Path(local_path), Path(remote_path).read_bytes())

@@ -36,7 +36,7 @@ from device_runtime.result import Result
 from ..bundle import Bundle
 from ..errors import EdgesmithError, StageError
 from ..targets import BACKEND_PACKAGES
-from . import Job, parse_result
+from . import Job, parse_reply, parse_result
 
 q = shlex.quote
 RUNTIME_SRC = Path(device_runtime.__file__).resolve().parent
@@ -630,6 +630,35 @@ class SSHDevice:
 
     def facts(self) -> dict:
         return self.ensure_runtime().facts
+
+    def fetch(self, remote_path: str, local_path: Path) -> None:
+        """A file the runtime wrote on the device, over SFTP on the checked connection, to a
+        temp file renamed to `local_path` when whole."""
+        local_path = Path(local_path)
+        tmp = local_path.with_name(f".{local_path.name}.{os.getpid()}.part")
+        try:
+            with self.connect().open_sftp() as sftp:
+                sftp.get(remote_path, str(tmp))
+            os.replace(tmp, local_path)
+        except (OSError, paramiko.SSHException) as exc:
+            raise self._lost("fetch", str(exc) or type(exc).__name__) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def call(self, args: list[str], stage: str, timeout_s: float = 600.0) -> dict:
+        """`python3 -m device_runtime ARGS` on the device (every argument quoted); its JSON
+        reply. The device's benchmark lock is passed to commands that time a model."""
+        runtime = self.ensure_runtime()
+        if args and args[0] == "deploy":
+            args = [*args, "--bench-lock", f"{self.root()}/device.lock"]
+        argv = " ".join(q(a) for a in ["-m", "device_runtime", *args])
+        guard = f"timeout -k 5 {int(timeout_s)} " if runtime.has_timeout else ""
+        status, out, err = self.execute(f"cd {q(self.root())} && PYTHONPATH={q(runtime.path)} "
+                                        f"{guard}{q(runtime.python)} {argv}", stage,
+                                        timeout_s + 10, on_stderr=_show_waiting)
+        if runtime.has_timeout and status == 124:
+            raise StageError(stage, f"the device runtime took longer than {timeout_s:.0f}s")
+        return parse_reply(out, err, status, stage)
 
 
 def _show_waiting(text: str) -> None:

@@ -22,7 +22,7 @@ import onnx
 
 from .. import __version__
 from .. import bundle as bundles
-from ..data import eval_batch
+from ..data import eval_batch, input_stats
 from ..devices import Job
 from ..errors import EdgesmithError
 from ..measure import Candidate, Spread, measure, ms_digits
@@ -193,7 +193,8 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
                             f"faster); {report.model_file} stays the portable model")
     final = bundles.build(model, config=pick.config, eval_data=ctx.judge,
                           eval_batch=eval_batch(model), extra_files=files,
-                          meta={"candidate": pick.id, "edgesmith": __version__})
+                          meta={"candidate": pick.id, "edgesmith": __version__,
+                                "accept": acceptance(ctx, pick, tuned)})
     copy_dir_atomic(final.path, ctx.run.out / "bundle", force=True)   # ownership checked at start
     write_model(ctx.run.out, ctx.run.state.model_path(pick.model_sha256))
     ctx.run.say("profiling the chosen model's ops")
@@ -219,6 +220,21 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
     report.summary = _summary(report, pick)
     if not report.chosen:
         _save_tradeoffs(ctx)
+
+
+def acceptance(ctx: Context, pick: Candidate, tuned) -> dict:
+    """What `edgesmith deploy` checks the bundle against on a device: the budget it was chosen
+    under (with the float model's accuracy on the same samples), the latency it measured here
+    (with its runtime config) and on which CPU, and the calibration inputs' statistics."""
+    shipped = tuned.best if tuned is not None and tuned.best.ok else pick
+    base = ctx.baseline()
+    accept = {"latency_ms": shipped.latency_ms, "cpu": ctx.run.facts.get("cpu")}
+    if ctx.judge is not None and base is not None:
+        accept.update(max_accuracy_drop=ctx.cfg.max_accuracy_drop, baseline=base.accuracy,
+                      class_scores=ctx.original.facts.class_scores)
+    if ctx.quant is not None:
+        accept["input_stats"] = input_stats(ctx.quant.batches)
+    return accept
 
 
 def _tune(ctx: Context, model: Model, pick: str, notes: list[str]):

@@ -7,23 +7,9 @@ data only it can meet the budget, and every search says so rather than passing t
 """
 from __future__ import annotations
 
-FIDELITY_SQNR_DB = 25.0    # outputs that are not class scores (boxes, maps, sequences)
+from device_runtime.evaluate import FIDELITY_SQNR_DB, accuracy_drop  # the device judges alike
 
-
-def accuracy_drop(base: dict | None, cand: dict | None, scores: bool = True) -> float | None:
-    """Top-1 drop vs labels when there are labels, else 1 - top-1 agreement with fp32 for
-    class scores (`scores`: ModelFacts.class_scores). Other outputs (a detector's boxes, an OCR
-    map, pooled features) have no top-1: they pass (drop 0) when their SQNR against fp32
-    reaches FIDELITY_SQNR_DB, and fail (drop 1) below. None: not judged."""
-    if not base or not cand:
-        return None
-    if "top1" in base and "top1" in cand:
-        return base["top1"] - cand["top1"]
-    if "agreement" in cand and scores:
-        return 1.0 - cand["agreement"]
-    if "sqnr_db" in cand:
-        return 0.0 if cand["sqnr_db"] >= FIDELITY_SQNR_DB else 1.0
-    return None
+__all__ = ["FIDELITY_SQNR_DB", "accuracy_drop", "within"]
 
 
 def within(cand, max_accuracy_drop: float, latency_budget_ms: float | None = None) -> bool:

@@ -1,0 +1,297 @@
+"""Deploy and operate, with real parts: bundles of the digits CNN installed in a store on the
+device, checked there before activation, served by an application process that follows deploys
+and rollbacks between calls, over the local device and a real OpenSSH sshd on 127.0.0.1.
+
+Versions are the CNN with its last bias shifted by k/1000: same predictions (the check passes),
+outputs that say which version answered. A broken version shifts one class's bias by 100: every
+prediction becomes that class, and the check on the device must refuse it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import ROOT, run_cli, ssh_device
+from device_runtime import store as device_store
+from edgesmith.data import input_stats, load_eval_set, reference_outputs
+from edgesmith.deploy import deploy, rollback, status
+from edgesmith.devices import get_device
+from edgesmith.model import from_proto, load
+
+EVAL = "digits_cnn_eval.npz"
+
+
+def variant(models, shift: float, one_class: float = 0.0):
+    """The CNN with its last bias + `shift` (and class 3's + `one_class`)."""
+    base = load(models / "digits_cnn.onnx")
+    proto = onnx.ModelProto()
+    proto.CopyFrom(base.proto)
+    for init in proto.graph.initializer:
+        if init.name == "head.4.bias":
+            bias = numpy_helper.to_array(init).copy() + np.float32(shift)
+            bias[3] += np.float32(one_class)
+            init.CopyFrom(numpy_helper.from_array(bias, init.name))
+    return base, from_proto(proto, base)
+
+
+def bundle_of(models, shift: float, one_class: float = 0.0, **accept):
+    """A bundle as optimize writes it: the original's reference outputs on the eval samples and
+    the budget ("accept") the device checks it against."""
+    from edgesmith import bundle as bundles
+
+    base, model = variant(models, shift, one_class)
+    data = load_eval_set(models / EVAL, base)
+    data.refs = reference_outputs(base, data, 32)
+    baseline = {"top1": float(np.mean(data.refs["logits"].argmax(1) == data.labels))}
+    meta = {"accept": {"max_accuracy_drop": 0.01, "baseline": baseline, "class_scores": True,
+                       "input_stats": input_stats([data.inputs]), **accept}}
+    return bundles.build(model, eval_data=data, eval_batch=32, meta=meta)
+
+
+APP = textwrap.dedent("""
+    import json, sys, time
+    import numpy as np
+    import device_runtime
+    name, store, stop_file, seconds, scale = sys.argv[1:6]
+    x = np.load(sys.argv[6])["input"][:1] * float(scale)
+    served = device_runtime.serve(name, store, poll_s=0.05, flush_s=0.5)
+    calls, failures, seen, slow, t_end = 0, [], [], [], time.monotonic() + float(seconds)
+    import os
+    while time.monotonic() < t_end and not os.path.exists(stop_file):
+        t0 = time.perf_counter()
+        try:
+            out = served.run({"input": x})["logits"]
+        except Exception as exc:
+            failures.append(repr(exc))
+            continue
+        dt = time.perf_counter() - t0
+        calls += 1
+        if not seen or seen[-1][0] != served.last_version:
+            seen.append([served.last_version, float(out[0, 0])])
+        slow.append(dt)
+    served.close()
+    slow.sort()
+    print(json.dumps({"calls": calls, "failures": failures, "seen": seen,
+                      "max_ms": slow[-1] * 1e3, "p99_ms": slow[int(0.99 * len(slow))] * 1e3}))
+""")
+
+
+def start_app(tmp_path, models, store, name="digits", seconds=60, scale=1.0):
+    script = tmp_path / "app.py"
+    script.write_text(APP)
+    stop = tmp_path / "stop"
+    proc = subprocess.Popen([sys.executable, str(script), name, str(store), str(stop),
+                             str(seconds), str(scale), str(models / EVAL)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    return proc, stop
+
+
+def finish_app(proc, stop) -> dict:
+    stop.write_text("")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def wait_for(predicate, timeout_s=20.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_running_app_follows_five_deploys_and_a_rollback_with_no_failed_call(
+        models, tmp_path):
+    store = tmp_path / "store"
+    local = get_device("local")
+    first = bundle_of(models, 0.0)
+    [row] = deploy(first.path, "digits", [local], store=str(store))
+    assert row.ok and row.activated and row.version == 1, row
+    base_out = variant(models, 0.0)[1]
+    proc, stop = start_app(tmp_path, models, store)
+    try:
+        wait_for(lambda: (store / "digits" / "telemetry").is_dir())
+        for k in range(1, 5):                  # versions 2..5, each shifting the logits by k/1000
+            [row] = deploy(bundle_of(models, k / 1000).path, "digits", [local], store=str(store))
+            assert row.ok and row.activated and row.version == k + 1, row
+            assert wait_for(lambda: device_store.pointer("digits", store)["version"] == k + 1)
+            time.sleep(0.5)
+        [back] = rollback("digits", [local], store=str(store))
+        assert back.ok and back.active == 4, back
+        time.sleep(0.8)
+    finally:
+        app = finish_app(proc, stop)
+    assert app["failures"] == [] and app["calls"] > 100, app
+    versions = [v for v, _ in app["seen"]]
+    assert versions[0] == 1 and 5 in versions and versions[-1] == 4, app["seen"]
+    # the outputs came from the version the app said served them: logit 0 moves by k/1000
+    x = np.load(models / EVAL)["input"][:1]
+    import onnxruntime as ort
+    ref = ort.InferenceSession(base_out.serialized()).run(None, {"input": x})[0][0, 0]
+    for version, logit in app["seen"]:
+        assert abs(logit - (ref + (version - 1) / 1000)) < 2e-4, (version, logit, ref)
+    # what the app saw comes back in status: calls per version, field p50 beside the check's
+    [(_, reply)] = status("digits", [local], store=str(store))
+    rows = reply["models"]["digits"]["versions"]
+    assert sum((r["field"] or {}).get("calls", 0) for r in rows.values()) == app["calls"]
+    assert rows["4"]["field"]["p50_ms"] > 0 and rows["4"]["check"]["passed"]
+
+
+def test_a_version_that_fails_its_check_on_the_device_is_never_activated(models, tmp_path):
+    store = tmp_path / "store"
+    local = get_device("local")
+    assert deploy(bundle_of(models, 0.0).path, "digits", [local], store=str(store))[0].activated
+    [row] = deploy(bundle_of(models, 0.0, one_class=100.0).path, "digits", [local],
+                   store=str(store))
+    assert not row.ok and not row.activated and row.active == 1, row
+    assert any("accuracy drop" in r and "over the budget" in r for r in row.reasons), row.reasons
+    assert device_store.pointer("digits", store)["version"] == 1
+    # a version that never passed cannot be rolled back to either
+    [back] = rollback("digits", [local], to=2, store=str(store))
+    assert not back.ok and "never passed its check" in back.reasons[0], back
+    # the CLI says the same in one line per device and exits 1
+    proc = run_cli("deploy", bundle_of(models, 0.0, one_class=100.0).path, "--name", "digits",
+                   "--store", store)
+    assert proc.returncode == 1 and "over the budget" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_latency_over_the_tolerance_on_the_same_cpu_is_refused(models, tmp_path):
+    from device_runtime import facts
+
+    cpu = facts.collect(with_providers=False).get("cpu")
+    slow_enough = bundle_of(models, 0.0, latency_ms=1e-6, cpu=cpu)  # "chosen" at 1 ns
+    [row] = deploy(slow_enough.path, "digits", [get_device("local")], store=str(tmp_path / "s"))
+    assert not row.activated and "measured when it was chosen" in row.reasons[0], row
+    other_cpu = bundle_of(models, 0.0, latency_ms=1e-6, cpu="another CPU")
+    [row] = deploy(other_cpu.path, "digits", [get_device("local")], store=str(tmp_path / "s"))
+    assert row.activated and "not compared" in row.figures["latency_note"], row
+
+
+def test_field_inputs_unlike_the_calibration_data_show_as_drift(models, tmp_path):
+    store = tmp_path / "store"
+    for name, scale in (("calm", 1.0), ("drifted", 40.0)):
+        deploy(bundle_of(models, 0.0).path, name, [get_device("local")], store=str(store))
+        proc, _ = start_app(tmp_path, models, store, name=name, seconds=2, scale=scale)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and json.loads(out)["calls"] > 0, err[-2000:]
+    calm, drifted = (run_cli("status", name, "--store", store) for name in ("calm", "drifted"))
+    assert calm.returncode == 0 and "calls" in calm.stdout and "DRIFT" not in calm.stdout, \
+        calm.stdout + calm.stderr
+    assert drifted.returncode == 0 and "DRIFT: input" in drifted.stdout, drifted.stdout
+
+
+def test_names_with_path_or_shell_syntax_are_refused(models, tmp_path):
+    bundle, store = bundle_of(models, 0.0), tmp_path / "store"
+    store.mkdir()
+    for name in ("../x", "a/b", "a b", "$(touch pwned)", "", ".hidden", "x" * 65):
+        proc = run_cli("deploy", bundle.path, "--name", name, "--store", store)
+        assert proc.returncode == 1 and "model name" in proc.stderr, (name, proc.stderr)
+    assert not (ROOT / "pwned").exists() and list(store.iterdir()) == []
+
+
+def test_two_deploys_to_one_name_at_once_are_serialized(models, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    bundles, store = [bundle_of(models, k / 1000) for k in (1, 2)], tmp_path / "store"
+    with ThreadPoolExecutor(2) as pool:
+        rows = list(pool.map(lambda b: deploy(b.path, "digits", [get_device("local")],
+                                              store=str(store))[0], bundles))
+    assert all(r.ok and r.activated for r in rows), rows
+    assert sorted(r.version for r in rows) == [1, 2]
+    pointer = device_store.pointer("digits", store)
+    assert {pointer["version"], pointer["previous"]} == {1, 2}
+
+
+@pytest.mark.ssh
+def test_deploy_status_and_rollback_over_ssh(ssh_home, sshd_server, models, tmp_path):
+    store = tmp_path / "remote-store"
+    dev = ssh_device(sshd_server)
+    for k in range(3):
+        [row] = deploy(bundle_of(models, k / 1000).path, "digits", [dev], store=str(store),
+                       keep=1)
+        assert row.ok and row.activated and row.version == k + 1, row
+    # keep=1: versions 3 (active) and 2 (previous) stay, 1 goes
+    assert sorted(device_store.versions("digits", store)) == [2, 3]
+    [again] = deploy(bundle_of(models, 2 / 1000).path, "digits", [dev], store=str(store))
+    assert again.ok and not again.activated and "already active" in again.note, again
+    [back] = rollback("digits", [dev], store=str(store))
+    assert back.ok and back.active == 2
+    [(name, reply)] = status(None, [dev], store=str(store))
+    assert reply["models"]["digits"]["pointer"]["version"] == 2
+
+
+@pytest.mark.ssh
+def test_a_failed_canary_stops_the_rollout(ssh_home, sshd_server, models, tmp_path):
+    from edgesmith.devices.ssh import SSHDevice
+
+    store = tmp_path / "store"
+    unreachable = SSHDevice.from_destination("nobody@127.0.0.1:1", identity=str(
+        sshd_server.client_key), python=sys.executable)
+    rows = deploy(bundle_of(models, 0.0).path, "digits", [unreachable, get_device("local")],
+                  store=str(store), canary=1)
+    assert not rows[0].ok and rows[0].canary, rows[0]
+    assert not rows[1].ok and "canary" in rows[1].reasons[0], rows[1]
+    assert not (store / "digits").exists()
+
+
+def test_the_example_app_serves_the_deployed_model_and_stops_on_sigterm(models, tmp_path):
+    import signal
+
+    store = tmp_path / "store"
+    deploy(bundle_of(models, 0.0).path, "digits", [get_device("local")], store=str(store))
+    app = subprocess.Popen([sys.executable, str(ROOT / "examples" / "app" / "serve_digits.py"),
+                            "--name", "digits", "--store", str(store), "--samples",
+                            str(models / EVAL), "--interval", "0.001"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    try:
+        assert wait_for(lambda: (store / "digits" / "active.json").is_file())
+        time.sleep(1.5)
+        deploy(bundle_of(models, 0.001).path, "digits", [get_device("local")], store=str(store))
+        time.sleep(1.5)
+    finally:
+        app.send_signal(signal.SIGTERM)
+        out, err = app.communicate(timeout=30)
+    assert app.returncode == 0, err[-2000:]
+    assert "serving digits version 1" in out and "serving digits version 2" in out, out
+    [(_, reply)] = status("digits", [get_device("local")], store=str(store))
+    calls = sum((v["field"] or {}).get("calls", 0)
+                for v in reply["models"]["digits"]["versions"].values())
+    assert calls == int(out.strip().splitlines()[-1].split()[2]), (calls, out[-300:])
+
+
+@pytest.mark.ssh
+def test_captured_field_inputs_come_back_as_calibration_data(ssh_home, sshd_server, models,
+                                                           tmp_path):
+    from edgesmith.data import calibration_batches
+
+    store = tmp_path / "store"
+    dev = ssh_device(sshd_server)
+    [row] = deploy(bundle_of(models, 0.0).path, "digits", [dev], store=str(store), capture=25)
+    assert row.activated, row
+    proc, stop = start_app(tmp_path, models, store, seconds=2, scale=3.0)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and json.loads(out)["calls"] > 25, err[-2000:]
+    field = tmp_path / "field.npz"
+    proc = run_cli("pull-samples", "digits", "--device", sshd_server.destination, "--identity",
+                   sshd_server.client_key, "--python", sys.executable, "--store", store,
+                   "-o", field)
+    assert proc.returncode == 0 and "25 field sample(s)" in proc.stdout, proc.stdout + proc.stderr
+    x = np.load(field, allow_pickle=False)["input"]
+    assert x.shape == (25, 1, 8, 8)
+    np.testing.assert_allclose(x, np.load(models / EVAL)["input"][:1].repeat(25, 0) * 3.0)
+    batches = list(calibration_batches(field, load(models / "digits_cnn.onnx"), 8))
+    assert sum(len(b["input"]) for b in batches) == 25
+    again = run_cli("pull-samples", "digits", "--store", store, "-o", field)
+    assert again.returncode == 1 and "exists" in again.stderr, again.stderr
