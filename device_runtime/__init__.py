@@ -18,7 +18,7 @@ def load(bundle_dir, **config_overrides):
 
 def serve(name: str, store=None, pin=None, **options):
     """The active version of a model deployed under `name` (`edgesmith deploy`), followed
-    across deploys and rollbacks between calls, with field telemetry; see serve.py."""
-    from .serve import Served
+    across deploys and rollbacks between calls, with field telemetry; see serving.py."""
+    from .serving import Served
 
     return Served(name, store, pin, **options)

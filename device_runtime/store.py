@@ -5,7 +5,7 @@
     <store>/<name>/active.json     {"version", "previous", "history"}: replaced by rename after
                                    an fsync, so a reader sees the old pointer or the new one
     <store>/<name>/.lock           deploys to one name are serialized, whichever host sends them
-    <store>/<name>/telemetry/      field figures the serving sessions flush (serve.py)
+    <store>/<name>/telemetry/      field figures the serving sessions flush (serving.py)
 
 A version is made active only by `activate`, which the deploy command calls after the version
 passed its check on this device (TF Serving's numbered versions; Mender's commit-or-stay).

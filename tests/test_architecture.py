@@ -117,13 +117,21 @@ def test_only_the_run_object_resolves_devices():
 
 
 def test_no_module_shadows_the_public_api():
-    """`edgesmith.optimize(...)` is a function: a submodule of that name would replace it on
-    the package as soon as anything imported the submodule."""
+    """`edgesmith.optimize(...)` and `device_runtime.serve(...)` are functions: a submodule of
+    that name would replace one on its package as soon as anything imported the submodule
+    (the second call then fails: 'module' object is not callable)."""
+    import inspect
+
+    import device_runtime
     import edgesmith
 
-    for name in edgesmith.__all__:
-        assert not (SDK / name).exists() and not (SDK / f"{name}.py").exists(), \
-            f"sdk/{name} would shadow edgesmith.{name}"
+    for package, folder in ((edgesmith, SDK), (device_runtime, ROOT / "device_runtime")):
+        functions = [n for n, v in vars(package).items()
+                     if inspect.isfunction(v) and not n.startswith("_")]
+        assert functions, package
+        for name in functions:
+            assert not (folder / name).exists() and not (folder / f"{name}.py").exists(), \
+                f"{folder.name}/{name} would shadow {package.__name__}.{name}()"
 
 
 def test_no_private_name_crosses_a_module():

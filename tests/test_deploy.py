@@ -295,3 +295,20 @@ def test_captured_field_inputs_come_back_as_calibration_data(ssh_home, sshd_serv
     assert sum(len(b["input"]) for b in batches) == 25
     again = run_cli("pull-samples", "digits", "--store", store, "-o", field)
     assert again.returncode == 1 and "exists" in again.stderr, again.stderr
+
+
+def test_an_app_can_serve_several_names_and_pin_a_version(models, tmp_path):
+    import device_runtime
+
+    store = tmp_path / "store"
+    for k in (0, 1):
+        deploy(bundle_of(models, k / 1000).path, "digits", [get_device("local")],
+               store=str(store))
+    x = np.load(models / EVAL)["input"][:1]
+    active = device_runtime.serve("digits", store, telemetry=False)
+    pinned = device_runtime.serve("digits", store, pin=1, telemetry=False)   # a second call
+    a, b = (s.run({"input": x})["logits"] for s in (active, pinned))
+    assert active.last_version == 2 and pinned.last_version == 1
+    np.testing.assert_allclose(a - b, 0.001, atol=2e-5)
+    with pytest.raises(device_runtime.errors.RuntimeFailure, match="no active version"):
+        device_runtime.serve("other", store)

@@ -18,7 +18,7 @@ RUNTIME_BUDGET = 900   # code lines (no blanks, comments, docstrings); DESIGN ai
 #                        loading verified native kernel libraries 10, the accuracy-drop rule (so
 #                        the device judges a deployment as the host chose it) and the deploy
 #                        subcommands' arguments 40
-DEPLOY_FILES = ("store.py", "deploy.py", "serve.py", "telemetry.py")
+DEPLOY_FILES = ("store.py", "deploy.py", "serving.py", "telemetry.py")
 DEPLOY_BUDGET = 480    # the model store, the on-device check, the serving session, telemetry and
 #                        captured field samples
 
