@@ -312,3 +312,49 @@ def test_an_app_can_serve_several_names_and_pin_a_version(models, tmp_path):
     np.testing.assert_allclose(a - b, 0.001, atol=2e-5)
     with pytest.raises(device_runtime.errors.RuntimeFailure, match="no active version"):
         device_runtime.serve("other", store)
+
+
+def test_a_deploy_killed_during_its_check_leaves_the_old_version_and_a_rerun_finishes(
+        models, tmp_path):
+    """SIGKILL of the device side mid-check (a real kill, the host dying with its session):
+    the new version is installed but not active; the same deploy again checks and activates."""
+    import signal
+
+    store = tmp_path / "store"
+    local = get_device("local")
+    deploy(bundle_of(models, 0.0).path, "digits", [local], store=str(store))
+    second = bundle_of(models, 0.001)
+    proc = subprocess.Popen([sys.executable, "-m", "device_runtime", "deploy", str(second.path),
+                             "--name", "digits", "--store", str(store)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = ""
+    while "measuring" not in line and proc.poll() is None:   # the check is timing the model
+        line = proc.stderr.readline()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert device_store.pointer("digits", store)["version"] == 1
+    assert "check" not in device_store.versions("digits", store)[2]
+    served = __import__("device_runtime").serve("digits", store, telemetry=False)
+    assert served.last_version == 1
+    [row] = deploy(second.path, "digits", [local], store=str(store))
+    assert row.ok and row.activated and row.version == 2 and not row.reasons, row
+
+
+def test_a_full_store_disk_fails_the_install_in_one_line_and_keeps_serving(models, tmp_path):
+    from conftest import require
+
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)],
+                             capture_output=True, timeout=30).returncode == 0
+    require(mounted, "cannot mount a tmpfs here (needs root) to fill the store's disk")
+    try:
+        local = get_device("local")
+        assert deploy(bundle_of(models, 0.0).path, "digits", [local], store=str(disk))[0].ok
+        [row] = deploy(bundle_of(models, 0.001).path, "digits", [local], store=str(disk))
+        assert not row.ok and "cannot install version 2" in row.reasons[0], row
+        assert "No space left" in row.reasons[0] and "\n" not in row.reasons[0]
+        assert device_store.pointer("digits", disk)["version"] == 1
+        assert sorted(p.name for p in (disk / "digits" / "versions").iterdir()) == ["1"]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
