@@ -62,6 +62,15 @@ def check_name(name: str) -> str:
     return name
 
 
+def store_on(device, store=None):
+    """The store the device runtime uses: `store`, else for an SSH device the `models` folder
+    of its remote dir (by default ~/.edgesmith/models, where `device_runtime.serve` looks; a
+    devices.toml `remote_dir` moves it), else the runtime's own default."""
+    if store is None and hasattr(device, "root"):
+        return f"{device.root()}/models"
+    return store
+
+
 def _options(store, keep=None, tolerance=None, capture=None) -> list[str]:
     args = ["--host", f"{os.environ.get('USER', 'user')}@{socket.gethostname()}"]
     for flag, value in (("--store", store), ("--keep", keep), ("--latency-tolerance", tolerance),
@@ -87,7 +96,6 @@ def deploy(source, name: str, devices: list, *, store=None, keep: int = 5,
     """Push, check on the device, activate; one row per device (see the module docstring)."""
     bundle, say = bundle_of(source), say or (lambda text: None)
     check_name(name)
-    args = _options(store, keep, tolerance, capture)
 
     def one(device, is_canary: bool = False) -> DeployRow:
         t0 = time.monotonic()
@@ -95,6 +103,7 @@ def deploy(source, name: str, devices: list, *, store=None, keep: int = 5,
             say(f"{device.name}: pushing {bundle.id[:12]}")
             remote = device.push(bundle)
             say(f"{device.name}: checking on the device")
+            args = _options(store_on(device, store), keep, tolerance, capture)
             reply = device.call(["deploy", remote, "--name", name, *args], "deploy", timeout_s)
         except (StageError, EdgesmithError) as exc:
             return DeployRow(device=device.name, ok=False, reasons=[str(exc)],
@@ -119,12 +128,12 @@ def rollback(name: str, devices: list, *, to: int | None = None, store=None,
              timeout_s: float = 120.0) -> list[DeployRow]:
     """The previous version (or `to`) active again on every device: a pointer switch."""
     check_name(name)
-    args = ["rollback", "--name", name, *_options(store)] + \
-        (["--to", str(to)] if to is not None else [])
     rows = []
     for device in devices:
         t0 = time.monotonic()
         try:
+            args = ["rollback", "--name", name, *_options(store_on(device, store))] + \
+                (["--to", str(to)] if to is not None else [])
             reply = device.call(args, "rollback", timeout_s)
             rows.append(_row(device, reply, t0))
         except StageError as exc:
@@ -135,10 +144,11 @@ def rollback(name: str, devices: list, *, to: int | None = None, store=None,
 def status(name: str | None, devices: list, *, store=None,
            timeout_s: float = 120.0) -> list[tuple[str, dict]]:
     """Each device's store: pointers, versions with their checks, field figures and drift."""
-    args = ["status", *(["--name", check_name(name)] if name else []), *_options(store)]
+    named = ["--name", check_name(name)] if name else []
     out = []
     for device in devices:
         try:
+            args = ["status", *named, *_options(store_on(device, store))]
             out.append((device.name, device.call(args, "status", timeout_s)))
         except StageError as exc:
             out.append((device.name, {"ok": False, "error": str(exc)}))
@@ -148,7 +158,7 @@ def status(name: str | None, devices: list, *, store=None,
 def pull_samples(name: str, device, out, *, store=None, timeout_s: float = 300.0) -> int:
     """The field inputs the device kept for NAME (deploy --capture N), as an .npz at `out` that
     `optimize --calib` reads; returns how many samples."""
-    args = ["samples", "--name", check_name(name), *_options(store)]
+    args = ["samples", "--name", check_name(name), *_options(store_on(device, store))]
     reply = device.call(args, "samples", timeout_s)
     if not reply.get("ok"):
         raise EdgesmithError(f"{device.name}: {reply.get('error')}")

@@ -358,3 +358,52 @@ def test_a_full_store_disk_fails_the_install_in_one_line_and_keeps_serving(model
         assert sorted(p.name for p in (disk / "digits" / "versions").iterdir()) == ["1"]
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
+
+
+@pytest.mark.ssh
+@pytest.mark.netns
+def test_a_fleet_of_eight_namespace_devices_stops_at_a_failed_canary_then_rolls_out(
+        models, tmp_path, monkeypatch, sshd_server):
+    """(`sshd_server`: the loopback sshd's setup, which namespace sshds need too.)
+    Eight sshd hosts, each in its own network namespace with its own remote dir (so its own
+    store). The canary's disk is a 320 KB tmpfs: its push fails, and no other device is
+    touched. With a healthy canary the same deploy reaches all eight, four at a time."""
+    import os
+
+    import netns
+    from conftest import client_home, require
+
+    require(netns.available(), "cannot create network namespaces here (needs root, iproute2)")
+    hosts = [netns.NetnsHost(tmp_path / f"ns{i}", 10 + (os.getpid() + 1 + i) % 240)
+             for i in range(8)]
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(small)],
+                             capture_output=True, timeout=30).returncode == 0
+    require(mounted, "cannot mount a tmpfs here (needs root) to fill the canary's disk")
+    try:
+        for host in hosts:
+            (tmp_path / f"ns{host.k}").mkdir(exist_ok=True)
+            host.start()
+        client_home(tmp_path, monkeypatch, "\n".join(h.known_hosts_line() for h in hosts))
+        remote = [tmp_path / f"remote{i}" for i in range(8)]
+        fleet = [ssh_device(h, h.sshd.client_key, remote_dir=str(d))
+                 for h, d in zip(hosts, remote)]
+        bad_canary = ssh_device(hosts[0], hosts[0].sshd.client_key, remote_dir=str(small))
+        bundle = bundle_of(models, 0.0)
+        rows = deploy(bundle.path, "digits", [bad_canary, *fleet[1:]], canary=1, parallel=4)
+        assert not rows[0].ok and rows[0].canary and "no space left" in rows[0].reasons[0], \
+            rows[0]
+        assert all(not r.ok and "canary" in r.reasons[0] for r in rows[1:]), rows
+        assert not any((d / "models").exists() for d in remote)
+        t0 = time.monotonic()
+        rows = deploy(bundle.path, "digits", fleet, canary=1, parallel=4)
+        assert all(r.ok and r.activated and r.version == 1 for r in rows), rows
+        assert all(device_store.pointer("digits", d / "models")["version"] == 1 for d in remote)
+        again = deploy(bundle.path, "digits", fleet, parallel=8)       # re-run: nothing to do
+        assert all(r.ok and not r.activated and "already active" in r.note for r in again)
+        print(f"8 devices: {time.monotonic() - t0:.1f} s")
+    finally:
+        for host in hosts:
+            host.stop()
+        subprocess.run(["umount", "-l", str(small)], capture_output=True, timeout=30)
