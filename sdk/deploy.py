@@ -1,7 +1,7 @@
 """`edgesmith deploy | rollback | status`: a bundle installed on devices under a NAME, activated
 on each only after it passed its check there (the device side: device_runtime/deploy.py).
 
-A fleet rolls out canaries first, one at a time; a canary that fails its check (or cannot be
+A fleet rolls out canaries first (`canary`, or `canary = true` in devices.toml), one at a time; a canary that fails its check (or cannot be
 reached) stops the rollout before any other device. The rest go in parallel, `parallel` at a
 time; an unreachable device is a failed row, not a failed fleet. Running the same deploy again
 finishes the job: devices already serving the bundle answer "already active".
@@ -113,6 +113,9 @@ def deploy(source, name: str, devices: list, *, store=None, keep: int = 5,
                 device.close()
         return _row(device, reply, t0, is_canary)
 
+    tagged = [d for d in devices if getattr(d, "canary", False)]    # devices.toml canary = true
+    devices = tagged + [d for d in devices if d not in tagged]
+    canary = max(canary, len(tagged))
     rows = []
     for device in devices[:canary]:
         rows.append(one(device, True))

@@ -233,15 +233,27 @@ def test_deploy_status_and_rollback_over_ssh(ssh_home, sshd_server, models, tmp_
 
 @pytest.mark.ssh
 def test_a_failed_canary_stops_the_rollout(ssh_home, sshd_server, models, tmp_path):
-    from edgesmith.devices.ssh import SSHDevice
-
+    """devices.toml lists the canary second (`canary = true`): it goes first, cannot be
+    reached (a real refused connection), and the local device is never deployed to."""
     store = tmp_path / "store"
-    unreachable = SSHDevice.from_destination("nobody@127.0.0.1:1", identity=str(
-        sshd_server.client_key), python=sys.executable)
-    rows = deploy(bundle_of(models, 0.0).path, "digits", [unreachable, get_device("local")],
-                  store=str(store), canary=1)
-    assert not rows[0].ok and rows[0].canary, rows[0]
-    assert not rows[1].ok and "canary" in rows[1].reasons[0], rows[1]
+    inventory = tmp_path / "devices.toml"
+    inventory.write_text(f"""
+[[device]]
+name = "here"
+destination = "local"
+
+[[device]]
+name = "gone"
+destination = "nobody@127.0.0.1:1"
+identity = "{sshd_server.client_key}"
+canary = true
+""")
+    proc = run_cli("deploy", bundle_of(models, 0.0).path, "--name", "digits", "--fleet",
+                   inventory, "--store", store, "--json", tmp_path / "rows.json")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["device"] for r in rows] == ["gone", "local"] and rows[0]["canary"], rows
+    assert not rows[1]["ok"] and "canary gone failed" in rows[1]["reasons"][0], rows
     assert not (store / "digits").exists()
 
 

@@ -184,3 +184,31 @@ def test_device_setup_installs_from_pushed_aarch64_wheels_offline(pi_home, emula
                    "--device", "pi", *FEW, "--json", out, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["accuracy"]["top1"] > 0.97
+
+
+def test_deploy_then_serve_by_name_and_status_on_the_pi(pi_home, models, tmp_path):
+    """The deploy check, the store and the serving session on a real aarch64 userland (with
+    its own, older onnxruntime): activated after its check there, served by name, and the
+    field figures the Pi-side session flushed come back in `status`."""
+    from shlex import quote as q
+
+    from test_deploy import bundle_of
+
+    bundle = bundle_of(models, 0.0)
+    proc = run_cli("deploy", bundle.path, "--name", "digits", "--device", "pi", timeout=1200)
+    assert proc.returncode == 0 and "activated" in proc.stdout, proc.stdout + proc.stderr
+    dev = pi_device()
+    rt = dev.ensure_runtime()
+    app = ("import numpy as np, device_runtime; s = device_runtime.serve('digits'); "
+           "x = np.load('eval.npz')['input'][:1]; "
+           "[s.run({'input': x}) for _ in range(20)]; s.close(); print(s.last_version)")
+    remote = dev.push(bundle)
+    status, out, err = dev.execute(f"cd {q(remote)} && PYTHONPATH={q(rt.path)} {q(rt.python)} "
+                                   f"-c {q(app)}", "run", 600)
+    assert status == 0 and out.strip() == "1", err[-2000:]
+    out_json = tmp_path / "status.json"
+    proc = run_cli("status", "digits", "--device", "pi", "--json", out_json, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    version = json.loads(out_json.read_text())["pi"]["models"]["digits"]["versions"]["1"]
+    assert version["check"]["passed"] and version["field"]["calls"] == 20
+    assert "not compared" in version["check"]["figures"]["latency_note"]   # another CPU

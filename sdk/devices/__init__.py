@@ -126,7 +126,8 @@ def get_device(destination: str | None, **ssh_options):
 
 
 INVENTORY_FIELDS = {"name": str, "destination": str, "target": str, "identity": str,
-                    "python": str, "remote_dir": str, "accept_new_host_key": bool}
+                    "python": str, "remote_dir": str, "accept_new_host_key": bool,
+                    "canary": bool}
 
 
 def _inventory_entry(path, i: int, entry) -> dict:
@@ -159,7 +160,8 @@ def _inventory_entry(path, i: int, entry) -> dict:
 
 def load_inventory(path) -> list:
     """devices.toml: [[device]] name, destination, target, identity, python, remote_dir,
-    accept_new_host_key; a wrong type is a one-line error naming the device and the field."""
+    accept_new_host_key, canary; a wrong type is a one-line error naming the device and the
+    field."""
     from pathlib import Path
 
     from ..errors import EdgesmithError
@@ -179,6 +181,7 @@ def load_inventory(path) -> list:
                 if k in entry}
         device = get_device(entry["destination"], name=entry.get("name"), **opts) \
             if entry["destination"] != "local" else get_device("local")
+        device.canary = entry.get("canary", False)     # deploy: these go first, one by one
         devices.append(device)
     if not devices:
         raise EdgesmithError(f"device inventory {path} lists no [[device]] entries")
