@@ -31,7 +31,7 @@ from ..passes.fuse import fuse
 from ..run import Run
 from ..run.outputs import copy_dir_atomic, is_ours, write_model
 from ..search.int8 import quant_data
-from ..search.select import best_tradeoff, choose
+from ..search.select import best_tradeoff, choose, within_noise_of
 from .config import Context, OptimizeConfig
 from .stages import int8_stage, nas_stage, pruned_stage, tflite_stage, tflite_unavailable
 
@@ -275,7 +275,9 @@ def _summary(report: OptimizeReport, pick: Candidate) -> str:
                 + (f", p50 <= {report.config['latency_budget_ms']} ms"
                    if report.config["latency_budget_ms"] else "") +
                 f"); saved the most accurate trade-off ({pick.id}) and the Pareto front")
-    text = f"chose {pick.id}: accuracy drop {pick.accuracy_drop:.4f}"
+    from ..report.text import judged_drop
+
+    text = f"chose {pick.id}: accuracy drop {judged_drop(pick)}"
     rem = report.remeasure
     if "speedup" in rem:
         o, c = Spread(**rem["original"]), Spread(**rem["chosen"])
@@ -285,6 +287,10 @@ def _summary(report: OptimizeReport, pick: Candidate) -> str:
                  f"{c.high_ms:.{d}f}, original {o.low_ms:.{d}f}-{o.high_ms:.{d}f}): ")
         text += ("within noise, not a measurable speedup" if rem["within_noise"]
                  else f"{rem['speedup']:.2f}x " + ("faster" if rem["speedup"] > 1 else "slower"))
+    ties = within_noise_of(pick, [c for c in report.candidates if c.within_budget])
+    if ties:
+        text += (f"; {', '.join(c.id for c in ties)} within noise of it (a tie goes to the more "
+                 "accurate, then the smaller, then the simpler)")
     return text
 
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from device_runtime.evaluate import SQNR_CAP_DB
@@ -73,7 +74,17 @@ def results_table(rows: list[tuple[str, Result]], title: str = "edgesmith profil
 
 
 def print_table(table: Table) -> None:
+    """The table, then its long texts (errors, reasons not tried) one line each, as written:
+    no markup read into them, no paragraph wrapped into a narrow cell."""
     Console(file=sys.stdout, width=max(Console().width, 140)).print(table)
+    for line in getattr(table, "below", []):
+        print(line)
+
+
+def below(table: Table, key: str, text: str) -> str:
+    """Keep `text` for the lines under `table`; the cell says where it went."""
+    table.below = getattr(table, "below", []) + [f"  {key}: {text}"]
+    return "(below)"
 
 
 def to_jsonable(obj):
@@ -112,7 +123,8 @@ def tune_table(report) -> Table:
     base = report.default.p50_ms
     for i, t in enumerate(report.trials, 1):
         if not t.ok:
-            table.add_row(str(i), t.id, "", "", "", "", "", f"[red]{t.stage}: {t.error}[/red]")
+            table.add_row(str(i), escape(t.id), "", "", "", "", "", "[red]error[/red] " +
+                          below(table, t.id, f"{t.stage}: {t.error}"))
             continue
         note = "kept" if t.key == report.best.key else ("default" if t.key == report.default.key
                                                         else "")
@@ -120,8 +132,9 @@ def tune_table(report) -> Table:
                       str(t.runs), f"{base / t.p50_ms:.2f}x" if base else "-",
                       " ".join(filter(None, (note, "(cached)" if t.cached else ""))))
     for p in report.pruned:
-        table.add_row("", f"{p['knob']}={p['value']}", "", "", "", "", "",
-                      f"[yellow]not tried: {p['reason']}[/yellow]")
+        name = f"{p['knob']}={p['value']}"
+        table.add_row("", escape(name), "", "", "", "", "", "[yellow]not tried[/yellow] " +
+                      below(table, name, f"not tried: {p['reason']}"))
     if report.confirm:
         d, b = report.confirm["default"], report.confirm["best"]
         table.caption = (f"re-measured interleaved x{report.confirm['rounds']}: default "
@@ -157,16 +170,19 @@ def quantize_table(report) -> Table:
     base = report.baseline
     for c in [base] + report.candidates:
         if not c.ok:
-            table.add_row(c.id, *[""] * 8, f"[red]{c.error}[/red]")
+            table.add_row(escape(c.id), *[""] * 8, "[red]error[/red] " +
+                          below(table, c.id, c.error))
             continue
         acc = c.accuracy or {}
         note = "; ".join(filter(None, ["chosen" if c.id == report.chosen.id else "", c.note]))
         table.add_row(c.id, _fmt(c.p50_ms), f"{base.p50_ms / c.p50_ms:.2f}x",
                       _fmt(acc.get("top1"), 4), _fmt(acc.get("agreement"), 4),
-                      _sqnr(acc.get("sqnr_db")), _fmt(c.accuracy_drop, 4),
-                      f"{c.size_bytes / 1024:.0f}", f"{c.host_s:.1f}" if c.host_s else "", note)
+                      _sqnr(acc.get("sqnr_db")), judged_drop(c),
+                      f"{c.size_bytes / 1024:.0f}", f"{c.host_s:.1f}" if c.host_s else "",
+                      escape(note))
     for p in report.pruned:
-        table.add_row(p["recipe"], *[""] * 8, f"[yellow]not tried: {p['reason']}[/yellow]")
+        table.add_row(escape(p["recipe"]), *[""] * 8, "[yellow]not tried[/yellow] " +
+                      below(table, p["recipe"], f"not tried: {p['reason']}"))
     if report.kept_float:
         table.caption = f"kept in float: {', '.join(report.kept_float)}"
     return table
@@ -210,6 +226,18 @@ def speedups(report) -> dict[str, float]:
     return out
 
 
+def judged_drop(c) -> str:
+    """The drop in the metric it was judged by: top-1 (labels) or agreement points, else the
+    SQNR floor's verdict (a detector's boxes, a map, features have no top-1)."""
+    acc, drop = c.accuracy or {}, c.accuracy_drop
+    if drop is None:
+        return "-"
+    if "top1" in acc or ("agreement" in acc and abs(drop - (1 - acc["agreement"])) < 1e-9) \
+            or "sqnr_db" not in acc:
+        return _fmt(drop, 4)
+    return "SQNR ok" if drop == 0 else "SQNR < 25 dB"
+
+
 def _excluded(report, c) -> str:
     allowed = report.config.get("backends") or (c.backend,)
     return "" if c.backend in allowed else f"reference only ({c.backend} is not in --backends); "
@@ -219,14 +247,15 @@ def optimize_table(report) -> Table:
     """The same rows as report.html: every candidate, fastest first, then errors and skips."""
     table = Table(title=f"edgesmith optimize: {Path(report.model).name} on {report.device} "
                         f"(target {report.target})")
-    for col in ("candidate", "ms", "vs original", "top-1", "agreement", "drop", "size KB",
-                "MACs", "in budget", "note"):
+    for col in ("candidate", "ms", "vs original", "top-1", "agreement", "SQNR dB", "drop",
+                "size KB", "MACs", "in budget", "note"):
         table.add_column(col, justify="left" if col in ("candidate", "note") else "right")
     speed = speedups(report)
     noise = report.remeasure.get("within_noise")
     for c in sorted(report.candidates, key=lambda c: (not c.ok, c.latency_ms or 0)):
         if not c.ok:
-            table.add_row(c.id, *[""] * 8, f"[red]{c.stage}: {c.error}[/red]")
+            table.add_row(escape(c.id), *[""] * 9, "[red]error[/red] " +
+                          below(table, c.id, f"{c.stage}: {c.error}"))
             continue
         acc = c.accuracy or {}
         mark = "[bold green]chosen[/bold green] " if c.id == report.chosen else ""
@@ -235,11 +264,14 @@ def optimize_table(report) -> Table:
         table.add_row(c.id, _fmt(shipped_ms(report, c)),
                       f"{speed[c.id]:.2f}x" if c.id in speed else "-",
                       _fmt(acc.get("top1"), 4), _fmt(acc.get("agreement"), 4),
-                      _fmt(c.accuracy_drop, 4), f"{c.size_bytes / 1024:.0f}", f"{c.macs:,}",
+                      _sqnr(acc.get("sqnr_db")), judged_drop(c), f"{c.size_bytes / 1024:.0f}",
+                      f"{c.macs:,}",
                       "yes" if c.within_budget else "no",
-                      mark + ("Pareto " if c.pareto else "") + _excluded(report, c) + c.note)
-    for s in report.skipped:
-        table.add_row(s["id"], *[""] * 8, f"[yellow]not tried: {s['reason']}[/yellow]")
+                      mark + ("Pareto " if c.pareto else "") + escape(_excluded(report, c) +
+                                                                     c.note))
+    for skip in report.skipped:
+        table.add_row(escape(skip["id"]), *[""] * 9, "[yellow]not tried[/yellow] " +
+                      below(table, skip["id"], f"not tried: {skip['reason']}"))
     table.caption = ("ms: median of interleaved rounds with the original where re-measured "
                      "(the fastest in-budget candidates; the chosen one as shipped, tuned "
                      "config included), else a single p50")

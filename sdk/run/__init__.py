@@ -99,8 +99,8 @@ class Run:
         self.out = claim(out_dir, force, what)
         self.state = State(self.out, key)
         if self.state.discarded:
-            self.notes.append(f"{self.out} held results of a different run (model, data, "
-                              "device, settings or edgesmith version changed): started afresh")
+            self.notes.append(f"{self.out} held results of a different run (changed: "
+                              f"{', '.join(self.state.changed)}): started afresh")
 
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started

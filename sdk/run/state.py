@@ -37,6 +37,23 @@ def source_digest(path) -> str | None:
     return digest.hexdigest()
 
 
+def changed_parts(old, new: dict) -> list[str]:
+    """What differs between two run keys, by name: `model`, `eval`, `device`, and a changed
+    setting as `config.max_accuracy_drop`; `unreadable` when the old key could not be read."""
+    if not isinstance(old, dict):
+        return ["unreadable"]
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            parts += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        else:
+            parts.append(key)
+    return parts
+
+
 STATE_DIR = ".edgesmith-state"
 OWN_FILES = ("run.json", "candidates.jsonl", "int8.json")
 FORMATS = (".onnx", ".tflite")
@@ -51,6 +68,7 @@ class State:
         self.path = self.dir / "candidates.jsonl"
         self.done: dict[str, Candidate] = {}
         self.discarded = False
+        self.changed: list[str] = []     # what differs from the run whose state was discarded
         if self.dir.exists() and not self.dir.is_dir():
             raise EdgesmithError(f"{self.dir} is a file, not edgesmith's state directory; move "
                                  "it away or choose another -o")
@@ -58,10 +76,11 @@ class State:
         run_key = json.loads(json.dumps(run_key, sort_keys=True))     # tuples as JSON has them
         if self.dir.is_dir():
             try:
-                same = json.loads(key_path.read_text()) == run_key
+                old = json.loads(key_path.read_text())
             except (OSError, ValueError):
-                same = False
-            if not same:        # another model, data, device, budget or version: start afresh
+                old = None
+            if old != run_key:  # another model, data, device, budget or version: start afresh
+                self.changed = changed_parts(old, run_key)
                 self._reset()
                 self.discarded = True
         (self.dir / "models").mkdir(parents=True, exist_ok=True)

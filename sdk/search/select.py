@@ -6,7 +6,8 @@ from ..run.budget import within
 
 
 def choose(cands: list[Candidate], cfg) -> Candidate | None:
-    """Mark budget and Pareto flags; the fastest candidate within the budgets, or None. Only
+    """Mark budget and Pareto flags; the fastest candidate within the budgets, or None; when
+    others are within the noise of the fastest, `tie_break` decides among them. Only
     candidates on the runtimes the user asked for (`cfg.backends`) can be chosen or be on the
     front: the others were measured as references."""
     allowed = getattr(cfg, "backends", None)
@@ -17,7 +18,27 @@ def choose(cands: list[Candidate], cfg) -> Candidate | None:
         c.within_budget = bool(c.model_sha256 and (allowed is None or c.backend in allowed)
                                and within(c, cfg.max_accuracy_drop, cfg.latency_budget_ms))
     ok = [c for c in cands if c.within_budget]
-    return min(ok, key=lambda c: c.latency_ms) if ok else None
+    if not ok:
+        return None
+    fastest = min(ok, key=lambda c: c.latency_ms)
+    return min([fastest, *within_noise_of(fastest, ok)], key=tie_break)
+
+
+def within_noise_of(best: Candidate, cands: list[Candidate]) -> list[Candidate]:
+    """The other candidates whose interleaved rounds overlap `best`'s: no measurement here can
+    say which is faster (single measurements are never called ties: they have no spread)."""
+    if not best.confirm:
+        return []
+    lo, hi = best.confirm["low_ms"], best.confirm["high_ms"]
+    return [c for c in cands if c is not best and c.confirm
+            and c.confirm["low_ms"] <= hi and lo <= c.confirm["high_ms"]]
+
+
+def tie_break(c: Candidate) -> tuple:
+    """Among candidates tied on speed: the more accurate, then the smaller, then the simpler
+    (fewer steps in its name: `+` between families, `-` between repairs), then by name, so the
+    same job chooses the same candidate however the noise fell."""
+    return (c.accuracy_drop, c.size_bytes, c.id.count("+") + c.id.count("-"), c.id)
 
 
 def pareto_front(cands: list[Candidate]) -> list[Candidate]:
