@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,33 +115,47 @@ def main() -> None:
     stop.write_text("")
     out = json.loads(app.communicate(timeout=120)[0])
     log = out["log"]
-    near = [ms for t, ms, _ in log if any(0 <= t - s <= 1.0 for s in swaps)]
-    away = sorted(ms for t, ms, _ in log if all(not 0 <= t - s <= 1.0 for s in swaps))
+    from device_runtime.store import pointer
+
+    # a swap: from the pointer's change to the app's first answer from the new version (+0.1 s);
+    # "away": calls more than a second from any deploy's start and from any swap
+    activated = [h["at"] for h in pointer("bench", store)["history"][1:]]
+    answered = [t for (t, _, v), (_, _, before) in zip(log[1:], log) if v != before]
+    windows = [(a, next((f for f in answered if f >= a), a) + 0.1) for a in activated]
+    during = [ms for t, ms, _ in log if any(lo <= t <= hi for lo, hi in windows)]
+    busy = [(s, s + 1.0) for s in swaps] + [(lo, hi + 1.0) for lo, hi in windows]
+    away = sorted(ms for t, ms, _ in log if not any(lo <= t <= hi for lo, hi in busy))
     p99 = away[int(0.99 * len(away))]
+    checks = [ms for t, ms, _ in log if any(s <= t <= a for s, a in zip(swaps, activated))]
     versions = []
     for _, _, v in log:
         if not versions or versions[-1] != v:
             versions.append(v)
     print(f"1. {len(log)} calls, {out['failures']} failed, versions served in order {versions}; "
-          f"slowest call within 1 s of a swap {max(near):.3f} ms = {max(near) / p99:.2f}x the "
-          f"p99 away from swaps ({p99:.3f} ms)   goal: 0 failed, >= 10,000 calls, <= 2x")
+          f"slowest call during a swap (pointer moved .. new version answering, "
+          f"{len(during)} calls) {max(during):.3f} ms = {max(during) / p99:.2f}x the p99 away "
+          f"from deploys ({p99:.3f} ms)   goal: 0 failed, >= 10,000 calls, <= 2x\n"
+          f"   (while a deploy's check ran the model on the same cores, before the pointer "
+          f"moved: slowest call {max(checks or [0]):.3f} ms = {max(checks or [0]) / p99:.2f}x)")
 
     # 2. telemetry overhead, interleaved blocks on the active version
     import device_runtime
     x = np.load(samples)["input"][:1]
     on = device_runtime.serve("bench", store, flush_s=3600)
     off = device_runtime.serve("bench", store, telemetry=False)
-    blocks = {True: [], False: []}
-    for i in range(14):
+    ratios = []                  # adjacent blocks on/off, the order alternating
+    for i in range(40):
+        times = {}
         for flag, served in ((True, on), (False, off))[::1 if i % 2 else -1]:
             t0 = time.perf_counter()
-            for _ in range(300):
+            for _ in range(500):
                 served.run({"input": x})
-            blocks[flag].append((time.perf_counter() - t0) / 300 * 1e3)
-    ratio = statistics.median(blocks[True]) / statistics.median(blocks[False])
-    print(f"2. telemetry on {statistics.median(blocks[True]):.4f} ms vs off "
-          f"{statistics.median(blocks[False]):.4f} ms per call: {100 * (ratio - 1):+.1f} %   "
-          "goal: <= 2 %")
+            times[flag] = time.perf_counter() - t0
+        ratios.append(times[True] / times[False])
+    ratios.sort()
+    print(f"2. telemetry on/off per call: median {100 * (ratios[20] - 1):+.1f} % over 40 pairs "
+          f"of 500 calls (middle half {100 * (ratios[10] - 1):+.1f} .. "
+          f"{100 * (ratios[30] - 1):+.1f} %)   goal: <= 2 %")
 
     # 3. rollback until the app answers with the previous version
     served = device_runtime.serve("bench", store, telemetry=False)

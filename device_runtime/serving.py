@@ -71,16 +71,20 @@ class Served:
             threading.Thread(target=self._load, args=(version,), daemon=True).start()
 
     def _load(self, version: int) -> None:
+        retired = None
         try:
             session = Session.open(store.version_dir(self.name, version, self.store_dir),
                                    **self._overrides)
             session.run(session.example_feed())      # the first call after the swap is warm
-            self._current = (session, version)
+            retired, self._current = self._current, (session, version)
         except Exception as exc:   # noqa: BLE001 - the old version keeps serving; say why
             if self.telemetry is not None:
                 self.telemetry.load_failed(version, f"{type(exc).__name__}: {exc}")
         finally:
             self._loading = None
+        if retired is not None:    # calls in flight on the old version end; then it is freed
+            time.sleep(max(1.0, 5 * self.poll_s))     # here, not inside an application's call
+            del retired
 
     def run(self, feed: dict) -> dict:
         """Like Session.run, on the active version as of this call (`last_version` says
