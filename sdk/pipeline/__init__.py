@@ -37,6 +37,7 @@ from .stages import int8_stage, nas_stage, pruned_stage, tflite_stage, tflite_un
 
 REPORT_SCHEMA = 2
 ORIGINAL = "original (as given)"     # the user's model, unfused: what every speedup is against
+AT_DEFAULTS = "model.onnx at the runtime defaults"   # the model gain, apart from the config's
 
 
 @dataclass(kw_only=True)
@@ -202,19 +203,27 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
     report.op_profile_ms = prof.op_profile_ms or {}
     rem = report.remeasure
     if report.chosen and (pick.config or not pick.confirm or "original" not in rem):
-        ctx.run.say("re-measuring the shipped bundle against the original")
-        spreads = ctx.run.confirm({
-            ORIGINAL: (bundles.build(ctx.original), _timing_job()),
-            pick.id: (final, _timing_job())}, ctx.cfg.confirm_rounds)
-        if len(spreads) == 2:   # the selection rounds stay in pick.confirm; these are what ships
+        ctx.run.say("re-measuring the shipped bundle against the original"
+                    + (" and its model at the runtime defaults" if pick.config else ""))
+        trials = {ORIGINAL: (bundles.build(ctx.original), _timing_job()),
+                  pick.id: (final, _timing_job())}
+        if pick.config:     # model.onnx alone, as a user's own runtime would run it
+            trials[AT_DEFAULTS] = (bundles.build(ctx.run.state.load_model(pick, ctx.original)),
+                                   _timing_job())
+        spreads = ctx.run.confirm(trials, ctx.cfg.confirm_rounds)
+        if len(spreads) == len(trials):  # the selection rounds stay in pick.confirm
             if "original" in rem:
                 rem["selection_original"] = rem["original"]
             rem.update(original=asdict(spreads[ORIGINAL]), chosen=asdict(spreads[pick.id]))
+            if AT_DEFAULTS in spreads:
+                rem["model_at_defaults"] = asdict(spreads[AT_DEFAULTS])
     elif report.chosen and pick.confirm:
         rem["chosen"] = pick.confirm
     if report.chosen and "chosen" in rem and "original" in rem:
         o, c = Spread(**rem["original"]), Spread(**rem["chosen"])
-        rem.update(speedup=o.median_ms / c.median_ms, within_noise=o.overlaps(c))
+        m = Spread(**rem.get("model_at_defaults", rem["chosen"]))
+        rem.update(speedup=o.median_ms / c.median_ms, within_noise=o.overlaps(c),
+                   model_gain=o.median_ms / m.median_ms, config_gain=m.median_ms / c.median_ms)
     elif report.chosen:
         report.notes.append("re-measurement against the original failed on the device")
     report.summary = _summary(report, pick)
@@ -287,6 +296,9 @@ def _summary(report: OptimizeReport, pick: Candidate) -> str:
                  f"{c.high_ms:.{d}f}, original {o.low_ms:.{d}f}-{o.high_ms:.{d}f}): ")
         text += ("within noise, not a measurable speedup" if rem["within_noise"]
                  else f"{rem['speedup']:.2f}x " + ("faster" if rem["speedup"] > 1 else "slower"))
+        text += (f" = the model {rem['model_gain']:.2f}x ({report.model_file} alone, both at "
+                 f"the runtime defaults) x the runtime config {rem['config_gain']:.2f}x (the "
+                 "bundle's)")
     ties = within_noise_of(pick, [c for c in report.candidates if c.within_budget])
     if ties:
         text += (f"; {', '.join(c.id for c in ties)} within noise of it (a tie goes to the more "

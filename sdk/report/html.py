@@ -187,6 +187,9 @@ def render_html(report) -> str:
                  f"({o['low_ms']:.{d}f}-{o['high_ms']:.{d}f}), chosen "
                  f"{c['median_ms']:.{d}f} ms ({c['low_ms']:.{d}f}-{c['high_ms']:.{d}f}): "
                  + ("within noise." if rem["within_noise"] else f"{rem['speedup']:.2f}x.")
+                 + (f" Split: the model {rem['model_gain']:.2f}x ({report.model_file} alone, "
+                    f"both at the runtime defaults) x the runtime config "
+                    f"{rem['config_gain']:.2f}x (the bundle's)." if "model_gain" in rem else "")
                  + "</p>" if "chosen" in rem else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>edgesmith report: {html.escape(
