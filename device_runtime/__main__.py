@@ -17,7 +17,7 @@ from .store import device_lock
 
 def run_job(args) -> Result:
     from . import facts
-    from .measure import peak_rss_mb, time_runs
+    from .measure import cpu_ticks, device_load, peak_rss_mb, time_runs
     from .session import Session
 
     result = Result(device=facts.collect(with_providers=False))
@@ -53,10 +53,11 @@ def run_job(args) -> Result:
         feed = session.check_feed(session.example_feed())
         run = session.backend.run  # the backend directly: no per-call checks in the timed loop
         print(f"measuring: {args.warmup} warm-up, {args.runs} runs", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
+        t0, ticks = time.perf_counter(), cpu_ticks()
         result.latency_ms = time_runs(lambda: run(feed), args.warmup, args.runs, args.min_time,
                                       args.max_time)
         result.stages_ms["measure"] = (time.perf_counter() - t0) * 1e3
+        result.load = device_load(ticks, cpu_ticks())
         if args.profile_ops:
             result.op_profile_ms, result.node_profile_ms = session.backend.op_profile()
         # after runs: some LiteRT builds apply their default delegate at the first invoke

@@ -1,6 +1,7 @@
 """Latency (warm-up, then N runs and/or a minimum duration), and memory of this process."""
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -63,3 +64,32 @@ def peak_rss_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def cpu_ticks():
+    """(busy, total) seconds of all CPUs from /proc/stat and this process's CPU seconds, for
+    `others_share`; None where /proc is not there."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz, t = os.sysconf("SC_CLK_TCK"), os.times()
+    return (sum(fields) - fields[3] - fields[4]) / hz, sum(fields) / hz, t.user + t.system
+
+
+def device_load(before, after) -> dict | None:
+    """What else ran on the device while it measured: other processes' share of all its cores
+    (their CPU time over wall time x cores), the 1-minute load average and the clock of CPU 0
+    where Linux shows it. Pyperf and hyperfine warn of a busy machine; so does the host."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    busy, total, own = (a - b for a, b in zip(after, before))
+    load = {"others_share": round(max(0.0, min(1.0, (busy - own) / total)), 3),
+            "loadavg_1m": os.getloadavg()[0]}
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq") as fh:
+            load["cpu_mhz"] = int(fh.read()) / 1000
+    except (OSError, ValueError):
+        pass
+    return load

@@ -51,6 +51,7 @@ class Candidate:
     device_s: float = 0.0
     host_s: float = 0.0                            # making the model on the host
     host_peak_rss_mb: float | None = None          # the host process's peak RSS by then
+    device_load: dict | None = None                # others_share, loadavg while it was timed
 
     @property
     def ok(self) -> bool:
@@ -71,6 +72,7 @@ class Candidate:
         return cls(id=cid, p50_ms=lat.get("p50"), p90_ms=lat.get("p90"), mean_ms=lat.get("mean"),
                    runs=lat.get("runs", 0), peak_rss_mb=result.peak_rss_mb,
                    accuracy=result.accuracy, error=None if result.ok else result.error,
+                   device_load=result.load,
                    stage=result.stage, **sizes, **fields)
 
 
@@ -89,6 +91,7 @@ class Spread:
     low_ms: float
     high_ms: float
     rounds: int
+    others_share: float | None = None   # the most other processes used of the device's cores
 
     def overlaps(self, other: "Spread") -> bool:
         """Inside each other's noise: neither can be called faster."""
@@ -171,6 +174,7 @@ def interleave(device, trials: dict[str, tuple[Bundle, Job]], rounds: int = 3
     ran is missing from the answer."""
     names = list(trials)
     samples: dict[str, list[float]] = {n: [] for n in names}
+    busy: dict[str, float] = {}
     for i in range(rounds):
         shift = i % max(1, len(names))
         for name in names[shift:] + names[:shift]:
@@ -178,6 +182,23 @@ def interleave(device, trials: dict[str, tuple[Bundle, Job]], rounds: int = 3
             result = measure(device, bundle, job)
             if result.ok and result.latency_ms:
                 samples[name].append(result.latency_ms["p50"])
+                share = (result.load or {}).get("others_share")
+                if share is not None:
+                    busy[name] = max(share, busy.get(name, 0.0))
     return {n: Spread(median_ms=statistics.median(s), low_ms=min(s), high_ms=max(s),
-                      rounds=len(s))
+                      rounds=len(s), others_share=busy.get(n))
             for n, s in samples.items() if s}
+
+
+BUSY_SHARE = 0.25   # other processes on more than this share of the cores: figures unreliable
+
+
+def busy_note(spreads) -> str | None:
+    """One line when other processes used more than BUSY_SHARE of the device's cores during
+    any of these re-measurements, None when the device was quiet (or could not say)."""
+    shares = [s.others_share for s in spreads if s.others_share is not None]
+    if not shares or max(shares) <= BUSY_SHARE:
+        return None
+    return (f"the device was busy: other processes used up to {max(shares):.0%} of its cores "
+            "while these figures were measured, so they are unreliable; measure again on an "
+            "idle device")

@@ -213,3 +213,28 @@ def test_a_model_newer_than_this_onnxruntime_names_the_versions_and_the_fix(mode
     opset_skew = {"kind": "opset", "model": 28, "device_max": 26, "onnxruntime": "1.27.0"}
     text = explain_skew(opset_skew, device_opset=26, model_opset=28)
     assert "opset 28 is newer than onnxruntime 1.27.0" in text and "--opset 26 " in text
+
+
+def test_a_busy_device_is_said_to_be_busy(models, tmp_path):
+    """Other processes spinning on every core while a profile measures (real load, not a
+    mock): the Result carries their share of the cores and the table says the figures are
+    unreliable. (A quiet device is not asserted: CI machines are shared.)"""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import run_cli
+
+    out = tmp_path / "profile.json"
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(os.cpu_count() or 2)]
+    try:
+        proc = run_cli("profile", models / "digits_cnn.onnx", "--runs", "3000", "--json", out)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(out.read_text())               # one device: the Result itself
+    assert row["load"]["others_share"] > 0.25 and row["load"]["loadavg_1m"] >= 0, row["load"]
+    assert "the device was busy" in proc.stdout and "unreliable" in proc.stdout, proc.stdout

@@ -25,7 +25,7 @@ from .. import bundle as bundles
 from ..data import eval_batch, input_stats
 from ..devices import Job
 from ..errors import EdgesmithError
-from ..measure import Candidate, Spread, measure, ms_digits
+from ..measure import Candidate, Spread, busy_note, measure, ms_digits
 from ..model import Model, atomic_write, from_proto, load
 from ..passes.fuse import fuse
 from ..run import Run
@@ -224,6 +224,8 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
         m = Spread(**rem.get("model_at_defaults", rem["chosen"]))
         rem.update(speedup=o.median_ms / c.median_ms, within_noise=o.overlaps(c),
                    model_gain=o.median_ms / m.median_ms, config_gain=m.median_ms / c.median_ms)
+        if busy := busy_note([o, c, m]):
+            report.notes.append(busy)
     elif report.chosen:
         report.notes.append("re-measurement against the original failed on the device")
     report.summary = _summary(report, pick)
@@ -299,6 +301,8 @@ def _summary(report: OptimizeReport, pick: Candidate) -> str:
         text += (f" = the model {rem['model_gain']:.2f}x ({report.model_file} alone, both at "
                  f"the runtime defaults) x the runtime config {rem['config_gain']:.2f}x (the "
                  "bundle's)")
+    if "speedup" in rem and busy_note([Spread(**rem[k]) for k in ("original", "chosen")]):
+        text += " (the device was busy: see the notes)"
     ties = within_noise_of(pick, [c for c in report.candidates if c.within_budget])
     if ties:
         text += (f"; {', '.join(c.id for c in ties)} within noise of it (a tie goes to the more "

@@ -13,6 +13,7 @@ from rich.table import Table
 from device_runtime.evaluate import SQNR_CAP_DB
 from device_runtime.result import Result
 
+from ..measure import BUSY_SHARE
 from ..model import atomic_write
 
 
@@ -54,12 +55,16 @@ def delegation_text(d: dict) -> str:
 def results_table(rows: list[tuple[str, Result]], title: str = "edgesmith profile") -> Table:
     table = Table(title=title)
     for col in ("device", "backend / config", "load ms", "p50 ms", "p90 ms", "p99 ms", "mean ms",
-                "runs", "peak RSS MB", "top-1", "agreement", "SQNR dB"):
+                "runs", "peak RSS MB", "top-1", "agreement", "SQNR dB", "busy"):
         table.add_column(col, justify="left" if col in ("device", "backend / config") else "right")
     for name, r in rows:
         if not r.ok:
-            table.add_row(name, f"[red]failed at {r.stage} (error below)[/red]", *[""] * 10)
+            table.add_row(name, f"[red]failed at {r.stage} (error below)[/red]", *[""] * 11)
             continue
+        share = (r.load or {}).get("others_share")
+        if share is not None and share > BUSY_SHARE:
+            below(table, name, f"the device was busy: other processes used {share:.0%} of its "
+                  "cores while it measured; these latencies are unreliable")
         lat, acc = r.latency_ms or {}, r.accuracy or {}
         device = f"{name} ({r.device.get('arch')}, {r.device.get('cores')} cores)"
         if r.device.get("emulated"):
@@ -69,7 +74,7 @@ def results_table(rows: list[tuple[str, Result]], title: str = "edgesmith profil
                       _fmt(lat.get("p50")), _fmt(lat.get("p90")), _fmt(lat.get("p99")),
                       _fmt(lat.get("mean")), str(lat.get("runs", "-")), _fmt(r.peak_rss_mb, 1),
                       _fmt(acc.get("top1"), 4), _fmt(acc.get("agreement"), 4),
-                      _sqnr(acc.get("sqnr_db")))
+                      _sqnr(acc.get("sqnr_db")), "-" if share is None else f"{share:.0%}")
     return table
 
 
