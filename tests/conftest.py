@@ -105,6 +105,24 @@ def require(ok: bool, message: str) -> None:
         pytest.skip(message)
 
 
+def small_disk(path: Path, size: str, what: str):
+    """A tmpfs of `size` mounted at `path` (a device's or a store's disk that fills up): a
+    context manager that unmounts it; skips off CI where mounting needs root it lacks."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def mounted():
+        path.mkdir(parents=True, exist_ok=True)
+        ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                            capture_output=True, timeout=30).returncode == 0
+        require(ok, f"cannot mount a tmpfs here (needs root) to fill {what}")
+        try:
+            yield path
+        finally:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+    return mounted()
+
+
 def client_home(tmp_path, monkeypatch, known_hosts_line: str, ssh_config: str = "") -> Path:
     """A user HOME whose ~/.ssh knows the test device, and a remote dir of the test's own."""
     home = tmp_path / "home"

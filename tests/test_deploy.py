@@ -353,14 +353,9 @@ def test_a_deploy_killed_during_its_check_leaves_the_old_version_and_a_rerun_fin
 
 
 def test_a_full_store_disk_fails_the_install_in_one_line_and_keeps_serving(models, tmp_path):
-    from conftest import require
+    from conftest import small_disk
 
-    disk = tmp_path / "small-disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)],
-                             capture_output=True, timeout=30).returncode == 0
-    require(mounted, "cannot mount a tmpfs here (needs root) to fill the store's disk")
-    try:
+    with small_disk(tmp_path / "small-disk", "600k", "the store's disk") as disk:
         local = get_device("local")
         assert deploy(bundle_of(models, 0.0).path, "digits", [local], store=str(disk))[0].ok
         [row] = deploy(bundle_of(models, 0.001).path, "digits", [local], store=str(disk))
@@ -368,8 +363,6 @@ def test_a_full_store_disk_fails_the_install_in_one_line_and_keeps_serving(model
         assert "No space left" in row.reasons[0] and "\n" not in row.reasons[0]
         assert device_store.pointer("digits", disk)["version"] == 1
         assert sorted(p.name for p in (disk / "digits" / "versions").iterdir()) == ["1"]
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
 
 
 @pytest.mark.ssh
@@ -383,39 +376,34 @@ def test_a_fleet_of_eight_namespace_devices_stops_at_a_failed_canary_then_rolls_
     import os
 
     import netns
-    from conftest import client_home, require
+    from conftest import client_home, require, small_disk
 
     require(netns.available(), "cannot create network namespaces here (needs root, iproute2)")
     hosts = [netns.NetnsHost(tmp_path / f"ns{i}", 10 + (os.getpid() + 1 + i) % 240)
              for i in range(8)]
-    small = tmp_path / "small-disk"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(small)],
-                             capture_output=True, timeout=30).returncode == 0
-    require(mounted, "cannot mount a tmpfs here (needs root) to fill the canary's disk")
-    try:
-        for host in hosts:
-            (tmp_path / f"ns{host.k}").mkdir(exist_ok=True)
-            host.start()
-        client_home(tmp_path, monkeypatch, "\n".join(h.known_hosts_line() for h in hosts))
-        remote = [tmp_path / f"remote{i}" for i in range(8)]
-        fleet = [ssh_device(h, h.sshd.client_key, remote_dir=str(d))
-                 for h, d in zip(hosts, remote)]
-        bad_canary = ssh_device(hosts[0], hosts[0].sshd.client_key, remote_dir=str(small))
-        bundle = bundle_of(models, 0.0)
-        rows = deploy(bundle.path, "digits", [bad_canary, *fleet[1:]], canary=1, parallel=4)
-        assert not rows[0].ok and rows[0].canary and "no space left" in rows[0].reasons[0], \
-            rows[0]
-        assert all(not r.ok and "canary" in r.reasons[0] for r in rows[1:]), rows
-        assert not any((d / "models").exists() for d in remote)
-        t0 = time.monotonic()
-        rows = deploy(bundle.path, "digits", fleet, canary=1, parallel=4)
-        assert all(r.ok and r.activated and r.version == 1 for r in rows), rows
-        assert all(device_store.pointer("digits", d / "models")["version"] == 1 for d in remote)
-        again = deploy(bundle.path, "digits", fleet, parallel=8)       # re-run: nothing to do
-        assert all(r.ok and not r.activated and "already active" in r.note for r in again)
-        print(f"8 devices: {time.monotonic() - t0:.1f} s")
-    finally:
-        for host in hosts:
-            host.stop()
-        subprocess.run(["umount", "-l", str(small)], capture_output=True, timeout=30)
+    with small_disk(tmp_path / "small-disk", "320k", "the canary's disk") as small:
+        try:
+            for host in hosts:
+                (tmp_path / f"ns{host.k}").mkdir(exist_ok=True)
+                host.start()
+            client_home(tmp_path, monkeypatch, "\n".join(h.known_hosts_line() for h in hosts))
+            remote = [tmp_path / f"remote{i}" for i in range(8)]
+            fleet = [ssh_device(h, h.sshd.client_key, remote_dir=str(d))
+                     for h, d in zip(hosts, remote)]
+            bad_canary = ssh_device(hosts[0], hosts[0].sshd.client_key, remote_dir=str(small))
+            bundle = bundle_of(models, 0.0)
+            rows = deploy(bundle.path, "digits", [bad_canary, *fleet[1:]], canary=1, parallel=4)
+            assert not rows[0].ok and rows[0].canary and "no space left" in rows[0].reasons[0], \
+                rows[0]
+            assert all(not r.ok and "canary" in r.reasons[0] for r in rows[1:]), rows
+            assert not any((d / "models").exists() for d in remote)
+            t0 = time.monotonic()
+            rows = deploy(bundle.path, "digits", fleet, canary=1, parallel=4)
+            assert all(r.ok and r.activated and r.version == 1 for r in rows), rows
+            assert all(device_store.pointer("digits", d / "models")["version"] == 1 for d in remote)
+            again = deploy(bundle.path, "digits", fleet, parallel=8)       # re-run: nothing to do
+            assert all(r.ok and not r.activated and "already active" in r.note for r in again)
+            print(f"8 devices: {time.monotonic() - t0:.1f} s")
+        finally:
+            for host in hosts:
+                host.stop()

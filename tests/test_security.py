@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import client_home, require, run_with_fault, ssh_device
+from conftest import client_home, run_with_fault, ssh_device
 from device_runtime.errors import RuntimeFailure
 from edgesmith.devices import Job, load_inventory
 from edgesmith.devices.ssh import SSHDevice
@@ -325,20 +325,15 @@ def test_stale_temp_dirs_are_swept_from_runtime_and_wheels(ssh_home, sshd_server
 
 @pytest.mark.ssh
 def test_full_device_disk_says_no_space_left(ssh_home, sshd_server, cnn, tmp_path):
-    disk = tmp_path / "small-disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(disk)],
-                             capture_output=True, timeout=30).returncode == 0
-    require(mounted, "cannot mount a tmpfs here (needs root) to fill a device's disk")
-    try:
+    from conftest import small_disk
+
+    with small_disk(tmp_path / "small-disk", "320k", "a device's disk") as disk:
         dev = device(sshd_server, remote_dir=str(disk), stall_timeout_s=10)
         dev.ensure_runtime()                       # ~0.1 MB fits; the 0.4 MB bundle does not
         with pytest.raises(StageError) as err:
             dev.push(cnn)
         assert "no space left" in err.value.message and "retry the push" not in err.value.message
         assert temp_dirs(disk / "bundles") == []   # the failed upload cleaned up after itself
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
 
 
 @pytest.mark.ssh
