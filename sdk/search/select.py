@@ -1,7 +1,7 @@
 """Choosing among measured candidates: budgets, the Pareto front, the best trade-off."""
 from __future__ import annotations
 
-from ..measure import Candidate
+from ..measure import Candidate, Spread
 from ..run.budget import within
 
 
@@ -29,9 +29,9 @@ def within_noise_of(best: Candidate, cands: list[Candidate]) -> list[Candidate]:
     say which is faster (single measurements are never called ties: they have no spread)."""
     if not best.confirm:
         return []
-    lo, hi = best.confirm["low_ms"], best.confirm["high_ms"]
+    spread = Spread(**best.confirm)
     return [c for c in cands if c is not best and c.confirm
-            and c.confirm["low_ms"] <= hi and lo <= c.confirm["high_ms"]]
+            and Spread(**c.confirm).overlaps(spread)]
 
 
 def tie_break(c: Candidate) -> tuple:
