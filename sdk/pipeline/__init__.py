@@ -298,9 +298,10 @@ def _summary(report: OptimizeReport, pick: Candidate) -> str:
                  f"{c.high_ms:.{d}f}, original {o.low_ms:.{d}f}-{o.high_ms:.{d}f}): ")
         text += ("within noise, not a measurable speedup" if rem["within_noise"]
                  else f"{rem['speedup']:.2f}x " + ("faster" if rem["speedup"] > 1 else "slower"))
-        text += (f" = the model {rem['model_gain']:.2f}x ({report.model_file} alone, both at "
-                 f"the runtime defaults) x the runtime config {rem['config_gain']:.2f}x (the "
-                 "bundle's)")
+        if not rem["within_noise"]:      # a speedup was claimed: which part needs the bundle
+            text += (f" = the model {rem['model_gain']:.2f}x ({report.model_file} alone, both "
+                     f"at the runtime defaults) x the runtime config {rem['config_gain']:.2f}x "
+                     "(the bundle's)")
     if "speedup" in rem and busy_note([Spread(**rem[k]) for k in ("original", "chosen")]):
         text += " (the device was busy: see the notes)"
     ties = within_noise_of(pick, [c for c in report.candidates if c.within_budget])

@@ -189,7 +189,7 @@ def render_html(report) -> str:
                  + ("within noise." if rem["within_noise"] else f"{rem['speedup']:.2f}x.")
                  + (f" Split: the model {rem['model_gain']:.2f}x ({report.model_file} alone, "
                     f"both at the runtime defaults) x the runtime config "
-                    f"{rem['config_gain']:.2f}x (the bundle's)." if "model_gain" in rem else "")
+                    f"{rem['config_gain']:.2f}x (the bundle's)." if "model_gain" in rem and not rem["within_noise"] else "")
                  + "</p>" if "chosen" in rem else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>edgesmith report: {html.escape(
