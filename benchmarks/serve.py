@@ -36,9 +36,9 @@ APP = textwrap.dedent("""
     import json, os, sys, time
     import numpy as np
     import device_runtime
-    name, store, stop, samples, calls = sys.argv[1:6]
+    name, store, stop, samples, calls, threads = sys.argv[1:7]
     x = np.load(samples)["input"][:1]
-    served = device_runtime.serve(name, store)
+    served = device_runtime.serve(name, store, **({"threads": int(threads)} if threads else {}))
     log, failures = [], 0
     while not (os.path.exists(stop) and len(log) >= int(calls)):
         t0 = time.perf_counter()
@@ -79,6 +79,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=str(ROOT / "examples/models/digits_mnv2.onnx"))
     parser.add_argument("--calls", type=int, default=12000)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="the app's threads (default 1: a core stays free for the deploy's "
+                             "check and the load beside it; 0 = the runtime's defaults)")
     args = parser.parse_args()
     from device_runtime import facts
 
@@ -87,7 +90,8 @@ def main() -> None:
     from edgesmith.model import load
     from edgesmith.profiling import prepare
 
-    print(f"CPU: {facts.collect(with_providers=False).get('cpu')}; busy before: "
+    print(f"CPU: {facts.collect(with_providers=False).get('cpu')} ({os.cpu_count()} cores); "
+          f"the app serves with {args.threads or 'the default'} thread(s); busy before: "
           f"{busy_share():.0%} of the cores")
     model = Path(args.model)
     samples = model.with_name(model.stem + "_eval.npz")
@@ -100,7 +104,7 @@ def main() -> None:
     stop = work / "stop"
     (work / "app.py").write_text(APP)
     app = subprocess.Popen([sys.executable, str(work / "app.py"), "bench", str(store), str(stop),
-                            str(samples), str(args.calls)], stdout=subprocess.PIPE, text=True,
+                            str(samples), str(args.calls), str(args.threads or "")], stdout=subprocess.PIPE, text=True,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     time.sleep(2.0)
     swaps = []
@@ -126,6 +130,11 @@ def main() -> None:
     busy = [(s, s + 1.0) for s in swaps] + [(lo, hi + 1.0) for lo, hi in windows]
     away = sorted(ms for t, ms, _ in log if not any(lo <= t <= hi for lo, hi in busy))
     p99 = away[int(0.99 * len(away))]
+    if os.environ.get("SERVE_DEBUG"):
+        for t, ms, v in sorted(((t, ms, v) for t, ms, v in log if any(lo <= t <= hi for lo, hi
+                                in windows)), key=lambda r: -r[1])[:8]:
+            a = max(a for a in activated if a <= t + 1e-3) if any(a <= t for a in activated) else t
+            print(f"   slow during swap: {ms:.2f} ms at +{(t - a) * 1e3:.1f} ms from the move, v{v}")
     checks = [ms for t, ms, _ in log if any(s <= t <= a for s, a in zip(swaps, activated))]
     versions = []
     for _, _, v in log:

@@ -9,13 +9,37 @@ version whatever the pointer says. Field telemetry is recorded per version (tele
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
+from contextlib import contextmanager
 
 from . import store
 from .errors import RuntimeFailure
 from .session import Session
 from .telemetry import Telemetry
+
+
+_SWITCH_LOCK, _LOADING = threading.Lock(), [0, 0.0]   # loads under way, the app's own interval
+
+
+@contextmanager
+def _short_switch_interval(seconds: float = 0.0002):
+    """While a version loads beside the serving one, the interpreter hands the GIL over every
+    0.2 ms instead of 5: the load's Python work (verifying, the protobuf walk) would otherwise
+    hold an application's call for up to the whole interval each time the call needs the GIL."""
+    with _SWITCH_LOCK:
+        if _LOADING[0] == 0:
+            _LOADING[1] = sys.getswitchinterval()
+            sys.setswitchinterval(min(seconds, _LOADING[1]))
+        _LOADING[0] += 1
+    try:
+        yield
+    finally:
+        with _SWITCH_LOCK:
+            _LOADING[0] -= 1
+            if _LOADING[0] == 0:
+                sys.setswitchinterval(_LOADING[1])
 
 
 class Served:
@@ -24,6 +48,7 @@ class Served:
         self.name, self.store_dir, self.pin, self.poll_s = name, store_dir, pin, poll_s
         self._dir, self._overrides = store.model_dir(name, store_dir), config_overrides
         self._stamp, self._next_poll, self._loading = self._stat(), 0.0, None
+        self._last_feed: dict | None = None      # the warm-up of a new version: a real input
         now = store.pointer(name, store_dir)
         version = pin if pin is not None else now.get("version")
         if version is None:
@@ -73,9 +98,14 @@ class Served:
     def _load(self, version: int) -> None:
         retired = None
         try:
-            session = Session.open(store.version_dir(self.name, version, self.store_dir),
-                                   **self._overrides)
-            session.run(session.example_feed())      # the first call after the swap is warm
+            with _short_switch_interval():
+                session = Session.open(store.version_dir(self.name, version, self.store_dir),
+                                       **self._overrides)
+                feed = self._last_feed        # the first call after the swap is warm
+                try:
+                    session.run(feed if feed is not None else session.example_feed())
+                except RuntimeFailure:        # the new version takes other inputs
+                    session.run(session.example_feed())
             retired, self._current = self._current, (session, version)
         except Exception as exc:   # noqa: BLE001 - the old version keeps serving; say why
             if self.telemetry is not None:
@@ -100,7 +130,7 @@ class Served:
             raise
         if self.telemetry is not None:
             self.telemetry.record(version, (time.perf_counter() - t0) * 1e6, feed, outputs)
-        self.last_version = version
+        self.last_version, self._last_feed = version, feed
         return outputs
 
     def close(self) -> None:

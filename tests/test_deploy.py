@@ -407,3 +407,67 @@ def test_a_fleet_of_eight_namespace_devices_stops_at_a_failed_canary_then_rolls_
         finally:
             for host in hosts:
                 host.stop()
+
+
+@pytest.mark.ssh
+@pytest.mark.netns
+def test_a_link_dark_during_the_check_leaves_one_whole_version_and_a_rerun_finishes(
+        netns_home, netns_host, models):
+    """The link to the device goes dark (packets dropped, nothing closed) while the device checks
+    version 2, so the host cannot tell the device anything: the host reports the lost link within
+    the stall bound; the device serves version 1 or 2, each whole (verified); the same deploy
+    again ends with version 2 active."""
+    from device_runtime.bundle import verify
+
+    def dev():
+        return ssh_device(netns_host, netns_host.sshd.client_key, stall_timeout_s=3,
+                          connect_timeout_s=4)
+
+    assert deploy(bundle_of(models, 0.0).path, "digits", [dev()])[0].activated
+    second = bundle_of(models, 0.001)
+    store = f"{dev().root()}/models"
+
+    def go_dark(text: str) -> None:
+        if "checking" in text:
+            netns_host.drop_ssh()
+
+    with netns_host.sshd.new_sessions():      # the device side left running is killed on exit
+        t0 = time.monotonic()
+        try:
+            [row] = deploy(second.path, "digits", [dev()], say=go_dark)
+        finally:
+            netns_host.restore()
+        took = time.monotonic() - t0
+    assert not row.ok and "lost" in row.reasons[0] and "\n" not in row.reasons[0], row
+    assert took < 30, took
+    print(f"lost after {took:.1f} s: {row.reasons[0]}; device serves {device_store.pointer('digits', store)['version']}")
+    active = device_store.pointer("digits", store)["version"]
+    assert active in (1, 2)
+    verify(device_store.version_dir("digits", active, store))
+    [again] = deploy(second.path, "digits", [dev()])
+    assert again.ok and again.version == 2 and (again.activated or "already active" in again.note)
+    assert device_store.pointer("digits", store)["version"] == 2
+
+
+def test_an_app_killed_during_a_swap_restarts_on_the_active_version(models, tmp_path):
+    """SIGKILL of the application while it loads the new version beside the old: the store is
+    only read by the app, so nothing is half-done; the restarted app serves the active version."""
+    import signal
+
+    store = tmp_path / "store"
+    local = get_device("local")
+    deploy(bundle_of(models, 0.0).path, "digits", [local], store=str(store))
+    proc, stop = start_app(tmp_path, models, store)
+    try:
+        assert wait_for(lambda: (store / "digits" / "telemetry").is_dir())
+        deploy(bundle_of(models, 0.001).path, "digits", [local], store=str(store))
+        time.sleep(0.06)                       # the app's poll (50 ms) sees the move: loading
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    assert device_store.pointer("digits", store)["version"] == 2
+    proc, _ = start_app(tmp_path, models, store, seconds=2)
+    app = json.loads(proc.communicate(timeout=60)[0].strip().splitlines()[-1])
+    assert app["failures"] == [] and app["seen"][0][0] == 2, app
