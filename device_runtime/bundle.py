@@ -67,6 +67,17 @@ def safe_relpath(rel: str) -> str:
     return rel
 
 
+BACKEND_FORMATS = {"onnxruntime": "onnx", "tflite": "tflite"}
+KINDS = {"onnx": "an ONNX", "tflite": "a TFLite"}
+
+
+def model_format(path: Path) -> str:
+    """From the file's content, never the manifest's word: a TFLite flatbuffer carries "TFL3"
+    at bytes 4..8; anything else is read as ONNX protobuf (and so walked for external data)."""
+    with open(path, "rb") as fh:
+        return "tflite" if fh.read(8)[4:8] == b"TFL3" else "onnx"
+
+
 def verify(bundle_dir: str | os.PathLike) -> tuple[Manifest, str]:
     """Check every listed file's size and sha256 and every path; return (manifest, bundle id)."""
     root = Path(bundle_dir)
@@ -96,7 +107,12 @@ def verify(bundle_dir: str | os.PathLike) -> tuple[Manifest, str]:
     for rel in [manifest.model] + ([manifest.eval] if manifest.eval else []):
         if rel not in manifest.files:
             raise RuntimeFailure("verify", f"{rel!r} is used but not listed in the manifest")
-    if manifest.format == "onnx":   # onnxruntime reads `location` next to the model file
+    content = model_format(root / manifest.model)
+    if content != manifest.format or content != BACKEND_FORMATS.get(manifest.backend, content):
+        raise RuntimeFailure("verify", f"{manifest.model!r} holds {KINDS[content]} model but the manifest "
+                             f"says format {manifest.format!r}, backend {manifest.backend!r}; "
+                             "the bundle was tampered with or built by a broken tool — rebuild it")
+    if content == "onnx":   # onnxruntime reads `location` next to the model file
         for location in onnx_external_locations(root / manifest.model):
             rel = posixpath.normpath(posixpath.join(posixpath.dirname(manifest.model), location))
             if rel not in manifest.files:   # listed paths are plain, inside, and verified

@@ -113,6 +113,7 @@ typedef struct {
  * Its data starts on a cache line, so every vector of a pixel's channels does too (rows are
  * whole vectors): an AVX-512 vector straddling two lines costs two accesses */
 #define LINE 64
+#define MAX_CHANNELS 65536
 #define ROUND_UP(v, m) (((v) + (m) - 1) / (m) * (m)) /* v, m: integers of one type */
 typedef struct Scratch {
   size_t floats;
@@ -314,6 +315,13 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *a,
       (st = constant(info, 3, &wd, dd, 4)) || (st = constant(info, 4, &bd, dbd, 1)) ||
       (st = constant(info, 5, &wp, dp, 4)) || (st = constant(info, 6, &bp, dbp, 1)))
     goto bad;
+  /* every channel count at least one and small enough for the int arithmetic below (an
+   * expand of 0 channels divided by zero when the band height was picked) */
+  if (de[0] < 1 || de[1] < 1 || dp[0] < 1 || de[0] > MAX_CHANNELS || de[1] > MAX_CHANNELS ||
+      dp[0] > MAX_CHANNELS) {
+    st = fail("edgesmith.InvertedResidual: a weight has 0 or more than 65536 channels");
+    goto bad;
+  }
   b->e = (int)de[0]; b->c = (int)de[1]; b->o = (int)dp[0]; b->k = (int)de[2];
   if (de[2] != de[3] || (b->k != 1 && b->k != 3) || !b->es || (b->k == 1 && b->es != 1) ||
       dbe[0] != b->e || dd[0] != b->e || dd[1] != 1 || dd[2] != 3 || dd[3] != 3 ||

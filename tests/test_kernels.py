@@ -367,3 +367,36 @@ def test_the_rewritten_model_is_a_valid_model_with_the_same_interface(models):
     with pytest.raises(Exception):            # plain onnxruntime cannot run it: the library can
         ort.InferenceSession(model.serialized(), providers=["CPUExecutionProvider"])
     assert from_proto(model.proto, original).facts.params == model.facts.params
+
+
+def test_degenerate_weights_are_refused_at_kernel_creation_not_a_crash(tmp_path):
+    """An InvertedResidual whose expand has 0 output channels (SIGFPE in the default band
+    height once): onnxruntime's session creation fails with the kernel's one-line reason. Run
+    in a child process, so a crash would show as its exit signal, not end the test run."""
+    import subprocess
+    import sys
+
+    library = build(HOST)[0]
+    fused = fuse_inverted_residual(block_model(MIXED[:1], 9, 9), KernelConfig())[0]
+    node = next(n for n in fused.graph.node if n.op_type == "InvertedResidual")
+    c, e, o = MIXED[0][:3]
+    empty = {1: (0, c, 1, 1), 2: (0,), 3: (0, 1, 3, 3), 4: (0,), 5: (o, 0, 1, 1), 6: (o,)}
+    for init in fused.graph.initializer:
+        for index, shape in empty.items():
+            if init.name == node.input[index]:
+                init.CopyFrom(numpy_helper.from_array(np.zeros(shape, np.float32), init.name))
+    path = tmp_path / "degenerate.onnx"
+    onnx.save(fused, str(path))
+    script = ("import sys, numpy as np, onnxruntime as ort\n"
+              "opts = ort.SessionOptions(); opts.register_custom_ops_library(sys.argv[2])\n"
+              "try:\n"
+              "    s = ort.InferenceSession(sys.argv[1], opts, providers=['CPUExecutionProvider'])\n"
+              "    s.run(None, {'x': np.ones((1, 8, 9, 9), np.float32)})\n"
+              "    print('ran')\n"
+              "except Exception as exc:\n"
+              "    print('refused:', exc)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(path), str(library)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"the kernel crashed: exit {proc.returncode} {proc.stderr[-500:]}"
+    assert "refused:" in proc.stdout and "0 or more than 65536 channels" in proc.stdout, \
+        proc.stdout

@@ -133,7 +133,7 @@ def test_frozen_sshd_mid_run_is_lost_within_the_stall_bound(ssh_home, sshd_serve
 
 # --- 8: ONNX external data is resolved where onnxruntime reads it ------------------------------
 def external_data_bundle(root: Path, model_rel: str, location: str, weights: np.ndarray,
-                         listed: dict[str, np.ndarray]) -> Path:
+                         listed: dict[str, np.ndarray], fmt: str = "onnx") -> Path:
     """A bundle of a real ONNX MatMul whose weight lives in external data at `location`
     (as written in the model); `listed` files are written and listed in the manifest."""
     import onnx
@@ -157,7 +157,7 @@ def external_data_bundle(root: Path, model_rel: str, location: str, weights: np.
         (root / rel).write_bytes(array.astype(np.float32).tobytes())
     files = {rel: {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size}
              for rel in [model_rel, *listed]}
-    manifest = Manifest(model=model_rel, format="onnx", backend="onnxruntime",
+    manifest = Manifest(model=model_rel, format=fmt, backend="onnxruntime",
                         inputs=[{"name": "X", "dims": [1, 4], "shape": [1, 4],
                                  "dtype": "float32"}], outputs=["Y"], files=files)
     (root / MANIFEST).write_bytes(manifest.to_json())
@@ -186,6 +186,20 @@ def test_listed_external_data_next_to_the_model_loads(tmp_path):
     x = np.ones((1, 4), np.float32)
     out = device_runtime.load(root).run({"X": x})
     np.testing.assert_allclose(next(iter(out.values())), x @ w)
+
+
+def test_a_manifest_cannot_switch_off_the_external_data_check_by_its_format(tmp_path):
+    """"format": "tflite" on an ONNX file run by onnxruntime: the format comes from the file's
+    content, so the unlisted data file is still found, and the lie itself is refused."""
+    from device_runtime.bundle import verify
+
+    w = np.eye(4, dtype=np.float32)
+    root = external_data_bundle(tmp_path / "b", "sub/model.onnx", "w.bin", w, {}, fmt="tflite")
+    (root / "sub" / "w.bin").write_bytes(w.tobytes())                # unlisted, unhashed
+    with pytest.raises(RuntimeFailure, match="holds an ONNX model but the manifest says format "
+                       "'tflite'") as err:
+        verify(root)
+    assert err.value.stage == "verify" and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("location", ["../../etc/passwd", "/etc/passwd", "../w.bin"])

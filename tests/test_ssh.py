@@ -139,7 +139,8 @@ def test_runtime_crash_is_an_error_row_and_others_go_on(ssh_home, sshd_server, m
                         [device(sshd_server, python=str(wrapper), name="crashy"),
                          device(sshd_server, name="healthy")], job=FAST)
     by_name = dict(rows)
-    assert not by_name["crashy"].ok and "crashed" in by_name["crashy"].error
+    assert not by_name["crashy"].ok and "crashed (killed by " in by_name["crashy"].error, \
+        by_name["crashy"].error
     assert by_name["healthy"].ok, by_name["healthy"].error
 
 

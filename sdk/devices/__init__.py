@@ -80,6 +80,22 @@ class Device(Protocol):
     def call(self, args: list[str], stage: str, timeout_s: float) -> dict: ...
 
 
+def crashed(stderr: str, returncode: int) -> str:
+    """One line for a runtime that died without its reply: the signal that killed it (a local
+    child reports -N, a remote shell 128+N; over SSH -1 is "no exit status", which sshd sends
+    for a command killed by a signal), and its last words."""
+    import signal
+
+    number = -returncode if returncode < -1 else returncode - 128 if returncode > 128 else 0
+    try:
+        how = (f"killed by {signal.Signals(number).name}" if number else
+               "killed by a signal" if returncode == -1 else f"exit {returncode}")
+    except ValueError:
+        how = f"exit {returncode}"
+    tail = " | ".join(stderr.strip().splitlines()[-3:]) or "no output"
+    return f"device runtime crashed ({how}): {tail}"
+
+
 def parse_reply(stdout: str, stderr: str, returncode: int, stage: str) -> dict:
     """The JSON object a runtime command (deploy, rollback, status) printed, or a StageError
     naming its last words."""
@@ -94,8 +110,7 @@ def parse_reply(stdout: str, stderr: str, returncode: int, stage: str) -> dict:
             continue
         if isinstance(data, dict):
             return data
-    tail = " | ".join(stderr.strip().splitlines()[-3:]) or "no output"
-    raise StageError(stage, f"device runtime crashed (exit {returncode}): {tail}")
+    raise StageError(stage, crashed(stderr, returncode))
 
 
 def parse_result(stdout: str, stderr: str, returncode: int) -> Result:
@@ -109,8 +124,7 @@ def parse_result(stdout: str, stderr: str, returncode: int) -> Result:
             continue
         if isinstance(data, dict) and "schema" in data:
             return Result.from_dict(data)
-    tail = " | ".join(stderr.strip().splitlines()[-3:]) or "no output"
-    return Result.failure("run", f"device runtime crashed (exit {returncode}): {tail}")
+    return Result.failure("run", crashed(stderr, returncode))
 
 
 def get_device(destination: str | None, **ssh_options):
