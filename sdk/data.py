@@ -12,6 +12,7 @@ from device_runtime.errors import RuntimeFailure
 from device_runtime.evaluate import EvalData, load_eval
 
 from .errors import EdgesmithError
+from .host_runs import host_session
 from .model import Model
 
 
@@ -36,9 +37,7 @@ class _HostSession:
 
     def __init__(self, model: Model):
         if model.format == "onnx":
-            import onnxruntime as ort
-
-            session = ort.InferenceSession(model.serialized(), providers=["CPUExecutionProvider"])
+            session = host_session(model.serialized())
             self.output_names = [o.name for o in session.get_outputs()]
             self._run = lambda feed: session.run(self.output_names, feed)
         else:

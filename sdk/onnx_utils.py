@@ -5,6 +5,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .host_runs import host_session
+
 
 class Graph:
     """Indexes over a GraphProto; rebuild (`Graph(g)`) after structural edits."""
@@ -89,8 +91,7 @@ def probe_session(model: onnx.ModelProto, tensors, optimize: bool = True,
     options = ort.SessionOptions()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(probe.SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
+    return host_session(probe.SerializeToString(), options)
 
 
 def remove_nodes(graph: onnx.GraphProto, dead: list) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .bundle import cache_dir
 from .errors import EdgesmithError
+from .host_runs import host_session
 
 SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "edgesmith_ops.c"
 HEADER_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/"
@@ -328,9 +329,7 @@ def numerics_error(reference, rewritten, inputs: dict, library: Path) -> float:
             for name, spec in inputs.items()}
     opts = ort.SessionOptions()
     opts.register_custom_ops_library(str(library))
-    got = ort.InferenceSession(rewritten.SerializeToString(), opts,
-                               providers=["CPUExecutionProvider"]).run(None, feed)
-    want = ort.InferenceSession(reference.SerializeToString(),
-                                providers=["CPUExecutionProvider"]).run(None, feed)
+    got = host_session(rewritten.SerializeToString(), opts).run(None, feed)
+    want = host_session(reference.SerializeToString()).run(None, feed)
     return max(float(np.abs(g - w).max() / max(np.abs(w).max(), 1e-30))
                for g, w in zip(got, want))

@@ -149,3 +149,58 @@ def test_external_data_outside_the_model_folder_is_one_line(tmp_path):
     proc = run_cli("profile", tmp_path / "evil.onnx")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and "points outside" in proc.stderr
+
+
+def endless_loop_model(path) -> None:
+    """A Loop of 10^15 trips around an Add: a valid model that never returns."""
+    one = numpy_helper.from_array(np.ones((1, 4), np.float32), "one")
+    body = helper.make_graph(
+        [helper.make_node("Add", ["v_in", "one"], ["v_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, 4])], [one])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "cond", "x"], ["y"], body=body)], "endless",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.array(10 ** 15, np.int64), "trips"),
+         numpy_helper.from_array(np.array(True), "cond")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_host_side_runs_end_at_the_timeout_and_at_ctrl_c(tmp_path):
+    """The reference outputs of an endless model are computed on the host: --timeout ends them
+    with one line, and Ctrl-C ends them within seconds (a run is one C call that neither a
+    signal handler nor a timeout reached before)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    endless_loop_model(tmp_path / "endless.onnx")
+    np.savez(tmp_path / "eval.npz", x=np.zeros((4, 4), np.float32))
+    t0 = time.monotonic()
+    proc = run_cli("profile", tmp_path / "endless.onnx", "--eval", tmp_path / "eval.npz",
+                   "--timeout", "3", timeout=120)
+    assert proc.returncode == 1 and time.monotonic() - t0 < 60, proc.stderr
+    assert "took longer than 3s" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    child = subprocess.Popen([sys.executable, "-m", "edgesmith", "profile",
+                              str(tmp_path / "endless.onnx"), "--eval", str(tmp_path / "eval.npz")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        time.sleep(8)                   # imports, load and checks done: the endless run is on
+        assert child.poll() is None, child.communicate()
+        t0 = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=30)
+        assert time.monotonic() - t0 < 5 and child.returncode == 130, err
+        assert "Traceback" not in err, err
+    finally:
+        child.kill()
+        child.communicate()

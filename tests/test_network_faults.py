@@ -95,3 +95,43 @@ def test_link_dark_mid_run_is_lost_within_the_stall_bound(netns_home, netns_host
     assert "lost" in result.error and "raise the timeout" not in result.error, result.error
     assert elapsed < 12
     assert measure(device(netns_host), cnn, Job(runs=5)).ok
+
+
+def test_ctrl_c_during_a_slow_upload_stops_it_within_seconds(netns_home, netns_host, tmp_path):
+    """`edgesmith profile` of a 12 MB model over an 8 Mbit/s link (~12 s of upload), Ctrl-C 3 s
+    into the upload: the command ends within seconds (not when the upload would have finished)
+    and nothing the runtime would load is left under the bundle's name."""
+    import signal
+    import subprocess
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from deploy import big_model
+
+    big_model(tmp_path / "big.onnx", mb=12)
+    dev = device(netns_host)
+    dev.ensure_runtime()                  # the runtime's own upload is not what is timed
+    netns_host.slow_link("8mbit")
+    uploading = tmp_path / "remote" / "bundles"
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgesmith", "profile", str(tmp_path / "big.onnx"),
+             "--device", netns_host.destination, "--identity", str(netns_host.sshd.client_key),
+             "--python", sys.executable], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+                p.name.startswith(".tmp-") for p in uploading.glob("*")):
+            time.sleep(0.1)                 # the upload has begun: its temp folder is there
+        time.sleep(3)
+        assert proc.poll() is None, proc.communicate()
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        netns_host.fast_link()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert took < 3, f"Ctrl-C took {took:.1f}s to stop the upload"
+    assert not [p for p in uploading.glob("*") if not p.name.startswith(".tmp-")]

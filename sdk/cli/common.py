@@ -18,6 +18,9 @@ class Group(click.Group):
     def invoke(self, ctx):
         from device_runtime.errors import RuntimeFailure
 
+        from .. import cancel
+
+        cancel.install()
         try:
             return super().invoke(ctx)
         except (EdgesmithError, RuntimeFailure) as exc:

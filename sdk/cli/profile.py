@@ -28,12 +28,14 @@ from .common import (data_source, devices_from, input_shape_option, json_option,
 @input_shape_option
 @click.option("--profile-ops", is_flag=True, help="also time each op type (ms per run)")
 @click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(1),
-              help="seconds the device may take for the whole run")
+              help="seconds the device may take for the whole run (and each run of the model "
+                   "on this host, e.g. its reference outputs)")
 @json_option("the Result")
 def profile(model, device_values, identity, accept_new_host_key, remote_python, eval_path, runs,
             warmup, min_time, threads, input_shape, profile_ops, timeout, json_out):
     """Measure MODEL as it is on one or more devices: latency percentiles, memory, accuracy."""
     from ..devices import Job
+    from ..host_runs import run_limit
     from ..model import parse_input_shapes
     from ..profiling import profile_many
     from ..report.text import print_table, results_table, write_json
@@ -41,7 +43,7 @@ def profile(model, device_values, identity, accept_new_host_key, remote_python, 
     job = Job(runs=runs, warmup=warmup, min_time_s=min_time, threads=threads,
               profile_ops=profile_ops, timeout_s=timeout)
     devices = devices_from(device_values, identity, accept_new_host_key, remote_python)
-    with status(f"profiling {model} on {len(devices)} device(s)"):
+    with status(f"profiling {model} on {len(devices)} device(s)"), run_limit(timeout):
         rows = profile_many(model, devices, eval_path=eval_path, job=job,
                             input_shapes=parse_input_shapes(input_shape))
     if json_out:

@@ -29,6 +29,7 @@ from onnx import helper, numpy_helper
 from device_runtime.backends.tflite import identifier
 
 from ..errors import EdgesmithError
+from ..host_runs import host_session
 from ..onnx_utils import attr
 
 if TYPE_CHECKING:
@@ -168,7 +169,6 @@ def check(model: onnx.ModelProto, data: bytes, sample: dict[str, np.ndarray],
     (and top-1 against `labels` when given)."""
     import tempfile
 
-    import onnxruntime as ort
     from device_runtime.backends.tflite import Backend
     from device_runtime.evaluate import EvalData, metrics
 
@@ -176,7 +176,7 @@ def check(model: onnx.ModelProto, data: bytes, sample: dict[str, np.ndarray],
         fh.write(data)
         fh.flush()
         backend = Backend(fh.name, {"threads": 1})
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = host_session(model.SerializeToString())
     names = [o.name for o in session.get_outputs()]
     batch = [int(d["shape"][0]) for d in backend.inputs.values()][0] or 1
     n = len(next(iter(sample.values())))

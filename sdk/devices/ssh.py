@@ -34,6 +34,7 @@ from device_runtime.bundle import sha256_file
 from device_runtime.result import Result
 
 from ..bundle import Bundle
+from .. import cancel
 from ..errors import EdgesmithError, StageError
 from ..targets import BACKEND_PACKAGES
 from . import Job, parse_reply, parse_result
@@ -442,13 +443,14 @@ class SSHDevice:
         sent = 0
         state = {"last": time.monotonic(), "done": False, "stalled": False}
 
-        def watchdog():
+        def watchdog():     # also ends the upload at Ctrl-C, whichever thread it runs on
             while not state["done"]:
-                if time.monotonic() - state["last"] > self.stall_timeout_s:
-                    state["stalled"] = True
+                if time.monotonic() - state["last"] > self.stall_timeout_s \
+                        or cancel.requested.is_set():
+                    state["stalled"] = not cancel.requested.is_set()
                     chan.get_transport().close()
                     return
-                time.sleep(0.2)
+                time.sleep(0.1)
 
         threading.Thread(target=watchdog, daemon=True, name="edgesmith-upload-watchdog").start()
         deadline = time.monotonic() + timeout_s
@@ -474,6 +476,9 @@ class SSHDevice:
             self.close()     # a half-sent tar must not be completed by anything else
             raise
         except (OSError, EOFError, paramiko.SSHException) as exc:
+            if cancel.requested.is_set():
+                self.close()
+                raise StageError(stage, "interrupted (Ctrl-C); nothing partial is used") from None
             if state["stalled"]:
                 self.close()
                 raise StageError(stage, f"connection to {self.target.label} lost: no progress "

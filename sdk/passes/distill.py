@@ -19,6 +19,7 @@ import onnx
 from device_runtime.evaluate import SQNR_CAP_DB, EvalData
 
 from ..errors import EdgesmithError
+from ..host_runs import host_session
 from . import PassReport, register
 
 
@@ -87,9 +88,7 @@ class TeacherOutputs:
 
 
 def _session(model: onnx.ModelProto):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return host_session(model.SerializeToString())
 
 
 def _run(session, data: EvalData, start: int, stop: int) -> list[np.ndarray]:
