@@ -17,6 +17,18 @@ from .errors import RuntimeFailure
 from .evaluate import accuracy_drop
 
 
+def retimed(args, run_job, p50: float, figures: dict) -> float:
+    """A p50 over the tolerance is timed once more and the lower one kept (as timeit keeps its
+    best): a burst of other work on the device must not refuse a good version. Still over
+    on both runs is a real regression."""
+    again = run_job(argparse.Namespace(**{**vars(args), "no_eval": True}))
+    second = (again.latency_ms or {}).get("p50") if again.ok else None
+    if second is None:
+        return p50
+    figures.update(p50_ms=min(p50, second), first_p50_ms=p50)
+    return min(p50, second)
+
+
 def check(version_dir, accept: dict, run_job, tolerance: float, bench_lock=None) -> dict:
     """Load, judge and time one installed version through the `run` command's own job."""
     args = argparse.Namespace(bundle=str(version_dir), runs=50, warmup=5, min_time=0.5,
@@ -44,7 +56,8 @@ def check(version_dir, accept: dict, run_job, tolerance: float, bench_lock=None)
         if accept.get("cpu") not in (None, cpu):
             figures["latency_note"] = (f"not compared: chosen on {accept['cpu']}, this device "
                                        f"is {cpu}")
-        elif p50 > chosen_ms * tolerance:
+        elif p50 > chosen_ms * tolerance and (p50 := retimed(args, run_job, p50, figures)) > \
+                chosen_ms * tolerance:
             reasons.append(f"p50 {p50:.3f} ms is over {tolerance:g}x the {chosen_ms:.3f} ms "
                            "measured when it was chosen")
     return {"passed": not reasons, "reasons": reasons, "figures": figures, "at": time.time()}

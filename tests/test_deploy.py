@@ -417,7 +417,10 @@ def test_a_link_dark_during_the_check_leaves_one_whole_version_and_a_rerun_finis
     version 2, so the host cannot tell the device anything: the host reports the lost link within
     the stall bound; the device serves version 1 or 2, each whole (verified); the same deploy
     again ends with version 2 active."""
+    import netns
     from device_runtime.bundle import verify
+
+    netns.need("nft", "nftables")
 
     def dev():
         return ssh_device(netns_host, netns_host.sshd.client_key, stall_timeout_s=3,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
+import netns
 import pytest
 
 from conftest import run_with_fault
@@ -39,6 +40,7 @@ def test_profile_across_the_namespace_link(netns_home, netns_host, models):
 
 
 def test_link_dropped_mid_upload_then_recovers(netns_home, netns_host, big, tmp_path):
+    netns.need("nft", "nftables")
     dev = device(netns_host, stall_timeout_s=3)
     dev.ensure_runtime()
     dev.on_upload_progress = lambda done, total: netns_host.drop_ssh() if done < total else None
@@ -85,6 +87,7 @@ def test_slow_link_over_the_upload_timeout_fails_clearly_then_fast_link_works(
 def test_link_dark_mid_run_is_lost_within_the_stall_bound(netns_home, netns_host, models):
     """Packets dropped 2 s into a long run: reported as a lost connection within the stall
     bound, not after the run's whole timeout with "raise the timeout"."""
+    netns.need("nft", "nftables")     # here: inside the fault's timer thread a skip is lost
     cnn = prepare(load(models / "digits_cnn.onnx"), None)
     with netns_host.sshd.new_sessions():         # the orphaned run is killed on the way out
         dev = device(netns_host, stall_timeout_s=3)

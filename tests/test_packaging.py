@@ -19,8 +19,9 @@ RUNTIME_BUDGET = 920   # code lines (no blanks, comments, docstrings); DESIGN ai
 #                        the device judges a deployment as the host chose it) and the deploy
 #                        subcommands' arguments 40, the device's load beside every figure 20
 DEPLOY_FILES = ("store.py", "deploy.py", "serving.py", "telemetry.py")
-DEPLOY_BUDGET = 480    # the model store, the on-device check, the serving session, telemetry and
-#                        captured field samples
+DEPLOY_BUDGET = 510    # the model store, the on-device check, the serving session, telemetry and
+#                        captured field samples; 25 for a swap that does not stall the app's
+#                        calls (the load's short GIL switch interval) and a check re-timed once
 
 
 def code_lines(path) -> int:
@@ -92,6 +93,18 @@ def build_wheel(dest: Path) -> Path:
 
 
 @pytest.mark.slow
+def share_dependencies(py: Path) -> None:
+    """The fresh venv sees the dependencies this test run has (onnx, onnxruntime, ...) without
+    downloading them: a .pth listing the site-packages on this interpreter's path. Not
+    `--system-site-packages`: inside a user's venv that is the base interpreter's packages, not
+    the venv's. Plain path lines: the .pth files there (an editable edgesmith) are not run."""
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()["
+                           "'purelib'])"], capture_output=True, text=True, check=True,
+                          timeout=60).stdout.strip()
+    ours = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    Path(site, "edgesmith_test_dependencies.pth").write_text("\n".join(ours) + "\n")
+
+
 def test_the_wheel_installed_in_a_fresh_venv_runs_the_main_commands(tmp_path):
     """A user's install: the built wheel, non-editable, in a new venv, run from a directory
     outside the checkout. Dependencies come from the test environment (system site-packages);
@@ -106,9 +119,9 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_main_commands(tmp_path):
     assert {"edgesmith_targets/x86-avx2.toml", "device_runtime/backends/onnxruntime.py",
             "edgesmith/__main__.py", "edgesmith_kernels/edgesmith_ops.c"} <= names
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                   check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
+    share_dependencies(py)
     proc = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -156,3 +169,28 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_main_commands(tmp_path):
     version = subprocess.run([str(py), "-m", "edgesmith", "--version"], capture_output=True,
                              text=True, cwd=user, env=env, timeout=60)
     assert version.returncode == 0 and "edgesmith" in version.stdout
+
+
+def test_tests_that_need_a_missing_tool_skip_naming_its_package(tmp_path):
+    """README command 2 off CI on a machine without CI's apt packages: the tests that need
+    nftables or the aarch64 cross compiler skip and name the package (they crashed or failed
+    before). The tools are hidden by a PATH of links to everything else."""
+    hidden = {"nft", "aarch64-linux-gnu-gcc"}
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        if not os.path.isdir(folder):
+            continue
+        for exe in Path(folder).iterdir():
+            link = bin_dir / exe.name
+            if exe.name not in hidden and not os.path.lexists(link) and os.access(exe, os.X_OK):
+                link.symlink_to(exe)
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env["PATH"] = str(bin_dir)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+         "tests/test_kernels.py::test_bundled_kernels_load_only_when_verified",
+         "tests/test_network_faults.py::test_link_dark_mid_run_is_lost_within_the_stall_bound"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "2 skipped" in proc.stdout, proc.stdout[-3000:]
+    assert "gcc-aarch64-linux-gnu" in proc.stdout and "apt-get install nftables" in proc.stdout
