@@ -40,24 +40,72 @@ class EvalData:
     n: int
 
 
+def max_data_bytes() -> int:
+    """What an .npz may expand to in memory: 2 GB, or EDGESMITH_MAX_DATA_GB (a small file can
+    declare terabytes: the headers are checked before anything is allocated)."""
+    import os
+
+    try:
+        return int(float(os.environ.get("EDGESMITH_MAX_DATA_GB", "2")) * 1e9)
+    except ValueError:
+        return int(2e9)
+
+
+def npz_members(path: Path, stage: str = "eval") -> dict:
+    """{array name: (shape, dtype)} of an .npz from its headers alone, refusing what is not a
+    regular file, not an .npz, pickled, declaring more bytes than it stores, or expanding past
+    `max_data_bytes()`; each in one line."""
+    import numpy as np
+
+    if not path.exists():
+        raise RuntimeFailure(stage, f"eval file {path} does not exist")
+    if not path.is_file():
+        raise RuntimeFailure(stage, f"{path} is not a regular file (a device or a pipe?); give "
+                             "an .npz file")
+    members, total = {}, 0
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                with zf.open(info) as fh:
+                    major, _ = np.lib.format.read_magic(fh)
+                    read = (np.lib.format.read_array_header_1_0 if major == 1 else
+                            np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(fh)
+                    stored = info.file_size - fh.tell()
+                if dtype.hasobject:
+                    raise RuntimeFailure(stage, f"{path.name} holds pickled objects, which "
+                                         "edgesmith never loads; save plain numeric arrays with "
+                                         "numpy.savez")
+                declared = math.prod(shape) * dtype.itemsize
+                if declared > stored:
+                    raise RuntimeFailure(stage, f"{path.name} is truncated or corrupt: "
+                                         f"{info.filename} declares {declared} bytes and holds "
+                                         f"{stored}; save it again with numpy.savez")
+                total += declared
+                members[info.filename.removesuffix(".npy")] = (shape, dtype)
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
+        raise RuntimeFailure(stage, f"{path.name} is not a readable .npz file ({exc}); "
+                             "numpy.savez writes one array per model input, plus optional "
+                             "labels") from None
+    if total > max_data_bytes():
+        raise RuntimeFailure(stage, f"{path.name} expands to {total / 1e6:,.0f} MB of arrays, "
+                             f"over the {max_data_bytes() / 1e6:,.0f} MB limit for data; use "
+                             "fewer samples or raise EDGESMITH_MAX_DATA_GB")
+    return members
+
+
 def load_eval(path: str | Path, input_specs: dict, stage: str = "eval") -> EvalData:
     """Load and check an eval set against the model's inputs; every problem is one line."""
     import numpy as np
 
     path = Path(path)
-    if not path.is_file():
-        raise RuntimeFailure(stage, f"eval file {path} does not exist")
+    npz_members(path, stage)         # every header checked before any array is read
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
-    except ValueError as exc:
-        if not zipfile.is_zipfile(path):   # e.g. a model passed as --eval: not pickled data
-            raise RuntimeFailure(stage, f"{path.name} is not an .npz file (numpy.savez writes "
-                                 "one array per model input, plus optional labels)") from None
-        raise RuntimeFailure(stage, f"{path.name} holds pickled objects, which edgesmith never "
-                             f"loads; save plain numeric arrays with numpy.savez ({exc})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise RuntimeFailure(stage, f"{path.name} is not a readable .npz file: {exc}") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise RuntimeFailure(stage, f"{path.name} is truncated or corrupt ({exc}); save it "
+                             "again with numpy.savez") from None
     labels = arrays.pop("labels", None)
     refs = {k[4:]: arrays.pop(k) for k in [k for k in arrays if k.startswith("ref:")]}
     unknown = sorted(set(arrays) - set(input_specs))
@@ -86,9 +134,11 @@ def load_eval(path: str | Path, input_specs: dict, stage: str = "eval") -> EvalD
             raise RuntimeFailure(stage, f"{path.name}: input {name!r} contains NaN or infinity; "
                                  "clean the data first")
     if labels is not None:
-        if labels.ndim != 1 or labels.shape[0] != n or labels.dtype.kind not in "iu":
-            raise RuntimeFailure(stage, f"{path.name}: 'labels' must be {n} integers (one per "
-                                 f"sample), got {labels.dtype} {list(labels.shape)}")
+        if labels.ndim != 1 or labels.shape[0] != n or labels.dtype.kind not in "iu" or (
+                labels.size and labels.min() < 0):
+            raise RuntimeFailure(stage, f"{path.name}: 'labels' must be {n} class indices >= 0 "
+                                 f"(one per sample), got {labels.dtype} {list(labels.shape)}"
+                                 f"{f' from {labels.min()}' if labels.size else ''}")
     for name, ref in refs.items():
         if ref.shape[:1] != (n,):
             raise RuntimeFailure(stage, f"{path.name}: 'ref:{name}' has {ref.shape[:1]} samples, "

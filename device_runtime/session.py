@@ -42,6 +42,10 @@ class Session:
         threads = config_overrides.pop("threads", None)
         config = {**manifest.config, **config_overrides}
         if threads is not None:  # one knob name for every backend
+            cores = os.cpu_count() or 1
+            if not 0 <= int(threads) <= cores:
+                raise RuntimeFailure("load", f"threads={threads}: this device has {cores} "
+                                     f"cores; use 1..{cores} (0 = the runtime's default)")
             config[backend_cls.threads_key] = int(threads)
         if libs := config.get("custom_op_libraries"):   # native code: verified files only
             if any(rel not in manifest.files for rel in libs):

@@ -1,12 +1,15 @@
 """Load and validate models with errors that name the fix; model facts (params, MACs, size)."""
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from device_runtime.evaluate import max_data_bytes
 
 from .errors import EdgesmithError
 
@@ -73,6 +76,10 @@ def parse_input_shapes(text: str | None) -> dict[str, list[int]]:
             shape = []
         if not sep or not name or not shape or min(shape) < 1:
             raise EdgesmithError(f"bad --input-shape {item!r}; write NAME=1x3x224x224")
+        if max(shape) >= 1 << 31 or math.prod(shape) * 4 > max_data_bytes():
+            raise EdgesmithError(f"--input-shape {item!r} takes over "
+                                 f"{max_data_bytes() / 1e9:g} GB per sample; give the shape the "
+                                 "model runs at (or raise EDGESMITH_MAX_DATA_GB)")
         shapes[name] = shape
     return shapes
 
@@ -114,6 +121,9 @@ def load(path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = No
                              "path of an .onnx or .tflite file")
     if path.is_dir():
         raise EdgesmithError(f"{path} is a directory; give the .onnx or .tflite file")
+    if not path.is_file():
+        raise EdgesmithError(f"{path} is not a regular file (a device or a pipe?); give the "
+                             ".onnx or .tflite file")
     raw = path.read_bytes()
     if not raw:
         raise EdgesmithError(f"{path} is empty (0 bytes); re-export the model")
@@ -169,9 +179,10 @@ def _load_onnx(path: Path, data: bytes, input_shapes: dict[str, list[int]], sour
         raise EdgesmithError(f"{path} is not an ONNX model (no graph or IR version); "
                              "re-export it or check the file was fully copied")
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        _check_external_sizes(proto, path)
         try:
             onnx.load_external_data_for_model(proto, str(path.parent))
-        except (onnx.checker.ValidationError, OSError) as exc:   # e.g. ../../etc/passwd
+        except (onnx.checker.ValidationError, OSError, ValueError) as exc:   # e.g. ../../etc/passwd
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EdgesmithError(f"{path}: its external data cannot be read ({first}); keep "
                                  "the data files next to the model, inside its folder") from None
@@ -205,6 +216,28 @@ def _check_opset(path: Path, proto) -> None:
         raise EdgesmithError(f"{path} uses opset {opset}, newer than this onnx ({newest}) and "
                              f"onnxruntime {onnxruntime.__version__} know; re-export with "
                              f"opset <= {newest} or upgrade onnx/onnxruntime")
+
+
+def _check_external_sizes(proto, path: Path) -> None:
+    """Each external tensor's bytes (its `length`, else the rest of its file) must be what its
+    shape and type take, checked before anything is read: a 4x4 tensor declaring 20 GB (a
+    sparse file reads as zeros for minutes) is refused at once."""
+    import onnx
+
+    for t in proto.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        need = int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(
+            t.data_type).itemsize
+        try:
+            length = int(info["length"]) if "length" in info else (
+                (path.parent / info.get("location", "")).stat().st_size - int(info.get("offset", 0)))
+        except (OSError, ValueError):
+            continue                   # the loader below names a missing or escaping file
+        if length != need:
+            raise EdgesmithError(f"{path}: tensor {t.name!r} ({list(t.dims)}) takes {need} bytes "
+                                 f"but its external data declares {length}; re-export the model")
 
 
 def _check_runs_in_ort(path: Path, data: bytes) -> None:
@@ -291,21 +324,13 @@ def data_shapes(source) -> dict[str, tuple]:
 def npz_headers(source) -> dict[str, tuple[tuple, np.dtype]]:
     """Each array's shape and dtype in an .npz, read from the headers only ({} if unreadable:
     the data loader says what is wrong with the file, in its own words)."""
-    import zipfile
+    from device_runtime.errors import RuntimeFailure
+    from device_runtime.evaluate import npz_members
 
-    headers = {}
     try:
-        with zipfile.ZipFile(source) as zf:
-            for name in zf.namelist():
-                with zf.open(name) as fh:
-                    major, _ = np.lib.format.read_magic(fh)
-                    read = (np.lib.format.read_array_header_1_0 if major == 1 else
-                            np.lib.format.read_array_header_2_0)
-                    shape, _, dtype = read(fh)
-                    headers[name.removesuffix(".npy")] = (shape, dtype)
-    except (OSError, zipfile.BadZipFile, ValueError):
+        return npz_members(Path(source))
+    except RuntimeFailure:
         return {}
-    return headers
 
 
 def static_shapes(proto, inputs: list[InputSpec]) -> dict[str, list[int]]:

@@ -112,7 +112,55 @@ def _bad_inputs(tmp_path, models):
                                                          labels=y[:7])], "'labels' must be"),
         ("missing eval file", [cnn, "--eval", tmp_path / "none.npz"], "does not exist"),
         ("unknown device", [cnn, "--device", "no-such-host.invalid"], "no-such-host.invalid"),
+        ("npz declaring 23 TiB", [cnn, "--eval", _npy_in_zip(tmp_path / "huge.npz", (
+            100000, 1, 8, 8000000), b"")], "truncated or corrupt"),
+        ("truncated npz array", [cnn, "--eval", _npy_in_zip(tmp_path / "cut.npz", x.shape,
+                                                           x.tobytes()[:-1000])],
+         f"declares {x.nbytes} bytes and holds {x.nbytes - 1000}"),
+        ("a device as the model", ["/dev/zero"], "not a regular file"),
+        ("a device as eval data", [cnn, "--eval", "/dev/zero"], "not a regular file"),
+        ("negative labels", [cnn, "--eval", _npz(tmp_path, "neg", input=x, labels=-y - 1)],
+         "class indices >= 0"),
+        ("external data longer than its tensor", [_external(tmp_path, 1 << 20)],
+         "takes 64 bytes but its external data declares 1048576"),
+        ("threads beyond the cores", [cnn, "--threads", "100000"], "cores; use 1.."),
+        ("an input shape of exabytes", [cnn, "--input-shape",
+                                        "input=99999999999999999999x1x8x8"], "GB per sample"),
     ]
+
+
+def _npy_in_zip(path, shape, data: bytes):
+    """An .npz whose one array's header declares `shape` (float32) over `data`."""
+    import io
+    import zipfile
+
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False,
+                                                "shape": tuple(shape)})
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("input.npy", head.getvalue() + data)     # the header writes the magic
+    return path
+
+
+def _external(tmp_path, length: int):
+    """A MatMul whose 4x4 weight's external data declares `length` bytes (a sparse file)."""
+    from onnx import external_data_helper
+
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "W")
+    external_data_helper.set_external_data(w, location="w.bin", length=length)
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"])], "g",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder = tmp_path / "external"
+    folder.mkdir()
+    onnx.save_model(model, str(folder / "m.onnx"))
+    with open(folder / "w.bin", "wb") as fh:
+        fh.truncate(length)                         # sparse: no disk used
+    return folder / "m.onnx"
 
 
 def test_bad_inputs_give_one_line_and_nonzero_exit(models, tmp_path):

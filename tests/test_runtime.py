@@ -238,3 +238,21 @@ def test_a_busy_device_is_said_to_be_busy(models, tmp_path):
     row = json.loads(out.read_text())               # one device: the Result itself
     assert row["load"]["others_share"] > 0.25 and row["load"]["loadavg_1m"] >= 0, row["load"]
     assert "the device was busy" in proc.stdout and "unreliable" in proc.stdout, proc.stdout
+
+
+def test_an_npz_that_expands_past_the_data_limit_is_refused_before_it_is_read(tmp_path,
+                                                                             monkeypatch):
+    """A compressed .npz of zeros is tiny on disk and large in memory: its headers are summed
+    against the limit (EDGESMITH_MAX_DATA_GB) before any array is allocated."""
+    from device_runtime.evaluate import load_eval
+
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, input=np.zeros((4000, 1, 8, 8), np.float32))   # 1 MB of zeros
+    assert path.stat().st_size < 20_000
+    specs = {"input": {"dtype": "float32", "dims": [None, 1, 8, 8]}}
+    monkeypatch.setenv("EDGESMITH_MAX_DATA_GB", "0.0004")
+    with pytest.raises(RuntimeFailure, match="expands to 1 MB of arrays, over the 0 MB limit "
+                       "for data; use fewer samples or raise EDGESMITH_MAX_DATA_GB"):
+        load_eval(path, specs)
+    monkeypatch.setenv("EDGESMITH_MAX_DATA_GB", "0.01")
+    assert load_eval(path, specs).n == 4000
