@@ -139,6 +139,9 @@ def test_another_model_in_the_same_output_starts_afresh(models, tmp_path):
     report = optimize(models / "digits_cnn.onnx", out, eval_path=models / "digits_cnn_eval.npz",
                       cfg=cfg)
     assert report.resumed == 0 and any("started afresh" in n for n in report.notes)
+    [aside] = out.glob("previous-*")                      # the MLP's result, kept
+    assert any(f"its result moved to {aside}" in n for n in report.notes), report.notes
+    assert "digits_mlp" in (aside / "report.json").read_text()
     written = load_model(written_model(out))              # the CNN's answer, not the MLP's
     assert written.inputs[0].shape == [1, 1, 8, 8]
     check_outputs(out, json.loads((out / "report.json").read_text()))

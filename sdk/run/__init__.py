@@ -93,14 +93,16 @@ class Run:
                   what: str = "output directory") -> None:
         """Claim OUT (never a directory edgesmith did not write, unless `force`) and open the
         state kept there under `key`: the same job resumes, a different one starts afresh."""
-        from .outputs import claim
+        from .outputs import claim, move_aside
         from .state import State
 
         self.out = claim(out_dir, force, what)
         self.state = State(self.out, key)
         if self.state.discarded:
+            kept = move_aside(self.out)
             self.notes.append(f"{self.out} held results of a different run (changed: "
-                              f"{', '.join(self.state.changed)}): started afresh")
+                              f"{', '.join(self.state.changed)}): started afresh"
+                              + (f"; its result moved to {kept}" if kept else ""))
 
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started

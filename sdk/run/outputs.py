@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from ..errors import EdgesmithError
@@ -40,6 +41,24 @@ def claim(path: str | os.PathLike, force: bool = False, what: str = "output dire
     except OSError as exc:
         raise EdgesmithError(f"cannot create {what} {path}: {exc.strerror}") from None
     return path
+
+
+def move_aside(out: Path) -> Path | None:
+    """A different job's result in OUT (model, bundle, reports) into OUT/previous-<time>/, by
+    rename: a finished result is never replaced without the user asking. None: nothing there."""
+    from .state import STATE_DIR
+
+    items = [p for p in out.iterdir() if p.name not in (MARKER, STATE_DIR)
+             and not p.name.startswith(("previous-", "."))]
+    if not items or not is_ours(out):      # a --force'd folder of the user's is left as it is
+        return None
+    aside = out / time.strftime("previous-%Y%m%d-%H%M%S")
+    while aside.exists():
+        aside = aside.with_name(aside.name + "-1")
+    aside.mkdir()
+    for item in items:
+        os.replace(item, aside / item.name)
+    return aside
 
 
 def copy_dir_atomic(src: str | Path, dest: str | Path, force: bool = False) -> None:
