@@ -87,7 +87,11 @@ class Backend:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feed: dict) -> list:
-        return self.session.run(self.output_names, feed)
+        try:
+            return self.session.run(self.output_names, feed)
+        except Exception as exc:   # noqa: BLE001 - pybind's Fail/InvalidArgument/...: one line
+            text = str(exc).split("Status Message:")[-1].strip().splitlines() or [repr(exc)]
+            raise RuntimeFailure("run", f"the model failed on this input: {text[0]}") from None
 
     def op_profile(self) -> tuple[dict[str, float], dict[str, float]]:
         """Milliseconds per run per op type (the profile's sum over its runs / their number),

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from ..errors import EdgesmithError
 from .common import (config_error, data_source, host_device_option, input_shape_option, json_option,
                      json_to, one_device, parse_duration, quant_effort_option, ssh_options)
 
@@ -53,6 +54,10 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
         click.echo("interrupted: measured trials are cached; run the same command to resume",
                    err=True)
         sys.exit(130)
+    if not any(t.ok for t in report.trials):     # no verdict to give: not "defaults fastest"
+        raise EdgesmithError(f"every trial failed on {dev.name}, the runtime defaults included "
+                             f"({report.default.stage}: {report.default.error}); fix that first "
+                             f"(`edgesmith profile {model}` shows it alone)")
     if out:
         copy_dir_atomic(report.bundle, out, force)
     if json_out:
