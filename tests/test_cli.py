@@ -252,3 +252,25 @@ def test_host_side_runs_end_at_the_timeout_and_at_ctrl_c(tmp_path):
     finally:
         child.kill()
         child.communicate()
+
+
+def test_a_model_output_never_replaces_an_unrelated_file_or_a_link(models, tmp_path):
+    """fuse -o onto a text file, a symlink (dangling too) or a name without .onnx is refused
+    (exit 2, naming -o) and nothing is written; onto its own earlier output it is replaced."""
+    cnn = models / "digits_cnn.onnx"
+    notes = tmp_path / "notes.onnx"
+    notes.write_text("my notes")
+    link, dangling = tmp_path / "link.onnx", tmp_path / "dangling.onnx"
+    link.symlink_to(notes)
+    dangling.symlink_to(tmp_path / "nowhere.onnx")
+    for out, words in ((notes, "is not an ONNX model"), (link, "symbolic link"),
+                       (dangling, "symbolic link"), (tmp_path / "rec_q", "does not end in .onnx")):
+        proc = run_cli("fuse", cnn, "-o", out)
+        assert proc.returncode == 2 and words in proc.stderr and "'-o'" in proc.stderr, \
+            (out, proc.stderr)
+    assert notes.read_text() == "my notes" and link.is_symlink() and dangling.is_symlink()
+    assert not (tmp_path / "rec_q").exists() and not (tmp_path / "nowhere.onnx").exists()
+    mine = tmp_path / "fused.onnx"
+    for _ in range(2):                      # a re-run replaces its own output
+        assert run_cli("fuse", cnn, "-o", mine).returncode == 0
+    assert onnx.load(str(mine)).graph.node

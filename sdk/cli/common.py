@@ -84,6 +84,43 @@ def data_source(ctx, param, value):
     return value
 
 
+def model_out(suffix: str):
+    """-o of a command that writes one model file: a plain path ending in `suffix`; an existing
+    file there must be a model of that format (a re-run replaces it), never an unrelated file
+    or a symlink (writing would replace the link, not its target)."""
+    def check(ctx, param, value):
+        if value is None:
+            return value
+        path = Path(value)
+        if path.is_symlink():
+            raise click.BadParameter(f"{value} is a symbolic link; give a plain file path")
+        if path.suffix.lower() != suffix:
+            raise click.BadParameter(f"{value} does not end in {suffix}; name the model file "
+                                     f"{path.with_suffix(suffix).name}")
+        if path.exists():
+            if not path.is_file():
+                raise click.BadParameter(f"{value} exists and is not a file")
+            with open(path, "rb") as fh:
+                head = fh.read(8)
+            is_tflite = head[4:8] == b"TFL3"
+            if is_tflite != (suffix == ".tflite") or (suffix == ".onnx" and not _is_onnx(path)):
+                kind = "a TFLite" if suffix == ".tflite" else "an ONNX"
+                raise click.BadParameter(f"{value} exists and is not {kind} model; "
+                                         "edgesmith does not replace it: choose another -o")
+        return value
+    return check
+
+
+def _is_onnx(path: Path) -> bool:
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:     # noqa: BLE001 - whatever the parser says, it is not a model
+        return False
+    return proto.HasField("graph")
+
+
 def json_to(ctx, param, value):
     """`--json -`: the JSON alone on stdout (for pipes), all else the command says on stderr;
     write_json takes the returned stream."""

@@ -10,12 +10,12 @@ import click
 
 from ..errors import EdgesmithError
 from .common import (config_error, data_source, host_device_option, input_shape_option, json_option,
-                     one_device, quant_effort_option, ssh_options)
+                     model_out, one_device, quant_effort_option, ssh_options)
 
 
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--out", required=True, callback=model_out(".onnx"),
               help="the fused model")
 @click.option("--ort-fusions", is_flag=True,
               help="also fuse Conv+activation into com.microsoft.FusedConv (onnxruntime only)")
@@ -70,7 +70,7 @@ def fuse(model, out, ort_fusions, opset, input_shape, json_out):
 @quant_effort_option
 @host_device_option
 @input_shape_option
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--out", required=True, callback=model_out(".onnx"),
               help="the chosen model: int8, or the float model when no recipe was faster "
                    "within the accuracy budget (--recipe forces one)")
 @json_option()
@@ -141,7 +141,7 @@ def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accep
 @click.option("--allow-noop", is_flag=True,
               help="exit 0 even when structured pruning removes < 5% of MACs")
 @input_shape_option
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--out", required=True, callback=model_out(".onnx"),
               help="the pruned model")
 @json_option()
 def prune(model, ratio, structured, importance, calib, eval_path, global_ranking, layer_ratio,
@@ -261,7 +261,7 @@ def _top1_before_after(model, pruned, eval_path) -> list[float]:
               help="random translations (pixels) as augmentation")
 @click.option("--seed", default=0, show_default=True)
 @host_device_option
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--out", required=True, callback=model_out(".onnx"),
               help="the trained student")
 @json_option()
 def distill(teacher, student, data, eval_path, epochs, batch_size, lr, temperature, alpha, shift,
@@ -307,7 +307,7 @@ def distill(teacher, student, data, eval_path, epochs, batch_size, lr, temperatu
               help=".npz to check the .tflite against onnxruntime on (else held-out --calib "
                    "samples, else random inputs)")
 @input_shape_option
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--out", required=True, callback=model_out(".tflite"),
               help="the converted model")
 @json_option()
 def convert(model, fmt, int8, calib, recipe, eval_path, input_shape, out, json_out):
