@@ -274,3 +274,23 @@ def test_a_model_output_never_replaces_an_unrelated_file_or_a_link(models, tmp_p
     for _ in range(2):                      # a re-run replaces its own output
         assert run_cli("fuse", cnn, "-o", mine).returncode == 0
     assert onnx.load(str(mine)).graph.node
+
+
+def test_a_failed_profile_ops_run_leaves_no_profile_behind(tmp_path):
+    """onnxruntime writes its profile into the working directory unless told otherwise; a run
+    that fails before the profile is read must not leave it there (nor in a temp folder)."""
+    import glob
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "bad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 3])],
+        [numpy_helper.from_array(np.array([3, 3], np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    before = set(glob.glob("/tmp/edgesmith-profile-*"))
+    proc = run_cli("profile", tmp_path / "bad.onnx", "--profile-ops", cwd=tmp_path)
+    assert proc.returncode == 1 and "the model failed on this input" in proc.stderr, proc.stderr
+    assert not list(tmp_path.rglob("*profile*"))       # (tmp_path/cache: the test's cache)
+    assert set(glob.glob("/tmp/edgesmith-profile-*")) <= before

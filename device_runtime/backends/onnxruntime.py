@@ -52,8 +52,15 @@ class Backend:
                                else ort.ExecutionMode.ORT_SEQUENTIAL)
         for key, value in cfg["session_config"].items():
             opts.add_session_config_entry(str(key), str(value))
-        if cfg["profile_ops"]:
+        if cfg["profile_ops"]:   # into a temp folder that goes with the backend: a failed
+            import shutil            # run leaves no profile in the user's directory
+            import tempfile
+            import weakref
+
+            folder = tempfile.mkdtemp(prefix="edgesmith-profile-")
+            weakref.finalize(self, shutil.rmtree, folder, True)
             opts.enable_profiling = True
+            opts.profile_file_prefix = os.path.join(folder, "ort")
         for lib in cfg.get("custom_op_libraries") or []:   # absolute, verified by the session
             try:
                 opts.register_custom_ops_library(lib)
