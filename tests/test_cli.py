@@ -294,3 +294,28 @@ def test_a_failed_profile_ops_run_leaves_no_profile_behind(tmp_path):
     assert proc.returncode == 1 and "the model failed on this input" in proc.stderr, proc.stderr
     assert not list(tmp_path.rglob("*profile*"))       # (tmp_path/cache: the test's cache)
     assert set(glob.glob("/tmp/edgesmith-profile-*")) <= before
+
+
+def test_commands_refuse_what_they_cannot_use_in_one_line(models, tmp_path):
+    """A .tflite given to an ONNX pass, a model with nothing to prune, a ratio list that is not
+    numbers: one line naming the cause (they were tracebacks, or a no-op written with exit 0)."""
+    matmul_free = tmp_path / "reshape.onnx"
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "r",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        [numpy_helper.from_array(np.array([2, 2], np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(matmul_free))
+    for argv, code, words in (
+            (["fuse", models / "digits_mlp.tflite", "-o", tmp_path / "f.onnx"], 1,
+             "is a TFLite model; fuse works on ONNX models"),
+            (["prune", matmul_free, "--ratio", "0.5", "-o", tmp_path / "p.onnx"], 1,
+             "no Conv, Gemm or MatMul weights to prune"),
+            (["optimize", models / "digits_cnn.onnx", "-o", tmp_path / "o", "--nas-ratios",
+              "abc"], 2, "Invalid value for --nas-ratios: 'abc' is not a comma-separated")):
+        proc = run_cli(*argv)
+        assert proc.returncode == code and words in proc.stderr, (argv, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "f.onnx").exists() and not (tmp_path / "p.onnx").exists()

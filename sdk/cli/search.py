@@ -11,6 +11,14 @@ from .common import (config_error, data_source, host_device_option, input_shape_
                      json_to, one_device, parse_duration, quant_effort_option, ssh_options)
 
 
+def ratios_of(option: str, text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers (e.g. "
+                                 "0.5,0.7)", param_hint=option) from None
+
+
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--device", "-d", default="local", show_default=True,
@@ -128,8 +136,8 @@ def optimize(model, out_dir, force, device, identity, accept_new_host_key, remot
     from ..report.text import optimize_table, print_table, write_json
 
     try:
-        ratios = tuple(float(r) for r in prune_ratios.split(",") if r.strip())
-        searches = tuple(float(r) for r in nas_ratios.split(",") if r.strip())
+        ratios, searches = ratios_of("--prune-ratios", prune_ratios), ratios_of("--nas-ratios",
+                                                                                nas_ratios)
         cfg = OptimizeConfig(max_accuracy_drop=max_accuracy_drop,
                              latency_budget_ms=latency_budget_ms, budget_s=parse_duration(budget),
                              prune_ratios=ratios, nas_ratios=searches,

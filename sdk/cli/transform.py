@@ -13,6 +13,14 @@ from .common import (config_error, data_source, host_device_option, input_shape_
                      model_out, one_device, quant_effort_option, ssh_options)
 
 
+def onnx_only(m, command: str):
+    """The graph passes rewrite ONNX; a TFLite model is said so in one line."""
+    if m.format != "onnx":
+        raise EdgesmithError(f"{m.path.name} is a TFLite model; {command} works on ONNX models "
+                             "(profile measures a TFLite model as it is)")
+    return m
+
+
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", required=True, callback=model_out(".onnx"),
@@ -29,7 +37,7 @@ def fuse(model, out, ort_fusions, opset, input_shape, json_out):
     from ..passes.fuse import PORTABLE_PIPELINE, OpsetConfig, convert_opset, fuse as run_fuse
     from ..report.text import write_json
 
-    m = load(model, parse_input_shapes(input_shape), static=False)
+    m = onnx_only(load(model, parse_input_shapes(input_shape), static=False), "fuse")
     passes = PORTABLE_PIPELINE + (["fuse_activations"] if ort_fusions else [])
     fused, reports = run_fuse(m.proto, passes)
     if opset is not None:
@@ -81,7 +89,8 @@ def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accep
     from ..search.int8 import choose_recipe, quant_data, quantize_with
     from ..report.text import print_table, quantize_table, why_worse_table, write_json
 
-    m = load(model, parse_input_shapes(input_shape), data=eval_path or calib)
+    m = onnx_only(load(model, parse_input_shapes(input_shape), data=eval_path or calib),
+                  "quantize")
     if recipe:        # no search, no device: judged on the host, on held-out samples
         from device_runtime.evaluate import metrics
 
@@ -152,7 +161,11 @@ def prune(model, ratio, structured, importance, calib, eval_path, global_ranking
                                 prune_channels, prune_unstructured)
     from ..report.text import write_json
 
-    m = load(model, parse_input_shapes(input_shape), data=eval_path or calib)
+    m = onnx_only(load(model, parse_input_shapes(input_shape), data=eval_path or calib),
+                  "prune")
+    if not m.facts.macs:
+        raise EdgesmithError(f"{model} has no Conv, Gemm or MatMul weights to prune (0 MACs); "
+                             "nothing to do")
     try:
         if structured:
             means = None
