@@ -83,6 +83,25 @@ def test_inventory_field_of_the_wrong_type_is_one_line(tmp_path, line, field):
     assert f"{field} must be" in message and "'bench'" in message and "\n" not in message
 
 
+def test_the_inventorys_target_is_the_profile_a_run_uses(tmp_path):
+    """`target` in devices.toml was type-checked and then ignored: now it chooses the profile
+    (as --target does, which still wins), and an unknown name is refused when the file is read."""
+    from edgesmith.run import Run
+
+    inventory = tmp_path / "devices.toml"
+    inventory.write_text('[[device]]\nname = "here"\ndestination = "local"\n'
+                         'target = "rpi4"\n')
+    [dev] = load_inventory(inventory)
+    run = Run.open(dev)
+    assert run.target.profile.name == "rpi4", run.target
+    assert "in the device inventory" in run.target.reasons[0], run.target.reasons
+    assert Run.open(dev, target="x86-avx2").target.profile.name == "x86-avx2"
+    inventory.write_text('[[device]]\nname = "here"\ndestination = "local"\n'
+                         'target = "no-such-board"\n')
+    with pytest.raises(EdgesmithError, match="device #1: unknown target 'no-such-board'"):
+        load_inventory(inventory)
+
+
 @pytest.mark.ssh
 def test_quoted_false_never_records_a_host_key(ssh_home, sshd_server, tmp_path):
     known_hosts = ssh_home / ".ssh" / "known_hosts"

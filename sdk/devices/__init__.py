@@ -196,6 +196,14 @@ def load_inventory(path) -> list:
         device = get_device(entry["destination"], name=entry.get("name"), **opts) \
             if entry["destination"] != "local" else get_device("local")
         device.canary = entry.get("canary", False)     # deploy: these go first, one by one
+        if "target" in entry:                          # the profile searches use (run.Run)
+            from ..targets import get_profile
+
+            try:
+                get_profile(entry["target"])          # an unknown name: refused here
+            except EdgesmithError as exc:
+                raise EdgesmithError(f"device inventory {path}: device #{i + 1}: {exc}") from None
+            device.target_profile = entry["target"]
         devices.append(device)
     if not devices:
         raise EdgesmithError(f"device inventory {path} lists no [[device]] entries")

@@ -59,9 +59,11 @@ class Run:
             facts = dev.facts()
         except StageError as exc:
             raise EdgesmithError(str(exc)) from None
+        listed = getattr(dev, "target_profile", None)       # devices.toml `target = "..."`
         chosen = target if isinstance(target, Match) else \
             Match(get_profile(target), [f"chosen with --target {target}"]) if target else \
-            match(facts)
+            Match(get_profile(listed), [f"chosen by target = {listed!r} in the device "
+                                        "inventory"]) if listed else match(facts)
         notes = []
         if chosen.generic:
             notes.append(chosen.reasons[0])
