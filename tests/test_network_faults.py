@@ -51,8 +51,8 @@ def test_link_dropped_mid_upload_then_recovers(netns_home, netns_host, big, tmp_
     finally:
         netns_host.restore()
     assert time.monotonic() - t0 < 30
-    assert err.value.stage in ("upload", "connect")
-    assert "lost" in err.value.message or "timed out" in err.value.message
+    assert err.value.stage == "upload", err.value     # the stall is what is said first, not
+    assert "lost" in err.value.message.split(";")[0], err.value.message    # the reconnect's
     remote = tmp_path / "remote" / "bundles"
     assert not (remote / big.id).exists()            # nothing half-written under the real name
     result = measure(device(netns_host), big, Job(runs=5))

@@ -594,13 +594,18 @@ class SSHDevice:
         if status == 0:
             return dest
         files = {p.name: p for p in sorted(bundle.path.iterdir()) if p.is_file()}
-        for attempt in (1, 2):   # a dropped link is retried once on a fresh connection
+        first = None             # a dropped link is retried once on a fresh connection
+        for attempt in (1, 2):
             try:
                 self.upload_files(files, dest, runtime.python, "upload")
                 return dest
             except StageError as exc:
-                if attempt == 2 or "connection" not in exc.message:
+                if first is not None:   # say what went wrong first: the stall, not the retry
+                    raise StageError(first.stage, f"{first.message}; retrying failed too "
+                                     f"({exc.stage}: {exc.message})") from None
+                if "connection" not in exc.message or cancel.requested.is_set():
                     raise
+                first = exc
                 self.close()
         return dest
 
