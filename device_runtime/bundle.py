@@ -29,6 +29,11 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+FIELD_TYPES = {"model": str, "format": str, "backend": str, "inputs": list, "outputs": list,
+               "files": dict, "config": dict, "eval": (str, type(None)), "eval_batch": int,
+               "meta": dict}
+
+
 @dataclass
 class Manifest:
     """What the device needs to run a bundle: model, backend, runtime config, input specs."""
@@ -51,9 +56,21 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":
-        if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
+        if not isinstance(data, dict):
+            raise ValueError(f"it is a JSON {type(data).__name__}, not an object")
+        if data.get("schema") != MANIFEST_SCHEMA:
             raise ValueError(f"unsupported manifest schema {data.get('schema')!r} "
                              f"(this runtime reads schema {MANIFEST_SCHEMA}; update the runtime)")
+        for key, kind in FIELD_TYPES.items():       # every field a run reads, before it runs
+            if key in data and not isinstance(data[key], kind):
+                raise ValueError(f"{key!r} is a {type(data[key]).__name__}")
+        if not all(isinstance(e, dict) and isinstance(e.get("sha256"), str) and
+                   isinstance(e.get("size"), int) for e in data.get("files", {}).values()):
+            raise ValueError("every 'files' entry needs a sha256 string and a size")
+        if not all(isinstance(s, dict) and isinstance(s.get("name"), str) and
+                   isinstance(s.get("dtype"), str) and isinstance(s.get("shape"), list) and
+                   isinstance(s.get("dims"), list) for s in data.get("inputs", [])):
+            raise ValueError("every 'inputs' entry needs a name, dtype, shape and dims")
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 

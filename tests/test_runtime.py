@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -11,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import device_runtime
+from conftest import ROOT
 from device_runtime.bundle import MANIFEST, onnx_external_locations, verify
 from device_runtime.errors import RuntimeFailure
 from device_runtime.measure import summarize
@@ -256,3 +259,25 @@ def test_an_npz_that_expands_past_the_data_limit_is_refused_before_it_is_read(tm
         load_eval(path, specs)
     monkeypatch.setenv("EDGESMITH_MAX_DATA_GB", "0.01")
     assert load_eval(path, specs).n == 4000
+
+
+@pytest.mark.parametrize("case, change, words", [
+    ("files null", lambda m: m.update(files=None), "'files' is a NoneType"),
+    ("files a list", lambda m: m.update(files=[]), "'files' is a list"),
+    ("a top-level list", lambda m: [m], "a JSON list, not an object"),
+    ("an input without dtype", lambda m: m["inputs"][0].pop("dtype") and None,
+     "needs a name, dtype"),
+    ("config a list", lambda m: m.update(config=[1]), "'config' is a list")])
+def test_a_malformed_manifest_is_a_result_with_one_line(cnn_bundle, tmp_path, case, change,
+                                                        words):
+    """The runtime's own process, as the host runs it: a Result naming the field, not a
+    traceback and no Result (the host then had only 'crashed')."""
+    root = copy_bundle(cnn_bundle, tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    changed = change(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest if changed is None else changed))
+    proc = subprocess.run([sys.executable, "-m", "device_runtime", "run", str(root), "--runs",
+                           "2"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["stage"] == "verify" and words in result["error"], (case, result["error"])
+    assert "Traceback" not in proc.stderr, proc.stderr
