@@ -21,7 +21,7 @@ def run_job(args) -> Result:
     from .session import Session
 
     result = Result(device=facts.collect(with_providers=False))
-    stage = "verify"
+    stage = "load"      # verify's own failures say "verify"; a bad config is the load's
     lock = None
     try:
         if args.lock:

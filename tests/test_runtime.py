@@ -281,3 +281,13 @@ def test_a_malformed_manifest_is_a_result_with_one_line(cnn_bundle, tmp_path, ca
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["stage"] == "verify" and words in result["error"], (case, result["error"])
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_config_of_the_wrong_type_fails_the_load_not_the_verify(cnn_bundle):
+    """stage "verify" makes the host drop the bundle and upload it again: a config the backend
+    cannot take is the load's failure, and the bundle stays."""
+    proc = subprocess.run([sys.executable, "-m", "device_runtime", "run", str(cnn_bundle.path),
+                           "--runs", "2", "--config", '{"intra_op_threads": "many"}'],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["stage"] == "load" and "many" in result["error"], result
