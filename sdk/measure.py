@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field, replace
 
@@ -155,6 +156,8 @@ def measure(device, bundle: Bundle, job: Job) -> Result:
         pushed_ms = (time.perf_counter() - t0) * 1e3
         result = device.run(remote, job)
         if result.stage == "verify" and hasattr(device, "forget"):
+            print(f"note: {device.name}: the bundle there failed its check ({result.error}); "
+                  "uploading it again", file=sys.stderr, flush=True)     # said, not silent
             device.forget(remote)      # damaged on the device: upload afresh, once
             device.__dict__.get("_edgesmith_pushed", {}).pop(bundle.id, None)
             result = device.run(push_once(device, bundle), job)

@@ -198,3 +198,16 @@ def test_cli_alias_facts_and_fleet_with_an_unreachable_device(ssh_home, sshd_ser
     assert rows["bench"]["error"] is None and rows["local"]["error"] is None
     assert rows["gone"]["stage"] == "connect" and "cannot reach" in rows["gone"]["error"]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_tampered_bundle_on_the_device_is_uploaded_again_and_said(ssh_home, sshd_server, cnn,
+                                                                    tmp_path, capsys):
+    dev = device(sshd_server)
+    assert measure(dev, cnn, FAST).ok
+    remote = tmp_path / "remote" / "bundles" / cnn.id
+    (remote / "eval.npz").write_bytes(b"changed on the device")
+    again = measure(device(sshd_server), cnn, FAST)
+    assert again.ok, again.error
+    said = capsys.readouterr().err
+    assert "failed its check" in said and "uploading it again" in said, said
+    verify(remote)
