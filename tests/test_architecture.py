@@ -166,3 +166,18 @@ def test_no_import_cycles_in_the_sdk():
     for node in sorted(graph):
         if node not in state:
             visit(node)
+
+
+def test_host_side_model_runs_go_through_host_runs():
+    """A run on the host is one C call that neither a timeout nor Ctrl-C reaches unless it goes
+    through edgesmith.host_runs; the only other InferenceSession (model.py's load check)
+    creates a session and never runs it."""
+    for path in SDK.rglob("*.py"):
+        if path.name == "host_runs.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr == "InferenceSession":
+                assert path.name == "model.py", \
+                    f"{path.relative_to(ROOT)}:{node.lineno} makes its own InferenceSession: " \
+                    "use edgesmith.host_runs.host_session"
