@@ -203,3 +203,41 @@ def pytest_sessionfinish(session, exitstatus):
         for report in skipped:
             reporter.write_line(f"skipped under CI=true: {report.nodeid}: {report.longrepr}")
         session.exitstatus = 1
+
+
+def reshape_model(path: Path, shape: tuple[int, int]) -> Path:
+    """An ONNX model of one Reshape of a 1x4 input into `shape`: no weights (0 MACs), and one
+    that loads but fails on every run when `shape` does not hold 4 values."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+        [numpy_helper.from_array(np.array(shape, np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def external_matmul(path: Path, weights, location: str, length: int | None = None) -> Path:
+    """A MatMul of a 1x4 input by `weights` (4x4) kept in external data at `location` (as
+    written in the model; `length` as declared there, when given). Only the model is written."""
+    import onnx
+    from onnx import TensorProto, external_data_helper, helper, numpy_helper
+
+    w = numpy_helper.from_array(weights, "W")
+    external_data_helper.set_external_data(w, location=location, length=length)
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"])], "g",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path

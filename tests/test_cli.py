@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import ROOT, load_json, run_cli
+from conftest import ROOT, load_json, reshape_model, run_cli
 
 SCHEMA = json.loads((ROOT / "tests" / "schemas" / "result.json").read_text())
 
@@ -144,20 +144,10 @@ def _npy_in_zip(path, shape, data: bytes):
 
 def _external(tmp_path, length: int):
     """A MatMul whose 4x4 weight's external data declares `length` bytes (a sparse file)."""
-    from onnx import external_data_helper
+    from conftest import external_matmul
 
-    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "W")
-    external_data_helper.set_external_data(w, location="w.bin", length=length)
-    w.ClearField("raw_data")
-    w.data_location = TensorProto.EXTERNAL
-    graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"])], "g",
-                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4])], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
     folder = tmp_path / "external"
-    folder.mkdir()
-    onnx.save_model(model, str(folder / "m.onnx"))
+    external_matmul(folder / "m.onnx", np.eye(4, dtype=np.float32), "w.bin", length)
     with open(folder / "w.bin", "wb") as fh:
         fh.truncate(length)                         # sparse: no disk used
     return folder / "m.onnx"
@@ -281,14 +271,7 @@ def test_a_failed_profile_ops_run_leaves_no_profile_behind(tmp_path):
     that fails before the profile is read must not leave it there (nor in a temp folder)."""
     import glob
 
-    graph = helper.make_graph(
-        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "bad",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 3])],
-        [numpy_helper.from_array(np.array([3, 3], np.int64), "shape")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(tmp_path / "bad.onnx"))
+    reshape_model(tmp_path / "bad.onnx", (3, 3))      # 4 values into 3x3: fails at run time
     before = set(glob.glob("/tmp/edgesmith-profile-*"))
     proc = run_cli("profile", tmp_path / "bad.onnx", "--profile-ops", cwd=tmp_path)
     assert proc.returncode == 1 and "the model failed on this input" in proc.stderr, proc.stderr
@@ -299,15 +282,7 @@ def test_a_failed_profile_ops_run_leaves_no_profile_behind(tmp_path):
 def test_commands_refuse_what_they_cannot_use_in_one_line(models, tmp_path):
     """A .tflite given to an ONNX pass, a model with nothing to prune, a ratio list that is not
     numbers: one line naming the cause (they were tracebacks, or a no-op written with exit 0)."""
-    matmul_free = tmp_path / "reshape.onnx"
-    graph = helper.make_graph(
-        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "r",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
-        [numpy_helper.from_array(np.array([2, 2], np.int64), "shape")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(matmul_free))
+    matmul_free = reshape_model(tmp_path / "reshape.onnx", (2, 2))
     for argv, code, words in (
             (["fuse", models / "digits_mlp.tflite", "-o", tmp_path / "f.onnx"], 1,
              "is a TFLite model; fuse works on ONNX models"),

@@ -155,22 +155,10 @@ def external_data_bundle(root: Path, model_rel: str, location: str, weights: np.
                          listed: dict[str, np.ndarray], fmt: str = "onnx") -> Path:
     """A bundle of a real ONNX MatMul whose weight lives in external data at `location`
     (as written in the model); `listed` files are written and listed in the manifest."""
-    import onnx
-    from onnx import TensorProto, external_data_helper, helper, numpy_helper
-
+    from conftest import external_matmul
     from device_runtime.bundle import MANIFEST, Manifest, sha256_file
 
-    w = numpy_helper.from_array(weights, "W")
-    external_data_helper.set_external_data(w, location=location)
-    w.ClearField("raw_data")
-    w.data_location = TensorProto.EXTERNAL
-    graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"])], "g",
-                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4])], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    (root / model_rel).parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(root / model_rel))
+    external_matmul(root / model_rel, weights, location)
     for rel, array in listed.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(array.astype(np.float32).tobytes())

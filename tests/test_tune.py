@@ -198,18 +198,9 @@ def test_tune_never_deletes_a_directory_it_did_not_write(models, tmp_path):
 def test_tune_where_every_trial_fails_exits_1_in_one_line(tmp_path):
     """A model that loads but fails on every run (a Reshape of 4 values to 3x3): no verdict
     like "the runtime defaults were fastest" and exit 0, but one line that says why."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from conftest import reshape_model
 
-    graph = helper.make_graph(
-        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "bad",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 3])],
-        [numpy_helper.from_array(np.array([3, 3], np.int64), "shape")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(tmp_path / "bad.onnx"))
+    reshape_model(tmp_path / "bad.onnx", (3, 3))
     proc = run_cli("tune", tmp_path / "bad.onnx", "--max-trials", "2", "--fresh")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
