@@ -126,9 +126,10 @@ def verify(bundle_dir: str | os.PathLike) -> tuple[Manifest, str]:
             raise RuntimeFailure("verify", f"{rel!r} is used but not listed in the manifest")
     content = model_format(root / manifest.model)
     if content != manifest.format or content != BACKEND_FORMATS.get(manifest.backend, content):
-        raise RuntimeFailure("verify", f"{manifest.model!r} holds {KINDS[content]} model but the manifest "
-                             f"says format {manifest.format!r}, backend {manifest.backend!r}; "
-                             "the bundle was tampered with or built by a broken tool — rebuild it")
+        raise RuntimeFailure("verify", f"{manifest.model!r} holds {KINDS[content]} model but the "
+                             f"manifest says format {manifest.format!r}, backend "
+                             f"{manifest.backend!r}; the bundle was tampered with or built by a "
+                             "broken tool — rebuild it")
     if content == "onnx":   # onnxruntime reads `location` next to the model file
         for location in onnx_external_locations(root / manifest.model):
             rel = posixpath.normpath(posixpath.join(posixpath.dirname(manifest.model), location))

@@ -231,8 +231,9 @@ def _check_external_sizes(proto, path: Path) -> None:
         need = int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(
             t.data_type).itemsize
         try:
+            data_file = path.parent / info.get("location", "")
             length = int(info["length"]) if "length" in info else (
-                (path.parent / info.get("location", "")).stat().st_size - int(info.get("offset", 0)))
+                data_file.stat().st_size - int(info.get("offset", 0)))
         except (OSError, ValueError):
             continue                   # the loader below names a missing or escaping file
         if length != need:

@@ -98,14 +98,13 @@ def model_out(suffix: str):
             raise click.BadParameter(f"{value} does not end in {suffix}; name the model file "
                                      f"{path.with_suffix(suffix).name}")
         if path.exists():
+            from device_runtime.bundle import KINDS, model_format
+
             if not path.is_file():
                 raise click.BadParameter(f"{value} exists and is not a file")
-            with open(path, "rb") as fh:
-                head = fh.read(8)
-            is_tflite = head[4:8] == b"TFL3"
-            if is_tflite != (suffix == ".tflite") or (suffix == ".onnx" and not _is_onnx(path)):
-                kind = "a TFLite" if suffix == ".tflite" else "an ONNX"
-                raise click.BadParameter(f"{value} exists and is not {kind} model; "
+            want = suffix[1:]      # the format from the content, as the runtime's verify reads it
+            if model_format(path) != want or (want == "onnx" and not _is_onnx(path)):
+                raise click.BadParameter(f"{value} exists and is not {KINDS[want]} model; "
                                          "edgesmith does not replace it: choose another -o")
         return value
     return check
