@@ -33,6 +33,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgesmith"
 
 
+def cached(path: str | os.PathLike) -> Bundle | None:
+    """A bundle built earlier, when it is still there whole (its name is its manifest's hash
+    and every file checks out); None otherwise, so the caller builds it again."""
+    path = Path(path)
+    try:
+        manifest, bundle_id = verify(path)
+    except (OSError, RuntimeFailure):
+        return None
+    return Bundle(path, bundle_id, manifest) if bundle_id == path.name else None
+
+
 def build(model: Model, config: dict | None = None, eval_data: EvalData | None = None,
           eval_batch: int = 1, backend: str | None = None, meta: dict | None = None,
           root: Path | None = None, extra_files: dict[str, bytes] | None = None) -> Bundle:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -121,12 +123,26 @@ def test_tuner_ranks_caches_and_writes_the_winner_into_the_bundle(models):
     session = device_runtime.load(first.bundle)
     for key, value in first.best.config.items():
         assert session.config[key] == value
+    # the identical job: the whole answer (confirmation, kernel profile, bundle) is kept
+    same = tune(models / "digits_cnn.onnx", "local", measure_settings=FAST, cache=TuningCache())
+    assert same.measured == 0 and same.answered_at == first.answered_at
+    assert (same.best.id, same.confirm, same.bundle) == (first.best.id, first.confirm, first.bundle)
     again = tune(models / "digits_cnn.onnx", "local", measure_settings=FAST, cache=cache,
-                 confirm_rounds=0)
+                 confirm_rounds=0)      # another confirmation: answered again, trials cached
     assert again.measured == 0 and again.from_cache == len(first.trials)
+    assert again.answered_at > first.answered_at
     fresh = tune(models / "digits_cnn.onnx", "local", measure_settings=FAST, cache=cache, fresh=True,
                  confirm_rounds=0, max_trials=2)
     assert fresh.measured == 2 and fresh.stopped == "max_trials"
+    # an answer cut short by 2 trials does not answer a job allowed 40
+    whole = tune(models / "digits_cnn.onnx", "local", measure_settings=FAST, cache=cache,
+                 confirm_rounds=0)
+    assert whole.answered_at > fresh.answered_at and not whole.stopped
+    assert len(whole.trials) == len(first.trials)
+    shutil.rmtree(whole.bundle)     # the tuned bundle is gone: the answer is made again
+    rebuilt = tune(models / "digits_cnn.onnx", "local", measure_settings=FAST, cache=cache,
+                   confirm_rounds=0)
+    assert rebuilt.answered_at > whole.answered_at and Path(rebuilt.bundle).is_dir()
 
 
 def test_a_failing_variant_is_an_error_row(models):
@@ -166,6 +182,9 @@ def test_cli_tune_and_targets_match(models, tmp_path):
     assert report["target"] and report["trials"] and (out / "manifest.json").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"] == report["best"]["config"]
+    proc = run_cli("tune", models / "digits_cnn.onnx", "--budget", "30s", "--max-trials", "3")
+    assert proc.returncode == 0 and "0 measured" in proc.stdout, proc.stdout
+    assert "answered from the cache: this job was measured on local" in proc.stderr
     proc = run_cli("targets", "match")
     assert proc.returncode == 0 and "profile" in proc.stdout
     proc = run_cli("tune", models / "digits_cnn.onnx", "--budget", "soon")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 
 import click
@@ -43,7 +44,7 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
     a per-block table says what the kernels won or lost."""
     from ..model import load, parse_input_shapes
     from ..run.outputs import claim, copy_dir_atomic
-    from ..report.text import kernels_table, print_table, tune_table, write_json
+    from ..report.text import age, kernels_table, print_table, tune_table, write_json
     from ..search.tune import tune as run_tune
 
     if out:
@@ -70,6 +71,10 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
         copy_dir_atomic(report.bundle, out, force)
     if json_out:
         write_json(json_out, report)
+    if report.measured == 0 and report.answered_at and not json_out:
+        click.echo(f"answered from the cache: this job was measured on {dev.name} "
+                   f"{age(time.time() - report.answered_at)} ago (--fresh measures again)",
+                   err=True)
     print_table(tune_table(report))
     if report.kernels:
         print_table(kernels_table(report))

@@ -116,6 +116,15 @@ def write_json(path, obj) -> None:
     atomic_write(path, text.encode())
 
 
+def age(seconds: float) -> str:
+    """How long ago, in the unit a person would say it."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
 def tune_table(report) -> Table:
     """Ranked variants with the config beside each figure, plus what was pruned and why."""
     title = (f"edgesmith tune: {Path(report.model).name} on {report.device} "

@@ -48,6 +48,9 @@ class TuneReport:
     device_s: float = 0.0
     bundle: str = ""                         # tuned bundle: best config in its manifest
     kernels: list[dict] = field(default_factory=list)   # per fused block: who won, by how much
+    budget_s: float = 0.0
+    max_trials: int = 0
+    answered_at: float = 0.0                 # when this answer was measured (time.time())
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,6 +83,13 @@ def tune(model: str | os.PathLike | Model, device: Run | str = "local",
     sp = search_space or space(profile.search, facts, backend)
     if eval_data is None:
         sp = sp.without_numeric("changes numerics; tuned only with an eval set to check them")
+    job = replace(Job(**{**profile.measure_job_args(), **(measure_settings or {})}),
+                  evaluate=False, backend=backend)
+    ctx_key, device_key = context_key(model, job), run.fingerprint
+    answer_key = _answer_key(sp, profile.name, eval_data, max_accuracy_drop, confirm_rounds)
+    if not fresh and (known := _known_answer(cache, ctx_key, device_key, answer_key, budget_s,
+                                             max_trials)):
+        return known
     if any(KNOBS[name].rewrite for name in sp.values):
         stage("rewriting the model for edgesmith's kernels, each rewrite checked against "
               "onnxruntime")
@@ -102,9 +112,6 @@ def tune(model: str | os.PathLike | Model, device: Run | str = "local",
             scales[sig] = _output_scale(judge)
         return built[sig]
 
-    job = replace(Job(**{**profile.measure_job_args(), **(measure_settings or {})}),
-                  evaluate=False, backend=backend)
-    ctx_key, device_key = context_key(model, job), run.fingerprint
     done: dict[str, Candidate] = {}
     tried: dict[str, Variant] = {}
     spent = {"device_s": 0.0, "measured": 0, "cached": 0}
@@ -153,14 +160,58 @@ def tune(model: str | os.PathLike | Model, device: Run | str = "local",
     tuned = bundles.build(shipped, config=best.config, eval_batch=batch, extra_files=files,
                           meta={"source": str(model.path),
                                 "tuned": {"target": profile.name, "variant": best.id}})
-    return TuneReport(model=str(model.path),
-                      model_sha256=hashlib.sha256(model.serialized()).hexdigest(),
-                      device=dev.name, device_fingerprint=device_key, target=profile.name,
-                      target_reasons=chosen.reasons, trials=ranked,
-                      pruned=[{"knob": k, "value": v, "reason": r} for k, v, r in sp.pruned],
-                      default=default, best=best, confirm=confirm, verdict=verdict,
-                      stopped=stopped, measured=spent["measured"], from_cache=spent["cached"],
-                      device_s=spent["device_s"], bundle=str(tuned.path), kernels=kernels)
+    report = TuneReport(model=str(model.path),
+                        model_sha256=hashlib.sha256(model.serialized()).hexdigest(),
+                        device=dev.name, device_fingerprint=device_key, target=profile.name,
+                        target_reasons=chosen.reasons, trials=ranked,
+                        pruned=[{"knob": k, "value": v, "reason": r} for k, v, r in sp.pruned],
+                        default=default, best=best, confirm=confirm, verdict=verdict,
+                        stopped=stopped, measured=spent["measured"], from_cache=spent["cached"],
+                        device_s=spent["device_s"], bundle=str(tuned.path), kernels=kernels,
+                        budget_s=budget_s, max_trials=max_trials, answered_at=time.time())
+    cache.put(ctx_key, device_key, answer_key, report.to_dict())
+    return report
+
+
+def _answer_key(sp: Space, target: str, eval_data, max_drop: float, rounds: int) -> str:
+    """What besides the model, the job and the device decides a whole tuning's answer: the
+    search space, the judging set and budget, the confirmation, edgesmith's own kernels."""
+    import numpy as np
+
+    from .. import __version__
+    from ..own_kernels import source
+
+    digest = hashlib.sha256(source().read_bytes())
+    for arrays in ((eval_data.inputs, eval_data.refs, {"labels": eval_data.labels})
+                   if eval_data is not None else ()):
+        for name in sorted(arrays):
+            if arrays[name] is not None:
+                digest.update(name.encode() + np.ascontiguousarray(arrays[name]).tobytes())
+    blob = repr((sorted(sp.values.items()), sp.pruned, target, max_drop, rounds, __version__,
+                 digest.hexdigest()))
+    return "answer|" + hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _known_answer(cache: TuningCache, ctx_key: str, device_key: str, answer_key: str,
+                  budget_s: float, max_trials: int) -> TuneReport | None:
+    """An identical job's answer, kept whole: trials, the interleaved confirmation and the
+    per-block profile are not redone (`fresh` measures again). A search an earlier, smaller
+    budget cut short is not an answer to a larger one; a tuned bundle that is gone or
+    damaged makes the job run again (from the trial cache)."""
+    known = cache.get(ctx_key, device_key, answer_key)
+    try:
+        report = TuneReport(**{**known, **{k: Candidate(**known[k]) for k in ("default", "best")},
+                               "trials": [Candidate(**t) for t in known["trials"]]})
+    except (TypeError, KeyError):
+        return None          # none, or written by another version: measured again
+    if report.stopped and (budget_s > report.budget_s or max_trials > report.max_trials):
+        return None
+    if bundles.cached(report.bundle) is None:
+        return None
+    report.from_cache, report.measured, report.device_s = len(report.trials), 0, 0.0
+    for t in (*report.trials, report.default, report.best):
+        t.cached = True
+    return report
 
 
 def _rewritten_models(model: Model, sp: Space, facts: dict) -> dict[tuple, tuple]:
