@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import html
+import importlib.util
 import json
 import shutil
 import subprocess
 import sys
+import time
 
 import jsonschema
 import numpy as np
@@ -297,3 +299,44 @@ def test_candidates_within_noise_are_tied_and_the_tie_break_is_stable():
     for order in ([fast, exact, small, slow], [slow, small, exact, fast]):
         assert choose(order, cfg).id == "int8:qdq-u8s8-mse"
     assert choose([fast, slow], cfg).id == "int8:qdq-s8s8"     # fp32 is outside the spread
+
+
+def test_budget_is_kept_on_an_imagenet_size_model(tmp_path):
+    """--budget is a promise: a MobileNetV2 at 224x224 (ImageNet's size; random weights) with
+    calibration and training data wants minutes (int8 recipes, pruning + distillation,
+    NetAdapt, TFLite, tuning); given 30 s it ends within them plus the slowest single step it
+    measured, and says what it left out and why."""
+    require(importlib.util.find_spec("torch") is not None,
+            "needs torch: pip install torch==2.13.0 'edgesmith[train]'")
+    import torch
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from imagenet_mobilenetv2 import MobileNetV2
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    torch.manual_seed(0)
+    model, x = MobileNetV2().eval(), torch.randn(1, 3, 224, 224)
+    path = tmp_path / "mnv2_224.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"])
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((48, 3, 224, 224)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", input=images, labels=rng.integers(0, 1000, 48))
+    out, budget = tmp_path / "out", 30
+    t0 = time.monotonic()
+    proc = run_cli("optimize", path, "--calib", tmp_path / "data.npz", "--train",
+                   tmp_path / "data.npz", "-o", out, "--budget", f"{budget}s",
+                   "--input-shape", "input=1x3x224x224")
+    wall = time.monotonic() - t0
+    assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, SCHEMA)
+    slowest = max(report["step_costs_s"].values())
+    assert report["elapsed_s"] <= budget + slowest, report["step_costs_s"]
+    assert report["overshoot_s"] == pytest.approx(max(0, report["elapsed_s"] - budget))
+    assert wall <= budget + slowest + 10, wall      # + the interpreter's start and imports
+    assert ("took" in proc.stdout and "--budget" in proc.stdout), proc.stdout[-2000:]
+    cut = [s for s in report["skipped"] if "--budget" in s["reason"]] + \
+        [n for n in report["notes"] if "--budget" in n]
+    assert cut, (report["skipped"], report["notes"])    # 30 s cannot hold everything

@@ -10,6 +10,7 @@ fixed batch train by gradient accumulation. Needs the `train` extra (torch).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ class DistillConfig:
     shift: int = 0                   # random translations of up to this many pixels (images)
     host_device: str = "auto"        # where torch trains: auto (CUDA when torch sees it) | cpu
     #                                  | cuda[:N]
+    deadline: float = math.inf       # time.monotonic(): no epoch starts after it
 
     def __post_init__(self):
         if self.teacher is None or self.data is None:
@@ -269,6 +271,10 @@ def distill(student: onnx.ModelProto, cfg: DistillConfig) -> tuple[onnx.ModelPro
     best_epoch, best_state = 0, {k: v.detach().clone() for k, v in module.state_dict().items()}
     loss_value = float("nan")
     for epoch in range(1, cfg.epochs + 1):
+        if time.monotonic() > cfg.deadline:
+            report.details.append(f"stopped at the time limit after {epoch - 1} of "
+                                  f"{cfg.epochs} epoch(s)")
+            break
         loss_value = _epoch(t, opt, sched, rng, cfg, torch)
         score = _score(module, judge, judge_targets, micro, torch)
         if score > best_score:

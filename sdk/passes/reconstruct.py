@@ -26,6 +26,7 @@ drops. Memory is bounded: one block's inputs and targets at a time, in files bey
 from __future__ import annotations
 
 import itertools
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ class ReconstructConfig:
     host_device: str = "auto"             # where torch learns: auto (CUDA when seen) | cpu | cuda
     memory_bytes: int = 256 * 2 ** 20     # a block's cached inputs + targets beyond this: on disk
     seed: int = 0
+    deadline: float = math.inf            # time.monotonic(): later blocks stay as calibrated
 
     def __post_init__(self):
         if self.float_model is None or not self.batches:
@@ -468,6 +470,10 @@ def reconstruct(qdq: onnx.ModelProto, cfg: ReconstructConfig
     feeds = cfg.batches[:max(1, -(-cfg.samples // len(next(iter(cfg.batches[0].values())))))]
     with tempfile.TemporaryDirectory(prefix="edgesmith-reconstruct-") as tmp:
         for number, block in enumerate(parts):
+            if time.monotonic() > cfg.deadline:
+                report.details.append(f"stopped at the time limit: blocks {number}.."
+                                      f"{len(parts) - 1} stay as calibrated")
+                break
             graph = Graph(out.graph)
             targets = [float_name(o, float_names) for o in block.outputs]
             try:

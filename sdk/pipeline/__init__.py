@@ -61,6 +61,9 @@ class OptimizeReport:
     tuned_config: dict = field(default_factory=dict)
     tuning: dict = field(default_factory=dict)     # the config search on the chosen model
     elapsed_s: float = 0.0
+    overshoot_s: float = 0.0                       # past --budget (at most one candidate's time)
+    step_costs_s: dict = field(default_factory=dict)   # slowest step of each kind: what the
+    #                                                    stages were sized from
     resumed: int = 0
     model_file: str = "model.onnx"                 # OUT/model.onnx or OUT/model.tflite
 
@@ -77,15 +80,17 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
     base = ctx.measure("fp32", {"fuse": True}, ctx.fused)
     if not base.ok:
         raise EdgesmithError(f"the model does not run on {ctx.run.device.name}: {base.error}")
+    ctx.run.reserve_s = closing_reserve(ctx)
     int8 = int8_stage(ctx)
     added = [int8, pruned_stage(ctx, int8.int8_recipe), nas_stage(ctx, int8.int8_recipe),
              tflite_stage(ctx)]
     notes = ctx.run.notes + [note for a in added for note in a.notes]
-    if ctx.run.over_budget():
+    if any("--budget" in s["reason"] for a in added for s in a.skipped):
         notes.append(f"stopped by --budget ({ctx.cfg.budget_s:.0f}s) after "
                      f"{len(ctx.cands)} candidate(s)")
+    ctx.run.reserve_s = 0.0            # the closing stages spend what was held back for them
     remeasure: dict = {}
-    chosen = confirm_stage(ctx, choose(ctx.cands, ctx.cfg), remeasure)
+    chosen = confirm_stage(ctx, choose(ctx.cands, ctx.cfg), remeasure, notes)
     report = OptimizeReport(schema=REPORT_SCHEMA, edgesmith=__version__, model=str(model_path),
                             device=ctx.run.device.name, device_facts=ctx.run.facts,
                             target=ctx.run.target.profile.name,
@@ -97,6 +102,8 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
                             summary="", notes=notes, remeasure=remeasure, resumed=resumed)
     finish_stage(ctx, report)
     report.elapsed_s = time.monotonic() - ctx.run.started
+    report.overshoot_s = max(0.0, report.elapsed_s - ctx.cfg.budget_s)
+    report.step_costs_s = dict(ctx.run.costs)
     from ..report.html import write_reports
     write_reports(report, ctx.run.out)
     return report
@@ -145,20 +152,54 @@ def _timing_job() -> Job:
     return Job(runs=50, warmup=5, min_time_s=0.5, evaluate=False)
 
 
-def confirm_stage(ctx: Context, chosen: Candidate | None, report_remeasure: dict
-                  ) -> Candidate | None:
+TUNE_MEASUREMENTS = 12      # a tuning's measurements besides its trials (confirmation, profile)
+REPORT_S = 2.0              # writing the bundle and the reports
+
+
+def closing_reserve(ctx: Context) -> float:
+    """What the closing stages cost at their full settings, from the cost of one measurement
+    (the fp32 baseline's): the interleaved rounds, the op profile, tuning and its re-measurement.
+    At most half the time left, so the searches keep time; the closing stages fit what is left
+    when they start (`_rounds_that_fit`)."""
+    c, cfg, half = ctx.run.costs.get("measure", 1.0), ctx.cfg, max(ctx.run.remaining_s(), 0) / 2
+    cost = (cfg.confirm_rounds * (cfg.contenders + 1) + 1) * c + REPORT_S
+    tuning = cfg.tune_budget_s + (TUNE_MEASUREMENTS + 3 * cfg.confirm_rounds) * c
+    if cfg.tune_budget_s and cost + tuning <= half:     # else tuning will not fit: no time kept
+        cost += tuning
+    return min(cost, half)
+
+
+def _rounds_that_fit(ctx: Context, trials: int, keep_s: float = 0.0) -> int:
+    """Interleaved rounds of `trials` measurements that fit in the time left, less `keep_s`
+    for what must still follow; at most the configured rounds."""
+    c = ctx.run.costs.get("measure", 1.0)
+    fit = (ctx.run.remaining_s() - keep_s - REPORT_S) // (trials * c)
+    return int(max(0, min(ctx.cfg.confirm_rounds, fit)))
+
+
+def confirm_stage(ctx: Context, chosen: Candidate | None, report_remeasure: dict,
+                  notes: list[str]) -> Candidate | None:
     """Single measurements flip on a busy device: re-measure the original and the fastest
     in-budget candidates interleaved, in the same rounds, and choose by the median. Every
-    speedup the reports print comes from these rounds (one basis, with its spread)."""
+    speedup the reports print comes from these rounds (one basis, with its spread). Rounds
+    are cut to the budget left (one measurement kept for the op profile)."""
     top = sorted((c for c in ctx.cands if c.within_budget), key=lambda c: c.p50_ms)
     top = top[:ctx.cfg.contenders]
     if not top or chosen is None:
+        return chosen
+    keep = ctx.run.costs.get("measure", 1.0)
+    while len(top) > 1 and _rounds_that_fit(ctx, len(top) + 1, keep) < ctx.cfg.confirm_rounds:
+        top.pop()          # fewer contenders before fewer rounds: a median needs its rounds
+    rounds = _rounds_that_fit(ctx, len(top) + 1, keep)
+    if rounds < 1:
+        notes.append(f"not re-measured interleaved: --budget ({ctx.cfg.budget_s:.0f}s) had no "
+                     "time left for it; the choice rests on single measurements")
         return chosen
     ctx.run.say(f"re-measuring the original and the {len(top)} fastest candidate(s) interleaved")
     trials = {c.id: (bundles.build(ctx.run.state.load_model(c, ctx.original)), _timing_job())
               for c in top}
     trials[ORIGINAL] = (bundles.build(ctx.original), _timing_job())
-    spreads = ctx.run.confirm(trials, ctx.cfg.confirm_rounds)
+    spreads = ctx.run.confirm(trials, rounds)
     for c in top:
         if c.id in spreads:
             c.confirm = asdict(spreads[c.id])
@@ -198,11 +239,23 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
                                 "accept": acceptance(ctx, pick, tuned)})
     copy_dir_atomic(final.path, ctx.run.out / "bundle", force=True)   # ownership checked at start
     write_model(ctx.run.out, ctx.run.state.model_path(pick.model_sha256))
-    ctx.run.say("profiling the chosen model's ops")
-    prof = measure(ctx.run.device, final, Job(runs=20, warmup=3, evaluate=False, profile_ops=True))
-    report.op_profile_ms = prof.op_profile_ms or {}
     rem = report.remeasure
-    if report.chosen and (pick.config or not pick.confirm or "original" not in rem):
+    trials = 3 if pick.config else 2
+    rounds = _rounds_that_fit(ctx, trials, keep_s=ctx.run.costs.get("measure", 1.0))
+    if ctx.run.fits("measure") is None:
+        ctx.run.say("profiling the chosen model's ops")
+        prof = measure(ctx.run.device, final, Job(runs=20, warmup=3, evaluate=False,
+                                                  profile_ops=True))
+        report.op_profile_ms = prof.op_profile_ms or {}
+    else:
+        report.notes.append(f"the op profile was not taken: --budget "
+                            f"({ctx.cfg.budget_s:.0f}s) had no time left for it")
+    remeasure = report.chosen and (pick.config or not pick.confirm or "original" not in rem)
+    cut = bool(remeasure) and rounds < 1
+    if cut:
+        report.notes.append(f"the shipped bundle was not re-measured against the original: "
+                            f"--budget ({ctx.cfg.budget_s:.0f}s) had no time left for it")
+    elif remeasure:
         ctx.run.say("re-measuring the shipped bundle against the original"
                     + (" and its model at the runtime defaults" if pick.config else ""))
         trials = {ORIGINAL: (bundles.build(ctx.original), _timing_job()),
@@ -210,14 +263,14 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
         if pick.config:     # model.onnx alone, as a user's own runtime would run it
             trials[AT_DEFAULTS] = (bundles.build(ctx.run.state.load_model(pick, ctx.original)),
                                    _timing_job())
-        spreads = ctx.run.confirm(trials, ctx.cfg.confirm_rounds)
+        spreads = ctx.run.confirm(trials, rounds)
         if len(spreads) == len(trials):  # the selection rounds stay in pick.confirm
             if "original" in rem:
                 rem["selection_original"] = rem["original"]
             rem.update(original=asdict(spreads[ORIGINAL]), chosen=asdict(spreads[pick.id]))
             if AT_DEFAULTS in spreads:
                 rem["model_at_defaults"] = asdict(spreads[AT_DEFAULTS])
-    elif report.chosen and pick.confirm:
+    if report.chosen and pick.confirm and "chosen" not in rem:
         rem["chosen"] = pick.confirm
     if report.chosen and "chosen" in rem and "original" in rem:
         o, c = Spread(**rem["original"]), Spread(**rem["chosen"])
@@ -226,7 +279,7 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
                    model_gain=o.median_ms / m.median_ms, config_gain=m.median_ms / c.median_ms)
         if busy := busy_note([o, c, m]):
             report.notes.append(busy)
-    elif report.chosen:
+    elif report.chosen and not cut:
         report.notes.append("re-measurement against the original failed on the device")
     report.summary = _summary(report, pick)
     if not report.chosen:
@@ -254,10 +307,17 @@ def _tune(ctx: Context, model: Model, pick: str, notes: list[str]):
     if ctx.cfg.tune_budget_s <= 0:
         return None
     from ..search.tune import tune
+    c = ctx.run.costs.get("measure", 1.0)
+    after = (1 + 3 * ctx.cfg.confirm_rounds) * c + REPORT_S   # op profile, re-measurement
+    budget = min(ctx.cfg.tune_budget_s, ctx.run.remaining_s() - after - TUNE_MEASUREMENTS * c)
+    if budget < 3 * c:
+        notes.append(f"tuning skipped: --budget ({ctx.cfg.budget_s:.0f}s) had "
+                     f"{max(0, ctx.run.remaining_s()):.0f} s left, tuning needs about "
+                     f"{(3 + TUNE_MEASUREMENTS) * c + after:.0f} s")
+        return None
     ctx.run.say(f"tuning the runtime config of {pick}")
     try:
-        tuned = tune(model, ctx.run, budget_s=ctx.cfg.tune_budget_s,
-                     max_trials=12, confirm_rounds=2)
+        tuned = tune(model, ctx.run, budget_s=budget, max_trials=12, confirm_rounds=2)
     except EdgesmithError as exc:
         notes.append(f"tuning skipped: {exc}")
         return None

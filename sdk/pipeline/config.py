@@ -3,6 +3,7 @@
 and written through."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from .. import bundle as bundles
@@ -104,9 +105,11 @@ class Context:
         if (cand := self.resumed(cid)) is not None:
             return cand
         self.run.say(f"measuring {cid} on {self.run.device.name}")
+        t0 = time.monotonic()
         bundle = bundles.build(model, eval_data=self.judge, eval_batch=eval_batch(model),
                                meta={"candidate": cid})
         result = measure(self.run.device, bundle, self.job)
+        self.run.spent("measure", time.monotonic() - t0)
         cand = Candidate.from_result(cid, result, model, recipe=recipe, note=note,
                                      model_sha256=_sha(model.serialized()))
         if result.delegation:

@@ -6,6 +6,7 @@ candidates are recorded as they are measured (`Context.record`: resumable, best 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field, replace
 
 import onnx
@@ -45,8 +46,8 @@ def int8_stage(ctx: Context) -> Added:
     if done is not None:
         ctx.cands += [c for c in ctx.run.state.done.values() if c.id.startswith("int8:")]
         return Added(notes=done["notes"], skipped=done["skipped"], int8_recipe=done["recipe"])
-    if ctx.run.over_budget():
-        return Added()
+    if (why := ctx.run.fits("int8")) is not None:
+        return Added(skipped=[{"id": "int8:*", "reason": why}])
 
     def keep(cand: Candidate, proto: onnx.ModelProto | None) -> None:
         cand = replace(cand, id=f"int8:{cand.id}", recipe={"quantize": cand.recipe})
@@ -93,8 +94,10 @@ def _with_int8(ctx: Context, cid: str, recipe: dict, model, int8_recipe: dict | 
     from ..search.int8 import quantize_with
 
     ctx.measure(cid, recipe, model, note)
-    if not int8_recipe or ctx.quant is None or ctx.run.over_budget():
+    if not int8_recipe or ctx.quant is None:
         return []
+    if (why := ctx.run.fits("measure")) is not None:
+        return [f"{cid}+int8 not tried: {why}"]
     q = QuantRecipe(**{**int8_recipe, "exclude": ()})   # node names changed
     try:
         proto, _ = quantize_with(model, q, ctx.quant.batches, ctx.cfg.host_device)
@@ -120,23 +123,27 @@ def pruned_stage(ctx: Context, int8_recipe: dict | None) -> Added:
         return Added(notes=[f"pruning + distillation skipped: {exc}"])
     added, epochs = Added(), ctx.cfg.distill_epochs
     for ratio in ctx.cfg.prune_ratios:
-        if ctx.run.over_budget():
-            break
         cid = f"prune{int(ratio * 100)}+distill"
+        if (why := ctx.run.fits("distill")) is not None:
+            added.skipped.append({"id": cid, "reason": why})
+            continue
         ctx.run.say(f"pruning {ratio:.0%} of channels and distilling ({epochs} epochs)")
+        t0 = time.monotonic()
         pruned, _ = prune_channels(ctx.fused.proto, PruneConfig(
             ratio=ratio, input_shapes=ctx.original.input_shapes,
             round_to=ctx.run.target.profile.channel_multiple))
         try:
             student, rep = distill(pruned, DistillConfig(
                 ctx.original.proto, data, ctx.judge, targets, epochs=epochs,
-                host_device=ctx.cfg.host_device))
+                host_device=ctx.cfg.host_device, deadline=ctx.run.deadline()))
         except EdgesmithError as exc:      # one failed student is a note, not a failed run
             added.notes.append(f"{cid} skipped: {exc}")
             continue
         added.notes += _with_int8(ctx, cid, {"prune": ratio, "distill": {"epochs": epochs}},
                                   from_proto(student, ctx.original), int8_recipe,
-                                  rep.details[-1])
+                                  rep.details[-1] + "".join(f"; {d}" for d in rep.details
+                                                            if "time limit" in d))
+        ctx.run.spent("distill", time.monotonic() - t0)
     return added
 
 
@@ -209,9 +216,13 @@ def tflite_stage(ctx: Context) -> Added:
     sample = conversion_sample(ctx.original, ctx.judge.inputs if ctx.judge is not None
                                else random_inputs(ctx.original))
     for cid, source_id, source in sources:
-        if ctx.run.over_budget() or ctx.resumed(cid) is not None:
+        if ctx.resumed(cid) is not None:
+            continue
+        if (why := ctx.run.fits("tflite")) is not None:
+            added.skipped.append({"id": cid, "reason": why})
             continue
         ctx.run.say(f"converting {source_id} to TFLite")
+        t0 = time.monotonic()
         try:
             data, rep = to_tflite(source.proto, sample)
         except EdgesmithError as exc:
@@ -219,6 +230,7 @@ def tflite_stage(ctx: Context) -> Added:
             continue
         ctx.measure(cid, {"convert": "tflite", "from": source_id}, as_model(data, source),
                     f"converted from {source_id} in {rep.seconds:.0f} s")
+        ctx.run.spent("tflite", time.monotonic() - t0)
     return added
 
 

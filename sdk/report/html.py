@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..measure import ms_digits
 from ..model import atomic_write
+from .text import budget_line
 
 W, H, PAD = 720, 420, 60
 
@@ -225,7 +226,7 @@ sum exceeds the end-to-end latency on small models; read the shares, not the sum
                                                                indent=1))}</pre>
 {tuning_html(report.tuning)}
 <h2>Notes</h2><ul>{notes}</ul>
-<p>edgesmith {html.escape(report.edgesmith)}, {report.elapsed_s:.1f} s.</p>
+<p>edgesmith {html.escape(report.edgesmith)}; {html.escape(budget_line(report))}.</p>
 </body></html>
 """
 

@@ -116,6 +116,15 @@ def write_json(path, obj) -> None:
     atomic_write(path, text.encode())
 
 
+def budget_line(report) -> str:
+    """How the run kept its --budget: the time taken, and how far past it when it was."""
+    budget = report.config["budget_s"]
+    if report.overshoot_s > 0:
+        return (f"took {report.elapsed_s:.0f} s: {report.overshoot_s:.0f} s past the "
+                f"{budget:.0f} s --budget (a candidate or closing step already under way)")
+    return f"took {report.elapsed_s:.0f} s of the {budget:.0f} s --budget"
+
+
 def age(seconds: float) -> str:
     """How long ago, in the unit a person would say it."""
     seconds = max(0.0, seconds)

@@ -44,6 +44,8 @@ class Run:
     out: Path | None = None
     state: object = None                    # run.state.State under OUT, once `resume_in` ran
     notes: list[str] = field(default_factory=list)
+    reserve_s: float = 0.0                  # of the budget, held back for the closing stages
+    costs: dict[str, float] = field(default_factory=dict)   # slowest step of each kind, s
 
     @classmethod
     def open(cls, device="local", *, target=None, budget_s: float = math.inf, say=None,
@@ -110,10 +112,29 @@ class Run:
         return time.monotonic() - self.started
 
     def remaining_s(self) -> float:
-        return self.budget_s - self.elapsed_s()
+        """What the searches may still spend: the budget less the time spent and the reserve."""
+        return self.budget_s - self.elapsed_s() - self.reserve_s
 
     def over_budget(self) -> bool:
         return self.remaining_s() < 0
+
+    def deadline(self) -> float:
+        """The time.monotonic() by which long host work (reconstruction, distillation) stops."""
+        return self.started + self.budget_s - self.reserve_s
+
+    def spent(self, kind: str, seconds: float) -> None:
+        """One step of `kind` took `seconds`: what the next one is expected to cost."""
+        self.costs[kind] = max(self.costs.get(kind, 0.0), seconds)
+
+    def fits(self, kind: str) -> str | None:
+        """None when one more step of `kind` fits in the time left (its cost: the slowest seen
+        so far; a kind not seen yet starts while any time is left, the one overshoot a budget
+        allows); else why not, in words for the report."""
+        left, need = self.remaining_s(), self.costs.get(kind, 0.0)
+        if left > need:
+            return None
+        return (f"--budget ({self.budget_s:.0f}s) has {max(left, 0):.0f} s left for it, one "
+                f"took {need:.0f} s" if need else f"--budget ({self.budget_s:.0f}s) was spent")
 
     def resumed(self, cid: str):
         """The candidate an interrupted run of this job already measured under `cid`."""

@@ -9,6 +9,7 @@ in float, found by comparing activations layer by layer against fp32).
 """
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -210,10 +211,11 @@ def quant_data(model: Model, calib, eval_path=None, holdout: float = 0.25,
 
 
 def build_recipe(prepared: onnx.ModelProto, recipe: QuantRecipe, batches: list[dict],
-                 calibration_cache: Path | None = None, host_device: str = "auto"
-                 ) -> tuple[onnx.ModelProto, list]:
+                 calibration_cache: Path | None = None, host_device: str = "auto",
+                 deadline: float = math.inf) -> tuple[onnx.ModelProto, list]:
     """The quantized (or fp16) model for `recipe` from a pre-processed float model; the passes
-    run in order (CLE, bias correction, quantization), each reporting what it did."""
+    run in order (CLE, bias correction, quantization), each reporting what it did; learning
+    (reconstruction) stops at `deadline` (time.monotonic())."""
     if recipe.fp16:
         proto, report = to_fp16(prepared, recipe)
         return proto, [report]
@@ -235,7 +237,7 @@ def build_recipe(prepared: onnx.ModelProto, recipe: QuantRecipe, batches: list[d
     if recipe.reconstruct:
         proto, rep = reconstruct(proto, ReconstructConfig(
             float_model, batches, recipe.weight_range, iters=recipe.reconstruct,
-            host_device=host_device))
+            host_device=host_device, deadline=deadline))
         reports.append(rep)
     return proto, reports
 
@@ -256,7 +258,8 @@ class RecipeSearch:
               f"{recipe.symmetric_activations}-{'cle' if recipe.equalize else 'plain'}-" \
               f"{'bc' if recipe.bias_correction else ''}"       # robust-minmax shares min/max's
         return build_recipe(self.prepared, recipe, self.data.batches,
-                            self.workdir / f"calib-{key}.json", self.host_device)
+                            self.workdir / f"calib-{key}.json", self.host_device,
+                            self.run.deadline())
 
     def profile(self, proto: onnx.ModelProto) -> dict[str, float]:
         """Milliseconds per run of each node of onnxruntime's optimised graph, on the device."""
@@ -322,6 +325,9 @@ def choose_recipe(model: Model, device: Run | str, data: QuantData,
         candidates: list[Candidate] = []
 
         def trial(recipe: QuantRecipe, note: str = "") -> Candidate:
+            kind = "int8 reconstruct" if recipe.reconstruct else "int8"
+            if (why := run.fits(kind)) is not None:      # a budgeted run (optimize's)
+                raise _OutOfTime(why)
             say(f"measuring {recipe.name}")
             t0 = time.perf_counter()
             try:
@@ -340,15 +346,23 @@ def choose_recipe(model: Model, device: Run | str, data: QuantData,
                 cand.accuracy_drop = accuracy_drop(baseline.accuracy, cand.accuracy,
                                                    model.facts.class_scores)
                 cand.host_s, cand.host_peak_rss_mb = host_s, peak_rss_mb()
+            run.spent(kind, time.perf_counter() - t0)
             candidates.append(cand)
             if on_candidate is not None:
                 on_candidate(cand, built.get(recipe.name))
             return cand
 
-        for recipe in recipes:
-            trial(recipe)
-        sensitivity = _repair(search, trial, candidates, baseline, built, max_accuracy_drop,
-                              effort)
+        sensitivity = []
+        try:
+            for i, recipe in enumerate(recipes):
+                trial(recipe)
+            sensitivity = _repair(search, trial, candidates, baseline, built,
+                                  max_accuracy_drop, effort)
+        except _OutOfTime as stop:
+            why = f"not tried: {stop}"
+            pruned += [{"recipe": r.name, "reason": why} for r in recipes[i:]
+                       if r.name not in {c.id for c in candidates}] or \
+                [{"recipe": "accuracy repairs", "reason": why}]
         ok = [c for c in candidates if within(c, max_accuracy_drop) and
               c.p50_ms < baseline.p50_ms]
         if ok and confirm_rounds > 0:
@@ -375,6 +389,10 @@ def choose_recipe(model: Model, device: Run | str, data: QuantData,
                                 kept_float=list(chosen.recipe.get("exclude", ())),
                                 quantized=chosen is not baseline, summary=reason, notes=notes)
         return from_proto(proto, model), report
+
+
+class _OutOfTime(Exception):
+    """The run's budget has no time left for the next recipe (the reason is the message)."""
 
 
 def _confirm(search: RecipeSearch, baseline: Candidate, top: list[Candidate], built: dict,
