@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from conftest import run_cli
+from rendered import check_plot, plot_boxes
 
 torch = pytest.importorskip("torch", reason="the corpus is built from torch definitions")
 import corpus  # noqa: E402
@@ -105,6 +106,7 @@ def test_quantize_tune_optimize(built, kind, export, tmp_path):
     assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["candidates"] and (out / "model.onnx").is_file()
+    check_plot(plot_boxes(out / "report.html", tmp_path), report)   # the judged metric's axis
     if proc.returncode == 1:
         assert report["chosen"] is None and "no candidate met the budget" in proc.stdout
 

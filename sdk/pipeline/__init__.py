@@ -62,6 +62,8 @@ class OptimizeReport:
     tuning: dict = field(default_factory=dict)     # the config search on the chosen model
     elapsed_s: float = 0.0
     overshoot_s: float = 0.0                       # past --budget (at most one candidate's time)
+    latency: dict = field(default_factory=dict)    # the one figure per candidate every view
+    #                                                shows, and how it was measured
     step_costs_s: dict = field(default_factory=dict)   # slowest step of each kind: what the
     #                                                    stages were sized from
     resumed: int = 0
@@ -104,6 +106,8 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
     report.elapsed_s = time.monotonic() - ctx.run.started
     report.overshoot_s = max(0.0, report.elapsed_s - ctx.cfg.budget_s)
     report.step_costs_s = dict(ctx.run.costs)
+    from ..report.text import latency_scale
+    report.latency = latency_scale(report)
     from ..report.html import write_reports
     write_reports(report, ctx.run.out)
     return report

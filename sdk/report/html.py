@@ -6,108 +6,135 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from device_runtime.evaluate import FIDELITY_SQNR_DB, SQNR_CAP_DB
+
 from ..measure import ms_digits
 from ..model import atomic_write
+from .plot import PAD, W, Axes, label_svg, leader_svg, place_labels, segment_boxes
 from .text import budget_line
 
-W, H, PAD = 720, 420, 60
+def judged_metric(report) -> tuple[str, str | None]:
+    """(axis title, accuracy key) of the metric the candidates were judged by: top-1 with
+    labels, agreement with the original for class scores, else output SQNR (detectors, maps,
+    features)."""
+    accs = [c.accuracy or {} for c in report.candidates if c.ok]
+    if any("top1" in a for a in accs):
+        return "top-1 accuracy", "top1"
+    if any("agreement" in a for a in accs):
+        return "top-1 agreement with the original", "agreement"
+    if any("sqnr_db" in a for a in accs):
+        return f"output SQNR vs the original, dB (>= {FIDELITY_SQNR_DB:g} kept)", "sqnr_db"
+    return "accuracy not judged (no --eval or --calib)", None
 
 
-def _metric(c) -> tuple[str, float | None]:
-    acc = c.accuracy or {}
-    if "top1" in acc:
-        return "top-1 accuracy", acc["top1"]
-    if "agreement" in acc:
-        return "top-1 agreement with the original", acc["agreement"]
-    return "accuracy", None
+def _y_values(report, key: str | None) -> tuple[dict, float, float, dict]:
+    """Each candidate's plotted y (None: not judged), the range to show, and tick texts."""
+    cands = [c for c in report.candidates if c.ok]
+    ys = {c.id: (c.accuracy or {}).get(key) if key else None for c in cands}
+    judged = [v for v in ys.values() if v is not None]
+    if key == "sqnr_db":    # identical outputs (the cap) sit on the top tick, marked so
+        finite = [v for v in judged if v < SQNR_CAP_DB]
+        lo, hi = min([FIDELITY_SQNR_DB - 5] + finite), max(finite, default=FIDELITY_SQNR_DB) + 10
+        return ys, lo, hi, {"cap": "identical"}
+    if not judged:
+        return ys, 0.0, 1.0, {}
+    lo, hi = min(judged), max(judged)
+    budget = _accuracy_floor(report, key)
+    if budget is not None:
+        lo = min(lo, budget)
+    span = max(hi - lo, 0.01)
+    return ys, max(0.0, lo - 0.1 * span), min(1.0, hi + 0.1 * span), {}
+
+
+def _accuracy_floor(report, key: str | None) -> float | None:
+    """The lowest accuracy the budget accepts (the original's less the allowed drop)."""
+    base = next((c for c in report.candidates if c.id == "fp32" and c.ok), None)
+    value = (base.accuracy or {}).get(key) if base and key in ("top1", "agreement") else None
+    return None if value is None else value - report.config["max_accuracy_drop"]
 
 
 def scatter_svg(report) -> str:
-    pts = [(c, c.latency_ms, _metric(c)[1]) for c in report.candidates if c.ok]
-    pts = [p for p in pts if p[2] is not None]
-    label = _metric(pts[0][0])[0] if pts else "accuracy"
-    if not pts:
-        return "<p>No candidate produced latency and accuracy figures.</p>"
-    xmax = max(p[1] for p in pts) * 1.15
-    ylo, yhi = min(p[2] for p in pts), max(p[2] for p in pts)
-    ylo, yhi = max(0.0, ylo - 0.05 * max(yhi - ylo, 0.01)), min(1.0, yhi + 0.05 * max(
-        yhi - ylo, 0.01))
-    if yhi - ylo < 1e-6:
-        ylo, yhi = ylo - 0.01, yhi + 0.01
+    """Every measured candidate at its one latency figure (`latency_scale`) against the judged
+    metric; the Pareto front as a staircase, the budget's floor dashed, the chosen one red."""
+    from .text import latency_scale
 
-    parts, sx, sy = axes("scatter", xmax, ylo, yhi,
-                         f"latency on {report.device} (ms; interleaved median where "
-                         "re-measured, else p50)", label)
-    front = sorted((p for p in pts if p[0].pareto), key=lambda p: p[1])
-    if len(front) > 1:
-        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for _, x, y in front)
-        parts.append(f'<polyline id="pareto" points="{path}" fill="none" stroke="#2a7" '
-                     f'stroke-width="2" stroke-dasharray="6 3"/>')
-    placed: list[tuple[float, float, float]] = []      # (left, right, baseline) of labels
-    for c, x, y in pts:
+    scale = latency_scale(report)
+    cands = [c for c in report.candidates if c.ok and c.id in scale]
+    if not cands:
+        return "<p>No candidate ran on the device: nothing to plot.</p>"
+    title, key = judged_metric(report)
+    ys, lo, hi, marks = _y_values(report, key)
+    ax = Axes.fit(max(scale[c.id]["ms"] for c in cands) * 1.1, lo, hi)
+    if "cap" in marks:
+        ax.ytick_text[ax.yticks[-1]] = marks["cap"]
+    if key is None:
+        ax.ytick_text = {v: "" for v in ax.yticks}
+
+    def y_of(cid: str) -> float:
+        v = ys[cid]
+        if v is None:
+            return ax.yticks[0] if key else (ax.yticks[0] + ax.yticks[-1]) / 2
+        return ax.yticks[-1] if key == "sqnr_db" and v >= SQNR_CAP_DB else v
+
+    parts = ax.svg_open("scatter", f"latency on {report.device}, ms (the table's figure)",
+                        title)
+    floor = FIDELITY_SQNR_DB if key == "sqnr_db" else _accuracy_floor(report, key)
+    lines = []
+    if floor is not None and ax.yticks[0] <= floor <= ax.yticks[-1]:
+        parts.append(f'<line id="budget" x1="{PAD}" x2="{W - PAD}" y1="{ax.sy(floor):.1f}" '
+                     f'y2="{ax.sy(floor):.1f}" stroke="#999" stroke-dasharray="3 3"/>')
+        lines += segment_boxes([(PAD, ax.sy(floor)), (W - PAD, ax.sy(floor))])
+    front = sorted((c for c in cands if c.pareto), key=lambda c: scale[c.id]["ms"])
+    if front:
+        steps, prev_y = [], None
+        for c in front:
+            x, y = ax.sx(scale[c.id]["ms"]), ax.sy(y_of(c.id))
+            if prev_y is not None:
+                steps.append((x, prev_y))
+            steps.append((x, y))
+            prev_y = y
+        steps.append((W - PAD, prev_y))
+        lines += segment_boxes(steps)
+        parts.append('<polyline id="pareto" points="' + " ".join(f"{x:.1f},{y:.1f}"
+                                                                 for x, y in steps) +
+                     '" fill="none" stroke="#2a7" stroke-width="2" stroke-dasharray="6 3"/>')
+    order = sorted(cands, key=lambda c: (c.id != report.chosen, not c.pareto))
+    pts = []
+    for c in order:
         chosen = c.id == report.chosen
+        px, py, r = ax.sx(scale[c.id]["ms"]), ax.sy(y_of(c.id)), 8 if chosen else 5
         color = "#d22" if chosen else ("#2a7" if c.pareto else "#36c")
-        px, py = sx(x), sy(y)
-        parts.append(f'<circle class="point" cx="{px:.1f}" cy="{py:.1f}" '
-                     f'r="{8 if chosen else 5}" fill="{color}" fill-opacity="0.8"/>')
-        text = c.id + (" (chosen)" if chosen else "")
-        width = 6.2 * len(text)           # ~ 11px sans-serif
-        right_half = px > W * 0.55        # labels grow leftwards there, so none is clipped
-        left = px - 9 - width if right_half else px + 9
-        ly = py - 7
-        while any(abs(ly - oy) < 13 and left < r and left + width > lft
-                  for lft, r, oy in placed):
-            ly += 14                      # step down past labels already drawn there
-        placed.append((left, left + width, ly))
-        parts.append(f'<text x="{px - 9 if right_half else px + 9:.1f}" y="{ly:.1f}" '
-                     f'font-size="11" text-anchor="{"end" if right_half else "start"}">'
-                     f'{html.escape(text)}</text>')
+        fill = 'fill="white"' if ys[c.id] is None and key else f'fill="{color}"'
+        parts.append(f'<circle class="point" data-id="{html.escape(c.id)}" '
+                     f'data-ms="{scale[c.id]["ms"]}" cx="{px:.1f}" cy="{py:.1f}" r="{r}" '
+                     f'{fill} stroke="{color}" fill-opacity="0.8"/>')
+        pts.append((px, py, r, c.id + (" (chosen)" if chosen else "")))
+    listed = []
+    for (box, shown), c, (px, py, r, text) in zip(place_labels(pts, lines), order, pts):
+        if shown:
+            parts.append(leader_svg(px, py, r, box) + label_svg(box, shown, c.id))
+        if shown != text:
+            listed.append(f"{shown or '(no room)'}: {text} at {scale[c.id]['ms']:.3f} ms")
     parts.append("</svg>")
-    return "\n".join(parts)
-
-
-def axes(svg_id: str, xmax: float, ylo: float, yhi: float, xlabel: str, ylabel: str):
-    """An SVG plot's opening, axes, labels and ticks: (parts, x scale, y scale); the caller
-    appends its marks and the closing tag."""
-    def sx(v):
-        return PAD + (W - 2 * PAD) * v / xmax
-
-    def sy(v):
-        return H - PAD - (H - 2 * PAD) * (v - ylo) / (yhi - ylo)
-
-    parts = [f'<svg id="{svg_id}" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-             f'viewBox="0 0 {W} {H}" role="img" aria-label="{html.escape(xlabel)} vs '
-             f'{html.escape(ylabel)}">',
-             f'<rect x="0" y="0" width="{W}" height="{H}" fill="white"/>',
-             f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="black"/>',
-             f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="black"/>',
-             f'<text x="{W / 2}" y="{H - 15}" text-anchor="middle" font-size="13">'
-             f'{html.escape(xlabel)}</text>',
-             f'<text x="15" y="{H / 2}" text-anchor="middle" font-size="13" '
-             f'transform="rotate(-90 15 {H / 2})">{html.escape(ylabel)}</text>']
-    xdigits, ydigits = _digits(xmax / 5), _digits((yhi - ylo) / 5)
-    for i in range(6):
-        xv, yv = xmax * i / 5, ylo + (yhi - ylo) * i / 5
-        parts.append(f'<text x="{sx(xv):.1f}" y="{H - PAD + 16}" font-size="11" '
-                     f'text-anchor="middle">{xv:.{xdigits}f}</text>')
-        parts.append(f'<text x="{PAD - 6}" y="{sy(yv) + 4:.1f}" font-size="11" '
-                     f'text-anchor="end">{yv:.{ydigits}f}</text>')
-    return parts, sx, sy
-
-
-def _digits(step: float) -> int:
-    """Decimals that make ticks `step` apart read as different numbers."""
-    import math
-
-    return max(1, min(6, 1 - math.floor(math.log10(step)))) if step > 0 else 3
+    key_list = ("<p class=\"plot-key\">Numbered points: " + html.escape("; ".join(listed))
+                + "</p>") if listed else ""
+    return "\n".join(parts) + key_list
 
 
 def legend(report) -> str:
-    pts = [c for c in report.candidates if c.ok and _metric(c)[1] is not None]
-    front = [c for c in pts if c.pareto]
-    parts = [f"{len(pts)} candidate(s) with latency and accuracy."]
-    if len(front) > 1:
-        parts.append("Green dashed: the Pareto front (nothing is both faster and more accurate).")
+    _, key = judged_metric(report)
+    cands = [c for c in report.candidates if c.ok]
+    parts = [f"{len(cands)} measured candidate(s), each at the latency the table shows."]
+    if any(c.pareto for c in cands):
+        parts.append("Green dashed: the Pareto front (nothing is both faster and more "
+                     "accurate).")
+    if key == "sqnr_db":
+        parts.append(f"Grey dashed: the {FIDELITY_SQNR_DB:g} dB floor a candidate must keep; "
+                     "'identical': outputs equal to the original's.")
+    elif _accuracy_floor(report, key) is not None:
+        parts.append("Grey dashed: the lowest accuracy the budget accepts.")
+    if key and any((c.accuracy or {}).get(key) is None for c in cands):
+        parts.append("Hollow, on the bottom edge: not judged.")
     if report.chosen:
         parts.append("Red: chosen.")
     return " ".join(parts)
@@ -149,24 +176,40 @@ def tuning_html(tuning: dict) -> str:
             f"{kernels}")
 
 
-def render_html(report) -> str:
-    from .text import speedups
+def _figure(f: dict | None) -> tuple[str, str]:
+    if f is None:
+        return "", ""
+    spread = f" ({f['low_ms']:.3f}-{f['high_ms']:.3f})" if "rounds" in f else ""
+    return f"{f['ms']:.3f}", f"{f['basis']}{spread}"
 
-    speed = speedups(report)
+
+def _budget_text(report) -> str:
+    _, key = judged_metric(report)
+    text = (f"output SQNR &ge; {FIDELITY_SQNR_DB:g} dB" if key == "sqnr_db" else
+            f"{'top-1' if key == 'top1' else 'agreement'} drop &le; "
+            f"{report.config['max_accuracy_drop']}" if key else "accuracy not judged")
+    if report.config["latency_budget_ms"]:
+        text += f", latency &le; {report.config['latency_budget_ms']} ms"
+    return text
+
+
+def render_html(report) -> str:
+    from .text import judged_drop, latency_scale, speedups
+
+    speed, scale = speedups(report), latency_scale(report)
     rows = []
-    for c in sorted(report.candidates, key=lambda c: (not c.ok, c.latency_ms or 0)):
+    for c in sorted(report.candidates, key=lambda c: (not c.ok, (scale.get(c.id) or {})
+                                                      .get("ms") or 0)):
         acc = c.accuracy or {}
         cls = ' class="chosen"' if c.id == report.chosen else ""
-        conf = (report.remeasure.get("chosen") if c.id == report.chosen else None) or c.confirm
-        confirmed = (f"{conf['median_ms']:.3f} ({conf['low_ms']:.3f}-{conf['high_ms']:.3f})"
-                     if conf else "")
+        ms, basis = _figure(scale.get(c.id))
         rows.append(
-            f"<tr{cls}><td>{html.escape(c.id)}</td><td>{_fmt(c.p50_ms)}</td>"
-            f"<td>{confirmed}</td>"
+            f"<tr{cls}><td>{html.escape(c.id)}</td><td>{ms}</td>"
+            f"<td>{basis}</td>"
             f"<td>{f'{speed[c.id]:.2f}x' if c.id in speed else '-'}</td>"
             f"<td>{_fmt(acc.get('top1'), 4)}</td>"
             f"<td>{_fmt(acc.get('agreement'), 4)}</td><td>{_fmt(acc.get('sqnr_db'), 1)}</td>"
-            f"<td>{_fmt(c.accuracy_drop, 4)}</td><td>{c.size_bytes / 1024:.0f}</td>"
+            f"<td>{judged_drop(c)}</td><td>{c.size_bytes / 1024:.0f}</td>"
             f"<td>{c.params:,}</td><td>{c.macs:,}</td><td>{_fmt(c.peak_rss_mb, 1)}</td>"
             f"<td>{'yes' if c.within_budget else 'no'}</td><td>{'yes' if c.pareto else ''}</td>"
             f"<td>{html.escape(c.error or c.note)}</td></tr>")
@@ -204,15 +247,13 @@ td:first-child,td:last-child{{text-align:left}}tr.chosen{{background:#fde2e2;fon
 <p>Device {html.escape(report.device)}: {html.escape(str(facts.get('arch')))},
 {html.escape(str(facts.get('cpu')))}, {facts.get('cores')} cores,
 {html.escape(' '.join(facts.get('cpu_flags', [])))}{' (emulated)' if facts.get('emulated') else ''}
-&middot; target profile {html.escape(report.target)} &middot; budget: accuracy drop &le;
-{report.config['max_accuracy_drop']}{f", p50 &le; {report.config['latency_budget_ms']} ms"
-                                     if report.config['latency_budget_ms'] else ''}</p>
+&middot; target profile {html.escape(report.target)} &middot; budget: {_budget_text(report)}</p>
 <h2>Latency vs accuracy</h2>
 {scatter_svg(report)}
 <p>{legend(report)}</p>
 {remeasure}
 <h2>Candidates</h2>
-<table><tr><th>candidate</th><th>p50 ms</th><th>re-measured ms (range)</th><th>vs original</th>
+<table><tr><th>candidate</th><th>ms</th><th>how measured (range)</th><th>vs original</th>
 <th>top-1</th><th>agreement</th>
 <th>SQNR dB</th><th>drop</th><th>size KB</th><th>params</th><th>MACs</th><th>peak RSS MB</th>
 <th>in budget</th><th>Pareto</th><th>note</th></tr>

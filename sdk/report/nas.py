@@ -151,7 +151,7 @@ def _accuracy(row: dict) -> float | None:
 def curve_svg(report: NasReport) -> str:
     """Accuracy (test top-1, else holdout) against measured latency: the search's path from the
     original, its final model, and the uniform-width baseline beside it."""
-    from .html import axes
+    from .plot import axes
 
     path = [(report.original_ms, report.original_test_top1)] + \
         [(it.measured_ms, it.test_top1 if it.test_top1 is not None else it.holdout_top1)

@@ -225,13 +225,24 @@ def why_worse_table(report) -> Table:
     return table
 
 
-def shipped_ms(report, c) -> float | None:
-    """The chosen candidate's figure is the shipped bundle's re-measurement (tuned config
-    included); every other candidate's is its own interleaved median, else its p50."""
-    rem = report.remeasure
-    if c.id == report.chosen and "chosen" in rem:
-        return rem["chosen"]["median_ms"]
-    return c.latency_ms
+def latency_scale(report) -> dict[str, dict]:
+    """The one latency figure per measured candidate that the table, the summary, report.json
+    and report.html all show, with how it was measured: the chosen one's is the shipped
+    bundle's interleaved re-measurement (tuned config included), a contender's its median of
+    the selection's interleaved rounds, any other its single run's p50."""
+    rem, out = report.remeasure, {}
+    for c in report.candidates:
+        if not c.ok:
+            continue
+        spread = rem["chosen"] if c.id == report.chosen and "chosen" in rem else c.confirm
+        if spread:
+            out[c.id] = {"ms": spread["median_ms"], "low_ms": spread["low_ms"],
+                         "high_ms": spread["high_ms"], "rounds": spread["rounds"],
+                         "basis": f"median of {spread['rounds']} interleaved round(s)"
+                                  + (" as shipped" if c.id == report.chosen else "")}
+        else:
+            out[c.id] = {"ms": c.p50_ms, "basis": "single run p50"}
+    return out
 
 
 def speedups(report) -> dict[str, float]:
@@ -273,7 +284,7 @@ def optimize_table(report) -> Table:
     for col in ("candidate", "ms", "vs original", "top-1", "agreement", "SQNR dB", "drop",
                 "size KB", "MACs", "in budget", "note"):
         table.add_column(col, justify="left" if col in ("candidate", "note") else "right")
-    speed = speedups(report)
+    speed, scale = speedups(report), latency_scale(report)
     noise = report.remeasure.get("within_noise")
     for c in sorted(report.candidates, key=lambda c: (not c.ok, c.latency_ms or 0)):
         if not c.ok:
@@ -284,7 +295,8 @@ def optimize_table(report) -> Table:
         mark = "[bold green]chosen[/bold green] " if c.id == report.chosen else ""
         if c.id == report.chosen and noise:
             mark += "(within noise) "
-        table.add_row(c.id, _fmt(shipped_ms(report, c)),
+        figure = scale[c.id]
+        table.add_row(c.id, _fmt(figure["ms"]) + ("" if "rounds" in figure else "*"),
                       f"{speed[c.id]:.2f}x" if c.id in speed else "-",
                       _fmt(acc.get("top1"), 4), _fmt(acc.get("agreement"), 4),
                       _sqnr(acc.get("sqnr_db")), judged_drop(c), f"{c.size_bytes / 1024:.0f}",
@@ -297,5 +309,5 @@ def optimize_table(report) -> Table:
                       below(table, skip["id"], f"not tried: {skip['reason']}"))
     table.caption = ("ms: median of interleaved rounds with the original where re-measured "
                      "(the fastest in-budget candidates; the chosen one as shipped, tuned "
-                     "config included), else a single p50")
+                     "config included); * a single run's p50")
     return table

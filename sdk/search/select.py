@@ -41,15 +41,21 @@ def tie_break(c: Candidate) -> tuple:
     return (c.accuracy_drop, c.size_bytes, c.id.count("+") + c.id.count("-"), c.id)
 
 
+def fidelity_loss(c: Candidate) -> tuple[float, float]:
+    """What a candidate lost, lowest best: its accuracy drop, then its output SQNR (a drop
+    judged by the SQNR floor is 0 for every candidate above it, so SQNR orders those)."""
+    return c.accuracy_drop, -(c.accuracy or {}).get("sqnr_db", 0.0)
+
+
 def pareto_front(cands: list[Candidate]) -> list[Candidate]:
-    """Candidates no other candidate beats on both latency and accuracy drop."""
+    """Candidates no other candidate beats on both latency and fidelity (`fidelity_loss`)."""
     ok = [c for c in cands if c.ok and c.accuracy_drop is not None]
     return [c for c in ok if not any(
-        o is not c and o.latency_ms <= c.latency_ms and o.accuracy_drop <= c.accuracy_drop
-        and (o.latency_ms < c.latency_ms or o.accuracy_drop < c.accuracy_drop) for o in ok)]
+        o is not c and o.latency_ms <= c.latency_ms and fidelity_loss(o) <= fidelity_loss(c)
+        and (o.latency_ms < c.latency_ms or fidelity_loss(o) < fidelity_loss(c)) for o in ok)]
 
 
 def best_tradeoff(cands: list[Candidate]) -> Candidate | None:
     """When nothing meets the budget, model.onnx holds the most accurate Pareto candidate."""
     front = [c for c in cands if c.pareto and c.model_sha256]
-    return min(front, key=lambda c: c.accuracy_drop) if front else None
+    return min(front, key=fidelity_loss) if front else None
