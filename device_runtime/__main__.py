@@ -17,7 +17,7 @@ from .store import device_lock
 
 def run_job(args) -> Result:
     from . import facts
-    from .measure import cpu_ticks, device_load, peak_rss_mb, time_runs
+    from .measure import cpu_ticks, device_load, peak_rss_mb, time_runs, wait_idle
     from .session import Session
 
     result = Result(device=facts.collect(with_providers=False))
@@ -52,12 +52,16 @@ def run_job(args) -> Result:
         stage = "measure"
         feed = session.check_feed(session.example_feed())
         run = session.backend.run  # the backend directly: no per-call checks in the timed loop
+        waited = wait_idle(args.wait_idle) if args.wait_idle > 0 else None
         print(f"measuring: {args.warmup} warm-up, {args.runs} runs", file=sys.stderr, flush=True)
         t0, ticks = time.perf_counter(), cpu_ticks()
         result.latency_ms = time_runs(lambda: run(feed), args.warmup, args.runs, args.min_time,
                                       args.max_time)
         result.stages_ms["measure"] = (time.perf_counter() - t0) * 1e3
         result.load = device_load(ticks, cpu_ticks())
+        if waited is not None and result.load is not None:
+            result.stages_ms["idle_wait"] = waited[0] * 1e3
+            result.load["share_when_waited"] = waited[1]     # the last sample of the wait
         if args.profile_ops:
             result.op_profile_ms, result.node_profile_ms = session.backend.op_profile()
         # after runs: some LiteRT builds apply their default delegate at the first invoke
@@ -93,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--profile-ops", action="store_true", help="time per op type and node")
     run.add_argument("--lock", help="flock this file while measuring (one benchmark at a time)")
     run.add_argument("--lock-timeout", type=float, default=600.0)
+    run.add_argument("--wait-idle", type=float, default=0.0,
+                     help="wait up to this many seconds for other processes to leave the cores")
     sub.add_parser("facts", help="print this device's fingerprint")
     for command, text in (("deploy", "install BUNDLE as a version of NAME, check it here, then "
                                      "make it active"),

@@ -78,6 +78,24 @@ def cpu_ticks():
     return (sum(fields) - fields[3] - fields[4]) / hz, sum(fields) / hz, t.user + t.system
 
 
+BUSY_SHARE = 0.25   # other processes on more than this share of the cores: figures unreliable
+
+
+def wait_idle(limit_s: float, window_s: float = 0.5) -> tuple[float, float | None]:
+    """Wait, at most `limit_s`, until other processes use no more than BUSY_SHARE of the cores
+    over a `window_s` sample (as pyperf asks for a quiet machine): (seconds waited, their share
+    in the last sample)."""
+    t0, share = time.monotonic(), None
+    while time.monotonic() - t0 < limit_s:
+        before = cpu_ticks()
+        time.sleep(window_s)
+        load = device_load(before, cpu_ticks())
+        share = None if load is None else load["others_share"]
+        if share is None or share <= BUSY_SHARE:
+            break
+    return time.monotonic() - t0, share
+
+
 def device_load(before, after) -> dict | None:
     """What else ran on the device while it measured: other processes' share of all its cores
     (their CPU time over wall time x cores), the 1-minute load average and the clock of CPU 0

@@ -17,6 +17,7 @@ class Result:
     latency_ms: dict | None = None          # runs, warmup, p50, p90, p99, mean, min, max, samples
     peak_rss_mb: float | None = None
     load: dict | None = None                # others_share, loadavg_1m, cpu_mhz while measuring
+    #                                          (+ share_when_waited after --wait-idle)
     accuracy: dict | None = None            # n, top1?, agreement?, sqnr_db?, max_abs_err?
     op_profile_ms: dict | None = None       # op type -> ms per run (mean over profiled runs)
     node_profile_ms: dict | None = None     # node of the optimised graph -> ms per run

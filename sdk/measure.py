@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 
+from device_runtime.measure import BUSY_SHARE
 from device_runtime.result import Result
 
 from .bundle import Bundle
@@ -193,7 +194,6 @@ def interleave(device, trials: dict[str, tuple[Bundle, Job]], rounds: int = 3
             for n, s in samples.items() if s}
 
 
-BUSY_SHARE = 0.25   # other processes on more than this share of the cores: figures unreliable
 
 
 def busy_note(spreads) -> str | None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from device_runtime.measure import BUSY_SHARE
+
 from ..errors import EdgesmithError
 
 
@@ -176,3 +178,11 @@ def parse_duration(text: str) -> float:
 def config_error(exc: ValueError) -> EdgesmithError:
     """A config dataclass refused a value: its message names the field."""
     return EdgesmithError(str(exc))
+
+
+def wait_idle_option(f):
+    return click.option("--wait-idle", default="0", show_default=True,
+                        help="before each timing, wait up to this long (e.g. 60s) for other "
+                             "processes to leave the device's cores (busy: over "
+                             f"{BUSY_SHARE:.0%} of them); figures taken busy are flagged either "
+                             "way")(f)

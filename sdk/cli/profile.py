@@ -5,8 +5,8 @@ import sys
 
 import click
 
-from .common import (data_source, devices_from, input_shape_option, json_option, ssh_options,
-                     status)
+from .common import (data_source, devices_from, input_shape_option, json_option, parse_duration,
+                     ssh_options, status, wait_idle_option)
 
 
 @click.command()
@@ -30,9 +30,10 @@ from .common import (data_source, devices_from, input_shape_option, json_option,
 @click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(1),
               help="seconds the device may take for the whole run (and each run of the model "
                    "on this host, e.g. its reference outputs)")
+@wait_idle_option
 @json_option("the Result")
 def profile(model, device_values, identity, accept_new_host_key, remote_python, eval_path, runs,
-            warmup, min_time, threads, input_shape, profile_ops, timeout, json_out):
+            warmup, min_time, threads, input_shape, profile_ops, timeout, wait_idle, json_out):
     """Measure MODEL as it is on one or more devices: latency percentiles, memory, accuracy."""
     from ..devices import Job
     from ..host_runs import run_limit
@@ -41,7 +42,8 @@ def profile(model, device_values, identity, accept_new_host_key, remote_python, 
     from ..report.text import print_table, results_table, write_json
 
     job = Job(runs=runs, warmup=warmup, min_time_s=min_time, threads=threads,
-              profile_ops=profile_ops, timeout_s=timeout)
+              profile_ops=profile_ops, timeout_s=timeout + parse_duration(wait_idle),
+              wait_idle_s=parse_duration(wait_idle))
     devices = devices_from(device_values, identity, accept_new_host_key, remote_python)
     with status(f"profiling {model} on {len(devices)} device(s)"), run_limit(timeout):
         rows = profile_many(model, devices, eval_path=eval_path, job=job,

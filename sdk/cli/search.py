@@ -9,7 +9,8 @@ import click
 
 from ..errors import EdgesmithError
 from .common import (config_error, data_source, host_device_option, input_shape_option, json_option,
-                     json_to, one_device, parse_duration, quant_effort_option, ssh_options)
+                     json_to, one_device, parse_duration, quant_effort_option, ssh_options,
+                     wait_idle_option)
 
 
 def ratios_of(option: str, text: str) -> tuple[float, ...]:
@@ -126,12 +127,13 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
               help="runtimes the answer may use: your application embeds one (TFLite "
                    "candidates need the `tflite-convert` extra on the host)")
 @input_shape_option
+@wait_idle_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), callback=json_to,
               help="also write the report here ('-': stdout); quiet progress")
 def optimize(model, out_dir, force, device, identity, accept_new_host_key, remote_python,
              target, calib, eval_path, train, max_accuracy_drop, latency_budget_ms, budget,
              prune_ratios, nas_ratios, distill_epochs, tune_budget, host_device, quant_effort,
-             backends, input_shape, json_out):
+             backends, input_shape, wait_idle, json_out):
     """The main job: the fastest variant of MODEL within the accuracy budget, on the device.
 
     Exit 0 when a candidate met the budget; 1 when none did (the trade-offs are still saved).
@@ -148,7 +150,8 @@ def optimize(model, out_dir, force, device, identity, accept_new_host_key, remot
                              prune_ratios=ratios, nas_ratios=searches,
                              distill_epochs=distill_epochs, host_device=host_device,
                              tune_budget_s=parse_duration(tune_budget), target=target,
-                             backends=backends, quant_effort=quant_effort)
+                             backends=backends, quant_effort=quant_effort,
+                             wait_idle_s=parse_duration(wait_idle))
     except ValueError as exc:
         raise config_error(exc) from None
     dev = one_device(device, identity, accept_new_host_key, remote_python)

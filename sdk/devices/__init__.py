@@ -29,6 +29,7 @@ class Job:
     timeout_s: float = 600.0                     # hard limit for the whole run on the device
     lock_timeout_s: float = 600.0                # wait this long for another benchmark to end
     backend: str = "onnxruntime"                 # what the bundle needs (checked before running)
+    wait_idle_s: float = 0.0                     # before timing: wait for a quiet device
 
     def __post_init__(self):
         if self.runs < 1:
@@ -52,6 +53,8 @@ class Job:
             args.append("--no-eval")
         if self.profile_ops:
             args.append("--profile-ops")
+        if self.wait_idle_s:
+            args += ["--wait-idle", str(self.wait_idle_s)]
         return args
 
 

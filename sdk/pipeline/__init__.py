@@ -145,15 +145,17 @@ def build_context(model_path, out_dir, device, calib, eval_path, train, cfg: Opt
     if bundle_dir.exists() and not force and not (bundle_dir.is_dir() and is_ours(bundle_dir)):
         raise EdgesmithError(f"{bundle_dir} exists and edgesmith did not write it; move it, "
                              "choose another -o, or pass --force (files are replaced by name)")
-    run.resume_in(out_dir, run.key(original, asdict(cfg), calib=calib, eval=eval_path,
+    settings = {k: v for k, v in asdict(cfg).items() if k != "wait_idle_s"}  # not a result's
+    run.resume_in(out_dir, run.key(original, settings, calib=calib, eval=eval_path,
                                    train=train), force=force)
-    job = replace(Job(**run.target.profile.measure_job_args()), evaluate=judge is not None)
+    job = replace(Job(**run.target.profile.measure_job_args()), evaluate=judge is not None,
+                  wait_idle_s=cfg.wait_idle_s)
     return Context(cfg=cfg, run=run, original=original, fused=fused, job=job, judge=judge,
                    quant=quant, train=train)
 
 
-def _timing_job() -> Job:
-    return Job(runs=50, warmup=5, min_time_s=0.5, evaluate=False)
+def _timing_job(ctx: Context) -> Job:
+    return Job(runs=50, warmup=5, min_time_s=0.5, evaluate=False, wait_idle_s=ctx.job.wait_idle_s)
 
 
 TUNE_MEASUREMENTS = 12      # a tuning's measurements besides its trials (confirmation, profile)
@@ -200,9 +202,9 @@ def confirm_stage(ctx: Context, chosen: Candidate | None, report_remeasure: dict
                      "time left for it; the choice rests on single measurements")
         return chosen
     ctx.run.say(f"re-measuring the original and the {len(top)} fastest candidate(s) interleaved")
-    trials = {c.id: (bundles.build(ctx.run.state.load_model(c, ctx.original)), _timing_job())
-              for c in top}
-    trials[ORIGINAL] = (bundles.build(ctx.original), _timing_job())
+    trials = {c.id: (bundles.build(ctx.run.state.load_model(c, ctx.original)),
+                     _timing_job(ctx)) for c in top}
+    trials[ORIGINAL] = (bundles.build(ctx.original), _timing_job(ctx))
     spreads = ctx.run.confirm(trials, rounds)
     for c in top:
         if c.id in spreads:
@@ -262,11 +264,11 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
     elif remeasure:
         ctx.run.say("re-measuring the shipped bundle against the original"
                     + (" and its model at the runtime defaults" if pick.config else ""))
-        trials = {ORIGINAL: (bundles.build(ctx.original), _timing_job()),
-                  pick.id: (final, _timing_job())}
+        trials = {ORIGINAL: (bundles.build(ctx.original), _timing_job(ctx)),
+                  pick.id: (final, _timing_job(ctx))}
         if pick.config:     # model.onnx alone, as a user's own runtime would run it
             trials[AT_DEFAULTS] = (bundles.build(ctx.run.state.load_model(pick, ctx.original)),
-                                   _timing_job())
+                                   _timing_job(ctx))
         spreads = ctx.run.confirm(trials, rounds)
         if len(spreads) == len(trials):  # the selection rounds stay in pick.confirm
             if "original" in rem:
@@ -321,7 +323,8 @@ def _tune(ctx: Context, model: Model, pick: str, notes: list[str]):
         return None
     ctx.run.say(f"tuning the runtime config of {pick}")
     try:
-        tuned = tune(model, ctx.run, budget_s=budget, max_trials=12, confirm_rounds=2)
+        tuned = tune(model, ctx.run, budget_s=budget, max_trials=12, confirm_rounds=2,
+                     measure_settings={"wait_idle_s": ctx.job.wait_idle_s})
     except EdgesmithError as exc:
         notes.append(f"tuning skipped: {exc}")
         return None

@@ -38,6 +38,7 @@ class OptimizeConfig:
     contenders: int = 3                          # fastest in-budget candidates re-measured
     confirm_rounds: int = 3
     backends: tuple[str, ...] = BACKENDS         # runtimes the answer may use
+    wait_idle_s: float = 0.0                     # before each timing: wait for a quiet device
 
     def __post_init__(self):
         if not 0.0 <= self.max_accuracy_drop <= 1.0:
@@ -49,7 +50,7 @@ class OptimizeConfig:
             if any(not 0.0 < r < 1.0 for r in getattr(self, name)):
                 raise ValueError(f"OptimizeConfig.{name} must be in (0, 1), got "
                                  f"{getattr(self, name)}")
-        for name in ("budget_s", "tune_budget_s"):
+        for name in ("budget_s", "tune_budget_s", "wait_idle_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"OptimizeConfig.{name} must be >= 0")
         if self.quant_effort not in ("fast", "balanced", "max"):

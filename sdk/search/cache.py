@@ -50,7 +50,8 @@ class TuningCache:
 
 def context_key(model: Model, job: Job) -> str:
     """What besides the device and variant decides a timing: model bytes, inputs, settings."""
-    settings = {k: v for k, v in asdict(job).items() if k not in ("config", "evaluate")}
+    settings = {k: v for k, v in asdict(job).items()
+                if k not in ("config", "evaluate", "wait_idle_s")}    # waiting changes no timing
     blob = json.dumps({"model": hashlib.sha256(model.serialized()).hexdigest(),
                        "inputs": [s.as_manifest() for s in model.inputs],
                        "job": settings}, sort_keys=True, default=str)
