@@ -146,9 +146,28 @@ def test_another_model_in_the_same_output_starts_afresh(models, tmp_path):
     written = load_model(written_model(out))              # the CNN's answer, not the MLP's
     assert written.inputs[0].shape == [1, 1, 8, 8]
     check_outputs(out, json.loads((out / "report.json").read_text()))
+    written = (out / "report.json").read_bytes()
     again = optimize(models / "digits_cnn.onnx", out, eval_path=models / "digits_cnn_eval.npz",
-                     cfg=cfg)
-    assert again.resumed == len(report.candidates)          # the same job does resume
+                     cfg=cfg)      # the same job, finished: answered, nothing re-measured
+    assert again.already_finished and again.chosen == report.chosen
+    assert (out / "report.json").read_bytes() == written
+
+
+def test_a_finished_result_answers_only_while_its_report_is_as_written(tmp_path):
+    """The state's finished mark holds the report's hash: an edited (or missing) report.json
+    makes the job resume and write it again instead of answering with it."""
+    from edgesmith.run.state import State
+
+    key = {"model": "m", "config": {"budget_s": 60}}
+    state = State(tmp_path, key)
+    (tmp_path / "report.json").write_text('{"chosen": "fp32"}')
+    assert state.finished() is None                     # not finished yet
+    state.finish()
+    assert State(tmp_path, key).finished() == b'{"chosen": "fp32"}'
+    (tmp_path / "report.json").write_text('{"chosen": "int8"}')
+    assert State(tmp_path, key).finished() is None
+    state.finish()
+    assert State(tmp_path, {**key, "model": "other"}).finished() is None    # another job
 
 
 def test_calib_without_eval_judges_on_held_out_samples_and_can_choose_int8(models, tmp_path):

@@ -140,7 +140,7 @@ def optimize(model, out_dir, force, device, identity, accept_new_host_key, remot
     """
     from ..model import parse_input_shapes
     from ..pipeline import OptimizeConfig, optimize as run_optimize
-    from ..report.text import budget_line, optimize_table, print_table, write_json
+    from ..report.text import age, budget_line, optimize_table, print_table, write_json
 
     try:
         ratios, searches = ratios_of("--prune-ratios", prune_ratios), ratios_of("--nas-ratios",
@@ -169,8 +169,13 @@ def optimize(model, out_dir, force, device, identity, accept_new_host_key, remot
     for note in report.notes:
         click.echo(f"note: {note}")
     click.echo(f"{report.outcome}: {report.summary}")
-    click.echo(budget_line(report))
-    click.echo(f"wrote {out_dir}/{report.model_file}, bundle/, report.json, report.html")
+    if report.already_finished:
+        click.echo(f"{out_dir} already holds this job's finished result (written "
+                   f"{age(time.time() - report.finished_at)} ago): nothing was measured; to "
+                   "measure again, remove it or choose another -o")
+    else:
+        click.echo(budget_line(report))
+        click.echo(f"wrote {out_dir}/{report.model_file}, bundle/, report.json, report.html")
     if report.chosen is None:   # the budget was not met: outputs are saved, the exit says so
         sys.exit(1)
 

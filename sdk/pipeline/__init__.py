@@ -13,6 +13,7 @@ candidate, so an interrupted or budget-stopped run still leaves a deployable ans
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -68,14 +69,20 @@ class OptimizeReport:
     #                                                    stages were sized from
     resumed: int = 0
     model_file: str = "model.onnx"                 # OUT/model.onnx or OUT/model.tflite
+    finished_at: float = 0.0                       # time.time() the result was written
+    already_finished: bool = False                 # answered from OUT: nothing measured now
 
 
 def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="local",
              calib=None, eval_path=None, train=None, cfg: OptimizeConfig | None = None,
              input_shapes: dict | None = None, force: bool = False, say=None) -> OptimizeReport:
     """The main job; see the module docstring. `say(text)` receives progress lines."""
-    ctx = build_context(model_path, out_dir, device, calib, eval_path, train,
-                        cfg or OptimizeConfig(), input_shapes, force, say)
+    cfg = cfg or OptimizeConfig()
+    run, original = open_job(model_path, out_dir, device, calib, eval_path, train, cfg,
+                             input_shapes, force, say)
+    if (finished := finished_report(run)) is not None:
+        return finished
+    ctx = build_context(run, original, calib, eval_path, train, cfg)
     resumed = len(ctx.run.state.done)
     if resumed:
         ctx.run.say(f"resuming: {resumed} candidate(s) already measured in {ctx.run.out}")
@@ -105,17 +112,19 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
     finish_stage(ctx, report)
     report.elapsed_s = time.monotonic() - ctx.run.started
     report.overshoot_s = max(0.0, report.elapsed_s - ctx.cfg.budget_s)
+    report.finished_at = time.time()
     report.step_costs_s = dict(ctx.run.costs)
     from ..report.text import latency_scale
     report.latency = latency_scale(report)
     from ..report.html import write_reports
     write_reports(report, ctx.run.out)
+    ctx.run.state.finish()
     return report
 
 
-def build_context(model_path, out_dir, device, calib, eval_path, train, cfg: OptimizeConfig,
-                  input_shapes, force: bool, say) -> Context:
-    """Load and fuse the model, reach the device, match its target, read the data once."""
+def open_job(model_path, out_dir, device, calib, eval_path, train, cfg: OptimizeConfig,
+             input_shapes, force: bool, say) -> tuple[Run, Model]:
+    """Load the model, reach the device, match its target, claim OUT under the run key."""
     started = time.monotonic()
     original = load(model_path, input_shapes, data=eval_path or calib or train)
     if original.format != "onnx":
@@ -125,6 +134,42 @@ def build_context(model_path, out_dir, device, calib, eval_path, train, cfg: Opt
     if "onnxruntime" not in cfg.backends and \
             (why := tflite_unavailable(cfg, run.facts, run.device.name, run.target.profile)):
         raise EdgesmithError(f"--backends tflite, but no TFLite candidate can be made: {why}")
+    bundle_dir = Path(out_dir) / "bundle"
+    if bundle_dir.exists() and not force and not (bundle_dir.is_dir() and is_ours(bundle_dir)):
+        raise EdgesmithError(f"{bundle_dir} exists and edgesmith did not write it; move it, "
+                             "choose another -o, or pass --force (files are replaced by name)")
+    settings = {k: v for k, v in asdict(cfg).items() if k != "wait_idle_s"}  # not a result's
+    run.resume_in(out_dir, run.key(original, settings, calib=calib if calib is not None
+                                   else train, eval=eval_path, train=train), force=force)
+    return run, original
+
+
+def finished_report(run: Run) -> OptimizeReport | None:
+    """This job's finished result when OUT holds it whole (its report.json as written, the
+    bundle intact): answered as it is, never measured again and replaced (a user who wants
+    new figures removes OUT or chooses another -o)."""
+    from device_runtime.bundle import verify
+    from device_runtime.errors import RuntimeFailure
+
+    raw = run.state.finished()
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+        data["candidates"] = [Candidate(**c) for c in data["candidates"]]
+        report = OptimizeReport(**data)
+        verify(run.out / "bundle")
+        if not (run.out / report.model_file).is_file():
+            return None
+    except (ValueError, TypeError, KeyError, OSError, RuntimeFailure):
+        return None         # not whole: the job resumes and writes it again
+    report.already_finished = True
+    return report
+
+
+def build_context(run: Run, original: Model, calib, eval_path, train,
+                  cfg: OptimizeConfig) -> Context:
+    """Fuse the model and read the data once, for every stage."""
     notes = run.notes
     notes[:0] = original.facts.notes
     fused_proto, _ = fuse(original.proto)
@@ -141,13 +186,6 @@ def build_context(model_path, out_dir, device, calib, eval_path, train, cfg: Opt
     else:
         notes.append("no --eval or --calib: no candidate's accuracy can be judged, so only fp32 "
                      "can meet the accuracy budget")
-    bundle_dir = Path(out_dir) / "bundle"
-    if bundle_dir.exists() and not force and not (bundle_dir.is_dir() and is_ours(bundle_dir)):
-        raise EdgesmithError(f"{bundle_dir} exists and edgesmith did not write it; move it, "
-                             "choose another -o, or pass --force (files are replaced by name)")
-    settings = {k: v for k, v in asdict(cfg).items() if k != "wait_idle_s"}  # not a result's
-    run.resume_in(out_dir, run.key(original, settings, calib=calib, eval=eval_path,
-                                   train=train), force=force)
     job = replace(Job(**run.target.profile.measure_job_args()), evaluate=judge is not None,
                   wait_idle_s=cfg.wait_idle_s)
     return Context(cfg=cfg, run=run, original=original, fused=fused, job=job, judge=judge,

@@ -55,7 +55,7 @@ def changed_parts(old, new: dict) -> list[str]:
 
 
 STATE_DIR = ".edgesmith-state"
-OWN_FILES = ("run.json", "candidates.jsonl", "int8.json")
+OWN_FILES = ("run.json", "candidates.jsonl", "int8.json", "finished.json")
 FORMATS = (".onnx", ".tflite")
 
 
@@ -101,6 +101,22 @@ class State:
         for model in (self.dir / "models").glob("*.*"):
             if len(model.stem) == 64 and model.suffix in FORMATS:   # ours: named by sha256
                 model.unlink()
+
+    def finish(self) -> None:
+        """The job finished: its report's hash, so a re-run answers with it (`finished`)."""
+        report = self.dir.parent / "report.json"
+        atomic_write(self.dir / "finished.json",
+                     json.dumps({"report_sha256": sha256(report.read_bytes())}).encode())
+
+    def finished(self) -> bytes | None:
+        """The finished job's report.json as written, or None (not finished, or changed)."""
+        try:
+            mark = json.loads((self.dir / "finished.json").read_text())
+            raw = (self.dir.parent / "report.json").read_bytes()
+        except (OSError, ValueError):
+            return None
+        return raw if isinstance(mark, dict) and mark.get("report_sha256") == sha256(raw) \
+            else None
 
     def model_path(self, sha: str) -> Path:
         """The stored model of that hash, whichever its format (an .onnx path if none)."""
