@@ -89,13 +89,20 @@ def test_quantize_tune_optimize(built, kind, export, tmp_path):
     x = np.load(data)["input"]
     q, user_dir = tmp_path / "q.onnx", tmp_path / "cwd"
     user_dir.mkdir()
+    # the recipe search (and its why-worse table) for the kinds whose int8 goes wrong; the
+    # others' recipe search runs inside optimize below
+    task = next(k.task for k in corpus.KINDS if k.name == kind)
+    search = [] if task in ("detect", "ocr-det") else ["--recipe", "qdq-u8s8"]
     proc = run_cli("quantize", model, "--calib", data, "-o", q, "--json", tmp_path / "q.json",
-                   cwd=user_dir)
+                   *search, cwd=user_dir)
     assert not list(user_dir.iterdir()), "quantize left files in the working directory"
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "q.json").read_text())
-    assert report["baseline"]["error"] is None
-    assert all(c["error"] is None or c["error"].strip() for c in report["candidates"])
+    if search:
+        assert report["recipe"] == "qdq-u8s8" and report["accuracy"], report
+    else:
+        assert report["baseline"]["error"] is None
+        assert all(c["error"] is None or c["error"].strip() for c in report["candidates"])
     assert [o.shape for o in outputs(q, x[:1])] == [o.shape for o in outputs(model, x[:1])]
     shape = "x".join(map(str, (1, *x.shape[1:])))
     proc = run_cli("tune", model, "--max-trials", "2", "--input-shape", f"input={shape}")

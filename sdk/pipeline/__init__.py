@@ -77,12 +77,10 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
              calib=None, eval_path=None, train=None, cfg: OptimizeConfig | None = None,
              input_shapes: dict | None = None, force: bool = False, say=None) -> OptimizeReport:
     """The main job; see the module docstring. `say(text)` receives progress lines."""
-    cfg = cfg or OptimizeConfig()
-    run, original = open_job(model_path, out_dir, device, calib, eval_path, train, cfg,
-                             input_shapes, force, say)
-    if (finished := finished_report(run)) is not None:
+    ctx = build_context(model_path, out_dir, device, calib, eval_path, train,
+                        cfg or OptimizeConfig(), input_shapes, force, say)
+    if (finished := finished_report(ctx.run)) is not None:
         return finished
-    ctx = build_context(run, original, calib, eval_path, train, cfg)
     resumed = len(ctx.run.state.done)
     if resumed:
         ctx.run.say(f"resuming: {resumed} candidate(s) already measured in {ctx.run.out}")
@@ -122,9 +120,10 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
     return report
 
 
-def open_job(model_path, out_dir, device, calib, eval_path, train, cfg: OptimizeConfig,
-             input_shapes, force: bool, say) -> tuple[Run, Model]:
-    """Load the model, reach the device, match its target, claim OUT under the run key."""
+def build_context(model_path, out_dir, device, calib, eval_path, train, cfg: OptimizeConfig,
+                  input_shapes, force: bool, say) -> Context:
+    """Load and fuse the model, reach the device, match its target, read the data once, then
+    claim OUT under the run key (bad data is refused before anything is written)."""
     started = time.monotonic()
     original = load(model_path, input_shapes, data=eval_path or calib or train)
     if original.format != "onnx":
@@ -134,14 +133,33 @@ def open_job(model_path, out_dir, device, calib, eval_path, train, cfg: Optimize
     if "onnxruntime" not in cfg.backends and \
             (why := tflite_unavailable(cfg, run.facts, run.device.name, run.target.profile)):
         raise EdgesmithError(f"--backends tflite, but no TFLite candidate can be made: {why}")
+    notes = run.notes
+    notes[:0] = original.facts.notes
+    fused_proto, _ = fuse(original.proto)
+    fused = from_proto(fused_proto, original, original.path)
+    quant, judge = None, None
+    if calib is None and train is not None:       # training samples are never judging samples
+        calib = train
+        notes.append("calibrated on the --train samples (no --calib given)")
+    if calib is not None or eval_path is not None:
+        # eval only: calibrate on part of it, judge on the rest (never on calibration samples)
+        quant = quant_data(original, calib or eval_path, eval_path if calib else None)
+        notes += quant.notes
+        judge = quant.eval
+    else:
+        notes.append("no --eval or --calib: no candidate's accuracy can be judged, so only fp32 "
+                     "can meet the accuracy budget")
     bundle_dir = Path(out_dir) / "bundle"
     if bundle_dir.exists() and not force and not (bundle_dir.is_dir() and is_ours(bundle_dir)):
         raise EdgesmithError(f"{bundle_dir} exists and edgesmith did not write it; move it, "
                              "choose another -o, or pass --force (files are replaced by name)")
     settings = {k: v for k, v in asdict(cfg).items() if k != "wait_idle_s"}  # not a result's
-    run.resume_in(out_dir, run.key(original, settings, calib=calib if calib is not None
-                                   else train, eval=eval_path, train=train), force=force)
-    return run, original
+    run.resume_in(out_dir, run.key(original, settings, calib=calib, eval=eval_path,
+                                   train=train), force=force)
+    job = replace(Job(**run.target.profile.measure_job_args()), evaluate=judge is not None,
+                  wait_idle_s=cfg.wait_idle_s)
+    return Context(cfg=cfg, run=run, original=original, fused=fused, job=job, judge=judge,
+                   quant=quant, train=train)
 
 
 def finished_report(run: Run) -> OptimizeReport | None:
@@ -165,31 +183,6 @@ def finished_report(run: Run) -> OptimizeReport | None:
         return None         # not whole: the job resumes and writes it again
     report.already_finished = True
     return report
-
-
-def build_context(run: Run, original: Model, calib, eval_path, train,
-                  cfg: OptimizeConfig) -> Context:
-    """Fuse the model and read the data once, for every stage."""
-    notes = run.notes
-    notes[:0] = original.facts.notes
-    fused_proto, _ = fuse(original.proto)
-    fused = from_proto(fused_proto, original, original.path)
-    quant, judge = None, None
-    if calib is None and train is not None:       # training samples are never judging samples
-        calib = train
-        notes.append("calibrated on the --train samples (no --calib given)")
-    if calib is not None or eval_path is not None:
-        # eval only: calibrate on part of it, judge on the rest (never on calibration samples)
-        quant = quant_data(original, calib or eval_path, eval_path if calib else None)
-        notes += quant.notes
-        judge = quant.eval
-    else:
-        notes.append("no --eval or --calib: no candidate's accuracy can be judged, so only fp32 "
-                     "can meet the accuracy budget")
-    job = replace(Job(**run.target.profile.measure_job_args()), evaluate=judge is not None,
-                  wait_idle_s=cfg.wait_idle_s)
-    return Context(cfg=cfg, run=run, original=original, fused=fused, job=job, judge=judge,
-                   quant=quant, train=train)
 
 
 def _timing_job(ctx: Context) -> Job:
