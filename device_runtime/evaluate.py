@@ -171,6 +171,10 @@ def metrics(outputs: dict, data: EvalData) -> dict:
     out = outputs[name].reshape(data.n, -1).astype(np.float64)
     result: dict = {"n": data.n, "output": name}
     if data.labels is not None:
+        if data.labels.size and data.labels.max() >= out.shape[1]:
+            raise RuntimeFailure("eval", f"labels go up to {data.labels.max()} but output "
+                                 f"{name!r} has {out.shape[1]} classes: labels of another "
+                                 "model, or counted from 1 (they count from 0)")
         result["top1"] = float(np.mean(out.argmax(axis=1) == data.labels))
     if name in data.refs:
         ref = data.refs[name].reshape(data.n, -1).astype(np.float64)

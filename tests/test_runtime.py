@@ -243,6 +243,19 @@ def test_a_busy_device_is_said_to_be_busy(models, tmp_path):
     assert "the device was busy" in proc.stdout and "unreliable" in proc.stdout, proc.stdout
 
 
+def test_labels_beyond_the_models_classes_are_refused_in_one_line(models, tmp_path):
+    """1-based labels (or another model's) made top-1 silently wrong: label 10 of a 10-class
+    model is now one line naming the cause, on the device's eval stage."""
+    from conftest import run_cli
+
+    data = dict(np.load(models / "digits_cnn_eval.npz"))
+    data["labels"] = data["labels"] + 1          # counted from 1: the 9s become 10
+    np.savez(tmp_path / "one_based.npz", **data)
+    proc = run_cli("profile", models / "digits_cnn.onnx", "--eval", tmp_path / "one_based.npz")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "labels go up to 10 but output 'logits' has 10 classes" in proc.stdout + proc.stderr
+
+
 def test_wait_idle_waits_for_other_processes_to_leave_the_cores(models, tmp_path):
     """--wait-idle: processes spinning on every core for 4 s when the profile starts; the
     device runtime waits until they are gone before timing (real load, not a mock), and says
