@@ -33,7 +33,8 @@ def check(version_dir, accept: dict, run_job, tolerance: float, bench_lock=None)
     """Load, judge and time one installed version through the `run` command's own job."""
     args = argparse.Namespace(bundle=str(version_dir), runs=50, warmup=5, min_time=0.5,
                               max_time=30.0, threads=None, config=None, no_eval=False,
-                              profile_ops=False, lock=bench_lock, lock_timeout=600.0)
+                              profile_ops=False, lock=bench_lock, lock_timeout=600.0,
+                              wait_idle=0.0)
     result = run_job(args)
     p50 = (result.latency_ms or {}).get("p50")
     figures = {"accuracy": result.accuracy, "p50_ms": p50, "load_ms": result.load_ms}

@@ -173,8 +173,9 @@ def metrics(outputs: dict, data: EvalData) -> dict:
     if data.labels is not None:
         if data.labels.size and data.labels.max() >= out.shape[1]:
             raise RuntimeFailure("eval", f"labels go up to {data.labels.max()} but output "
-                                 f"{name!r} has {out.shape[1]} classes: labels of another "
-                                 "model, or counted from 1 (they count from 0)")
+                                 f"{name!r} has {out.shape[1]} class score(s): labels of another "
+                                 "model, counted from 1 (they count from 0), or an output "
+                                 "without one score per class")
         result["top1"] = float(np.mean(out.argmax(axis=1) == data.labels))
     if name in data.refs:
         ref = data.refs[name].reshape(data.n, -1).astype(np.float64)

@@ -253,7 +253,7 @@ def test_labels_beyond_the_models_classes_are_refused_in_one_line(models, tmp_pa
     np.savez(tmp_path / "one_based.npz", **data)
     proc = run_cli("profile", models / "digits_cnn.onnx", "--eval", tmp_path / "one_based.npz")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "labels go up to 10 but output 'logits' has 10 classes" in proc.stdout + proc.stderr
+    assert "labels go up to 10 but output 'logits' has 10 class score(s)" in proc.stdout + proc.stderr
 
 
 def test_wait_idle_waits_for_other_processes_to_leave_the_cores(models, tmp_path):

@@ -14,6 +14,7 @@ candidate, so an interrupted or budget-stopped run still leaves a deployable ans
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -31,6 +32,7 @@ from ..model import Model, atomic_write, from_proto, load
 from ..passes.fuse import fuse
 from ..run import Run
 from ..run.outputs import copy_dir_atomic, is_ours, write_model
+from ..run.state import sha256
 from ..search.int8 import quant_data
 from ..search.select import best_tradeoff, choose, within_noise_of
 from .config import Context, OptimizeConfig
@@ -85,6 +87,8 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
     if resumed:
         ctx.run.say(f"resuming: {resumed} candidate(s) already measured in {ctx.run.out}")
     base = ctx.measure("fp32", {"fuse": True}, ctx.fused)
+    if base.device_s:             # resumed: what it cost when it was measured
+        ctx.run.spent("measure", base.device_s)
     if not base.ok:
         raise EdgesmithError(f"the model does not run on {ctx.run.device.name}: {base.error}")
     ctx.run.reserve_s = closing_reserve(ctx)
@@ -92,9 +96,11 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
     added = [int8, pruned_stage(ctx, int8.int8_recipe), nas_stage(ctx, int8.int8_recipe),
              tflite_stage(ctx)]
     notes = ctx.run.notes + [note for a in added for note in a.notes]
-    if any("--budget" in s["reason"] for a in added for s in a.skipped):
+    cut = any("--budget" in s["reason"] for a in added for s in a.skipped) or \
+        any("--budget" in n or "re-run to continue" in n for n in notes)
+    if cut:
         notes.append(f"stopped by --budget ({ctx.cfg.budget_s:.0f}s) after "
-                     f"{len(ctx.cands)} candidate(s)")
+                     f"{len(ctx.cands)} candidate(s); the same command continues the search")
     ctx.run.reserve_s = 0.0            # the closing stages spend what was held back for them
     remeasure: dict = {}
     chosen = confirm_stage(ctx, choose(ctx.cands, ctx.cfg), remeasure, notes)
@@ -116,7 +122,8 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
     report.latency = latency_scale(report)
     from ..report.html import write_reports
     write_reports(report, ctx.run.out)
-    ctx.run.state.finish()
+    if not cut:          # a search --budget cut short is continued by the same command
+        ctx.run.state.finish()
     return report
 
 
@@ -158,6 +165,7 @@ def build_context(model_path, out_dir, device, calib, eval_path, train, cfg: Opt
                                    train=train), force=force)
     job = replace(Job(**run.target.profile.measure_job_args()), evaluate=judge is not None,
                   wait_idle_s=cfg.wait_idle_s)
+    job = replace(job, timeout_s=job.timeout_s + cfg.wait_idle_s)
     return Context(cfg=cfg, run=run, original=original, fused=fused, job=job, judge=judge,
                    quant=quant, train=train)
 
@@ -177,7 +185,8 @@ def finished_report(run: Run) -> OptimizeReport | None:
         data["candidates"] = [Candidate(**c) for c in data["candidates"]]
         report = OptimizeReport(**data)
         verify(run.out / "bundle")
-        if not (run.out / report.model_file).is_file():
+        shipped = next((c.model_sha256 for c in report.candidates if c.id == report.chosen), "")
+        if shipped and sha256((run.out / report.model_file).read_bytes()) != shipped:
             return None
     except (ValueError, TypeError, KeyError, OSError, RuntimeFailure):
         return None         # not whole: the job resumes and writes it again
@@ -186,7 +195,8 @@ def finished_report(run: Run) -> OptimizeReport | None:
 
 
 def _timing_job(ctx: Context) -> Job:
-    return Job(runs=50, warmup=5, min_time_s=0.5, evaluate=False, wait_idle_s=ctx.job.wait_idle_s)
+    return Job(runs=50, warmup=5, min_time_s=0.5, evaluate=False, wait_idle_s=ctx.job.wait_idle_s,
+               timeout_s=Job.timeout_s + ctx.job.wait_idle_s)
 
 
 TUNE_MEASUREMENTS = 12      # a tuning's measurements besides its trials (confirmation, profile)
@@ -198,7 +208,7 @@ def closing_reserve(ctx: Context) -> float:
     (the fp32 baseline's): the interleaved rounds, the op profile, tuning and its re-measurement.
     At most half the time left, so the searches keep time; the closing stages fit what is left
     when they start (`_rounds_that_fit`)."""
-    c, cfg, half = ctx.run.costs.get("measure", 1.0), ctx.cfg, max(ctx.run.remaining_s(), 0) / 2
+    c, cfg, half = _measurement_s(ctx), ctx.cfg, max(ctx.run.remaining_s(), 0) / 2
     cost = (cfg.confirm_rounds * (cfg.contenders + 1) + 1) * c + REPORT_S
     tuning = cfg.tune_budget_s + (TUNE_MEASUREMENTS + 3 * cfg.confirm_rounds) * c
     if cfg.tune_budget_s and cost + tuning <= half:     # else tuning will not fit: no time kept
@@ -206,12 +216,19 @@ def closing_reserve(ctx: Context) -> float:
     return min(cost, half)
 
 
+def _measurement_s(ctx: Context) -> float:
+    """What one more measurement may cost: the slowest so far, plus the wait for an idle
+    device it is allowed (--wait-idle)."""
+    return ctx.run.costs.get("measure", 1.0) + ctx.job.wait_idle_s
+
+
 def _rounds_that_fit(ctx: Context, trials: int, keep_s: float = 0.0) -> int:
     """Interleaved rounds of `trials` measurements that fit in the time left, less `keep_s`
     for what must still follow; at most the configured rounds."""
-    c = ctx.run.costs.get("measure", 1.0)
-    fit = (ctx.run.remaining_s() - keep_s - REPORT_S) // (trials * c)
-    return int(max(0, min(ctx.cfg.confirm_rounds, fit)))
+    left = ctx.run.remaining_s() - keep_s - REPORT_S
+    if not math.isfinite(left):
+        return ctx.cfg.confirm_rounds
+    return int(max(0, min(ctx.cfg.confirm_rounds, left // (trials * _measurement_s(ctx)))))
 
 
 def confirm_stage(ctx: Context, chosen: Candidate | None, report_remeasure: dict,
@@ -224,7 +241,7 @@ def confirm_stage(ctx: Context, chosen: Candidate | None, report_remeasure: dict
     top = top[:ctx.cfg.contenders]
     if not top or chosen is None:
         return chosen
-    keep = ctx.run.costs.get("measure", 1.0)
+    keep = _measurement_s(ctx)
     while len(top) > 1 and _rounds_that_fit(ctx, len(top) + 1, keep) < ctx.cfg.confirm_rounds:
         top.pop()          # fewer contenders before fewer rounds: a median needs its rounds
     rounds = _rounds_that_fit(ctx, len(top) + 1, keep)
@@ -278,7 +295,7 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
     write_model(ctx.run.out, ctx.run.state.model_path(pick.model_sha256))
     rem = report.remeasure
     trials = 3 if pick.config else 2
-    rounds = _rounds_that_fit(ctx, trials, keep_s=ctx.run.costs.get("measure", 1.0))
+    rounds = _rounds_that_fit(ctx, trials, keep_s=_measurement_s(ctx))
     if ctx.run.fits("measure") is None:
         ctx.run.say("profiling the chosen model's ops")
         prof = measure(ctx.run.device, final, Job(runs=20, warmup=3, evaluate=False,
@@ -307,8 +324,8 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
             rem.update(original=asdict(spreads[ORIGINAL]), chosen=asdict(spreads[pick.id]))
             if AT_DEFAULTS in spreads:
                 rem["model_at_defaults"] = asdict(spreads[AT_DEFAULTS])
-    if report.chosen and pick.confirm and "chosen" not in rem:
-        rem["chosen"] = pick.confirm
+    if report.chosen and pick.confirm and "chosen" not in rem and not pick.config:
+        rem["chosen"] = pick.confirm     # the selection's rounds were of what ships
     if report.chosen and "chosen" in rem and "original" in rem:
         o, c = Spread(**rem["original"]), Spread(**rem["chosen"])
         m = Spread(**rem.get("model_at_defaults", rem["chosen"]))
@@ -344,7 +361,7 @@ def _tune(ctx: Context, model: Model, pick: str, notes: list[str]):
     if ctx.cfg.tune_budget_s <= 0:
         return None
     from ..search.tune import tune
-    c = ctx.run.costs.get("measure", 1.0)
+    c = _measurement_s(ctx)
     after = (1 + 3 * ctx.cfg.confirm_rounds) * c + REPORT_S   # op profile, re-measurement
     budget = min(ctx.cfg.tune_budget_s, ctx.run.remaining_s() - after - TUNE_MEASUREMENTS * c)
     if budget < 3 * c:

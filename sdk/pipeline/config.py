@@ -50,6 +50,8 @@ class OptimizeConfig:
             if any(not 0.0 < r < 1.0 for r in getattr(self, name)):
                 raise ValueError(f"OptimizeConfig.{name} must be in (0, 1), got "
                                  f"{getattr(self, name)}")
+        if self.confirm_rounds < 1 or self.contenders < 1:
+            raise ValueError("OptimizeConfig.confirm_rounds and .contenders must be >= 1")
         for name in ("budget_s", "tune_budget_s", "wait_idle_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"OptimizeConfig.{name} must be >= 0")
@@ -110,9 +112,10 @@ class Context:
         bundle = bundles.build(model, eval_data=self.judge, eval_batch=eval_batch(model),
                                meta={"candidate": cid})
         result = measure(self.run.device, bundle, self.job)
-        self.run.spent("measure", time.monotonic() - t0)
+        seconds = time.monotonic() - t0
+        self.run.spent("measure", seconds)
         cand = Candidate.from_result(cid, result, model, recipe=recipe, note=note,
-                                     model_sha256=_sha(model.serialized()))
+                                     model_sha256=_sha(model.serialized()), device_s=seconds)
         if result.delegation:
             cand.note = "; ".join(filter(None, [cand.note, delegation_text(result.delegation)]))
         return self.record(cand, model)

@@ -69,8 +69,9 @@ def int8_stage(ctx: Context) -> Added:
     if not q_report.quantized:
         notes.append(q_report.summary)
     recipe = q_report.chosen.recipe if q_report.quantized else None
-    atomic_write(marker, json.dumps({"recipe": recipe, "skipped": skipped,
-                                     "notes": notes}).encode())
+    if not any("--budget" in s["reason"] for s in skipped):   # a cut search continues on resume
+        atomic_write(marker, json.dumps({"recipe": recipe, "skipped": skipped,
+                                         "notes": notes}).encode())
     return Added(notes=notes, skipped=skipped, int8_recipe=recipe)
 
 
@@ -161,9 +162,11 @@ def nas_stage(ctx: Context, int8_recipe: dict | None) -> Added:
     for ratio in sorted(ctx.cfg.nas_ratios, reverse=True):
         remaining = ctx.run.remaining_s()
         cid = f"nas{int(ratio * 100)}+distill"
-        if remaining <= 0:
+        if (why := ctx.run.fits("nas")) is not None:
+            added.skipped.append({"id": cid, "reason": why})
             continue
         ctx.run.say(f"NetAdapt search toward {ratio}x of fp32's latency")
+        t0 = time.monotonic()
         try:
             report = nas(ctx.original.path, ctx.train, ctx.run.state.dir / "nas", ctx.run.device,
                          NasConfig(latency_ratio=ratio, steps=100, uniform_baseline=False,
@@ -190,6 +193,7 @@ def nas_stage(ctx: Context, int8_recipe: dict | None) -> Added:
                                                      "iterations": len(report.iterations),
                                                      "widths": report.widths_after}},
                                   model, int8_recipe)
+        ctx.run.spent("nas", time.monotonic() - t0)
     return added
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def _y_values(report, key: str | None) -> tuple[dict, float, float, dict]:
     """Each candidate's plotted y (None: not judged), the range to show, and tick texts."""
     cands = [c for c in report.candidates if c.ok]
     ys = {c.id: (c.accuracy or {}).get(key) if key else None for c in cands}
+    ys = {k: v if isinstance(v, (int, float)) and math.isfinite(v) else None   # NaN: not judged
+          for k, v in ys.items()}
     judged = [v for v in ys.values() if v is not None]
     if key == "sqnr_db":    # identical outputs (the cap) sit on the top tick, marked so
         finite = [v for v in judged if v < SQNR_CAP_DB]
@@ -59,7 +62,8 @@ def scatter_svg(report) -> str:
     from .text import latency_scale
 
     scale = latency_scale(report)
-    cands = [c for c in report.candidates if c.ok and c.id in scale]
+    cands = [c for c in report.candidates if c.ok and c.id in scale
+             and math.isfinite(scale[c.id]["ms"] or math.nan)]
     if not cands:
         return "<p>No candidate ran on the device: nothing to plot.</p>"
     title, key = judged_metric(report)

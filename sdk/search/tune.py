@@ -19,7 +19,7 @@ from ..bundle import DEFAULT_BACKEND
 from ..data import eval_batch
 from ..devices import Job
 from ..errors import EdgesmithError
-from ..measure import Candidate, measure
+from ..measure import BUSY_SHARE, Candidate, measure
 from ..model import Model, load
 from ..run import Run, accuracy_drop, within
 from ..targets import Match
@@ -169,7 +169,9 @@ def tune(model: str | os.PathLike | Model, device: Run | str = "local",
                         stopped=stopped, measured=spent["measured"], from_cache=spent["cached"],
                         device_s=spent["device_s"], bundle=str(tuned.path), kernels=kernels,
                         budget_s=budget_s, max_trials=max_trials, answered_at=time.time())
-    cache.put(ctx_key, device_key, answer_key, report.to_dict())
+    busy = any((t.device_load or {}).get("others_share", 0) > BUSY_SHARE for t in ranked)
+    if not busy and not verdict.startswith("re-measurement failed"):   # else measured again
+        cache.put(ctx_key, device_key, answer_key, report.to_dict())
     return report
 
 
@@ -186,7 +188,8 @@ def _answer_key(sp: Space, target: str, eval_data, max_drop: float, rounds: int)
                    if eval_data is not None else ()):
         for name in sorted(arrays):
             if arrays[name] is not None:
-                digest.update(name.encode() + np.ascontiguousarray(arrays[name]).tobytes())
+                array = np.ascontiguousarray(arrays[name])
+                digest.update(f"{name} {array.dtype} {array.shape}".encode() + array.tobytes())
     blob = repr((sorted(sp.values.items()), sp.pruned, target, max_drop, rounds, __version__,
                  digest.hexdigest()))
     return "answer|" + hashlib.sha256(blob.encode()).hexdigest()[:24]
