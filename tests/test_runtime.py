@@ -218,10 +218,9 @@ def test_a_model_newer_than_this_onnxruntime_names_the_versions_and_the_fix(mode
     assert "opset 28 is newer than onnxruntime 1.27.0" in text and "--opset 26 " in text
 
 
-def test_a_busy_device_is_said_to_be_busy(models, tmp_path):
-    """Other processes spinning on every core while a profile measures (real load, not a
-    mock): the Result carries their share of the cores and the table says the figures are
-    unreliable. (A quiet device is not asserted: CI machines are shared.)"""
+def profile_beside_spinners(models, tmp_path, seconds: float | None, *args: str):
+    """`edgesmith profile` of the digits CNN while processes spin on every core (for `seconds`,
+    else until the profile ends): the finished process and its Result."""
     import os
     import subprocess
     import sys
@@ -229,16 +228,24 @@ def test_a_busy_device_is_said_to_be_busy(models, tmp_path):
     from conftest import run_cli
 
     out = tmp_path / "profile.json"
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-            for _ in range(os.cpu_count() or 2)]
+    spin = "while True: pass" if seconds is None else \
+        f"import time\nt = time.time()\nwhile time.time() - t < {seconds}: pass"
+    hogs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 2)]
     try:
-        proc = run_cli("profile", models / "digits_cnn.onnx", "--runs", "3000", "--json", out)
+        proc = run_cli("profile", models / "digits_cnn.onnx", *args, "--json", out)
     finally:
         for hog in hogs:
             hog.kill()
             hog.wait(timeout=30)
     assert proc.returncode == 0, proc.stderr
-    row = json.loads(out.read_text())               # one device: the Result itself
+    return proc, json.loads(out.read_text())         # one device: the Result itself
+
+
+def test_a_busy_device_is_said_to_be_busy(models, tmp_path):
+    """Other processes spinning on every core while a profile measures (real load, not a
+    mock): the Result carries their share of the cores and the table says the figures are
+    unreliable. (A quiet device is not asserted: CI machines are shared.)"""
+    proc, row = profile_beside_spinners(models, tmp_path, None, "--runs", "3000")
     assert row["load"]["others_share"] > 0.25 and row["load"]["loadavg_1m"] >= 0, row["load"]
     assert "the device was busy" in proc.stdout and "unreliable" in proc.stdout, proc.stdout
 
@@ -260,23 +267,7 @@ def test_wait_idle_waits_for_other_processes_to_leave_the_cores(models, tmp_path
     """--wait-idle: processes spinning on every core for 4 s when the profile starts; the
     device runtime waits until they are gone before timing (real load, not a mock), and says
     how long it waited; a wait to the limit is right only when the device stayed busy."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import run_cli
-
-    out = tmp_path / "profile.json"
-    spin = "import time\nt = time.time()\nwhile time.time() - t < 4: pass"
-    hogs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 2)]
-    try:
-        proc = run_cli("profile", models / "digits_cnn.onnx", "--wait-idle", "20s", "--json", out)
-    finally:
-        for hog in hogs:
-            hog.kill()
-            hog.wait(timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    row = json.loads(out.read_text())
+    _, row = profile_beside_spinners(models, tmp_path, 4.0, "--wait-idle", "20s")
     waited = row["stages_ms"]["idle_wait"] / 1e3
     assert waited >= 1.5, waited               # it waited for the spinners
     if waited >= 20:      # the whole limit: only right if the device stayed busy (a shared CI

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -41,6 +42,7 @@ from .stages import int8_stage, nas_stage, pruned_stage, tflite_stage, tflite_un
 REPORT_SCHEMA = 2
 ORIGINAL = "original (as given)"     # the user's model, unfused: what every speedup is against
 AT_DEFAULTS = "model.onnx at the runtime defaults"   # the model gain, apart from the config's
+SHIPPED = "the shipped bundle"
 
 
 @dataclass(kw_only=True)
@@ -91,6 +93,7 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
         ctx.run.spent("measure", base.device_s)
     if not base.ok:
         raise EdgesmithError(f"the model does not run on {ctx.run.device.name}: {base.error}")
+    ctx.measure(ORIGINAL, {}, ctx.original, "the model as given: a variant must beat it")
     ctx.run.reserve_s = closing_reserve(ctx)
     int8 = int8_stage(ctx)
     added = [int8, pruned_stage(ctx, int8.int8_recipe), nas_stage(ctx, int8.int8_recipe),
@@ -254,7 +257,7 @@ def confirm_stage(ctx: Context, chosen: Candidate | None, report_remeasure: dict
                      _timing_job(ctx)) for c in top}
     trials[ORIGINAL] = (bundles.build(ctx.original), _timing_job(ctx))
     spreads = ctx.run.confirm(trials, rounds)
-    for c in top:
+    for c in ctx.cands:          # the contenders, and the original when it is a candidate
         if c.id in spreads:
             c.confirm = asdict(spreads[c.id])
     if ORIGINAL in spreads:
@@ -313,7 +316,7 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
         ctx.run.say("re-measuring the shipped bundle against the original"
                     + (" and its model at the runtime defaults" if pick.config else ""))
         trials = {ORIGINAL: (bundles.build(ctx.original), _timing_job(ctx)),
-                  pick.id: (final, _timing_job(ctx))}
+                  SHIPPED: (final, _timing_job(ctx))}
         if pick.config:     # model.onnx alone, as a user's own runtime would run it
             trials[AT_DEFAULTS] = (bundles.build(ctx.run.state.load_model(pick, ctx.original)),
                                    _timing_job(ctx))
@@ -321,7 +324,7 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
         if len(spreads) == len(trials):  # the selection rounds stay in pick.confirm
             if "original" in rem:
                 rem["selection_original"] = rem["original"]
-            rem.update(original=asdict(spreads[ORIGINAL]), chosen=asdict(spreads[pick.id]))
+            rem.update(original=asdict(spreads[ORIGINAL]), chosen=asdict(spreads[SHIPPED]))
             if AT_DEFAULTS in spreads:
                 rem["model_at_defaults"] = asdict(spreads[AT_DEFAULTS])
     if report.chosen and pick.confirm and "chosen" not in rem and not pick.config:
@@ -432,5 +435,5 @@ def _save_tradeoffs(ctx: Context) -> None:
     for c in ctx.cands:
         if c.pareto and c.model_sha256:
             stored = ctx.run.state.model_path(c.model_sha256)
-            atomic_write(trade / f"{c.id.replace(':', '_').replace('+', '_')}{stored.suffix}",
+            atomic_write(trade / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', c.id)}{stored.suffix}",
                          stored.read_bytes())
