@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget", type=float, default=60.0, help="seconds per optimize run")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--only", default="", help="models whose name contains this")
     args = parser.parse_args()
     import corpus
     from budget import mobilenetv2_224
@@ -73,7 +74,7 @@ def main() -> None:
               ("dbnet 320x640", built[("dbnet", "ts17")], (1, 3, 320, 640))]
     env = {**os.environ, "EDGESMITH_CACHE": str(tmp / "cache")}
     gains_ok, stable_ok = True, True
-    for name, path, shape in models:
+    for name, path, shape in (m for m in models if args.only in m[0]):
         rng = np.random.default_rng(0)
         data = tmp / f"{path.stem}.npz"
         np.savez(data, input=rng.standard_normal((48, *shape[1:])).astype(np.float32))

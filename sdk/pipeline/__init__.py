@@ -245,9 +245,13 @@ def confirm_stage(ctx: Context, chosen: Candidate | None, report_remeasure: dict
     if not top or chosen is None:
         return chosen
     keep = _measurement_s(ctx)
-    while len(top) > 1 and _rounds_that_fit(ctx, len(top) + 1, keep) < ctx.cfg.confirm_rounds:
+
+    def trials_of(top: list) -> int:             # the original is always one of the trials
+        return len({c.id for c in top} | {ORIGINAL})
+
+    while len(top) > 1 and _rounds_that_fit(ctx, trials_of(top), keep) < ctx.cfg.confirm_rounds:
         top.pop()          # fewer contenders before fewer rounds: a median needs its rounds
-    rounds = _rounds_that_fit(ctx, len(top) + 1, keep)
+    rounds = _rounds_that_fit(ctx, trials_of(top), keep)
     if rounds < 1:
         notes.append(f"not re-measured interleaved: --budget ({ctx.cfg.budget_s:.0f}s) had no "
                      "time left for it; the choice rests on single measurements")

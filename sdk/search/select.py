@@ -7,7 +7,9 @@ from ..run.budget import within
 
 def choose(cands: list[Candidate], cfg) -> Candidate | None:
     """Mark budget and Pareto flags; the fastest candidate within the budgets, or None; when
-    others are within the noise of the fastest, `tie_break` decides among them. Only
+    others are within the noise of the fastest, `tie_break` decides among them. Once the
+    contenders were re-measured interleaved, only they compete (a single run's p50 is never
+    set against a median of rounds). Only
     candidates on the runtimes the user asked for (`cfg.backends`) can be chosen or be on the
     front: the others were measured as references."""
     allowed = getattr(cfg, "backends", None)
@@ -20,8 +22,9 @@ def choose(cands: list[Candidate], cfg) -> Candidate | None:
     ok = [c for c in cands if c.within_budget]
     if not ok:
         return None
-    fastest = min(ok, key=lambda c: c.latency_ms)
-    return min([fastest, *within_noise_of(fastest, ok)], key=tie_break)
+    pool = [c for c in ok if c.confirm] or ok    # re-measured: only medians against medians
+    fastest = min(pool, key=lambda c: c.latency_ms)
+    return min([fastest, *within_noise_of(fastest, pool)], key=tie_break)
 
 
 def within_noise_of(best: Candidate, cands: list[Candidate]) -> list[Candidate]:
