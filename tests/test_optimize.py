@@ -303,6 +303,11 @@ def test_candidates_within_noise_are_tied_and_the_tie_break_is_stable():
     for order in ([fast, exact, small, slow], [slow, small, exact, fast]):
         assert choose(order, cfg).id == "int8:qdq-u8s8-mse"
     assert choose([fast, slow], cfg).id == "int8:qdq-s8s8"     # fp32 is outside the spread
+    # judged by the SQNR floor, every drop is 0: the more faithful output wins the tie
+    lossy = cand("int8:qdq-u8s8", 4.0, 3.8, 4.6, 0.0, 100)     # faster, and smaller
+    given = cand("original (as given)", 4.1, 3.9, 4.4, 0.0, 400)
+    lossy.accuracy, given.accuracy = {"sqnr_db": 56.1}, {"sqnr_db": 200.0}
+    assert choose([lossy, given], cfg).id == "original (as given)"
 
 
 def test_budget_is_kept_on_an_imagenet_size_model(tmp_path):

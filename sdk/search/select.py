@@ -38,10 +38,12 @@ def within_noise_of(best: Candidate, cands: list[Candidate]) -> list[Candidate]:
 
 
 def tie_break(c: Candidate) -> tuple:
-    """Among candidates tied on speed: the more accurate, then the smaller, then the simpler
-    (fewer steps in its name: `+` between families, `-` between repairs), then by name, so the
-    same job chooses the same candidate however the noise fell."""
-    return (c.accuracy_drop, c.size_bytes, c.id.count("+") + c.id.count("-"), c.id)
+    """Among candidates tied on speed: the more accurate (`fidelity_loss`: the drop, then the
+    output SQNR, so where the SQNR floor judged, the model as given beats a lossy int8 one),
+    then the smaller, then the simpler (fewer steps in its name: `+` between families, `-`
+    between repairs), then by name, so the same job chooses the same candidate however the
+    noise fell."""
+    return (*fidelity_loss(c), c.size_bytes, c.id.count("+") + c.id.count("-"), c.id)
 
 
 def fidelity_loss(c: Candidate) -> tuple[float, float]:
