@@ -59,9 +59,9 @@ def run_job(args) -> Result:
                                       args.max_time)
         result.stages_ms["measure"] = (time.perf_counter() - t0) * 1e3
         result.load = device_load(ticks, cpu_ticks())
-        if waited is not None and result.load is not None:
+        if waited is not None:
             result.stages_ms["idle_wait"] = waited[0] * 1e3
-            result.load["share_when_waited"] = waited[1]     # the last sample of the wait
+            result.load = {**(result.load or {}), "share_when_waited": waited[1]}
         if args.profile_ops:
             result.op_profile_ms, result.node_profile_ms = session.backend.op_profile()
         # after runs: some LiteRT builds apply their default delegate at the first invoke

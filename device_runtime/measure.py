@@ -79,6 +79,7 @@ def cpu_ticks():
 
 
 BUSY_SHARE = 0.25   # other processes on more than this share of the cores: figures unreliable
+MIN_LOAD_WINDOW_S = 0.2   # CPU seconds (all cores) a load sample needs: 20 ticks at 100 Hz
 
 
 def wait_idle(limit_s: float, window_s: float = 0.5) -> tuple[float, float | None]:
@@ -100,8 +101,8 @@ def device_load(before, after) -> dict | None:
     """What else ran on the device while it measured: other processes' share of all its cores
     (their CPU time over wall time x cores), the 1-minute load average and the clock of CPU 0
     where Linux shows it. Pyperf and hyperfine warn of a busy machine; so does the host."""
-    if before is None or after is None or after[1] <= before[1]:
-        return None
+    if before is None or after is None or after[1] - before[1] < MIN_LOAD_WINDOW_S:
+        return None         # too few clock ticks to say: a 20 ms window reads 0 % or 50 %
     busy, total, own = (a - b for a, b in zip(after, before))
     load = {"others_share": round(max(0.0, min(1.0, (busy - own) / total)), 3),
             "loadavg_1m": os.getloadavg()[0]}

@@ -123,10 +123,14 @@ def test_tuner_ranks_caches_and_writes_the_winner_into_the_bundle(models):
     session = device_runtime.load(first.bundle)
     for key, value in first.best.config.items():
         assert session.config[key] == value
-    # the identical job: the whole answer (confirmation, kernel profile, bundle) is kept
+    # the identical job: the whole answer (confirmation, kernel profile, bundle) is kept, unless
+    # it was taken on a busy device (then it is measured again)
     same = tune(models / "digits_cnn.onnx", "local", measure_settings=FAST, cache=TuningCache())
-    assert same.measured == 0 and same.answered_at == first.answered_at
-    assert (same.best.id, same.confirm, same.bundle) == (first.best.id, first.confirm, first.bundle)
+    busy = any((t.device_load or {}).get("others_share", 0) > 0.25 for t in first.trials)
+    assert same.measured == 0 and (same.answered_at == first.answered_at) != busy
+    if not busy:
+        assert (same.best.id, same.confirm, same.bundle) == (first.best.id, first.confirm,
+                                                              first.bundle)
     again = tune(models / "digits_cnn.onnx", "local", measure_settings=FAST, cache=cache,
                  confirm_rounds=0)      # another confirmation: answered again, trials cached
     assert again.measured == 0 and again.from_cache == len(first.trials)

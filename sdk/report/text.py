@@ -281,9 +281,11 @@ def optimize_table(report) -> Table:
     """The same rows as report.html: every candidate, fastest first, then errors and skips."""
     table = Table(title=f"edgesmith optimize: {Path(report.model).name} on {report.device} "
                         f"(target {report.target})")
-    for col in ("candidate", "ms", "vs original", "top-1", "agreement", "SQNR dB", "drop",
-                "size KB", "MACs", "in budget", "note"):
-        table.add_column(col, justify="left" if col in ("candidate", "note") else "right")
+    names = [c.id for c in report.candidates] + [s["id"] for s in report.skipped]
+    table.add_column("candidate", no_wrap=True, min_width=max(map(len, names), default=9))
+    for col in ("ms", "vs original", "top-1", "agreement", "SQNR dB", "drop", "size KB", "MACs",
+                "in budget", "note"):       # a name is never cut: the note column gives way
+        table.add_column(col, justify="left" if col == "note" else "right")
     speed, scale = speedups(report), latency_scale(report)
     noise = report.remeasure.get("within_noise")
     for c in sorted(report.candidates, key=lambda c: (not c.ok, c.latency_ms or 0)):

@@ -167,8 +167,8 @@ class LatencyTable:
         self.job = replace(job, profile_ops=True, evaluate=False, runs=max(job.runs, 50),
                            warmup=max(job.warmup, 10), min_time_s=0.0)   # a bounded profile
         self.fingerprint = fingerprint(device.facts())
-        settings = {k: v for k, v in vars(self.job).items() if k not in ("timeout_s",
-                                                                         "lock_timeout_s")}
+        settings = {k: v for k, v in vars(self.job).items()     # what changes no timing: out
+                    if k not in ("timeout_s", "lock_timeout_s", "wait_idle_s")}
         # "lut2": entries aggregated below whole microseconds (older "lut:" ones were not)
         self.context = "lut2:" + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str)
                                                .encode()).hexdigest()[:16]
