@@ -162,7 +162,8 @@ def netns_host(tmp_path_factory, sshd_server):
     import netns
 
     require(netns.available(), "cannot create network namespaces here (needs root, iproute2)")
-    host = netns.NetnsHost(tmp_path_factory.mktemp("netns"), 10 + os.getpid() % 240)  # own subnet
+    host = netns.NetnsHost(tmp_path_factory.mktemp("netns"),
+                           netns.free_index(10 + os.getpid() % 240))           # own subnet
     try:
         host.start()
         yield host

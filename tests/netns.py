@@ -43,6 +43,17 @@ def available() -> bool:
         return False
 
 
+def free_index(start: int, taken: set[int] = frozenset()) -> int:
+    """A subnet index 10..249 from `start` on that no interface here uses yet (another test
+    session's namespace on 10.200.<k> would take this one's packets)."""
+    import re
+
+    used = {int(k) for k in re.findall(r"10\.200\.(\d+)\.", sh("ip", "-o", "-4", "addr",
+                                                                 "show").stdout)} | set(taken)
+    return next(10 + (start - 10 + i) % 240 for i in range(240)
+                if 10 + (start - 10 + i) % 240 not in used)
+
+
 class NetnsHost:
     """sshd inside `ip netns` at 10.200.<k>.2; the host side of the veth is 10.200.<k>.1."""
 
