@@ -4,7 +4,7 @@ deploy = install the bundle as a version, check it ON this device, and only then
 The check: the bundle's eval samples must reproduce the fidelity within the budget the bundle
 was chosen under (manifest meta "accept": max_accuracy_drop, the float model's accuracy, whether
 outputs are class scores), and its p50 must be within `tolerance` x the latency measured when it
-was chosen, where that was measured on this kind of CPU. A failed check leaves the active
+was chosen (plus SLACK_MS), where that was measured on this kind of CPU. A failed check leaves the active
 version as it was and says why.
 """
 from __future__ import annotations
@@ -15,6 +15,8 @@ import time
 from . import store
 from .errors import RuntimeFailure
 from .evaluate import accuracy_drop
+
+SLACK_MS = 0.03     # scheduler granularity: a busy 2-core VM timed a 20 us model at 31 us twice
 
 
 def retimed(args, run_job, p50: float, figures: dict) -> float:
@@ -57,10 +59,10 @@ def check(version_dir, accept: dict, run_job, tolerance: float, bench_lock=None)
         if accept.get("cpu") not in (None, cpu):
             figures["latency_note"] = (f"not compared: chosen on {accept['cpu']}, this device "
                                        f"is {cpu}")
-        elif p50 > chosen_ms * tolerance and (p50 := retimed(args, run_job, p50, figures)) > \
-                chosen_ms * tolerance:
+        elif p50 > (limit := chosen_ms * tolerance + SLACK_MS) and \
+                (p50 := retimed(args, run_job, p50, figures)) > limit:
             reasons.append(f"p50 {p50:.3f} ms is over {tolerance:g}x the {chosen_ms:.3f} ms "
-                           "measured when it was chosen")
+                           f"measured when it was chosen (+{SLACK_MS} ms of timer slack)")
     return {"passed": not reasons, "reasons": reasons, "figures": figures, "at": time.time()}
 
 

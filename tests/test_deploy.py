@@ -19,6 +19,7 @@ import pytest
 from onnx import numpy_helper
 
 from conftest import ROOT, run_cli, ssh_device
+from edgesmith import bundle as bundles
 from device_runtime import store as device_store
 from edgesmith.data import input_stats, load_eval_set, reference_outputs
 from edgesmith.deploy import deploy, rollback, status
@@ -44,8 +45,6 @@ def variant(models, shift: float, one_class: float = 0.0):
 def bundle_of(models, shift: float, one_class: float = 0.0, **accept):
     """A bundle as optimize writes it: the original's reference outputs on the eval samples and
     the budget ("accept") the device checks it against."""
-    from edgesmith import bundle as bundles
-
     base, model = variant(models, shift, one_class)
     data = load_eval_set(models / EVAL, base)
     data.refs = reference_outputs(base, data, 32)
@@ -170,12 +169,32 @@ def test_latency_over_the_tolerance_on_the_same_cpu_is_refused(models, tmp_path)
     from device_runtime import facts
 
     cpu = facts.collect(with_providers=False).get("cpu")
-    slow_enough = bundle_of(models, 0.0, latency_ms=1e-6, cpu=cpu)  # "chosen" at 1 ns
-    [row] = deploy(slow_enough.path, "digits", [get_device("local")], store=str(tmp_path / "s"))
+    slow = slow_model(tmp_path)         # far above the timer slack a 20 us model is given
+    slow_enough = bundles.build(slow, meta={"accept": {"latency_ms": 1e-6, "cpu": cpu}})
+    [row] = deploy(slow_enough.path, "mlp", [get_device("local")], store=str(tmp_path / "s"))
     assert not row.activated and "measured when it was chosen" in row.reasons[0], row
-    other_cpu = bundle_of(models, 0.0, latency_ms=1e-6, cpu="another CPU")
-    [row] = deploy(other_cpu.path, "digits", [get_device("local")], store=str(tmp_path / "s"))
+    assert row.figures["p50_ms"] > 0.1, row           # the model is as slow as meant
+    other_cpu = bundles.build(slow, meta={"accept": {"latency_ms": 1e-6, "cpu": "another CPU"}})
+    [row] = deploy(other_cpu.path, "mlp", [get_device("local")], store=str(tmp_path / "s"))
     assert row.activated and "not compared" in row.figures["latency_note"], row
+
+
+def slow_model(tmp_path):
+    """Eight 1024-wide Gemm layers: about 8 M multiply-adds, well over 0.1 ms on any CPU."""
+    from onnx import TensorProto, helper
+
+    rng, nodes, inits = np.random.default_rng(0), [], []
+    for i in range(8):
+        inits += [numpy_helper.from_array(rng.standard_normal((1024, 1024)).astype(np.float32)
+                                          * 0.03, f"w{i}"),
+                  numpy_helper.from_array(np.zeros(1024, np.float32), f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [f"x{i}", f"w{i}", f"b{i}"], [f"x{i + 1}"]))
+    graph = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info(
+        "x0", TensorProto.FLOAT, [1, 1024])], [helper.make_tensor_value_info(
+            "x8", TensorProto.FLOAT, [1, 1024])], inits)
+    path = tmp_path / "slow.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return load(path)
 
 
 def test_field_inputs_unlike_the_calibration_data_show_as_drift(models, tmp_path):

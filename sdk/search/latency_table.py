@@ -6,7 +6,11 @@ activation onnxruntime fuses into it, keyed by everything that decides its time 
 input size, kernel, stride, pads, groups, activation, batch) under one measurement context
 (backend, runtime config, threads, the device's fingerprint). Missing entries are measured
 lazily: many kernels as parallel branches of one model, one bundle per round trip, timed per
-node by onnxruntime's profiler on the device (median over runs). Layout reorders and the ops
+node by onnxruntime's profiler on the device (median over runs). A shared device's speed drifts
+between round trips (measured: 30 % on a 2-core VM, enough that a narrower layer looked slower
+than the full one and a search stopped at once), so every trip also re-times a few anchor
+kernels the table already holds and scales its new entries by how the anchors moved: the whole
+table stays on the scale of its first trip. Layout reorders and the ops
 between kernels are not in the table: a model's prediction is the table's sum times a scale
 taken from the last whole-model measurement (fusion breaks additivity; nn-Meter's lesson).
 """
@@ -31,6 +35,7 @@ from .. import bundle as bundles
 
 FUSED_ACTS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh")
 BRANCHES_PER_BUNDLE = 48
+ANCHORS = 6             # known kernels re-timed per round trip to put new entries on one scale
 
 
 @dataclass(frozen=True)
@@ -169,45 +174,64 @@ class LatencyTable:
         self.fingerprint = fingerprint(device.facts())
         settings = {k: v for k, v in vars(self.job).items()     # what changes no timing: out
                     if k not in ("timeout_s", "lock_timeout_s", "wait_idle_s")}
-        # "lut2": entries aggregated below whole microseconds (older "lut:" ones were not)
-        self.context = "lut2:" + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str)
+        # "lut3": entries anchored to one scale across round trips (older ones were not)
+        self.context = "lut3:" + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str)
                                                .encode()).hexdigest()[:16]
         self.measured = 0           # kernels measured on the device by this table (not cached)
         self.round_trips = 0
+        self.anchors: list[Kernel] = []     # the first kernels asked for: every trip's yardstick
+        self.drift: list[float] = []        # each anchored trip's scale (held / measured now)
 
     def get(self, kernel: Kernel) -> float | None:
         hit = self.cache.get(self.context, self.fingerprint, kernel.key)
         return None if hit is None else hit["ms"]
 
     def fill(self, kernels: list[Kernel]) -> None:
-        """Measure every kernel the table lacks, BRANCHES_PER_BUNDLE per device round trip."""
+        """Measure every kernel the table lacks, with the anchors, in bundles of
+        BRANCHES_PER_BUNDLE branches (one device round trip each)."""
+        if not self.anchors:
+            self.anchors = list({k.key: k for k in kernels}.values())
         todo = list({k.key: k for k in kernels if self.get(k) is None}.values())
-        for start in range(0, len(todo), BRANCHES_PER_BUNDLE):
-            chunk = todo[start:start + BRANCHES_PER_BUNDLE]
-            proto = kernel_model(chunk)
-            inputs = [InputSpec(i.name, [d.dim_value for d in i.type.tensor_type.shape.dim],
-                                [d.dim_value for d in i.type.tensor_type.shape.dim], "float32")
-                      for i in proto.graph.input]
-            data = proto.SerializeToString()
-            model = Model(None, "onnx", inputs, [o.name for o in proto.graph.output],
-                          onnx_facts(proto, inputs, len(data)), proto=proto)
-            result = measure(self.device, bundles.build(model, meta={"latency_table": True}),
-                             self.job)
-            self.round_trips += 1
-            if not result.ok:
-                raise EdgesmithError(f"measuring the latency table on {self.device.name} "
-                                     f"failed at {result.stage}: {result.error}")
-            per_branch: dict[int, float] = {}
-            for node, ms in (result.node_profile_ms or {}).items():
-                if found := BRANCH.search(node):
-                    per_branch[int(found[1])] = per_branch.get(int(found[1]), 0.0) + ms
-            for i, k in enumerate(chunk):
-                if i not in per_branch:
-                    raise EdgesmithError(f"the device's profile has no time for kernel {k.key} "
-                                         "(its onnxruntime names profiled nodes differently); "
-                                         "please report this with `edgesmith doctor` output")
-                self.cache.put(self.context, self.fingerprint, k.key, {"ms": per_branch[i]})
+        while todo:
+            anchors = sorted((k for k in self.anchors if self.get(k) is not None),
+                             key=self.get, reverse=True)[:ANCHORS]
+            take = BRANCHES_PER_BUNDLE - len(anchors)
+            chunk, todo = todo[:take], todo[take:]
+            times = self._measure(chunk + anchors)
+            scale = 1.0
+            if anchors:
+                now = sum(times[len(chunk):])
+                scale = sum(self.get(k) for k in anchors) / now if now > 0 else 1.0
+                self.drift.append(scale)
+            for k, ms in zip(chunk, times):
+                self.cache.put(self.context, self.fingerprint, k.key, {"ms": ms * scale})
                 self.measured += 1
+
+    def _measure(self, kernels: list[Kernel]) -> list[float]:
+        """Each kernel's device milliseconds, as branches of one bundle (one round trip)."""
+        proto = kernel_model(kernels)
+        inputs = [InputSpec(i.name, [d.dim_value for d in i.type.tensor_type.shape.dim],
+                            [d.dim_value for d in i.type.tensor_type.shape.dim], "float32")
+                  for i in proto.graph.input]
+        data = proto.SerializeToString()
+        model = Model(None, "onnx", inputs, [o.name for o in proto.graph.output],
+                      onnx_facts(proto, inputs, len(data)), proto=proto)
+        result = measure(self.device, bundles.build(model, meta={"latency_table": True}),
+                         self.job)
+        self.round_trips += 1
+        if not result.ok:
+            raise EdgesmithError(f"measuring the latency table on {self.device.name} "
+                                 f"failed at {result.stage}: {result.error}")
+        per_branch: dict[int, float] = {}
+        for node, ms in (result.node_profile_ms or {}).items():
+            if found := BRANCH.search(node):
+                per_branch[int(found[1])] = per_branch.get(int(found[1]), 0.0) + ms
+        for i, k in enumerate(kernels):
+            if i not in per_branch:
+                raise EdgesmithError(f"the device's profile has no time for kernel {k.key} "
+                                     "(its onnxruntime names profiled nodes differently); "
+                                     "please report this with `edgesmith doctor` output")
+        return [per_branch[i] for i in range(len(kernels))]
 
     def predict(self, kernels: list[Kernel]) -> float:
         """The table's sum over `kernels` (filled first where it lacks them)."""

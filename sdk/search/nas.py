@@ -236,8 +236,10 @@ def _search(search: _Search, cfg: NasConfig, model_path) -> NasReport:
                          f"{len(report.iterations)} iteration(s); run the same command to continue")
     report.widths_after = _widths(current.proto, search.original)
     if search.table is not None:
-        report.lut = {"entries_measured": search.table.measured, "round_trips": search.table.round_trips,
-                      "context": search.table.context}
+        drift = search.table.drift
+        report.lut = {"entries_measured": search.table.measured,
+                      "round_trips": search.table.round_trips, "context": search.table.context,
+                      "anchor_scale_range": [min(drift), max(drift)] if drift else None}
     report.elapsed_s = time.monotonic() - search.run.started
     write_nas_reports(report, search.run.out)
     return report
