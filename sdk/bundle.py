@@ -50,6 +50,8 @@ def build(model: Model, config: dict | None = None, eval_data: EvalData | None =
     """Bundle `model` with its runtime config and optional eval set (inputs, labels, refs);
     `extra_files` (name -> bytes) ship beside it, listed and hashed like every file."""
     files: dict[str, bytes] = {f"model.{model.format}": model.serialized(), **(extra_files or {})}
+    if eval_data is None and model.sample is not None:     # the runtime times on it
+        eval_data = EvalData(dict(model.sample), None, {}, len(next(iter(model.sample.values()))))
     if eval_data is not None:
         arrays = dict(eval_data.inputs)
         if eval_data.labels is not None:

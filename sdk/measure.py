@@ -189,6 +189,8 @@ def interleave(device, trials: dict[str, tuple[Bundle, Job]], rounds: int = 3
                 share = (result.load or {}).get("others_share")
                 if share is not None:
                     busy[name] = max(share, busy.get(name, 0.0))
+            elif __import__("os").environ.get("ES_DEBUG"):
+                print("FAILED", name, result.stage, result.error, result.latency_ms)
     return {n: Spread(median_ms=statistics.median(s), low_ms=min(s), high_ms=max(s),
                       rounds=len(s), others_share=busy.get(n))
             for n, s in samples.items() if s}

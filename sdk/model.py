@@ -56,6 +56,7 @@ class Model:
     facts: ModelFacts
     proto: object = None          # onnx.ModelProto for ONNX
     data: bytes = b""             # the file's bytes for TFLite
+    sample: dict | None = None    # one real feed for timing where random values would not do
 
     def serialized(self) -> bytes:
         return self.proto.SerializeToString() if self.format == "onnx" else self.data
@@ -195,7 +196,27 @@ def _load_onnx(path: Path, data: bytes, input_shapes: dict[str, list[int]], sour
     inputs = _input_specs(path, proto, input_shapes, source, static)
     outputs = [o.name for o in proto.graph.output]
     _check_runs_in_ort(path, data)
-    return Model(path, "onnx", inputs, outputs, onnx_facts(proto, inputs, len(data)), proto=proto)
+    model = Model(path, "onnx", inputs, outputs, onnx_facts(proto, inputs, len(data)), proto=proto)
+    model.sample = timing_sample(model, source)
+    return model
+
+
+def timing_sample(model: Model, source) -> dict | None:
+    """The data's first feed when an input is not float: random token ids, masks, or a sample
+    rate send an embedding lookup out of range or an If down the wrong branch (a MiniLM's
+    `token_type_ids` of 7: every timing failed), so such a model is timed on its own data.
+    Float inputs time as well on random values, and their data may be large: none then."""
+    if source is None or all(s.dtype.startswith("float") for s in model.inputs) or \
+            not Path(source).is_file():
+        return None
+    from .data import load_eval_set
+
+    try:
+        data = load_eval_set(source, model)
+    except EdgesmithError:
+        return None       # the command's own loading says what is wrong, in its own words
+    batch = model.inputs[0].shape[0] if model.inputs[0].shape else 1
+    return {k: v[:batch] for k, v in data.inputs.items()} if data.n >= batch else None
 
 
 def default_opset(proto) -> int | None:
@@ -335,10 +356,13 @@ def npz_headers(source) -> dict[str, tuple[tuple, np.dtype]]:
 
 
 def static_shapes(proto, inputs: list[InputSpec]) -> dict[str, list[int]]:
-    """Static shapes of every value once the inputs take their concrete shapes."""
+    """Static shapes of every value once the inputs take their concrete shapes; through Shape
+    ops where onnx can follow them (a transformer's heads are reshaped by computed shapes:
+    without, 7/8 of a MiniLM's MatMul MACs were unknown and dynamic int8 was "not worth it")."""
     from .onnx_utils import static_shapes as inferred, with_input_dims
 
-    return inferred(with_input_dims(proto, {s.name: s.shape for s in inputs}), data_prop=False)
+    fixed = with_input_dims(proto, {s.name: s.shape for s in inputs})
+    return inferred(fixed, data_prop=True) or inferred(fixed, data_prop=False)
 
 
 def node_macs(node, shapes: dict[str, list[int]]) -> int:
@@ -429,4 +453,4 @@ def from_proto(proto, like: Model, path: Path | None = None) -> Model:
     """Wrap a rewritten ONNX model (same inputs/outputs as `like`) with fresh facts."""
     data = proto.SerializeToString()
     return Model(path, "onnx", like.inputs, [o.name for o in proto.graph.output],
-                 onnx_facts(proto, like.inputs, len(data)), proto=proto)
+                 onnx_facts(proto, like.inputs, len(data)), proto=proto, sample=like.sample)

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +27,7 @@ from typing import Iterable
 import onnx
 
 from ..errors import EdgesmithError
-from ..onnx_utils import with_input_dims
+from ..onnx_utils import static_shapes, with_input_dims
 from . import PassReport, register
 from .ranges import RangeConfig, refine_ranges
 
@@ -199,6 +202,27 @@ class _Reader:
         return self.batches[self._pos - 1]
 
 
+CALIBRATION_RUN_BYTES = 256 << 20    # the activations of one calibration run
+
+
+def calibration_feeds(model: onnx.ModelProto, batches: list[dict]) -> list[dict]:
+    """The batches split so that one calibration run's activations stay under
+    CALIBRATION_RUN_BYTES: onnxruntime's calibrator runs a graph where every tensor also feeds
+    a reduction, so a run holds all its activations at once (a MiniLM-size encoder at 16
+    sentences of 128 tokens peaked at 2.9 GB on the host). Min/max ranges are the same over
+    any split; a model with a fixed batch keeps its batches."""
+    first = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
+    if not batches or not first or (first[0].HasField("dim_value") and first[0].dim_value > 0):
+        return batches
+    one = with_input_dims(model, {k: [1, *v.shape[1:]] for k, v in batches[0].items()})
+    weights = {t.name for t in model.graph.initializer}
+    per_sample = sum(4 * math.prod(dims) for name, dims in static_shapes(one).items()
+                     if name not in weights)
+    step = max(1, CALIBRATION_RUN_BYTES // max(1, per_sample))
+    return [{k: v[i:i + step] for k, v in b.items()} for b in batches
+            for i in range(0, len(next(iter(b.values()))), step)]
+
+
 def _extra_options(recipe: QuantRecipe) -> dict:
     options = {"ActivationSymmetric": recipe.symmetric_activations, "WeightSymmetric": True,
                "CalibStridedMinMax": 1}
@@ -215,6 +239,49 @@ class QuantizeConfig:
     recipe: QuantRecipe
     batches: list | None = None            # [{input: array}]; only read when the cache is new
     calibration_cache: Path | None = None  # caller-owned; None: calibrate every time
+
+
+WARNED = "onnxruntime's quantizer warned"
+
+
+@contextlib.contextmanager
+def quantizer_voice(report: PassReport):
+    """onnxruntime's quantizer prints progress to stdout and warns through the root logger (a
+    transformer's LayerNorm gave ten raw "Axis 1 is out-of-range" lines): both are kept from
+    the terminal, and each distinct warning goes to the report once, with its count."""
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler, root = Keep(logging.WARNING), logging.getLogger()
+    root.addHandler(handler)        # with a handler there, logging's last resort stays quiet
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.removeHandler(handler)
+        report.details += _grouped(records)
+
+
+def _grouped(messages: list[str]) -> list[str]:
+    """One line per kind of warning: the quoted names it repeats for are listed, not repeated
+    (a 6-layer encoder's per-LayerNorm warning is one line, not 13)."""
+    kinds: dict[str, list[str]] = {}
+    for text in messages:
+        names = re.findall(r"'([^']*)'", text)
+        kinds.setdefault(re.sub(r"'[^']*'", "'…'", text), []).extend(names or [""])
+    lines = []
+    for text, names in kinds.items():
+        names = list(dict.fromkeys(n for n in names if n))
+        if len(names) > 1:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            text = f"{text} ({len(names)}: {shown})"
+        elif names:
+            text = text.replace("'…'", f"'{names[0]}'", 1)
+        lines.append(f"{WARNED}: {text}")
+    return lines
 
 
 @register("quantize")
@@ -235,13 +302,13 @@ def quantize_static(model: onnx.ModelProto, cfg: QuantizeConfig
         if not Path(calib_cache).is_file():
             if cfg.batches is None:
                 raise EdgesmithError("calibration data is needed (--calib .npz or image folder)")
-            reader = _Reader(cfg.batches)
+            reader = _Reader(calibration_feeds(model, cfg.batches))
             if not len(reader):
                 raise EdgesmithError("calibration data is empty")
         out, src = Path(tmp) / "q.onnx", Path(tmp) / "float.onnx"
         src.write_bytes(model.SerializeToString())   # a path: ORT mutates ModelProtos it is given
         try:
-            with contextlib.redirect_stdout(io.StringIO()):  # ORT prints its progress to stdout
+            with quantizer_voice(report):
                 ort_quantize_static(
                     str(src), str(out), reader,
                     quant_format=QuantFormat.QDQ if recipe.format == "QDQ" else QuantFormat.QOperator,
@@ -299,10 +366,11 @@ def quantize_dynamic(model: onnx.ModelProto, recipe: QuantRecipe | None = None
     with tempfile.TemporaryDirectory() as tmp:
         out, src = Path(tmp) / "q.onnx", Path(tmp) / "float.onnx"
         src.write_bytes(model.SerializeToString())
-        ort_quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul", "Gemm"],
-                             per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
-                             weight_type=QuantType.QInt8 if recipe.weights == "S8"
-                             else QuantType.QUInt8, nodes_to_exclude=list(recipe.exclude))
+        with quantizer_voice(report):
+            ort_quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul", "Gemm"],
+                                 per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+                                 weight_type=QuantType.QInt8 if recipe.weights == "S8"
+                                 else QuantType.QUInt8, nodes_to_exclude=list(recipe.exclude))
         quantized = onnx.load(str(out))
     convs = sum(n.op_type == "Conv" for n in model.graph.node)
     report.add(f"MatMul/Gemm weights int8; {convs} Conv node(s) kept in float (onnxruntime's "

@@ -28,7 +28,7 @@ from ..errors import EdgesmithError
 from ..measure import Candidate, measure
 from ..model import Model, from_proto
 from ..passes.equalize import BiasCorrectConfig, EqualizeConfig, bias_correct, equalize
-from ..passes.quantize import (ORT_CALIBRATION, PreprocessConfig, QuantizeConfig, QuantRecipe,
+from ..passes.quantize import (ORT_CALIBRATION, WARNED, PreprocessConfig, QuantizeConfig, QuantRecipe,
                               preprocess, quantize_dynamic, quantize_static, to_fp16)
 from ..passes.ranges import RangeConfig, refine_ranges
 from ..passes.reconstruct import ReconstructConfig, reconstruct
@@ -323,6 +323,7 @@ def choose_recipe(model: Model, device: Run | str, data: QuantData,
         baseline.accuracy_drop = 0.0
         built: dict[str, onnx.ModelProto] = {}
         candidates: list[Candidate] = []
+        warned: dict[str, None] = {}          # the quantizer's own warnings, once each
 
         def trial(recipe: QuantRecipe, note: str = "") -> Candidate:
             kind = "int8 reconstruct" if recipe.reconstruct else "int8"
@@ -331,8 +332,10 @@ def choose_recipe(model: Model, device: Run | str, data: QuantData,
             say(f"measuring {recipe.name}")
             t0 = time.perf_counter()
             try:
-                proto, _ = search.build(recipe)
+                proto, reports = search.build(recipe)
                 host_s = time.perf_counter() - t0
+                warned.update(dict.fromkeys(line for r in reports for line in r.details
+                                            if line.startswith(WARNED)))
             except Exception as exc:   # noqa: BLE001 - a failed trial is a row, not a crash
                 text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 cand = Candidate(id=recipe.name, recipe=asdict(recipe), stage="quantize",
@@ -382,7 +385,7 @@ def choose_recipe(model: Model, device: Run | str, data: QuantData,
             drop = "n/a" if chosen.accuracy_drop is None else f"{chosen.accuracy_drop:.4f}"
             reason = (f"{chosen.id}: {baseline.latency_ms / chosen.latency_ms:.2f}x faster "
                       f"than fp32, accuracy drop {drop}")
-        notes = list(data.notes) + search.prep_report.details
+        notes = list(data.notes) + search.prep_report.details + list(warned)
         report = QuantizeReport(device=device.name, max_accuracy_drop=max_accuracy_drop,
                                 baseline=baseline, candidates=candidates, chosen=chosen,
                                 pruned=pruned, sensitivity=sensitivity[:20],
