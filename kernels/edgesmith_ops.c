@@ -63,6 +63,10 @@
 #error "edgesmith kernels need AVX-512, AVX2, SSE or NEON"
 #endif
 
+/* x clamped to [lo, hi] with NaN kept, as onnxruntime's Clip and Relu keep it: x86's max and
+ * min return their second operand when one is NaN, so x goes second (NEON's keep NaN anyway) */
+#define CLAMP(x, lo, hi) VMIN(hi, VMAX(lo, x))
+
 /* unaligned-capable vector of VL floats: loads and stores through it need no alignment */
 typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
 /* the micro-kernel: CV vectors of channels x CP pixels of accumulators */
@@ -427,7 +431,7 @@ static inline const float *next_end(const float *w, size_t size, const float *en
     }                                                                                     \
     vf lo = (vf){0} + to->lo, hi = (vf){0} + to->hi;                                      \
     UNROLLED(i, CP) UNROLLED(v, NV)                                                       \
-      if (i < to->np) *(vf *)(to->dst + i * to->ldd + v * VL) = VMIN(VMAX(acc[i][v], lo), hi); \
+      if (i < to->np) *(vf *)(to->dst + i * to->ldd + v * VL) = CLAMP(acc[i][v], lo, hi); \
   }
 MICRO_TILE(micro_tile_1, 1, src + j * ldk)
 MICRO_TILE(micro_tile_2, 2, src + j * ldk)
@@ -559,10 +563,10 @@ static inline void depthwise_four(const vf k[9], vf bias, const float *p, long e
     a0 += k1 * x[1], a1 += k1 * x[S + 1], a2 += k1 * x[2 * S + 1], a3 += k1 * x[3 * S + 1];
     a0 += k2 * x[2], a1 += k2 * x[S + 2], a2 += k2 * x[2 * S + 2], a3 += k2 * x[3 * S + 2];
   }
-  *(vf *)d = VMIN(VMAX(a0, lo), hi);
-  *(vf *)(d + ep) = VMIN(VMAX(a1, lo), hi);
-  *(vf *)(d + 2 * ep) = VMIN(VMAX(a2, lo), hi);
-  *(vf *)(d + 3 * ep) = VMIN(VMAX(a3, lo), hi);
+  *(vf *)d = CLAMP(a0, lo, hi);
+  *(vf *)(d + ep) = CLAMP(a1, lo, hi);
+  *(vf *)(d + 2 * ep) = CLAMP(a2, lo, hi);
+  *(vf *)(d + 3 * ep) = CLAMP(a3, lo, hi);
 }
 
 /* dbuf [q][e_lo, e_hi) = Act(depthwise(ebuf) + bd) for the output rows [oy0, oy0 + r), ebuf
@@ -587,7 +591,7 @@ static void depthwise_band(const Block *b, const float *ebuf, int first, int h, 
       const float *in = ebuf + (iy0 - first) * row + e0 - ep; /* output pixel 0's window */
       float *d = dbuf + (size_t)(oy - oy0) * ow * ep + e0;
       if (iy0 >= 0 && iy0 + 2 < h) { /* inner pixels: windows from column 0 to w - 1 */
-        *(vf *)d = VMIN(VMAX(depthwise_pixel(k, bias, in, ep, row, iy0, -1, h, w), lo), hi);
+        *(vf *)d = CLAMP(depthwise_pixel(k, bias, in, ep, row, iy0, -1, h, w), lo, hi);
         for (ox = 1; (ox + 3) * s + 1 < w; ox += 4)
           if (s == 1)
             depthwise_four(k, bias, in + ox * ep, ep, row, 1, lo, hi, d + ox * ep);
@@ -597,7 +601,7 @@ static void depthwise_band(const Block *b, const float *ebuf, int first, int h, 
       for (; ox < ow; ox++) {
         int ix0 = ox * s - 1;
         vf acc = depthwise_pixel(k, bias, in + (ix0 + 1) * ep, ep, row, iy0, ix0, h, w);
-        *(vf *)(d + ox * ep) = VMIN(VMAX(acc, lo), hi);
+        *(vf *)(d + ox * ep) = CLAMP(acc, lo, hi);
       }
     }
   }

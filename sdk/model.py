@@ -315,6 +315,12 @@ def _input_specs(path: Path, proto, given: dict[str, list[int]], data=None,
                                                for d, s in zip(dims[1:], sample)):
                 raise EdgesmithError(f"{Path(data).name}: input {vi.name!r} samples are "
                                      f"{'x'.join(map(str, sample))}, the model's input is {want}")
+        elif any(d is None for d in dims[1:]) and static and from_data and "*" not in from_data:
+            arrays = sorted(k for k in from_data if k != "labels")
+            raise EdgesmithError(f"{Path(data).name} has no array named {vi.name!r} (it has "
+                                 f"{arrays}), so the dynamic dimensions of {vi.name!r} ({want}) "
+                                 f"cannot be read from it: name the arrays after the model's "
+                                 f"inputs {names} (labels as 'labels')")
         elif any(d is None for d in dims[1:]) and static:
             hint = "x".join(str(d) if d else ("1" if i == 0 else f"<{dim.dim_param or 'size'}>")
                             for i, (d, dim) in enumerate(zip(dims, ttype.shape.dim)))

@@ -126,6 +126,25 @@ def test_threads_split_the_bands_and_give_the_same_bits():
         assert np.abs(outputs[1] - expected).max() < 1e-5 * np.abs(expected).max()
 
 
+def test_a_nan_input_spreads_as_in_onnxruntime():
+    """Before: x86's max/min dropped NaN at every clamp, so one NaN pixel gave 1 NaN output
+    where onnxruntime gives 72; a model fed a broken sensor frame must not look healthy."""
+    library = build(HOST)[0]
+    model = block_model(STEMS + MIXED, 13, 13, 1)
+    x = np.random.default_rng(2).standard_normal((1, 3, 13, 13)).astype(np.float32)
+    x[0, 1, 6, 6] = np.nan
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(library))
+    fused = fuse_inverted_residual(model, KernelConfig())[0]
+    ours = ort.InferenceSession(fused.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    plain = ort.InferenceSession(model.SerializeToString(),
+                                 providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.isnan(plain).sum() > 1
+    assert np.array_equal(np.isnan(ours), np.isnan(plain)), (np.isnan(ours).sum(),
+                                                             np.isnan(plain).sum())
+
+
 def _memory_kb() -> dict[str, int]:
     """This process's resident memory and the part of it in transparent huge pages, in kB."""
     with open("/proc/self/smaps_rollup") as f:

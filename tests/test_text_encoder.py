@@ -94,3 +94,15 @@ def test_calibration_in_smaller_runs_gives_the_same_ranges(encoder, monkeypatch)
     assert len(q.calibration_feeds(model.proto, batches)) == 64
     assert whole.keys() == split.keys() and len(whole) > 10
     assert all(np.allclose(whole[k], split[k], rtol=1e-6) for k in whole)
+
+
+def test_data_named_unlike_the_inputs_is_the_error_not_a_missing_shape(encoder, tmp_path):
+    """Before: the sequence length, unknown, was the complaint ("pass --eval/--calib data")
+    although the data was passed; the misnamed array is the cause."""
+    data = tokens(8, SEQ, 4)
+    np.savez(tmp_path / "ids.npz", ids=data["input_ids"], attention_mask=data["attention_mask"],
+             token_type_ids=data["token_type_ids"])
+    r = run_cli("profile", encoder / "encoder.onnx", "--eval", tmp_path / "ids.npz")
+    assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr
+    assert "has no array named 'input_ids'" in r.stderr and "['attention_mask', 'ids'," \
+        in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
