@@ -80,6 +80,30 @@ def run_job(args) -> Result:
     return result
 
 
+def hold_lease(seconds: float) -> None:
+    """The host writes to stdin every second while it waits for this run. When nothing comes
+    for `seconds` (a dark link the host gave up on) or stdin ends (the host closed the
+    channel), the process ends at once, exit 75: an orphaned run held the device lock, and a
+    core, until its max time (the next run waited 95 s). The lock goes with the process."""
+    import os
+    import threading
+
+    last = [time.monotonic()]
+
+    def read() -> None:
+        while os.read(0, 64):
+            last[0] = time.monotonic()
+        os._exit(75)
+
+    def watch() -> None:
+        while time.monotonic() - last[0] < seconds:
+            time.sleep(0.2)
+        os._exit(75)
+
+    for job in (read, watch):
+        threading.Thread(target=job, daemon=True, name=f"lease-{job.__name__}").start()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m device_runtime",
                                      description="Verify, run and measure an edgesmith bundle.")
@@ -99,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--lock-timeout", type=float, default=600.0)
     run.add_argument("--wait-idle", type=float, default=0.0,
                      help="wait up to this many seconds for other processes to leave the cores")
+    run.add_argument("--lease", type=float, default=0.0,
+                     help="end when stdin is silent this many seconds (the host's heartbeat)")
     sub.add_parser("facts", help="print this device's fingerprint")
     for command, text in (("deploy", "install BUNDLE as a version of NAME, check it here, then "
                                      "make it active"),
@@ -148,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(json.dumps({"ok": True, "bundle_sha256": bundle_id}))
         return 0
+    if args.lease > 0:
+        hold_lease(args.lease)
     result = run_job(args)
     print(json.dumps(result.to_dict()))
     return 0 if result.ok else 1

@@ -74,7 +74,7 @@ def cnn(models):
     return prepare(load(models / "digits_cnn.onnx"), models / "digits_cnn_eval.npz")
 
 
-def run_with_fault(dev, path: str, fault, after_s: float = 2.0):
+def run_with_fault(dev, path: str, fault, after_s: float = 2.0, timeout_s: float = 20):
     """A long run on `dev` with `fault()` injected `after_s` into it: (Result, seconds taken)."""
     import threading
     import time
@@ -86,7 +86,7 @@ def run_with_fault(dev, path: str, fault, after_s: float = 2.0):
     timer.start()
     try:
         result = dev.run(path, Job(runs=1, warmup=0, min_time_s=60, max_time_s=120,
-                                   timeout_s=20, lock_timeout_s=1, evaluate=False))
+                                   timeout_s=timeout_s, lock_timeout_s=1, evaluate=False))
     finally:
         timer.cancel()
         timer.join()

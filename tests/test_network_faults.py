@@ -100,6 +100,31 @@ def test_link_dark_mid_run_is_lost_within_the_stall_bound(netns_home, netns_host
     assert measure(device(netns_host), cnn, Job(runs=5)).ok
 
 
+def test_a_run_orphaned_by_a_dark_link_frees_the_device_lock(netns_home, netns_host, models):
+    """Before: the host gave up on a dark link, the orphaned run kept the device lock until
+    its max time and the next run waited 95 s. The run's lease (the host's heartbeat on its
+    stdin) ends it once the heartbeat is silent for the stall bound plus a margin."""
+    from edgesmith.devices.ssh import LEASE_MARGIN_S
+
+    netns.need("nft", "nftables")
+    cnn = prepare(load(models / "digits_cnn.onnx"), None)
+    with netns_host.sshd.new_sessions():         # whatever is left is killed on the way out
+        dev = device(netns_host, stall_timeout_s=3)
+        path = dev.push(cnn)
+        try:
+            result, _ = run_with_fault(dev, path, netns_host.drop_ssh, timeout_s=90)
+        finally:
+            netns_host.restore()
+        assert "lost" in result.error, result.error
+        t0 = time.monotonic()
+        after = device(netns_host).run(path, Job(runs=5, warmup=1, lock_timeout_s=50,
+                                                 evaluate=False))
+        waited = time.monotonic() - t0
+    assert after.ok, after.error
+    # the lease runs from the last heartbeat (the drop), the host gave up 3-9 s after it
+    assert after.stages_ms["lock_wait"] / 1e3 < 3 + LEASE_MARGIN_S + 4, (after.stages_ms, waited)
+
+
 def test_ctrl_c_during_a_slow_upload_stops_it_within_seconds(netns_home, netns_host, tmp_path):
     """`edgesmith profile` of a 12 MB model over an 8 Mbit/s link (~12 s of upload), Ctrl-C 3 s
     into the upload: the command ends within seconds (not when the upload would have finished)

@@ -45,6 +45,7 @@ DEFAULT_REMOTE_DIR = "~/.edgesmith"
 MIN_DEVICE_PYTHON = (3, 8)     # device_runtime's oldest (importlib.metadata); tested with 3.8
 KEEPALIVE_S = 5.0          # ask the device for a reply this often (OpenSSH's ServerAliveInterval)
 LINK_LOST_S = 20.0         # no reply and no data this long: the device or the link is gone
+LEASE_MARGIN_S = 5.0       # a run whose heartbeat is silent for LINK_LOST_S + this ends itself
 UPLOAD_CHUNK = 1 << 16     # progress (and liveness) is seen per chunk, even on a slow link
 STALE_TMP_MIN = 60         # temp dirs older than this were left by dropped links: swept
 # a full disk (or quota) as the device's tools report it; GNU tar only says "Wrote only N of M"
@@ -394,9 +395,10 @@ class SSHDevice:
 
     def execute(self, command: str, stage: str, timeout_s: float,
                 stdin: tuple[int, Iterable[bytes]] | bytes | None = None,
-                on_stderr=None) -> tuple[int, str, str]:
+                on_stderr=None, heartbeat: bool = False) -> tuple[int, str, str]:
         """Run one remote command under a deadline; returns (exit status, stdout, stderr).
-        `stdin`: bytes, or (size, chunks) streamed as they come (see `tar_stream`)."""
+        `stdin`: bytes, or (size, chunks) streamed as they come (see `tar_stream`).
+        `heartbeat`: a byte to stdin every second while waiting (the runtime's `--lease`)."""
         try:
             transport = self.connect().get_transport()
             chan = transport.open_session(timeout=self.connect_timeout_s)
@@ -406,8 +408,11 @@ class SSHDevice:
                 self._send(chan, chunks, size, stage, timeout_s)
             out, err = bytearray(), bytearray()
             started = time.monotonic()
-            deadline = started + timeout_s
+            deadline, beat = started + timeout_s, started
             while True:
+                if heartbeat and time.monotonic() - beat >= 1.0 and chan.send_ready():
+                    chan.send(b".")
+                    beat = time.monotonic()
                 if not chan.exit_status_ready():   # exit status does not wake select: poll
                     select.select([chan], [], [], 0.005 if time.monotonic() - started < 1 else 0.05)
                 while chan.recv_ready():
@@ -625,12 +630,13 @@ class SSHDevice:
                                       device=runtime.facts)
             argv = " ".join(q(a) for a in ["-m", "device_runtime", "run", remote_path,
                                            *job.argv(), "--lock", f"{self.root()}/device.lock",
-                                           "--lock-timeout", str(job.lock_timeout_s)])
+                                           "--lock-timeout", str(job.lock_timeout_s),
+                                           "--lease", f"{self.stall_timeout_s + LEASE_MARGIN_S:g}"])
             limit = job.timeout_s + job.lock_timeout_s
             guard = f"timeout -k 5 {int(limit)} " if runtime.has_timeout else ""
             status, out, err = self.execute(f"cd {q(self.root())} && PYTHONPATH={q(runtime.path)} "
                                           f"{guard}{q(runtime.python)} {argv}", "run", limit + 10,
-                                          on_stderr=_show_waiting)
+                                          on_stderr=_show_waiting, heartbeat=True)
         except StageError as exc:
             return Result.failure(exc.stage, exc.message)
         if runtime.has_timeout and status == 124:
