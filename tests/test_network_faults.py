@@ -125,6 +125,55 @@ def test_a_run_orphaned_by_a_dark_link_frees_the_device_lock(netns_home, netns_h
     assert after.stages_ms["lock_wait"] / 1e3 < 3 + LEASE_MARGIN_S + 4, (after.stages_ms, waited)
 
 
+def test_an_upload_cut_by_a_dark_link_leaves_no_temp_folder(netns_home, netns_host,
+                                                              tmp_path):
+    """Before: the device never saw the host go, its tar waited on the dead link and the
+    temp folder stayed until a later push swept it an hour on. The tar runs under the
+    upload's deadline on the device, and its folder goes with it."""
+    import threading
+
+    from conftest import ROOT
+
+    netns.need("nft", "nftables")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from deploy import big_model
+
+    big_model(tmp_path / "big.onnx", mb=12)
+    big = prepare(load(tmp_path / "big.onnx"), None)
+    uploading = tmp_path / "remote" / "bundles"
+    with netns_host.sshd.new_sessions():
+        dev = device(netns_host, stall_timeout_s=3, upload_timeout_s=6)
+        dev.ensure_runtime()
+        netns_host.slow_link("8mbit")          # ~12 s of upload: the link goes dark within it
+        failed = []
+        push = threading.Thread(target=lambda: failed.append(_push_error(dev, big)))
+        t0 = time.monotonic()
+        try:
+            push.start()
+            while time.monotonic() - t0 < 30 and not any(
+                    p.name.startswith(".tmp-") for p in uploading.glob("*")):
+                time.sleep(0.1)
+            time.sleep(1)
+            netns_host.drop_ssh()
+            push.join(30)
+            assert failed and failed[0], failed       # the host gave up on the link
+            while time.monotonic() - t0 < 40 and list(uploading.glob(".tmp-*")):
+                time.sleep(0.5)
+            left = list(uploading.glob(".tmp-*"))
+        finally:
+            netns_host.restore()
+            netns_host.fast_link()
+    assert not left, f"{left} still there {time.monotonic() - t0:.0f}s after the push began"
+
+
+def _push_error(dev, bundle) -> str:
+    try:
+        dev.push(bundle)
+    except StageError as exc:
+        return exc.message
+    return ""
+
+
 def test_ctrl_c_during_a_slow_upload_stops_it_within_seconds(netns_home, netns_host, tmp_path):
     """`edgesmith profile` of a 12 MB model over an 8 Mbit/s link (~12 s of upload), Ctrl-C 3 s
     into the upload: the command ends within seconds (not when the upload would have finished)

@@ -571,8 +571,12 @@ class SSHDevice:
         tmp = f"{parent}/.tmp-{posixpath.basename(dest)}-{os.urandom(4).hex()}"
         hashes = {name: hashlib.sha256(data).hexdigest() if isinstance(data, bytes)
                   else sha256_file(data) for name, data in files.items()}
-        # one round trip: sweep, unpack, check every sha256 on the device, mark complete, rename
-        command = (f"{_sweep(parent)}; mkdir -p {q(tmp)} && {{ tar -xf - -C {q(tmp)} && "
+        # one round trip: sweep, unpack, check every sha256 on the device, mark complete, rename;
+        # tar under the upload's own deadline: on a dark link the device never sees the host
+        # go, and the stuck tar kept its temp dir until the next push's sweep an hour later
+        limit = f"timeout -k 5 {int(self.upload_timeout_s) + 5}"
+        command = (f"t=; command -v timeout >/dev/null 2>&1 && t={q(limit)}; "
+                   f"{_sweep(parent)}; mkdir -p {q(tmp)} && {{ $t tar -xf - -C {q(tmp)} && "
                    f"(cd {q(tmp)} && {q(python)} -c {q(VERIFY_SNIPPET)} {q(json.dumps(hashes))}) "
                    f"&& touch {q(tmp)}/.complete && {{ mv -T {q(tmp)} {q(dest)} 2>/dev/null || "
                    f"test -f {q(dest)}/.complete; }}; }}; status=$?; rm -rf {q(tmp)}; exit $status")
