@@ -80,6 +80,47 @@ def run_job(args) -> Result:
     return result
 
 
+def compare_jobs(args) -> dict:
+    """Several bundles timed in one process, in rotating order each round (none always first
+    or last): no process start or session load between them, and every round's device noise
+    falls on all of them alike. {"p50_ms": {bundle: [p50 per round]}, "errors", "load"}."""
+    from . import facts
+    from .measure import cpu_ticks, device_load, time_runs, wait_idle
+    from .session import Session
+
+    out = {"ok": True, "device": facts.collect(with_providers=False), "p50_ms": {}, "errors": {}}
+    overrides = json.loads(args.config) if args.config else {}
+    if args.threads is not None:
+        overrides["threads"] = args.threads
+    lock = device_lock(args.lock, args.lock_timeout) if args.lock else None
+    try:
+        ready = {}
+        for path in args.bundles:
+            try:
+                session = Session.open(path, **overrides)
+                ready[path] = (session.backend.run, session.check_feed(session.example_feed()))
+            except RuntimeFailure as exc:
+                out["errors"][path] = f"{exc.stage}: {exc.message}"
+        if args.wait_idle > 0:
+            wait_idle(args.wait_idle)
+        ticks, names = cpu_ticks(), list(ready)
+        for i in range(args.rounds):
+            for path in names[i % max(1, len(names)):] + names[:i % max(1, len(names))]:
+                run, feed = ready[path]
+                if path not in out["errors"]:
+                    try:
+                        out["p50_ms"].setdefault(path, []).append(time_runs(
+                            lambda: run(feed), args.warmup, args.runs, args.min_time,
+                            args.max_time)["p50"])
+                    except Exception as exc:  # noqa: BLE001 - the model's own failure
+                        out["errors"][path] = f"run: {str(exc).strip()[:300]}"
+        out["load"] = device_load(ticks, cpu_ticks())
+    finally:
+        if lock is not None:
+            lock.close()
+    return out
+
+
 def hold_lease(seconds: float) -> None:
     """The host writes to stdin every second while it waits for this run. When nothing comes
     for `seconds` (a dark link the host gave up on) or stdin ends (the host closed the
@@ -110,21 +151,25 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="verify, evaluate and time a bundle; print a Result")
     run.add_argument("bundle")
-    run.add_argument("--json", action="store_true", help="print the Result as JSON (default)")
-    run.add_argument("--runs", type=int, default=100)
-    run.add_argument("--warmup", type=int, default=10)
-    run.add_argument("--min-time", type=float, default=0.0, help="seconds of timed runs at least")
-    run.add_argument("--max-time", type=float, default=120.0, help="stop timing after this")
-    run.add_argument("--threads", type=int, default=None)
-    run.add_argument("--config", default=None, help="JSON object overriding the runtime config")
-    run.add_argument("--no-eval", action="store_true")
-    run.add_argument("--profile-ops", action="store_true", help="time per op type and node")
-    run.add_argument("--lock", help="flock this file while measuring (one benchmark at a time)")
-    run.add_argument("--lock-timeout", type=float, default=600.0)
-    run.add_argument("--wait-idle", type=float, default=0.0,
-                     help="wait up to this many seconds for other processes to leave the cores")
-    run.add_argument("--lease", type=float, default=0.0,
-                     help="end when stdin is silent this many seconds (the host's heartbeat)")
+    compare = sub.add_parser("compare", help="time bundles in rotating rounds in one process")
+    compare.add_argument("bundles", nargs="+")
+    compare.add_argument("--rounds", type=int, default=3)
+    for p in (run, compare):
+        p.add_argument("--json", action="store_true", help="print the Result as JSON (default)")
+        p.add_argument("--runs", type=int, default=100)
+        p.add_argument("--warmup", type=int, default=10)
+        p.add_argument("--min-time", type=float, default=0.0, help="seconds of timed runs at least")
+        p.add_argument("--max-time", type=float, default=120.0, help="stop timing after this")
+        p.add_argument("--threads", type=int, default=None)
+        p.add_argument("--config", default=None, help="JSON object overriding the runtime config")
+        p.add_argument("--no-eval", action="store_true")
+        p.add_argument("--profile-ops", action="store_true", help="time per op type and node")
+        p.add_argument("--lock", help="flock this file while measuring (one benchmark at a time)")
+        p.add_argument("--lock-timeout", type=float, default=600.0)
+        p.add_argument("--wait-idle", type=float, default=0.0,
+                       help="wait up to this many seconds for other processes to leave the cores")
+        p.add_argument("--lease", type=float, default=0.0,
+                       help="end when stdin is silent this many seconds (the host's heartbeat)")
     sub.add_parser("facts", help="print this device's fingerprint")
     for command, text in (("deploy", "install BUNDLE as a version of NAME, check it here, then "
                                      "make it active"),
@@ -176,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.lease > 0:
         hold_lease(args.lease)
+    if args.command == "compare":
+        try:
+            print(json.dumps(compare_jobs(args)))
+        except RuntimeFailure as exc:       # the lock not had in time
+            print(json.dumps({"ok": False, "error": exc.message, "stage": exc.stage}))
+            return 1
+        return 0
     result = run_job(args)
     print(json.dumps(result.to_dict()))
     return 0 if result.ok else 1

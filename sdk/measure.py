@@ -176,6 +176,8 @@ def interleave(device, trials: dict[str, tuple[Bundle, Job]], rounds: int = 3
     """Each trial's p50 per round, in rotating order (no trial always runs first or last);
     the median over rounds with its low/high. Failed rounds are left out; a trial that never
     ran is missing from the answer."""
+    if (together := _in_one_process(device, trials, rounds)) is not None:
+        return together
     names = list(trials)
     samples: dict[str, list[float]] = {n: [] for n in names}
     busy: dict[str, float] = {}
@@ -196,6 +198,40 @@ def interleave(device, trials: dict[str, tuple[Bundle, Job]], rounds: int = 3
             for n, s in samples.items() if s}
 
 
+
+
+def _in_one_process(device, trials: dict[str, tuple[Bundle, Job]], rounds: int
+                    ) -> dict[str, Spread] | None:
+    """The rounds in one runtime process (`device_runtime compare`): sessions load once, no
+    process starts between trials (a third of a confirmation's time on a small model). Only
+    for timing-only trials of one job whose models fit the device's memory several times
+    over (all stay loaded); None when it does not apply or the device could not do it, and
+    the caller measures one run at a time."""
+    jobs = [replace(job, backend="") for _, job in trials.values()]     # a bundle says its own
+    if len(trials) < 2 or any(j != jobs[0] for j in jobs) or not hasattr(device, "compare"):
+        return None
+    job = jobs[0]
+    if job.evaluate or job.profile_ops:
+        return None
+    try:
+        memory_mb = device.facts().get("memory_mb") or 0
+        if sum(b.manifest.files.get(b.manifest.model, {}).get("size", 0)
+               for b, _ in trials.values()) * 4 > memory_mb * 1e6 / 2 or \
+                any(opset_skew(device, b) for b, _ in trials.values()):
+            return None
+        paths = {name: push_once(device, bundle) for name, (bundle, _) in trials.items()}
+        reply = device.compare(list(dict.fromkeys(paths.values())), job, rounds)
+    except StageError:
+        return None
+    if not reply.get("ok"):
+        return None
+    share = (reply.get("load") or {}).get("others_share")
+    out = {}
+    for name, path in paths.items():
+        if s := reply.get("p50_ms", {}).get(path):
+            out[name] = Spread(median_ms=statistics.median(s), low_ms=min(s), high_ms=max(s),
+                               rounds=len(s), others_share=share)
+    return out
 
 
 def busy_note(spreads) -> str | None:

@@ -322,3 +322,25 @@ def test_a_config_of_the_wrong_type_fails_the_load_not_the_verify(cnn_bundle):
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["stage"] == "load" and "many" in result["error"], result
+
+
+def test_compare_times_bundles_in_rotating_rounds_in_one_process(cnn_bundle, models, tmp_path):
+    """`compare`: each bundle's p50 per round, from one process; a bundle that cannot load is
+    named in `errors` and the others are still timed; the SDK's interleave reads it."""
+    from edgesmith.devices import Job, get_device
+    from edgesmith.measure import interleave
+
+    mlp = prepare(load(models / "digits_mlp.onnx"), None)
+    broken = copy_bundle(cnn_bundle, tmp_path)
+    (broken / "model.onnx").write_bytes(b"not a model")
+    proc = subprocess.run([sys.executable, "-m", "device_runtime", "compare", str(cnn_bundle.path),
+                           str(mlp.path), str(broken), "--rounds", "3", "--runs", "5",
+                           "--warmup", "1", "--no-eval"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    reply = json.loads(proc.stdout)
+    assert proc.returncode == 0 and reply["ok"], proc.stderr
+    assert {len(v) for v in reply["p50_ms"].values()} == {3} and len(reply["p50_ms"]) == 2
+    assert list(reply["errors"]) == [str(broken)] and "verify" in reply["errors"][str(broken)]
+    job = Job(runs=5, warmup=1, evaluate=False)
+    spreads = interleave(get_device("local"), {"cnn": (cnn_bundle, job), "mlp": (mlp, job)}, 3)
+    assert {s.rounds for s in spreads.values()} == {3} and set(spreads) == {"cnn", "mlp"}

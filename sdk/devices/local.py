@@ -55,6 +55,11 @@ class LocalDevice:
                                   f"{job.timeout_s:.0f}s; raise the timeout (--timeout)")
         return parse_result(proc.stdout, proc.stderr, proc.returncode)
 
+    def compare(self, paths: list[str], job: Job, rounds: int) -> dict:
+        """`paths` timed in rotating rounds in one runtime process (see runtime `compare`)."""
+        return self.call(["compare", *paths, *job.argv(), "--rounds", str(rounds)], "compare",
+                         job.timeout_s * len(paths) * rounds)
+
     def call(self, args: list[str], stage: str, timeout_s: float = 600.0) -> dict:
         """`python -m device_runtime ARGS` here; its JSON reply."""
         try:

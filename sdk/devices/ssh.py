@@ -665,6 +665,24 @@ class SSHDevice:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def compare(self, paths: list[str], job: Job, rounds: int) -> dict:
+        """`paths` timed in rotating rounds in one runtime process under the device's lock,
+        on a lease like `run`."""
+        runtime = self.ensure_runtime()
+        limit = job.timeout_s * len(paths) * rounds + job.lock_timeout_s
+        argv = " ".join(q(a) for a in ["-m", "device_runtime", "compare", *paths, *job.argv(),
+                                       "--rounds", str(rounds),
+                                       "--lock", f"{self.root()}/device.lock",
+                                       "--lock-timeout", str(job.lock_timeout_s),
+                                       "--lease", f"{self.stall_timeout_s + LEASE_MARGIN_S:g}"])
+        guard = f"timeout -k 5 {int(limit)} " if runtime.has_timeout else ""
+        status, out, err = self.execute(f"cd {q(self.root())} && PYTHONPATH={q(runtime.path)} "
+                                        f"{guard}{q(runtime.python)} {argv}", "run", limit + 10,
+                                        on_stderr=_show_waiting, heartbeat=True)
+        if runtime.has_timeout and status == 124:
+            raise StageError("run", f"the device runtime took longer than {limit:.0f}s")
+        return parse_reply(out, err, status, "run")
+
     def call(self, args: list[str], stage: str, timeout_s: float = 600.0) -> dict:
         """`python3 -m device_runtime ARGS` on the device (every argument quoted); its JSON
         reply. The device's benchmark lock is passed to commands that time a model."""
