@@ -209,11 +209,12 @@ def timing_sample(model: Model, source) -> dict | None:
     if source is None or all(s.dtype.startswith("float") for s in model.inputs) or \
             not Path(source).is_file():
         return None
-    from .data import load_eval_set
+    from device_runtime.errors import RuntimeFailure
+    from device_runtime.evaluate import load_eval
 
     try:
-        data = load_eval_set(source, model)
-    except EdgesmithError:
+        data = load_eval(Path(source), {s.name: s.as_manifest() for s in model.inputs})
+    except RuntimeFailure:
         return None       # the command's own loading says what is wrong, in its own words
     batch = model.inputs[0].shape[0] if model.inputs[0].shape else 1
     return {k: v[:batch] for k, v in data.inputs.items()} if data.n >= batch else None
