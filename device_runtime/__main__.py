@@ -15,6 +15,16 @@ from .result import Result
 from .store import device_lock
 
 
+def session_overrides(args) -> dict:
+    """The runtime config a timing command's options set over the bundle's own."""
+    overrides = json.loads(args.config) if args.config else {}
+    if args.threads is not None:
+        overrides["threads"] = args.threads
+    if args.profile_ops:
+        overrides["profile_ops"] = True
+    return overrides
+
+
 def run_job(args) -> Result:
     from . import facts
     from .measure import cpu_ticks, device_load, peak_rss_mb, time_runs, wait_idle
@@ -29,13 +39,8 @@ def run_job(args) -> Result:
             lock = device_lock(args.lock, args.lock_timeout)
             result.stages_ms["lock_wait"] = (time.perf_counter() - t0) * 1e3
             result.window_s = [time.time(), None]
-        overrides = json.loads(args.config) if args.config else {}
-        if args.threads is not None:
-            overrides["threads"] = args.threads
-        if args.profile_ops:
-            overrides["profile_ops"] = True
         t0 = time.perf_counter()
-        session = Session.open(args.bundle, **overrides)
+        session = Session.open(args.bundle, **session_overrides(args))
         result.stages_ms["verify+load"] = (time.perf_counter() - t0) * 1e3
         manifest = session.manifest
         result.bundle_sha256, result.backend, result.meta = (session.bundle_id, manifest.backend,
@@ -89,9 +94,7 @@ def compare_jobs(args) -> dict:
     from .session import Session
 
     out = {"ok": True, "device": facts.collect(with_providers=False), "p50_ms": {}, "errors": {}}
-    overrides = json.loads(args.config) if args.config else {}
-    if args.threads is not None:
-        overrides["threads"] = args.threads
+    overrides = session_overrides(args)
     lock = device_lock(args.lock, args.lock_timeout) if args.lock else None
     try:
         ready = {}

@@ -95,6 +95,12 @@ class Spread:
     rounds: int
     others_share: float | None = None   # the most other processes used of the device's cores
 
+    @classmethod
+    def of(cls, p50s: list[float], others_share: float | None = None) -> "Spread":
+        """The median of per-round p50s with their range."""
+        return cls(median_ms=statistics.median(p50s), low_ms=min(p50s), high_ms=max(p50s),
+                   rounds=len(p50s), others_share=others_share)
+
     def overlaps(self, other: "Spread") -> bool:
         """Inside each other's noise: neither can be called faster."""
         return self.low_ms <= other.high_ms and other.low_ms <= self.high_ms
@@ -191,13 +197,7 @@ def interleave(device, trials: dict[str, tuple[Bundle, Job]], rounds: int = 3
                 share = (result.load or {}).get("others_share")
                 if share is not None:
                     busy[name] = max(share, busy.get(name, 0.0))
-            elif __import__("os").environ.get("ES_DEBUG"):
-                print("FAILED", name, result.stage, result.error, result.latency_ms)
-    return {n: Spread(median_ms=statistics.median(s), low_ms=min(s), high_ms=max(s),
-                      rounds=len(s), others_share=busy.get(n))
-            for n, s in samples.items() if s}
-
-
+    return {n: Spread.of(s, busy.get(n)) for n, s in samples.items() if s}
 
 
 def _in_one_process(device, trials: dict[str, tuple[Bundle, Job]], rounds: int
@@ -226,12 +226,9 @@ def _in_one_process(device, trials: dict[str, tuple[Bundle, Job]], rounds: int
     if not reply.get("ok"):
         return None
     share = (reply.get("load") or {}).get("others_share")
-    out = {}
-    for name, path in paths.items():
-        if s := reply.get("p50_ms", {}).get(path):
-            out[name] = Spread(median_ms=statistics.median(s), low_ms=min(s), high_ms=max(s),
-                               rounds=len(s), others_share=share)
-    return out
+    rounds_ms = reply.get("p50_ms", {})
+    return {name: Spread.of(rounds_ms[path], share) for name, path in paths.items()
+            if rounds_ms.get(path)}
 
 
 def busy_note(spreads) -> str | None:

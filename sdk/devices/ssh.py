@@ -632,15 +632,8 @@ class SSHDevice:
                                       f"lacks {', '.join(missing)}; run `edgesmith device setup "
                                       f"{self.name}` or pip install them there",
                                       device=runtime.facts)
-            argv = " ".join(q(a) for a in ["-m", "device_runtime", "run", remote_path,
-                                           *job.argv(), "--lock", f"{self.root()}/device.lock",
-                                           "--lock-timeout", str(job.lock_timeout_s),
-                                           "--lease", f"{self.stall_timeout_s + LEASE_MARGIN_S:g}"])
             limit = job.timeout_s + job.lock_timeout_s
-            guard = f"timeout -k 5 {int(limit)} " if runtime.has_timeout else ""
-            status, out, err = self.execute(f"cd {q(self.root())} && PYTHONPATH={q(runtime.path)} "
-                                          f"{guard}{q(runtime.python)} {argv}", "run", limit + 10,
-                                          on_stderr=_show_waiting, heartbeat=True)
+            status, out, err = self._timed(runtime, ["run", remote_path], job, limit)
         except StageError as exc:
             return Result.failure(exc.stage, exc.message)
         if runtime.has_timeout and status == 124:
@@ -665,20 +658,26 @@ class SSHDevice:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def _timed(self, runtime: RemoteRuntime, args: list[str], job: Job,
+               limit: float) -> tuple[int, str, str]:
+        """A timing command of the runtime (`run`, `compare`): under the device's benchmark
+        lock, on a lease the heartbeat keeps, bounded by `limit` on the device too."""
+        argv = " ".join(q(a) for a in ["-m", "device_runtime", *args, *job.argv(),
+                                       "--lock", f"{self.root()}/device.lock",
+                                       "--lock-timeout", str(job.lock_timeout_s),
+                                       "--lease", f"{self.stall_timeout_s + LEASE_MARGIN_S:g}"])
+        guard = f"timeout -k 5 {int(limit)} " if runtime.has_timeout else ""
+        return self.execute(f"cd {q(self.root())} && PYTHONPATH={q(runtime.path)} "
+                            f"{guard}{q(runtime.python)} {argv}", "run", limit + 10,
+                            on_stderr=_show_waiting, heartbeat=True)
+
     def compare(self, paths: list[str], job: Job, rounds: int) -> dict:
         """`paths` timed in rotating rounds in one runtime process under the device's lock,
         on a lease like `run`."""
         runtime = self.ensure_runtime()
         limit = job.timeout_s * len(paths) * rounds + job.lock_timeout_s
-        argv = " ".join(q(a) for a in ["-m", "device_runtime", "compare", *paths, *job.argv(),
-                                       "--rounds", str(rounds),
-                                       "--lock", f"{self.root()}/device.lock",
-                                       "--lock-timeout", str(job.lock_timeout_s),
-                                       "--lease", f"{self.stall_timeout_s + LEASE_MARGIN_S:g}"])
-        guard = f"timeout -k 5 {int(limit)} " if runtime.has_timeout else ""
-        status, out, err = self.execute(f"cd {q(self.root())} && PYTHONPATH={q(runtime.path)} "
-                                        f"{guard}{q(runtime.python)} {argv}", "run", limit + 10,
-                                        on_stderr=_show_waiting, heartbeat=True)
+        status, out, err = self._timed(runtime, ["compare", *paths, "--rounds", str(rounds)],
+                                       job, limit)
         if runtime.has_timeout and status == 124:
             raise StageError("run", f"the device runtime took longer than {limit:.0f}s")
         return parse_reply(out, err, status, "run")

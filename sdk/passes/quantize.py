@@ -248,7 +248,7 @@ WARNED = "onnxruntime's quantizer warned"
 def quantizer_voice(report: PassReport):
     """onnxruntime's quantizer prints progress to stdout and warns through the root logger (a
     transformer's LayerNorm gave ten raw "Axis 1 is out-of-range" lines): both are kept from
-    the terminal, and each distinct warning goes to the report once, with its count."""
+    the terminal; each kind of warning goes to the report's metrics["warnings"] once."""
     records: list[str] = []
 
     class Keep(logging.Handler):
@@ -262,7 +262,7 @@ def quantizer_voice(report: PassReport):
             yield
     finally:
         root.removeHandler(handler)
-        report.details += _grouped(records)
+        report.metrics["warnings"] = report.metrics.get("warnings", []) + _grouped(records)
 
 
 def _grouped(messages: list[str]) -> list[str]:

@@ -28,7 +28,7 @@ from ..errors import EdgesmithError
 from ..measure import Candidate, measure
 from ..model import Model, from_proto
 from ..passes.equalize import BiasCorrectConfig, EqualizeConfig, bias_correct, equalize
-from ..passes.quantize import (ORT_CALIBRATION, WARNED, PreprocessConfig, QuantizeConfig, QuantRecipe,
+from ..passes.quantize import (ORT_CALIBRATION, PreprocessConfig, QuantizeConfig, QuantRecipe,
                               preprocess, quantize_dynamic, quantize_static, to_fp16)
 from ..passes.ranges import RangeConfig, refine_ranges
 from ..passes.reconstruct import ReconstructConfig, reconstruct
@@ -334,8 +334,8 @@ def choose_recipe(model: Model, device: Run | str, data: QuantData,
             try:
                 proto, reports = search.build(recipe)
                 host_s = time.perf_counter() - t0
-                warned.update(dict.fromkeys(line for r in reports for line in r.details
-                                            if line.startswith(WARNED)))
+                warned.update(dict.fromkeys(line for r in reports
+                                            for line in r.metrics.get("warnings", ())))
             except Exception as exc:   # noqa: BLE001 - a failed trial is a row, not a crash
                 text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 cand = Candidate(id=recipe.name, recipe=asdict(recipe), stage="quantize",
