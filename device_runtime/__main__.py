@@ -51,7 +51,7 @@ def run_job(args) -> Result:
             stage = "eval"
             from .evaluate import load_eval, metrics, predict
             t0 = time.perf_counter()
-            data = load_eval(session.root / manifest.eval, session.inputs)
+            data = load_eval(session.root / manifest.eval, session.inputs, state=manifest.state)
             result.accuracy = metrics(predict(session, data, manifest.eval_batch), data)
             result.stages_ms["eval"] = (time.perf_counter() - t0) * 1e3
         stage = "measure"

@@ -31,7 +31,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 FIELD_TYPES = {"model": str, "format": str, "backend": str, "inputs": list, "outputs": list,
                "files": dict, "config": dict, "eval": (str, type(None)), "eval_batch": int,
-               "meta": dict}
+               "meta": dict, "state": dict}
 
 
 @dataclass
@@ -48,6 +48,7 @@ class Manifest:
     eval: str | None = None          # eval.npz: inputs by name, "labels", "ref:<output>"
     eval_batch: int = 1
     meta: dict = field(default_factory=dict)     # free-form: source model hash, recipe, ...
+    state: dict = field(default_factory=dict)    # a stream's state: output -> next call's input
     schema: int = MANIFEST_SCHEMA
 
     def to_json(self) -> bytes:

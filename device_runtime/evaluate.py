@@ -1,13 +1,17 @@
 """Accuracy against labels and fidelity against reference outputs, on the bundle's eval set.
 
 Eval files are `.npz` read with `allow_pickle=False`: one array per model input (by input name,
-samples on axis 0), optional integer `labels`, optional `ref:<output name>` reference outputs.
+samples on axis 0), optional integer `labels`, optional `ref:<output name>` reference outputs,
+and `const:<input name>` for an input fed as-is on every call (a scalar sample rate, the first
+state of a stream). A streaming model's `state` pairs (output -> input) carry each call's state
+output into the next call's input: its samples are consecutive chunks of one stream, run one
+call each and judged as a whole sequence.
 """
 from __future__ import annotations
 
 import math
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RuntimeFailure
@@ -38,6 +42,15 @@ class EvalData:
     labels: object | None
     refs: dict
     n: int
+    consts: dict = field(default_factory=dict)   # input -> the value fed on every call
+    state: dict = field(default_factory=dict)    # output -> the input it feeds on the next call
+
+    def feed(self, start: int, stop: int, specs: dict) -> dict:
+        """Samples start..stop, the constants, and a stream's first state (zeros unless given)."""
+        import numpy as np
+
+        first = {i: np.zeros(specs[i]["shape"], specs[i]["dtype"]) for i in self.state.values()}
+        return {**first, **self.consts, **{k: v[start:stop] for k, v in self.inputs.items()}}
 
 
 def max_data_bytes() -> int:
@@ -94,8 +107,10 @@ def npz_members(path: Path, stage: str = "eval") -> dict:
     return members
 
 
-def load_eval(path: str | Path, input_specs: dict, stage: str = "eval") -> EvalData:
-    """Load and check an eval set against the model's inputs; every problem is one line."""
+def load_eval(path: str | Path, input_specs: dict, stage: str = "eval",
+              state: dict | None = None) -> EvalData:
+    """Load and check an eval set against the model's inputs (`state`: a streaming model's
+    output -> input pairs, whose inputs the data need not hold); every problem is one line."""
     import numpy as np
 
     path = Path(path)
@@ -108,31 +123,36 @@ def load_eval(path: str | Path, input_specs: dict, stage: str = "eval") -> EvalD
                              "again with numpy.savez") from None
     labels = arrays.pop("labels", None)
     refs = {k[4:]: arrays.pop(k) for k in [k for k in arrays if k.startswith("ref:")]}
-    unknown = sorted(set(arrays) - set(input_specs))
-    missing = sorted(set(input_specs) - set(arrays))
+    consts = {k[6:]: arrays.pop(k) for k in [k for k in arrays if k.startswith("const:")]}
+    carried = set((state or {}).values())
+    unknown = sorted(set(arrays) - set(input_specs)) + [f"const:{k}" for k in sorted(
+        set(consts) - set(input_specs))]
+    missing = sorted(set(input_specs) - set(arrays) - set(consts) - carried)
     if unknown or missing:
         raise RuntimeFailure(stage, f"{path.name} has arrays {unknown} that are not model inputs "
                              f"and lacks {missing}; name arrays after the inputs "
-                             f"{sorted(input_specs)} (plus optional 'labels')")
+                             f"{sorted(input_specs)} (plus optional 'labels'; 'const:NAME' for "
+                             "a value fed on every call)")
+    for name in sorted(carried & set(arrays)):
+        raise RuntimeFailure(stage, f"{path.name}: {name!r} is a state input, carried from the "
+                             "previous call's output; give its first value as 'const:"
+                             f"{name}' (zeros without it), not one per sample")
+    for name, arr in consts.items():
+        _check_array(path, name, arr, input_specs[name], f"const:{name}", arr.shape, stage)
+    if not arrays:
+        raise RuntimeFailure(stage, f"{path.name} holds no per-sample input (only constants); "
+                             "give at least one input's samples on axis 0")
     sizes = {name: arr.shape[0] if arr.ndim else 0 for name, arr in arrays.items()}
     n = next(iter(sizes.values()))
     if len(set(sizes.values())) != 1 or n == 0:
         raise RuntimeFailure(stage, f"{path.name}: inputs need the same, non-zero number of "
                              f"samples on axis 0, got {sizes}")
     for name, arr in arrays.items():
-        spec = input_specs[name]
-        if arr.dtype != np.dtype(spec["dtype"]):
-            raise RuntimeFailure(stage, f"{path.name}: input {name!r} is {arr.dtype}, the model "
-                                 f"takes {spec['dtype']}; convert it with .astype()")
-        dims = spec["dims"]
-        if arr.ndim != len(dims) or any(d is not None and d != s
-                                        for d, s in zip(dims[1:], arr.shape[1:])):
-            want = "x".join("?" if d is None else str(d) for d in ["N"] + list(dims[1:]))
-            raise RuntimeFailure(stage, f"{path.name}: input {name!r} has shape "
-                                 f"{list(arr.shape)}, expected {want} (samples on axis 0)")
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise RuntimeFailure(stage, f"{path.name}: input {name!r} contains NaN or infinity; "
-                                 "clean the data first")
+        dims = input_specs[name]["dims"]
+        if not dims:
+            raise RuntimeFailure(stage, f"{path.name}: input {name!r} is a scalar, which has no "
+                                 f"sample axis; give its one value as 'const:{name}'")
+        _check_array(path, name, arr, input_specs[name], name, (None, *arr.shape[1:]), stage)
     if labels is not None:
         if labels.ndim != 1 or labels.shape[0] != n or labels.dtype.kind not in "iu" or (
                 labels.size and labels.min() < 0):
@@ -143,13 +163,36 @@ def load_eval(path: str | Path, input_specs: dict, stage: str = "eval") -> EvalD
         if ref.shape[:1] != (n,):
             raise RuntimeFailure(stage, f"{path.name}: 'ref:{name}' has {ref.shape[:1]} samples, "
                                  f"inputs have {n}")
-    return EvalData(arrays, labels, refs, n)
+    return EvalData(arrays, labels, refs, n, consts, dict(state or {}))
+
+
+def _check_array(path: Path, name: str, arr, spec: dict, key: str, shape: tuple,
+                 stage: str) -> None:
+    """dtype, shape (`shape`: the array's, None where samples stand) and finite values."""
+    import numpy as np
+
+    if arr.dtype != np.dtype(spec["dtype"]):
+        raise RuntimeFailure(stage, f"{path.name}: {key!r} is {arr.dtype}, the model's input "
+                             f"{name!r} takes {spec['dtype']}; convert it with .astype()")
+    dims = spec["dims"]
+    if len(shape) != len(dims) or any(None not in (d, s) and d != s for d, s in zip(dims, shape)):
+        per_sample = key == name
+        want = "x".join("N" if per_sample and i == 0 else "?" if d is None else str(d)
+                        for i, d in enumerate(dims)) or "a scalar"
+        how = "samples on axis 0" if per_sample else "fed as-is on every call"
+        raise RuntimeFailure(stage, f"{path.name}: {key!r} has shape {list(arr.shape)}, "
+                             f"expected {want} ({how}) for the model's input {name!r}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise RuntimeFailure(stage, f"{path.name}: {key!r} contains NaN or infinity; clean "
+                             "the data first")
 
 
 def predict(session, data: EvalData, batch: int) -> dict:
     """Run the whole eval set in chunks of `batch` (padding the last chunk of a fixed batch)."""
     import numpy as np
 
+    if data.state:
+        return _predict_stream(session, data)
     fixed = all(spec["dims"][:1] != [None] for spec in session.inputs.values())
     collected: dict[str, list] = {name: [] for name in session.output_names}
     for start in range(0, data.n, batch):
@@ -158,9 +201,25 @@ def predict(session, data: EvalData, batch: int) -> dict:
         if fixed and real < batch:
             feed = {k: np.concatenate([v, np.repeat(v[-1:], batch - real, axis=0)])
                     for k, v in feed.items()}
-        for name, out in session.run(feed).items():
+        for name, out in session.run({**data.consts, **feed}).items():
             collected[name].append(np.asarray(out)[:real])
     return {name: np.concatenate(chunks) for name, chunks in collected.items()}
+
+
+def _predict_stream(session, data: EvalData) -> dict:
+    """One call per chunk, in order, each call's state outputs fed to the next: the outputs of
+    the whole sequence, stacked on a new axis 0 (a state's batch need not be on axis 0)."""
+    import numpy as np
+
+    feed = data.feed(0, 1, session.inputs)
+    collected: dict[str, list] = {name: [] for name in session.output_names}
+    for i in range(data.n):
+        feed.update({name: arr[i:i + 1] for name, arr in data.inputs.items()})
+        outputs = session.run(feed)
+        for name, out in outputs.items():
+            collected[name].append(np.asarray(out))
+        feed.update({data.state[o]: outputs[o] for o in data.state})
+    return {name: np.stack(chunks) for name, chunks in collected.items()}
 
 
 def metrics(outputs: dict, data: EvalData) -> dict:
@@ -182,7 +241,10 @@ def metrics(outputs: dict, data: EvalData) -> dict:
         noise = float(np.sum((ref - out) ** 2))
         signal = float(np.sum(ref ** 2))
         sqnr = SQNR_CAP_DB if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
-        if outputs[name].ndim == 2:   # [N, classes]: top-1 agreement means something
+        if ref.shape[1] == 1:   # one score per sample (a VAD's speech probability): its decision
+            cut = 0.5 if 0 <= ref.min() and ref.max() <= 1 else 0.0     # probability, else logit
+            result["agreement"] = float(np.mean((out > cut) == (ref > cut)))
+        elif outputs[name].ndim == 2:   # [N, classes]: top-1 agreement means something
             result["agreement"] = float(np.mean(out.argmax(axis=1) == ref.argmax(axis=1)))
         result["sqnr_db"] = min(sqnr, SQNR_CAP_DB)
         result["max_abs_err"] = float(np.max(np.abs(ref - out)))

@@ -99,10 +99,12 @@ class Session:
         if self.manifest.eval:
             from .evaluate import load_eval
 
-            data = load_eval(self.root / self.manifest.eval, self.inputs)
-            batch = [spec["shape"][0] if spec["shape"] else 1 for spec in self.inputs.values()][0]
+            data = load_eval(self.root / self.manifest.eval, self.inputs,
+                             state=self.manifest.state)
+            batch = 1 if data.state else [s["shape"][0] if s["shape"] else 1
+                                          for s in self.inputs.values()][0]
             if data.n >= batch:
-                return {name: arr[:batch] for name, arr in data.inputs.items()}
+                return data.feed(0, batch, self.inputs)
         rng = np.random.default_rng(seed)
         feed = {}
         for name, spec in self.inputs.items():

@@ -51,12 +51,13 @@ def build(model: Model, config: dict | None = None, eval_data: EvalData | None =
     `extra_files` (name -> bytes) ship beside it, listed and hashed like every file."""
     files: dict[str, bytes] = {f"model.{model.format}": model.serialized(), **(extra_files or {})}
     if eval_data is None and model.sample is not None:     # the runtime times on it
-        eval_data = EvalData(dict(model.sample), None, {}, len(next(iter(model.sample.values()))))
+        eval_data = model.sample
     if eval_data is not None:
         arrays = dict(eval_data.inputs)
         if eval_data.labels is not None:
             arrays["labels"] = eval_data.labels
         arrays.update({f"ref:{name}": ref for name, ref in eval_data.refs.items()})
+        arrays.update({f"const:{name}": value for name, value in eval_data.consts.items()})
         files["eval.npz"] = npz_bytes(arrays)
     manifest = Manifest(
         model=f"model.{model.format}", format=model.format,
@@ -65,7 +66,7 @@ def build(model: Model, config: dict | None = None, eval_data: EvalData | None =
         files={name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
                for name, data in files.items()},
         config=dict(config or {}), eval="eval.npz" if eval_data is not None else None,
-        eval_batch=eval_batch, meta={**({"opset": model.facts.opset} if model.facts.opset else {}),
+        eval_batch=eval_batch, state=dict(model.state), meta={**({"opset": model.facts.opset} if model.facts.opset else {}),
                                      **(meta or {})})
     raw = manifest.to_json()
     bundle_id = hashlib.sha256(raw).hexdigest()

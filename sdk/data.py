@@ -20,7 +20,7 @@ def load_eval_set(path: str | os.PathLike, model: Model) -> EvalData:
     """Read an `.npz` eval set (inputs by name, optional labels) and check it fits `model`."""
     specs = {s.name: s.as_manifest() for s in model.inputs}
     try:
-        return load_eval(Path(path), specs)
+        return load_eval(Path(path), specs, state=model.state)
     except RuntimeFailure as exc:
         raise EdgesmithError(exc.message) from None
 
@@ -77,7 +77,7 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             with zf.open(info, "w", force_zip64=True) as fh:
-                np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
+                np.lib.format.write_array(fh, np.asarray(array, order="C"), allow_pickle=False)
     return buf.getvalue()
 
 
@@ -98,9 +98,29 @@ def calibration_batches(source: str | os.PathLike, model: Model, batch: int = 16
         yield from _image_batches(source, model, batch, limit)
         return
     data = load_eval_set(source, model)
+    if data.state or data.consts:
+        yield from stream_feeds(model, data, limit)
+        return
     n = data.n if limit is None else min(limit, data.n)
     for start in range(0, n - (n % batch if fixed else 0), batch):
         yield {name: arr[start:min(start + batch, n)] for name, arr in data.inputs.items()}
+
+
+def stream_feeds(model: Model, data: EvalData, limit: int | None = None) -> list[dict]:
+    """The feeds of each call, as the float model sees them: a stream's state inputs take the
+    float model's state outputs of the call before (calibrating on zeros, or judging chunks out
+    of order, would see states the deployed model never meets); constants as given."""
+    specs = {s.name: s.as_manifest() for s in model.inputs}
+    n = data.n if limit is None else min(limit, data.n)
+    if not data.state:
+        return [data.feed(i, i + 1, specs) for i in range(n)]
+    session, feed, feeds = _HostSession(model), data.feed(0, 1, specs), []
+    for i in range(n):
+        feed = {**feed, **{k: v[i:i + 1] for k, v in data.inputs.items()}}
+        feeds.append(feed)
+        outputs = session.run(feed)
+        feed = {**feed, **{data.state[o]: outputs[o] for o in data.state}}
+    return feeds
 
 
 def _image_batches(folder: Path, model: Model, batch: int, limit: int | None):

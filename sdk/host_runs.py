@@ -84,3 +84,24 @@ def host_session(model, options=None, providers=("CPUExecutionProvider",)) -> Bo
     import onnxruntime as ort
 
     return BoundedSession(ort.InferenceSession(model, options, providers=list(providers)))
+
+
+def bound_quantizer_calibration() -> None:
+    """onnxruntime's quantizer opens its calibration session itself and runs every batch as one
+    unbounded C call, so Ctrl-C waited for the run (and a Loop without end never returned).
+    Its calibrators keep that session as `infer_session`; wrapping it where it is made puts
+    their runs under the same bound and Ctrl-C as ours. Done once per process, nothing else of
+    the calibrator changes."""
+    from onnxruntime.quantization.calibrate import CalibraterBase
+
+    make = CalibraterBase.create_inference_session
+    if getattr(make, "edgesmith_bounded", False):
+        return
+
+    def create_inference_session(self) -> None:
+        make(self)
+        if not isinstance(self.infer_session, BoundedSession):
+            self.infer_session = BoundedSession(self.infer_session)
+
+    create_inference_session.edgesmith_bounded = True
+    CalibraterBase.create_inference_session = create_inference_session

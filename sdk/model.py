@@ -9,16 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
-from device_runtime.evaluate import max_data_bytes
+from device_runtime.evaluate import EvalData, max_data_bytes
 
 from .errors import EdgesmithError
 
 TFLITE_MAGIC = b"TFL3"
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "QLinearConv", "QLinearMatMul",
-           "ConvInteger", "MatMulInteger")
+           "ConvInteger", "MatMulInteger", "LSTM", "GRU", "RNN", "DynamicQuantizeLSTM")
 WEIGHT_INPUT = {"QLinearConv": 3, "QLinearMatMul": 3}   # (x, x_scale, x_zero_point, w, ...)
 AS_FLOAT_OP = {"QLinearConv": "Conv", "ConvInteger": "Conv", "QLinearMatMul": "MatMul",
-               "MatMulInteger": "MatMul"}
+               "MatMulInteger": "MatMul", "DynamicQuantizeLSTM": "LSTM"}
 
 
 @dataclass
@@ -56,7 +56,8 @@ class Model:
     facts: ModelFacts
     proto: object = None          # onnx.ModelProto for ONNX
     data: bytes = b""             # the file's bytes for TFLite
-    sample: dict | None = None    # one real feed for timing where random values would not do
+    sample: EvalData | None = None   # the data's first call, timed where random values would not do
+    state: dict = field(default_factory=dict)   # a stream's state: output -> next call's input
 
     def serialized(self) -> bytes:
         return self.proto.SerializeToString() if self.format == "onnx" else self.data
@@ -193,31 +194,98 @@ def _load_onnx(path: Path, data: bytes, input_shapes: dict[str, list[int]], sour
         first = str(exc).strip().splitlines()[0]
         raise EdgesmithError(f"{path} fails the ONNX checker: {first}") from None
     _check_opset(path, proto)
-    inputs = _input_specs(path, proto, input_shapes, source, static)
+    state = state_pairs(proto)
+    inputs = _input_specs(path, proto, input_shapes, source, static, set(state.values()))
     outputs = [o.name for o in proto.graph.output]
     _check_runs_in_ort(path, data)
-    model = Model(path, "onnx", inputs, outputs, onnx_facts(proto, inputs, len(data)), proto=proto)
+    model = Model(path, "onnx", inputs, outputs, onnx_facts(proto, inputs, len(data)), proto=proto,
+                  state=state)
     model.sample = timing_sample(model, source)
+    selectors = branch_inputs(proto)
+    if static and selectors and source is None:   # with data, its loader names what is missing
+        names = ", ".join(map(repr, sorted(selectors)))
+        raise EdgesmithError(f"input {names} of {path.name} selects a branch of an If: random "
+                             "values would run the wrong branch; pass --eval/--calib data "
+                             "holding it (one value for every call as 'const:NAME')")
     return model
 
 
-def timing_sample(model: Model, source) -> dict | None:
-    """The data's first feed when an input is not float: random token ids, masks, or a sample
-    rate send an embedding lookup out of range or an If down the wrong branch (a MiniLM's
-    `token_type_ids` of 7: every timing failed), so such a model is timed on its own data.
-    Float inputs time as well on random values, and their data may be large: none then."""
-    if source is None or all(s.dtype.startswith("float") for s in model.inputs) or \
-            not Path(source).is_file():
+# a stream's state output -> input, by how exporters name them: state/stateN (Silero), h0/hn,
+# state_in/state_out, cache/new_cache, past/present
+STATE_NAMES = (("", "n"), ("", "_n"), ("", "_out"), ("", "_new"), ("", "_next"), ("_in", "_out"),
+               ("in", "out"), ("0", "n"), ("_prev", ""), ("past", "present"))
+STATE_PREFIXES = (("", "new_"), ("", "next_"), ("in_", "out_"), ("prev_", ""))
+
+
+def state_pairs(proto) -> dict[str, str]:
+    """{output: input} for outputs that a streaming model feeds back as the next call's input:
+    same type and shape, names paired by STATE_NAMES/STATE_PREFIXES (each input once)."""
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = {i.name: i for i in proto.graph.input if i.name not in initializers}
+    pairs: dict[str, str] = {}
+    for out in proto.graph.output:
+        for name, vi in inputs.items():
+            low, olow = name.lower(), out.name.lower()
+            named = any(low.endswith(a) and olow == low[:len(low) - len(a)] + b
+                        for a, b in STATE_NAMES) or any(
+                low.startswith(a) and olow == b + low[len(a):] for a, b in STATE_PREFIXES)
+            if named and name not in pairs.values() and _same_tensor_type(vi, out):
+                pairs[out.name] = name
+                break
+    return pairs
+
+
+def _same_tensor_type(a, b) -> bool:
+    ta, tb = a.type.tensor_type, b.type.tensor_type
+    if ta.elem_type != tb.elem_type or len(ta.shape.dim) != len(tb.shape.dim):
+        return False
+    return all(not (x.HasField("dim_value") and y.HasField("dim_value")) or
+               x.dim_value == y.dim_value for x, y in zip(ta.shape.dim, tb.shape.dim))
+
+
+def branch_inputs(proto) -> set[str]:
+    """Graph inputs that an If's condition depends on (random values pick a branch)."""
+    producer = {out: n for n in proto.graph.node for out in n.output}
+    inputs = {i.name for i in proto.graph.input}
+    found: set[str] = set()
+    todo = [n.input[0] for n in proto.graph.node if n.op_type == "If" and n.input]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in inputs:
+            found.add(name)
+        elif name in producer:
+            todo.extend(i for i in producer[name].input if i)
+    initializers = {t.name for t in proto.graph.initializer}
+    return found - initializers
+
+
+def timing_sample(model: Model, source) -> EvalData | None:
+    """The data's first call when an input is not float, the model streams, or the data has
+    constants: random token ids, masks, or a sample rate send an embedding lookup out of range
+    or an If down the wrong branch (a MiniLM's `token_type_ids` of 7: every timing failed), and
+    a stream starts from its first state, so such a model is timed on its own data. Float
+    inputs time as well on random values, and their data may be large: none then."""
+    if source is None or not Path(source).is_file() or (
+            all(s.dtype.startswith("float") for s in model.inputs) and not model.state
+            and not any(k.startswith("const:") for k in npz_headers(source))):
         return None
     from device_runtime.errors import RuntimeFailure
     from device_runtime.evaluate import load_eval
 
+    specs = {s.name: s.as_manifest() for s in model.inputs}
     try:
-        data = load_eval(Path(source), {s.name: s.as_manifest() for s in model.inputs})
+        data = load_eval(Path(source), specs, state=model.state)
     except RuntimeFailure:
         return None       # the command's own loading says what is wrong, in its own words
-    batch = model.inputs[0].shape[0] if model.inputs[0].shape else 1
-    return {k: v[:batch] for k, v in data.inputs.items()} if data.n >= batch else None
+    batch = 1 if model.state else model.inputs[0].shape[0] if model.inputs[0].shape else 1
+    if data.n < batch:
+        return None
+    return EvalData({k: v[:batch] for k, v in data.inputs.items()}, None, {}, batch, data.consts,
+                    data.state)
 
 
 def default_opset(proto) -> int | None:
@@ -286,9 +354,11 @@ def _elem_dtype(elem_type: int) -> str:
 
 
 def _input_specs(path: Path, proto, given: dict[str, list[int]], data=None,
-                 static: bool = True) -> list[InputSpec]:
-    """Concrete input shapes: --input-shape first, then the shapes of the user's data (batch 1),
-    a dynamic batch alone measured at 1. `static=False` (fuse) needs no concrete shape."""
+                 static: bool = True, carried: set[str] = frozenset()) -> list[InputSpec]:
+    """Concrete input shapes: --input-shape first, then the shapes of the user's data (batch 1;
+    a `const:` array's own shape), a dynamic batch alone measured at 1, as are a stream's state
+    inputs (`carried`: their batch may sit on another axis). `static=False` (fuse) needs no
+    concrete shape."""
     initializers = {t.name for t in proto.graph.initializer}
     graph_inputs = [i for i in proto.graph.input if i.name not in initializers]
     names = [i.name for i in graph_inputs]
@@ -309,13 +379,28 @@ def _input_specs(path: Path, proto, given: dict[str, list[int]], data=None,
             if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
                 raise EdgesmithError(f"--input-shape {vi.name}={'x'.join(map(str, shape))} "
                                      f"does not fit the model's {want}")
+        elif f"const:{vi.name}" in from_data:
+            shape = list(from_data[f"const:{vi.name}"])
+            if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
+                raise EdgesmithError(f"{Path(data).name}: 'const:{vi.name}' is "
+                                     f"{'x'.join(map(str, shape)) or 'a scalar'}, the model's "
+                                     f"input is {want or 'a scalar'}")
+        elif vi.name in carried:
+            if vi.name in from_data:
+                raise EdgesmithError(f"{Path(data).name}: {vi.name!r} is a state input, carried "
+                                     "from the previous call's output; give its first value as "
+                                     f"'const:{vi.name}' (zeros without it), not one per sample")
+            shape = [d if d is not None else 1 for d in dims]
         elif any(d is None for d in dims[1:]) and vi.name in from_data:
             sample = list(from_data[vi.name][1:])
             shape = [dims[0] or 1] + sample
             if len(shape) != len(dims) or any(d is not None and d != s
                                                for d, s in zip(dims[1:], sample)):
-                raise EdgesmithError(f"{Path(data).name}: input {vi.name!r} samples are "
-                                     f"{'x'.join(map(str, sample))}, the model's input is {want}")
+                raise EdgesmithError(f"{Path(data).name}: input {vi.name!r} is "
+                                     f"{'x'.join(map(str, from_data[vi.name]))}: samples on axis "
+                                     f"0 take the batch's place, so each sample is "
+                                     f"{'x'.join(map(str, shape))}, and the model's input is "
+                                     f"{want}")
         elif any(d is None for d in dims[1:]) and static and from_data and "*" not in from_data:
             arrays = sorted(k for k in from_data if k != "labels")
             raise EdgesmithError(f"{Path(data).name} has no array named {vi.name!r} (it has "
@@ -393,6 +478,11 @@ def node_macs(node, shapes: dict[str, list[int]]) -> int:
         return int(np.prod(out) * k)
     if op == "MatMul":
         return int(np.prod(out) * ins[0][-1])
+    if op in ("LSTM", "GRU", "RNN") and len(node.input) > 2 and node.input[2] in shapes:
+        # X [seq, batch, in] (layout 0), W [dirs, gates*hidden, in], R [dirs, gates*hidden, hidden]
+        layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
+        steps = ins[0][1] * ins[0][0] if layout else ins[0][0] * ins[0][1]
+        return int(steps * (np.prod(ins[1]) + np.prod(shapes[node.input[2]])))
     return 0
 
 
@@ -415,14 +505,14 @@ def _param_count(proto) -> int:
     return count
 
 
-SCORE_HEADS = {"Gemm", "MatMul", "Softmax", "LogSoftmax"}
+SCORE_HEADS = {"Gemm", "MatMul", "Softmax", "LogSoftmax", "Sigmoid"}
 SHAPE_ONLY = {"Identity", "Reshape", "Flatten", "Squeeze", "Cast", "Add", "DequantizeLinear",
               "QuantizeLinear"}
 
 
 def class_scores(graph) -> bool:
-    """Whether the first output comes from a classifier head (Gemm/MatMul, Softmax), so top-1
-    agreement with fp32 judges it. Pooled features and embeddings (GlobalAveragePool, Tanh, a
+    """Whether the first output comes from a classifier head (Gemm/MatMul, Softmax, a Sigmoid's
+    yes/no), so top-1 (or decision) agreement with fp32 judges it. Pooled features and embeddings (GlobalAveragePool, Tanh, a
     normalisation) are 2-D too, but their arg-max means nothing: SQNR judges them."""
     producer = {out: n for n in graph.node for out in n.output}
     name = graph.output[0].name if graph.output else ""
@@ -460,4 +550,5 @@ def from_proto(proto, like: Model, path: Path | None = None) -> Model:
     """Wrap a rewritten ONNX model (same inputs/outputs as `like`) with fresh facts."""
     data = proto.SerializeToString()
     return Model(path, "onnx", like.inputs, [o.name for o in proto.graph.output],
-                 onnx_facts(proto, like.inputs, len(data)), proto=proto, sample=like.sample)
+                 onnx_facts(proto, like.inputs, len(data)), proto=proto, sample=like.sample,
+                 state=like.state)

@@ -244,6 +244,71 @@ def test_host_side_runs_end_at_the_timeout_and_at_ctrl_c(tmp_path):
         child.communicate()
 
 
+def data_driven_loop_model(path) -> None:
+    """A Loop whose trip count is the input's largest value, then a MatMul to quantize: quick on
+    zeros, endless on 1e15 (so only the calibration data makes it endless)."""
+    one = numpy_helper.from_array(np.ones((1, 4), np.float32), "one")
+    body = helper.make_graph(
+        [helper.make_node("Add", ["v_in", "one"], ["v_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, 4])], [one])
+    weight = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMax", ["x"], ["top"], keepdims=0),
+         helper.make_node("Cast", ["top"], ["trips"], to=TensorProto.INT64),
+         helper.make_node("Loop", ["trips", "cond", "x"], ["looped"], body=body),
+         helper.make_node("MatMul", ["looped", "w"], ["y"])], "data_driven",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.array(True), "cond"), numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_ctrl_c_reaches_onnxruntimes_own_calibration_runs(tmp_path):
+    """onnxruntime's quantizer runs calibration in a session of its own; Ctrl-C during a
+    calibration run that never ends stops `quantize` within seconds, with no traceback and
+    nothing written (before, the run was one C call that the signal waited for)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data_driven_loop_model(tmp_path / "m.onnx")
+    np.savez(tmp_path / "eval.npz", x=np.zeros((4, 4), np.float32))
+    np.savez(tmp_path / "calib.npz", x=np.full((4, 4), 1e15, np.float32))
+    out = tmp_path / "m_int8.onnx"
+    temp = tmp_path / "temp"      # where onnxruntime writes the model it calibrates with
+    temp.mkdir()
+    child = subprocess.Popen([sys.executable, "-m", "edgesmith", "quantize", str(tmp_path / "m.onnx"),
+                              "--calib", str(tmp_path / "calib.npz"), "--eval",
+                              str(tmp_path / "eval.npz"), "-o", str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                             env={**os.environ, "TMPDIR": str(temp)})
+    try:
+        deadline = time.monotonic() + 120      # imports, the fp32 measurement, then calibration
+        while (time.monotonic() < deadline and child.poll() is None
+               and not any(temp.rglob("augmented_model.onnx"))):
+            time.sleep(0.5)
+        assert child.poll() is None and any(temp.rglob("augmented_model.onnx")), \
+            child.communicate() if child.poll() is not None else "calibration never started"
+        time.sleep(2)
+        t0 = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+        assert time.monotonic() - t0 < 5 and child.returncode == 130, err
+        assert "Traceback" not in err and not out.exists(), err
+    finally:
+        child.kill()
+        child.communicate()
+
+
 def test_a_model_output_never_replaces_an_unrelated_file_or_a_link(models, tmp_path):
     """fuse -o onto a text file, a symlink (dangling too) or a name without .onnx is refused
     (exit 2, naming -o) and nothing is written; onto its own earlier output it is replaced."""

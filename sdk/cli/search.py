@@ -30,13 +30,16 @@ def ratios_of(option: str, text: str) -> tuple[float, ...]:
 @click.option("--budget", default="120s", show_default=True, help="device time to spend, e.g. 10m")
 @click.option("--max-trials", default=40, show_default=True, type=click.IntRange(1))
 @click.option("--fresh", is_flag=True, help="measure again instead of answering from the cache")
+@click.option("--eval", "eval_path", callback=data_source, type=click.Path(dir_okay=False),
+              help=".npz the model is timed and judged on (needed where random inputs would "
+                   "not do: token ids, a branch-selecting input, a stream)")
 @input_shape_option
 @click.option("-o", "--out", type=click.Path(file_okay=False),
               help="write the tuned bundle (best config in its manifest) to this directory")
 @click.option("--force", is_flag=True, help="write into an -o directory edgesmith did not create")
 @json_option()
 def tune(model, device, identity, accept_new_host_key, remote_python, target, budget, max_trials,
-         fresh, input_shape, out, force, json_out):
+         fresh, eval_path, input_shape, out, force, json_out):
     """Autotune MODEL's runtime config on a device; the result is never slower than the default.
 
     The search is the target profile's: threads, spinning, optimisation level, the providers
@@ -55,8 +58,15 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
         lambda t: click.echo(f"  {'cached ' if t.cached else ''}{t.id}: "
                              f"{'error: ' + t.error if t.error else f'{t.p50_ms:.3f} ms'}",
                              err=True))
+    loaded = load(model, parse_input_shapes(input_shape), data=eval_path)
+    judge = None
+    if eval_path:
+        from ..data import eval_batch, load_eval_set, reference_outputs
+
+        judge = load_eval_set(eval_path, loaded)
+        judge.refs = reference_outputs(loaded, judge, eval_batch(loaded))
     try:
-        report = run_tune(load(model, parse_input_shapes(input_shape)), dev, target=target,
+        report = run_tune(loaded, dev, target=target, eval_data=judge,
                           budget_s=parse_duration(budget), max_trials=max_trials, fresh=fresh,
                           on_trial=progress,
                           on_stage=None if json_out else lambda line: click.echo(line, err=True))

@@ -27,6 +27,7 @@ from typing import Iterable
 import onnx
 
 from ..errors import EdgesmithError
+from ..host_runs import bound_quantizer_calibration
 from ..onnx_utils import static_shapes, with_input_dims
 from . import PassReport, register
 from .ranges import RangeConfig, refine_ranges
@@ -38,6 +39,7 @@ ORT_CALIBRATION = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "E
 CALIB_METHODS = tuple(ORT_CALIBRATION)
 QUANT_OPS = ("Conv", "Gemm", "MatMul")
 COMPUTE_OPS = (*QUANT_OPS, "ConvTranspose")     # where int8 saves time
+DYNAMIC_OPS = ("MatMul", "Gemm", "LSTM")        # weights-only int8: onnxruntime's kernels
 
 
 def output_tail(model: onnx.ModelProto) -> list[str]:
@@ -214,6 +216,8 @@ def calibration_feeds(model: onnx.ModelProto, batches: list[dict]) -> list[dict]
     first = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
     if not batches or not first or (first[0].HasField("dim_value") and first[0].dim_value > 0):
         return batches
+    if len({v.shape[:1] for v in batches[0].values()}) != 1:
+        return batches     # a stream's calls (a scalar, a state batched on axis 1): as they are
     one = with_input_dims(model, {k: [1, *v.shape[1:]] for k, v in batches[0].items()})
     weights = {t.name for t in model.graph.initializer}
     per_sample = sum(4 * math.prod(dims) for name, dims in static_shapes(one).items()
@@ -292,6 +296,7 @@ def quantize_static(model: onnx.ModelProto, cfg: QuantizeConfig
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static as ort_quantize_static)
 
+    bound_quantizer_calibration()
     recipe = cfg.recipe
     qtypes = {"U8": QuantType.QUInt8, "S8": QuantType.QInt8}
     report = PassReport(f"quantize:{recipe.name}")
@@ -357,8 +362,9 @@ def quantize_static(model: onnx.ModelProto, cfg: QuantizeConfig
 @register("quantize_dynamic")
 def quantize_dynamic(model: onnx.ModelProto, recipe: QuantRecipe | None = None
                      ) -> tuple[onnx.ModelProto, PassReport]:
-    """Weights-only int8 for MatMul/Gemm (transformers, RNN heads). Convs stay float on purpose:
-    ConvInteger is several times slower than float convs in onnxruntime on x86."""
+    """Weights-only int8 for MatMul/Gemm and LSTM (transformers, recurrent streams: onnxruntime
+    has a DynamicQuantizeLSTM kernel). Convs stay float on purpose: ConvInteger is several
+    times slower than float convs in onnxruntime on x86."""
     from onnxruntime.quantization import QuantType, quantize_dynamic as ort_quantize_dynamic
 
     recipe = recipe or QuantRecipe("dynamic", dynamic=True)
@@ -367,13 +373,13 @@ def quantize_dynamic(model: onnx.ModelProto, recipe: QuantRecipe | None = None
         out, src = Path(tmp) / "q.onnx", Path(tmp) / "float.onnx"
         src.write_bytes(model.SerializeToString())
         with quantizer_voice(report):
-            ort_quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul", "Gemm"],
+            ort_quantize_dynamic(str(src), str(out), op_types_to_quantize=list(DYNAMIC_OPS),
                                  per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
                                  weight_type=QuantType.QInt8 if recipe.weights == "S8"
                                  else QuantType.QUInt8, nodes_to_exclude=list(recipe.exclude))
         quantized = onnx.load(str(out))
     convs = sum(n.op_type == "Conv" for n in model.graph.node)
-    report.add(f"MatMul/Gemm weights int8; {convs} Conv node(s) kept in float (onnxruntime's "
+    report.add(f"MatMul/Gemm/LSTM weights int8; {convs} Conv node(s) kept in float (onnxruntime's "
                "ConvInteger is slower than float convs)")
     return quantized, report
 

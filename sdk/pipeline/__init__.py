@@ -279,8 +279,8 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
         return
     model = ctx.run.state.load_model(pick, ctx.original)
     report.model_file = f"model.{model.format}"
-    batch = [s.dims[0] for s in model.inputs][:1]
-    if model.format == "tflite" and [s.dims[0] for s in ctx.original.inputs][:1] != batch:
+    batch = model.inputs[0].dims[:1] if model.inputs else []     # a scalar input has none
+    if model.format == "tflite" and batch and ctx.original.inputs[0].dims[:1] != batch:
         report.notes.append(f"the chosen .tflite was converted at fixed shapes: it takes a "
                             f"batch of {batch[0]} where the original takes any batch (run "
                             "batches as a loop, or pass --backends onnxruntime)")

@@ -22,14 +22,15 @@ from device_runtime.evaluate import EvalData
 from device_runtime.measure import peak_rss_mb
 
 from .. import bundle as bundles
-from ..data import calibration_batches, eval_batch, load_eval_set, reference_outputs
+from ..data import (calibration_batches, eval_batch, load_eval_set, reference_outputs,
+                    stream_feeds)
 from ..devices import Job
 from ..errors import EdgesmithError
 from ..measure import Candidate, measure
-from ..model import Model, from_proto
+from ..model import Model, from_proto, npz_headers
 from ..passes.equalize import BiasCorrectConfig, EqualizeConfig, bias_correct, equalize
-from ..passes.quantize import (ORT_CALIBRATION, PreprocessConfig, QuantizeConfig, QuantRecipe,
-                              preprocess, quantize_dynamic, quantize_static, to_fp16)
+from ..passes.quantize import (DYNAMIC_OPS, ORT_CALIBRATION, PreprocessConfig, QuantizeConfig,
+                              QuantRecipe, preprocess, quantize_dynamic, quantize_static, to_fp16)
 from ..passes.ranges import RangeConfig, refine_ranges
 from ..passes.reconstruct import ReconstructConfig, reconstruct
 from ..run import Run, accuracy_drop, within
@@ -99,10 +100,10 @@ def why_not(recipe: QuantRecipe, facts: dict, model: Model) -> str | None:
         return None
     if recipe.dynamic:
         macs = model.facts.macs_by_op
-        dense = macs.get("MatMul", 0) + macs.get("Gemm", 0)
+        dense = sum(macs.get(op, 0) for op in DYNAMIC_OPS)
         if model.facts.macs and dense >= 0.5 * model.facts.macs:
             return None
-        return (f"dynamic quantization only covers MatMul/Gemm ({100 * dense / max(1, model.facts.macs):.0f}% "
+        return (f"dynamic quantization only covers MatMul/Gemm/LSTM ({100 * dense / max(1, model.facts.macs):.0f}% "
                 "of this model's MACs); convs would need ConvInteger, which onnxruntime runs "
                 "slower than float convs")
     if recipe.reduce_range and not old_x86:
@@ -180,6 +181,9 @@ def quant_data(model: Model, calib, eval_path=None, holdout: float = 0.25,
     """Calibration feeds and a judging set. With `eval_path` the eval set judges; with only
     `calib`, a random `holdout` share of it is set aside to judge fidelity to the float model
     (calibrating and judging on the same samples flatters every recipe)."""
+    if model.state or not Path(calib).is_dir() and any(
+            k.startswith("const:") for k in npz_headers(calib)):
+        return _stream_quant_data(model, calib, eval_path, holdout, limit)
     batch = eval_batch(model, 16)
     fixed = bool(model.inputs and model.inputs[0].dims and model.inputs[0].dims[0])
     feeds = list(calibration_batches(calib, model, batch, limit + int(limit * holdout)))
@@ -208,6 +212,33 @@ def quant_data(model: Model, calib, eval_path=None, holdout: float = 0.25,
     judge.refs = reference_outputs(model, judge, batch)
     return QuantData(batches=feeds[:max(1, -(-limit // batch))], eval=judge, batch=batch,
                      notes=notes)
+
+
+def _stream_quant_data(model: Model, calib, eval_path, holdout: float, limit: int) -> QuantData:
+    """A stream (state carried between calls) or a model fed constants: calibrated on each call
+    as the float model sees it, judged one call at a time over a whole sequence. Without an
+    eval set the stream's last `holdout` share judges: cut in order, never at random."""
+    whole = load_eval_set(calib, model)
+    notes = []
+    if eval_path is not None:
+        judge, head = load_eval_set(eval_path, model), whole
+    else:
+        cut = whole.n - max(1, int(round(whole.n * holdout)))
+        if cut < 1:
+            raise EdgesmithError(f"{Path(calib).name} holds {whole.n} call(s): too few to "
+                                 "calibrate and judge on; pass --eval or more chunks")
+        part = lambda lo, hi: EvalData(  # noqa: E731
+            {k: v[lo:hi] for k, v in whole.inputs.items()},
+            None if whole.labels is None else whole.labels[lo:hi], {}, hi - lo, whole.consts,
+            whole.state)
+        judge, head = part(cut, whole.n), part(0, cut)
+        notes.append(f"judged on the last {whole.n - cut} calls of {Path(calib).name}, held out "
+                     "from calibration (a stream is cut in order; no separate judging set "
+                     "was given)")
+    if judge.state:
+        notes.append(f"judged over {judge.n} consecutive calls with the state carried")
+    judge.refs = reference_outputs(model, judge, 1)
+    return QuantData(batches=stream_feeds(model, head, limit), eval=judge, batch=1, notes=notes)
 
 
 def build_recipe(prepared: onnx.ModelProto, recipe: QuantRecipe, batches: list[dict],
@@ -270,6 +301,8 @@ class RecipeSearch:
 
     def judging_feeds(self, limit: int = 32) -> list[dict]:
         """Held-out inputs in feeds (the calibration feeds if there are none)."""
+        if self.data.eval.state or self.data.eval.consts:
+            return stream_feeds(self.model, self.data.eval, limit)
         inputs = {k: v[:limit] for k, v in self.data.eval.inputs.items()}
         fixed = bool(self.model.inputs and self.model.inputs[0].dims
                      and self.model.inputs[0].dims[0])

@@ -184,11 +184,13 @@ def _answer_key(sp: Space, target: str, eval_data, max_drop: float, rounds: int)
     from ..own_kernels import source
 
     digest = hashlib.sha256(source().read_bytes())
-    for arrays in ((eval_data.inputs, eval_data.refs, {"labels": eval_data.labels})
+    for arrays in ((eval_data.inputs, eval_data.refs, {"labels": eval_data.labels},
+                    {f"const:{k}": v for k, v in eval_data.consts.items()},
+                    {f"state:{k}": np.array(v) for k, v in eval_data.state.items()})
                    if eval_data is not None else ()):
         for name in sorted(arrays):
             if arrays[name] is not None:
-                array = np.ascontiguousarray(arrays[name])
+                array = np.asarray(arrays[name], order="C")
                 digest.update(f"{name} {array.dtype} {array.shape}".encode() + array.tobytes())
     blob = repr((sorted(sp.values.items()), sp.pruned, target, max_drop, rounds, __version__,
                  digest.hexdigest()))

@@ -1,0 +1,144 @@
+"""A streaming model with state and a scalar input (tests/streaming_vad.py, Silero-VAD class)
+through profile, quantize and optimize: each chunk one call, the state output fed to the next
+call's state input, the sample rate given once as `const:sr`, the sequence judged whole."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import streaming_vad as vad
+from conftest import load_json, run_cli
+
+CHUNKS = 120
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vad")
+    vad.build(folder / "vad.onnx")
+    vad.save_data(folder / "calib.npz", 160, seed=1)
+    vad.save_data(folder / "heldout.npz", CHUNKS, seed=2)
+    return folder
+
+
+def carried(path, audio, carry: bool = True) -> np.ndarray:
+    """Speech probabilities of plain onnxruntime over `audio`, the state carried or reset."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    state, probs = np.zeros((2, 1, vad.HIDDEN), np.float32), []
+    for chunk in audio:
+        fresh = state if carry else np.zeros_like(state)
+        prob, state = session.run(None, {"input": chunk[None], "state": fresh,
+                                         "sr": np.array(16000, np.int64)})
+        probs.append(prob[0, 0])
+    return np.array(probs)
+
+
+def test_a_stream_is_judged_over_the_whole_sequence_with_its_state_carried(stream):
+    from edgesmith import bundle as bundles
+    from edgesmith.data import load_eval_set, reference_outputs
+    from edgesmith.devices import Job, get_device
+    from edgesmith.measure import measure
+    from edgesmith.model import load
+
+    model = load(stream / "vad.onnx", data=stream / "heldout.npz")
+    assert model.state == {"stateN": "state"}            # paired by name, type and shape
+    assert model.input_shapes == {"input": [1, vad.CHUNK], "state": [2, 1, vad.HIDDEN],
+                                  "sr": []}               # the state's batch on axis 1, a scalar
+    data = load_eval_set(stream / "heldout.npz", model)
+    assert data.n == CHUNKS and int(data.consts["sr"]) == 16000
+    refs = reference_outputs(model, data, 1)["output"].reshape(-1)
+    audio = data.inputs["input"]
+    assert np.allclose(refs, carried(stream / "vad.onnx", audio), atol=1e-6)
+    # the state matters: reset every call, the probabilities move by up to tenths
+    reset = carried(stream / "vad.onnx", audio, carry=False)
+    assert np.abs(reset - refs).max() > 0.1
+    # the device carries the state too: judged against carried references it is exact, against
+    # references computed with the state reset each call it is not
+    device = get_device("local")
+    job = Job(runs=10, warmup=2, min_time_s=0.0)
+    data.refs = reference_outputs(model, data, 1)
+    result = measure(device, bundles.build(model, eval_data=data), job)
+    assert result.ok, result.error
+    assert result.accuracy["n"] == CHUNKS and result.accuracy["agreement"] == 1.0
+    assert result.accuracy["sqnr_db"] >= 100
+    data.refs = {"output": reset.reshape(-1, 1, 1), "stateN": data.refs["stateN"]}
+    result = measure(device, bundles.build(model, eval_data=data), job)
+    assert result.ok and result.accuracy["sqnr_db"] < 35, result.accuracy
+
+
+def test_a_streams_data_errors_name_the_fix(stream, tmp_path):
+    model = stream / "vad.onnx"
+    audio, _ = vad.stream(20, seed=3)
+    cases = [
+        # before: random values sent the If down one branch, a runtime traceback as "one line"
+        ([], "'sr' of vad.onnx selects a branch of an If"),
+        # before: "'sr' has shape [24], expected N"
+        ([("bad1", {"input": audio, "sr": np.full(20, 16000, np.int64)})],
+         "give its one value as 'const:sr'"),
+        ([("bad2", {"input": audio, "const:sr": np.array([16000], np.int64)})],
+         "'const:sr' is 1, the model's input is a scalar"),
+        # before: "samples are 2x1x128, the model's input is 2x?x128" (these match)
+        ([("bad3", {"input": audio, "const:sr": np.array(16000, np.int64),
+                    "state": np.zeros((20, 2, 1, vad.HIDDEN), np.float32)})],
+         "'state' is a state input"),
+        ([("bad4", {"input": audio})], "lacks ['sr']"),
+    ]
+    for data, words in cases:
+        args = ["--input-shape", f"input=1x{vad.CHUNK}"]
+        for name, arrays in data:
+            np.savez(tmp_path / f"{name}.npz", **arrays)
+            args = ["--eval", tmp_path / f"{name}.npz"]
+        r = run_cli("profile", model, *args, "--runs", 5)
+        assert r.returncode in (1, 2) and words in r.stderr, (words, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_quantize_and_optimize_a_stream(stream, tmp_path):
+    from edgesmith.model import load
+    from edgesmith.passes.quantize import quantize_dynamic
+
+    model, calib, held = (stream / n for n in ("vad.onnx", "calib.npz", "heldout.npz"))
+    # onnxruntime has an int8 LSTM kernel: dynamic int8 covers the recurrent weights
+    q, _ = quantize_dynamic(load(model, data=held).proto)
+    assert "DynamicQuantizeLSTM" in {n.op_type for n in q.graph.node}
+    r = run_cli("quantize", model, "--calib", calib, "--eval", held, "-o", tmp_path / "q.onnx",
+                "--json", tmp_path / "q.json")
+    assert r.returncode == 0, r.stderr
+    report = load_json(tmp_path / "q.json")
+    assert any(f"judged over {CHUNKS} consecutive calls with the state carried" in n
+               for n in report["notes"]), report["notes"]
+    measured = [report["baseline"]] + [c for c in report["candidates"] if c.get("accuracy")]
+    assert {"fp32", "dynamic-int8", "qdq-u8s8"} <= {c["id"] for c in measured}
+    for c in measured:        # each judged on the whole held-out stream, by its decisions
+        assert c["accuracy"]["n"] == CHUNKS and "agreement" in c["accuracy"], c
+    chosen = carried(tmp_path / "q.onnx", vad.stream(CHUNKS, seed=2)[0])
+    fp32 = carried(model, vad.stream(CHUNKS, seed=2)[0])
+    assert np.mean((chosen > 0.5) == (fp32 > 0.5)) >= 0.99
+    # without a separate judging set, the stream's tail judges (cut in order)
+    r = run_cli("quantize", model, "--calib", calib, "-o", tmp_path / "q2.onnx",
+                "--json", tmp_path / "q2.json")
+    assert r.returncode == 0, r.stderr
+    assert any("judged on the last 40 calls of calib.npz" in n
+               for n in load_json(tmp_path / "q2.json")["notes"])
+    r = run_cli("optimize", model, "--calib", calib, "--eval", held, "-o", tmp_path / "out",
+                "--budget", "40s", "--backends", "onnxruntime", timeout=400)
+    assert r.returncode == 0, r.stderr
+    result = load_json(tmp_path / "out" / "report.json")
+    assert (tmp_path / "out" / "model.onnx").is_file() and result["chosen"]
+    judged = [c for c in result["candidates"] if c.get("accuracy")]
+    assert {"original (as given)", "int8:dynamic-int8"} <= {c["id"] for c in judged}
+    assert all(c["accuracy"]["n"] == CHUNKS for c in judged), judged
+
+
+def test_one_score_outputs_are_judged_by_their_decision():
+    """A binary classifier's single score (a VAD's probability, a logit): before, its arg-max
+    over one column always agreed, so any int8 model passed the agreement rule."""
+    from device_runtime.evaluate import EvalData, metrics
+
+    refs = np.array([[0.9], [0.2], [0.7], [0.1]], np.float32)
+    data = EvalData({}, None, {"p": refs}, 4)
+    got = metrics({"p": np.array([[0.4], [0.3], [0.8], [0.05]], np.float32)}, data)
+    assert got["agreement"] == 0.75
+    logits = EvalData({}, None, {"z": refs * 8 - 4}, 4)
+    assert metrics({"z": -(refs * 8 - 4)}, logits)["agreement"] == 0.0
