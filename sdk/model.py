@@ -111,12 +111,14 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def load(path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = None,
-         data: str | os.PathLike | None = None, static: bool = True) -> Model:
+         data: str | os.PathLike | None = None, static: bool = True,
+         state: dict[str, str] | None = None) -> Model:
     """Load an ONNX or TFLite model, check it, fix input shapes, and compute its facts.
 
     Dynamic dimensions take --input-shape values, else the shapes of `data` (the eval or
     calibration set, said in the model's notes); `static=False` loads without concrete shapes
-    (graph rewrites that need none, like fuse)."""
+    (graph rewrites that need none, like fuse). `state` ({output: input}, --state) names a
+    stream's state pairs; None pairs them by name (`state_pairs`)."""
     path = Path(path)
     if not path.exists():
         raise EdgesmithError(f"model file {path} does not exist (from {Path.cwd()}); give the "
@@ -131,7 +133,7 @@ def load(path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = No
         raise EdgesmithError(f"{path} is empty (0 bytes); re-export the model")
     if raw[4:8] == TFLITE_MAGIC:
         return load_tflite(path, raw, input_shapes or {}, data)
-    return _load_onnx(path, raw, input_shapes or {}, data, static)
+    return _load_onnx(path, raw, input_shapes or {}, data, static, state)
 
 
 def load_tflite(path: Path, data: bytes, input_shapes: dict[str, list[int]],
@@ -167,7 +169,7 @@ def load_tflite(path: Path, data: bytes, input_shapes: dict[str, list[int]],
 
 
 def _load_onnx(path: Path, data: bytes, input_shapes: dict[str, list[int]], source=None,
-               static: bool = True) -> Model:
+               static: bool = True, given_state: dict[str, str] | None = None) -> Model:
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -194,7 +196,7 @@ def _load_onnx(path: Path, data: bytes, input_shapes: dict[str, list[int]], sour
         first = str(exc).strip().splitlines()[0]
         raise EdgesmithError(f"{path} fails the ONNX checker: {first}") from None
     _check_opset(path, proto)
-    state = state_pairs(proto)
+    state = state_pairs(proto) if given_state is None else checked_state(proto, given_state)
     inputs = _input_specs(path, proto, input_shapes, source, static, set(state.values()))
     outputs = [o.name for o in proto.graph.output]
     _check_runs_in_ort(path, data)
@@ -233,6 +235,39 @@ def state_pairs(proto) -> dict[str, str]:
                 pairs[out.name] = name
                 break
     return pairs
+
+
+def parse_state(text: str | None) -> dict[str, str] | None:
+    """`--state stateN=state,hn=h0` -> {output: input}; `none` -> {} (nothing carried);
+    unset -> None (paired by name)."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return {}
+    pairs = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        out, sep, inp = item.partition("=")
+        if not sep or not out or not inp:
+            raise EdgesmithError(f"bad --state {item!r}; write OUTPUT=INPUT (the output whose "
+                                 "value the next call takes as INPUT), or none")
+        pairs[out] = inp
+    return pairs
+
+
+def checked_state(proto, pairs: dict[str, str]) -> dict[str, str]:
+    """--state pairs, each an output and an input of the model of one type and shape."""
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = {i.name: i for i in proto.graph.input if i.name not in initializers}
+    outputs = {o.name: o for o in proto.graph.output}
+    for out, inp in pairs.items():
+        if out not in outputs or inp not in inputs:
+            raise EdgesmithError(f"--state {out}={inp}: {out!r} must be one of the outputs "
+                                 f"{sorted(outputs)} and {inp!r} one of the inputs "
+                                 f"{sorted(inputs)}")
+        if not _same_tensor_type(outputs[out], inputs[inp]):
+            raise EdgesmithError(f"--state {out}={inp}: the output and the input differ in type "
+                                 "or shape, so one cannot feed the other")
+    return dict(pairs)
 
 
 def _same_tensor_type(a, b) -> bool:
@@ -403,10 +438,13 @@ def _input_specs(path: Path, proto, given: dict[str, list[int]], data=None,
                                      f"{want}")
         elif any(d is None for d in dims[1:]) and static and from_data and "*" not in from_data:
             arrays = sorted(k for k in from_data if k != "labels")
+            twin = next((o.name for o in proto.graph.output if _same_tensor_type(o, vi)), None)
+            hint = (f"; or, if the model returns it as {twin!r} for its next call, pass "
+                    f"--state {twin}={vi.name}") if twin else ""
             raise EdgesmithError(f"{Path(data).name} has no array named {vi.name!r} (it has "
                                  f"{arrays}), so the dynamic dimensions of {vi.name!r} ({want}) "
                                  f"cannot be read from it: name the arrays after the model's "
-                                 f"inputs {names} (labels as 'labels')")
+                                 f"inputs {names} (labels as 'labels'){hint}")
         elif any(d is None for d in dims[1:]) and static:
             hint = "x".join(str(d) if d else ("1" if i == 0 else f"<{dim.dim_param or 'size'}>")
                             for i, (d, dim) in enumerate(zip(dims, ttype.shape.dim)))

@@ -19,15 +19,16 @@ from onnx import TensorProto, helper, numpy_helper
 CHUNK, FRAMES, FEATURES, HIDDEN = 512, 8, 32, 64
 
 
-def build(path: Path, seed: int = 0) -> Path:
+def build(path: Path, seed: int = 0, hidden: int = HIDDEN) -> Path:
+    """The model at `path`; `hidden`: the LSTM's width (64 here, 128 in Silero-VAD)."""
     rng = np.random.default_rng(seed)
     frame = CHUNK // FRAMES
     wf = (np.abs(rng.standard_normal((frame, FEATURES))) / np.sqrt(frame)).astype(np.float32)
-    w = (rng.standard_normal((1, 4 * HIDDEN, FEATURES)) / np.sqrt(FEATURES)).astype(np.float32)
-    r = (rng.standard_normal((1, 4 * HIDDEN, HIDDEN)) * 0.5 / np.sqrt(HIDDEN)).astype(np.float32)
-    b = np.zeros((1, 8 * HIDDEN), np.float32)
-    b[0, :HIDDEN] = 1.0                   # input gates open: the frames reach the state
-    b[0, 2 * HIDDEN:3 * HIDDEN] = 3.0     # forget gates mostly shut: the state spans chunks
+    w = (rng.standard_normal((1, 4 * hidden, FEATURES)) / np.sqrt(FEATURES)).astype(np.float32)
+    r = (rng.standard_normal((1, 4 * hidden, hidden)) * 0.5 / np.sqrt(hidden)).astype(np.float32)
+    b = np.zeros((1, 8 * hidden), np.float32)
+    b[0, :hidden] = 1.0                   # input gates open: the frames reach the state
+    b[0, 2 * hidden:3 * hidden] = 3.0     # forget gates mostly shut: the state spans chunks
     inits = [numpy_helper.from_array(a, n) for a, n in (
         (wf, "wf"), (w, "w"), (r, "r"), (b, "b"),
         (np.array(16000, np.int64), "sr16k"), (np.array(0.5, np.float32), "half"),
@@ -51,7 +52,7 @@ def build(path: Path, seed: int = 0) -> Path:
         helper.make_node("Slice", ["state", "zero", "one"], ["h0"]),
         helper.make_node("Slice", ["state", "one", "two"], ["c0"]),
         helper.make_node("LSTM", ["seq", "w", "r", "b", "", "h0", "c0"], ["", "h", "c"],
-                         hidden_size=HIDDEN),
+                         hidden_size=hidden),
         helper.make_node("Concat", ["h", "c"], ["stateN"], axis=0),
         helper.make_node("Squeeze", ["h", "zero"], ["last"]),
         helper.make_node("MatMul", ["last", "wo"], ["logit"]),
@@ -59,33 +60,33 @@ def build(path: Path, seed: int = 0) -> Path:
         helper.make_node("Sigmoid", ["logit_b"], ["output"]),
     ]
     # the head: a direction in state space that loud chunks move the state along
-    inits += [numpy_helper.from_array(np.zeros((HIDDEN, 1), np.float32), "wo"),
+    inits += [numpy_helper.from_array(np.zeros((hidden, 1), np.float32), "wo"),
               numpy_helper.from_array(np.zeros((1,), np.float32), "bo")]
     graph = helper.make_graph(
         nodes, "streaming_vad",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "samples"]),
-         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", HIDDEN]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", hidden]),
          helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1]),
-         helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", HIDDEN])],
+         helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", hidden])],
         inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    _fit_head(model)
+    _fit_head(model, hidden)
     onnx.checker.check_model(model)
     path = Path(path)
     onnx.save(model, str(path))
     return path
 
 
-def _fit_head(model: onnx.ModelProto) -> None:
+def _fit_head(model: onnx.ModelProto, hidden: int) -> None:
     """Least squares from the final h to a speech target on a seeded stream: the decision
     follows loudness as a trained VAD's would, and sits away from 0.5 (not a coin toss)."""
     import onnxruntime as ort
 
     audio, speech = stream(400, seed=99)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    state, hs = np.zeros((2, 1, HIDDEN), np.float32), []
+    state, hs = np.zeros((2, 1, hidden), np.float32), []
     for chunk in audio:
         _, state = session.run(None, {"input": chunk[None], "state": state,
                                       "sr": np.array(16000, np.int64)})

@@ -94,6 +94,37 @@ def test_a_streams_data_errors_name_the_fix(stream, tmp_path):
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_state_pairs_the_names_do_not_tell_are_given_with_state(stream, tmp_path):
+    """A state whose names pair by no convention (`mem` -> `mem_after`) is named with --state;
+    without it the data lacks the input, and the error suggests the pair; `--state none` carries nothing; a bad pair is refused
+    naming the model's outputs and inputs."""
+    import onnx
+
+    proto = onnx.load(str(stream / "vad.onnx"))
+    rename = {"state": "mem", "stateN": "mem_after"}
+    for node in proto.graph.node:
+        node.input[:] = [rename.get(n, n) for n in node.input]
+        node.output[:] = [rename.get(n, n) for n in node.output]
+    for value in [*proto.graph.input, *proto.graph.output]:
+        value.name = rename.get(value.name, value.name)
+    onnx.save(proto, str(tmp_path / "mem.onnx"))
+    held = stream / "heldout.npz"
+    r = run_cli("profile", tmp_path / "mem.onnx", "--eval", held, "--runs", 5)
+    assert r.returncode == 1 and "pass --state mem_after=mem" in r.stderr, r.stderr
+    r = run_cli("profile", tmp_path / "mem.onnx", "--eval", held, "--runs", 5,
+                "--state", "mem_after=mem", "--json", tmp_path / "p.json")
+    assert r.returncode == 0, r.stderr
+    assert load_json(tmp_path / "p.json")["accuracy"]["n"] == CHUNKS
+    r = run_cli("profile", stream / "vad.onnx", "--eval", held, "--state", "none")
+    assert r.returncode == 1 and "no array named 'state'" in r.stderr, r.stderr
+    r = run_cli("profile", stream / "vad.onnx", "--eval", held, "--state", "output=state")
+    assert r.returncode == 1 and "differ in type or shape" in r.stderr, r.stderr
+    r = run_cli("quantize", stream / "vad.onnx", "--calib", held, "--state", "nope=state",
+                "-o", tmp_path / "q.onnx")
+    assert r.returncode == 1 and "'nope' must be one of the outputs" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "q.onnx").exists()
+
+
 def test_quantize_and_optimize_a_stream(stream, tmp_path):
     from edgesmith.model import load
     from edgesmith.passes.quantize import quantize_dynamic

@@ -62,6 +62,13 @@ def input_shape_option(fn):
                         help="fix dynamic inputs: NAME=1x3x224x224[,NAME2=...]")(fn)
 
 
+def state_option(fn):
+    return click.option("--state", "state_pairs",
+                        help="a streaming model's state: OUTPUT=INPUT[,...] (the next call "
+                             "takes OUTPUT as INPUT; paired by name when unset; none: no "
+                             "state)")(fn)
+
+
 def host_device_option(fn):
     return click.option("--host-device", default="auto", show_default=True,
                         help="where torch trains on this host: auto (a CUDA GPU when torch "

@@ -6,6 +6,7 @@ import sys
 import click
 
 from .common import (data_source, devices_from, input_shape_option, json_option, parse_duration,
+                     state_option,
                      ssh_options, status, wait_idle_option)
 
 
@@ -26,6 +27,7 @@ from .common import (data_source, devices_from, input_shape_option, json_option,
               help="keep timing for at least this many seconds")
 @click.option("--threads", type=click.IntRange(0), help="backend threads (0 = backend default)")
 @input_shape_option
+@state_option
 @click.option("--profile-ops", is_flag=True, help="also time each op type (ms per run)")
 @click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(1),
               help="seconds the device may take for the whole run (and each run of the model "
@@ -33,11 +35,12 @@ from .common import (data_source, devices_from, input_shape_option, json_option,
 @wait_idle_option
 @json_option("the Result")
 def profile(model, device_values, identity, accept_new_host_key, remote_python, eval_path, runs,
-            warmup, min_time, threads, input_shape, profile_ops, timeout, wait_idle, json_out):
+            warmup, min_time, threads, input_shape, state_pairs, profile_ops, timeout, wait_idle,
+            json_out):
     """Measure MODEL as it is on one or more devices: latency percentiles, memory, accuracy."""
     from ..devices import Job
     from ..host_runs import run_limit
-    from ..model import parse_input_shapes
+    from ..model import load, parse_input_shapes, parse_state
     from ..profiling import profile_many
     from ..report.text import print_table, results_table, write_json
 
@@ -46,8 +49,9 @@ def profile(model, device_values, identity, accept_new_host_key, remote_python, 
               wait_idle_s=parse_duration(wait_idle))
     devices = devices_from(device_values, identity, accept_new_host_key, remote_python)
     with status(f"profiling {model} on {len(devices)} device(s)"), run_limit(timeout):
-        rows = profile_many(model, devices, eval_path=eval_path, job=job,
-                            input_shapes=parse_input_shapes(input_shape))
+        loaded = load(model, parse_input_shapes(input_shape), data=eval_path,
+                      state=parse_state(state_pairs))
+        rows = profile_many(loaded, devices, eval_path=eval_path, job=job)
     if json_out:
         write_json(json_out, rows[0][1] if len(rows) == 1 else
                    [{"name": name, **r.to_dict()} for name, r in rows])

@@ -9,6 +9,7 @@ import click
 
 from ..errors import EdgesmithError
 from .common import (config_error, data_source, host_device_option, input_shape_option, json_option,
+                     state_option,
                      json_to, one_device, parse_duration, quant_effort_option, ssh_options,
                      wait_idle_option)
 
@@ -34,19 +35,20 @@ def ratios_of(option: str, text: str) -> tuple[float, ...]:
               help=".npz the model is timed and judged on (needed where random inputs would "
                    "not do: token ids, a branch-selecting input, a stream)")
 @input_shape_option
+@state_option
 @click.option("-o", "--out", type=click.Path(file_okay=False),
               help="write the tuned bundle (best config in its manifest) to this directory")
 @click.option("--force", is_flag=True, help="write into an -o directory edgesmith did not create")
 @json_option()
 def tune(model, device, identity, accept_new_host_key, remote_python, target, budget, max_trials,
-         fresh, eval_path, input_shape, out, force, json_out):
+         fresh, eval_path, input_shape, state_pairs, out, force, json_out):
     """Autotune MODEL's runtime config on a device; the result is never slower than the default.
 
     The search is the target profile's: threads, spinning, optimisation level, the providers
     the device has, and edgesmith's own fused kernels (edgesmith_kernels: 0 off, N every block
     at N rows a band, "R@S" only blocks at least S pixels a side), each measured on the device;
     a per-block table says what the kernels won or lost."""
-    from ..model import load, parse_input_shapes
+    from ..model import load, parse_input_shapes, parse_state
     from ..run.outputs import claim, copy_dir_atomic
     from ..report.text import age, kernels_table, print_table, tune_table, write_json
     from ..search.tune import tune as run_tune
@@ -58,7 +60,8 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
         lambda t: click.echo(f"  {'cached ' if t.cached else ''}{t.id}: "
                              f"{'error: ' + t.error if t.error else f'{t.p50_ms:.3f} ms'}",
                              err=True))
-    loaded = load(model, parse_input_shapes(input_shape), data=eval_path)
+    loaded = load(model, parse_input_shapes(input_shape), data=eval_path,
+                  state=parse_state(state_pairs))
     judge = None
     if eval_path:
         from ..data import eval_batch, load_eval_set, reference_outputs
@@ -137,18 +140,19 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
               help="runtimes the answer may use: your application embeds one (TFLite "
                    "candidates need the `tflite-convert` extra on the host)")
 @input_shape_option
+@state_option
 @wait_idle_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), callback=json_to,
               help="also write the report here ('-': stdout); quiet progress")
 def optimize(model, out_dir, force, device, identity, accept_new_host_key, remote_python,
              target, calib, eval_path, train, max_accuracy_drop, latency_budget_ms, budget,
              prune_ratios, nas_ratios, distill_epochs, tune_budget, host_device, quant_effort,
-             backends, input_shape, wait_idle, json_out):
+             backends, input_shape, state_pairs, wait_idle, json_out):
     """The main job: the fastest variant of MODEL within the accuracy budget, on the device.
 
     Exit 0 when a candidate met the budget; 1 when none did (the trade-offs are still saved).
     """
-    from ..model import parse_input_shapes
+    from ..model import parse_input_shapes, parse_state
     from ..pipeline import OptimizeConfig, optimize as run_optimize
     from ..report.text import age, budget_line, optimize_table, print_table, write_json
 
@@ -161,7 +165,8 @@ def optimize(model, out_dir, force, device, identity, accept_new_host_key, remot
                              distill_epochs=distill_epochs, host_device=host_device,
                              tune_budget_s=parse_duration(tune_budget), target=target,
                              backends=backends, quant_effort=quant_effort,
-                             wait_idle_s=parse_duration(wait_idle))
+                             wait_idle_s=parse_duration(wait_idle),
+                             state=parse_state(state_pairs))
     except ValueError as exc:
         raise config_error(exc) from None
     dev = one_device(device, identity, accept_new_host_key, remote_python)

@@ -10,6 +10,7 @@ import click
 
 from ..errors import EdgesmithError
 from .common import (config_error, data_source, host_device_option, input_shape_option, json_option,
+                     state_option,
                      model_out, one_device, quant_effort_option, ssh_options)
 
 
@@ -78,19 +79,21 @@ def fuse(model, out, ort_fusions, opset, input_shape, json_out):
 @quant_effort_option
 @host_device_option
 @input_shape_option
+@state_option
 @click.option("-o", "--out", required=True, callback=model_out(".onnx"),
               help="the chosen model: int8, or the float model when no recipe was faster "
                    "within the accuracy budget (--recipe forces one)")
 @json_option()
 def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accept_new_host_key,
-             remote_python, recipe, quant_effort, host_device, input_shape, out, json_out):
+             remote_python, recipe, quant_effort, host_device, input_shape, state_pairs, out,
+             json_out):
     """Quantize MODEL to int8 with the recipe that is fastest on the device within the budget."""
-    from ..model import load, parse_input_shapes, save
+    from ..model import load, parse_input_shapes, parse_state, save
     from ..search.int8 import choose_recipe, quant_data, quantize_with
     from ..report.text import print_table, quantize_table, why_worse_table, write_json
 
-    m = onnx_only(load(model, parse_input_shapes(input_shape), data=eval_path or calib),
-                  "quantize")
+    m = onnx_only(load(model, parse_input_shapes(input_shape), data=eval_path or calib,
+                       state=parse_state(state_pairs)), "quantize")
     if recipe:        # no search, no device: judged on the host, on held-out samples
         from device_runtime.evaluate import metrics
 

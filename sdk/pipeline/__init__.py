@@ -135,7 +135,7 @@ def build_context(model_path, out_dir, device, calib, eval_path, train, cfg: Opt
     """Load and fuse the model, reach the device, match its target, read the data once, then
     claim OUT under the run key (bad data is refused before anything is written)."""
     started = time.monotonic()
-    original = load(model_path, input_shapes, data=eval_path or calib or train)
+    original = load(model_path, input_shapes, data=eval_path or calib or train, state=cfg.state)
     if original.format != "onnx":
         raise EdgesmithError("optimize takes ONNX models; profile TFLite models with "
                              "`edgesmith profile`")

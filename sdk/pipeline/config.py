@@ -39,6 +39,7 @@ class OptimizeConfig:
     confirm_rounds: int = 3
     backends: tuple[str, ...] = BACKENDS         # runtimes the answer may use
     wait_idle_s: float = 0.0                     # before each timing: wait for a quiet device
+    state: dict | None = None                    # a stream's output -> input (None: by name)
 
     def __post_init__(self):
         if not 0.0 <= self.max_accuracy_drop <= 1.0:
