@@ -104,7 +104,7 @@ def main() -> None:
             folds.append([float(np.mean(decisions(p, audio, hidden) == fp32))
                           for p in (out, dyn) if p.is_file()])
         ms = call_ms([model, dyn], hidden, args.rounds)
-        print(f"hidden {hidden}: chose {report['chosen']} (judged on {judged} consecutive calls, "
+        print(f"hidden {hidden}: chose {report['chosen']['id']} (judged on {judged} consecutive calls, "
               f"state carried); candidates' decision agreement on --eval: "
               + ", ".join(f"{k} {v['accuracy'].get('agreement', float('nan')):.3f}"
                           for k, v in rows.items()))

@@ -501,9 +501,14 @@ def node_macs(node, shapes: dict[str, list[int]]) -> int:
     ins = [shapes.get(node.input[0]), shapes.get(node.input[w_index])
            if len(node.input) > w_index else None]
     out = shapes.get(node.output[0])
+    op = AS_FLOAT_OP.get(node.op_type, node.op_type)
+    if op in ("LSTM", "GRU", "RNN") and None not in ins and node.input[2] in shapes:
+        # X [seq, batch, in] (layout 0), W [dirs, gates*hidden, in], R [dirs, gates*hidden,
+        # hidden]; the sequence output Y is often not asked for, so no output shape is needed
+        steps = ins[0][0] * ins[0][1]          # seq * batch, in either layout
+        return int(steps * (np.prod(ins[1]) + np.prod(shapes[node.input[2]])))
     if None in ins or out is None:
         return 0
-    op = AS_FLOAT_OP.get(node.op_type, node.op_type)
     if op == "Conv":
         w = ins[1]   # [Cout, Cin/groups, k...]: every output element does Cin/groups*k MACs
         return int(np.prod(out) * np.prod(w[1:]))
@@ -516,11 +521,6 @@ def node_macs(node, shapes: dict[str, list[int]]) -> int:
         return int(np.prod(out) * k)
     if op == "MatMul":
         return int(np.prod(out) * ins[0][-1])
-    if op in ("LSTM", "GRU", "RNN") and len(node.input) > 2 and node.input[2] in shapes:
-        # X [seq, batch, in] (layout 0), W [dirs, gates*hidden, in], R [dirs, gates*hidden, hidden]
-        layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
-        steps = ins[0][1] * ins[0][0] if layout else ins[0][0] * ins[0][1]
-        return int(steps * (np.prod(ins[1]) + np.prod(shapes[node.input[2]])))
     return 0
 
 

@@ -43,6 +43,9 @@ def test_a_stream_is_judged_over_the_whole_sequence_with_its_state_carried(strea
 
     model = load(stream / "vad.onnx", data=stream / "heldout.npz")
     assert model.state == {"stateN": "state"}            # paired by name, type and shape
+    # the LSTM's MACs count (before: 0, its sequence output unasked for), so dynamic int8
+    # (which covers LSTMs) is weighed against the whole model
+    assert model.facts.macs_by_op["LSTM"] == 8 * 4 * vad.HIDDEN * (vad.FEATURES + vad.HIDDEN)
     assert model.input_shapes == {"input": [1, vad.CHUNK], "state": [2, 1, vad.HIDDEN],
                                   "sr": []}               # the state's batch on axis 1, a scalar
     data = load_eval_set(stream / "heldout.npz", model)
@@ -160,6 +163,28 @@ def test_quantize_and_optimize_a_stream(stream, tmp_path):
     judged = [c for c in result["candidates"] if c.get("accuracy")]
     assert {"original (as given)", "int8:dynamic-int8"} <= {c["id"] for c in judged}
     assert all(c["accuracy"]["n"] == CHUNKS for c in judged), judged
+
+
+def test_fuse_tune_and_prune_a_stream(stream, tmp_path):
+    """The rest of the corpus matrix's commands: fuse keeps the stream's outputs, tune times
+    and judges it on its data (--eval; random values would pick the If's other branch), prune
+    says in one line why it cannot narrow an LSTM."""
+    model, calib, held = (stream / n for n in ("vad.onnx", "calib.npz", "heldout.npz"))
+    r = run_cli("fuse", model, "-o", tmp_path / "fused.onnx")
+    assert r.returncode == 0, r.stderr
+    audio = vad.stream(40, seed=5)[0]
+    assert np.allclose(carried(tmp_path / "fused.onnx", audio), carried(model, audio), atol=1e-5)
+    r = run_cli("tune", model, "--eval", held, "--max-trials", 3, "--budget", "30s",
+                "--json", tmp_path / "tune.json")
+    assert r.returncode == 0, r.stderr
+    tuned = load_json(tmp_path / "tune.json")
+    assert all(t["error"] is None for t in tuned["trials"]), tuned["trials"]
+    assert tuned["default"]["accuracy"]["n"] == CHUNKS       # judged on the whole stream
+    r = run_cli("tune", model, "--input-shape", f"input=1x{vad.CHUNK}")
+    assert r.returncode == 1 and "selects a branch of an If" in r.stderr, r.stderr
+    r = run_cli("prune", model, "--ratio", "0.3", "--calib", calib, "-o", tmp_path / "p.onnx")
+    assert r.returncode == 1 and "unsupported op LSTM" in r.stdout + r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "p.onnx").exists()
 
 
 def test_one_score_outputs_are_judged_by_their_decision():

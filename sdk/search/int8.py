@@ -466,10 +466,15 @@ def _repair(search: RecipeSearch, trial, candidates: list[Candidate], baseline: 
     saves on the device are kept in float (doubling their number). Starting from a
     reconstruction (effort max only: minutes per try) the int8 blocks learn again, since what
     they learned compensated the float blocks' int8 error too (kept as learned, the digits
-    ResNet lost 8 dB instead of gaining 1.4). Returns that table when it was computed."""
+    ResNet lost 8 dB instead of gaining 1.4). Returns that table when it was computed.
+    Dynamic int8 is passed over: it quantizes weights alone, which no calibration, range or
+    CLE changes (a stream's five "repairs" of it measured five copies of one model)."""
     fast = sorted((c for c in candidates if c.ok and c.p50_ms < baseline.p50_ms),
                   key=lambda c: c.p50_ms)
-    if not fast or any(within(c, max_drop) for c in fast) or fast[0].id not in BASE_RECIPES:
+    if any(within(c, max_drop) for c in fast):
+        return []
+    fast = [c for c in fast if c.id not in BASE_RECIPES or not BASE_RECIPES[c.id].dynamic]
+    if not fast or fast[0].id not in BASE_RECIPES:
         return []
     base = BASE_RECIPES[fast[0].id]
     tried, no_histogram, repaired = set(), False, [fast[0]]
