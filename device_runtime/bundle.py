@@ -53,7 +53,8 @@ class Manifest:
 
     def to_json(self) -> bytes:
         """Canonical bytes, so equal bundles hash equally."""
-        return json.dumps(self.__dict__, sort_keys=True, indent=1).encode()
+        fields = {k: v for k, v in self.__dict__.items() if k != "state" or v}  # ids unchanged
+        return json.dumps(fields, sort_keys=True, indent=1).encode()            # without one
 
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":

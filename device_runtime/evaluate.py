@@ -208,7 +208,8 @@ def predict(session, data: EvalData, batch: int) -> dict:
 
 def _predict_stream(session, data: EvalData) -> dict:
     """One call per chunk, in order, each call's state outputs fed to the next: the outputs of
-    the whole sequence, stacked on a new axis 0 (a state's batch need not be on axis 0)."""
+    the whole sequence, joined on axis 0 where each call's is 1 there (a score [1, C]), else
+    stacked on a new axis 0 (a state's batch need not be on axis 0)."""
     import numpy as np
 
     feed = data.feed(0, 1, session.inputs)
@@ -219,7 +220,8 @@ def _predict_stream(session, data: EvalData) -> dict:
         for name, out in outputs.items():
             collected[name].append(np.asarray(out))
         feed.update({data.state[o]: outputs[o] for o in data.state})
-    return {name: np.stack(chunks) for name, chunks in collected.items()}
+    return {name: np.concatenate(c) if all(x.shape[:1] == (1,) for x in c) else np.stack(c)
+            for name, c in collected.items()}
 
 
 def metrics(outputs: dict, data: EvalData) -> dict:
@@ -229,7 +231,10 @@ def metrics(outputs: dict, data: EvalData) -> dict:
     name = next((n for n in outputs if n in data.refs), next(iter(outputs)))
     out = outputs[name].reshape(data.n, -1).astype(np.float64)
     result: dict = {"n": data.n, "output": name}
-    if data.labels is not None:
+    cut = 0.5 if 0 <= out.min() and out.max() <= 1 else 0.0     # a probability, else a logit
+    if data.labels is not None and out.shape[1] == 1 and data.labels.max(initial=0) <= 1:
+        result["top1"] = float(np.mean((out[:, 0] > cut) == (data.labels == 1)))   # yes/no
+    elif data.labels is not None:
         if data.labels.size and data.labels.max() >= out.shape[1]:
             raise RuntimeFailure("eval", f"labels go up to {data.labels.max()} but output "
                                  f"{name!r} has {out.shape[1]} class score(s): labels of another "
@@ -242,7 +247,7 @@ def metrics(outputs: dict, data: EvalData) -> dict:
         signal = float(np.sum(ref ** 2))
         sqnr = SQNR_CAP_DB if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
         if ref.shape[1] == 1:   # one score per sample (a VAD's speech probability): its decision
-            cut = 0.5 if 0 <= ref.min() and ref.max() <= 1 else 0.0     # probability, else logit
+            cut = 0.5 if 0 <= ref.min() and ref.max() <= 1 else 0.0
             result["agreement"] = float(np.mean((out > cut) == (ref > cut)))
         elif outputs[name].ndim == 2:   # [N, classes]: top-1 agreement means something
             result["agreement"] = float(np.mean(out.argmax(axis=1) == ref.argmax(axis=1)))

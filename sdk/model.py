@@ -213,21 +213,26 @@ def _load_onnx(path: Path, data: bytes, input_shapes: dict[str, list[int]], sour
 
 
 # a stream's state output -> input, by how exporters name them: state/stateN (Silero), h0/hn,
-# state_in/state_out, cache/new_cache, past/present
+# state_in/state_out, cache/new_cache; only names that say "state" (an image-to-image model's
+# x_in/x_out is no stream): STATE_WORDS, or an RNN's bare h/c
 STATE_NAMES = (("", "n"), ("", "_n"), ("", "_out"), ("", "_new"), ("", "_next"), ("_in", "_out"),
-               ("in", "out"), ("0", "n"), ("_prev", ""), ("past", "present"))
+               ("in", "out"), ("0", "n"), ("_prev", ""))
 STATE_PREFIXES = (("", "new_"), ("", "next_"), ("in_", "out_"), ("prev_", ""))
+STATE_WORDS = ("state", "cache", "hidden", "memory", "h0", "c0", "past", "prev")
 
 
 def state_pairs(proto) -> dict[str, str]:
     """{output: input} for outputs that a streaming model feeds back as the next call's input:
-    same type and shape, names paired by STATE_NAMES/STATE_PREFIXES (each input once)."""
+    same type and shape, a state's name (STATE_WORDS), paired by STATE_NAMES/STATE_PREFIXES
+    (each input once). Other pairs are named with --state."""
     initializers = {t.name for t in proto.graph.initializer}
     inputs = {i.name: i for i in proto.graph.input if i.name not in initializers}
     pairs: dict[str, str] = {}
     for out in proto.graph.output:
         for name, vi in inputs.items():
             low, olow = name.lower(), out.name.lower()
+            if not (any(w in low for w in STATE_WORDS) or low in ("h", "c")):
+                continue
             named = any(low.endswith(a) and olow == low[:len(low) - len(a)] + b
                         for a, b in STATE_NAMES) or any(
                 low.startswith(a) and olow == b + low[len(a):] for a, b in STATE_PREFIXES)
@@ -279,7 +284,8 @@ def _same_tensor_type(a, b) -> bool:
 
 
 def branch_inputs(proto) -> set[str]:
-    """Graph inputs that an If's condition depends on (random values pick a branch)."""
+    """Graph inputs whose values an If's condition depends on (random values pick a branch);
+    not through Shape/Size, which read only the shape (a dynamic-axes export's `if`)."""
     producer = {out: n for n in proto.graph.node for out in n.output}
     inputs = {i.name for i in proto.graph.input}
     found: set[str] = set()
@@ -292,7 +298,7 @@ def branch_inputs(proto) -> set[str]:
         seen.add(name)
         if name in inputs:
             found.add(name)
-        elif name in producer:
+        elif name in producer and producer[name].op_type not in ("Shape", "Size"):
             todo.extend(i for i in producer[name].input if i)
     initializers = {t.name for t in proto.graph.initializer}
     return found - initializers
@@ -438,7 +444,8 @@ def _input_specs(path: Path, proto, given: dict[str, list[int]], data=None,
                                      f"{want}")
         elif any(d is None for d in dims[1:]) and static and from_data and "*" not in from_data:
             arrays = sorted(k for k in from_data if k != "labels")
-            twin = next((o.name for o in proto.graph.output if _same_tensor_type(o, vi)), None)
+            twin = next((o.name for o in proto.graph.output if vi.name.lower() in o.name.lower()
+                         and _same_tensor_type(o, vi)), None)
             hint = (f"; or, if the model returns it as {twin!r} for its next call, pass "
                     f"--state {twin}={vi.name}") if twin else ""
             raise EdgesmithError(f"{Path(data).name} has no array named {vi.name!r} (it has "
@@ -543,7 +550,7 @@ def _param_count(proto) -> int:
     return count
 
 
-SCORE_HEADS = {"Gemm", "MatMul", "Softmax", "LogSoftmax", "Sigmoid"}
+SCORE_HEADS = {"Gemm", "MatMul", "Softmax", "LogSoftmax"}
 SHAPE_ONLY = {"Identity", "Reshape", "Flatten", "Squeeze", "Cast", "Add", "DequantizeLinear",
               "QuantizeLinear"}
 
@@ -554,9 +561,12 @@ def class_scores(graph) -> bool:
     normalisation) are 2-D too, but their arg-max means nothing: SQNR judges them."""
     producer = {out: n for n in graph.node for out in n.output}
     name = graph.output[0].name if graph.output else ""
-    for _ in range(len(graph.node) + 1):
+    dims = graph.output[0].type.tensor_type.shape.dim if graph.output else []
+    one_score = len(dims) >= 1 and dims[-1].dim_value == 1     # a yes/no (a multi-label
+    for _ in range(len(graph.node) + 1):                       # sigmoid stays SQNR-judged)
         node = producer.get(name)
-        if node is None or node.op_type in SCORE_HEADS:
+        if node is None or node.op_type in SCORE_HEADS or (node.op_type == "Sigmoid"
+                                                            and one_score):
             return True
         if node.op_type not in SHAPE_ONLY or not node.input:
             return False

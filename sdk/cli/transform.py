@@ -331,7 +331,8 @@ def convert(model, fmt, int8, calib, recipe, eval_path, input_shape, out, json_o
     `tflite-convert` extra. An already-quantized (QDQ) model converts to int8 as it is."""
     from ..model import atomic_write, load, parse_input_shapes
     from ..report.text import write_json
-    from ..convert.tflite import available, check, conversion_sample, random_inputs, to_tflite
+    from ..convert.tflite import (available, check, conversion_sample, random_inputs, to_tflite,
+                                  unconvertible)
 
     if int8 and calib is None:
         raise EdgesmithError("--int8 needs --calib (samples to calibrate activation ranges on)")
@@ -341,6 +342,8 @@ def convert(model, fmt, int8, calib, recipe, eval_path, input_shape, out, json_o
     if (why := available()) is not None:
         raise EdgesmithError(why)
     notes, proto, judge, labels = [], m.proto, None, None
+    if (why := unconvertible(m, m.sample)) is not None:
+        raise EdgesmithError(why)
     if calib is not None:
         from ..search.int8 import quant_data, quantize_with
 

@@ -53,6 +53,16 @@ class ConvertReport:
     notes: list[str] = field(default_factory=list)
 
 
+def unconvertible(model, data=None) -> str | None:
+    """Why `model` cannot be converted here: conversion traces one feed of per-sample inputs,
+    so a stream's state, constants and scalar inputs have no place in it."""
+    if model.state or (data is not None and data.consts) or any(
+            not s.shape for s in model.inputs):
+        return ("TFLite conversion takes per-sample inputs only, and this model streams (its "
+                "state carried between calls) or takes constants or scalars; use onnxruntime")
+    return None
+
+
 def available() -> str | None:
     """Why conversion cannot run on this host, or None when it can."""
     try:

@@ -204,7 +204,11 @@ def tflite_stage(ctx: Context) -> Added:
     if (why := tflite_unavailable(ctx.cfg, ctx.run.facts, ctx.run.device.name,
                                   ctx.run.target.profile)) is not None:
         return Added(skipped=[{"id": "tflite:*", "reason": why}])
-    from ..convert.tflite import as_model, conversion_sample, random_inputs, to_tflite
+    from ..convert.tflite import (as_model, conversion_sample, random_inputs, to_tflite,
+                                  unconvertible)
+
+    if (why := unconvertible(ctx.original, ctx.judge)) is not None:
+        return Added(skipped=[{"id": "tflite:*", "reason": why}])
 
     added = Added()
     int8 = sorted((c for c in ctx.cands if c.id.startswith("int8:")
