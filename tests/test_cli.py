@@ -126,6 +126,69 @@ def _bad_inputs(tmp_path, models):
         ("threads beyond the cores", [cnn, "--threads", "100000"], "cores; use 1.."),
         ("an input shape of exabytes", [cnn, "--input-shape",
                                         "input=99999999999999999999x1x8x8"], "GB per sample"),
+        ("a zero in --input-shape", [cnn, "--input-shape", "input=0x1x8x8"], "bad --input-shape"),
+        ("an --input-shape that does not fit", [cnn, "--input-shape", "input=1x3x8x8"],
+         "does not fit"),
+        ("an .npz with no arrays", [cnn, "--eval", _npz(tmp_path, "nothing")], "lacks ['input']"),
+        ("an .npz as the model", [models / "digits_cnn_eval.npz"], "not an ONNX model"),
+        ("a model with no graph", [_no_graph(tmp_path)], "no graph or IR version"),
+        ("infinity in inputs", [cnn, "--eval", _npz(tmp_path, "inf", input=x * np.inf)],
+         "NaN or infinity"),
+        ("float labels", [cnn, "--eval", _npz(tmp_path, "flabels", input=x,
+                                              labels=y.astype(np.float32))], "'labels' must be"),
+        ("labels beyond the classes", [cnn, "--eval", _npz(tmp_path, "l12", input=x,
+                                                            labels=y + 12)], "labels go up to"),
+        ("no samples", [cnn, "--eval", _npz(tmp_path, "zero", input=x[:0])], "non-zero number"),
+        ("a zip that is no .npz", [cnn, "--eval", _text_zip(tmp_path)], "not a readable .npz"),
+        ("an unknown const:", [cnn, "--eval", _npz(tmp_path, "const", input=x, **{
+            "const:nope": np.zeros(1, np.float32)})], "'const:nope'"),
+        *_stream_cases(tmp_path),
+    ]
+
+
+def _no_graph(tmp_path):
+    path = tmp_path / "nograph.onnx"
+    path.write_bytes(onnx.ModelProto(ir_version=8).SerializeToString())
+    return path
+
+
+def _text_zip(tmp_path):
+    import zipfile
+
+    path = tmp_path / "notes.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("notes.txt", "not an array")
+    return path
+
+
+def _stream_cases(tmp_path):
+    """A streaming model's data and options (tests/streaming_vad.py)."""
+    import streaming_vad as vad
+
+    model = vad.build(tmp_path / "vad.onnx")
+    audio, _ = vad.stream(12, seed=3)
+    sr = np.array(16000, np.int64)
+    npz = lambda name, **a: _npz(tmp_path, name, **a)  # noqa: E731
+    return [
+        ("a branch selector without data", [model, "--input-shape", "input=1x512"],
+         "selects a branch of an If"),
+        ("a scalar given per sample", [model, "--eval", npz(
+            "sr_each", input=audio, sr=np.full(12, 16000, np.int64))], "as 'const:sr'"),
+        ("a const of the wrong shape", [model, "--eval", npz(
+            "sr_shape", input=audio, **{"const:sr": sr[None]})], "'const:sr' is 1"),
+        ("a const of the wrong dtype", [model, "--eval", npz(
+            "sr_dtype", input=audio, **{"const:sr": sr.astype(np.float64)})], "float64"),
+        ("a state given per sample", [model, "--eval", npz(
+            "state_each", input=audio, state=np.zeros((12, 2, 1, vad.HIDDEN), np.float32),
+            **{"const:sr": sr})], "is a state input"),
+        ("constants alone", [model, "--eval", npz(
+            "consts", **{"const:sr": sr, "const:input": audio[:1]})], "no per-sample input"),
+        ("--state naming no output", [model, "--eval", npz("ok", input=audio, **{
+            "const:sr": sr}), "--state", "nope=state"], "must be one of the outputs"),
+        ("--state of another shape", [model, "--eval", tmp_path / "ok.npz", "--state",
+                                      "output=state"], "differ in type or shape"),
+        ("--state without =", [model, "--eval", tmp_path / "ok.npz", "--state", "stateN"],
+         "bad --state"),
     ]
 
 
@@ -153,16 +216,52 @@ def _external(tmp_path, length: int):
     return folder / "m.onnx"
 
 
+def run_bounded(argv, cwd, timeout: float = 120):
+    """`edgesmith ARGV` in `cwd`: (exit code, stderr, its own peak RSS in MB, seconds)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+    import time
+
+    with tempfile.TemporaryFile() as err:
+        t0 = time.monotonic()
+        child = subprocess.Popen([sys.executable, "-m", "edgesmith", *map(str, argv)],
+                                 stdout=subprocess.DEVNULL, stderr=err, cwd=cwd)
+        timer = threading.Timer(timeout, child.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(child.pid, 0)     # this child's rusage alone
+        finally:
+            timer.cancel()
+        child.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        return (child.returncode, err.read().decode(errors="replace"), usage.ru_maxrss / 1024,
+                time.monotonic() - t0)
+
+
 def test_bad_inputs_give_one_line_and_nonzero_exit(models, tmp_path):
+    """The corpus of malformed models, data and options: each exits 1 with one line naming
+    the cause, no traceback, nothing written in the working directory or beside the inputs,
+    within bounded time and memory."""
     cases = _bad_inputs(tmp_path, models)
-    assert len(cases) >= 12
+    assert len(cases) >= 40
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    cache = tmp_path / "cache"         # the tool's own cache (conftest's EDGESMITH_CACHE)
+    files = lambda: sorted(p for p in tmp_path.rglob("*") if cache not in p.parents  # noqa: E731
+                           and p != cache)
+    before = files()
     for case, argv, words in cases:
-        proc = run_cli("profile", *argv, "--runs", "5")
-        assert proc.returncode == 1, (case, proc.stdout, proc.stderr)
-        assert "Traceback" not in proc.stderr, (case, proc.stderr)
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), (case, proc.stderr)
+        code, err, peak_mb, seconds = run_bounded(["profile", *argv, "--runs", "5"], cwd)
+        assert code == 1, (case, err)
+        assert "Traceback" not in err, (case, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (case, err)
         assert words in lines[0], (case, lines[0])
+        assert files() == before, (case, "wrote files")
+        assert peak_mb < 1500 and seconds < 60, (case, peak_mb, seconds)
 
 
 def test_usage_errors_exit_2(models):
