@@ -132,7 +132,7 @@ def _bad_inputs(tmp_path, models):
         ("an .npz with no arrays", [cnn, "--eval", _npz(tmp_path, "nothing")], "lacks ['input']"),
         ("an .npz as the model", [models / "digits_cnn_eval.npz"], "not an ONNX model"),
         ("a model with no graph", [_no_graph(tmp_path)], "no graph or IR version"),
-        ("infinity in inputs", [cnn, "--eval", _npz(tmp_path, "inf", input=x * np.inf)],
+        ("infinity in inputs", [cnn, "--eval", _npz(tmp_path, "inf", input=x + np.inf)],
          "NaN or infinity"),
         ("float labels", [cnn, "--eval", _npz(tmp_path, "flabels", input=x,
                                               labels=y.astype(np.float32))], "'labels' must be"),

@@ -70,6 +70,26 @@ def test_profile_quantize_and_optimize_an_encoder(encoder, tmp_path):
     assert "int8:dynamic-int8" in measured, measured
 
 
+def test_fuse_and_tune_an_encoder(encoder, tmp_path):
+    """The rest of the corpus matrix's commands on the encoder: fuse keeps its embeddings,
+    tune times and judges it on its own tokens (--eval: random ids fall outside its tables)."""
+    import onnxruntime as ort
+
+    model, held = encoder / "encoder.onnx", encoder / "heldout.npz"
+    r = run_cli("fuse", model, "-o", tmp_path / "fused.onnx")
+    assert r.returncode == 0, r.stderr
+    feed = {k: v[:4] for k, v in np.load(held).items()}
+    want, got = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+                 for p in (model, tmp_path / "fused.onnx"))
+    assert np.allclose(got, want, atol=1e-4)
+    r = run_cli("tune", model, "--eval", held, "--max-trials", 3, "--budget", "30s",
+                "--json", tmp_path / "tune.json")
+    assert r.returncode == 0, r.stderr
+    tuned = load_json(tmp_path / "tune.json")
+    assert all(t["error"] is None for t in tuned["trials"]), tuned["trials"]
+    assert tuned["default"]["accuracy"]["sqnr_db"] >= 100      # the defaults judge themselves
+
+
 def test_calibration_in_smaller_runs_gives_the_same_ranges(encoder, monkeypatch):
     """Calibration runs are split to bound host memory (a MiniLM-size encoder: 2.9 GB -> 1.0
     GB); min/max ranges over any split are the same, so the int8 model is too."""
