@@ -288,10 +288,10 @@ def test_external_data_outside_the_model_folder_is_one_line(tmp_path):
     assert proc.stderr.count("\n") == 1 and "points outside" in proc.stderr
 
 
-def endless_loop_model(path) -> None:
-    """A Loop of 10^15 trips around an Add: a valid model that never returns."""
+def add_one_body():
+    """A Loop body adding 1 to a 1x4 value each trip."""
     one = numpy_helper.from_array(np.ones((1, 4), np.float32), "one")
-    body = helper.make_graph(
+    return helper.make_graph(
         [helper.make_node("Add", ["v_in", "one"], ["v_out"]),
          helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
         [helper.make_tensor_value_info("i", TensorProto.INT64, []),
@@ -299,6 +299,11 @@ def endless_loop_model(path) -> None:
          helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, 4])],
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
          helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, 4])], [one])
+
+
+def endless_loop_model(path) -> None:
+    """A Loop of 10^15 trips around an Add: a valid model that never returns."""
+    body = add_one_body()
     graph = helper.make_graph(
         [helper.make_node("Loop", ["trips", "cond", "x"], ["y"], body=body)], "endless",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
@@ -346,15 +351,7 @@ def test_host_side_runs_end_at_the_timeout_and_at_ctrl_c(tmp_path):
 def data_driven_loop_model(path) -> None:
     """A Loop whose trip count is the input's largest value, then a MatMul to quantize: quick on
     zeros, endless on 1e15 (so only the calibration data makes it endless)."""
-    one = numpy_helper.from_array(np.ones((1, 4), np.float32), "one")
-    body = helper.make_graph(
-        [helper.make_node("Add", ["v_in", "one"], ["v_out"]),
-         helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, 4])], [one])
+    body = add_one_body()
     weight = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("ReduceMax", ["x"], ["top"], keepdims=0),
