@@ -1,7 +1,8 @@
 """Host peak memory of `edgesmith quantize --quant-effort balanced` (#39's goal: <= 2 GB on an
 OCR-class model, <= 3 GB on an ImageNet MobileNetV2).
 
-Models (not shipped): the corpus DBNet-style OCR detector at 320x640 (tests/corpus.py), a
+Models (not shipped): the corpus DBNet-style OCR detector at 320x640 (tests/corpus.py: 43 KB),
+a DBNet-class detector of PP-OCR's size (~10 MB, `ocr_detector`) at 640x640, a
 MobileNetV2 at 224x224 (benchmarks/budget.py: torchvision's architecture, seeded random
 weights) and the MiniLM-size encoder of benchmarks/encoder.py; 48 seeded calibration samples
 each, the local device. Each quantize runs in its own process; its peak RSS is read from the
@@ -27,6 +28,51 @@ PEAK = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capt
         "p.stderr.strip().splitlines()[-1:] if p.returncode else '')")
 
 
+def ocr_detector(path: Path) -> Path:
+    """A DBNet-class text detector of PP-OCR's size (~10 MB of fp32 weights): a five-stage
+    conv backbone to 1/32, an FPN of 1x1 laterals and upsampling adds, the four levels
+    upsampled and concatenated, a conv and two ConvTransposes to a sigmoid probability map.
+    Seeded random weights; exported with dynamic H/W as PaddleOCR's detector is."""
+    import torch
+    from torch import nn
+
+    def cbr(i, o, s=1):
+        return nn.Sequential(nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+
+    class Detector(nn.Module):
+        def __init__(self, widths=(32, 64, 128, 192, 320), neck=96):
+            super().__init__()
+            chans = (3, *widths)
+            self.stages = nn.ModuleList(
+                nn.Sequential(cbr(chans[i], chans[i + 1], 2), cbr(chans[i + 1], chans[i + 1]))
+                for i in range(len(widths)))
+            self.lat = nn.ModuleList(nn.Conv2d(w, neck, 1) for w in widths[1:])
+            self.head = nn.Sequential(
+                cbr(4 * neck, neck), nn.ConvTranspose2d(neck, neck // 4, 2, 2),
+                nn.BatchNorm2d(neck // 4), nn.ReLU(), nn.ConvTranspose2d(neck // 4, 1, 2, 2))
+
+        def forward(self, x):
+            feats = []
+            for stage in self.stages:
+                x = stage(x)
+                feats.append(x)
+            levels = [lat(f) for lat, f in zip(self.lat, feats[1:])]   # 1/4 .. 1/32
+            for i in range(len(levels) - 2, -1, -1):
+                levels[i] = levels[i] + nn.functional.interpolate(levels[i + 1], scale_factor=2)
+            size = levels[0].shape[-2:]
+            fused = torch.cat([levels[0]] + [nn.functional.interpolate(v, size=size)
+                                             for v in levels[1:]], 1)
+            return torch.sigmoid(self.head(fused))
+
+    torch.manual_seed(0)
+    model = Detector().eval()
+    torch.onnx.export(model, torch.randn(1, 3, 640, 640), str(path), input_names=["input"],
+                      output_names=["maps"], opset_version=17, dynamo=False,
+                      dynamic_axes={"input": {2: "height", 3: "width"},
+                                    "maps": {2: "height", 3: "width"}})
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="")
@@ -44,6 +90,10 @@ def main() -> None:
         path = corpus.build([("dbnet", "ts17")])[("dbnet", "ts17")]
         np.savez(tmp / "dbnet.npz", input=rng.standard_normal((48, 3, 320, 640)).astype(np.float32))
         jobs.append(("dbnet 320x640", path, tmp / "dbnet.npz", 2048))
+    if "ocr" in args.only or not args.only:
+        np.savez(tmp / "ocr.npz", input=rng.standard_normal((48, 3, 640, 640)).astype(np.float32))
+        jobs.append(("10 MB DBNet-class detector 640x640", ocr_detector(tmp / "ocr.onnx"),
+                     tmp / "ocr.npz", 2048))
     if "mobilenet" in args.only or not args.only:
         np.savez(tmp / "mnv2.npz", input=rng.standard_normal((48, 3, 224, 224)).astype(np.float32))
         jobs.append(("mobilenetv2 224x224", mobilenetv2_224(tmp), tmp / "mnv2.npz", 3072))

@@ -133,10 +133,10 @@ def load_eval(path: str | Path, input_specs: dict, stage: str = "eval",
                              f"and lacks {missing}; name arrays after the inputs "
                              f"{sorted(input_specs)} (plus optional 'labels'; 'const:NAME' for "
                              "a value fed on every call)")
-    for name in sorted(carried & set(arrays)):
-        raise RuntimeFailure(stage, f"{path.name}: {name!r} is a state input, carried from the "
-                             "previous call's output; give its first value as 'const:"
-                             f"{name}' (zeros without it), not one per sample")
+    if given := sorted(carried & set(arrays)):
+        raise RuntimeFailure(stage, f"{path.name}: {given[0]!r} is a state input, carried from "
+                             "the previous call's output; give its first value as 'const:"
+                             f"{given[0]}' (zeros without it), not one per sample")
     for name, arr in consts.items():
         _check_array(path, name, arr, input_specs[name], f"const:{name}", arr.shape, stage)
     if not arrays:
@@ -224,6 +224,11 @@ def _predict_stream(session, data: EvalData) -> dict:
             for name, c in collected.items()}
 
 
+def decision_cut(scores) -> float:
+    """Where a one-score output says yes: 0.5 for a probability, 0 for a logit."""
+    return 0.5 if 0 <= scores.min() and scores.max() <= 1 else 0.0
+
+
 def metrics(outputs: dict, data: EvalData) -> dict:
     """top1 vs labels; agreement, SQNR (dB) and max abs error vs the reference outputs."""
     import numpy as np
@@ -231,9 +236,8 @@ def metrics(outputs: dict, data: EvalData) -> dict:
     name = next((n for n in outputs if n in data.refs), next(iter(outputs)))
     out = outputs[name].reshape(data.n, -1).astype(np.float64)
     result: dict = {"n": data.n, "output": name}
-    cut = 0.5 if 0 <= out.min() and out.max() <= 1 else 0.0     # a probability, else a logit
     if data.labels is not None and out.shape[1] == 1 and data.labels.max(initial=0) <= 1:
-        result["top1"] = float(np.mean((out[:, 0] > cut) == (data.labels == 1)))   # yes/no
+        result["top1"] = float(np.mean((out[:, 0] > decision_cut(out)) == (data.labels == 1)))
     elif data.labels is not None:
         if data.labels.size and data.labels.max() >= out.shape[1]:
             raise RuntimeFailure("eval", f"labels go up to {data.labels.max()} but output "
@@ -247,7 +251,7 @@ def metrics(outputs: dict, data: EvalData) -> dict:
         signal = float(np.sum(ref ** 2))
         sqnr = SQNR_CAP_DB if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
         if ref.shape[1] == 1:   # one score per sample (a VAD's speech probability): its decision
-            cut = 0.5 if 0 <= ref.min() and ref.max() <= 1 else 0.0
+            cut = decision_cut(ref)
             result["agreement"] = float(np.mean((out > cut) == (ref > cut)))
         elif outputs[name].ndim == 2:   # [N, classes]: top-1 agreement means something
             result["agreement"] = float(np.mean(out.argmax(axis=1) == ref.argmax(axis=1)))
