@@ -31,17 +31,9 @@ sys.path[:0] = [str(ROOT / "tests")]
 
 
 def decisions(path: Path, audio: np.ndarray, hidden: int) -> np.ndarray:
-    import onnxruntime as ort
+    import streaming_vad as vad
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    state, probs = np.zeros((2, 1, hidden), np.float32), []
-    for chunk in audio:
-        prob, state = session.run(None, {"input": chunk[None], "state": state,
-                                         "sr": np.array(16000, np.int64)})
-        probs.append(prob[0, 0])
-    return np.array(probs) > 0.5
+    return vad.run(path, audio, hidden, threads=1)[0] > 0.5
 
 
 def call_ms(paths: list[Path], hidden: int, rounds: int) -> list[float]:

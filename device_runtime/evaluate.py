@@ -212,16 +212,23 @@ def _predict_stream(session, data: EvalData) -> dict:
     stacked on a new axis 0 (a state's batch need not be on axis 0)."""
     import numpy as np
 
-    feed = data.feed(0, 1, session.inputs)
     collected: dict[str, list] = {name: [] for name in session.output_names}
-    for i in range(data.n):
-        feed.update({name: arr[i:i + 1] for name, arr in data.inputs.items()})
-        outputs = session.run(feed)
+    for _, outputs in stream_calls(session, data):
         for name, out in outputs.items():
             collected[name].append(np.asarray(out))
-        feed.update({data.state[o]: outputs[o] for o in data.state})
     return {name: np.concatenate(c) if all(x.shape[:1] == (1,) for x in c) else np.stack(c)
             for name, c in collected.items()}
+
+
+def stream_calls(session, data: EvalData, limit: int | None = None):
+    """A stream's calls in order, each (its feed, its outputs): every call's state outputs
+    are the next call's state inputs."""
+    feed = data.feed(0, 1, session.inputs)
+    for i in range(data.n if limit is None else min(limit, data.n)):
+        feed = {**feed, **{name: arr[i:i + 1] for name, arr in data.inputs.items()}}
+        outputs = session.run(feed)
+        yield feed, outputs
+        feed = {**feed, **{data.state[o]: outputs[o] for o in data.state}}
 
 
 def decision_cut(scores) -> float:

@@ -11,7 +11,7 @@ from .bundle import Manifest, verify
 from .errors import RuntimeFailure
 
 
-def _dims_match(declared: list, shape: tuple) -> bool:
+def dims_match(declared: list, shape) -> bool:
     return len(declared) == len(shape) and all(d is None or d == s for d, s in zip(declared, shape))
 
 
@@ -80,7 +80,7 @@ class Session:
             if array.dtype != dtype:
                 raise RuntimeFailure("run", f"input {name!r} has dtype {array.dtype}, the model "
                                      f"takes {dtype}; convert it with .astype()")
-            if not _dims_match(dims, array.shape):
+            if not dims_match(dims, array.shape):
                 want = "x".join("?" if d is None else str(d) for d in dims)
                 raise RuntimeFailure("run", f"input {name!r} has shape {list(array.shape)}, the "
                                      f"model takes {want}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from device_runtime.errors import RuntimeFailure
-from device_runtime.evaluate import EvalData, load_eval
+from device_runtime.evaluate import EvalData, load_eval, stream_calls
 
 from .errors import EdgesmithError
 from .host_runs import host_session
@@ -110,17 +110,11 @@ def stream_feeds(model: Model, data: EvalData, limit: int | None = None) -> list
     """The feeds of each call, as the float model sees them: a stream's state inputs take the
     float model's state outputs of the call before (calibrating on zeros, or judging chunks out
     of order, would see states the deployed model never meets); constants as given."""
+    if data.state:
+        return [feed for feed, _ in stream_calls(_HostSession(model), data, limit)]
     specs = {s.name: s.as_manifest() for s in model.inputs}
-    n = data.n if limit is None else min(limit, data.n)
-    if not data.state:
-        return [data.feed(i, i + 1, specs) for i in range(n)]
-    session, feed, feeds = _HostSession(model), data.feed(0, 1, specs), []
-    for i in range(n):
-        feed = {**feed, **{k: v[i:i + 1] for k, v in data.inputs.items()}}
-        feeds.append(feed)
-        outputs = session.run(feed)
-        feed = {**feed, **{data.state[o]: outputs[o] for o in data.state}}
-    return feeds
+    return [data.feed(i, i + 1, specs) for i in range(data.n if limit is None else
+                                                       min(limit, data.n))]
 
 
 def _image_batches(folder: Path, model: Model, batch: int, limit: int | None):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from device_runtime.evaluate import EvalData, max_data_bytes
+from device_runtime.session import dims_match
 
 from .errors import EdgesmithError
 
@@ -221,12 +222,17 @@ STATE_PREFIXES = (("", "new_"), ("", "next_"), ("in_", "out_"), ("prev_", ""))
 STATE_WORDS = ("state", "cache", "hidden", "memory", "h0", "c0", "past", "prev")
 
 
+def graph_inputs(proto) -> dict:
+    """{name: value info} of the inputs a caller feeds (old IR-3 files list weights too)."""
+    initializers = {t.name for t in proto.graph.initializer}
+    return {i.name: i for i in proto.graph.input if i.name not in initializers}
+
+
 def state_pairs(proto) -> dict[str, str]:
     """{output: input} for outputs that a streaming model feeds back as the next call's input:
     same type and shape, a state's name (STATE_WORDS), paired by STATE_NAMES/STATE_PREFIXES
     (each input once). Other pairs are named with --state."""
-    initializers = {t.name for t in proto.graph.initializer}
-    inputs = {i.name: i for i in proto.graph.input if i.name not in initializers}
+    inputs = graph_inputs(proto)
     pairs: dict[str, str] = {}
     for out in proto.graph.output:
         for name, vi in inputs.items():
@@ -261,8 +267,7 @@ def parse_state(text: str | None) -> dict[str, str] | None:
 
 def checked_state(proto, pairs: dict[str, str]) -> dict[str, str]:
     """--state pairs, each an output and an input of the model of one type and shape."""
-    initializers = {t.name for t in proto.graph.initializer}
-    inputs = {i.name: i for i in proto.graph.input if i.name not in initializers}
+    inputs = graph_inputs(proto)
     outputs = {o.name: o for o in proto.graph.output}
     for out, inp in pairs.items():
         if out not in outputs or inp not in inputs:
@@ -287,7 +292,7 @@ def branch_inputs(proto) -> set[str]:
     """Graph inputs whose values an If's condition depends on (random values pick a branch);
     not through Shape/Size, which read only the shape (a dynamic-axes export's `if`)."""
     producer = {out: n for n in proto.graph.node for out in n.output}
-    inputs = {i.name for i in proto.graph.input}
+    inputs = graph_inputs(proto)
     found: set[str] = set()
     todo = [n.input[0] for n in proto.graph.node if n.op_type == "If" and n.input]
     seen: set[str] = set()
@@ -300,8 +305,7 @@ def branch_inputs(proto) -> set[str]:
             found.add(name)
         elif name in producer and producer[name].op_type not in ("Shape", "Size"):
             todo.extend(i for i in producer[name].input if i)
-    initializers = {t.name for t in proto.graph.initializer}
-    return found - initializers
+    return found
 
 
 def timing_sample(model: Model, source) -> EvalData | None:
@@ -400,29 +404,28 @@ def _input_specs(path: Path, proto, given: dict[str, list[int]], data=None,
     a `const:` array's own shape), a dynamic batch alone measured at 1, as are a stream's state
     inputs (`carried`: their batch may sit on another axis). `static=False` (fuse) needs no
     concrete shape."""
-    initializers = {t.name for t in proto.graph.initializer}
-    graph_inputs = [i for i in proto.graph.input if i.name not in initializers]
-    names = [i.name for i in graph_inputs]
+    inputs = list(graph_inputs(proto).values())
+    names = [i.name for i in inputs]
     unknown = sorted(set(given) - set(names))
     if unknown:
         raise EdgesmithError(f"--input-shape names {unknown}, but the model's inputs are {names}")
     from_data = data_shapes(data) if data is not None else {}
-    if "*" in from_data and len(graph_inputs) == 1:
-        from_data = {graph_inputs[0].name: from_data["*"]}
+    if "*" in from_data and len(inputs) == 1:
+        from_data = {inputs[0].name: from_data["*"]}
     specs = []
-    for vi in graph_inputs:
+    for vi in inputs:
         ttype = vi.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
                 for d in ttype.shape.dim]          # -1 and 0 are how some exporters say dynamic
         want = "x".join("?" if d is None else str(d) for d in dims)
         if vi.name in given:
             shape = given[vi.name]
-            if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
+            if not dims_match(dims, shape):
                 raise EdgesmithError(f"--input-shape {vi.name}={'x'.join(map(str, shape))} "
                                      f"does not fit the model's {want}")
         elif f"const:{vi.name}" in from_data:
             shape = list(from_data[f"const:{vi.name}"])
-            if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
+            if not dims_match(dims, shape):
                 raise EdgesmithError(f"{Path(data).name}: 'const:{vi.name}' is "
                                      f"{'x'.join(map(str, shape)) or 'a scalar'}, the model's "
                                      f"input is {want or 'a scalar'}")
@@ -435,8 +438,7 @@ def _input_specs(path: Path, proto, given: dict[str, list[int]], data=None,
         elif any(d is None for d in dims[1:]) and vi.name in from_data:
             sample = list(from_data[vi.name][1:])
             shape = [dims[0] or 1] + sample
-            if len(shape) != len(dims) or any(d is not None and d != s
-                                               for d, s in zip(dims[1:], sample)):
+            if not dims_match(dims, shape):
                 raise EdgesmithError(f"{Path(data).name}: input {vi.name!r} is "
                                      f"{'x'.join(map(str, from_data[vi.name]))}: samples on axis "
                                      f"0 take the batch's place, so each sample is "

@@ -82,21 +82,34 @@ def build(path: Path, seed: int = 0, hidden: int = HIDDEN) -> Path:
 def _fit_head(model: onnx.ModelProto, hidden: int) -> None:
     """Least squares from the final h to a speech target on a seeded stream: the decision
     follows loudness as a trained VAD's would, and sits away from 0.5 (not a coin toss)."""
-    import onnxruntime as ort
-
     audio, speech = stream(400, seed=99)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    state, hs = np.zeros((2, 1, hidden), np.float32), []
-    for chunk in audio:
-        _, state = session.run(None, {"input": chunk[None], "state": state,
-                                      "sr": np.array(16000, np.int64)})
-        hs.append(state[0, 0])
-    h = np.concatenate([np.stack(hs), np.ones((len(hs), 1), np.float32)], axis=1)
+    _, hs = run(model.SerializeToString(), audio, hidden)
+    h = np.concatenate([hs, np.ones((len(hs), 1), np.float32)], axis=1)
     target = np.where(speech, 4.0, -4.0)
     coef = np.linalg.lstsq(h, target, rcond=None)[0].astype(np.float32)
     inits = {t.name: t for t in model.graph.initializer}
     inits["wo"].CopyFrom(numpy_helper.from_array(coef[:-1, None], "wo"))
     inits["bo"].CopyFrom(numpy_helper.from_array(coef[-1:], "bo"))
+
+
+def run(model, audio: np.ndarray, hidden: int = HIDDEN, carry: bool = True, threads: int = 0
+        ) -> tuple[np.ndarray, np.ndarray]:
+    """Plain onnxruntime over `audio` (`model`: a path or bytes), one call per chunk, the state
+    carried (or reset every call): (speech probabilities [chunks], final h [chunks, hidden])."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
+                                   providers=["CPUExecutionProvider"])
+    state, probs, hs = np.zeros((2, 1, hidden), np.float32), [], []
+    for chunk in audio:
+        fresh = state if carry else np.zeros_like(state)
+        prob, state = session.run(None, {"input": chunk[None], "state": fresh,
+                                         "sr": np.array(16000, np.int64)})
+        probs.append(prob[0, 0])
+        hs.append(state[0, 0])
+    return np.array(probs), np.stack(hs)
 
 
 def stream(chunks: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 import streaming_vad as vad
@@ -26,14 +25,7 @@ def stream(tmp_path_factory):
 
 def carried(path, audio, carry: bool = True) -> np.ndarray:
     """Speech probabilities of plain onnxruntime over `audio`, the state carried or reset."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    state, probs = np.zeros((2, 1, vad.HIDDEN), np.float32), []
-    for chunk in audio:
-        fresh = state if carry else np.zeros_like(state)
-        prob, state = session.run(None, {"input": chunk[None], "state": fresh,
-                                         "sr": np.array(16000, np.int64)})
-        probs.append(prob[0, 0])
-    return np.array(probs)
+    return vad.run(path, audio, carry=carry)[0]
 
 
 def test_a_stream_is_judged_over_the_whole_sequence_with_its_state_carried(stream):
