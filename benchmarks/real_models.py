@@ -65,7 +65,8 @@ def main() -> None:
     judge = EvalData({"input": held}, None, {}, len(held))
     judge.refs = reference_outputs(model, judge, 1)
     t0 = time.time()
-    q_model, report = choose_recipe(fused, get_device("local"), QuantData(batches=calib, eval=judge, batch=1),
+    q_model, report = choose_recipe(fused, get_device("local"), QuantData(batches=calib, eval=judge, batch=1,
+                                                                  judged_on=f"{len(held)} random inputs"),
                                     max_accuracy_drop=0.0)
     print(f"int8 search: {report.summary} ({time.time() - t0:.0f} s)")
     device = get_device("local")

@@ -139,14 +139,14 @@ def main() -> None:
             print("NNCF anchor skipped: pass --nncf-python (benchmarks/nncf_anchor.py says how)")
         for method in args.methods:
             t0 = time.time()
-            built[method], _ = build_recipe(prepared, recipe_by_name(method), batches)
+            built[method], _, twin = build_recipe(prepared, recipe_by_name(method), batches)
             seconds[method] = time.time() - t0
             if "reconstruct" in method and args.float_blocks > 0:
                 t0 = time.time()
-                rows = block_sensitivity(prepared, built[method], batches[:4])
+                rows = block_sensitivity(twin, built[method], batches[:4])
                 keep = [n for r in rows[:args.float_blocks] for n in r["nodes"]]
                 mixed = f"{method}-float{args.float_blocks}"
-                built[mixed], _ = build_recipe(
+                built[mixed], _, _ = build_recipe(
                     prepared, recipe_by_name(method).with_exclusions(keep), batches)
                 seconds[mixed] = time.time() - t0
         built.update({label: onnx.load(path) for label, path in also.items()})

@@ -112,7 +112,8 @@ def tune(model, device, identity, accept_new_host_key, remote_python, target, bu
               help=".npz eval set (inputs by name + labels)")
 @click.option("--train", callback=data_source,
               type=click.Path(exists=True),
-              help="training data for pruning + distillation (needs the `train` extra)")
+              help="training data for pruning + distillation and int8 quantization-aware "
+                   "training (needs the `train` extra)")
 @click.option("--max-accuracy-drop", default=0.01, show_default=True,
               type=click.FloatRange(0, 1),
               help="largest top-1 drop vs the original a candidate may cost (outputs without "

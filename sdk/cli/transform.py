@@ -69,6 +69,9 @@ def fuse(model, out, ort_fusions, opset, input_shape, json_out):
 @click.option("--eval", "eval_path", callback=data_source,
               type=click.Path(dir_okay=False),
               help=".npz eval set to judge accuracy (else a held-out part of --calib)")
+@click.option("--train", callback=data_source, type=click.Path(exists=True),
+              help="unlabelled inputs (.npz or images) for quantization-aware training when "
+                   "the post-training repairs miss the budget (needs the `train` extra)")
 @click.option("--max-accuracy-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1),
               help="largest top-1 drop vs fp32 a recipe may cost (outputs without classes: "
                    "SQNR >= 25 dB)")
@@ -84,7 +87,7 @@ def fuse(model, out, ort_fusions, opset, input_shape, json_out):
               help="the chosen model: int8, or the float model when no recipe was faster "
                    "within the accuracy budget (--recipe forces one)")
 @json_option()
-def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accept_new_host_key,
+def quantize(model, calib, eval_path, train, max_accuracy_drop, device, identity, accept_new_host_key,
              remote_python, recipe, quant_effort, host_device, input_shape, state_pairs, out,
              json_out):
     """Quantize MODEL to int8 with the recipe that is fastest on the device within the budget."""
@@ -100,8 +103,8 @@ def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accep
         from ..data import reference_outputs
         from ..model import from_proto
 
-        data = quant_data(m, calib, eval_path)
-        proto, reports = quantize_with(m, recipe, data.batches, host_device)
+        data = quant_data(m, calib, eval_path, train=train)
+        proto, reports = quantize_with(m, recipe, data.batches, host_device, data.train)
         judged = metrics(reference_outputs(from_proto(proto, m), data.eval, data.batch),
                          data.eval)
         save(proto, out)
@@ -109,7 +112,7 @@ def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accep
             write_json(json_out, {"recipe": recipe, "passes": reports, "accuracy": judged})
         for note in data.notes:
             click.echo(f"note: {note}")
-        click.echo(f"{recipe} on the host (onnxruntime CPU), {judged['n']} held-out samples: "
+        click.echo(f"{recipe} on the host (onnxruntime CPU), judged on {data.judged_on}: "
                    + ", ".join(f"{k} {judged[k]:.4f}" for k in ("top1", "agreement")
                                if k in judged)
                    + (f", SQNR {judged['sqnr_db']:.1f} dB" if "sqnr_db" in judged else ""))
@@ -117,7 +120,8 @@ def quantize(model, calib, eval_path, max_accuracy_drop, device, identity, accep
         return
     dev = one_device(device, identity, accept_new_host_key, remote_python)
     say = None if json_out else (lambda text: click.echo(f"  {text}", err=True))
-    chosen, report = choose_recipe(m, dev, quant_data(m, calib, eval_path), max_accuracy_drop,
+    chosen, report = choose_recipe(m, dev, quant_data(m, calib, eval_path, train=train),
+                                   max_accuracy_drop,
                                    on_step=say, effort=quant_effort, host_device=host_device)
     save(chosen.proto, out)
     if json_out:

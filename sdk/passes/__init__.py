@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 PASSES: dict[str, Callable] = {}
-MODULES = ("fuse", "quantize", "equalize", "prune", "distill", "reconstruct", "ranges",
+MODULES = ("fuse", "quantize", "equalize", "prune", "distill", "reconstruct", "qat", "ranges",
            "kernels")   # torch is imported lazily
 
 

@@ -179,8 +179,11 @@ def channel_stats(model: onnx.ModelProto, tensors: list[str], batches: list[dict
 @register("bias_correct")
 def bias_correct(model: onnx.ModelProto, cfg: BiasCorrectConfig
                  ) -> tuple[onnx.ModelProto, PassReport]:
-    """Subtract (W_q - W) E[x] from the bias of every Conv and Gemm with constant weights."""
+    """Subtract (W_q - W) E[x] from the bias of every Conv and Gemm with constant weights that
+    the recipe quantizes: a layer kept in float has no rounding error to correct, and shifting
+    its bias anyway made mixed precision less faithful than all-int8."""
     recipe, batches = cfg.recipe, cfg.batches
+    kept_float = set(recipe.exclude)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = Graph(out.graph)
@@ -188,7 +191,8 @@ def bias_correct(model: onnx.ModelProto, cfg: BiasCorrectConfig
     targets = [n for n in out.graph.node if n.op_type in ("Conv", "Gemm")
                and graph.array(n.input[1]) is not None and len(n.input) > 2 and n.input[2]
                and graph.array(n.input[2]) is not None
-               and not (n.op_type == "Gemm" and attr(n, "transA", 0))]
+               and not (n.op_type == "Gemm" and attr(n, "transA", 0))
+               and n.name not in kept_float]
     means = channel_stats(out, sorted({n.input[0] for n in targets}), batches)["mean"]
     shifts = []
     for node in targets:

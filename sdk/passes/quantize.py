@@ -81,6 +81,7 @@ class QuantRecipe:
     bias_correction: bool = False
     refine_ranges: bool = False          # MSE-optimal activation ranges after calibration
     reconstruct: int = 0                 # block reconstruction's steps per block (0: off)
+    qat: int = 0                         # epochs of quantization-aware training (0: off)
 
     def __post_init__(self):
         checks = {"format": (self.format, ("QDQ", "QOperator")),

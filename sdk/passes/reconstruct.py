@@ -431,6 +431,11 @@ def _write_back(graph: Graph, module: _BlockModule) -> dict[str, float]:
         q = module.torch.clamp(r["floor"] + module.h(r, "hard") + r["zp"], qmin, qmax)
         dtype = graph.array(r["weight"].name).dtype
         graph.set_array(r["weight"].name, q.detach().cpu().numpy().astype(dtype))
+    return _write_scales(graph, module)
+
+
+def _write_scales(graph: Graph, module: _BlockModule) -> dict[str, float]:
+    """The learned activation step sizes into the model's initializers; {scale name: new}."""
     new_scales = {}
     for q, (g, s0, *_rest) in module.codes.items():
         if g is None:

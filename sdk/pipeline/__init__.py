@@ -61,6 +61,7 @@ class OptimizeReport:
     outcome: str                       # "met" | "no candidate met the budget"
     summary: str
     notes: list[str] = field(default_factory=list)
+    judged_on: str = ""                            # the judging set and its size ("": none)
     remeasure: dict = field(default_factory=dict)   # original vs chosen, interleaved (Spreads)
     op_profile_ms: dict = field(default_factory=dict)
     tuned_config: dict = field(default_factory=dict)
@@ -115,7 +116,8 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
                             skipped=[s for a in added for s in a.skipped],
                             chosen=chosen.id if chosen else None,
                             outcome="met" if chosen else "no candidate met the budget",
-                            summary="", notes=notes, remeasure=remeasure, resumed=resumed)
+                            summary="", notes=notes, remeasure=remeasure, resumed=resumed,
+                            judged_on=ctx.quant.judged_on if ctx.quant else "")
     finish_stage(ctx, report)
     report.elapsed_s = time.monotonic() - ctx.run.started
     report.overshoot_s = max(0.0, report.elapsed_s - ctx.cfg.budget_s)
@@ -153,7 +155,9 @@ def build_context(model_path, out_dir, device, calib, eval_path, train, cfg: Opt
         notes.append("calibrated on the --train samples (no --calib given)")
     if calib is not None or eval_path is not None:
         # eval only: calibrate on part of it, judge on the rest (never on calibration samples)
-        quant = quant_data(original, calib or eval_path, eval_path if calib else None)
+        quant = quant_data(original, calib or eval_path, eval_path if calib else None,
+                           train=train if train is not None and len(original.inputs) == 1
+                           and not original.state else None)
         notes += quant.notes
         judge = quant.eval
     else:

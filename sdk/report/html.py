@@ -192,6 +192,8 @@ def _budget_text(report) -> str:
     text = (f"output SQNR &ge; {FIDELITY_SQNR_DB:g} dB" if key == "sqnr_db" else
             f"{'top-1' if key == 'top1' else 'agreement'} drop &le; "
             f"{report.config['max_accuracy_drop']}" if key else "accuracy not judged")
+    if key and report.judged_on:
+        text += f", judged on {html.escape(report.judged_on)}"
     if report.config["latency_budget_ms"]:
         text += f", latency &le; {report.config['latency_budget_ms']} ms"
     return text

@@ -186,7 +186,8 @@ def kernels_table(report) -> Table:
 def quantize_table(report) -> Table:
     """Every measured recipe: latency vs fp32, accuracy and its drop, what was pruned and why."""
     table = Table(title=f"edgesmith quantize on {report.device} "
-                        f"(max accuracy drop {report.max_accuracy_drop})")
+                        f"(max accuracy drop {report.max_accuracy_drop}); accuracy judged on "
+                        f"{report.judged_on}")
     for col in ("recipe", "p50 ms", "vs fp32", "top-1", "agreement", "SQNR dB", "drop", "size KB",
                 "host s", "note"):
         table.add_column(col, justify="left" if col in ("recipe", "note") else "right")
@@ -280,7 +281,8 @@ def _excluded(report, c) -> str:
 def optimize_table(report) -> Table:
     """The same rows as report.html: every candidate, fastest first, then errors and skips."""
     table = Table(title=f"edgesmith optimize: {Path(report.model).name} on {report.device} "
-                        f"(target {report.target})")
+                        f"(target {report.target})" + (f"; accuracy judged on {report.judged_on}"
+                                                       if report.judged_on else ""))
     names = [c.id for c in report.candidates] + [s["id"] for s in report.skipped]
     table.add_column("candidate", no_wrap=True, min_width=max(map(len, names), default=9))
     for col in ("ms", "vs original", "top-1", "agreement", "SQNR dB", "drop", "size KB", "MACs",

@@ -9,6 +9,7 @@ in float, found by comparing activations layer by layer against fp32).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import tempfile
 import time
@@ -31,18 +32,21 @@ from ..model import Model, from_proto, npz_headers
 from ..passes.equalize import BiasCorrectConfig, EqualizeConfig, bias_correct, equalize
 from ..passes.quantize import (DYNAMIC_OPS, ORT_CALIBRATION, PreprocessConfig, QuantizeConfig,
                               QuantRecipe, preprocess, quantize_dynamic, quantize_static, to_fp16)
+from ..passes.qat import QatConfig, qat
 from ..passes.ranges import RangeConfig, refine_ranges
 from ..passes.reconstruct import ReconstructConfig, reconstruct
 from ..run import Run, accuracy_drop, within
 from .why_worse import add_times, block_sensitivity
 
 MAX_FLOAT_BLOCKS = 8         # mixed precision stops here: more float blocks than this is no int8
+QAT_EPOCHS = 6               # ImageNet MobileNetV2, 189 crops: 2.0 dB at 3 epochs, 3.0 dB at 6
 
 
 @dataclass(kw_only=True)
 class QuantizeReport:
     device: str
     max_accuracy_drop: float
+    judged_on: str                       # the judging set and its size, printed with the figures
     baseline: Candidate
     candidates: list[Candidate]
     chosen: Candidate
@@ -67,7 +71,8 @@ REPAIRS = {"robustminmax": {"calibration": "robust-minmax"},
            "percentile": {"calibration": "percentile"},
            "cle-bc": {"equalize": True, "bias_correction": True},
            "mse": {"refine_ranges": True},
-           "reconstruct": {"reconstruct": 200}}
+           "reconstruct": {"reconstruct": 200},
+           "qat": {"qat": QAT_EPOCHS}}
 # --quant-effort: the repairs tried when the fastest recipe misses the accuracy budget,
 # cheapest first; the search stops at the first that meets it. Order and choice measured on
 # ImageNet MobileNetV2, held-out photos (benchmarks/reconstruct.py): reconstruction from
@@ -130,8 +135,8 @@ def candidate_recipes(facts: dict, model: Model) -> tuple[list[QuantRecipe], lis
 
 def recipe_by_name(name: str) -> QuantRecipe:
     """A base recipe, optionally with repairs appended in any combination: `qdq-u8s8-mse`,
-    `qdq-u8s8-percentile-reconstruct`, `...-cle-bc` (`-adaround`, its former name, still
-    works)."""
+    `qdq-u8s8-percentile-reconstruct`, `...-cle-bc`, `...-qat` (needs training data;
+    `-adaround`, reconstruct's former name, still works)."""
     name = name.replace("-adaround", "-reconstruct")
     for base_name, base in BASE_RECIPES.items():
         if name == base_name or name.startswith(base_name + "-"):
@@ -155,7 +160,9 @@ class QuantData:
     batches: list[dict]
     eval: EvalData
     batch: int
+    judged_on: str                        # "48 samples of photos.npz, held out from calibration"
     notes: list[str] = field(default_factory=list)
+    train: list[dict] = field(default_factory=list)   # unlabelled feeds for QAT (--train)
 
 
 def _split(batches: list[dict], holdout: float, labels: np.ndarray | None = None,
@@ -177,10 +184,35 @@ def _batched(inputs: dict, batch: int, fixed: bool) -> list[dict]:
 
 
 def quant_data(model: Model, calib, eval_path=None, holdout: float = 0.25,
-               limit: int = 512) -> QuantData:
+               limit: int = 512, train=None) -> QuantData:
     """Calibration feeds and a judging set. With `eval_path` the eval set judges; with only
     `calib`, a random `holdout` share of it is set aside to judge fidelity to the float model
-    (calibrating and judging on the same samples flatters every recipe)."""
+    (calibrating and judging on the same samples flatters every recipe). `train`: unlabelled
+    inputs QAT learns from, never the judging samples (the calibration share when it is
+    `calib` itself)."""
+    data = _quant_data(model, calib, eval_path, holdout, limit)
+    if train is None:
+        return data
+    same = lambda a, b: b is not None and Path(a).resolve() == Path(b).resolve()  # noqa: E731
+    if same(train, eval_path):
+        raise EdgesmithError(f"--train and --eval both name {Path(train).name}: training on "
+                             "the judging samples flatters the int8 model; give other samples")
+    if data.eval.state or data.eval.consts or len(model.inputs) != 1:
+        raise EdgesmithError("quantization-aware training (--train) takes models with one "
+                             "input and no state; leave --train out for this model")
+    if same(train, calib):
+        data.train = data.batches
+        data.notes.append(f"QAT trains on the calibration share of {Path(train).name} (the "
+                          "judging samples held out)")
+    else:
+        data.train = list(calibration_batches(train, model, data.batch, 4 * limit))
+    if not data.train:
+        raise EdgesmithError(f"training data {train} is empty (or shorter than the model's "
+                             "fixed batch)")
+    return data
+
+
+def _quant_data(model: Model, calib, eval_path, holdout: float, limit: int) -> QuantData:
     if model.state or not Path(calib).is_dir() and any(
             k.startswith("const:") for k in npz_headers(calib)):
         return _stream_quant_data(model, calib, eval_path, holdout, limit)
@@ -193,6 +225,7 @@ def quant_data(model: Model, calib, eval_path=None, holdout: float = 0.25,
     notes = []
     if eval_path is not None:
         judge = load_eval_set(eval_path, model)
+        judged_on = f"{judge.n} samples of {Path(eval_path).name} (--eval)"
     else:
         labels = None
         if not Path(calib).is_dir():          # an .npz may carry labels: judge top-1 with them
@@ -202,16 +235,17 @@ def quant_data(model: Model, calib, eval_path=None, holdout: float = 0.25,
         if len(_batched(calib_inputs, batch, fixed)) and n_held >= (batch if fixed else 1):
             feeds = _batched(calib_inputs, batch, fixed)
             judge = EvalData(held, held_labels, {}, n_held)
-            notes.append(f"judged on {n_held} samples of {Path(calib).name} held out from "
-                         "calibration (no separate judging set was given)")
+            judged_on = f"{n_held} samples of {Path(calib).name}, held out from calibration"
+            notes.append(f"judged on {judged_on} (no separate judging set was given)")
         else:
             judge = EvalData({k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]},
                              None, {}, sum(len(next(iter(f.values()))) for f in feeds))
+            judged_on = f"the {judge.n} calibration samples of {Path(calib).name} (optimistic)"
             notes.append("too few calibration samples to hold any out: fidelity is judged on "
                          "the calibration samples themselves (optimistic); pass --eval")
     judge.refs = reference_outputs(model, judge, batch)
     return QuantData(batches=feeds[:max(1, -(-limit // batch))], eval=judge, batch=batch,
-                     notes=notes)
+                     judged_on=judged_on, notes=notes)
 
 
 def _stream_quant_data(model: Model, calib, eval_path, holdout: float, limit: int) -> QuantData:
@@ -222,6 +256,7 @@ def _stream_quant_data(model: Model, calib, eval_path, holdout: float, limit: in
     notes = []
     if eval_path is not None:
         judge, head = load_eval_set(eval_path, model), whole
+        judged_on = f"{judge.n} calls of {Path(eval_path).name} (--eval)"
     else:
         cut = whole.n - max(1, int(round(whole.n * holdout)))
         if cut < 1:
@@ -232,31 +267,38 @@ def _stream_quant_data(model: Model, calib, eval_path, holdout: float, limit: in
             None if whole.labels is None else whole.labels[lo:hi], {}, hi - lo, whole.consts,
             whole.state)
         judge, head = part(cut, whole.n), part(0, cut)
+        judged_on = f"the last {whole.n - cut} calls of {Path(calib).name}, held out"
         notes.append(f"judged on the last {whole.n - cut} calls of {Path(calib).name}, held out "
                      "from calibration (a stream is cut in order; no separate judging set "
                      "was given)")
     if judge.state:
         notes.append(f"judged over {judge.n} consecutive calls with the state carried")
     judge.refs = reference_outputs(model, judge, 1)
-    return QuantData(batches=stream_feeds(model, head, limit), eval=judge, batch=1, notes=notes)
+    return QuantData(batches=stream_feeds(model, head, limit), eval=judge, batch=1,
+                     judged_on=judged_on, notes=notes)
 
 
 def build_recipe(prepared: onnx.ModelProto, recipe: QuantRecipe, batches: list[dict],
                  calibration_cache: Path | None = None, host_device: str = "auto",
-                 deadline: float = math.inf) -> tuple[onnx.ModelProto, list]:
-    """The quantized (or fp16) model for `recipe` from a pre-processed float model; the passes
-    run in order (CLE, bias correction, quantization), each reporting what it did; learning
-    (reconstruction) stops at `deadline` (time.monotonic())."""
+                 deadline: float = math.inf, train: list[dict] | None = None
+                 ) -> tuple[onnx.ModelProto, list, onnx.ModelProto]:
+    """The quantized (or fp16) model for `recipe` from a pre-processed float model, the passes'
+    reports, and the float graph whose weights the int8 ones round (CLE rescales them: judging
+    an equalized block against the unequalized graph put every block at -5 dB, and mixed
+    precision kept random blocks in float). The passes run in order (CLE, bias correction,
+    quantization, ranges, reconstruction, QAT on the `train` feeds); learning stops at
+    `deadline` (time.monotonic())."""
     if recipe.fp16:
         proto, report = to_fp16(prepared, recipe)
-        return proto, [report]
+        return proto, [report], prepared
     if recipe.dynamic:
         proto, report = quantize_dynamic(prepared, recipe)
-        return proto, [report]
+        return proto, [report], prepared
     float_model, reports = prepared, []
     if recipe.equalize:
         float_model, rep = equalize(float_model, EqualizeConfig(batches))
         reports.append(rep)
+    twin = float_model
     if recipe.bias_correction:
         float_model, rep = bias_correct(float_model, BiasCorrectConfig(recipe, batches))
         reports.append(rep)
@@ -270,7 +312,16 @@ def build_recipe(prepared: onnx.ModelProto, recipe: QuantRecipe, batches: list[d
             float_model, batches, recipe.weight_range, iters=recipe.reconstruct,
             host_device=host_device, deadline=deadline))
         reports.append(rep)
-    return proto, reports
+    if recipe.qat:
+        if not train:
+            raise EdgesmithError(f"{recipe.name} trains the int8 model: give unlabelled training "
+                                 "inputs (--train)")
+        proto, rep = qat(proto, QatConfig(
+            float_model=float_model, teacher=prepared, batches=train,
+            weight_range=recipe.weight_range, epochs=recipe.qat, host_device=host_device,
+            deadline=deadline))
+        reports.append(rep)
+    return proto, reports, twin
 
 
 class RecipeSearch:
@@ -284,13 +335,15 @@ class RecipeSearch:
         self.host_device = host_device
         self.prepared, self.prep_report = preprocess(model.proto, PreprocessConfig(input_shapes=model.input_shapes))
 
-    def build(self, recipe: QuantRecipe) -> tuple[onnx.ModelProto, list]:
+    def build(self, recipe: QuantRecipe) -> tuple[onnx.ModelProto, list, onnx.ModelProto]:
         key = f"{ORT_CALIBRATION[recipe.calibration]}-{recipe.percentile}-" \
               f"{recipe.symmetric_activations}-{'cle' if recipe.equalize else 'plain'}-" \
               f"{'bc' if recipe.bias_correction else ''}"       # robust-minmax shares min/max's
+        if recipe.bias_correction and recipe.exclude:     # float layers keep their biases
+            key += "-" + hashlib.sha256("\0".join(recipe.exclude).encode()).hexdigest()[:12]
         return build_recipe(self.prepared, recipe, self.data.batches,
                             self.workdir / f"calib-{key}.json", self.host_device,
-                            self.run.deadline())
+                            self.run.deadline(), self.data.train)
 
     def profile(self, proto: onnx.ModelProto) -> dict[str, float]:
         """Milliseconds per run of each node of onnxruntime's optimised graph, on the device."""
@@ -355,17 +408,18 @@ def choose_recipe(model: Model, device: Run | str, data: QuantData,
                                  f"{baseline.error}")
         baseline.accuracy_drop = 0.0
         built: dict[str, onnx.ModelProto] = {}
+        twins: dict[str, onnx.ModelProto] = {}    # the float graph each int8 model rounds
         candidates: list[Candidate] = []
         warned: dict[str, None] = {}          # the quantizer's own warnings, once each
 
         def trial(recipe: QuantRecipe, note: str = "") -> Candidate:
-            kind = "int8 reconstruct" if recipe.reconstruct else "int8"
+            kind = "int8 reconstruct" if recipe.reconstruct or recipe.qat else "int8"
             if (why := run.fits(kind)) is not None:      # a budgeted run (optimize's)
                 raise _OutOfTime(why)
             say(f"measuring {recipe.name}")
             t0 = time.perf_counter()
             try:
-                proto, reports = search.build(recipe)
+                proto, reports, twins[recipe.name] = search.build(recipe)
                 host_s = time.perf_counter() - t0
                 warned.update(dict.fromkeys(line for r in reports
                                             for line in r.metrics.get("warnings", ())))
@@ -392,7 +446,7 @@ def choose_recipe(model: Model, device: Run | str, data: QuantData,
         try:
             for i, recipe in enumerate(recipes):
                 trial(recipe)
-            sensitivity = _repair(search, trial, candidates, baseline, built,
+            sensitivity = _repair(search, trial, candidates, baseline, built, twins,
                                   max_accuracy_drop, effort)
         except _OutOfTime as stop:
             why = f"not tried: {stop}"
@@ -409,7 +463,7 @@ def choose_recipe(model: Model, device: Run | str, data: QuantData,
         proto = built.get(chosen.id, search.prepared)
         if explain and chosen is not baseline and not sensitivity and chosen.id in built:
             say("explaining the int8 error per block")
-            sensitivity = why_worse(search, proto)
+            sensitivity = why_worse(search, proto, twins[chosen.id])
         if chosen is baseline:
             reason = ("no int8 recipe was faster than fp32 (beyond the measured noise) within "
                       f"the accuracy budget ({max_accuracy_drop:.3f}) on {device.name}; "
@@ -420,7 +474,7 @@ def choose_recipe(model: Model, device: Run | str, data: QuantData,
                       f"than fp32, accuracy drop {drop}")
         notes = list(data.notes) + search.prep_report.details + list(warned)
         report = QuantizeReport(device=device.name, max_accuracy_drop=max_accuracy_drop,
-                                baseline=baseline, candidates=candidates, chosen=chosen,
+                                judged_on=data.judged_on, baseline=baseline, candidates=candidates, chosen=chosen,
                                 pruned=pruned, sensitivity=sensitivity[:20],
                                 kept_float=list(chosen.recipe.get("exclude", ())),
                                 quantized=chosen is not baseline, summary=reason, notes=notes)
@@ -451,22 +505,27 @@ def _confirm(search: RecipeSearch, baseline: Candidate, top: list[Candidate], bu
     return [c for c in top if c.id in spreads and spreads[c.id].beats(base)]
 
 
-def why_worse(search: RecipeSearch, proto: onnx.ModelProto) -> list[dict]:
-    """Per block of the int8 `proto`: its share of the error on held-out inputs, and its float
-    and int8 milliseconds on the device; costliest per millisecond saved first."""
-    return add_times(block_sensitivity(search.prepared, proto, search.judging_feeds()),
+def why_worse(search: RecipeSearch, proto: onnx.ModelProto, twin: onnx.ModelProto
+              ) -> list[dict]:
+    """Per block of the int8 `proto` (rounding the float graph `twin`): its share of the error
+    on held-out inputs, and its float and int8 milliseconds on the device; costliest per
+    millisecond saved first."""
+    return add_times(block_sensitivity(twin, proto, search.judging_feeds()),
                      search.profile(search.prepared), search.profile(proto))
 
 
 def _repair(search: RecipeSearch, trial, candidates: list[Candidate], baseline: Candidate,
-            built: dict, max_drop: float, effort: str) -> list[dict]:
+            built: dict, twins: dict, max_drop: float, effort: str) -> list[dict]:
     """The fastest recipe missed the budget: the effort's repair chain (ranges, calibration,
     CLE + bias correction, block reconstruction), then mixed precision on the most accurate of
     them, from its why-worse table: the blocks that cost the most accuracy per millisecond int8
     saves on the device are kept in float (doubling their number). Starting from a
     reconstruction (effort max only: minutes per try) the int8 blocks learn again, since what
     they learned compensated the float blocks' int8 error too (kept as learned, the digits
-    ResNet lost 8 dB instead of gaining 1.4). Returns that table when it was computed.
+    ResNet lost 8 dB instead of gaining 1.4). With training inputs (--train), the most
+    faithful repair is fine-tuned by QAT before any block is kept in float (mixed precision
+    then trains again around them). Ties are broken by SQNR. Returns the why-worse table when
+    it was computed.
     Dynamic int8 is passed over: it quantizes weights alone, which no calibration, range or
     CLE changes (a stream's five "repairs" of it measured five copies of one model)."""
     fast = sorted((c for c in candidates if c.ok and c.p50_ms < baseline.p50_ms),
@@ -489,12 +548,18 @@ def _repair(search: RecipeSearch, trial, candidates: list[Candidate], baseline: 
             return []
         no_histogram |= suffix == "percentile" and not cand.ok
         repaired.append(cand)
+    faithful = lambda c: (float("inf") if c.accuracy_drop is None else c.accuracy_drop,  # noqa: E731
+                          -(c.accuracy or {}).get("sqnr_db", 0.0))
+    if search.data.train:
+        start = min((c for c in repaired if c.ok and c.id in built), key=faithful)
+        cand = trial(recipe_by_name(f"{start.id}-qat"), "quantization-aware training")
+        if within(cand, max_drop):
+            return []
+        repaired.append(cand)
     best = min((c for c in repaired if c.ok and c.id in built
-                and (effort == "max" or not c.recipe.get("reconstruct"))),
-               key=lambda c: (float("inf") if c.accuracy_drop is None else c.accuracy_drop,
-                              -(c.accuracy or {}).get("sqnr_db", 0.0)))
+                and (effort == "max" or not c.recipe.get("reconstruct"))), key=faithful)
     start = recipe_by_name(best.id)
-    worst = why_worse(search, built[best.id])
+    worst = why_worse(search, built[best.id], twins[best.id])
     k = 1
     while k <= min(MAX_FLOAT_BLOCKS, len(worst)):
         names = [n for r in worst[:k] for n in r["nodes"]]
@@ -507,10 +572,12 @@ def _repair(search: RecipeSearch, trial, candidates: list[Candidate], baseline: 
 
 
 def quantize_with(model: Model, recipe: QuantRecipe | str, batches: list[dict],
-                  host_device: str = "auto") -> tuple[onnx.ModelProto, list]:
+                  host_device: str = "auto", train: list[dict] | None = None
+                  ) -> tuple[onnx.ModelProto, list]:
     """One recipe (or its name), no search: for scripts (and optimize's pruned students) that
     already know which recipe the device chose."""
     prepared, prep = preprocess(model.proto, PreprocessConfig(input_shapes=model.input_shapes))
     recipe = recipe_by_name(recipe) if isinstance(recipe, str) else recipe
-    proto, reports = build_recipe(prepared, recipe, batches, host_device=host_device)
+    proto, reports, _ = build_recipe(prepared, recipe, batches, host_device=host_device,
+                                     train=train)
     return proto, [prep] + reports

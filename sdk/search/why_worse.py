@@ -42,8 +42,9 @@ def folded_activations(float_proto: onnx.ModelProto) -> dict[str, tuple[float, f
 def _only(qdq: onnx.ModelProto, block, weights: dict, folded: dict) -> onnx.ModelProto:
     """`qdq` with quantization undone outside `block`: activation quantizers become identities,
     or the ReLU/Clip that was folded into them (`folded_activations`); weights their float
-    twins. Not the quantizer's own clip: on inputs unlike the calibration data, that clip is
-    most of the error, and kept in every row it would hide which block's range is too narrow."""
+    twins, biases too (bias correction shifted them for the int8 weights). Not the quantizer's
+    own clip: on inputs unlike the calibration data, that clip is most of the error, and kept
+    in every row it would hide which block's range is too narrow."""
     out = onnx.ModelProto()
     out.CopyFrom(qdq)
     graph = Graph(out.graph)
@@ -68,9 +69,9 @@ def _only(qdq: onnx.ModelProto, block, weights: dict, folded: dict) -> onnx.Mode
             continue
         w = weights.get(n.output[0])
         users = graph.consumers.get(n.output[0], [])
-        if isinstance(w, QuantWeight) and not any(u.output[0] in inside for u in users):
-            name = graph.unique_name(n.output[0] + "_float")
-            graph.set_array(name, w.w_float)
+        if w is not None and not any(u.output[0] in inside for u in users):
+            name = graph.unique_name(n.output[0] + "_float")   # a weight's or a bias's twin
+            graph.set_array(name, w.w_float if isinstance(w, QuantWeight) else w)
             nodes.append(helper.make_node("Identity", [name], [n.output[0]], n.name))
             continue
         nodes.append(n)
