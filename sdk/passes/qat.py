@@ -26,7 +26,7 @@ from ..onnx_utils import Graph, probe_session
 from . import PassReport, register
 from .distill import host_device
 from .ranges import requantize_biases
-from .reconstruct import _Block, _BlockModule, _constants, _write_scales, float_twins
+from .reconstruct import Block, BlockModule, constants, float_twins, write_scales
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,7 +52,7 @@ class QatConfig:
             raise ValueError("QatConfig.epochs and .batch_size must be >= 1, .holdout in (0, 1)")
 
 
-class _QatModule(_BlockModule):
+class _QatModule(BlockModule):
     """The whole QDQ graph with latent weights under straight-through rounding."""
 
     def _init_rounding(self, w):
@@ -122,9 +122,9 @@ def qat(qdq: onnx.ModelProto, cfg: QatConfig) -> tuple[onnx.ModelProto, PassRepo
     report = PassReport("qat")
     weights, skipped = float_twins(out, cfg.float_model)
     xs, name = _feeds(cfg.batches, cfg.batch_size)
-    const = _constants(out.graph)
+    const = constants(out.graph)
     flow = [n for n in out.graph.node if not all(not i or i in const for i in n.input)]
-    block = _Block(nodes=flow, input=name, outputs=[o.name for o in out.graph.output],
+    block = Block(nodes=flow, input=name, outputs=[o.name for o in out.graph.output],
                    layers=sum(n.input[1] in weights for n in flow if len(n.input) > 1))
     if not block.layers:
         raise EdgesmithError("QAT: the model has no int8 weights with a float twin to train")
@@ -179,7 +179,7 @@ def qat(qdq: onnx.ModelProto, cfg: QatConfig) -> tuple[onnx.ModelProto, PassRepo
         for r in module.rounding.values():
             graph.set_array(r["weight"].name,
                             module.integers(r).astype(graph.array(r["weight"].name).dtype))
-        requantize_biases(Graph(out.graph), _write_scales(graph, module))
+        requantize_biases(Graph(out.graph), write_scales(graph, module))
         report.changed = 1
     gain = _db(before, best)
     report.metrics.update(epochs=cfg.epochs, best_epoch=best_epoch, steps=steps,

@@ -90,7 +90,7 @@ class QuantWeight:
 
 
 @dataclass
-class _Block:
+class Block:
     nodes: list = field(default_factory=list)   # data-flow nodes, graph order
     input: str = ""                             # the one live tensor entering the block
     outputs: list = field(default_factory=list)  # QDQ names; their float twins are the targets
@@ -133,7 +133,7 @@ def float_twins(qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> tuple[dic
     return found, skipped
 
 
-def _constants(graph: onnx.GraphProto) -> set[str]:
+def constants(graph: onnx.GraphProto) -> set[str]:
     """Tensors computed from initializers alone (weight and bias DequantizeLinear outputs)."""
     const = {t.name for t in graph.initializer}
     for n in graph.node:
@@ -143,12 +143,12 @@ def _constants(graph: onnx.GraphProto) -> set[str]:
 
 
 def blocks(qdq: onnx.ModelProto, float_names: set, weights: dict, min_layers: int
-            ) -> list[_Block]:
+            ) -> list[Block]:
     """The data flow cut where one float tensor with a float twin is all that is live and is
     quantized next; stretches are joined until a block holds `min_layers` weighted layers or a
     branch (a residual) closes it."""
     graph = Graph(qdq.graph)
-    const = _constants(qdq.graph)
+    const = constants(qdq.graph)
     flow = [n for n in qdq.graph.node if not all(not i or i in const for i in n.input)]
     last_use = {}
     for i, n in enumerate(flow):
@@ -158,7 +158,7 @@ def blocks(qdq: onnx.ModelProto, float_names: set, weights: dict, min_layers: in
     for o in qdq.graph.output:
         last_use[o.name] = len(flow)
     live = {i.name for i in qdq.graph.input if i.name not in const}
-    found, current, widest = [], _Block(input=next(iter(live)) if len(live) == 1 else ""), 1
+    found, current, widest = [], Block(input=next(iter(live)) if len(live) == 1 else ""), 1
     for i, n in enumerate(flow):
         current.nodes.append(n)
         current.layers += n.op_type in WEIGHTED and n.input[1] in weights
@@ -174,13 +174,13 @@ def blocks(qdq: onnx.ModelProto, float_names: set, weights: dict, min_layers: in
         if current.layers >= min_layers or (widest > 1 and current.layers):
             current.outputs = [t]
             found.append(current)
-            current, widest = _Block(input=t), 1
+            current, widest = Block(input=t), 1
     current.outputs = [o.name for o in qdq.graph.output]
     found.append(current)
     return [b for b in found if b.input and b.layers]
 
 
-def _tie_groups(graph: Graph, block: _Block) -> dict[str, str | None]:
+def _tie_groups(graph: Graph, block: Block) -> dict[str, str | None]:
     """{the block's activation QuantizeLinear outputs: group key}: quantizers onnxruntime needs
     equal (in and out of TIED ops) share one key; None for a group reaching outside the block
     (its step size stays: learning one side would break the tie, and the fusion with it)."""
@@ -224,10 +224,10 @@ def _cache(session, name: str, feeds: list[dict], tmp: Path, limit: int) -> np.n
     return out
 
 
-class _BlockModule:
+class BlockModule:
     """A block of the QDQ graph as a differentiable torch function of its input."""
 
-    def __init__(self, graph: Graph, block: _Block, weights: dict, cfg: ReconstructConfig,
+    def __init__(self, graph: Graph, block: Block, weights: dict, cfg: ReconstructConfig,
                  opset: int, torch, device: str):
         from ..torch_interp.ops import OPS, Env
 
@@ -240,7 +240,7 @@ class _BlockModule:
         if missing:
             raise EdgesmithError(f"the ONNX->torch interpreter lacks {missing}")
         needed = {i for n in block.nodes for i in n.input if i}
-        const = _constants(graph.g)
+        const = constants(graph.g)
         self.rounding = {}                        # weight DQ output -> (V, floor, s, zp, ...)
         self.const = {}
         for name in needed:
@@ -385,7 +385,7 @@ def _loss(outs, ys, idx, ranges, torch, reduce: str):
     return total
 
 
-def _error(module: _BlockModule, xs, ys, ranges, batch: int, **kw) -> float:
+def _error(module: BlockModule, xs, ys, ranges, batch: int, **kw) -> float:
     torch = module.torch
     total, n = 0.0, 0
     with torch.no_grad():
@@ -397,7 +397,7 @@ def _error(module: _BlockModule, xs, ys, ranges, batch: int, **kw) -> float:
     return total / max(n, 1)
 
 
-def _learn(module: _BlockModule, xs, ys, ranges, cfg: ReconstructConfig
+def _learn(module: BlockModule, xs, ys, ranges, cfg: ReconstructConfig
            ) -> tuple[float, float]:
     """(output error as calibrated, as learned) on the cached inputs, compared within what the
     next quantizers represent (`ranges`)."""
@@ -424,17 +424,17 @@ def _learn(module: _BlockModule, xs, ys, ranges, cfg: ReconstructConfig
     return before, _error(module, xs, ys, ranges, cfg.batch_size, mode="hard")
 
 
-def _write_back(graph: Graph, module: _BlockModule) -> dict[str, float]:
+def _write_back(graph: Graph, module: BlockModule) -> dict[str, float]:
     """Learned integers and step sizes into the model's initializers; {scale name: new}."""
     qmin, qmax = module.cfg.weight_range
     for r in module.rounding.values():
         q = module.torch.clamp(r["floor"] + module.h(r, "hard") + r["zp"], qmin, qmax)
         dtype = graph.array(r["weight"].name).dtype
         graph.set_array(r["weight"].name, q.detach().cpu().numpy().astype(dtype))
-    return _write_scales(graph, module)
+    return write_scales(graph, module)
 
 
-def _write_scales(graph: Graph, module: _BlockModule) -> dict[str, float]:
+def write_scales(graph: Graph, module: BlockModule) -> dict[str, float]:
     """The learned activation step sizes into the model's initializers; {scale name: new}."""
     new_scales = {}
     for q, (g, s0, *_rest) in module.codes.items():
@@ -484,7 +484,7 @@ def reconstruct(qdq: onnx.ModelProto, cfg: ReconstructConfig
             try:
                 if None in targets:
                     raise EdgesmithError("an output without a float twin")
-                module = _BlockModule(graph, block, weights, cfg, opset, torch, device)
+                module = BlockModule(graph, block, weights, cfg, opset, torch, device)
                 xs = _cache(probe_session(out, [block.input], optimize=False), block.input,
                             feeds, Path(tmp), cfg.memory_bytes // 2)
                 fsession = probe_session(cfg.float_model, targets, optimize=False)

@@ -101,7 +101,8 @@ def _with_int8(ctx: Context, cid: str, recipe: dict, model, int8_recipe: dict | 
         return [f"{cid}+int8 not tried: {why}"]
     q = QuantRecipe(**{**int8_recipe, "exclude": ()})   # node names changed
     try:
-        proto, _ = quantize_with(model, q, ctx.quant.batches, ctx.cfg.host_device)
+        proto, _ = quantize_with(model, q, ctx.quant.batches, ctx.cfg.host_device,
+                                 ctx.quant.train)
     except EdgesmithError as exc:
         return [f"{cid}+int8 failed: {exc}"]
     ctx.measure(f"{cid}+int8:{q.name}", {**recipe, "quantize": q.name},
