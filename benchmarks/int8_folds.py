@@ -90,7 +90,8 @@ def main() -> None:
                 rows = block_sensitivity(twin, q, batches[:4])
                 keep = [n for r in rows[:int(k)] for n in r["nodes"]]
                 recipe = replace(recipe_by_name(base).with_exclusions(keep), name=method)
-                built[method] = build_recipe(prepared, recipe, batches)[0]
+                built[method] = build_recipe(prepared, recipe, batches,
+                                             train=train_batches)[0]
             else:
                 q, _, twin = build_recipe(prepared, recipe_by_name(method), batches,
                                           train=train_batches)

@@ -490,6 +490,38 @@ def test_qat_learns_from_unlabelled_inputs_and_keeps_the_fast_graph(models, tmp_
         missing.stderr, missing.stderr
 
 
+def test_qat_trains_a_fixed_batch_model_and_refuses_integer_inputs_in_words(models):
+    """A model exported with batch 1 is trained one sample at a time (the teacher too); a
+    model fed token ids is refused before any training, as an EdgesmithError."""
+    pytest.importorskip("torch")
+    from edgesmith.errors import EdgesmithError
+    from edgesmith.passes.qat import QatConfig, qat
+    from edgesmith.search.int8 import build_recipe, recipe_by_name
+
+    from edgesmith.onnx_utils import with_input_dims
+
+    m = load(models / "digits_resnet.onnx")
+    x = np.load(models / "digits_resnet_eval.npz")["input"]
+    one = with_input_dims(m.proto, {"input": [1, 1, 96, 96]})     # as exported with batch 1
+    prepared, _ = preprocess(one, PreprocessConfig(input_shapes={"input": [1, 1, 96, 96]}))
+    assert prepared.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    batches = [{"input": x[i:i + 1]} for i in range(32)]
+    start, _, twin = build_recipe(prepared, recipe_by_name("qdq-u8s8"), batches)
+    _, report = qat(start, QatConfig(float_model=twin, teacher=prepared, batches=batches,
+                                     epochs=1))
+    assert report.metrics["steps"] == report.metrics["train_samples"] == 28, report.details
+
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])
+    table = numpy_helper.from_array(RNG.standard_normal((10, 8)).astype(np.float32), "table")
+    tokens = helper.make_model(helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"])], "tokens", [ids],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [table]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(EdgesmithError, match="ids of this model are not float"):
+        qat(tokens, QatConfig(float_model=tokens, teacher=tokens,
+                              batches=[{"ids": np.zeros((1, 4), np.int64)}]))
+
+
 def test_reconstruction_caches_big_blocks_on_disk_with_the_same_result(cnn, models):
     """Memory is bounded: past `memory_bytes` a block's inputs and targets live in files, and
     what is learned from them is exactly what is learned in memory. Step sizes onnxruntime

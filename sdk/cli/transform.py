@@ -104,7 +104,8 @@ def quantize(model, calib, eval_path, train, max_accuracy_drop, device, identity
         from ..model import from_proto
 
         data = quant_data(m, calib, eval_path, train=train)
-        proto, reports = quantize_with(m, recipe, data.batches, host_device, data.train)
+        proto, reports = quantize_with(m, recipe, data.batches, host_device,
+                                       data.train() if data.train else None)
         judged = metrics(reference_outputs(from_proto(proto, m), data.eval, data.batch),
                          data.eval)
         save(proto, out)

@@ -193,6 +193,9 @@ def bias_correct(model: onnx.ModelProto, cfg: BiasCorrectConfig
                and graph.array(n.input[2]) is not None
                and not (n.op_type == "Gemm" and attr(n, "transA", 0))
                and n.name not in kept_float]
+    if not targets:                   # every biased layer is kept in float
+        report.metrics.update(corrected=0, max_shift=0.0)
+        return out, report
     means = channel_stats(out, sorted({n.input[0] for n in targets}), batches)["mean"]
     shifts = []
     for node in targets:

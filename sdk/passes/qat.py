@@ -40,6 +40,7 @@ class QatConfig:
     lr: float = 5e-3                      # of the latent weights, in steps of their grid
     scale_lr: float = 1e-3                # of the activations' log step sizes
     holdout: float = 0.125                # share of the inputs that picks the epoch
+    #                                       (batch_size: the model's own when it is fixed)
     host_device: str = "auto"             # where torch learns: auto (CUDA when seen) | cpu | cuda
     seed: int = 0
     deadline: float = math.inf            # time.monotonic(): training stops, best epoch kept
@@ -88,20 +89,30 @@ class _QatModule(BlockModule):
         return [r["latent"] for r in self.rounding.values()] + list(self.log_scale.values())
 
 
-def _feeds(batches: list[dict], size: int) -> tuple[np.ndarray, str]:
-    if len(batches[0]) != 1:
-        raise EdgesmithError(f"QAT takes models with one input; this one has {len(batches[0])}")
-    name = next(iter(batches[0]))
-    return np.concatenate([b[name] for b in batches]).astype(np.float32), name
+def _checked(qdq: onnx.ModelProto, teacher: onnx.ModelProto, batches: list[dict]
+             ) -> tuple[str, int | None]:
+    """The one float input QAT feeds and the model's fixed batch (None: any); a model QAT
+    cannot train is refused here, in words."""
+    inputs = [i for i in qdq.graph.input if i.name not in {t.name for t in qdq.graph.initializer}]
+    if len(inputs) != 1 or len(batches[0]) != 1:
+        raise EdgesmithError(f"QAT takes models with one input; this one has {len(inputs)}")
+    floats = (onnx.TensorProto.FLOAT,)
+    wrong = [v.name for v in [*inputs, *teacher.graph.output]
+             if v.type.tensor_type.elem_type not in floats]
+    if wrong:
+        raise EdgesmithError(f"QAT learns float inputs and outputs; {', '.join(wrong)} of this "
+                             "model are not float: leave --train out for it")
+    dims = inputs[0].type.tensor_type.shape.dim
+    fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else 0
+    return inputs[0].name, fixed or None
 
 
-def _error(module: _QatModule, xs: np.ndarray, ys: list, power: list, batch: int,
-           mode: str) -> float:
+def _error(module: _QatModule, xs: np.ndarray, ys: list, power: list, batch: int) -> float:
     torch = module.torch
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(xs), batch):
-            outs = module(module.tensor(xs[i:i + batch]), mode=mode)
+            outs = module(module.tensor(xs[i:i + batch]), mode="hard")
             total += sum(float(((o - module.tensor(y[i:i + batch])) ** 2).sum()) / p
                          for o, y, p in zip(outs, ys, power))
     return total / max(len(xs), 1)
@@ -116,36 +127,48 @@ def qat(qdq: onnx.ModelProto, cfg: QatConfig) -> tuple[onnx.ModelProto, PassRepo
     except ImportError:
         raise EdgesmithError("quantization-aware training needs torch: pip install "
                              "'edgesmith[train]' (CPU build: pip install torch==2.13.0)") from None
+    name, fixed = _checked(qdq, cfg.teacher, cfg.batches)
+    try:
+        return _train(qdq, cfg, name, fixed or cfg.batch_size, torch)
+    except EdgesmithError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch's and onnxruntime's errors, in one line
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise EdgesmithError(f"QAT failed: {type(exc).__name__}: {text}") from None
+
+
+def _train(qdq: onnx.ModelProto, cfg: QatConfig, name: str, batch: int, torch
+           ) -> tuple[onnx.ModelProto, PassReport]:
     t0 = time.time()
     out = onnx.ModelProto()
     out.CopyFrom(qdq)
     report = PassReport("qat")
     weights, skipped = float_twins(out, cfg.float_model)
-    xs, name = _feeds(cfg.batches, cfg.batch_size)
     const = constants(out.graph)
     flow = [n for n in out.graph.node if not all(not i or i in const for i in n.input)]
     block = Block(nodes=flow, input=name, outputs=[o.name for o in out.graph.output],
-                   layers=sum(n.input[1] in weights for n in flow if len(n.input) > 1))
+                  layers=sum(n.input[1] in weights for n in flow if len(n.input) > 1))
     if not block.layers:
         raise EdgesmithError("QAT: the model has no int8 weights with a float twin to train")
-    outputs = [o.name for o in cfg.teacher.graph.output]
-    teacher = probe_session(cfg.teacher, outputs)
-    ys = [np.concatenate(v) for v in zip(*(teacher.run(outputs, {name: xs[i:i + 16]})
-                                           for i in range(0, len(xs), 16)))]
+    xs = np.concatenate([b[name] for b in cfg.batches])
+    n_val = batch * max(1, int(round(len(xs) * cfg.holdout / batch)))
+    if len(xs) - n_val < batch:
+        raise EdgesmithError(f"QAT needs at least {batch + n_val} training samples; "
+                             f"got {len(xs)}")
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(xs))
-    n_val = max(1, int(round(len(xs) * cfg.holdout)))
-    if len(xs) - n_val < cfg.batch_size:
-        raise EdgesmithError(f"QAT needs at least {cfg.batch_size + n_val} training samples; "
-                             f"got {len(xs)}")
     val, train = np.sort(order[:n_val]), order[n_val:]
-    power = [max(float(np.mean(y.astype(np.float64) ** 2)) * y[0].size, 1e-12) for y in ys]
+    outputs = [o.name for o in cfg.teacher.graph.output]
+    teacher = probe_session(cfg.teacher, outputs)
+    targets = lambda idx: teacher.run(outputs, {name: xs[idx]})  # noqa: E731 - per batch
+    yval = [np.concatenate(v) for v in zip(*(targets(val[i:i + batch])
+                                             for i in range(0, n_val, batch)))]
+    power = [max(float(np.mean(y.astype(np.float64) ** 2)) * y[0].size, 1e-12) for y in yval]
     torch.manual_seed(cfg.seed)
     device = host_device(cfg.host_device, torch)
     opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 13)
     module = _QatModule(Graph(out.graph), block, weights, cfg, opset, torch, device)
-    yval = [y[val] for y in ys]
-    before = _error(module, xs[val], yval, power, cfg.batch_size, "hard")   # as it came
+    before = _error(module, xs[val], yval, power, batch)   # as it came
     best, best_state, best_epoch = before, None, 0
     opt = torch.optim.Adam([{"params": [r["latent"] for r in module.rounding.values()],
                              "lr": cfg.lr},
@@ -153,19 +176,19 @@ def qat(qdq: onnx.ModelProto, cfg: QatConfig) -> tuple[onnx.ModelProto, PassRepo
     steps, stopped = 0, False
     for epoch in range(1, cfg.epochs + 1):
         rng.shuffle(train)
-        for i in range(0, len(train) - cfg.batch_size + 1, cfg.batch_size):
+        for i in range(0, len(train) - batch + 1, batch):
             if time.monotonic() > cfg.deadline:
                 stopped = True
                 break
-            idx = np.sort(train[i:i + cfg.batch_size])
+            idx = np.sort(train[i:i + batch])
             outs = module(module.tensor(xs[idx]), mode="hard")
-            loss = sum(((o - module.tensor(y[idx])) ** 2).mean() * y[0].size / p
-                       for o, y, p in zip(outs, ys, power))
+            loss = sum(((o - module.tensor(y)) ** 2).mean() * y[0].size / p
+                       for o, y, p in zip(outs, targets(idx), power))
             opt.zero_grad()
             loss.backward()
             opt.step()
             steps += 1
-        err = _error(module, xs[val], yval, power, cfg.batch_size, "hard")
+        err = _error(module, xs[val], yval, power, batch)
         report.details.append(f"epoch {epoch}: held-out output error {_db(before, err):+.2f} dB "
                               "against the calibrated model")
         if err < best:

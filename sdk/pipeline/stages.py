@@ -97,12 +97,14 @@ def _with_int8(ctx: Context, cid: str, recipe: dict, model, int8_recipe: dict | 
     ctx.measure(cid, recipe, model, note)
     if not int8_recipe or ctx.quant is None:
         return []
-    if (why := ctx.run.fits("measure")) is not None:
-        return [f"{cid}+int8 not tried: {why}"]
     q = QuantRecipe(**{**int8_recipe, "exclude": ()})   # node names changed
+    learns = bool(q.reconstruct or q.qat)
+    if (why := ctx.run.fits("int8 reconstruct" if learns else "measure")) is not None:
+        return [f"{cid}+int8 not tried: {why}"]
     try:
         proto, _ = quantize_with(model, q, ctx.quant.batches, ctx.cfg.host_device,
-                                 ctx.quant.train)
+                                 ctx.quant.train() if q.qat and ctx.quant.train else None,
+                                 deadline=ctx.run.deadline())
     except EdgesmithError as exc:
         return [f"{cid}+int8 failed: {exc}"]
     ctx.measure(f"{cid}+int8:{q.name}", {**recipe, "quantize": q.name},

@@ -9,12 +9,14 @@ in float, found by comparing activations layer by layer against fp32).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -39,6 +41,7 @@ from ..run import Run, accuracy_drop, within
 from .why_worse import add_times, block_sensitivity
 
 MAX_FLOAT_BLOCKS = 8         # mixed precision stops here: more float blocks than this is no int8
+QAT_BYTES = 512 << 20       # QAT's training inputs in memory (more samples are left out)
 QAT_EPOCHS = 6               # ImageNet MobileNetV2, 189 crops: 2.0 dB at 3 epochs, 3.0 dB at 6
 
 
@@ -162,7 +165,8 @@ class QuantData:
     batch: int
     judged_on: str                        # "48 samples of photos.npz, held out from calibration"
     notes: list[str] = field(default_factory=list)
-    train: list[dict] = field(default_factory=list)   # unlabelled feeds for QAT (--train)
+    train: Callable[[], list[dict]] | None = None   # QAT's unlabelled feeds (--train), loaded
+    #                                                 when QAT runs
 
 
 def _split(batches: list[dict], holdout: float, labels: np.ndarray | None = None,
@@ -201,14 +205,25 @@ def quant_data(model: Model, calib, eval_path=None, holdout: float = 0.25,
         raise EdgesmithError("quantization-aware training (--train) takes models with one "
                              "input and no state; leave --train out for this model")
     if same(train, calib):
-        data.train = data.batches
+        if data.judged_on.endswith("(optimistic)"):
+            raise EdgesmithError(f"--train and --calib both name {Path(train).name}, which is "
+                                 "too small to hold judging samples out of: give --eval")
+        data.train = lambda: data.batches
         data.notes.append(f"QAT trains on the calibration share of {Path(train).name} (the "
                           "judging samples held out)")
-    else:
-        data.train = list(calibration_batches(train, model, data.batch, 4 * limit))
-    if not data.train:
-        raise EdgesmithError(f"training data {train} is empty (or shorter than the model's "
-                             "fixed batch)")
+        return data
+    per_sample = 4 * math.prod(d or 1 for d in model.inputs[0].dims[1:])
+    cap = max(1, min(4 * limit, QAT_BYTES // max(1, per_sample)))
+
+    @functools.cache
+    def load() -> list[dict]:
+        feeds = list(calibration_batches(train, model, data.batch, cap))
+        if not feeds:
+            raise EdgesmithError(f"training data {train} is empty (or shorter than the model's "
+                                 "fixed batch)")
+        return feeds
+
+    data.train = load
     return data
 
 
@@ -343,7 +358,8 @@ class RecipeSearch:
             key += "-" + hashlib.sha256("\0".join(recipe.exclude).encode()).hexdigest()[:12]
         return build_recipe(self.prepared, recipe, self.data.batches,
                             self.workdir / f"calib-{key}.json", self.host_device,
-                            self.run.deadline(), self.data.train)
+                            self.run.deadline(),
+                            self.data.train() if recipe.qat and self.data.train else None)
 
     def profile(self, proto: onnx.ModelProto) -> dict[str, float]:
         """Milliseconds per run of each node of onnxruntime's optimised graph, on the device."""
@@ -523,8 +539,8 @@ def _repair(search: RecipeSearch, trial, candidates: list[Candidate], baseline: 
     reconstruction (effort max only: minutes per try) the int8 blocks learn again, since what
     they learned compensated the float blocks' int8 error too (kept as learned, the digits
     ResNet lost 8 dB instead of gaining 1.4). With training inputs (--train), the most
-    faithful repair is fine-tuned by QAT before any block is kept in float (mixed precision
-    then trains again around them). Ties are broken by SQNR. Returns the why-worse table when
+    faithful repair is fine-tuned by QAT before any block is kept in float (a QAT start for
+    mixed precision, effort max only, trains again around them). Ties are broken by SQNR. Returns the why-worse table when
     it was computed.
     Dynamic int8 is passed over: it quantizes weights alone, which no calibration, range or
     CLE changes (a stream's five "repairs" of it measured five copies of one model)."""
@@ -550,14 +566,15 @@ def _repair(search: RecipeSearch, trial, candidates: list[Candidate], baseline: 
         repaired.append(cand)
     faithful = lambda c: (float("inf") if c.accuracy_drop is None else c.accuracy_drop,  # noqa: E731
                           -(c.accuracy or {}).get("sqnr_db", 0.0))
-    if search.data.train:
-        start = min((c for c in repaired if c.ok and c.id in built), key=faithful)
+    start = min((c for c in repaired if c.ok and c.id in built), key=faithful, default=None)
+    if search.data.train and start is not None and start.recipe.get("format") == "QDQ":
         cand = trial(recipe_by_name(f"{start.id}-qat"), "quantization-aware training")
         if within(cand, max_drop):
             return []
         repaired.append(cand)
-    best = min((c for c in repaired if c.ok and c.id in built
-                and (effort == "max" or not c.recipe.get("reconstruct"))), key=faithful)
+    best = min((c for c in repaired if c.ok and c.id in built and (
+        effort == "max" or not (c.recipe.get("reconstruct") or c.recipe.get("qat")))),
+        key=faithful)
     start = recipe_by_name(best.id)
     worst = why_worse(search, built[best.id], twins[best.id])
     k = 1
@@ -572,12 +589,12 @@ def _repair(search: RecipeSearch, trial, candidates: list[Candidate], baseline: 
 
 
 def quantize_with(model: Model, recipe: QuantRecipe | str, batches: list[dict],
-                  host_device: str = "auto", train: list[dict] | None = None
-                  ) -> tuple[onnx.ModelProto, list]:
+                  host_device: str = "auto", train: list[dict] | None = None,
+                  deadline: float = math.inf) -> tuple[onnx.ModelProto, list]:
     """One recipe (or its name), no search: for scripts (and optimize's pruned students) that
     already know which recipe the device chose."""
     prepared, prep = preprocess(model.proto, PreprocessConfig(input_shapes=model.input_shapes))
     recipe = recipe_by_name(recipe) if isinstance(recipe, str) else recipe
     proto, reports, _ = build_recipe(prepared, recipe, batches, host_device=host_device,
-                                     train=train)
+                                     deadline=deadline, train=train)
     return proto, [prep] + reports
