@@ -50,6 +50,11 @@ def test_optimize_digits_locally_meets_the_budget(models, tmp_path):
     check_outputs(out, report)
     chosen = next(c for c in report["candidates"] if c["id"] == report["chosen"])
     assert chosen["accuracy_drop"] <= 0.01 and chosen["within_budget"]
+    # the figures name the set they were judged on and its size (eval only: its held-out part)
+    held = next(c for c in report["candidates"] if c["id"] == "fp32")["accuracy"]["n"]
+    assert report["judged_on"] == f"{held} samples of digits_cnn_eval.npz, held out from " \
+        "calibration", report["judged_on"]
+    assert f"accuracy judged on {held} samples" in proc.stdout
     confirmed = [c for c in report["candidates"] if c["confirm"] and c["within_budget"]]
     if len(confirmed) > 1:     # the fastest on interleaved re-measurement, or tied with it
         from edgesmith.measure import Candidate
