@@ -41,6 +41,15 @@ def top1(proto, models, name="digits_cnn"):
     return float(np.mean(out.argmax(1) == ev["labels"]))
 
 
+def digits_resnet(models, cut: int = 240) -> tuple[onnx.ModelProto, list[dict], np.ndarray]:
+    """The digits ResNet pre-processed for quantization, calibration feeds of its first `cut`
+    eval samples (batches of 16) and the held-out rest."""
+    m = load(models / "digits_resnet.onnx")
+    x = np.load(models / "digits_resnet_eval.npz")["input"]
+    prepared, _ = preprocess(m.proto, PreprocessConfig(input_shapes=m.input_shapes))
+    return prepared, [{"input": x[i:i + 16]} for i in range(0, cut, 16)], x[cut:]
+
+
 @pytest.fixture(scope="module")
 def cnn(models):
     m = load(models / "digits_cnn.onnx")
@@ -258,11 +267,7 @@ def test_a_block_kept_in_float_never_costs_fidelity_after_cle_and_bias_correctio
     from edgesmith.search.int8 import build_recipe, recipe_by_name
     from edgesmith.search.why_worse import block_sensitivity
 
-    m = load(models / "digits_resnet.onnx")
-    x = np.load(models / "digits_resnet_eval.npz")["input"]
-    calib, held = x[:240], x[240:]
-    batches = [{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)]
-    prepared, _ = preprocess(m.proto, PreprocessConfig(input_shapes=m.input_shapes))
+    prepared, batches, held = digits_resnet(models)
     recipe = recipe_by_name("qdq-u8s8-cle-bc")
     int8, _, twin = build_recipe(prepared, recipe, batches)
     rows = block_sensitivity(twin, int8, [{"input": held[:32]}])
@@ -382,11 +387,7 @@ def test_block_reconstruction_wins_on_held_out_data_and_keeps_the_fast_placement
     from edgesmith.passes.reconstruct import ReconstructConfig, reconstruct
     from edgesmith.search.int8 import build_recipe, recipe_by_name
 
-    m = load(models / "digits_resnet.onnx")
-    x = np.load(models / "digits_resnet_eval.npz")["input"]
-    calib, held = x[:240], x[240:]
-    batches = [{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)]
-    prepared, _ = preprocess(m.proto, PreprocessConfig(input_shapes=m.input_shapes))
+    prepared, batches, held = digits_resnet(models)
     recipe = recipe_by_name("qdq-u8s8")
     nearest, _, _ = build_recipe(prepared, recipe, batches)
     learned, report = reconstruct(nearest, ReconstructConfig(prepared, batches,
