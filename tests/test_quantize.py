@@ -489,6 +489,12 @@ def test_qat_learns_from_unlabelled_inputs_and_keeps_the_fast_graph(models, tmp_
                       "-o", tmp_path / "never.onnx")
     assert missing.returncode != 0 and "give unlabelled training inputs (--train)" in \
         missing.stderr, missing.stderr
+    np.savez(tmp_path / "wrong.npz", input=np.zeros((10, 3, 32, 32), np.float32))
+    wrong = run_cli("quantize", models / "digits_resnet.onnx", "--calib", tmp_path / "calib.npz",
+                    "--train", tmp_path / "wrong.npz", "-o", tmp_path / "never.onnx")
+    assert wrong.returncode != 0 and "wrong.npz: 'input' has shape [10, 3, 32, 32]" in \
+        wrong.stderr and "measuring" not in wrong.stderr, wrong.stderr   # before any search
+    assert not (tmp_path / "never.onnx").exists()
 
 
 def test_qat_trains_a_fixed_batch_model_and_refuses_integer_inputs_in_words(models):

@@ -216,13 +216,14 @@ def quant_data(model: Model, calib, eval_path=None, holdout: float = 0.25,
     cap = max(1, min(4 * limit, QAT_BYTES // max(1, per_sample)))
 
     @functools.cache
-    def load() -> list[dict]:
-        feeds = list(calibration_batches(train, model, data.batch, cap))
+    def load(limit: int = cap) -> list[dict]:
+        feeds = list(calibration_batches(train, model, data.batch, limit))
         if not feeds:
             raise EdgesmithError(f"training data {train} is empty (or shorter than the model's "
                                  "fixed batch)")
         return feeds
 
+    load(data.batch)          # a wrong file fails now, not minutes into the search
     data.train = load
     return data
 
@@ -486,8 +487,10 @@ def choose_recipe(model: Model, device: Run | str, data: QuantData,
                       "keeping fp32")
         else:
             drop = "n/a" if chosen.accuracy_drop is None else f"{chosen.accuracy_drop:.4f}"
+            basis = (f" (medians of {chosen.confirm['rounds']} interleaved rounds; the table's "
+                     "p50s are single runs)" if chosen.confirm and baseline.confirm else "")
             reason = (f"{chosen.id}: {baseline.latency_ms / chosen.latency_ms:.2f}x faster "
-                      f"than fp32, accuracy drop {drop}")
+                      f"than fp32{basis}, accuracy drop {drop}")
         notes = list(data.notes) + search.prep_report.details + list(warned)
         report = QuantizeReport(device=device.name, max_accuracy_drop=max_accuracy_drop,
                                 judged_on=data.judged_on, baseline=baseline, candidates=candidates, chosen=chosen,
