@@ -87,9 +87,9 @@ def fuse(model, out, ort_fusions, opset, input_shape, json_out):
               help="the chosen model: int8, or the float model when no recipe was faster "
                    "within the accuracy budget (--recipe forces one)")
 @json_option()
-def quantize(model, calib, eval_path, train, max_accuracy_drop, device, identity, accept_new_host_key,
-             remote_python, recipe, quant_effort, host_device, input_shape, state_pairs, out,
-             json_out):
+def quantize(model, calib, eval_path, train, max_accuracy_drop, device, identity,
+             accept_new_host_key, remote_python, recipe, quant_effort, host_device, input_shape,
+             state_pairs, out, json_out):
     """Quantize MODEL to int8 with the recipe that is fastest on the device within the budget."""
     from ..model import load, parse_input_shapes, parse_state, save
     from ..search.int8 import choose_recipe, quant_data, quantize_with

@@ -493,7 +493,8 @@ def choose_recipe(model: Model, device: Run | str, data: QuantData,
                       f"than fp32{basis}, accuracy drop {drop}")
         notes = list(data.notes) + search.prep_report.details + list(warned)
         report = QuantizeReport(device=device.name, max_accuracy_drop=max_accuracy_drop,
-                                judged_on=data.judged_on, baseline=baseline, candidates=candidates, chosen=chosen,
+                                judged_on=data.judged_on, baseline=baseline,
+                                candidates=candidates, chosen=chosen,
                                 pruned=pruned, sensitivity=sensitivity[:20],
                                 kept_float=list(chosen.recipe.get("exclude", ())),
                                 quantized=chosen is not baseline, summary=reason, notes=notes)
@@ -543,9 +544,8 @@ def _repair(search: RecipeSearch, trial, candidates: list[Candidate], baseline: 
     they learned compensated the float blocks' int8 error too (kept as learned, the digits
     ResNet lost 8 dB instead of gaining 1.4). With training inputs (--train), the most
     faithful repair is fine-tuned by QAT before any block is kept in float (a QAT start for
-    mixed precision, effort max only, trains again around them). Ties are broken by SQNR. Returns the why-worse table when
-    it was computed.
-    Dynamic int8 is passed over: it quantizes weights alone, which no calibration, range or
+    mixed precision, effort max only, trains again around them). Ties are broken by SQNR.
+    Returns the why-worse table when it was computed. Dynamic int8 is passed over: it quantizes weights alone, which no calibration, range or
     CLE changes (a stream's five "repairs" of it measured five copies of one model)."""
     fast = sorted((c for c in candidates if c.ok and c.p50_ms < baseline.p50_ms),
                   key=lambda c: c.p50_ms)
@@ -567,11 +567,14 @@ def _repair(search: RecipeSearch, trial, candidates: list[Candidate], baseline: 
             return []
         no_histogram |= suffix == "percentile" and not cand.ok
         repaired.append(cand)
-    faithful = lambda c: (float("inf") if c.accuracy_drop is None else c.accuracy_drop,  # noqa: E731
-                          -(c.accuracy or {}).get("sqnr_db", 0.0))
-    start = min((c for c in repaired if c.ok and c.id in built), key=faithful, default=None)
-    if search.data.train and start is not None and start.recipe.get("format") == "QDQ":
-        cand = trial(recipe_by_name(f"{start.id}-qat"), "quantization-aware training")
+
+    def faithful(c: Candidate) -> tuple[float, float]:
+        return (float("inf") if c.accuracy_drop is None else c.accuracy_drop,
+                -(c.accuracy or {}).get("sqnr_db", 0.0))
+
+    most = min((c for c in repaired if c.ok and c.id in built), key=faithful, default=None)
+    if search.data.train and most is not None and most.recipe.get("format") == "QDQ":
+        cand = trial(recipe_by_name(f"{most.id}-qat"), "quantization-aware training")
         if within(cand, max_drop):
             return []
         repaired.append(cand)
