@@ -8,5 +8,5 @@ setup(
               + find_packages(include=["device_runtime", "device_runtime.*"])
               + ["edgesmith_targets", "edgesmith_kernels"]),
     package_dir={"edgesmith": "sdk", "edgesmith_targets": "targets", "edgesmith_kernels": "kernels"},
-    package_data={"edgesmith_targets": ["*.toml"], "edgesmith_kernels": ["*.c"]},
+    package_data={"edgesmith_targets": ["*.toml"], "edgesmith_kernels": ["*.c", "*.h"]},
 )

@@ -35,7 +35,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "onnxruntime_c_api.h"
+#include "edgesmith_ops.h"
 
 #define MIN_API 16 /* CreateKernelV2/KernelComputeV2 and constant inputs (onnxruntime 1.16) */
 
@@ -81,7 +81,7 @@ typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
 #define CP 4
 #endif
 
-static const OrtApi *api;
+const OrtApi *api;
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -116,17 +116,7 @@ typedef struct {
  * which call its expanded rows belong to, so the thread's next band can keep those it shares.
  * Its data starts on a cache line, so every vector of a pixel's channels does too (rows are
  * whole vectors): an AVX-512 vector straddling two lines costs two accesses */
-#define LINE 64
 #define MAX_CHANNELS 65536
-#define ROUND_UP(v, m) (((v) + (m) - 1) / (m) * (m)) /* v, m: integers of one type */
-typedef struct Scratch {
-  size_t floats;
-  unsigned long call; /* 0: holds nothing */
-  size_t band;
-  struct Scratch *prev, *next; /* in `scratches` */
-  _Alignas(LINE) float data[];
-} Scratch;
-
 static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 static int scratch_key_made;
@@ -148,7 +138,7 @@ static void scratch_key_init(void) {
   scratch_key_made = !pthread_key_create(&scratch_key, scratch_free);
 }
 
-static Scratch *scratch_for(size_t floats) {
+Scratch *scratch_for(size_t floats) {
   pthread_once(&scratch_once, scratch_key_init);
   Scratch *s = pthread_getspecific(scratch_key);
   if (!s || s->floats < floats) {
@@ -206,7 +196,7 @@ static Chunk *chunk_map(size_t size) {
 }
 
 /* `bytes` zeroed bytes on a cache line, and the chunk they are in */
-static void *packed_alloc(size_t bytes, Chunk **chunk) {
+void *packed_alloc(size_t bytes, Chunk **chunk) {
   bytes = ROUND_UP(bytes, (size_t)LINE);
   void *p = NULL;
   pthread_mutex_lock(&chunk_lock);
@@ -228,7 +218,7 @@ static void *packed_alloc(size_t bytes, Chunk **chunk) {
   return p ? memset(p, 0, bytes) : NULL;
 }
 
-static void packed_free(Chunk *c) {
+void packed_free(Chunk *c) {
   if (!c) return;
   pthread_mutex_lock(&chunk_lock);
   if (!--c->live) {
@@ -839,9 +829,9 @@ static void ORT_API_CALL split_project(void *work, size_t panel) {
   project_band(b, job->dbuf, q, b->residual ? job->x : NULL, job->y, q, (vf *)acc, o0, o1);
 }
 
-static int api_version;     /* of the API table onnxruntime handed over */
+int api_version;            /* of the API table onnxruntime handed over */
 static unsigned long calls; /* compute calls so far: a scratch's held rows name theirs */
-static size_t cores = 1;    /* online at registration: sysconf reads /sys on every call */
+size_t cores = 1;           /* online at registration: sysconf reads /sys on every call */
 
 /* n images of a block with a 1x1 expand, each split (Split) */
 static OrtStatus *split_images(OrtKernelContext *ctx, const Block *b, const float *x, float *y,
@@ -992,6 +982,7 @@ static OrtStatus *register_locked(OrtSessionOptions *options, const OrtApiBase *
   OrtCustomOpDomain *created;
   if ((st = api->CreateCustomOpDomain("edgesmith", &created))) return st;
   if ((st = api->CustomOpDomain_Add(created, &inverted_residual))) return st;
+  if ((st = api->CustomOpDomain_Add(created, int8_block_op()))) return st;
   domain = created;
   return api->AddCustomOpDomain(options, domain);
 }

@@ -16,6 +16,7 @@ import io
 import lzma
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -39,7 +40,8 @@ CROSS = {"aarch64": "aarch64-linux-gnu-gcc"}
 
 
 def source() -> Path:
-    """The C source: next to the package in a checkout, inside it in an installed wheel."""
+    """The main C source: next to the package in a checkout, inside it in an installed wheel;
+    the library's other sources and its header are beside it (`sources`)."""
     try:
         import edgesmith_kernels
         installed = Path(edgesmith_kernels.__file__).parent / "edgesmith_ops.c"
@@ -48,6 +50,20 @@ def source() -> Path:
     except ImportError:
         pass
     return SOURCE
+
+
+def sources() -> list[Path]:
+    """Every file the library is built from: its C sources, then the header they share."""
+    folder = source().parent
+    return sorted(folder.glob("*.c")) + sorted(folder.glob("*.h"))
+
+
+def sources_digest() -> "hashlib._Hash":
+    """A sha256 over every source file's name and bytes: what a build or a tuning answer keys on."""
+    digest = hashlib.sha256()
+    for path in sources():
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest
 
 
 @dataclass(frozen=True)
@@ -63,7 +79,9 @@ def isa_flags(facts: dict) -> tuple[str, tuple[str, ...]] | None:
     if arch in ("x86_64", "AMD64"):     # only what the device's flags list, nothing -march implies
         base = "-march=x86-64"           # the baseline pinned: not the compiler's default
         if {"avx512f", "avx2", "fma"} <= flags:
-            return "avx512", (base, "-mavx512f", "-mavx2", "-mfma")
+            vnni = ("-mavx512bw", "-mavx512vl", "-mavx512vnni") \
+                if {"avx512bw", "avx512vl", "avx512_vnni"} <= flags else ()
+            return "avx512", (base, "-mavx512f", "-mavx2", "-mfma", *vnni)
         if {"avx2", "fma"} <= flags:
             return "avx2", (base, "-mavx2", "-mfma")
         return "sse", (base,)
@@ -158,21 +176,22 @@ def build(facts: dict) -> tuple[Path, Toolchain]:
     include = header_dir()
     if include is None:
         raise EdgesmithError(f"EDGESMITH_ORT_INCLUDE has no {HEADER}")
-    src = source()
     cmd = [tc.compiler, "-O3", *tc.flags, "-ffp-contract=fast", "-std=gnu11", "-fPIC", "-shared",
            "-fvisibility=hidden", "-static-libgcc", "-pthread", "-Wall", "-Werror", f"-I{include}"]
     tmp = ""
     try:
         version = _compiler_version(tc.compiler)
-        key = hashlib.sha256(src.read_bytes() + (include / HEADER).read_bytes()
-                             + repr((cmd, version)).encode()).hexdigest()[:16]
+        digest = sources_digest()
+        digest.update((include / HEADER).read_bytes() + repr((cmd, version)).encode())
+        key = digest.hexdigest()[:16]
         out = cache_dir() / "kernels" / f"{tc.isa}-{key}" / LIBRARY
         if out.is_file():
             return out, tc
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-", suffix=".so")
         os.close(fd)
-        done = subprocess.run(cmd + [str(src), "-o", tmp, "-lm"], capture_output=True,
+        c_files = [str(p) for p in sources() if p.suffix == ".c"]
+        done = subprocess.run(cmd + c_files + ["-o", tmp, "-lm"], capture_output=True,
                               text=True, timeout=300)
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["(no output)"])[0]
@@ -194,6 +213,7 @@ def host_library() -> Path:
 
 
 MAX_RELATIVE_ERROR = 1e-4     # of the largest output magnitude, against onnxruntime's own kernels
+MIN_INT8_EQUAL = 0.999        # int8: the share of output elements equal to onnxruntime's, bit for bit
 
 
 def rewrite_for_device(model, tile_rows: int, min_side: int, facts: dict):
@@ -204,33 +224,45 @@ def rewrite_for_device(model, tile_rows: int, min_side: int, facts: dict):
     machine (its own build of the same source) against onnxruntime."""
     from .model import from_proto, static_shapes
     from .passes.fuse import fuse
+    from .passes.int8_kernels import fuse_int8_inverted_residual
     from .passes.kernels import KernelConfig, fuse_inverted_residual
 
     if model.format != "onnx":
         return "edgesmith kernels run in onnxruntime: ONNX models only"
-    plain = fuse(model.proto)[0]
+    quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                    for n in model.proto.graph.node)
+    plain = model.proto if quantized else fuse(model.proto)[0]   # a QDQ graph runs as given
     shapes = static_shapes(plain, model.inputs)
-    rewritten, report = fuse_inverted_residual(plain, KernelConfig(
-        tile_rows=tile_rows, min_side=min_side, shapes=shapes))
+    cfg = KernelConfig(tile_rows=tile_rows, min_side=min_side, shapes=shapes)
+    rewritten, report = (fuse_int8_inverted_residual if quantized
+                         else fuse_inverted_residual)(plain, cfg)
     if not report.changed:
-        if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in plain.graph.node):
-            return ("edgesmith's kernels are float32 and this model is quantized (its "
-                    "convolutions run between QuantizeLinear/DequantizeLinear): kept on "
-                    "onnxruntime's int8 kernels")
-        return ("no inverted-residual block (1x1 Conv or a stem's 3x3 Conv, ReLU/ReLU6, 3x3 "
-                "depthwise Conv, ReLU/ReLU6, 1x1 Conv) in this model"
-                + (f" with an output at least {min_side} pixels a side" if min_side > 1 else ""))
+        reasons = [line.removeprefix("not taken: ") for line in report.details]
+        return (f"no {'int8 ' if quantized else ''}inverted-residual block (1x1 Conv or a stem's "
+                "3x3 Conv, ReLU/ReLU6, 3x3 depthwise Conv, ReLU/ReLU6, 1x1 Conv"
+                f"{', on uint8 activations and int8 weights' if quantized else ''}) in this model"
+                + (f" with an output at least {min_side} pixels a side" if min_side > 1 else "")
+                + (f" ({reasons[0]}{f'; and {len(reasons) - 1} more' if len(reasons) > 1 else ''})"
+                   if reasons else ""))
     try:
         library, tc = build(facts)
-        error = numerics_error(plain, rewritten, {s.name: s for s in model.inputs},
-                               host_library())
+        if quantized:
+            equal, steps = int8_agreement(plain, rewritten, {s.name: s for s in model.inputs},
+                                          host_library())
+        else:
+            error = numerics_error(plain, rewritten, {s.name: s for s in model.inputs},
+                                   host_library())
     except EdgesmithError as exc:
         return str(exc)
-    if error > MAX_RELATIVE_ERROR:
+    if quantized and (equal < MIN_INT8_EQUAL or steps > 1):
+        return (f"the int8 kernels' outputs equal onnxruntime's on {equal:.2%} of elements, "
+                f"at most {steps:g} steps apart (need >= {MIN_INT8_EQUAL:.1%}, <= 1): not used")
+    if not quantized and error > MAX_RELATIVE_ERROR:
         return (f"the kernels' outputs differ from onnxruntime's by {error:.1e} of their range "
                 f"(> {MAX_RELATIVE_ERROR:.0e}): not used")
     return (from_proto(rewritten, model), {LIBRARY: library.read_bytes()},
-            {"blocks": report.metrics["blocks"], "isa": tc.isa, "shapes": shapes})
+            {"blocks": report.metrics["blocks"], "isa": tc.isa, "shapes": shapes,
+             "int8": quantized})
 
 
 LANES = {"avx512": 16, "avx2": 8, "sse": 4, "neon": 4}
@@ -285,7 +317,7 @@ def _block_times(info: dict, ort_nodes: dict[str, float], our_nodes: dict[str, f
     for block in info["blocks"]:
         names = set(block["replaces"])
         theirs = sum(max(0.0, ms - cost[0]) for node, ms in ort_nodes.items()
-                     if node in names or node.removesuffix("_nchwc") in names)
+                     if _graph_node(node) in names)
         ours = our_nodes.get(block["node"])
         ours = max(0.0, ours - cost[1]) if ours is not None else None
         h, w = (shapes.get(block["input"]) or [0, 0, 0, 0])[2:4]
@@ -294,9 +326,15 @@ def _block_times(info: dict, ort_nodes: dict[str, float], our_nodes: dict[str, f
         rows.append({"block": block["node"], "channels": "->".join(map(str, block["channels"])),
                      "stride": block["stride"] * block.get("expand_stride", 1),  # in to out
                      "output_hw": f"{oh}x{ow}", "onnxruntime_ms": theirs, "edgesmith_ms": ours,
-                     "expanded_kb": round(e * h * w * 4 / 1024),
+                     "expanded_kb": round(e * h * w * (1 if info.get("int8") else 4) / 1024),
                      "idle_lanes": round(1 - e / (-(-e // lanes) * lanes), 3)})
     return rows
+
+
+def _graph_node(profiled: str) -> str:
+    """The model's node behind a profiled one: onnxruntime renames what its layout pass
+    rewrites (`_nchwc`) and the QDQ nodes it fuses into QLinearConv (`_token_N`)."""
+    return re.sub(r"_token_\d+$", "", profiled.removesuffix("_nchwc"))
 
 
 def _verdict(row: dict, ratio: float | None, spread: tuple[float, float] | None,
@@ -333,3 +371,35 @@ def numerics_error(reference, rewritten, inputs: dict, library: Path) -> float:
     want = host_session(reference.SerializeToString()).run(None, feed)
     return max(float(np.abs(g - w).max() / max(np.abs(w).max(), 1e-30))
                for g, w in zip(got, want))
+
+
+def int8_agreement(reference, rewritten, inputs: dict, library: Path) -> tuple[float, float]:
+    """A QDQ model against its rewrite on the int8 kernels, on one seeded random feed: the
+    share of output elements exactly equal, and the largest difference in the output's
+    quantization steps (its DequantizeLinear's scale; any difference is a step when the output
+    is not dequantized from a grid)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from .onnx_utils import Graph
+
+    rng = np.random.default_rng(0)
+    feed = {name: rng.standard_normal(spec.shape).astype(spec.dtype)
+            for name, spec in inputs.items()}
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(library))
+    got = host_session(rewritten.SerializeToString(), opts).run(None, feed)
+    want = host_session(reference.SerializeToString()).run(None, feed)
+    graph = Graph(reference.graph)
+    equal = total = steps = 0.0
+    for out, g, w in zip(reference.graph.output, got, want):
+        producer = graph.producer.get(out.name)
+        scale = graph.array(producer.input[1]) if producer is not None \
+            and producer.op_type == "DequantizeLinear" else None
+        step = float(np.min(scale)) if scale is not None and scale.size else 0.0
+        diff = np.abs(g.astype(np.float64) - w.astype(np.float64))
+        equal += float((diff == 0).sum())
+        total += diff.size
+        if diff.size and diff.max() > 0:
+            steps = max(steps, float(diff.max() / step) if step else float("inf"))
+    return (equal / total if total else 1.0), steps

@@ -208,14 +208,19 @@ def test_the_knob_chooses_blocks_by_output_size_and_refuses_what_it_cannot_read(
         "no inverted-residual block (1x1 Conv or a stem's 3x3 Conv, ReLU/ReLU6, 3x3 "
         "depthwise Conv, ReLU/ReLU6, 1x1 Conv) in this model with an output at least 14 "
         "pixels a side")
-    # an int8 model's blocks run between QuantizeLinear/DequantizeLinear: the reason says so
+    # an int8 model's blocks go to the int8 kernel, by the same knob (tests/test_int8_kernels)
     from edgesmith.passes.quantize import QuantizeConfig, QuantRecipe, quantize_static
 
     x = np.random.default_rng(2).standard_normal((4, 1, 8, 13, 13)).astype(np.float32)
     int8 = quantize_static(block_model(MIXED, 13, 13), QuantizeConfig(
         QuantRecipe("qdq"), [{"x": batch} for batch in x]))[0]
     onnx.save(int8, tmp_path / "q.onnx")
-    assert "this model is quantized" in rewrite_for_device(load(tmp_path / "q.onnx"), 0, 0, HOST)
+    quantized = load(tmp_path / "q.onnx")
+    rewritten, _, info = rewrite_for_device(quantized, 0, 8, HOST)
+    assert info["int8"] and [b["channels"] for b in info["blocks"]] == [[8, 48, 8]]
+    assert [n.op_type for n in rewritten.proto.graph.node].count("QInvertedResidual") == 1
+    assert rewrite_for_device(quantized, 0, 14, HOST).startswith(
+        "no int8 inverted-residual block")
 
 
 def test_the_breakdown_takes_the_profilers_cost_per_node_out():

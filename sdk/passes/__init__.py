@@ -12,7 +12,7 @@ from typing import Callable
 
 PASSES: dict[str, Callable] = {}
 MODULES = ("fuse", "quantize", "equalize", "prune", "distill", "reconstruct", "qat", "ranges",
-           "kernels")   # torch is imported lazily
+           "kernels", "int8_kernels")   # torch is imported lazily
 
 
 @dataclass

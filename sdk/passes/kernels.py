@@ -23,7 +23,7 @@ DOMAIN = "edgesmith"
 RELU_BOUNDS = (0.0, float("inf"))
 
 
-def _conv(node, kernel: int, stride: int | None = None) -> bool:
+def square_conv(node, kernel: int, stride: int | None = None) -> bool:
     """A plain 2-D Conv of this square kernel: no dilation, pads of 'same' for 3x3."""
     if node is None or node.op_type != "Conv" or attr(node, "auto_pad", b"NOTSET") not in (
             b"NOTSET", "NOTSET"):
@@ -55,19 +55,19 @@ def _weights(graph: Graph, conv, shape_ok) -> tuple[np.ndarray, np.ndarray] | No
 
 def _match(graph: Graph, expand) -> dict | None:
     """The block starting at `expand`, or None; every inner value has one consumer."""
-    if attr(expand, "group", 1) != 1 or not (_conv(expand, 1, 1) or _conv(expand, 3, 1)
-                                              or _conv(expand, 3, 2)):
+    if attr(expand, "group", 1) != 1 or not (square_conv(expand, 1, 1) or square_conv(expand, 3, 1)
+                                              or square_conv(expand, 3, 2)):
         return None
-    kernel, expand_stride = (1, 1) if _conv(expand, 1) else (3, attr(expand, "strides", [1])[0])
+    kernel, expand_stride = (1, 1) if square_conv(expand, 1) else (3, attr(expand, "strides", [1])[0])
     act1 = graph.only_consumer(expand.output[0])
     bounds = _activation(graph, act1)
     dw = graph.only_consumer(act1.output[0]) if bounds else None
-    if not _conv(dw, 3) or (stride := list(attr(dw, "strides", [1, 1])))[0] != stride[1] \
+    if not square_conv(dw, 3) or (stride := list(attr(dw, "strides", [1, 1])))[0] != stride[1] \
             or stride[0] not in (1, 2):
         return None
     act2 = graph.only_consumer(dw.output[0])
     project = graph.only_consumer(act2.output[0]) if _activation(graph, act2) == bounds else None
-    if not _conv(project, 1, 1) or attr(project, "group", 1) != 1:
+    if not square_conv(project, 1, 1) or attr(project, "group", 1) != 1:
         return None
     we = _weights(graph, expand, lambda s: len(s) == 4 and s[2:] == (kernel, kernel))
     if we is None:
@@ -94,7 +94,7 @@ def block_sides(block: dict, side: int) -> tuple[int, int]:
     return expanded, (expanded - 1) // block["stride"] + 1
 
 
-def _output_side(block: dict, shape) -> float:
+def output_side(block: dict, shape) -> float:
     """The smaller side of the block's output, from its input's static shape (inf: unknown)."""
     if not shape or len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[2:]):
         return float("inf")
@@ -130,7 +130,7 @@ def fuse_inverted_residual(model: onnx.ModelProto, cfg: KernelConfig | None = No
     taken: set[int] = set()
     for node in list(g.node):
         if id(node) in taken or (block := _match(graph, node)) is None \
-                or _output_side(block, shapes.get(node.input[0])) < min_side:
+                or output_side(block, shapes.get(node.input[0])) < min_side:
             continue
         names = []
         for role, (w, b) in zip(("expand", "depthwise", "project"), block["weights"]):

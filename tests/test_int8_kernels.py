@@ -1,0 +1,116 @@
+"""edgesmith's int8 inverted-residual kernel: on the QDQ model's own grid, equal to onnxruntime's
+int8 run bit for bit, taken only where a block's quantizers allow it (and why not elsewhere),
+and kept by tuning only where the whole model measures faster."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from test_kernels import HOST, MIXED, STEMS, WIDE, block_model
+from edgesmith.data import calibration_batches
+from edgesmith.devices import get_device
+from edgesmith.model import load, static_shapes
+from edgesmith.own_kernels import LIBRARY, build, int8_agreement, rewrite_for_device
+from edgesmith.passes.int8_kernels import fuse_int8_inverted_residual
+from edgesmith.passes.kernels import KernelConfig
+from edgesmith.passes.quantize import QuantizeConfig, QuantRecipe, quantize_static
+
+VNNI = ["avx512f", "avx2", "fma", "avx512bw", "avx512vl", "avx512_vnni"]
+BUILDS = {"avx512-vnni": VNNI, "avx2": ["avx2", "fma"], "sse": []}
+
+
+def spec(shape):
+    return type("Spec", (), {"shape": shape, "dtype": "float32"})
+
+
+def qdq(model: onnx.ModelProto, shape, recipe=QuantRecipe("qdq-u8s8"), seed=1):
+    """The model through onnxruntime's static quantizer as the recipe search runs it: uint8
+    activations, int8 per-channel weights, Relu/Clip folded into the quantizers."""
+    rng = np.random.default_rng(seed)
+    feeds = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(4)]
+    return quantize_static(model, QuantizeConfig(recipe, feeds))[0]
+
+
+@pytest.mark.parametrize("isa", list(BUILDS))
+def test_every_int8_block_equals_onnxruntime_bit_for_bit(isa):
+    """Stems of stride 2 and 1 (one after a block: NHWC back to NCHW), residuals, stride 2,
+    channel counts off the vector width, several weight panels, odd and one-row images,
+    batches, band heights and the threads' row ranges, on each x86 build's own code path."""
+    if not set(BUILDS[isa]) <= set(HOST["cpu_flags"]) or HOST["arch"] != "x86_64":
+        pytest.skip(f"this CPU cannot run {isa} code")      # CI's CPU may lack AVX-512 VNNI
+    library = build({"arch": "x86_64", "cpu_flags": BUILDS[isa]})[0]
+    for blocks, (h, w), batch in [(STEMS + MIXED, (13, 13), 2), (MIXED, (1, 5), 3),
+                                  (WIDE, (29, 31), 1), (STEMS + MIXED, (97, 61), 1),
+                                  (MIXED, (14, 7), 1)]:
+        shape = [batch, blocks[0][0], h, w]
+        model = qdq(block_model(blocks, h, w, batch, "Clip"), shape)
+        for rows in (0, 1, 3):
+            fused, report = fuse_int8_inverted_residual(model, KernelConfig(tile_rows=rows))
+            assert report.changed == len(blocks), report.details
+            assert {n.op_type for n in fused.graph.node} & {"Conv", "QLinearConv"} == set()
+            equal, steps = int8_agreement(model, fused, {"x": spec(shape)}, library)
+            assert equal == 1.0 and steps == 0, (isa, h, w, rows, equal, steps)
+    # and what the check measures: one step off in one bias is seen
+    fused, _ = fuse_int8_inverted_residual(model)
+    bias = next(t for t in fused.graph.initializer if t.name.endswith("_qproject_b"))
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + 3000, bias.name))
+    assert int8_agreement(model, fused, {"x": spec(shape)}, library)[0] < 0.999
+
+
+def as_model(proto: onnx.ModelProto, path):
+    """A quantized proto as a user's model file."""
+    onnx.save(proto, path)
+    return load(path)
+
+
+def test_only_blocks_on_the_kernels_grid_are_taken_and_the_rest_say_why(tmp_path):
+    shape = [1, 8, 9, 9]
+    model = qdq(block_model(MIXED, 9, 9), shape)
+    weights = [t for t in model.graph.initializer if t.name.endswith("_quantized")
+               and numpy_helper.to_array(t).dtype == np.int8]
+    zero = next(t for t in model.graph.initializer
+                if t.name == weights[0].name.replace("_quantized", "_zero_point"))
+    zero.CopyFrom(numpy_helper.from_array(np.ones_like(numpy_helper.to_array(zero)), zero.name))
+    fused, report = fuse_int8_inverted_residual(model)
+    assert report.changed == len(MIXED) - 1
+    assert any("conv's its weights have a zero point" in line for line in report.details)
+    assert int8_agreement(model, fused, {"x": spec(shape)}, build(HOST)[0]) == (1.0, 0.0)
+    # a float model has no int8 block; a u8 weight grid is not the kernel's
+    u8 = qdq(block_model(MIXED, 9, 9), shape, QuantRecipe("qdq-u8u8", weights="U8"))
+    reason = rewrite_for_device(as_model(u8, tmp_path / "u8.onnx"), 0, 0, HOST)
+    assert isinstance(reason, str) and reason.startswith("no int8 inverted-residual block")
+    assert "weights are not constant int8" in reason
+    assert fuse_int8_inverted_residual(block_model(MIXED, 9, 9))[1].changed == 0
+    # the knob's smallest side leaves small blocks on onnxruntime, saying so
+    model = as_model(qdq(block_model(STEMS + MIXED, 16, 16), [1, 3, 16, 16]), tmp_path / "s.onnx")
+    shapes = static_shapes(model.proto, model.inputs)
+    _, small = fuse_int8_inverted_residual(model.proto, KernelConfig(min_side=16, shapes=shapes))
+    assert small.changed == 0
+    assert sum("smaller than 16 pixels a side" in line for line in small.details) == 6
+
+def test_tuning_an_int8_model_tries_the_int8_kernels_and_keeps_them_only_when_faster(
+        models, tmp_path):
+    from edgesmith.search.tune import tune
+    from edgesmith.variants import space
+
+    original = load(models / "digits_mnv2.onnx")
+    batches = list(calibration_batches(models / "digits_mnv2_eval.npz", original, 16))[:4]
+    int8 = as_model(quantize_static(original.proto, QuantizeConfig(
+        QuantRecipe("qdq-u8s8"), batches))[0], tmp_path / "int8.onnx")
+    dev = get_device("local")
+    sp = space({"threads": [1], "edgesmith_kernels": [0, 8]}, dev.facts(), "onnxruntime")
+    report = tune(int8, dev, search_space=sp, confirm_rounds=3,
+                  measure_settings={"runs": 20, "warmup": 3, "min_time_s": 0})
+    ours = [t for t in report.trials if "edgesmith_kernels=8" in t.id]
+    assert ours and all(t.ok for t in ours), [t.error for t in ours]
+    manifest = json.loads((tmp_path / "cache" / "bundles" / report.bundle.rsplit("/", 1)[1]
+                           / "manifest.json").read_text())
+    uses_kernels = "edgesmith_kernels=8" in report.best.id
+    assert (LIBRARY in manifest["files"]) == uses_kernels
+    rows = report.kernels           # per block, from ORT's fused QLinearConv nodes and ours
+    assert len(rows) == 17 and all(r["onnxruntime_ms"] > 0 for r in rows), rows
+    assert all(r["verdict"].startswith(("won", "lost", "tie", "too small")) for r in rows)
