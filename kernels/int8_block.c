@@ -33,9 +33,61 @@
 
 #include "edgesmith_ops.h"
 
+/* float vectors of QW lanes for the depthwise and the requantization: the same code at both
+ * x86 widths */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define QVNNI 1
+#define QW 16
+typedef __m512 qf;
+typedef __m512i qi;
+#define QF_LOAD _mm512_loadu_ps
+#define QF_SET1 _mm512_set1_ps
+#define QF_ZERO _mm512_setzero_ps
+#define QF_FMA _mm512_fmadd_ps
+#define QF_ADD _mm512_add_ps
+#define QF_MUL _mm512_mul_ps
+#define QF_MAX _mm512_max_ps
+#define QF_MIN _mm512_min_ps
+#define QF_ROUND(f) _mm512_roundscale_ps(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define QF_STORE _mm512_storeu_ps
+#define QF_FROM_I _mm512_cvtepi32_ps
+#define QI_ROUND(f) _mm512_cvt_roundps_epi32(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define QI_ADD _mm512_add_epi32
+#define QI_SET1 _mm512_set1_epi32
+#define QI_LOAD(p) _mm512_loadu_si512(p)
+#define QI_U8(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
+/* QW int32 in [0, 255] stored as bytes */
+static inline void qi_store_u8(uint8_t *to, qi v) { _mm_storeu_si128((__m128i *)to, _mm512_cvtusepi32_epi8(v)); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define QAVX2 1
+#define QW 8
+typedef __m256 qf;
+typedef __m256i qi;
+#define QF_LOAD _mm256_loadu_ps
+#define QF_SET1 _mm256_set1_ps
+#define QF_ZERO _mm256_setzero_ps
+#define QF_FMA _mm256_fmadd_ps
+#define QF_ADD _mm256_add_ps
+#define QF_MUL _mm256_mul_ps
+#define QF_MAX _mm256_max_ps
+#define QF_MIN _mm256_min_ps
+#define QF_ROUND(f) _mm256_round_ps(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define QF_STORE _mm256_storeu_ps
+#define QF_FROM_I _mm256_cvtepi32_ps
+#define QI_ROUND(f) _mm256_cvtps_epi32(f) /* onnxruntime leaves MXCSR at round to even */
+#define QI_ADD _mm256_add_epi32
+#define QI_SET1 _mm256_set1_epi32
+#define QI_LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
+#define QI_U8(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
+static inline void qi_store_u8(uint8_t *to, qi v) {
+  __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  _mm_storel_epi64((__m128i *)to, _mm_packus_epi16(w, w));
+}
+#endif
+#if defined(QVNNI) || defined(QAVX2)
+#define QVEC 1
 #endif
 
 #define QL 16       /* output channels per vector of int32 */
@@ -94,12 +146,25 @@ static OrtStatus *attr_i(const OrtKernelInfo *info, const char *name, int64_t lo
   return NULL;
 }
 
+#ifdef QAVX2
+#define QV_PACK 1     /* panels one vector of 16 channels wide: tile_avx2's */
+#define WEIGHT_BYTES (size_t)2
+/* n packed int8 weights widened in place to int16 (the buffer holds 2n bytes) */
+static void widen(int8_t *p, size_t n) {
+  int16_t *to = (int16_t *)p;
+  for (size_t i = n; i-- > 0;) to[i] = p[i];
+}
+#else
+#define QV_PACK QV
+#define WEIGHT_BYTES (size_t)1
+#endif
+
 /* w [rows][k] int8 into zeroed panels: for each tile of nv <= QV vectors of output channels
  * from c0, a [k/4][nv*QL][4] panel at c0 * kp bytes: the micro-kernel reads it in order, four
  * k's of one channel being one 32-bit lane of `vpdpbusd` */
 static void pack_panels(int8_t *p, const int8_t *w, int rows, int k, int kp, int padded) {
   for (int c0 = 0, nv; c0 < padded; c0 += nv * QL) {
-    nv = (padded - c0) / QL < QV ? (padded - c0) / QL : QV;
+    nv = (padded - c0) / QL < QV_PACK ? (padded - c0) / QL : QV_PACK;
     int8_t *panel = p + (size_t)c0 * kp;
     for (int c = 0; c < nv * QL && c0 + c < rows; c++)
       for (int j = 0; j < k; j++)
@@ -181,14 +246,14 @@ static OrtStatus *ORT_API_CALL qcreate(const OrtCustomOp *op, const OrtApi *a,
       qblock_free(b);
       return qfail("edgesmith.QInvertedResidual: a depthwise bias is too large for exact float");
     }
-  size_t bytes = 2 * (size_t)b->ep * b->kp + 2 * (size_t)b->op * b->ep + 16 * (size_t)LINE +
+  size_t bytes = WEIGHT_BYTES * ((size_t)b->ep * b->kp + (size_t)b->op * b->ep) + 16 * (size_t)LINE +
                  sizeof(int32_t) * (b->ep + b->op) + sizeof(float) * (3 * b->ep + b->op + 9 * b->ep);
   char *at = packed_alloc(bytes, &b->chunk);
   if (!at) {
     qblock_free(b);
     return api->CreateStatus(ORT_FAIL, "edgesmith.QInvertedResidual: out of memory");
   }
-  b->we = qtake(&at, (size_t)b->ep * b->kp), b->wp = qtake(&at, (size_t)b->op * b->ep);
+  b->we = qtake(&at, WEIGHT_BYTES * b->ep * b->kp), b->wp = qtake(&at, WEIGHT_BYTES * b->op * b->ep);
   b->be = qtake(&at, sizeof(int32_t) * b->ep), b->bp = qtake(&at, sizeof(int32_t) * b->op);
   b->se = qtake(&at, sizeof(float) * b->ep), b->sd = qtake(&at, sizeof(float) * b->ep);
   b->sp = qtake(&at, sizeof(float) * b->op);
@@ -204,6 +269,9 @@ static OrtStatus *ORT_API_CALL qcreate(const OrtCustomOp *op, const OrtApi *a,
   pack_panels(b->we, wk, e, b->kp, b->kp, b->ep);
   free(wk);
   pack_panels(b->wp, wp, o, e, b->ep, b->op);
+#ifdef QAVX2
+  widen(b->we, (size_t)b->ep * b->kp), widen(b->wp, (size_t)b->op * b->ep);
+#endif
   for (int i = 0; i < e; i++) {
     int32_t sum = 0;
     for (int j = 0; j < kin; j++) sum += we[(size_t)i * kin + j];
@@ -266,6 +334,38 @@ __attribute__((optimize("fp-contract=off"))) static inline int add_scalar(const 
   return r < 0 ? 0 : (r > 255 ? 255 : r);
 }
 
+#ifdef QVEC
+/* QW sums of channels c.. for one pixel (bias not yet added) to where the epilogue says */
+static inline __attribute__((always_inline)) void requant_store(const Epilogue *ep, qi acc, qi bias,
+                                                                qf scale, int c, long off,
+                                                                long pixel) {
+  qf f = QF_MUL(QF_FROM_I(QI_ADD(acc, bias)), scale);
+  f = QF_MIN(QF_MAX(f, QF_SET1((float)(0 - ep->zero))), QF_SET1((float)(255 - ep->zero)));
+  if (ep->as_float) {
+    QF_STORE(ep->as_float + off + c, QF_ROUND(f));
+    return;
+  }
+  qi q = QI_ADD(QI_ROUND(f), QI_SET1(ep->zero));
+  if (ep->residual) { /* QLinearAdd: the fixed part plus each input times its ratio */
+    const QBlock *b = ep->b;
+    qf x = QF_FROM_I(QI_U8(ep->residual + pixel * ep->res_ld + c)), y = QF_FROM_I(q);
+    qf va = b->residual_first ? x : y, vb = b->residual_first ? y : x;
+    qf v = QF_ADD(QF_SET1(b->add_fixed), QF_MUL(va, QF_SET1(b->add_a)));
+    v = QF_ADD(v, QF_MUL(vb, QF_SET1(b->add_b)));
+    q = QI_ROUND(QF_MIN(QF_MAX(v, QF_ZERO()), QF_SET1(255.0f)));
+  }
+  qi_store_u8(ep->as_u8 + off + c, q);
+}
+
+/* each pixel's output offset in a tile */
+static inline __attribute__((always_inline)) void tile_offsets(const Epilogue *ep, int p0,
+                                                               long off[QP]) {
+  _Pragma("GCC unroll 8") for (int p = 0; p < QP; p++)
+    off[p] = ep->per_row ? (p0 + p) / ep->per_row * ep->row_ld + (p0 + p) % ep->per_row * ep->ld
+                         : (p0 + p) * ep->ld;
+}
+#endif
+
 #ifdef QVNNI
 static inline __attribute__((always_inline)) void
 tile_vnni(const uint8_t *a, long lda, const int8_t *panel, int kq, int nv, int m, int p0, int n0,
@@ -283,40 +383,55 @@ tile_vnni(const uint8_t *a, long lda, const int8_t *panel, int kq, int nv, int m
         acc[p][j] = _mm512_dpbusd_epi32(acc[p][j], x, w[j]);
     }
   }
-  long off[QP]; /* each pixel's output offset */
-  _Pragma("GCC unroll 8") for (int p = 0; p < QP; p++)
-    off[p] = ep->per_row ? (p0 + p) / ep->per_row * ep->row_ld + (p0 + p) % ep->per_row * ep->ld
-                         : (p0 + p) * ep->ld;
-  const __m512 lo = _mm512_set1_ps((float)(0 - ep->zero)), hi = _mm512_set1_ps((float)(255 - ep->zero));
-  const __m512i zero = _mm512_set1_epi32(ep->zero);
+  const Epilogue e = *ep; /* a copy the byte stores cannot alias: its fields stay registers */
+  long off[QP];
+  tile_offsets(&e, p0, off);
   _Pragma("GCC unroll 4") for (int j = 0; j < nv; j++) {
     int c = n0 + j * QL;
-    __m512i bias = _mm512_loadu_si512(ep->bias + c);
-    __m512 scale = _mm512_loadu_ps(ep->scale + c);
+    qi bias = QI_LOAD(e.bias + c);
+    qf scale = QF_LOAD(e.scale + c);
     /* a constant trip count: the accumulators stay registers, never an array in memory */
     _Pragma("GCC unroll 8") for (int p = 0; p < QP; p++) {
       if (p >= m) break;
-      __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[p][j], bias)), scale);
-      f = _mm512_min_ps(_mm512_max_ps(f, lo), hi);
-      if (ep->as_float) {
-        _mm512_storeu_ps(ep->as_float + off[p] + c,
-                         _mm512_roundscale_ps(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        continue;
-      }
-      __m512i q = _mm512_add_epi32(
-          _mm512_cvt_roundps_epi32(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zero);
-      if (ep->residual) {
-        const QBlock *b = ep->b;
-        __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-            _mm_loadu_si128((const __m128i *)(ep->residual + (p0 + p) * ep->res_ld + c))));
-        __m512 y = _mm512_cvtepi32_ps(q);
-        __m512 va = b->residual_first ? x : y, vb = b->residual_first ? y : x;
-        __m512 v = _mm512_add_ps(_mm512_set1_ps(b->add_fixed), _mm512_mul_ps(va, _mm512_set1_ps(b->add_a)));
-        v = _mm512_add_ps(v, _mm512_mul_ps(vb, _mm512_set1_ps(b->add_b)));
-        v = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_set1_ps(255.0f));
-        q = _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      }
-      _mm_storeu_si128((__m128i *)(ep->as_u8 + off[p] + c), _mm512_cvtusepi32_epi8(q));
+      requant_store(&e, acc[p][j], bias, scale, c, off[p], p0 + p);
+    }
+  }
+}
+#endif
+
+#ifdef QAVX2
+/* AVX2 has no u8 x s8 dot product that cannot saturate (vpmaddubsw's pairs of 255 * 127 can):
+ * weights widened to int16 at packing, activations as they are loaded, and vpmaddwd, whose
+ * pairs are exact in int32. Each channel's sum comes in two lanes (k 0-1 and 2-3 of a group of
+ * four), added pairwise at the end. 3 pixels x 16 channels: 12 accumulators of 16. */
+#define QPA 3
+static inline __attribute__((always_inline)) void
+tile_avx2(const uint8_t *a, long lda, const int16_t *panel, int kq, int m, int p0, int n0,
+          const Epilogue *ep) {
+  __m256i acc[QPA][4];
+  _Pragma("GCC unroll 4") for (int p = 0; p < QPA; p++)
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[p][j] = _mm256_setzero_si256();
+  for (int q = 0; q < kq; q++) {
+    const int16_t *w = panel + (size_t)q * QL * 4;
+    _Pragma("GCC unroll 4") for (int p = 0; p < QPA; p++) {
+      __m256i x = _mm256_cvtepu8_epi16(_mm_set1_epi32(*(const int32_t *)(a + p * lda + 4 * q)));
+      _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++)
+        acc[p][j] = _mm256_add_epi32(acc[p][j], _mm256_madd_epi16(
+            x, _mm256_loadu_si256((const __m256i *)(w + j * 16))));
+    }
+  }
+  const Epilogue e = *ep;
+  long off[QP];
+  tile_offsets(&e, p0, off);
+  _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {  /* channels 0-7, then 8-15 */
+    int c = n0 + 8 * h;
+    qi bias = QI_LOAD(e.bias + c);
+    qf scale = QF_LOAD(e.scale + c);
+    _Pragma("GCC unroll 4") for (int p = 0; p < QPA; p++) {
+      if (p >= m) break;
+      __m256i sum = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[p][2 * h], acc[p][2 * h + 1]),
+                                             _MM_SHUFFLE(3, 1, 2, 0));
+      requant_store(&e, sum, bias, scale, c, off[p], p0 + p);
     }
   }
 }
@@ -343,6 +458,12 @@ static void gemm(const uint8_t *a, long lda, int m, const int8_t *panels, int kp
       else tile_vnni(ap, lda, panel, kp / 4, 1, mp, p0, c0, ep);
     }
   }
+#elif defined(QAVX2)
+  const int16_t *wide = (const int16_t *)panels;   /* packed as int16 (qcreate) */
+  for (int c0 = 0; c0 < n; c0 += QL)
+    for (int p0 = 0; p0 < m; p0 += QPA)
+      tile_avx2(a + p0 * lda, lda, wide + (size_t)c0 * kp, kp / 4, m - p0 < QPA ? m - p0 : QPA,
+                p0, c0, ep);
 #else
   for (int c0 = 0, nv; c0 < n; c0 += nv * QL) {
     nv = (n - c0) / QL < QV ? (n - c0) / QL : QV;
@@ -369,14 +490,11 @@ static void gemm(const uint8_t *a, long lda, int m, const int8_t *panels, int kp
 #endif
 }
 
-#ifdef QVNNI
-/* a depthwise sum (bias included) requantized to uint8, 16 channels */
-static inline void dw_store(__m512 acc, __m512 scale, __m512 lo, __m512 hi, __m512i zero,
-                            uint8_t *to) {
-  __m512 f = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(acc, scale), lo), hi);
-  __m512i q = _mm512_add_epi32(
-      _mm512_cvt_roundps_epi32(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zero);
-  _mm_storeu_si128((__m128i *)to, _mm512_cvtusepi32_epi8(q));
+#ifdef QVEC
+/* a depthwise sum (bias included) requantized to uint8, QW channels */
+static inline void dw_store(qf acc, qf scale, qf lo, qf hi, qi zero, uint8_t *to) {
+  qf f = QF_MIN(QF_MAX(QF_MUL(acc, scale), lo), hi);
+  qi_store_u8(to, QI_ADD(QI_ROUND(f), zero));
 }
 #endif
 
@@ -386,62 +504,61 @@ static inline void dw_store(__m512 acc, __m512 scale, __m512 lo, __m512 hi, __m5
 static void depthwise_row(const QBlock *b, const float *const rows[3], int ow, uint8_t *d) {
   const int ep = b->ep, s = b->stride, zero = b->d_zero;
   const float *r0 = rows[0], *r1 = rows[1], *r2 = rows[2];
-  for (int c = 0; c < ep; c += QL) {
-#ifdef QVNNI
-    __m512 k[9];
-    for (int t = 0; t < 9; t++) k[t] = _mm512_loadu_ps(b->wd + t * ep + c);
-    const __m512 bias = _mm512_loadu_ps(b->bd + c), scale = _mm512_loadu_ps(b->sd + c);
-    const __m512 lo = _mm512_set1_ps((float)-zero), hi = _mm512_set1_ps((float)(255 - zero));
-    const __m512i zv = _mm512_set1_epi32(zero);
+#ifdef QVEC
+  for (int c = 0; c < ep; c += QW) {
+    qf k[9];
+    for (int t = 0; t < 9; t++) k[t] = QF_LOAD(b->wd + t * ep + c);
+    const qf bias = QF_LOAD(b->bd + c), scale = QF_LOAD(b->sd + c);
+    const qf lo = QF_SET1((float)-zero), hi = QF_SET1((float)(255 - zero));
+    const qi zv = QI_SET1(zero);
     /* two chains of taps per pixel, two pixels at a time: the sums are integers below 2^24,
      * exact in any order, and four chains keep the FMA units busy instead of waiting on one */
     int x = 0;
     for (; x + 1 < ow; x += 2) {
       size_t at = (size_t)x * s * ep + c, at2 = at + (size_t)s * ep;
-      __m512 a0 = bias, a1 = _mm512_setzero_ps(), b0 = bias, b1 = _mm512_setzero_ps();
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + at), k[0], a0);
-      b0 = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + at2), k[0], b0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + at + ep), k[1], a1);
-      b1 = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + at2 + ep), k[1], b1);
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + at + 2 * ep), k[2], a0);
-      b0 = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + at2 + 2 * ep), k[2], b0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + at), k[3], a1);
-      b1 = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + at2), k[3], b1);
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + at + ep), k[4], a0);
-      b0 = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + at2 + ep), k[4], b0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + at + 2 * ep), k[5], a1);
-      b1 = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + at2 + 2 * ep), k[5], b1);
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r2 + at), k[6], a0);
-      b0 = _mm512_fmadd_ps(_mm512_loadu_ps(r2 + at2), k[6], b0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r2 + at + ep), k[7], a1);
-      b1 = _mm512_fmadd_ps(_mm512_loadu_ps(r2 + at2 + ep), k[7], b1);
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r2 + at + 2 * ep), k[8], a0);
-      b0 = _mm512_fmadd_ps(_mm512_loadu_ps(r2 + at2 + 2 * ep), k[8], b0);
-      dw_store(_mm512_add_ps(a0, a1), scale, lo, hi, zv, d + (size_t)x * ep + c);
-      dw_store(_mm512_add_ps(b0, b1), scale, lo, hi, zv, d + (size_t)(x + 1) * ep + c);
+      qf a0 = bias, a1 = QF_ZERO(), b0 = bias, b1 = QF_ZERO();
+      a0 = QF_FMA(QF_LOAD(r0 + at), k[0], a0);
+      b0 = QF_FMA(QF_LOAD(r0 + at2), k[0], b0);
+      a1 = QF_FMA(QF_LOAD(r0 + at + ep), k[1], a1);
+      b1 = QF_FMA(QF_LOAD(r0 + at2 + ep), k[1], b1);
+      a0 = QF_FMA(QF_LOAD(r0 + at + 2 * ep), k[2], a0);
+      b0 = QF_FMA(QF_LOAD(r0 + at2 + 2 * ep), k[2], b0);
+      a1 = QF_FMA(QF_LOAD(r1 + at), k[3], a1);
+      b1 = QF_FMA(QF_LOAD(r1 + at2), k[3], b1);
+      a0 = QF_FMA(QF_LOAD(r1 + at + ep), k[4], a0);
+      b0 = QF_FMA(QF_LOAD(r1 + at2 + ep), k[4], b0);
+      a1 = QF_FMA(QF_LOAD(r1 + at + 2 * ep), k[5], a1);
+      b1 = QF_FMA(QF_LOAD(r1 + at2 + 2 * ep), k[5], b1);
+      a0 = QF_FMA(QF_LOAD(r2 + at), k[6], a0);
+      b0 = QF_FMA(QF_LOAD(r2 + at2), k[6], b0);
+      a1 = QF_FMA(QF_LOAD(r2 + at + ep), k[7], a1);
+      b1 = QF_FMA(QF_LOAD(r2 + at2 + ep), k[7], b1);
+      a0 = QF_FMA(QF_LOAD(r2 + at + 2 * ep), k[8], a0);
+      b0 = QF_FMA(QF_LOAD(r2 + at2 + 2 * ep), k[8], b0);
+      dw_store(QF_ADD(a0, a1), scale, lo, hi, zv, d + (size_t)x * ep + c);
+      dw_store(QF_ADD(b0, b1), scale, lo, hi, zv, d + (size_t)(x + 1) * ep + c);
     }
     for (; x < ow; x++) {
       size_t at = (size_t)x * s * ep + c;
-      __m512 acc = bias;
+      qf acc = bias;
       for (int t = 0; t < 9; t++)
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps((t < 3 ? r0 : t < 6 ? r1 : r2) + at + (t % 3) * ep),
-                              k[t], acc);
+        acc = QF_FMA(QF_LOAD((t < 3 ? r0 : t < 6 ? r1 : r2) + at + (t % 3) * ep), k[t], acc);
       dw_store(acc, scale, lo, hi, zv, d + (size_t)x * ep + c);
     }
-#else
-    for (int x = 0; x < ow; x++)
-      for (int j = c; j < c + QL; j++) {
-        size_t at = (size_t)x * s * ep + j;
-        float acc = b->bd[j];
-        const float *k = b->wd + j;
-        acc += r0[at] * k[0] + r0[at + ep] * k[ep] + r0[at + 2 * ep] * k[2 * ep];
-        acc += r1[at] * k[3 * ep] + r1[at + ep] * k[4 * ep] + r1[at + 2 * ep] * k[5 * ep];
-        acc += r2[at] * k[6 * ep] + r2[at + ep] * k[7 * ep] + r2[at + 2 * ep] * k[8 * ep];
-        int32_t whole = (int32_t)acc; /* exact: an integer below 2^24 */
-        d[(size_t)x * ep + j] = (uint8_t)requant_scalar(whole, b->sd[j], zero);
-      }
-#endif
   }
+#else
+  for (int x = 0; x < ow; x++)
+    for (int j = 0; j < ep; j++) {
+      size_t at = (size_t)x * s * ep + j;
+      float acc = b->bd[j];
+      const float *k = b->wd + j;
+      acc += r0[at] * k[0] + r0[at + ep] * k[ep] + r0[at + 2 * ep] * k[2 * ep];
+      acc += r1[at] * k[3 * ep] + r1[at + ep] * k[4 * ep] + r1[at + 2 * ep] * k[5 * ep];
+      acc += r2[at] * k[6 * ep] + r2[at + ep] * k[7 * ep] + r2[at + 2 * ep] * k[8 * ep];
+      int32_t whole = (int32_t)acc; /* exact: an integer below 2^24 */
+      d[(size_t)x * ep + j] = (uint8_t)requant_scalar(whole, b->sd[j], zero);
+    }
+#endif
 }
 
 /* ---- a call ---- */
