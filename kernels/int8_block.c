@@ -85,8 +85,38 @@ static inline void qi_store_u8(uint8_t *to, qi v) {
   __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   _mm_storel_epi64((__m128i *)to, _mm_packus_epi16(w, w));
 }
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#define QNEON 1
+#define QW 4
+typedef float32x4_t qf;
+typedef int32x4_t qi;
+#define QF_LOAD vld1q_f32
+#define QF_SET1 vdupq_n_f32
+#define QF_ZERO() vdupq_n_f32(0.0f)
+#define QF_FMA(a, b, c) vfmaq_f32(c, a, b)
+#define QF_ADD vaddq_f32
+#define QF_MUL vmulq_f32
+#define QF_MAX vmaxq_f32
+#define QF_MIN vminq_f32
+#define QF_ROUND vrndnq_f32
+#define QF_STORE vst1q_f32
+#define QF_FROM_I vcvtq_f32_s32
+#define QI_ROUND vcvtnq_s32_f32
+#define QI_ADD vaddq_s32
+#define QI_SET1 vdupq_n_s32
+#define QI_LOAD vld1q_s32
+static inline qi qi_u8(const uint8_t *p) {
+  uint8x8_t b = vreinterpret_u8_u32(vld1_dup_u32((const uint32_t *)p)); /* 4 bytes, any alignment */
+  return vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(vmovl_u8(b))));
+}
+#define QI_U8 qi_u8
+static inline void qi_store_u8(uint8_t *to, qi v) {
+  uint8x8_t b = vqmovn_u16(vcombine_u16(vqmovun_s32(v), vqmovun_s32(v)));
+  vst1_lane_u32((uint32_t *)to, vreinterpret_u32_u8(b), 0);
+}
 #endif
-#if defined(QVNNI) || defined(QAVX2)
+#if defined(QVNNI) || defined(QAVX2) || defined(QNEON)
 #define QVEC 1
 #endif
 
@@ -146,7 +176,10 @@ static OrtStatus *attr_i(const OrtKernelInfo *info, const char *name, int64_t lo
   return NULL;
 }
 
-#ifdef QAVX2
+#if defined(QNEON)
+#define QV_PACK 1     /* panels 16 channels wide: tile_neon's */
+#define WEIGHT_BYTES (size_t)1
+#elif defined(QAVX2)
 #define QV_PACK 1     /* panels one vector of 16 channels wide: tile_avx2's */
 #define WEIGHT_BYTES (size_t)2
 /* n packed int8 weights widened in place to int16 (the buffer holds 2n bytes) */
@@ -171,6 +204,13 @@ static void pack_panels(int8_t *p, const int8_t *w, int rows, int k, int kp, int
         panel[((size_t)(j / 4) * nv * QL + c) * 4 + j % 4] = w[(size_t)(c0 + c) * k + j];
   }
 }
+
+/* what the GEMM takes from each activation before multiplying (NEON: signed bytes) */
+#ifdef QNEON
+#define X_OFFSET 128
+#else
+#define X_OFFSET 0
+#endif
 
 static void qblock_free(QBlock *b) {
   if (!b) return;
@@ -275,7 +315,7 @@ static OrtStatus *ORT_API_CALL qcreate(const OrtCustomOp *op, const OrtApi *a,
   for (int i = 0; i < e; i++) {
     int32_t sum = 0;
     for (int j = 0; j < kin; j++) sum += we[(size_t)i * kin + j];
-    b->be[i] = be[i] - b->x_zero * sum;
+    b->be[i] = be[i] - (b->x_zero - X_OFFSET) * sum;
     b->se[i] = xs * swe[i] / es; /* as QLinearConv computes its output scales */
     b->sd[i] = es * swd[i] / ds;
     b->bd[i] = (float)bd[i];
@@ -284,7 +324,7 @@ static OrtStatus *ORT_API_CALL qcreate(const OrtCustomOp *op, const OrtApi *a,
   for (int i = 0; i < o; i++) {
     int32_t sum = 0;
     for (int j = 0; j < e; j++) sum += wp[(size_t)i * e + j];
-    b->bp[i] = bp[i] - b->d_zero * sum;
+    b->bp[i] = bp[i] - (b->d_zero - X_OFFSET) * sum;
     b->sp[i] = ds * swp[i] / ps;
   }
   if (b->residual) { /* QLinearAdd: A, B the Add's inputs in order */
@@ -437,6 +477,69 @@ tile_avx2(const uint8_t *a, long lda, const int16_t *panel, int kq, int m, int p
 }
 #endif
 
+#ifdef QNEON
+/* NEON multiplies signed bytes: the activations go in as x - 128 (x ^ 0x80) and 128 * sum(w) is
+ * folded into the bias (qcreate). With the dot-product extension (Cortex-A76, A78, Orin:
+ * `sdot`) one instruction sums four products per lane; without it (the Pi 4's Cortex-A72)
+ * `smull` makes int16 products (at most 128 * 128: no overflow) and `sadalp` adds their pairs
+ * into int32, each channel's sum in two lanes added pairwise at the end. 16 channels a tile. */
+#define QPN 3
+static inline __attribute__((always_inline)) void
+tile_neon(const uint8_t *a, long lda, const int8_t *panel, int kq, int m, int p0, int n0,
+          const Epilogue *ep) {
+#ifdef __ARM_FEATURE_DOTPROD
+  int32x4_t acc[QPN][4];
+  _Pragma("GCC unroll 4") for (int p = 0; p < QPN; p++)
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[p][j] = vdupq_n_s32(0);
+  for (int q = 0; q < kq; q++) {
+    const int8_t *w = panel + (size_t)q * QL * 4;
+    int8x16_t wv[4];
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) wv[j] = vld1q_s8(w + 16 * j);
+    _Pragma("GCC unroll 4") for (int p = 0; p < QPN; p++) {
+      uint32_t four;
+      memcpy(&four, a + p * lda + 4 * q, 4);
+      int8x16_t x = vreinterpretq_s8_u32(vdupq_n_u32(four ^ 0x80808080u));
+      _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[p][j] = vdotq_s32(acc[p][j], wv[j], x);
+    }
+  }
+#else
+  int32x4_t pairs[QPN][8];
+  _Pragma("GCC unroll 4") for (int p = 0; p < QPN; p++)
+    _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) pairs[p][j] = vdupq_n_s32(0);
+  for (int q = 0; q < kq; q++) {
+    const int8_t *w = panel + (size_t)q * QL * 4;
+    int8x16_t wv[4];
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) wv[j] = vld1q_s8(w + 16 * j);
+    _Pragma("GCC unroll 4") for (int p = 0; p < QPN; p++) {
+      uint32_t four;
+      memcpy(&four, a + p * lda + 4 * q, 4);
+      int8x16_t x = vreinterpretq_s8_u32(vdupq_n_u32(four ^ 0x80808080u));
+      _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
+        pairs[p][2 * j] = vpadalq_s16(pairs[p][2 * j], vmull_s8(vget_low_s8(wv[j]), vget_low_s8(x)));
+        pairs[p][2 * j + 1] = vpadalq_s16(pairs[p][2 * j + 1], vmull_high_s8(wv[j], x));
+      }
+    }
+  }
+  int32x4_t acc[QPN][4];
+  _Pragma("GCC unroll 4") for (int p = 0; p < QPN; p++)
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) /* [c0 k01, c0 k23, c1 .., c1 ..] -> c0, c1 */
+      acc[p][j] = vpaddq_s32(pairs[p][2 * j], pairs[p][2 * j + 1]);
+#endif
+  const Epilogue e = *ep;
+  long off[QP];
+  tile_offsets(&e, p0, off);
+  _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
+    int c = n0 + 4 * j;
+    qi bias = QI_LOAD(e.bias + c);
+    qf scale = QF_LOAD(e.scale + c);
+    _Pragma("GCC unroll 4") for (int p = 0; p < QPN; p++) {
+      if (p >= m) break;
+      requant_store(&e, acc[p][j], bias, scale, c, off[p], p0 + p);
+    }
+  }
+}
+#endif
+
 /* out = requant(a [m][lda] u8 x panels (n padded channels, kp deep)), m pixels; `a` may be
  * read up to a whole tile of pixels past m (the buffers have the slack) */
 static void gemm(const uint8_t *a, long lda, int m, const int8_t *panels, int kp, int n,
@@ -458,6 +561,11 @@ static void gemm(const uint8_t *a, long lda, int m, const int8_t *panels, int kp
       else tile_vnni(ap, lda, panel, kp / 4, 1, mp, p0, c0, ep);
     }
   }
+#elif defined(QNEON)
+  for (int c0 = 0; c0 < n; c0 += QL)
+    for (int p0 = 0; p0 < m; p0 += QPN)
+      tile_neon(a + p0 * lda, lda, panels + (size_t)c0 * kp, kp / 4, m - p0 < QPN ? m - p0 : QPN,
+                p0, c0, ep);
 #elif defined(QAVX2)
   const int16_t *wide = (const int16_t *)panels;   /* packed as int16 (qcreate) */
   for (int c0 = 0; c0 < n; c0 += QL)

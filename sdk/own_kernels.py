@@ -85,8 +85,8 @@ def isa_flags(facts: dict) -> tuple[str, tuple[str, ...]] | None:
         if {"avx2", "fma"} <= flags:
             return "avx2", (base, "-mavx2", "-mfma")
         return "sse", (base,)
-    if arch in ("aarch64", "arm64"):
-        return "neon", ("-march=armv8-a",)
+    if arch in ("aarch64", "arm64"):       # the dot-product extension: the int8 kernel's sdot
+        return "neon", ("-march=armv8.2-a+dotprod" if "asimddp" in flags else "-march=armv8-a",)
     return None
 
 

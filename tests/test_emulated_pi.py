@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from conftest import client_home, require, run_cli
 from edgesmith.devices import Job
@@ -218,3 +219,66 @@ def test_deploy_then_serve_by_name_and_status_on_the_pi(pi_home, models, tmp_pat
     version = json.loads(out_json.read_text())["pi"]["models"]["digits"]["versions"]["1"]
     assert version["check"]["passed"] and version["field"]["calls"] == 20
     assert "not compared" in version["check"]["figures"]["latency_note"]   # another CPU
+
+
+ARM_CHECK = """
+import sys
+import numpy as np
+import onnxruntime as ort
+
+lib, out = sys.argv[1], sys.argv[2]
+x = np.load("x.npy", allow_pickle=False)
+opts = ort.SessionOptions()
+opts.register_custom_ops_library(lib)
+ours = ort.InferenceSession("fused.onnx", opts, providers=["CPUExecutionProvider"])
+theirs = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
+np.save(out + "-ours.npy", ours.run(None, {"x": x})[0])
+np.save(out + "-theirs.npy", theirs.run(None, {"x": x})[0])
+"""
+
+
+def test_int8_kernels_equal_onnxruntime_on_arm_with_and_without_the_dot_product(
+        pi_home, emulated_pi):
+    """Both ARM paths of the int8 kernel in the Pi's own (older) onnxruntime, each under qemu's
+    model of its CPU: `sdot` on a Cortex-A76 (Raspberry Pi 5), `smull`/`sadalp` on a
+    Cortex-A72 (Pi 4), whose CPU has no dot product: the sdot build dies there, so the
+    emulated CPU is the one asked for."""
+    from test_int8_kernels import qdq
+    from test_kernels import MIXED, STEMS, block_model
+    from edgesmith.own_kernels import build, toolchain
+    from edgesmith.passes.int8_kernels import fuse_int8_inverted_residual
+
+    shape = [2, 3, 13, 13]
+    model = qdq(block_model(STEMS + MIXED, 13, 13, 2), shape)
+    fused, report = fuse_int8_inverted_residual(model)
+    assert report.changed == len(STEMS + MIXED)
+    work = emulated_pi.root / "tmp" / "int8-check"       # /tmp/int8-check on the Pi
+    work.mkdir(parents=True)
+    for proto in (model, fused):        # the Pi's onnxruntime reads IR 10 at most
+        proto.ir_version = 10
+    onnx.save(model, work / "model.onnx")
+    onnx.save(fused, work / "fused.onnx")
+    np.save(work / "x.npy", np.random.default_rng(3).standard_normal(shape).astype(np.float32))
+    (work / "check.py").write_text(ARM_CHECK)
+    libs = {"dotprod": ["asimd", "asimddp"], "plain": ["asimd"]}
+    for name, flags in libs.items():
+        found = toolchain({"arch": "aarch64", "cpu_flags": flags})
+        require(not isinstance(found, str), f"{found} (.ci/run installs it)")
+        library = build({"arch": "aarch64", "cpu_flags": flags})[0]
+        (work / f"{name}.so").write_bytes(library.read_bytes())
+    dev = pi_device()
+    python = dev.ensure_runtime().python
+    for cpu, lib in (("cortex-a76", "dotprod"), ("cortex-a72", "plain")):
+        status, _, err = dev.execute(f"cd /tmp/int8-check && QEMU_CPU={cpu} {python} check.py "
+                                     f"./{lib}.so {cpu}", "run", 900)
+        assert status == 0, err[-2000:]
+        ours, theirs = (np.load(work / f"{cpu}-{side}.npy") for side in ("ours", "theirs"))
+        step = float(numpy_helper.to_array(next(
+            t for t in model.graph.initializer if t.name == next(
+                n for n in model.graph.node if n.output[0] == model.graph.output[0].name
+            ).input[1])).min())
+        diff = np.abs(ours.astype(np.float64) - theirs)
+        assert (diff == 0).mean() >= 0.999 and diff.max() <= step * 1.0001, (cpu, diff.max())
+    status, _, _ = dev.execute(f"cd /tmp/int8-check && QEMU_CPU=cortex-a72 {python} check.py "
+                               "./dotprod.so sigill", "run", 900)
+    assert status != 0                  # SIGILL: the Pi 4 has no sdot, and qemu knows it
