@@ -609,11 +609,12 @@ static inline void dw_store(qf acc, qf scale, qf lo, qf hi, qi zero, uint8_t *to
 /* depthwise 3x3 over one output row: rows[3] expanded rows (pixel-major, ep floats each, one
  * zero pixel on either side; a row outside the image is all zeros), into d [ow][ep] u8; a
  * vector of channels at a time, its taps, bias and scale loaded once for the row */
-static void depthwise_row(const QBlock *b, const float *const rows[3], int ow, uint8_t *d) {
+static void depthwise_row(const QBlock *b, const float *const rows[3], int ow, uint8_t *d,
+                          int c_lo, int c_hi) {
   const int ep = b->ep, s = b->stride, zero = b->d_zero;
   const float *r0 = rows[0], *r1 = rows[1], *r2 = rows[2];
 #ifdef QVEC
-  for (int c = 0; c < ep; c += QW) {
+  for (int c = c_lo; c < c_hi; c += QW) {
     qf k[9];
     for (int t = 0; t < 9; t++) k[t] = QF_LOAD(b->wd + t * ep + c);
     const qf bias = QF_LOAD(b->bd + c), scale = QF_LOAD(b->sd + c);
@@ -656,7 +657,7 @@ static void depthwise_row(const QBlock *b, const float *const rows[3], int ow, u
   }
 #else
   for (int x = 0; x < ow; x++)
-    for (int j = 0; j < ep; j++) {
+    for (int j = c_lo; j < c_hi; j++) {
       size_t at = (size_t)x * s * ep + j;
       float acc = b->bd[j];
       const float *k = b->wd + j;
@@ -809,7 +810,7 @@ static void ORT_API_CALL run_part(void *work, size_t index) {
         int ey = (oy + i) * st - 1 + ky;
         taps[ky] = ey < 0 || ey >= eh ? zeros : ebuf + (size_t)(ey - lo) * row;
       }
-      depthwise_row(b, taps, ow, drow + (size_t)i * ow * b->ep);
+      depthwise_row(b, taps, ow, drow + (size_t)i * ow * b->ep, 0, b->ep);
     }
     /* the output rows are contiguous in NHWC: written in place unless channels are padded */
     uint8_t *out = b->o == b->op ? y + (size_t)oy * ow * b->o : orow;
@@ -820,6 +821,80 @@ static void ORT_API_CALL run_part(void *work, size_t index) {
       for (int p = 0; p < n * ow; p++)
         memcpy(y + ((size_t)oy * ow + p) * b->o, orow + (size_t)p * b->op, b->o);
   }
+}
+
+/* An image too small for a range of rows per core (14x14 and 7x7 in MobileNetV2) is split by
+ * channels instead: first each task expands its panel of expanded channels over the whole
+ * image and filters them (the depthwise needs only its own channel), then each task projects
+ * onto its panel of output channels. The staged input, the expanded image and the depthwise
+ * results are shared, in the calling thread's scratch. */
+#define SPLIT_PANEL (QV_PACK * QL)
+typedef struct {
+  const QBlock *b;
+  const uint8_t *xp;
+  float *ebuf;
+  const float *zeros;
+  uint8_t *dbuf, *out;
+  int eh, ew, oh, ow;
+  long out_ld;
+} QSplit;
+
+static void ORT_API_CALL split_expand(void *work, size_t panel) {
+  const QSplit *j = work;
+  const QBlock *b = j->b;
+  int c0 = (int)panel * SPLIT_PANEL, c1 = c0 + SPLIT_PANEL < b->ep ? c0 + SPLIT_PANEL : b->ep;
+  size_t row = (size_t)(j->ew + 2) * b->ep;
+  Epilogue ep = {b->be + c0, b->se + c0, b->e_zero, j->ebuf + b->ep + c0, NULL, b->ep, j->ew,
+                 (long)row, NULL, 0, b};
+  gemm(j->xp, b->kp, j->eh * j->ew, b->we + WEIGHT_BYTES * c0 * b->kp, b->kp, c1 - c0, &ep);
+  for (int oy = 0; oy < j->oh; oy++) {
+    const float *taps[3];
+    for (int ky = 0; ky < 3; ky++) {
+      int ey = oy * b->stride - 1 + ky;
+      taps[ky] = ey < 0 || ey >= j->eh ? j->zeros : j->ebuf + (size_t)ey * row;
+    }
+    depthwise_row(b, taps, j->ow, j->dbuf + (size_t)oy * j->ow * b->ep, c0, c1);
+  }
+}
+
+static void ORT_API_CALL split_project(void *work, size_t panel) {
+  const QSplit *j = work;
+  const QBlock *b = j->b;
+  int o0 = (int)panel * SPLIT_PANEL, o1 = o0 + SPLIT_PANEL < b->op ? o0 + SPLIT_PANEL : b->op;
+  Epilogue ep = {b->bp + o0, b->sp + o0, b->p_zero, NULL, j->out + o0, j->out_ld, 0, 0,
+                 b->residual ? j->xp + o0 : NULL, b->kp, b};
+  gemm(j->dbuf, b->ep, j->oh * j->ow, b->wp + WEIGHT_BYTES * o0 * b->ep, b->ep, o1 - o0, &ep);
+}
+
+static OrtStatus *split_image(OrtKernelContext *ctx, const QBlock *b, const uint8_t *x,
+                              uint8_t *y, int h, int w, int oh, int ow) {
+  size_t row = (size_t)(w + 2) * b->ep, pixels = (size_t)oh * ow;
+  size_t bytes = staged_bytes(b, h, w) + ((size_t)h + 1) * row * sizeof(float) +
+                 (pixels + QP) * b->ep + pixels * b->op + 8 * (size_t)LINE;
+  Scratch *sc = scratch_for(bytes / sizeof(float) + 1);
+  if (!sc) return api->CreateStatus(ORT_FAIL, "edgesmith.QInvertedResidual: out of memory");
+  sc->call = 0;
+  char *at = (char *)sc->data;
+  uint8_t *xp = qtake(&at, staged_bytes(b, h, w));
+  float *ebuf = qtake(&at, (size_t)h * row * sizeof(float)), *zeros = qtake(&at, row * sizeof(float));
+  uint8_t *dbuf = qtake(&at, (pixels + QP) * b->ep), *orow = qtake(&at, pixels * b->op);
+  stage_input(b, x, h, w, 0, h - 1, xp);
+  memset(zeros, 0, row * sizeof(float));
+  for (int i = 0; i < h; i++) { /* each expanded row's zero border pixels */
+    memset(ebuf + i * row, 0, b->ep * sizeof(float));
+    memset(ebuf + i * row + (size_t)(w + 1) * b->ep, 0, b->ep * sizeof(float));
+  }
+  int direct = b->o == b->op;
+  QSplit job = {b, xp, ebuf, zeros, dbuf, direct ? y : orow, h, w, oh, ow, direct ? b->o : b->op};
+  OrtStatus *st;
+  size_t in = (size_t)(b->ep + SPLIT_PANEL - 1) / SPLIT_PANEL;
+  size_t out = (size_t)(b->op + SPLIT_PANEL - 1) / SPLIT_PANEL;
+  if ((st = api->KernelContext_ParallelFor(ctx, split_expand, in, cores, &job)) ||
+      (st = api->KernelContext_ParallelFor(ctx, split_project, out, cores, &job)))
+    return st;
+  if (!direct)
+    for (size_t p = 0; p < pixels; p++) memcpy(y + p * b->o, orow + p * b->op, b->o);
+  return NULL;
 }
 
 static OrtStatus *ORT_API_CALL qcompute(void *kernel, OrtKernelContext *ctx) {
@@ -861,6 +936,14 @@ static OrtStatus *ORT_API_CALL qcompute(void *kernel, OrtKernelContext *ctx) {
   size_t row = (size_t)(ew + 2) * b->ep * sizeof(float);
   int band = b->band_rows ? b->band_rows : (int)(((size_t)256 << 10) / row / b->stride);
   band = band < 1 ? 1 : (band > oh ? oh : band);
+  if (b->k == 1 && parts == 1 && cores > 1 && (size_t)n < cores && api_version >= 17 &&
+      !b->band_rows) {
+    for (int i = 0; i < n; i++)
+      if ((st = split_image(ctx, b, x + (size_t)i * h * w * b->c, y + (size_t)i * oh * ow * b->o,
+                            h, w, oh, ow)))
+        return st;
+    return NULL;
+  }
   QWork job = {b, x, y, h, w, eh, ew, oh, ow, parts, band, 0};
   size_t total = (size_t)n * parts;
   if (api_version >= 17 && total > 1) {
