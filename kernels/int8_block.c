@@ -331,9 +331,8 @@ static OrtStatus *ORT_API_CALL qcreate(const OrtCustomOp *op, const OrtApi *a,
     float sa = b->residual_first ? xs : ps, sb = b->residual_first ? ps : xs;
     int za = b->residual_first ? b->x_zero : b->p_zero, zb = b->residual_first ? b->p_zero : b->x_zero;
     b->add_a = sa / ys, b->add_b = sb / ys;
-    float part = b->add_a * (float)za;
-    part += b->add_b * (float)zb;
-    b->add_fixed = (float)b->y_zero - part;
+    float part_b = b->add_b * (float)zb; /* MLAS's fixed part, its multiply-add fused */
+    b->add_fixed = (float)b->y_zero - fmaf(b->add_a, (float)za, part_b);
   }
   *out = b;
   return NULL;
@@ -364,12 +363,10 @@ static inline int requant_scalar(int32_t acc, float scale, int zero) {
   return (int)nearbyintf(f) + zero;
 }
 
-/* as MLAS's QLinearAdd: a multiply, then an add, each rounded (no fused multiply-add) */
-__attribute__((optimize("fp-contract=off"))) static inline int add_scalar(const QBlock *b, int x,
-                                                                          int p) {
+/* as MLAS's QLinearAdd (x86): B times its ratio onto the fixed part, then A's, each fused */
+static inline int add_scalar(const QBlock *b, int x, int p) {
   float va = (float)(b->residual_first ? x : p), vb = (float)(b->residual_first ? p : x);
-  float v = b->add_fixed + va * b->add_a;
-  v += vb * b->add_b;
+  float v = fmaf(va, b->add_a, fmaf(vb, b->add_b, b->add_fixed));
   int r = (int)nearbyintf(v);
   return r < 0 ? 0 : (r > 255 ? 255 : r);
 }
@@ -390,8 +387,8 @@ static inline __attribute__((always_inline)) void requant_store(const Epilogue *
     const QBlock *b = ep->b;
     qf x = QF_FROM_I(QI_U8(ep->residual + pixel * ep->res_ld + c)), y = QF_FROM_I(q);
     qf va = b->residual_first ? x : y, vb = b->residual_first ? y : x;
-    qf v = QF_ADD(QF_SET1(b->add_fixed), QF_MUL(va, QF_SET1(b->add_a)));
-    v = QF_ADD(v, QF_MUL(vb, QF_SET1(b->add_b)));
+    qf v = QF_FMA(vb, QF_SET1(b->add_b), QF_SET1(b->add_fixed)); /* B first, as MLAS */
+    v = QF_FMA(va, QF_SET1(b->add_a), v);
     q = QI_ROUND(QF_MIN(QF_MAX(v, QF_ZERO()), QF_SET1(255.0f)));
   }
   qi_store_u8(ep->as_u8 + off + c, q);

@@ -114,3 +114,33 @@ def test_tuning_an_int8_model_tries_the_int8_kernels_and_keeps_them_only_when_fa
     rows = report.kernels           # per block, from ORT's fused QLinearConv nodes and ours
     assert len(rows) == 17 and all(r["onnxruntime_ms"] > 0 for r in rows), rows
     assert all(r["verdict"].startswith(("won", "lost", "tie", "too small")) for r in rows)
+
+
+def test_random_grids_equal_onnxruntime_and_a_bias_beyond_exact_float_stays_on_onnxruntime():
+    """Blocks written straight as QDQ graphs with grids a quantizer would rarely pick (any
+    zero point, scales over four decades, weights at -128): the saturating paths too."""
+    from qdq_blocks import qdq_block
+
+    library = build(HOST)[0]
+    rng = np.random.default_rng(7)
+    for case in range(36):
+        c, e, o = (int(v) for v in rng.integers(1, 70, 3))
+        stem = int(rng.choice([0, 0, 1, 2]))
+        residual = not stem and rng.random() < 0.4
+        model, x = qdq_block(rng, 3 if stem else c, e, c if residual else o,
+                             stride=1 if residual else int(rng.choice([1, 2])),
+                             residual=residual, stem_stride=stem, batch=int(rng.integers(1, 3)),
+                             h=int(rng.integers(1, 20)), w=int(rng.integers(1, 20)))
+        fused, report = fuse_int8_inverted_residual(model)
+        assert report.changed == 1, (case, report.details)
+        equal, steps = int8_agreement(model, fused, {"x": spec(list(x.shape))}, library)
+        assert equal == 1.0 and steps == 0, (case, c, e, o, stem, residual, equal, steps)
+    # a residual add whose rounding depends on the order of MLAS's fused multiply-adds (20 of
+    # its elements were one step off when the kernel added the products in another order)
+    model, x = qdq_block(np.random.default_rng(685278392), 13, 54, 13, residual=True, batch=2,
+                         h=30, w=40)
+    fused, _ = fuse_int8_inverted_residual(model)
+    assert int8_agreement(model, fused, {"x": spec(list(x.shape))}, library) == (1.0, 0.0)
+    model, _ = qdq_block(rng, 8, 16, 8, big_bias=True)
+    report = fuse_int8_inverted_residual(model)[1]
+    assert report.changed == 0 and "beyond the kernel's exact range" in report.details[0]

@@ -1,0 +1,68 @@
+"""Random int8 inverted-residual blocks written directly as QDQ graphs, with grids a quantizer
+would rarely pick: any zero point, scales over four decades, weights at -128, biases near the
+int32 range the kernel allows. onnxruntime fuses them into QLinearConv/QLinearAdd as it does a
+quantizer's output (the bias scale is the input's times the weight's, as the quantizer writes
+it), so they test the int8 kernel's requantization and saturation on every path."""
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+
+def random_grid(rng) -> tuple[float, int]:
+    return float(10 ** rng.uniform(-2.5, 0.5)), int(rng.integers(0, 256))
+
+
+def qdq_block(rng, c: int, e: int, o: int, stride: int = 1, residual: bool = False,
+              stem_stride: int = 0, batch: int = 1, h: int = 9, w: int = 9,
+              big_bias: bool = False):
+    """(QDQ model of one block, a float input for it); `stem_stride` > 0 makes the expand a
+    3x3 conv of that stride (a network's stem); `big_bias` puts a depthwise bias at 2^24."""
+    k = 3 if stem_stride else 1
+    nodes, inits = [], []
+
+    def const(name, value):
+        inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def q_dq(src, name, grid):
+        scale, zero = const(f"{name}_s", np.float32(grid[0])), const(f"{name}_z", np.uint8(grid[1]))
+        nodes.append(helper.make_node("QuantizeLinear", [src, scale, zero], [f"{name}_q"]))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", scale, zero], [f"{name}_dq"]))
+        return f"{name}_dq"
+
+    def conv(src, name, shape, in_scale, group=1, kernel=1, s=1):
+        weights = rng.integers(-128, 128, shape, dtype=np.int8)
+        weights.flat[0] = -128
+        w_scale = (10 ** rng.uniform(-3, -1, shape[0])).astype(np.float32)
+        bias_scale = (np.float32(in_scale) * w_scale).astype(np.float32)
+        bias = rng.integers(-20000, 20000, shape[0]).astype(np.int32)
+        if big_bias and group > 1:      # past what the kernel's float depthwise keeps exact
+            bias[0] = 1 << 24
+        nodes.append(helper.make_node("DequantizeLinear", [
+            const(f"{name}_w", weights), const(f"{name}_ws", w_scale),
+            const(f"{name}_wz", np.zeros(shape[0], np.int8))], [f"{name}_wdq"], axis=0))
+        nodes.append(helper.make_node("DequantizeLinear", [
+            const(f"{name}_b", bias), const(f"{name}_bs", bias_scale),
+            const(f"{name}_bz", np.zeros(shape[0], np.int32))], [f"{name}_bdq"], axis=0))
+        nodes.append(helper.make_node("Conv", [src, f"{name}_wdq", f"{name}_bdq"], [name],
+                                      group=group, kernel_shape=[kernel, kernel],
+                                      strides=[s, s], pads=[kernel // 2] * 4))
+        return name
+
+    grids = [random_grid(rng) for _ in range(5)]
+    x = q_dq("x", "in", grids[0])
+    t = q_dq(conv(x, "expand", (e, c, k, k), grids[0][0], kernel=k, s=stem_stride or 1),
+             "e", grids[1])
+    t = q_dq(conv(t, "dw", (e, 1, 3, 3), grids[1][0], group=e, kernel=3, s=stride), "d", grids[2])
+    t = q_dq(conv(t, "project", (o, e, 1, 1), grids[2][0]), "p", grids[3])
+    if residual:
+        first = rng.random() < 0.5
+        nodes.append(helper.make_node("Add", [x, t] if first else [t, x], ["sum"]))
+        t = q_dq("sum", "y", grids[4])
+    graph = helper.make_graph(
+        nodes, "qdq_block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c, h, w])],
+        [helper.make_tensor_value_info(t, TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x_in = rng.normal(0, 2 * grids[0][0] * 64, (batch, c, h, w)).astype(np.float32)
+    return model, x_in
