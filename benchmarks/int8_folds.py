@@ -2,6 +2,7 @@
 
     python benchmarks/int8_folds.py [--folds 4] [--per 12] [--train-per 24] [--rounds 9]
                                     [--methods ...] [--nncf-python /tmp/nncf/bin/python]
+                                    [--kernels]
 
 The ImageNet MobileNetV2 (examples/imagenet_mobilenetv2.py) and its 19 real photos (the 11
 bundled ones and 8 natural ones) are dealt into `--folds` folds; each fold judges on the crops
@@ -12,6 +13,9 @@ latency vs fp32 (interleaved, batch 1, 1 thread, on the first fold's models). Mi
 (`-floatK`) keeps the K blocks with the largest error share (why-worse table on calibration
 inputs) in float; goal (issue 37): no floatK below its base on any fold. Anchors in the same
 run: onnxruntime's `quantize_static` defaults, and NNCF's defaults with `--nncf-python`.
+With `--kernels` each int8 model is also timed on edgesmith's int8 kernel (same grid: its
+outputs on the held-out crops are checked equal to onnxruntime's int8 run, so its accuracy is
+the row's), against the same fp32 at the same runtime config.
 """
 from __future__ import annotations
 
@@ -55,13 +59,26 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--nncf-python", help="a Python with nncf installed: NNCF's anchor")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also time each int8 model on edgesmith's int8 kernel (fold 0)")
     args = parser.parse_args()
     from quantize import interleaved, session
     from real_models import cpu_name, sqnr
     from reconstruct import nncf_anchor, ort_defaults, outputs
 
     from edgesmith.model import load
+    from edgesmith.own_kernels import host_library
+    from edgesmith.passes.int8_kernels import fuse_int8_inverted_residual
     from edgesmith.passes.quantize import PreprocessConfig, preprocess
+
+    def kernel_session(proto):
+        import onnxruntime as ort
+
+        o = ort.SessionOptions()
+        o.intra_op_num_threads = 1
+        o.register_custom_ops_library(str(host_library()))
+        return ort.InferenceSession(proto.SerializeToString(), o,
+                                    providers=["CPUExecutionProvider"])
     from edgesmith.search.int8 import build_recipe, recipe_by_name
     from edgesmith.search.why_worse import block_sensitivity
 
@@ -98,7 +115,17 @@ def main() -> None:
                 built[method], bases[method] = q, (q, twin)
         sessions = {k: session(v) for k, v in built.items()}
         ref = outputs(sessions["fp32"], held)
+        if number == 0 and args.kernels:    # the same int8 models on edgesmith's int8 kernel
+            for k in [k for k in built if k.startswith("qdq-")]:
+                fused, report = fuse_int8_inverted_residual(built[k])
+                sessions[f"{k} +kernels"] = kernel_session(fused)
+                same = outputs(sessions[f"{k} +kernels"], held) == outputs(sessions[k], held)
+                print(f"{k} +kernels: {report.changed} blocks on edgesmith's int8 kernel, "
+                      f"outputs equal to onnxruntime's int8 run on {same.mean():.2%} of "
+                      f"elements of the held-out crops")
         for k, s in sessions.items():
+            if k.endswith("+kernels"):
+                continue                       # the same numbers as without (checked above)
             out = outputs(s, held)
             scores.setdefault(k, []).append((sqnr(ref, out),
                                              float(np.mean(out.argmax(1) == ref.argmax(1)))))
@@ -112,7 +139,8 @@ def main() -> None:
     for k, rows in scores.items():
         s, a = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
         print(f"{k:30s} {s.mean():9.1f} {s.min():6.1f} {a.mean():10.3f} {a.min():6.3f} "
-              f"{ratio.get(k, float('nan')):7.2f}x  " + " ".join(f"{v:.1f}" for v in s))
+              f"{ratio.get(k, float('nan')):7.2f}x  " + " ".join(f"{v:.1f}" for v in s)
+              + (f"  (+kernels {ratio[k + ' +kernels']:.2f}x)" if k + " +kernels" in ratio else ""))
 
 
 if __name__ == "__main__":
