@@ -212,3 +212,45 @@ def test_ctrl_c_during_a_slow_upload_stops_it_within_seconds(netns_home, netns_h
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert took < 3, f"Ctrl-C took {took:.1f}s to stop the upload"
     assert not [p for p in uploading.glob("*") if not p.name.startswith(".tmp-")]
+
+
+def test_a_deploy_orphaned_by_a_dark_link_frees_the_device_lock(netns_home, netns_host, tmp_path):
+    """A deploy's check times the model under the device's benchmark lock. Before, a deploy
+    whose host had given up on a dark link kept checking, and holding the lock, for up to its
+    30 s of timing. It is on the same lease as a run now: silent heartbeat, it ends."""
+    import threading
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from test_cli import add_one_body
+    from edgesmith.deploy import deploy
+    from edgesmith.devices.ssh import LEASE_MARGIN_S
+    from edgesmith.model import load
+
+    netns.need("nft", "nftables")
+    slow = tmp_path / "slow.onnx"      # about 1.4 s a run: the check times to its 30 s bound
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "cond", "x"], ["y"], body=add_one_body())], "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.array(1_500_000, np.int64), "trips"),
+         numpy_helper.from_array(np.array(True), "cond")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, slow)
+    bundle = prepare(load(slow), None)
+    with netns_host.sshd.new_sessions():
+        dev = device(netns_host, stall_timeout_s=3)
+        threading.Timer(6.0, netns_host.drop_ssh).start()   # inside the check's timing
+        try:
+            rows = deploy(bundle.path, "slow", [dev], timeout_s=120)
+        finally:
+            netns_host.restore()
+        assert not rows[0].ok and "lost" in " ".join(rows[0].reasons), rows[0]
+        path = device(netns_host).push(bundle)
+        after = device(netns_host).run(path, Job(runs=1, warmup=0, lock_timeout_s=50,
+                                                 evaluate=False))
+    assert after.ok, after.error
+    assert after.stages_ms["lock_wait"] / 1e3 < 3 + LEASE_MARGIN_S + 4, after.stages_ms

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-RUNTIME_BUDGET = 1132  # code lines (no blanks, comments, docstrings); DESIGN aims at 800, the
+RUNTIME_BUDGET = 1136  # code lines (no blanks, comments, docstrings); DESIGN aims at 800, the
 #                        TFLite backend's signatures, int8 I/O and XNNPACK accounting took 40 more,
 #                        loading verified native kernel libraries 10, the accuracy-drop rule (so
 #                        the device judges a deployment as the host chose it) and the deploy
@@ -27,7 +27,8 @@ RUNTIME_BUDGET = 1132  # code lines (no blanks, comments, docstrings); DESIGN ai
 #                        (several bundles timed in rotating rounds in one process) 45, streaming
 #                        models (`const:` inputs, state carried between calls, the sequence
 #                        judged whole, a one-score output judged by its decision; the stream
-#                        loop the host calibrates with too) 52
+#                        loop the host calibrates with too) 52, a deploy's check on the same lease
+#                        as a run (it times under the benchmark lock) 4
 DEPLOY_FILES = ("store.py", "deploy.py", "serving.py", "telemetry.py")
 DEPLOY_BUDGET = 510    # the model store, the on-device check, the serving session, telemetry and
 #                        captured field samples; 25 for a swap that does not stall the app's

@@ -684,15 +684,19 @@ class SSHDevice:
 
     def call(self, args: list[str], stage: str, timeout_s: float = 600.0) -> dict:
         """`python3 -m device_runtime ARGS` on the device (every argument quoted); its JSON
-        reply. The device's benchmark lock is passed to commands that time a model."""
+        reply. The device's benchmark lock is passed to commands that time a model, with a
+        lease the heartbeat keeps: a deploy orphaned by a dark link ends, and frees the lock."""
         runtime = self.ensure_runtime()
-        if args and args[0] == "deploy":
-            args = [*args, "--bench-lock", f"{self.root()}/device.lock"]
+        deploying = bool(args) and args[0] == "deploy"
+        if deploying:     # its check times under the lock: on a lease, as `run` is
+            args = [*args, "--bench-lock", f"{self.root()}/device.lock",
+                    "--lease", f"{self.stall_timeout_s + LEASE_MARGIN_S:g}"]
         argv = " ".join(q(a) for a in ["-m", "device_runtime", *args])
         guard = f"timeout -k 5 {int(timeout_s)} " if runtime.has_timeout else ""
         status, out, err = self.execute(f"cd {q(self.root())} && PYTHONPATH={q(runtime.path)} "
                                         f"{guard}{q(runtime.python)} {argv}", stage,
-                                        timeout_s + 10, on_stderr=_show_waiting)
+                                        timeout_s + 10, on_stderr=_show_waiting,
+                                        heartbeat=deploying)
         if runtime.has_timeout and status == 124:
             raise StageError(stage, f"the device runtime took longer than {timeout_s:.0f}s")
         return parse_reply(out, err, status, stage)
