@@ -312,20 +312,31 @@ static OrtStatus *ORT_API_CALL qcreate(const OrtCustomOp *op, const OrtApi *a,
 #ifdef QAVX2
   widen(b->we, (size_t)b->ep * b->kp), widen(b->wp, (size_t)b->op * b->ep);
 #endif
+  /* every accumulator, its products' sum (at most 255 x 128 each) plus the folded bias, must
+   * fit in int32: onnxruntime's would wrap */
+  int too_deep = 0;
   for (int i = 0; i < e; i++) {
-    int32_t sum = 0;
+    int64_t sum = 0;
     for (int j = 0; j < kin; j++) sum += we[(size_t)i * kin + j];
-    b->be[i] = be[i] - (b->x_zero - X_OFFSET) * sum;
+    int64_t folded = (int64_t)be[i] - (int64_t)(b->x_zero - X_OFFSET) * sum;
+    too_deep |= llabs(folded) + (int64_t)kin * 255 * 128 > INT32_MAX;
+    b->be[i] = (int32_t)folded;
     b->se[i] = xs * swe[i] / es; /* as QLinearConv computes its output scales */
     b->sd[i] = es * swd[i] / ds;
     b->bd[i] = (float)bd[i];
     for (int t = 0; t < 9; t++) b->wd[t * b->ep + i] = (float)wd[i * 9 + t];
   }
   for (int i = 0; i < o; i++) {
-    int32_t sum = 0;
+    int64_t sum = 0;
     for (int j = 0; j < e; j++) sum += wp[(size_t)i * e + j];
-    b->bp[i] = bp[i] - (b->d_zero - X_OFFSET) * sum;
+    int64_t folded = (int64_t)bp[i] - (int64_t)(b->d_zero - X_OFFSET) * sum;
+    too_deep |= llabs(folded) + (int64_t)e * 255 * 128 > INT32_MAX;
+    b->bp[i] = (int32_t)folded;
     b->sp[i] = ds * swp[i] / ps;
+  }
+  if (too_deep) {
+    qblock_free(b);
+    return qfail("edgesmith.QInvertedResidual: a reduction too deep for int32 accumulators");
   }
   if (b->residual) { /* QLinearAdd: A, B the Add's inputs in order */
     float sa = b->residual_first ? xs : ps, sb = b->residual_first ? ps : xs;

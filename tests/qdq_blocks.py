@@ -15,9 +15,11 @@ def random_grid(rng) -> tuple[float, int]:
 
 def qdq_block(rng, c: int, e: int, o: int, stride: int = 1, residual: bool = False,
               stem_stride: int = 0, batch: int = 1, h: int = 9, w: int = 9,
-              big_bias: bool = False):
+              big_bias: bool = False, weight_bits: int = 8):
     """(QDQ model of one block, a float input for it); `stem_stride` > 0 makes the expand a
-    3x3 conv of that stride (a network's stem); `big_bias` puts a depthwise bias at 2^24."""
+    3x3 conv of that stride (a network's stem); `big_bias` puts a depthwise bias at 2^24;
+    `weight_bits` 7 keeps onnxruntime's x86 kernels without VNNI from saturating (their
+    vpmaddubsw sums pairs of u8 x s8 products in int16: 255 x 128 x 2 does not fit)."""
     k = 3 if stem_stride else 1
     nodes, inits = [], []
 
@@ -32,8 +34,9 @@ def qdq_block(rng, c: int, e: int, o: int, stride: int = 1, residual: bool = Fal
         return f"{name}_dq"
 
     def conv(src, name, shape, in_scale, group=1, kernel=1, s=1):
-        weights = rng.integers(-128, 128, shape, dtype=np.int8)
-        weights.flat[0] = -128
+        top = 1 << (weight_bits - 1)
+        weights = rng.integers(-top, top, shape, dtype=np.int8)
+        weights.flat[0] = -top
         w_scale = (10 ** rng.uniform(-3, -1, shape[0])).astype(np.float32)
         bias_scale = (np.float32(in_scale) * w_scale).astype(np.float32)
         bias = rng.integers(-20000, 20000, shape[0]).astype(np.int32)
@@ -66,3 +69,9 @@ def qdq_block(rng, c: int, e: int, o: int, stride: int = 1, residual: bool = Fal
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     x_in = rng.normal(0, 2 * grids[0][0] * 64, (batch, c, h, w)).astype(np.float32)
     return model, x_in
+
+
+def reference_saturates(flags) -> bool:
+    """Whether this x86 host's onnxruntime sums u8 x s8 pairs in int16 (no VNNI): exact
+    comparisons need 7-bit weights there."""
+    return not {"avx512_vnni", "avx_vnni"} & set(flags)

@@ -242,7 +242,9 @@ def test_int8_kernels_equal_onnxruntime_on_arm_with_and_without_the_dot_product(
     """Both ARM paths of the int8 kernel in the Pi's own (older) onnxruntime, each under qemu's
     model of its CPU: `sdot` on a Cortex-A76 (Raspberry Pi 5), `smull`/`sadalp` on a
     Cortex-A72 (Pi 4), whose CPU has no dot product: the sdot build dies there, so the
-    emulated CPU is the one asked for."""
+    emulated CPU is the one asked for. The outputs equal onnxruntime's on >= 99.9 % of
+    elements, none more than one step apart: MLAS adds residuals in fixed point on ARM, the
+    kernel in float."""
     from test_int8_kernels import qdq
     from test_kernels import MIXED, STEMS, block_model
     from edgesmith.own_kernels import build, toolchain
