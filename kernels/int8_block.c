@@ -28,6 +28,7 @@
  * 2^24, so float is exact, and the kernel refuses a bias that could leave that range.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -136,6 +137,7 @@ typedef struct {
   float *se, *sd, *sp;           /* requantization scales per channel (0 for padding) */
   float *wd, *bd;                /* depthwise taps [9][ep] and bias, as floats */
   struct Chunk *chunk;
+  int split_alone; /* split calls whose tasks all ran on the calling thread; < 0: never again */
 } QBlock;
 
 static OrtStatus *qfail(const char *msg) { return api->CreateStatus(ORT_INVALID_ARGUMENT, msg); }
@@ -614,11 +616,12 @@ static inline void dw_store(qf acc, qf scale, qf lo, qf hi, qi zero, uint8_t *to
 }
 #endif
 
-/* depthwise 3x3 over one output row: rows[3] expanded rows (pixel-major, ep floats each, one
- * zero pixel on either side; a row outside the image is all zeros), into d [ow][ep] u8; a
- * vector of channels at a time, its taps, bias and scale loaded once for the row */
+/* depthwise 3x3 over one output row, channels c_lo..c_hi: rows[3] expanded rows (pixel-major,
+ * a pixel ld floats from the next, its first float channel `base`; one zero pixel on either
+ * side; a row outside the image is all zeros), into d [ow][ep] u8; a vector of channels at a
+ * time, its taps, bias and scale loaded once for the row */
 static void depthwise_row(const QBlock *b, const float *const rows[3], int ow, uint8_t *d,
-                          int c_lo, int c_hi) {
+                          int c_lo, int c_hi, int ld, int base) {
   const int ep = b->ep, s = b->stride, zero = b->d_zero;
   const float *r0 = rows[0], *r1 = rows[1], *r2 = rows[2];
 #ifdef QVEC
@@ -632,46 +635,38 @@ static void depthwise_row(const QBlock *b, const float *const rows[3], int ow, u
      * exact in any order, and four chains keep the FMA units busy instead of waiting on one */
     int x = 0;
     for (; x + 1 < ow; x += 2) {
-      size_t at = (size_t)x * s * ep + c, at2 = at + (size_t)s * ep;
+      size_t at = (size_t)x * s * ld + (c - base), at2 = at + (size_t)s * ld;
       qf a0 = bias, a1 = QF_ZERO(), b0 = bias, b1 = QF_ZERO();
-      a0 = QF_FMA(QF_LOAD(r0 + at), k[0], a0);
-      b0 = QF_FMA(QF_LOAD(r0 + at2), k[0], b0);
-      a1 = QF_FMA(QF_LOAD(r0 + at + ep), k[1], a1);
-      b1 = QF_FMA(QF_LOAD(r0 + at2 + ep), k[1], b1);
-      a0 = QF_FMA(QF_LOAD(r0 + at + 2 * ep), k[2], a0);
-      b0 = QF_FMA(QF_LOAD(r0 + at2 + 2 * ep), k[2], b0);
-      a1 = QF_FMA(QF_LOAD(r1 + at), k[3], a1);
-      b1 = QF_FMA(QF_LOAD(r1 + at2), k[3], b1);
-      a0 = QF_FMA(QF_LOAD(r1 + at + ep), k[4], a0);
-      b0 = QF_FMA(QF_LOAD(r1 + at2 + ep), k[4], b0);
-      a1 = QF_FMA(QF_LOAD(r1 + at + 2 * ep), k[5], a1);
-      b1 = QF_FMA(QF_LOAD(r1 + at2 + 2 * ep), k[5], b1);
-      a0 = QF_FMA(QF_LOAD(r2 + at), k[6], a0);
-      b0 = QF_FMA(QF_LOAD(r2 + at2), k[6], b0);
-      a1 = QF_FMA(QF_LOAD(r2 + at + ep), k[7], a1);
-      b1 = QF_FMA(QF_LOAD(r2 + at2 + ep), k[7], b1);
-      a0 = QF_FMA(QF_LOAD(r2 + at + 2 * ep), k[8], a0);
-      b0 = QF_FMA(QF_LOAD(r2 + at2 + 2 * ep), k[8], b0);
+      _Pragma("GCC unroll 9") for (int t = 0; t < 9; t++) {   /* even taps on one chain */
+        const float *r = (t < 3 ? r0 : t < 6 ? r1 : r2) + (size_t)(t % 3) * ld;
+        if (t % 2 == 0) {
+          a0 = QF_FMA(QF_LOAD(r + at), k[t], a0);
+          b0 = QF_FMA(QF_LOAD(r + at2), k[t], b0);
+        } else {
+          a1 = QF_FMA(QF_LOAD(r + at), k[t], a1);
+          b1 = QF_FMA(QF_LOAD(r + at2), k[t], b1);
+        }
+      }
       dw_store(QF_ADD(a0, a1), scale, lo, hi, zv, d + (size_t)x * ep + c);
       dw_store(QF_ADD(b0, b1), scale, lo, hi, zv, d + (size_t)(x + 1) * ep + c);
     }
     for (; x < ow; x++) {
-      size_t at = (size_t)x * s * ep + c;
+      size_t at = (size_t)x * s * ld + (c - base);
       qf acc = bias;
       for (int t = 0; t < 9; t++)
-        acc = QF_FMA(QF_LOAD((t < 3 ? r0 : t < 6 ? r1 : r2) + at + (t % 3) * ep), k[t], acc);
+        acc = QF_FMA(QF_LOAD((t < 3 ? r0 : t < 6 ? r1 : r2) + at + (t % 3) * ld), k[t], acc);
       dw_store(acc, scale, lo, hi, zv, d + (size_t)x * ep + c);
     }
   }
 #else
   for (int x = 0; x < ow; x++)
     for (int j = c_lo; j < c_hi; j++) {
-      size_t at = (size_t)x * s * ep + j;
+      size_t at = (size_t)x * s * ld + (j - base);
       float acc = b->bd[j];
       const float *k = b->wd + j;
-      acc += r0[at] * k[0] + r0[at + ep] * k[ep] + r0[at + 2 * ep] * k[2 * ep];
-      acc += r1[at] * k[3 * ep] + r1[at + ep] * k[4 * ep] + r1[at + 2 * ep] * k[5 * ep];
-      acc += r2[at] * k[6 * ep] + r2[at + ep] * k[7 * ep] + r2[at + 2 * ep] * k[8 * ep];
+      acc += r0[at] * k[0] + r0[at + ld] * k[ep] + r0[at + 2 * ld] * k[2 * ep];
+      acc += r1[at] * k[3 * ep] + r1[at + ld] * k[4 * ep] + r1[at + 2 * ld] * k[5 * ep];
+      acc += r2[at] * k[6 * ep] + r2[at + ld] * k[7 * ep] + r2[at + 2 * ld] * k[8 * ep];
       int32_t whole = (int32_t)acc; /* exact: an integer below 2^24 */
       d[(size_t)x * ep + j] = (uint8_t)requant_scalar(whole, b->sd[j], zero);
     }
@@ -818,7 +813,7 @@ static void ORT_API_CALL run_part(void *work, size_t index) {
         int ey = (oy + i) * st - 1 + ky;
         taps[ky] = ey < 0 || ey >= eh ? zeros : ebuf + (size_t)(ey - lo) * row;
       }
-      depthwise_row(b, taps, ow, drow + (size_t)i * ow * b->ep, 0, b->ep);
+      depthwise_row(b, taps, ow, drow + (size_t)i * ow * b->ep, 0, b->ep, b->ep, 0);
     }
     /* the output rows are contiguous in NHWC: written in place unless channels are padded */
     uint8_t *out = b->o == b->op ? y + (size_t)oy * ow * b->o : orow;
@@ -845,23 +840,33 @@ typedef struct {
   uint8_t *dbuf, *out;
   int eh, ew, oh, ow;
   long out_ld;
+  pthread_t caller;
+  int elsewhere; /* a task ran on another thread: the session has several */
 } QSplit;
 
 static void ORT_API_CALL split_expand(void *work, size_t panel) {
-  const QSplit *j = work;
+  QSplit *j = work;
   const QBlock *b = j->b;
+  if (!pthread_equal(pthread_self(), j->caller)) __atomic_store_n(&j->elsewhere, 1, __ATOMIC_RELAXED);
   int c0 = (int)panel * SPLIT_PANEL, c1 = c0 + SPLIT_PANEL < b->ep ? c0 + SPLIT_PANEL : b->ep;
-  size_t row = (size_t)(j->ew + 2) * b->ep;
-  Epilogue ep = {b->be + c0, b->se + c0, b->e_zero, j->ebuf + b->ep + c0, NULL, b->ep, j->ew,
-                 (long)row, NULL, 0, b};
+  /* the panel's own slab of the expanded image: its channels only, so it stays in cache */
+  size_t row = (size_t)(j->ew + 2) * SPLIT_PANEL;
+  float *slab = j->ebuf + panel * j->eh * row;
+  for (int i = 0; i < j->eh; i++) { /* each row's zero border pixels */
+    memset(slab + i * row, 0, SPLIT_PANEL * sizeof(float));
+    memset(slab + i * row + (size_t)(j->ew + 1) * SPLIT_PANEL, 0, SPLIT_PANEL * sizeof(float));
+  }
+  Epilogue ep = {b->be + c0, b->se + c0, b->e_zero, slab + SPLIT_PANEL, NULL, SPLIT_PANEL,
+                 j->ew, (long)row, NULL, 0, b};
   gemm(j->xp, b->kp, j->eh * j->ew, b->we + WEIGHT_BYTES * c0 * b->kp, b->kp, c1 - c0, &ep);
   for (int oy = 0; oy < j->oh; oy++) {
     const float *taps[3];
     for (int ky = 0; ky < 3; ky++) {
       int ey = oy * b->stride - 1 + ky;
-      taps[ky] = ey < 0 || ey >= j->eh ? j->zeros : j->ebuf + (size_t)ey * row;
+      taps[ky] = ey < 0 || ey >= j->eh ? j->zeros : slab + (size_t)ey * row;
     }
-    depthwise_row(b, taps, j->ow, j->dbuf + (size_t)oy * j->ow * b->ep, c0, c1);
+    depthwise_row(b, taps, j->ow, j->dbuf + (size_t)oy * j->ow * b->ep, c0, c1, SPLIT_PANEL,
+                  c0);
   }
 }
 
@@ -876,32 +881,34 @@ static void ORT_API_CALL split_project(void *work, size_t panel) {
 
 static OrtStatus *split_image(OrtKernelContext *ctx, const QBlock *b, const uint8_t *x,
                               uint8_t *y, int h, int w, int oh, int ow) {
-  size_t row = (size_t)(w + 2) * b->ep, pixels = (size_t)oh * ow;
-  size_t bytes = staged_bytes(b, h, w) + ((size_t)h + 1) * row * sizeof(float) +
+  size_t panels = (size_t)(b->ep + SPLIT_PANEL - 1) / SPLIT_PANEL, pixels = (size_t)oh * ow;
+  size_t row = (size_t)(w + 2) * SPLIT_PANEL, slabs = panels * h * row; /* split_expand's */
+  size_t bytes = staged_bytes(b, h, w) + (slabs + row) * sizeof(float) +
                  (pixels + QP) * b->ep + pixels * b->op + 8 * (size_t)LINE;
   Scratch *sc = scratch_for(bytes / sizeof(float) + 1);
   if (!sc) return api->CreateStatus(ORT_FAIL, "edgesmith.QInvertedResidual: out of memory");
   sc->call = 0;
   char *at = (char *)sc->data;
   uint8_t *xp = qtake(&at, staged_bytes(b, h, w));
-  float *ebuf = qtake(&at, (size_t)h * row * sizeof(float)), *zeros = qtake(&at, row * sizeof(float));
+  float *ebuf = qtake(&at, slabs * sizeof(float)), *zeros = qtake(&at, row * sizeof(float));
   uint8_t *dbuf = qtake(&at, (pixels + QP) * b->ep), *orow = qtake(&at, pixels * b->op);
   stage_input(b, x, h, w, 0, h - 1, xp);
   memset(zeros, 0, row * sizeof(float));
-  for (int i = 0; i < h; i++) { /* each expanded row's zero border pixels */
-    memset(ebuf + i * row, 0, b->ep * sizeof(float));
-    memset(ebuf + i * row + (size_t)(w + 1) * b->ep, 0, b->ep * sizeof(float));
-  }
   int direct = b->o == b->op;
-  QSplit job = {b, xp, ebuf, zeros, dbuf, direct ? y : orow, h, w, oh, ow, direct ? b->o : b->op};
+  QSplit job = {b, xp, ebuf, zeros, dbuf, direct ? y : orow, h, w, oh, ow, direct ? b->o : b->op,
+                pthread_self(), 0};
   OrtStatus *st;
-  size_t in = (size_t)(b->ep + SPLIT_PANEL - 1) / SPLIT_PANEL;
   size_t out = (size_t)(b->op + SPLIT_PANEL - 1) / SPLIT_PANEL;
-  if ((st = api->KernelContext_ParallelFor(ctx, split_expand, in, cores, &job)) ||
+  if ((st = api->KernelContext_ParallelFor(ctx, split_expand, panels, cores, &job)) ||
       (st = api->KernelContext_ParallelFor(ctx, split_project, out, cores, &job)))
     return st;
   if (!direct)
     for (size_t p = 0; p < pixels; p++) memcpy(y + p * b->o, orow + p * b->op, b->o);
+  /* a session of one thread runs every task here: after three such calls the block takes the
+   * band path, a little faster on one thread; a task seen elsewhere keeps the split for good */
+  int *alone = (int *)&b->split_alone;
+  if (job.elsewhere) __atomic_store_n(alone, -1000000, __ATOMIC_RELAXED);
+  else __atomic_add_fetch(alone, 1, __ATOMIC_RELAXED);
   return NULL;
 }
 
@@ -945,7 +952,7 @@ static OrtStatus *ORT_API_CALL qcompute(void *kernel, OrtKernelContext *ctx) {
   int band = b->band_rows ? b->band_rows : (int)(((size_t)256 << 10) / row / b->stride);
   band = band < 1 ? 1 : (band > oh ? oh : band);
   if (b->k == 1 && parts == 1 && cores > 1 && (size_t)n < cores && api_version >= 17 &&
-      !b->band_rows) {
+      !b->band_rows && __atomic_load_n(&b->split_alone, __ATOMIC_RELAXED) < 3) {
     for (int i = 0; i < n; i++)
       if ((st = split_image(ctx, b, x + (size_t)i * h * w * b->c, y + (size_t)i * oh * ow * b->o,
                             h, w, oh, ow)))
