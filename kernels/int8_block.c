@@ -410,9 +410,15 @@ static inline __attribute__((always_inline)) void requant_store(const Epilogue *
 /* each pixel's output offset in a tile */
 static inline __attribute__((always_inline)) void tile_offsets(const Epilogue *ep, int p0,
                                                                long off[QP]) {
-  _Pragma("GCC unroll 8") for (int p = 0; p < QP; p++)
-    off[p] = ep->per_row ? (p0 + p) / ep->per_row * ep->row_ld + (p0 + p) % ep->per_row * ep->ld
-                         : (p0 + p) * ep->ld;
+  if (!ep->per_row) {
+    _Pragma("GCC unroll 8") for (int p = 0; p < QP; p++) off[p] = (p0 + p) * ep->ld;
+    return;
+  }
+  long row = p0 / ep->per_row, col = p0 % ep->per_row; /* one division a tile, not one a pixel */
+  _Pragma("GCC unroll 8") for (int p = 0; p < QP; p++) {
+    off[p] = row * ep->row_ld + col * ep->ld;
+    if (++col == ep->per_row) col = 0, row++;
+  }
 }
 #endif
 
