@@ -420,13 +420,34 @@ static inline __attribute__((always_inline)) void tile_offsets(const Epilogue *e
     if (++col == ep->per_row) col = 0, row++;
   }
 }
+
+/* A tile's sums, sums[p][j] the QW channels n0 + j * QW.. of pixel p0 + p (`rows` pixels, the
+ * first m real), requantized to where the epilogue says. Inlined with constant rows and
+ * vectors, so the sums stay registers, never an array in memory. */
+#define SUMS 4 /* vectors of sums a tile holds per pixel, at most */
+static inline __attribute__((always_inline)) void
+tile_store(const Epilogue *ep, qi sums[][SUMS], int rows, int vectors, int m, int p0, int n0) {
+  const Epilogue e = *ep; /* a copy the byte stores cannot alias: its fields stay registers */
+  long off[QP];
+  tile_offsets(&e, p0, off);
+  _Pragma("GCC unroll 4") for (int j = 0; j < vectors; j++) {
+    int c = n0 + j * QW;
+    qi bias = QI_LOAD(e.bias + c);
+    qf scale = QF_LOAD(e.scale + c);
+    _Pragma("GCC unroll 8") for (int p = 0; p < rows; p++) {
+      if (p >= m) break;
+      requant_store(&e, sums[p][j], bias, scale, c, off[p], p0 + p);
+    }
+  }
+}
 #endif
 
 #ifdef QVNNI
 static inline __attribute__((always_inline)) void
 tile_vnni(const uint8_t *a, long lda, const int8_t *panel, int kq, int nv, int m, int p0, int n0,
           const Epilogue *ep) {
-  __m512i acc[QP][QV];
+  _Static_assert(QV <= SUMS, "a VNNI tile's vectors are its sums");
+  __m512i acc[QP][SUMS];
   _Pragma("GCC unroll 8") for (int p = 0; p < QP; p++)
     _Pragma("GCC unroll 4") for (int j = 0; j < nv; j++) acc[p][j] = _mm512_setzero_si512();
   for (int q = 0; q < kq; q++) {
@@ -439,19 +460,7 @@ tile_vnni(const uint8_t *a, long lda, const int8_t *panel, int kq, int nv, int m
         acc[p][j] = _mm512_dpbusd_epi32(acc[p][j], x, w[j]);
     }
   }
-  const Epilogue e = *ep; /* a copy the byte stores cannot alias: its fields stay registers */
-  long off[QP];
-  tile_offsets(&e, p0, off);
-  _Pragma("GCC unroll 4") for (int j = 0; j < nv; j++) {
-    int c = n0 + j * QL;
-    qi bias = QI_LOAD(e.bias + c);
-    qf scale = QF_LOAD(e.scale + c);
-    /* a constant trip count: the accumulators stay registers, never an array in memory */
-    _Pragma("GCC unroll 8") for (int p = 0; p < QP; p++) {
-      if (p >= m) break;
-      requant_store(&e, acc[p][j], bias, scale, c, off[p], p0 + p);
-    }
-  }
+  tile_store(ep, acc, QP, nv, m, p0, n0);
 }
 #endif
 
@@ -476,20 +485,12 @@ tile_avx2(const uint8_t *a, long lda, const int16_t *panel, int kq, int m, int p
             x, _mm256_loadu_si256((const __m256i *)(w + j * 16))));
     }
   }
-  const Epilogue e = *ep;
-  long off[QP];
-  tile_offsets(&e, p0, off);
-  _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {  /* channels 0-7, then 8-15 */
-    int c = n0 + 8 * h;
-    qi bias = QI_LOAD(e.bias + c);
-    qf scale = QF_LOAD(e.scale + c);
-    _Pragma("GCC unroll 4") for (int p = 0; p < QPA; p++) {
-      if (p >= m) break;
-      __m256i sum = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[p][2 * h], acc[p][2 * h + 1]),
-                                             _MM_SHUFFLE(3, 1, 2, 0));
-      requant_store(&e, sum, bias, scale, c, off[p], p0 + p);
-    }
-  }
+  __m256i sums[QP][SUMS];    /* each channel's two lanes added: channels 0-7, then 8-15 */
+  _Pragma("GCC unroll 4") for (int p = 0; p < QPA; p++)
+    _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++)
+      sums[p][h] = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[p][2 * h], acc[p][2 * h + 1]),
+                                            _MM_SHUFFLE(3, 1, 2, 0));
+  tile_store(ep, sums, QPA, 2, m, p0, n0);
 }
 #endif
 
@@ -504,7 +505,7 @@ static inline __attribute__((always_inline)) void
 tile_neon(const uint8_t *a, long lda, const int8_t *panel, int kq, int m, int p0, int n0,
           const Epilogue *ep) {
 #ifdef __ARM_FEATURE_DOTPROD
-  int32x4_t acc[QPN][4];
+  int32x4_t acc[QP][SUMS];
   _Pragma("GCC unroll 4") for (int p = 0; p < QPN; p++)
     _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[p][j] = vdupq_n_s32(0);
   for (int q = 0; q < kq; q++) {
@@ -536,23 +537,12 @@ tile_neon(const uint8_t *a, long lda, const int8_t *panel, int kq, int m, int p0
       }
     }
   }
-  int32x4_t acc[QPN][4];
+  int32x4_t acc[QP][SUMS];
   _Pragma("GCC unroll 4") for (int p = 0; p < QPN; p++)
     _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) /* [c0 k01, c0 k23, c1 .., c1 ..] -> c0, c1 */
       acc[p][j] = vpaddq_s32(pairs[p][2 * j], pairs[p][2 * j + 1]);
 #endif
-  const Epilogue e = *ep;
-  long off[QP];
-  tile_offsets(&e, p0, off);
-  _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
-    int c = n0 + 4 * j;
-    qi bias = QI_LOAD(e.bias + c);
-    qf scale = QF_LOAD(e.scale + c);
-    _Pragma("GCC unroll 4") for (int p = 0; p < QPN; p++) {
-      if (p >= m) break;
-      requant_store(&e, acc[p][j], bias, scale, c, off[p], p0 + p);
-    }
-  }
+  tile_store(ep, acc, QPN, 4, m, p0, n0);
 }
 #endif
 

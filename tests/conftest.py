@@ -105,6 +105,23 @@ def require(ok: bool, message: str) -> None:
         pytest.skip(message)
 
 
+def require_kernel_build() -> None:
+    """edgesmith's kernels can be built here: a C compiler for this machine and onnxruntime's
+    C API header (downloaded once, or $EDGESMITH_ORT_INCLUDE); off CI a skip naming what is
+    missing, not an error from the build."""
+    from device_runtime.facts import collect
+    from edgesmith.errors import EdgesmithError
+    from edgesmith.own_kernels import header_dir, toolchain
+
+    found = toolchain(collect(with_providers=False))
+    require(not isinstance(found, str), f"{found} (.ci/run installs it)")
+    try:
+        why = "" if header_dir() is not None else "EDGESMITH_ORT_INCLUDE has no onnxruntime_c_api.h"
+    except EdgesmithError as exc:
+        why = str(exc)
+    require(not why, why)
+
+
 def small_disk(path: Path, size: str, what: str):
     """A tmpfs of `size` mounted at `path` (a device's or a store's disk that fills up): a
     context manager that unmounts it; skips off CI where mounting needs root it lacks."""

@@ -10,6 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import require_kernel_build
 from qdq_blocks import qdq_block, reference_saturates
 from test_kernels import HOST, MIXED, STEMS, WIDE, block_model
 from edgesmith.data import calibration_batches
@@ -25,6 +26,11 @@ VNNI = ["avx512f", "avx2", "fma", "avx512bw", "avx512vl", "avx512_vnni"]
 # there use 7-bit weights (the recipes' reduce_range), which cannot saturate
 SATURATES = HOST["arch"] == "x86_64" and reference_saturates(HOST["cpu_flags"])
 BUILDS = {"avx512-vnni": VNNI, "avx2": ["avx2", "fma"], "sse": []}
+
+
+@pytest.fixture(autouse=True)
+def kernel_build():
+    require_kernel_build()
 
 
 def spec(shape):
