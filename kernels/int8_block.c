@@ -22,7 +22,8 @@
  *          p_scale, p_zero (projected), y_scale, y_zero (the residual sum's)
  *
  * Arithmetic: the 1x1 and the stem's 3x3 convs are u8 x s8 dot products of four (x86:
- * AVX-512 VNNI `vpdpbusd`; elsewhere plain C the compiler vectorises), their input zero point
+ * `vpdpbusd` of AVX-512 VNNI or AVX-VNNI, else `vpmaddwd` of AVX2; ARM: `sdot`, else `smull` and
+ * `sadalp`; elsewhere plain C the compiler vectorises), their input zero point
  * folded into the bias (sum over k of x*w - x_zero * sum of w). The depthwise runs in float on
  * the expanded values less their zero point: every product and partial sum is an integer below
  * 2^24, so float is exact, and the kernel refuses a bias that could leave that range.
@@ -62,7 +63,19 @@ typedef __m512i qi;
 static inline void qi_store_u8(uint8_t *to, qi v) { _mm_storeu_si128((__m128i *)to, _mm512_cvtusepi32_epi8(v)); }
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+#if defined(__AVXVNNI__)
+/* AVX-VNNI (Alder Lake and later cores without AVX-512, Intel N100, Zen 5): `vpdpbusd` on
+ * 256 bits, VEX-encoded */
+#define QYVNNI 1
+#define DPBUSD256 _mm256_dpbusd_avx_epi32
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+/* the same 256-bit instruction in its EVEX form: how a host with AVX-512 VNNI but no AVX-VNNI
+ * runs this path's code (a build with AVX-512 VNNI otherwise takes the 512-bit path above) */
+#define QYVNNI 1
+#define DPBUSD256 _mm256_dpbusd_epi32
+#else
 #define QAVX2 1
+#endif
 #define QW 8
 typedef __m256 qf;
 typedef __m256i qi;
@@ -117,7 +130,7 @@ static inline void qi_store_u8(uint8_t *to, qi v) {
   vst1_lane_u32((uint32_t *)to, vreinterpret_u32_u8(b), 0);
 }
 #endif
-#if defined(QVNNI) || defined(QAVX2) || defined(QNEON)
+#if defined(QVNNI) || defined(QYVNNI) || defined(QAVX2) || defined(QNEON)
 #define QVEC 1
 #endif
 
@@ -178,8 +191,8 @@ static OrtStatus *attr_i(const OrtKernelInfo *info, const char *name, int64_t lo
   return NULL;
 }
 
-#if defined(QNEON)
-#define QV_PACK 1     /* panels 16 channels wide: tile_neon's */
+#if defined(QNEON) || defined(QYVNNI)
+#define QV_PACK 1     /* panels 16 channels wide: tile_neon's and tile_yvnni's */
 #define WEIGHT_BYTES (size_t)1
 #elif defined(QAVX2)
 #define QV_PACK 1     /* panels one vector of 16 channels wide: tile_avx2's */
@@ -464,6 +477,29 @@ tile_vnni(const uint8_t *a, long lda, const int8_t *panel, int kq, int nv, int m
 }
 #endif
 
+#ifdef QYVNNI
+/* 256-bit `vpdpbusd`, 16 registers: 6 pixels x 16 channels (two vectors of 8) take 12
+ * accumulators, the panel's two weight vectors and the broadcast pixel one each */
+static inline __attribute__((always_inline)) void
+tile_yvnni(const uint8_t *a, long lda, const int8_t *panel, int kq, int m, int p0, int n0,
+           const Epilogue *ep) {
+  __m256i acc[QP][SUMS];
+  _Pragma("GCC unroll 8") for (int p = 0; p < QP; p++)
+    _Pragma("GCC unroll 2") for (int j = 0; j < 2; j++) acc[p][j] = _mm256_setzero_si256();
+  for (int q = 0; q < kq; q++) {
+    const int8_t *w = panel + (size_t)q * QL * 4;
+    __m256i w0 = _mm256_loadu_si256((const __m256i *)w);
+    __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + 32));
+    _Pragma("GCC unroll 8") for (int p = 0; p < QP; p++) {
+      __m256i x = _mm256_set1_epi32(*(const int32_t *)(a + p * lda + 4 * q));
+      acc[p][0] = DPBUSD256(acc[p][0], x, w0);
+      acc[p][1] = DPBUSD256(acc[p][1], x, w1);
+    }
+  }
+  tile_store(ep, acc, QP, 2, m, p0, n0);
+}
+#endif
+
 #ifdef QAVX2
 /* AVX2 has no u8 x s8 dot product that cannot saturate (vpmaddubsw's pairs of 255 * 127 can):
  * weights widened to int16 at packing, activations as they are loaded, and vpmaddwd, whose
@@ -572,6 +608,11 @@ static void gemm(const uint8_t *a, long lda, int m, const int8_t *panels, int kp
     for (int p0 = 0; p0 < m; p0 += QPN)
       tile_neon(a + p0 * lda, lda, panels + (size_t)c0 * kp, kp / 4, m - p0 < QPN ? m - p0 : QPN,
                 p0, c0, ep);
+#elif defined(QYVNNI)
+  for (int c0 = 0; c0 < n; c0 += QL)
+    for (int p0 = 0; p0 < m; p0 += QP)
+      tile_yvnni(a + p0 * lda, lda, panels + (size_t)c0 * kp, kp / 4, m - p0 < QP ? m - p0 : QP,
+                 p0, c0, ep);
 #elif defined(QAVX2)
   const int16_t *wide = (const int16_t *)panels;   /* packed as int16 (qcreate) */
   for (int c0 = 0; c0 < n; c0 += QL)

@@ -1,10 +1,10 @@
-"""Build edgesmith's kernel library (kernels/edgesmith_ops.c) for a device's ISA, cached.
+"""Build edgesmith's kernel library (kernels/*.c) for a device's ISA, cached.
 
 The library is C against onnxruntime's C API header only. The header comes from Debian's
 libonnxruntime-dev package, fetched once by URL and checked against a pinned sha256 (never
 vendored); $EDGESMITH_ORT_INCLUDE names a directory holding onnxruntime_c_api.h instead, for
 machines without network. x86 devices get a host build with the device's own instruction set
-(AVX-512, AVX2 or SSE: the vector width follows it); aarch64 devices get a NEON build from a
+(AVX-512, AVX-VNNI, AVX2 or SSE: the vector width follows it); aarch64 devices get a NEON build from a
 cross compiler, or from the host compiler when the host is aarch64 too. Without a compiler or
 header, `toolchain()` says why in one line, and the kernel variants are pruned with that reason.
 """
@@ -70,7 +70,7 @@ def sources_digest() -> "hashlib._Hash":
 class Toolchain:
     compiler: str
     flags: tuple[str, ...]
-    isa: str                    # what the vector code is built for: avx512 | avx2 | sse | neon
+    isa: str                    # what the vector code is built for: avx512 | avx-vnni | avx2 | sse | neon
 
 
 def isa_flags(facts: dict) -> tuple[str, tuple[str, ...]] | None:
@@ -82,6 +82,8 @@ def isa_flags(facts: dict) -> tuple[str, tuple[str, ...]] | None:
             vnni = ("-mavx512bw", "-mavx512vl", "-mavx512vnni") \
                 if {"avx512bw", "avx512vl", "avx512_vnni"} <= flags else ()
             return "avx512", (base, "-mavx512f", "-mavx2", "-mfma", *vnni)
+        if {"avx2", "fma", "avx_vnni"} <= flags:      # VEX-encoded 256-bit vpdpbusd
+            return "avx-vnni", (base, "-mavx2", "-mfma", "-mavxvnni")
         if {"avx2", "fma"} <= flags:
             return "avx2", (base, "-mavx2", "-mfma")
         return "sse", (base,)
@@ -271,7 +273,7 @@ def rewrite_for_device(model, tile_rows: int, min_side: int, facts: dict):
              "int8": quantized})
 
 
-LANES = {"avx512": 16, "avx2": 8, "sse": 4, "neon": 4}
+LANES = {"avx512": 16, "avx-vnni": 8, "avx2": 8, "sse": 4, "neon": 4}
 
 
 def profile_cost(nodes: dict[str, float], run_ms: float | None) -> float:
