@@ -146,6 +146,7 @@ typedef struct {
   int x_zero, e_zero, d_zero, p_zero, y_zero;
   float add_a, add_b, add_fixed; /* QLinearAdd's ratios and fixed part, as MLAS computes them */
   int8_t *we, *wp;               /* panels (pack_panels) */
+  int we_wide, wp_wide;          /* AVX2: panels widened to int16 (weights beyond 7 bits) */
   int32_t *be, *bp;              /* biases with the input zero point folded in */
   float *se, *sd, *sp;           /* requantization scales per channel (0 for padding) */
   float *wd, *bd;                /* depthwise taps [9][ep] and bias, as floats */
@@ -201,6 +202,14 @@ static OrtStatus *attr_i(const OrtKernelInfo *info, const char *name, int64_t lo
 static void widen(int8_t *p, size_t n) {
   int16_t *to = (int16_t *)p;
   for (size_t i = n; i-- > 0;) to[i] = p[i];
+}
+
+/* whether n weights fit 7 bits (|w| <= 64, as the recipes' reduce_range makes them): then
+ * `vpmaddubsw`'s pair sums, at most 255 x 64 x 2, cannot saturate */
+static int seven_bit(const int8_t *w, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (w[i] < -64 || w[i] > 64) return 0;
+  return 1;
 }
 #else
 #define QV_PACK QV
@@ -325,7 +334,9 @@ static OrtStatus *ORT_API_CALL qcreate(const OrtCustomOp *op, const OrtApi *a,
   free(wk);
   pack_panels(b->wp, wp, o, e, b->ep, b->op);
 #ifdef QAVX2
-  widen(b->we, (size_t)b->ep * b->kp), widen(b->wp, (size_t)b->op * b->ep);
+  b->we_wide = !seven_bit(we, (size_t)e * kin), b->wp_wide = !seven_bit(wp, (size_t)o * e);
+  if (b->we_wide) widen(b->we, (size_t)b->ep * b->kp);
+  if (b->wp_wide) widen(b->wp, (size_t)b->op * b->ep);
 #endif
   /* every accumulator, its products' sum (at most 255 x 128 each) plus the folded bias, must
    * fit in int32: onnxruntime's would wrap */
@@ -501,10 +512,32 @@ tile_yvnni(const uint8_t *a, long lda, const int8_t *panel, int kq, int m, int p
 #endif
 
 #ifdef QAVX2
-/* AVX2 has no u8 x s8 dot product that cannot saturate (vpmaddubsw's pairs of 255 * 127 can):
- * weights widened to int16 at packing, activations as they are loaded, and vpmaddwd, whose
- * pairs are exact in int32. Each channel's sum comes in two lanes (k 0-1 and 2-3 of a group of
- * four), added pairwise at the end. 3 pixels x 16 channels: 12 accumulators of 16. */
+/* AVX2's u8 x s8 dot product, `vpmaddubsw`, sums pairs of products in int16 with saturation,
+ * and 255 x 127 x 2 does not fit. 7-bit weights (|w| <= 64) cannot saturate: `vpmaddubsw`
+ * then `vpmaddwd` by ones sums each channel's four products into an int32 lane, 6 pixels x 16
+ * channels a tile as tile_yvnni. */
+static inline __attribute__((always_inline)) void
+tile_avx2_7bit(const uint8_t *a, long lda, const int8_t *panel, int kq, int m, int p0, int n0,
+               const Epilogue *ep) {
+  __m256i acc[QP][SUMS], ones = _mm256_set1_epi16(1);
+  _Pragma("GCC unroll 8") for (int p = 0; p < QP; p++)
+    _Pragma("GCC unroll 2") for (int j = 0; j < 2; j++) acc[p][j] = _mm256_setzero_si256();
+  for (int q = 0; q < kq; q++) {
+    const int8_t *w = panel + (size_t)q * QL * 4;
+    __m256i w0 = _mm256_loadu_si256((const __m256i *)w);
+    __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + 32));
+    _Pragma("GCC unroll 8") for (int p = 0; p < QP; p++) {
+      __m256i x = _mm256_set1_epi32(*(const int32_t *)(a + p * lda + 4 * q));
+      acc[p][0] = _mm256_add_epi32(acc[p][0], _mm256_madd_epi16(_mm256_maddubs_epi16(x, w0), ones));
+      acc[p][1] = _mm256_add_epi32(acc[p][1], _mm256_madd_epi16(_mm256_maddubs_epi16(x, w1), ones));
+    }
+  }
+  tile_store(ep, acc, QP, 2, m, p0, n0);
+}
+
+/* 8-bit weights: widened to int16 at packing, activations as they are loaded, and vpmaddwd,
+ * whose pairs are exact in int32. Each channel's sum comes in two lanes (k 0-1 and 2-3 of a
+ * group of four), added pairwise at the end. 3 pixels x 16 channels: 12 accumulators of 16. */
 #define QPA 3
 static inline __attribute__((always_inline)) void
 tile_avx2(const uint8_t *a, long lda, const int16_t *panel, int kq, int m, int p0, int n0,
@@ -584,8 +617,9 @@ tile_neon(const uint8_t *a, long lda, const int8_t *panel, int kq, int m, int p0
 
 /* out = requant(a [m][lda] u8 x panels (n padded channels, kp deep)), m pixels; `a` may be
  * read up to a whole tile of pixels past m (the buffers have the slack) */
-static void gemm(const uint8_t *a, long lda, int m, const int8_t *panels, int kp, int n,
-                 const Epilogue *ep) {
+static void gemm(const uint8_t *a, long lda, int m, const int8_t *panels, int wide, int kp,
+                 int n, const Epilogue *ep) {
+  (void)wide;
 #ifdef QVNNI
   for (int c0 = 0, nv; c0 < n; c0 += nv * QL) {
     nv = (n - c0) / QL < QV ? (n - c0) / QL : QV;
@@ -614,11 +648,18 @@ static void gemm(const uint8_t *a, long lda, int m, const int8_t *panels, int kp
       tile_yvnni(a + p0 * lda, lda, panels + (size_t)c0 * kp, kp / 4, m - p0 < QP ? m - p0 : QP,
                  p0, c0, ep);
 #elif defined(QAVX2)
-  const int16_t *wide = (const int16_t *)panels;   /* packed as int16 (qcreate) */
+  if (!wide) {
+    for (int c0 = 0; c0 < n; c0 += QL)
+      for (int p0 = 0; p0 < m; p0 += QP)
+        tile_avx2_7bit(a + p0 * lda, lda, panels + (size_t)c0 * kp, kp / 4,
+                       m - p0 < QP ? m - p0 : QP, p0, c0, ep);
+    return;
+  }
+  const int16_t *widened = (const int16_t *)panels;   /* packed as int16 (qcreate) */
   for (int c0 = 0; c0 < n; c0 += QL)
     for (int p0 = 0; p0 < m; p0 += QPA)
-      tile_avx2(a + p0 * lda, lda, wide + (size_t)c0 * kp, kp / 4, m - p0 < QPA ? m - p0 : QPA,
-                p0, c0, ep);
+      tile_avx2(a + p0 * lda, lda, widened + (size_t)c0 * kp, kp / 4,
+                m - p0 < QPA ? m - p0 : QPA, p0, c0, ep);
 #else
   for (int c0 = 0, nv; c0 < n; c0 += nv * QL) {
     nv = (n - c0) / QL < QV ? (n - c0) / QL : QV;
@@ -778,7 +819,7 @@ static void expand_rows(const QBlock *b, const uint8_t *xp, int h, int w, int ew
   }
   Epilogue ep = {b->be, b->se, b->e_zero, to + b->ep, NULL, b->ep, ew, (long)row, NULL, 0, b};
   if (b->k == 1) {
-    gemm(xp + (size_t)ey0 * w * b->kp, b->kp, count * ew, b->we, b->kp, b->ep, &ep);
+    gemm(xp + (size_t)ey0 * w * b->kp, b->kp, count * ew, b->we, b->we_wide, b->kp, b->ep, &ep);
     return;
   }
   /* the stem: a patch per pixel from the bordered planes, k = channel, row, column */
@@ -794,7 +835,7 @@ static void expand_rows(const QBlock *b, const uint8_t *xp, int h, int w, int ew
       }
       memset(p, 0, b->kp - 9 * b->c);
     }
-  gemm(patch, b->kp, count * ew, b->we, b->kp, b->ep, &ep);
+  gemm(patch, b->kp, count * ew, b->we, b->we_wide, b->kp, b->ep, &ep);
 }
 
 static void ORT_API_CALL run_part(void *work, size_t index) {
@@ -856,7 +897,7 @@ static void ORT_API_CALL run_part(void *work, size_t index) {
     uint8_t *out = b->o == b->op ? y + (size_t)oy * ow * b->o : orow;
     Epilogue ep = {b->bp, b->sp, b->p_zero, NULL, out, b->op, 0, 0,
                    b->residual ? xp + (size_t)oy * w * b->kp : NULL, b->kp, b};
-    gemm(drow, b->ep, n * ow, b->wp, b->ep, b->op, &ep);
+    gemm(drow, b->ep, n * ow, b->wp, b->wp_wide, b->ep, b->op, &ep);
     if (out == orow)
       for (int p = 0; p < n * ow; p++)
         memcpy(y + ((size_t)oy * ow + p) * b->o, orow + (size_t)p * b->op, b->o);
@@ -895,7 +936,8 @@ static void ORT_API_CALL split_expand(void *work, size_t panel) {
   }
   Epilogue ep = {b->be + c0, b->se + c0, b->e_zero, slab + SPLIT_PANEL, NULL, SPLIT_PANEL,
                  j->ew, (long)row, NULL, 0, b};
-  gemm(j->xp, b->kp, j->eh * j->ew, b->we + WEIGHT_BYTES * c0 * b->kp, b->kp, c1 - c0, &ep);
+  gemm(j->xp, b->kp, j->eh * j->ew, b->we + (size_t)(1 + b->we_wide) * c0 * b->kp, b->we_wide,
+       b->kp, c1 - c0, &ep);
   for (int oy = 0; oy < j->oh; oy++) {
     const float *taps[3];
     for (int ky = 0; ky < 3; ky++) {
@@ -913,7 +955,8 @@ static void ORT_API_CALL split_project(void *work, size_t panel) {
   int o0 = (int)panel * SPLIT_PANEL, o1 = o0 + SPLIT_PANEL < b->op ? o0 + SPLIT_PANEL : b->op;
   Epilogue ep = {b->bp + o0, b->sp + o0, b->p_zero, NULL, j->out + o0, j->out_ld, 0, 0,
                  b->residual ? j->xp + o0 : NULL, b->kp, b};
-  gemm(j->dbuf, b->ep, j->oh * j->ow, b->wp + WEIGHT_BYTES * o0 * b->ep, b->ep, o1 - o0, &ep);
+  gemm(j->dbuf, b->ep, j->oh * j->ow, b->wp + (size_t)(1 + b->wp_wide) * o0 * b->ep, b->wp_wide,
+       b->ep, o1 - o0, &ep);
 }
 
 static OrtStatus *split_image(OrtKernelContext *ctx, const QBlock *b, const uint8_t *x,
