@@ -230,3 +230,34 @@ def test_what_onnxruntime_computes_otherwise_stays_on_onnxruntime_and_says_why()
     assert [n.op_type for n in fused.graph.node].count("Transpose") == 3    # in: 1, out: 2
     assert int8_agreement(model, fused, {"x": spec(list(x.shape))}, build(HOST)[0],
                           report.metrics["blocks"], {"x": x}) == (1.0, 0.0)
+
+
+def test_optimize_weighs_each_fast_candidate_on_the_kernels_as_a_candidate_of_its_own(
+        models, tmp_path):
+    """Before: optimize chose among models on onnxruntime's kernels and tuned only the winner,
+    so an fp32 pick was never weighed against int8 on edgesmith's kernels. Now the fastest
+    in-budget candidates are also measured and judged on the kernels (`<id>+kernels`: the same
+    model file, a bundle that runs the kernels); not tuned, the winner ships as measured."""
+    from edgesmith.pipeline import OptimizeConfig, optimize
+
+    out = tmp_path / "out"
+    report = optimize(models / "digits_mnv2.onnx", out, eval_path=models / "digits_mnv2_eval.npz",
+                      cfg=OptimizeConfig(tune_budget_s=0, backends=("onnxruntime",)))
+    cands = {c.id: c for c in report.candidates}
+    ours = [c for c in report.candidates if c.id.endswith("+kernels") and c.ok]
+    assert any(c.id.startswith("int8:") for c in ours), [(s["id"], s["reason"])
+                                                          for s in report.skipped]
+    for c in ours:
+        parent = cands[c.id.removesuffix("+kernels")]
+        assert c.model_sha256 == parent.model_sha256 and c.config["custom_op_libraries"]
+        assert c.recipe == {**parent.recipe, "edgesmith_kernels": "0@1"}
+        if c.id.startswith("int8:"):    # the QDQ model's own grid: the device judged it equal
+            assert c.accuracy == parent.accuracy, (c.accuracy, parent.accuracy)
+    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+    shipped = report.chosen.endswith("+kernels")
+    assert (out / "bundle" / LIBRARY).is_file() == shipped, report.chosen
+    assert manifest["config"].get("custom_op_libraries") == ([LIBRARY] if shipped else None)
+    # model.onnx stays the portable model: plain onnxruntime runs it
+    import onnxruntime as ort
+
+    ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -36,11 +36,11 @@ from ..run.outputs import copy_dir_atomic, is_ours, write_model
 from ..run.state import sha256
 from ..search.int8 import quant_data
 from ..search.select import best_tradeoff, choose, within_noise_of
-from .config import Context, OptimizeConfig
-from .stages import int8_stage, nas_stage, pruned_stage, tflite_stage, tflite_unavailable
+from .config import ORIGINAL, Context, OptimizeConfig
+from .stages import (KERNELS, int8_stage, kernel_bundle_parts, kernels_stage, nas_stage,
+                     pruned_stage, tflite_stage, tflite_unavailable)
 
 REPORT_SCHEMA = 2
-ORIGINAL = "original (as given)"     # the user's model, unfused: what every speedup is against
 AT_DEFAULTS = "model.onnx at the runtime defaults"   # the model gain, apart from the config's
 SHIPPED = "the shipped bundle"
 
@@ -99,6 +99,7 @@ def optimize(model_path: str | os.PathLike, out_dir: str | os.PathLike, device="
     int8 = int8_stage(ctx)
     added = [int8, pruned_stage(ctx, int8.int8_recipe), nas_stage(ctx, int8.int8_recipe),
              tflite_stage(ctx)]
+    added.append(kernels_stage(ctx))      # on the fastest of all the others
     notes = ctx.run.notes + [note for a in added for note in a.notes]
     cut = any("--budget" in s["reason"] for a in added for s in a.skipped) or \
         any("--budget" in n or "re-run to continue" in n for n in notes)
@@ -261,8 +262,7 @@ def confirm_stage(ctx: Context, chosen: Candidate | None, report_remeasure: dict
                      "time left for it; the choice rests on single measurements")
         return chosen
     ctx.run.say(f"re-measuring the original and the {len(top)} fastest candidate(s) interleaved")
-    trials = {c.id: (bundles.build(ctx.run.state.load_model(c, ctx.original)),
-                     _timing_job(ctx)) for c in top}
+    trials = {c.id: (timing_bundle(ctx, c), _timing_job(ctx)) for c in top}
     trials[ORIGINAL] = (bundles.build(ctx.original), _timing_job(ctx))
     spreads = ctx.run.confirm(trials, rounds)
     for c in ctx.cands:          # the contenders, and the original when it is a candidate
@@ -271,6 +271,18 @@ def confirm_stage(ctx: Context, chosen: Candidate | None, report_remeasure: dict
     if ORIGINAL in spreads:
         report_remeasure["original"] = asdict(spreads[ORIGINAL])
     return choose(ctx.cands, ctx.cfg) or chosen
+
+
+def timing_bundle(ctx: Context, c: Candidate) -> bundles.Bundle:
+    """What times a candidate: its model, on edgesmith's kernels when it is a `+kernels` one."""
+    model = ctx.run.state.load_model(c, ctx.original)
+    if KERNELS not in c.recipe:
+        return bundles.build(model)
+    ships = kernel_bundle_parts(model, c.recipe[KERNELS], ctx.run.facts)
+    if isinstance(ships, str):     # it was rewritten when measured: the same source rewrites
+        raise EdgesmithError(f"{c.id} no longer runs on edgesmith's kernels: {ships}")
+    rewritten, files, config, _ = ships
+    return bundles.build(rewritten, config=config, extra_files=files)
 
 
 def finish_stage(ctx: Context, report: OptimizeReport) -> None:
@@ -292,7 +304,16 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
     report.tuned_config = pick.config = tuned.best.config if tuned else {}
     report.tuning = tuning_summary(tuned) if tuned else {}
     files: dict[str, bytes] = {}
-    if libraries := pick.config.get("custom_op_libraries"):   # tuning chose edgesmith kernels
+    if tuned is None and KERNELS in pick.recipe:    # not tuned: ships as it was measured
+        model, files, pick.config, _ = kernel_bundle_parts(model, pick.recipe[KERNELS],
+                                                           ctx.run.facts)
+        report.notes.append("the bundle runs edgesmith's own kernels, as they were measured; "
+                            f"{report.model_file} stays the portable model")
+    elif tuned is not None and KERNELS in pick.recipe and not pick.config.get(
+            "custom_op_libraries"):
+        report.notes.append(f"{pick.id} was chosen on edgesmith's kernels, but tuning measured "
+                            "onnxruntime's own kernels at least as fast: the bundle runs those")
+    if tuned is not None and (libraries := pick.config.get("custom_op_libraries")):
         tuned_dir = Path(tuned.bundle)
         model = from_proto(onnx.load(str(tuned_dir / "model.onnx")), model)
         files = {name: (tuned_dir / name).read_bytes() for name in libraries}

@@ -19,6 +19,7 @@ from ..search.int8 import QuantData
 from ..search.select import best_tradeoff, choose
 
 BACKENDS = ("onnxruntime", "tflite")
+ORIGINAL = "original (as given)"     # the user's model, unfused: what every speedup is against
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,18 +106,25 @@ class Context:
             self.cands.append(cand)
         return cand
 
-    def measure(self, cid: str, recipe: dict, model: Model, note: str = "") -> Candidate:
+    def measure(self, cid: str, recipe: dict, model: Model, note: str = "",
+                ships: tuple | None = None) -> Candidate:
+        """Measure and judge `model` on the device and record it as candidate `cid`. `ships`
+        (the model that runs, extra files, runtime config): what the bundle runs instead of
+        `model`, which stays the candidate's portable model file (edgesmith's kernels)."""
         if (cand := self.resumed(cid)) is not None:
             return cand
         self.run.say(f"measuring {cid} on {self.run.device.name}")
         t0 = time.monotonic()
-        bundle = bundles.build(model, eval_data=self.judge, eval_batch=eval_batch(model),
+        runs, files, config = ships or (model, None, None)
+        bundle = bundles.build(runs, config=config, eval_data=self.judge,
+                               eval_batch=eval_batch(model), extra_files=files,
                                meta={"candidate": cid})
         result = measure(self.run.device, bundle, self.job)
         seconds = time.monotonic() - t0
         self.run.spent("measure", seconds)
         cand = Candidate.from_result(cid, result, model, recipe=recipe, note=note,
-                                     model_sha256=_sha(model.serialized()), device_s=seconds)
+                                     config=config or {}, model_sha256=_sha(model.serialized()),
+                                     device_s=seconds)
         if result.delegation:
             cand.note = "; ".join(filter(None, [cand.note, delegation_text(result.delegation)]))
         return self.record(cand, model)

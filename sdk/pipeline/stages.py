@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import onnx
 
-from .config import Context
+from .config import ORIGINAL, Context
 from ..errors import EdgesmithError
 from ..measure import Candidate
 from ..model import atomic_write, from_proto
@@ -243,6 +243,61 @@ def tflite_stage(ctx: Context) -> Added:
                     f"converted from {source_id} in {rep.seconds:.0f} s")
         ctx.run.spent("tflite", time.monotonic() - t0)
     return added
+
+
+KERNELS = "edgesmith_kernels"
+ALL_BLOCKS = "0@1"        # every block the pass takes, at the kernel's default band
+
+
+def kernels_stage(ctx: Context) -> Added:
+    """edgesmith's own kernels as a family: the fastest in-budget onnxruntime candidates whose
+    blocks the kernel passes take run on them, measured and judged on the device as candidates
+    of their own (`<id>+kernels`: the same model file, a bundle that runs the kernels), so the
+    choice weighs, say, int8 on the kernels against fp32. The int8 kernel computes on the QDQ
+    model's grid (its accuracy is its parent's by construction; the device judges it anyway);
+    the tuning of the winner then sets the band and where the kernels pay."""
+    from ..variants import KNOBS
+
+    if KERNELS not in ctx.run.target.profile.search or "onnxruntime" not in ctx.cfg.backends:
+        return Added()
+    knob = KNOBS[KERNELS]
+    if (why := knob.impossible(ALL_BLOCKS, ctx.run.facts, "onnxruntime")) is not None:
+        return Added(skipped=[{"id": "*+kernels", "reason": why}])
+    parents = sorted((c for c in ctx.cands if c.within_budget and c.backend == "onnxruntime"
+                      and KERNELS not in c.recipe and c.id != ORIGINAL),
+                     key=lambda c: c.p50_ms)[:ctx.cfg.contenders]
+    added = Added()
+    for parent in parents:
+        cid = f"{parent.id}+kernels"
+        if ctx.resumed(cid) is not None:
+            continue
+        if (why := ctx.run.fits("measure")) is not None:
+            added.skipped.append({"id": cid, "reason": why})
+            continue
+        model = ctx.run.state.load_model(parent, ctx.original)
+        ships = kernel_bundle_parts(model, ALL_BLOCKS, ctx.run.facts)
+        if isinstance(ships, str):
+            added.skipped.append({"id": cid, "reason": ships})
+            continue
+        ctx.measure(cid, {**parent.recipe, KERNELS: ALL_BLOCKS}, model,
+                    f"{parent.id} on edgesmith's kernels ({ships[3]}); model.{model.format} "
+                    "stays the portable model", ships=ships[:3])
+    return added
+
+
+def kernel_bundle_parts(model, setting, facts: dict):
+    """What a bundle running `model` on edgesmith's kernels at `setting` holds: (the rewritten
+    model, {library file: bytes}, runtime config, a few words on what was taken), or why not."""
+    from ..variants import KNOBS
+
+    got = KNOBS[KERNELS].rewrite(model, setting, facts)
+    if isinstance(got, str):
+        return got
+    rewritten, files, info = got
+    config: dict = {}
+    KNOBS[KERNELS].apply(config, setting, "onnxruntime")
+    return (rewritten, files, config, f"{len(info['blocks'])} {'int8 ' if info.get('int8') else ''}"
+            f"blocks, {info['isa']} build")
 
 
 def tflite_unavailable(cfg, facts: dict, device: str, profile) -> str | None:
