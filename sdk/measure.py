@@ -94,12 +94,18 @@ class Spread:
     high_ms: float
     rounds: int
     others_share: float | None = None   # the most other processes used of the device's cores
+    p50s: list[float] = field(default_factory=list)   # per round, in the rounds' order
 
     @classmethod
     def of(cls, p50s: list[float], others_share: float | None = None) -> "Spread":
         """The median of per-round p50s with their range."""
         return cls(median_ms=statistics.median(p50s), low_ms=min(p50s), high_ms=max(p50s),
-                   rounds=len(p50s), others_share=others_share)
+                   rounds=len(p50s), others_share=others_share, p50s=list(p50s))
+
+    def then(self, more: "Spread") -> "Spread":
+        """These rounds and `more` of the same trial, as one spread."""
+        shares = [s for s in (self.others_share, more.others_share) if s is not None]
+        return Spread.of(self.p50s + more.p50s, max(shares) if shares else None)
 
     def overlaps(self, other: "Spread") -> bool:
         """Inside each other's noise: neither can be called faster."""
@@ -108,6 +114,24 @@ class Spread:
     def beats(self, other: "Spread") -> bool:
         """Faster beyond the noise: a lower median and no overlap of the rounds' ranges."""
         return self.median_ms < other.median_ms and not self.overlaps(other)
+
+
+def paired_ratios(a: Spread, b: Spread) -> list[float]:
+    """a's ms over b's, round by round: both ran in the same rounds, close in time, so a
+    device that drifts between rounds cancels out; the ratio of medians where rounds are
+    missing (a failed round is left out of a spread)."""
+    if a.p50s and len(a.p50s) == len(b.p50s):
+        return [x / y for x, y in zip(a.p50s, b.p50s)]
+    return [a.median_ms / b.median_ms]
+
+
+def pinned(ratios: list[float], within: float = 0.05) -> bool:
+    """Whether the middle half of per-round ratios lies within +-`within` of their median."""
+    if len(ratios) < 3:
+        return False
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    mid = statistics.median(ratios)
+    return q3 - q1 <= 2 * within * mid
 
 
 def push_once(device, bundle: Bundle) -> str:

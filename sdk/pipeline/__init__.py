@@ -17,6 +17,7 @@ import json
 import math
 import re
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from .. import bundle as bundles
 from ..data import eval_batch, input_stats
 from ..devices import Job
 from ..errors import EdgesmithError
-from ..measure import Candidate, Spread, busy_note, measure, ms_digits
+from ..measure import Candidate, Spread, busy_note, measure, ms_digits, paired_ratios, pinned
 from ..model import Model, atomic_write, from_proto, load
 from ..passes.fuse import fuse
 from ..run import Run
@@ -43,6 +44,7 @@ from .stages import (KERNELS, int8_stage, kernel_bundle_parts, kernels_stage, na
 REPORT_SCHEMA = 2
 AT_DEFAULTS = "model.onnx at the runtime defaults"   # the model gain, apart from the config's
 SHIPPED = "the shipped bundle"
+MAX_GAIN_ROUNDS = 9          # the shipped bundle's re-measurement against the original, at most
 
 
 @dataclass(kw_only=True)
@@ -349,7 +351,7 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
         if pick.config:     # model.onnx alone, as a user's own runtime would run it
             trials[AT_DEFAULTS] = (bundles.build(ctx.run.state.load_model(pick, ctx.original)),
                                    _timing_job(ctx))
-        spreads = ctx.run.confirm(trials, rounds)
+        spreads = _until_pinned(ctx, trials, ctx.run.confirm(trials, rounds))
         if len(spreads) == len(trials):  # the selection rounds stay in pick.confirm
             if "original" in rem:
                 rem["selection_original"] = rem["original"]
@@ -361,8 +363,13 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
     if report.chosen and "chosen" in rem and "original" in rem:
         o, c = Spread(**rem["original"]), Spread(**rem["chosen"])
         m = Spread(**rem.get("model_at_defaults", rem["chosen"]))
-        rem.update(speedup=o.median_ms / c.median_ms, within_noise=o.overlaps(c),
-                   model_gain=o.median_ms / m.median_ms, config_gain=m.median_ms / c.median_ms)
+        speed, model = paired_ratios(o, c), paired_ratios(o, m)
+        # paired rounds: faster when every round says so; else the rounds' ranges must part
+        noise = min(speed) <= 1.0 <= max(speed) if len(speed) > 1 else o.overlaps(c)
+        rem.update(speedup=statistics.median(speed), within_noise=noise,
+                   speedup_range=[min(speed), max(speed)], model_gain=statistics.median(model),
+                   model_gain_range=[min(model), max(model)])
+        rem["config_gain"] = rem["speedup"] / rem["model_gain"]
         if busy := busy_note([o, c, m]):
             report.notes.append(busy)
     elif report.chosen and not cut:
@@ -370,6 +377,22 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
     report.summary = _summary(report, pick)
     if not report.chosen:
         _save_tradeoffs(ctx)
+
+
+def _until_pinned(ctx: Context, trials: dict, spreads: dict) -> dict:
+    """More interleaved rounds, three at a time, while the model's gain over the original is
+    not pinned (the middle half of its per-round ratios within +-5 % of their median): a
+    noisy device gets more rounds, up to MAX_GAIN_ROUNDS and what --budget leaves."""
+    model = AT_DEFAULTS if AT_DEFAULTS in trials else SHIPPED
+    while len(spreads) == len(trials) and spreads[ORIGINAL].rounds < MAX_GAIN_ROUNDS and \
+            not pinned(paired_ratios(spreads[ORIGINAL], spreads[model])):
+        more = min(3, MAX_GAIN_ROUNDS - spreads[ORIGINAL].rounds,
+                   _rounds_that_fit(ctx, len(trials)))
+        extra = ctx.run.confirm(trials, more) if more > 0 else {}
+        if len(extra) != len(trials):
+            break
+        spreads = {name: spreads[name].then(extra[name]) for name in spreads}
+    return spreads
 
 
 def acceptance(ctx: Context, pick: Candidate, tuned) -> dict:
@@ -445,6 +468,8 @@ def _summary(report: OptimizeReport, pick: Candidate) -> str:
                  f"{c.high_ms:.{d}f}, original {o.low_ms:.{d}f}-{o.high_ms:.{d}f}): ")
         text += ("within noise, not a measurable speedup" if rem["within_noise"]
                  else f"{rem['speedup']:.2f}x " + ("faster" if rem["speedup"] > 1 else "slower"))
+        if not rem["within_noise"] and "speedup_range" in rem:
+            text += " ({:.2f}-{:.2f}x round by round)".format(*rem["speedup_range"])
         if not rem["within_noise"]:      # a speedup was claimed: which part needs the bundle
             text += (f" = the model {rem['model_gain']:.2f}x ({report.model_file} alone, both "
                      f"at the runtime defaults) x the runtime config {rem['config_gain']:.2f}x "
