@@ -76,6 +76,9 @@ def main() -> None:
                 args.build == "avx-vnni" and "avx512_vnni" in facts["cpu_flags"]):
             sys.exit(f"this CPU cannot run the {args.build} build")
         if args.build == "avx-vnni" and "avx_vnni" not in facts["cpu_flags"]:
+            if not args.int8:      # the EVEX stand-in turns on AVX-512 for the float kernel
+                sys.exit("--build avx-vnni on a CPU without AVX-VNNI times the int8 kernel "
+                         "only (pass --int8 RECIPE)")
             os.environ["EVEX_CC_REAL"] = os.environ.get("CC", "cc")
             os.environ["CC"] = str(ROOT / "scripts" / "evex-cc")
         built_for = {**facts, "cpu_flags": BUILD_FLAGS[args.build]}

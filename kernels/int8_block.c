@@ -22,7 +22,8 @@
  *          p_scale, p_zero (projected), y_scale, y_zero (the residual sum's)
  *
  * Arithmetic: the 1x1 and the stem's 3x3 convs are u8 x s8 dot products of four (x86:
- * `vpdpbusd` of AVX-512 VNNI or AVX-VNNI, else `vpmaddwd` of AVX2; ARM: `sdot`, else `smull` and
+ * `vpdpbusd` of AVX-512 VNNI or AVX-VNNI, else AVX2's `vpmaddubsw` for 7-bit weights and
+ * `vpmaddwd` for 8-bit ones; ARM: `sdot`, else `smull` and
  * `sadalp`; elsewhere plain C the compiler vectorises), their input zero point
  * folded into the bias (sum over k of x*w - x_zero * sum of w). The depthwise runs in float on
  * the expanded values less their zero point: every product and partial sum is an integer below
@@ -64,7 +65,7 @@ static inline void qi_store_u8(uint8_t *to, qi v) { _mm_storeu_si128((__m128i *)
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #if defined(__AVXVNNI__)
-/* AVX-VNNI (Alder Lake and later cores without AVX-512, Intel N100, Zen 5): `vpdpbusd` on
+/* AVX-VNNI without AVX-512 (Alder Lake and later client cores, Intel N100): `vpdpbusd` on
  * 256 bits, VEX-encoded */
 #define QYVNNI 1
 #define DPBUSD256 _mm256_dpbusd_avx_epi32

@@ -131,7 +131,7 @@ def pinned(ratios: list[float], within: float = 0.05) -> bool:
         return False
     q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
     mid = statistics.median(ratios)
-    return q3 - q1 <= 2 * within * mid
+    return mid * (1 - within) <= q1 and q3 <= mid * (1 + within)
 
 
 def push_once(device, bundle: Bundle) -> str:

@@ -104,7 +104,20 @@ def toolchain(facts: dict) -> Toolchain | str:
     if not shutil.which(compiler):
         fix = "install gcc" if same else f"apt-get install gcc-{facts['arch']}-linux-gnu"
         return f"no C compiler for {facts['arch']} ({compiler or 'cc'} not found): {fix}"
+    if isa == "avx-vnni" and not _accepts(compiler, "-mavxvnni"):    # before GCC 11, clang 12
+        isa, flags = isa_flags({**facts, "cpu_flags": [f for f in facts.get("cpu_flags") or []
+                                                       if f != "avx_vnni"]})
     return Toolchain(compiler, flags, isa)
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts(compiler: str, flag: str) -> bool:
+    """Whether `compiler` knows `flag` (asked once per process)."""
+    try:
+        return subprocess.run([compiler, flag, "-x", "c", "-E", "-"], input="",
+                              capture_output=True, text=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def header_dir(fetch: bool = True) -> Path | None:

@@ -15,12 +15,15 @@ def random_grid(rng) -> tuple[float, int]:
 
 def qdq_block(rng, c: int, e: int, o: int, stride: int = 1, residual: bool = False,
               stem_stride: int = 0, batch: int = 1, h: int = 9, w: int = 9,
-              big_bias: bool = False, weight_bits: int = 8):
+              big_bias: bool = False, weight_bits: int | tuple[int, int] = 8):
     """(QDQ model of one block, a float input for it); `stem_stride` > 0 makes the expand a
     3x3 conv of that stride (a network's stem); `big_bias` puts a depthwise bias at 2^24;
     `weight_bits` 7 keeps onnxruntime's x86 kernels without VNNI from saturating (their
-    vpmaddubsw sums pairs of u8 x s8 products in int16: 255 x 128 x 2 does not fit)."""
+    vpmaddubsw sums pairs of u8 x s8 products in int16: 255 x 128 x 2 does not fit), with
+    weights from -64 to 64 as reduce_range makes them; (expand's, project's) sets each."""
     k = 3 if stem_stride else 1
+    expand_bits, project_bits = (weight_bits, weight_bits) if isinstance(weight_bits, int) \
+        else weight_bits
     nodes, inits = [], []
 
     def const(name, value):
@@ -34,8 +37,9 @@ def qdq_block(rng, c: int, e: int, o: int, stride: int = 1, residual: bool = Fal
         return f"{name}_dq"
 
     def conv(src, name, shape, in_scale, group=1, kernel=1, s=1):
-        top = 1 << (weight_bits - 1)
-        weights = rng.integers(-top, top, shape, dtype=np.int8)
+        bits = project_bits if name == "project" else expand_bits
+        top = 1 << (bits - 1)
+        weights = rng.integers(-top, top + (bits < 8), shape, dtype=np.int8)
         weights.flat[0] = -top
         w_scale = (10 ** rng.uniform(-3, -1, shape[0])).astype(np.float32)
         bias_scale = (np.float32(in_scale) * w_scale).astype(np.float32)

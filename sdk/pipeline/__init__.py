@@ -38,8 +38,8 @@ from ..run.state import sha256
 from ..search.int8 import quant_data
 from ..search.select import best_tradeoff, choose, within_noise_of
 from .config import ORIGINAL, Context, OptimizeConfig
-from .stages import (KERNELS, int8_stage, kernel_bundle_parts, kernels_stage, nas_stage,
-                     pruned_stage, tflite_stage, tflite_unavailable)
+from .stages import (KERNELS, int8_stage, kernels_stage, nas_stage, pruned_stage, tflite_stage,
+                     tflite_unavailable)
 
 REPORT_SCHEMA = 2
 AT_DEFAULTS = "model.onnx at the runtime defaults"   # the model gain, apart from the config's
@@ -264,7 +264,12 @@ def confirm_stage(ctx: Context, chosen: Candidate | None, report_remeasure: dict
                      "time left for it; the choice rests on single measurements")
         return chosen
     ctx.run.say(f"re-measuring the original and the {len(top)} fastest candidate(s) interleaved")
-    trials = {c.id: (timing_bundle(ctx, c), _timing_job(ctx)) for c in top}
+    trials = {}
+    for c in top:
+        if isinstance(bundle := timing_bundle(ctx, c), str):
+            notes.append(bundle)
+        else:
+            trials[c.id] = (bundle, _timing_job(ctx))
     trials[ORIGINAL] = (bundles.build(ctx.original), _timing_job(ctx))
     spreads = ctx.run.confirm(trials, rounds)
     for c in ctx.cands:          # the contenders, and the original when it is a candidate
@@ -275,14 +280,15 @@ def confirm_stage(ctx: Context, chosen: Candidate | None, report_remeasure: dict
     return choose(ctx.cands, ctx.cfg) or chosen
 
 
-def timing_bundle(ctx: Context, c: Candidate) -> bundles.Bundle:
-    """What times a candidate: its model, on edgesmith's kernels when it is a `+kernels` one."""
+def timing_bundle(ctx: Context, c: Candidate) -> bundles.Bundle | str:
+    """What times a candidate: its model, on edgesmith's kernels when it is a `+kernels` one
+    (or why that can no longer be built, e.g. on a resumed run without the compiler)."""
     model = ctx.run.state.load_model(c, ctx.original)
     if KERNELS not in c.recipe:
         return bundles.build(model)
-    ships = kernel_bundle_parts(model, c.recipe[KERNELS], ctx.run.facts)
-    if isinstance(ships, str):     # it was rewritten when measured: the same source rewrites
-        raise EdgesmithError(f"{c.id} no longer runs on edgesmith's kernels: {ships}")
+    ships = ctx.kernel_parts(model, c.recipe[KERNELS])
+    if isinstance(ships, str):
+        return f"{c.id} was not re-measured: edgesmith's kernels no longer build ({ships})"
     rewritten, files, config, _ = ships
     return bundles.build(rewritten, config=config, extra_files=files)
 
@@ -306,9 +312,13 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
     report.tuned_config = pick.config = tuned.best.config if tuned else {}
     report.tuning = tuning_summary(tuned) if tuned else {}
     files: dict[str, bytes] = {}
-    if tuned is None and KERNELS in pick.recipe:    # not tuned: ships as it was measured
-        model, files, pick.config, _ = kernel_bundle_parts(model, pick.recipe[KERNELS],
-                                                           ctx.run.facts)
+    ships = ctx.kernel_parts(model, pick.recipe[KERNELS]) if tuned is None and \
+        KERNELS in pick.recipe else None
+    if isinstance(ships, str):
+        report.notes.append(f"the bundle runs onnxruntime's own kernels: edgesmith's, which "
+                            f"{pick.id} was measured on, no longer build ({ships})")
+    elif ships is not None:         # not tuned: ships as it was measured
+        model, files, pick.config, _ = ships
         report.notes.append("the bundle runs edgesmith's own kernels, as they were measured; "
                             f"{report.model_file} stays the portable model")
     elif tuned is not None and KERNELS in pick.recipe and not pick.config.get(
@@ -364,8 +374,10 @@ def finish_stage(ctx: Context, report: OptimizeReport) -> None:
         o, c = Spread(**rem["original"]), Spread(**rem["chosen"])
         m = Spread(**rem.get("model_at_defaults", rem["chosen"]))
         speed, model = paired_ratios(o, c), paired_ratios(o, m)
-        # paired rounds: faster when every round says so; else the rounds' ranges must part
-        noise = min(speed) <= 1.0 <= max(speed) if len(speed) > 1 else o.overlaps(c)
+        # faster when the rounds' ranges part, or, paired over 6 rounds or more, when every
+        # round says so (by chance 2 x 0.5^6 = 3 %; over 3 rounds 25 %, so ranges decide)
+        agree = len(speed) >= 6 and (min(speed) > 1.0 or max(speed) < 1.0)
+        noise = o.overlaps(c) and not agree
         rem.update(speedup=statistics.median(speed), within_noise=noise,
                    speedup_range=[min(speed), max(speed)], model_gain=statistics.median(model),
                    model_gain_range=[min(model), max(model)])
@@ -469,7 +481,8 @@ def _summary(report: OptimizeReport, pick: Candidate) -> str:
         text += ("within noise, not a measurable speedup" if rem["within_noise"]
                  else f"{rem['speedup']:.2f}x " + ("faster" if rem["speedup"] > 1 else "slower"))
         if not rem["within_noise"] and "speedup_range" in rem:
-            text += " ({:.2f}-{:.2f}x round by round)".format(*rem["speedup_range"])
+            text += " (the median of the rounds' ratios, {:.2f}-{:.2f}x)".format(
+                *rem["speedup_range"])
         if not rem["within_noise"]:      # a speedup was claimed: which part needs the bundle
             text += (f" = the model {rem['model_gain']:.2f}x ({report.model_file} alone, both "
                      f"at the runtime defaults) x the runtime config {rem['config_gain']:.2f}x "
@@ -487,7 +500,7 @@ def _save_tradeoffs(ctx: Context) -> None:
     trade = ctx.run.out / "tradeoffs"
     trade.mkdir(exist_ok=True)
     for c in ctx.cands:
-        if c.pareto and c.model_sha256:
+        if c.pareto and c.model_sha256 and KERNELS not in c.recipe:   # those: their parent's
             stored = ctx.run.state.model_path(c.model_sha256)
             atomic_write(trade / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', c.id)}{stored.suffix}",
                          stored.read_bytes())

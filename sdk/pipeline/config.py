@@ -82,6 +82,7 @@ class Context:
     quant: QuantData | None
     train: str | None
     cands: list[Candidate] = field(default_factory=list)
+    kernel_bundles: dict = field(default_factory=dict)   # (model sha256, setting) -> parts
 
     def baseline(self) -> Candidate | None:
         return next((c for c in self.cands if c.id == "fp32"), None)
@@ -101,10 +102,31 @@ class Context:
 
     def resumed(self, cid: str) -> Candidate | None:
         """The candidate an interrupted run of this job already measured (now counted)."""
+        if (known := next((c for c in self.cands if c.id == cid), None)) is not None:
+            return known
         cand = self.run.resumed(cid)
         if cand is not None:
             self.cands.append(cand)
         return cand
+
+    def kernel_parts(self, model: Model, setting):
+        """What a bundle running `model` on edgesmith's kernels at `setting` holds: (the
+        rewritten model, {library file: bytes}, runtime config, a few words on what was
+        taken), or why not in one line; rewritten and checked once per run."""
+        key = (_sha(model.serialized()), str(setting))
+        if key not in self.kernel_bundles:
+            from ..variants import KNOBS
+
+            knob = KNOBS["edgesmith_kernels"]
+            got = knob.rewrite(model, setting, self.run.facts)
+            if not isinstance(got, str):
+                rewritten, files, info = got
+                config: dict = {}
+                knob.apply(config, setting, "onnxruntime")
+                got = (rewritten, files, config, f"{len(info['blocks'])} "
+                       f"{'int8 ' if info.get('int8') else ''}blocks, {info['isa']} build")
+            self.kernel_bundles[key] = got
+        return self.kernel_bundles[key]
 
     def measure(self, cid: str, recipe: dict, model: Model, note: str = "",
                 ships: tuple | None = None) -> Candidate:

@@ -43,8 +43,9 @@ def int8_stage(ctx: Context) -> Added:
         assert done is None or {"recipe", "skipped", "notes"} <= set(done)
     except (OSError, ValueError, AssertionError):
         done = None        # unreadable: the search runs again
-    if done is not None:
-        ctx.cands += [c for c in ctx.run.state.done.values() if c.id.startswith("int8:")]
+    if done is not None:      # its own candidates only (not their `+kernels` runs, a later stage's)
+        ctx.cands += [c for c in ctx.run.state.done.values()
+                      if c.id.startswith("int8:") and KERNELS not in c.recipe]
         return Added(notes=done["notes"], skipped=done["skipped"], int8_recipe=done["recipe"])
     if (why := ctx.run.fits("int8")) is not None:
         return Added(skipped=[{"id": "int8:*", "reason": why}])
@@ -214,7 +215,7 @@ def tflite_stage(ctx: Context) -> Added:
         return Added(skipped=[{"id": "tflite:*", "reason": why}])
 
     added = Added()
-    int8 = sorted((c for c in ctx.cands if c.id.startswith("int8:")
+    int8 = sorted((c for c in ctx.cands if c.id.startswith("int8:") and KERNELS not in c.recipe
                    and within(c, ctx.cfg.max_accuracy_drop)),
                   key=lambda c: (c.accuracy_drop, c.p50_ms))
     sources = [("tflite:fp32", "fp32", ctx.fused)]
@@ -263,8 +264,9 @@ def kernels_stage(ctx: Context) -> Added:
     knob = KNOBS[KERNELS]
     if (why := knob.impossible(ALL_BLOCKS, ctx.run.facts, "onnxruntime")) is not None:
         return Added(skipped=[{"id": "*+kernels", "reason": why}])
-    parents = sorted((c for c in ctx.cands if c.within_budget and c.backend == "onnxruntime"
-                      and KERNELS not in c.recipe and c.id != ORIGINAL),
+    parents = sorted((c for c in ctx.cands if c.ok and c.model_sha256 and c.backend == "onnxruntime"
+                      and KERNELS not in c.recipe and c.id != ORIGINAL
+                      and within(c, ctx.cfg.max_accuracy_drop, ctx.cfg.latency_budget_ms)),
                      key=lambda c: c.p50_ms)[:ctx.cfg.contenders]
     added = Added()
     for parent in parents:
@@ -274,30 +276,17 @@ def kernels_stage(ctx: Context) -> Added:
         if (why := ctx.run.fits("measure")) is not None:
             added.skipped.append({"id": cid, "reason": why})
             continue
+        t0 = time.monotonic()
         model = ctx.run.state.load_model(parent, ctx.original)
-        ships = kernel_bundle_parts(model, ALL_BLOCKS, ctx.run.facts)
+        ships = ctx.kernel_parts(model, ALL_BLOCKS)
         if isinstance(ships, str):
             added.skipped.append({"id": cid, "reason": ships})
             continue
         ctx.measure(cid, {**parent.recipe, KERNELS: ALL_BLOCKS}, model,
                     f"{parent.id} on edgesmith's kernels ({ships[3]}); model.{model.format} "
                     "stays the portable model", ships=ships[:3])
+        ctx.run.spent("measure", time.monotonic() - t0)     # the rewrite and its check too
     return added
-
-
-def kernel_bundle_parts(model, setting, facts: dict):
-    """What a bundle running `model` on edgesmith's kernels at `setting` holds: (the rewritten
-    model, {library file: bytes}, runtime config, a few words on what was taken), or why not."""
-    from ..variants import KNOBS
-
-    got = KNOBS[KERNELS].rewrite(model, setting, facts)
-    if isinstance(got, str):
-        return got
-    rewritten, files, info = got
-    config: dict = {}
-    KNOBS[KERNELS].apply(config, setting, "onnxruntime")
-    return (rewritten, files, config, f"{len(info['blocks'])} {'int8 ' if info.get('int8') else ''}"
-            f"blocks, {info['isa']} build")
 
 
 def tflite_unavailable(cfg, facts: dict, device: str, profile) -> str | None:
