@@ -194,7 +194,7 @@ static OrtStatus *attr_i(const OrtKernelInfo *info, const char *name, int64_t lo
 }
 
 #if defined(QNEON) || defined(QYVNNI)
-#define QV_PACK 1     /* panels 16 channels wide: tile_neon's and tile_yvnni's */
+#define QV_PACK 1     /* panels 16 channels wide: tile_neon's and tile_dot4's */
 #define WEIGHT_BYTES (size_t)1
 #elif defined(QAVX2)
 #define QV_PACK 1     /* panels one vector of 16 channels wide: tile_avx2's */
@@ -489,12 +489,21 @@ tile_vnni(const uint8_t *a, long lda, const int8_t *panel, int kq, int nv, int m
 }
 #endif
 
+#if defined(QYVNNI) || defined(QAVX2)
+/* Four u8 x s8 products per int32 lane on 256 bits: AVX-VNNI's `vpdpbusd`; on AVX2 with 7-bit
+ * weights (|w| <= 64) `vpmaddubsw`, whose int16 pair sums then cannot saturate (255 x 127 x 2
+ * would not fit; 255 x 64 x 2 does), and `vpmaddwd` by ones. 16 registers: 6 pixels x 16
+ * channels (two vectors of 8) take 12 accumulators, the panel's two weight vectors and the
+ * broadcast pixel one each. */
 #ifdef QYVNNI
-/* 256-bit `vpdpbusd`, 16 registers: 6 pixels x 16 channels (two vectors of 8) take 12
- * accumulators, the panel's two weight vectors and the broadcast pixel one each */
+#define DOT4(acc, x, w) DPBUSD256(acc, x, w)
+#else
+#define DOT4(acc, x, w) \
+  _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)))
+#endif
 static inline __attribute__((always_inline)) void
-tile_yvnni(const uint8_t *a, long lda, const int8_t *panel, int kq, int m, int p0, int n0,
-           const Epilogue *ep) {
+tile_dot4(const uint8_t *a, long lda, const int8_t *panel, int kq, int m, int p0, int n0,
+          const Epilogue *ep) {
   __m256i acc[QP][SUMS];
   _Pragma("GCC unroll 8") for (int p = 0; p < QP; p++)
     _Pragma("GCC unroll 2") for (int j = 0; j < 2; j++) acc[p][j] = _mm256_setzero_si256();
@@ -504,8 +513,8 @@ tile_yvnni(const uint8_t *a, long lda, const int8_t *panel, int kq, int m, int p
     __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + 32));
     _Pragma("GCC unroll 8") for (int p = 0; p < QP; p++) {
       __m256i x = _mm256_set1_epi32(*(const int32_t *)(a + p * lda + 4 * q));
-      acc[p][0] = DPBUSD256(acc[p][0], x, w0);
-      acc[p][1] = DPBUSD256(acc[p][1], x, w1);
+      acc[p][0] = DOT4(acc[p][0], x, w0);
+      acc[p][1] = DOT4(acc[p][1], x, w1);
     }
   }
   tile_store(ep, acc, QP, 2, m, p0, n0);
@@ -513,29 +522,6 @@ tile_yvnni(const uint8_t *a, long lda, const int8_t *panel, int kq, int m, int p
 #endif
 
 #ifdef QAVX2
-/* AVX2's u8 x s8 dot product, `vpmaddubsw`, sums pairs of products in int16 with saturation,
- * and 255 x 127 x 2 does not fit. 7-bit weights (|w| <= 64) cannot saturate: `vpmaddubsw`
- * then `vpmaddwd` by ones sums each channel's four products into an int32 lane, 6 pixels x 16
- * channels a tile as tile_yvnni. */
-static inline __attribute__((always_inline)) void
-tile_avx2_7bit(const uint8_t *a, long lda, const int8_t *panel, int kq, int m, int p0, int n0,
-               const Epilogue *ep) {
-  __m256i acc[QP][SUMS], ones = _mm256_set1_epi16(1);
-  _Pragma("GCC unroll 8") for (int p = 0; p < QP; p++)
-    _Pragma("GCC unroll 2") for (int j = 0; j < 2; j++) acc[p][j] = _mm256_setzero_si256();
-  for (int q = 0; q < kq; q++) {
-    const int8_t *w = panel + (size_t)q * QL * 4;
-    __m256i w0 = _mm256_loadu_si256((const __m256i *)w);
-    __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + 32));
-    _Pragma("GCC unroll 8") for (int p = 0; p < QP; p++) {
-      __m256i x = _mm256_set1_epi32(*(const int32_t *)(a + p * lda + 4 * q));
-      acc[p][0] = _mm256_add_epi32(acc[p][0], _mm256_madd_epi16(_mm256_maddubs_epi16(x, w0), ones));
-      acc[p][1] = _mm256_add_epi32(acc[p][1], _mm256_madd_epi16(_mm256_maddubs_epi16(x, w1), ones));
-    }
-  }
-  tile_store(ep, acc, QP, 2, m, p0, n0);
-}
-
 /* 8-bit weights: widened to int16 at packing, activations as they are loaded, and vpmaddwd,
  * whose pairs are exact in int32. Each channel's sum comes in two lanes (k 0-1 and 2-3 of a
  * group of four), added pairwise at the end. 3 pixels x 16 channels: 12 accumulators of 16. */
@@ -643,24 +629,21 @@ static void gemm(const uint8_t *a, long lda, int m, const int8_t *panels, int wi
     for (int p0 = 0; p0 < m; p0 += QPN)
       tile_neon(a + p0 * lda, lda, panels + (size_t)c0 * kp, kp / 4, m - p0 < QPN ? m - p0 : QPN,
                 p0, c0, ep);
-#elif defined(QYVNNI)
-  for (int c0 = 0; c0 < n; c0 += QL)
-    for (int p0 = 0; p0 < m; p0 += QP)
-      tile_yvnni(a + p0 * lda, lda, panels + (size_t)c0 * kp, kp / 4, m - p0 < QP ? m - p0 : QP,
-                 p0, c0, ep);
-#elif defined(QAVX2)
-  if (!wide) {
+#elif defined(QYVNNI) || defined(QAVX2)
+  if (!wide) {      /* AVX-VNNI's weights never are */
     for (int c0 = 0; c0 < n; c0 += QL)
       for (int p0 = 0; p0 < m; p0 += QP)
-        tile_avx2_7bit(a + p0 * lda, lda, panels + (size_t)c0 * kp, kp / 4,
-                       m - p0 < QP ? m - p0 : QP, p0, c0, ep);
+        tile_dot4(a + p0 * lda, lda, panels + (size_t)c0 * kp, kp / 4,
+                  m - p0 < QP ? m - p0 : QP, p0, c0, ep);
     return;
   }
+#ifdef QAVX2
   const int16_t *widened = (const int16_t *)panels;   /* packed as int16 (qcreate) */
   for (int c0 = 0; c0 < n; c0 += QL)
     for (int p0 = 0; p0 < m; p0 += QPA)
       tile_avx2(a + p0 * lda, lda, widened + (size_t)c0 * kp, kp / 4,
                 m - p0 < QPA ? m - p0 : QPA, p0, c0, ep);
+#endif
 #else
   for (int c0 = 0, nv; c0 < n; c0 += nv * QL) {
     nv = (n - c0) / QL < QV ? (n - c0) / QL : QV;
