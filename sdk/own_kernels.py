@@ -4,8 +4,8 @@ The library is C against onnxruntime's C API header only. The header comes from 
 libonnxruntime-dev package, fetched once by URL and checked against a pinned sha256 (never
 vendored); $EDGESMITH_ORT_INCLUDE names a directory holding onnxruntime_c_api.h instead, for
 machines without network. x86 devices get a host build with the device's own instruction set
-(AVX-512, AVX-VNNI, AVX2 or SSE: the vector width follows it); aarch64 devices get a NEON build from a
-cross compiler, or from the host compiler when the host is aarch64 too. Without a compiler or
+(AVX-512, AVX-VNNI, AVX2 or SSE: the vector width follows it); aarch64 devices get a NEON build
+from a cross compiler, or from the host compiler when the host is aarch64 too. Without a compiler or
 header, `toolchain()` says why in one line, and the kernel variants are pruned with that reason.
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ def sources_digest() -> "hashlib._Hash":
 class Toolchain:
     compiler: str
     flags: tuple[str, ...]
-    isa: str                    # what the vector code is built for: avx512 | avx-vnni | avx2 | sse | neon
+    isa: str            # what the vector code is built for: avx512 | avx-vnni | avx2 | sse | neon
 
 
 def isa_flags(facts: dict) -> tuple[str, tuple[str, ...]] | None:
