@@ -34,7 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 SETTINGS = (0, 4, 8, "0@14", "0@28", "0@56")    # 0 here: every block at the kernel's default band
 BUILD_FLAGS = {"avx512": ["avx512f", "avx2", "fma", "avx512bw", "avx512vl", "avx512_vnni"],
                "avx-vnni": ["avx2", "fma", "avx_vnni"], "avx2": ["avx2", "fma"], "sse": []}
@@ -72,15 +72,17 @@ def main() -> None:
           f"{threads} thread(s)")
     built_for = facts
     if args.build:
-        if not set(BUILD_FLAGS[args.build]) <= set(facts["cpu_flags"]) and not (
-                args.build == "avx-vnni" and "avx512_vnni" in facts["cpu_flags"]):
+        from qdq_blocks import avx_vnni_stand_in
+
+        env = avx_vnni_stand_in(facts["cpu_flags"], os.environ.get("CC", "cc")) \
+            if args.build == "avx-vnni" else {} \
+            if set(BUILD_FLAGS[args.build]) <= set(facts["cpu_flags"]) else None
+        if env is None:
             sys.exit(f"this CPU cannot run the {args.build} build")
-        if args.build == "avx-vnni" and "avx_vnni" not in facts["cpu_flags"]:
-            if not args.int8:      # the EVEX stand-in turns on AVX-512 for the float kernel
-                sys.exit("--build avx-vnni on a CPU without AVX-VNNI times the int8 kernel "
-                         "only (pass --int8 RECIPE)")
-            os.environ["EVEX_CC_REAL"] = os.environ.get("CC", "cc")
-            os.environ["CC"] = str(ROOT / "scripts" / "evex-cc")
+        if env and not args.int8:   # the EVEX stand-in turns on AVX-512 for the float kernel
+            sys.exit("--build avx-vnni on a CPU without AVX-VNNI times the int8 kernel only "
+                     "(pass --int8 RECIPE)")
+        os.environ.update(env)
         built_for = {**facts, "cpu_flags": BUILD_FLAGS[args.build]}
     model = load(args.model)
     job = Job(runs=30, warmup=5, min_time_s=1.0, threads=threads, evaluate=False)

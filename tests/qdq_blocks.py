@@ -5,8 +5,12 @@ quantizer's output (the bias scale is the input's times the weight's, as the qua
 it), so they test the int8 kernel's requantization and saturation on every path."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
+
+EVEX_CC = Path(__file__).resolve().parent.parent / "scripts" / "evex-cc"
 
 
 def random_grid(rng) -> tuple[float, int]:
@@ -73,6 +77,19 @@ def qdq_block(rng, c: int, e: int, o: int, stride: int = 1, residual: bool = Fal
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     x_in = rng.normal(0, 2 * grids[0][0] * 64, (batch, c, h, w)).astype(np.float32)
     return model, x_in
+
+
+def avx_vnni_stand_in(flags, compiler: str) -> dict[str, str] | None:
+    """The environment in which the avx-vnni kernel build runs on a host with these CPU flags:
+    {} where it has AVX-VNNI; where it has AVX-512 VNNI but not AVX-VNNI (Zen 4, Ice Lake,
+    Sapphire Rapids), `compiler` behind scripts/evex-cc, which builds the same 256-bit
+    vpdpbusd in its EVEX form; None where it has neither."""
+    flags = set(flags)
+    if "avx_vnni" in flags:
+        return {}
+    if {"avx2", "fma", "avx512vl", "avx512_vnni"} <= flags:
+        return {"EVEX_CC_REAL": compiler, "CC": str(EVEX_CC)}
+    return None
 
 
 def reference_saturates(flags) -> bool:

@@ -12,8 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import ROOT, require_kernel_build
-from qdq_blocks import qdq_block, reference_saturates
+from conftest import require_kernel_build
+from qdq_blocks import avx_vnni_stand_in, qdq_block, reference_saturates
 from test_kernels import HOST, MIXED, STEMS, WIDE, block_model
 from edgesmith.data import calibration_batches
 from edgesmith.devices import get_device
@@ -37,13 +37,12 @@ def build_for(isa: str, monkeypatch) -> Path:
     256-bit `vpdpbusd` in the EVEX encoding (scripts/evex-cc): the same instruction and the same
     C, so only the encoding, the compiler's job, goes untested there."""
     flags = set(HOST["cpu_flags"])
-    evex = isa == "avx-vnni" and not set(BUILDS[isa]) <= flags \
-        and {"avx2", "fma", "avx512vl", "avx512_vnni"} <= flags
-    if HOST["arch"] != "x86_64" or not (set(BUILDS[isa]) <= flags or evex):
+    env = avx_vnni_stand_in(flags, os.environ.get("CC", "cc")) if isa == "avx-vnni" \
+        else {} if set(BUILDS[isa]) <= flags else None
+    if HOST["arch"] != "x86_64" or env is None:
         pytest.skip(f"this CPU cannot run {isa} code")      # CI's CPU may lack AVX-512 VNNI
-    if evex:
-        monkeypatch.setenv("EVEX_CC_REAL", os.environ.get("CC", "cc"))
-        monkeypatch.setenv("CC", str(ROOT / "scripts" / "evex-cc"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     library, tc = build({"arch": "x86_64", "cpu_flags": BUILDS[isa]})
     assert tc.isa == isa.replace("avx512-vnni", "avx512")
     return library
